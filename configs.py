@@ -1,0 +1,86 @@
+"""Cold settings: read once at start (restart to change them). Hot settings live in liveconfigs.json.
+
+Names follow the seed's configs.py where they mean the same thing. To change them, pass
+``--config my_configs.py`` (a Python file that assigns any of these UPPERCASE names) or the
+matching command-line flag (``--host``, ``--port``, ``--live-config``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import runpy
+
+# --- network -------------------------------------------------------------------------------------
+HOST = "127.0.0.1"            # loopback only by default; "0.0.0.0" opens the server to the LAN
+PORT = 8000
+API_KEYS: list[str] = []      # Bearer keys for the model routes; empty = any key (or none) accepted
+ADMIN_KEY = ""                # key for admin routes; empty = admin routes disabled
+MAX_BODY_BYTES = 16 * 1024 * 1024   # larger request bodies get 413
+
+# --- which services run (the seed's switches) --------------------------------------------------
+USE_LLM = True
+USE_EMBEDDER = True
+USE_RERANKER = True
+
+# --- model work ----------------------------------------------------------------------------------
+SERVICE_NUM_WORKERS = 4       # threads in the executor pool that runs model work
+REQUEST_TIMEOUT = 600.0       # seconds a request may wait for its model (queue + compute)
+MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 503 + Retry-After
+MODEL_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agile_rag")  # dequantised GGUF
+
+# --- GPU residency (the VRAM arbiter) ------------------------------------------------------------
+TOTAL_CUDA_MEMORY = 0         # MB the server may use on the card; 0 = the card's free memory
+MEMORY_REDUNDANCY = 0.15      # fraction of the budget kept free for activations and fragmentation
+
+# --- live configuration --------------------------------------------------------------------------
+LIVECONFIGS_PATH = "liveconfigs.json"
+DEBOUNCE_TIME = 0.5           # seconds of quiet after a save before the file is re-read
+MODIFY_TIMEOUT = 120.0        # seconds a reload may take before it is abandoned
+
+# --- tracing -------------------------------------------------------------------------------------
+TRACE_ENABLED = True
+TRACE_BUFFER = 20000          # events kept in memory
+TRACE_FILE = ""               # JSONL file to append events to ("" = memory only)
+
+LOG_LEVEL = "INFO"
+
+
+@dataclasses.dataclass
+class Settings:
+    HOST: str = HOST
+    PORT: int = PORT
+    API_KEYS: list = dataclasses.field(default_factory=lambda: list(API_KEYS))
+    ADMIN_KEY: str = ADMIN_KEY
+    MAX_BODY_BYTES: int = MAX_BODY_BYTES
+    USE_LLM: bool = USE_LLM
+    USE_EMBEDDER: bool = USE_EMBEDDER
+    USE_RERANKER: bool = USE_RERANKER
+    SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
+    REQUEST_TIMEOUT: float = REQUEST_TIMEOUT
+    MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL
+    MODEL_CACHE_DIR: str = MODEL_CACHE_DIR
+    TOTAL_CUDA_MEMORY: int = TOTAL_CUDA_MEMORY
+    MEMORY_REDUNDANCY: float = MEMORY_REDUNDANCY
+    LIVECONFIGS_PATH: str = LIVECONFIGS_PATH
+    DEBOUNCE_TIME: float = DEBOUNCE_TIME
+    MODIFY_TIMEOUT: float = MODIFY_TIMEOUT
+    TRACE_ENABLED: bool = TRACE_ENABLED
+    TRACE_BUFFER: int = TRACE_BUFFER
+    TRACE_FILE: str = TRACE_FILE
+    LOG_LEVEL: str = LOG_LEVEL
+
+
+def load_settings(path: str | None = None, **overrides) -> Settings:
+    """Defaults, then the UPPERCASE names a user's configs file assigns, then ``overrides``."""
+    settings = Settings()
+    if path:
+        names = runpy.run_path(path)
+        for key, value in names.items():
+            if key.isupper():
+                if not hasattr(settings, key):
+                    raise ValueError(f"{path}: unknown setting {key}")
+                setattr(settings, key, value)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(settings, key, value)
+    return settings
