@@ -1,0 +1,49 @@
+"""`agile-rag-server` / `python -m agile_rag`: start the server."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="agile-rag-server",
+        description="Serve an LLM, embedders and rerankers from one OpenAI-style base URL, "
+                    "lending one GPU to whichever model has the heavy work now.")
+    parser.add_argument("--host", help="address to bind (default from configs: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default from configs: 8000)")
+    parser.add_argument("--live-config", metavar="PATH",
+                        help="liveconfigs.json to serve (default: ./liveconfigs.json)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="a Python file that sets cold settings (names as in configs.py)")
+    args = parser.parse_args(argv)
+
+    from .configs import load_settings
+    try:
+        settings = load_settings(args.config, HOST=args.host, PORT=args.port,
+                                 LIVECONFIGS_PATH=args.live_config)
+    except (OSError, ValueError, SyntaxError) as exc:
+        print(f"agile-rag-server: bad --config: {exc}", file=sys.stderr)
+        return 2
+
+    import os
+    if not os.path.exists(settings.LIVECONFIGS_PATH):
+        print(f"agile-rag-server: live config {settings.LIVECONFIGS_PATH!r} not found",
+              file=sys.stderr)
+        return 2
+    from .runtime.liveconfig import LiveConfigError, parse_text
+    try:
+        with open(settings.LIVECONFIGS_PATH, encoding="utf-8") as f:
+            parse_text(f.read(), settings.LIVECONFIGS_PATH)
+    except LiveConfigError as exc:
+        print("agile-rag-server: the live config cannot be used:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    from .server import run
+    run(settings)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The aiohttp application: routes, error/request-id middleware, optional API keys."""
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from agile_rag.runtime.errors import Unauthorized
+
+from . import chat, embeddings, info, rerank
+from .errors import error_response, error_middleware
+
+OPEN_PATHS = {"/", "/health"}
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    keys = request.app["server"].settings.API_KEYS
+    if keys and request.path not in OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            return error_response(Unauthorized(
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."),
+                request)
+    return await handler(request)
+
+
+def build_app(server) -> web.Application:
+    app = web.Application(client_max_size=server.settings.MAX_BODY_BYTES,
+                          middlewares=[error_middleware, auth_middleware])
+    app["server"] = server
+    r = app.router
+    r.add_get("/", info.index)
+    r.add_get("/health", info.health)
+    for prefix in ("/v1", ""):
+        r.add_post(prefix + "/chat/completions", chat.chat_completions)
+        r.add_post(prefix + "/completions", chat.completions)
+        r.add_post(prefix + "/embeddings", embeddings.embeddings)
+        r.add_post(prefix + "/rerank", rerank.rerank)
+        r.add_get(prefix + "/models", info.list_models)
+        r.add_get(prefix + "/models/{model_id}", info.get_model)
+    return app

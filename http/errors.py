@@ -1,0 +1,81 @@
+"""Errors in OpenAI's shape, request ids, and the middleware that turns any failure into one."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+
+import orjson
+from aiohttp import web
+
+from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError
+
+log = logging.getLogger("agile_rag.http")
+_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def new_request_id(given: str | None = None) -> str:
+    """Keep a client's x-request-id when it is sane, else make one."""
+    if given and _ID_OK.match(given):
+        return given
+    return "req-" + uuid.uuid4().hex[:24]
+
+
+def json_response(data, *, status: int = 200, request: web.Request | None = None,
+                  headers: dict | None = None) -> web.Response:
+    body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+    resp = web.Response(body=body, status=status, content_type="application/json",
+                        headers=headers)
+    if request is not None and "request_id" in request:
+        resp.headers["x-request-id"] = request["request_id"]
+    return resp
+
+
+def error_response(err: ServiceError, request: web.Request | None = None) -> web.Response:
+    headers = {}
+    if not err.retryable:
+        headers["x-should-retry"] = "false"
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = "1"
+    return json_response(err.to_dict(), status=err.status, request=request, headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ServiceError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app["server"].settings.MAX_BODY_BYTES
+        return InvalidRequest(f"The request body is larger than this server's limit of "
+                              f"{limit} bytes.", status=413, code="request_too_large")
+    if isinstance(exc, web.HTTPNotFound):
+        return InvalidRequest(f"Unknown route {request.method} {request.path}. This server "
+                              "serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
+                              "/v1/rerank, /rerank, /v1/models and /health.", status=404,
+                              code="unknown_url")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return InvalidRequest(f"Method {request.method} is not allowed on {request.path}.",
+                              status=405, code="method_not_allowed")
+    return InvalidRequest(exc.reason or "bad request", status=exc.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    request["request_id"] = new_request_id(request.headers.get("x-request-id"))
+    try:
+        resp = await handler(request)
+    except ServiceError as err:
+        return error_response(err, request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc, request), request)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - never a stack trace in the body
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
+                      request["request_id"])
+        return error_response(ServiceError(
+            f"Internal server error; request id {request['request_id']}. The server log has "
+            "the details."), request)
+    if not resp.prepared:
+        resp.headers["x-request-id"] = request["request_id"]
+    return resp
