@@ -75,6 +75,7 @@ class Actor:
         self._task: asyncio.Task | None = None
         self._started_once = False
         self.stopped = False
+        self.stop_reason: str | None = None
         self.restarts: list[float] = []
 
     # ---- what subclasses write -------------------------------------------------------------
@@ -132,7 +133,7 @@ class Actor:
 
     def _put(self, env: Envelope) -> None:
         if self.stopped:
-            self._fail(env, ActorStopped(f"{self.name} is stopped"))
+            self._fail(env, ActorStopped(self.stop_reason or f"{self.name} is stopped"))
             return
         self.mailbox.put_nowait(env)
 

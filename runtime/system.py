@@ -48,9 +48,9 @@ class ActorSystem:
             log.error("actor %s crashed %d times in %.0fs: stopping it", actor.name,
                       len(actor.restarts), self.restart_window_s)
             actor.stopped = True
-            actor._fail_all(ActorStopped(
-                f"{actor.name} crashed {len(actor.restarts)} times in a row and was stopped; "
-                f"last error: {exc!r}"))
+            actor.stop_reason = (f"{actor.name} crashed {len(actor.restarts)} times in a row "
+                                 f"and was stopped; last error: {exc!r}")
+            actor._fail_all(ActorStopped(actor.stop_reason))
             return
         self._run(actor)
 
