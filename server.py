@@ -9,6 +9,7 @@ import time
 import aiofiles
 from aiohttp import web
 
+from .actors.config_actor import ConfigActor
 from .actors.embedder_actor import EmbedderActor
 from .actors.llm_actor import LLMActor
 from .actors.model_base import ModelActor
@@ -32,6 +33,7 @@ class Server:
         self.live: LiveConfig | None = None
         self.config_error: str | None = None
         self.started_at = time.time()
+        self.config_actor: ConfigActor | None = None
 
     def enabled(self, kind: str) -> bool:
         s = self.settings
@@ -43,12 +45,14 @@ class Server:
             text = await f.read()
         return parse_text(text, path)
 
-    def make_actor(self, spec: ModelSpec, live: LiveConfig) -> ModelActor:
+    def make_actor(self, spec: ModelSpec, live: LiveConfig,
+                   actor_name: str | None = None) -> ModelActor:
         if spec.kind == "llm":
-            return LLMActor(spec, live.llm_params, cache_dir=self.settings.MODEL_CACHE_DIR)
+            return LLMActor(spec, live.llm_params, cache_dir=self.settings.MODEL_CACHE_DIR,
+                            actor_name=actor_name)
         if spec.kind == "embedder":
-            return EmbedderActor(spec, live.embedder_params)
-        return RerankerActor(spec, live.reranker_params)
+            return EmbedderActor(spec, live.embedder_params, actor_name=actor_name)
+        return RerankerActor(spec, live.reranker_params, actor_name=actor_name)
 
     async def start(self) -> None:
         live = await self.read_live_config()
@@ -62,6 +66,9 @@ class Server:
             for name in names:
                 actor = self.system.spawn(self.make_actor(live.spec(kind, name), live))
                 self.registry.set(kind, name, actor)
+        self.config_actor = self.system.spawn(ConfigActor(
+            self, debounce_s=self.settings.DEBOUNCE_TIME,
+            load_timeout_s=self.settings.MODIFY_TIMEOUT))
 
     async def stop(self) -> None:
         await self.system.stop_all()

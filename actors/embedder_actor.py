@@ -38,8 +38,8 @@ class EmbedderActor(ModelActor):
     kind = "embedder"
     batching = True
 
-    def __init__(self, spec, params=None):
-        super().__init__(spec, params)
+    def __init__(self, spec, params=None, **kw):
+        super().__init__(spec, params, **kw)
         self.model = None
         self.dim = 0
 
@@ -61,6 +61,12 @@ class EmbedderActor(ModelActor):
 
     def unload_blocking(self) -> None:
         self.model = None
+
+    def update(self, spec, params) -> bool:
+        super().update(spec, params)
+        if self.model is not None and spec.max_tokens:
+            self.model.max_seq_length = spec.max_tokens
+        return True
 
     def batch_fits(self, batch: list[Envelope], nxt: Envelope) -> bool:
         total = sum(len(e.msg.texts) for e in batch) + len(nxt.msg.texts)

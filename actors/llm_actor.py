@@ -38,8 +38,8 @@ def gguf_location(path: str) -> tuple[str, str] | None:
 class LLMActor(ModelActor):
     kind = "llm"
 
-    def __init__(self, spec, params=None, *, cache_dir: str | None = None):
-        super().__init__(spec, params)
+    def __init__(self, spec, params=None, *, cache_dir: str | None = None, **kw):
+        super().__init__(spec, params, **kw)
         self.cache_dir = cache_dir
         self.model = None
         self.tokenizer = None
@@ -69,8 +69,14 @@ class LLMActor(ModelActor):
         model.eval()
         self.model, self.tokenizer = model, tokenizer
         self.weight_bytes = module_bytes(model)
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.context_length = min(spec.max_tokens or limit, limit)
+        self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
+
+    def update(self, spec, params) -> bool:
+        super().update(spec, params)
+        if self.model is not None:
+            self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
+        return True
 
     def _load_gguf(self, folder: str, fname: str, *, dtype: dict, common: dict):
         """GGUF dequantises slowly (~25 s for 135M); keep the dequantised model in a cache

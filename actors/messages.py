@@ -172,3 +172,23 @@ class ArbiterState:
 class RevokeAllFlex:
     """reset_flags: revoke every flex grant and fail stuck waits."""
     reason: str = "reset_flags changed"
+
+
+# ---- live configuration ------------------------------------------------------------------------
+@dataclass
+class UpdateModel:
+    """New settings for a running model that need no reload (device, cuda_thres, idle_on_cpu,
+    max_tokens, the kind's *_params)."""
+    spec: Any                         # runtime.liveconfig.ModelSpec
+    params: dict
+
+
+@dataclass
+class Drain:
+    """Answered once every message queued before it has been handled (used before a stop)."""
+
+
+@dataclass
+class ReloadConfig:
+    """Ask the config actor to re-read liveconfigs.json now; the reply lists what changed."""
+    force: bool = True

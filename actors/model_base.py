@@ -8,7 +8,7 @@ from typing import Any
 from ..runtime.actor import Actor, Envelope
 from ..runtime.errors import ModelFailed
 from ..runtime.liveconfig import ModelSpec
-from .messages import Describe, ModelState
+from .messages import Describe, Drain, ModelState, UpdateModel
 
 log = logging.getLogger("agile_rag.model")
 
@@ -16,8 +16,9 @@ log = logging.getLogger("agile_rag.model")
 class ModelActor(Actor):
     kind = "model"
 
-    def __init__(self, spec: ModelSpec, params: dict[str, Any] | None = None):
-        super().__init__(spec.name)
+    def __init__(self, spec: ModelSpec, params: dict[str, Any] | None = None, *,
+                 actor_name: str | None = None):
+        super().__init__(actor_name or spec.name)
         self.spec = spec
         self.params = dict(params or {})
         self.state = "loading"
@@ -54,11 +55,16 @@ class ModelActor(Actor):
             await self.system.executor.run(self.unload_blocking)
 
     def joinable(self, msg: Any) -> bool:
-        return self.batching and self.state == "ready" and not isinstance(msg, Describe)
+        return self.batching and self.state == "ready" and \
+            not isinstance(msg, (Describe, Drain, UpdateModel))
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, Describe):
             return self.describe()
+        if isinstance(msg, Drain):
+            return True
+        if isinstance(msg, UpdateModel):
+            return self.update(msg.spec, msg.params)
         if self.state != "ready":
             raise ModelFailed(f"{self.kind} {self.name!r} is not available: "
                               f"{self.error or self.state}")
@@ -66,6 +72,13 @@ class ModelActor(Actor):
 
     async def serve(self, msg: Any, env: Envelope) -> Any:
         raise NotImplementedError
+
+    def update(self, spec: ModelSpec, params: dict[str, Any]) -> bool:
+        """Settings that apply without reloading weights (the config actor checked that
+        ``spec.load_key()`` is unchanged)."""
+        self.spec = spec
+        self.params = dict(params)
+        return True
 
     def describe(self) -> ModelState:
         return ModelState(self.name, self.kind, self.state, self.device, self.spec.device,

@@ -39,8 +39,8 @@ class RerankerActor(ModelActor):
     kind = "reranker"
     batching = True
 
-    def __init__(self, spec, params=None):
-        super().__init__(spec, params)
+    def __init__(self, spec, params=None, **kw):
+        super().__init__(spec, params, **kw)
         self.model = None
         self.backend = spec.backend
         self.tokenizer = None

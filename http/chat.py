@@ -112,7 +112,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     stream = f.boolean("stream", False)
     include_usage = bool(f.obj("stream_options").get("include_usage", False))
     ids = "chatcmpl-" if chat else "cmpl-"
-    reply = _Reply(ids + uuid.uuid4().hex[:24], actor.name, chat)
+    reply = _Reply(ids + uuid.uuid4().hex[:24], actor.spec.name, chat)
     if not stream:
         try:
             result: ChatResult = await ask_model(server, actor, msg, request)

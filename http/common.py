@@ -16,7 +16,7 @@ def resolve_model(server, kind: str, name: str | None) -> Actor:
 async def ask_model(server, actor: Actor, msg: Any, request: web.Request) -> Any:
     settings = server.settings
     if actor.queue_length() >= settings.MAX_QUEUED_PER_MODEL:
-        raise Overloaded(f"Model {actor.name!r} has {actor.queue_length()} requests waiting "
+        raise Overloaded(f"Model {actor.spec.name!r} has {actor.queue_length()} requests waiting "
                          f"(limit {settings.MAX_QUEUED_PER_MODEL}); retry shortly.")
     return await actor.ask(msg, timeout=settings.REQUEST_TIMEOUT,
                            request_id=request["request_id"], sender="http")

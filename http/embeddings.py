@@ -82,7 +82,7 @@ async def embeddings(request: web.Request) -> web.Response:
         data = [{"object": "embedding", "index": i, "embedding": vecs[i]}
                 for i in range(len(vecs))]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return json_response({"object": "list", "data": data, "model": actor.name, "usage": usage},
+    return json_response({"object": "list", "data": data, "model": actor.spec.name, "usage": usage},
                          request=request)
 
 

@@ -69,7 +69,7 @@ async def rerank(request: web.Request) -> web.Response:
     results = [{"index": i, "relevance_score": scores[i],
                 **({"document": {"text": docs[i]}} if with_docs else {})} for i in order]
     return json_response({
-        "id": "rerank-" + uuid.uuid4().hex[:24], "object": "list", "model": actor.name,
+        "id": "rerank-" + uuid.uuid4().hex[:24], "object": "list", "model": actor.spec.name,
         "results": results,
         "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
                  "tokens": {"input_tokens": tokens, "output_tokens": 0}},

@@ -1,0 +1,203 @@
+"""Hot liveconfigs.json: edits while requests stream are applied without a restart, bad files
+change nothing and say why, in-flight requests never fail."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from conftest import CACHE, MINILM, ROOT, free_port, wait_ready, write_live_config
+
+
+def save(path: str, cfg: dict | str) -> None:
+    """Save like an editor that writes a temp file and renames it over the old one."""
+    tmp = path + ".swp"
+    with open(tmp, "w") as f:
+        f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
+    os.replace(tmp, path)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, cross_encoder_dir):
+    d = tmp_path_factory.mktemp("live")
+    path = str(d / "liveconfigs.json")
+    cfg = write_live_config(path, cross_encoder_dir, standby_embedders=["e1"],
+                            embedders={"e1": {"path": MINILM, "device": "flex"}},
+                            standby_rerankers=["minilm-rerank"])
+    conf = d / "configs.py"
+    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.2\n")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
+                             "--live-config", path, "--config", str(conf)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield {"base": base, "path": path, "cfg": cfg, "ce": cross_encoder_dir}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+async def get(s, url):
+    async with s.get(url) as r:
+        return await r.json()
+
+
+async def post(s, url, body):
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json()
+
+
+async def wait_for(check, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("the change was not applied in time")
+
+
+async def model_ids(s, base):
+    return {m["id"] for m in (await get(s, base + "/v1/models"))["data"]}
+
+
+async def test_edits_apply_while_a_chat_streams(live):
+    base, path = live["base"], live["path"]
+    cfg = copy.deepcopy(live["cfg"])
+    async with aiohttp.ClientSession() as s:
+        async def stream():
+            async with s.post(base + "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Write a long poem about the sea."}],
+                    "temperature": 0, "max_tokens": 200, "stream": True}) as r:
+                assert r.status == 200
+                return (await r.read()).decode()
+        chat = asyncio.create_task(stream())
+        embeds = []
+
+        async def embed_forever():
+            while not chat.done():
+                status, body = await post(s, base + "/v1/embeddings", {"input": "steady"})
+                embeds.append(status)
+                await asyncio.sleep(0.05)
+        background = asyncio.create_task(embed_forever())
+
+        # add an embedder: it answers within seconds
+        cfg["standby_embedders"] = ["e1", "e2"]
+        cfg["embedders"]["e2"] = {"path": MINILM, "device": "flex", "max_tokens": 64}
+        save(path, cfg)
+
+        async def has_e2():
+            return "e2" in await model_ids(s, base)
+        t0 = time.monotonic()
+        await wait_for(has_e2)
+        status, body = await post(s, base + "/v1/embeddings", {"model": "e2", "input": "hi"})
+        assert status == 200 and body["model"] == "e2"
+        assert time.monotonic() - t0 < 30
+
+        # delete e1: its name falls back to the first standby model (now e2)
+        cfg["standby_embedders"] = ["e2"]
+        save(path, cfg)
+
+        async def e1_gone():
+            return "e1" not in await model_ids(s, base)
+        await wait_for(e1_gone)
+        status, body = await post(s, base + "/v1/embeddings", {"model": "e1", "input": "hi"})
+        assert status == 200 and body["model"] == "e2"
+
+        # flip a device, change top_n and default_temp
+        cfg["embedders"]["e2"]["device"] = "cpu"
+        cfg["reranker_params"]["top_n"] = 2
+        cfg["llm_params"]["default_temp"] = 0.0
+        save(path, cfg)
+
+        async def applied():
+            h = await get(s, base + "/health")
+            return h["models"]["e2"]["config_device"] == "cpu"
+        await wait_for(applied)
+        status, body = await post(s, base + "/v1/rerank", {"query": "capital of France",
+                                                            "documents": ["a", "b", "Paris"]})
+        assert len(body["results"]) == 2
+        q = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 8}
+        _, implicit = await post(s, base + "/v1/chat/completions", q)
+        _, greedy = await post(s, base + "/v1/chat/completions", {**q, "temperature": 0})
+        assert implicit["choices"][0]["message"]["content"] == \
+            greedy["choices"][0]["message"]["content"]
+
+        text = await chat
+        await background
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    assert embeds and set(embeds) == {200}
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("{ not json", "not valid JSON"),
+    ({"standby_embedders": ["ghost"]}, "no entry"),
+    ({"embedders": {"e2": {"path": "/no/such/folder"}}}, "does not exist"),
+    ({"embedders": {"e2": {"path": MINILM, "device": "tpu"}}}, "device is 'tpu'"),
+])
+async def test_invalid_files_change_nothing_and_say_why(live, breakage, needle):
+    base, path = live["base"], live["path"]
+    async with aiohttp.ClientSession() as s:
+        before = await model_ids(s, base)
+        good = json.load(open(path))
+        if isinstance(breakage, str):
+            save(path, breakage)
+        else:
+            bad = copy.deepcopy(good)
+            for k, v in breakage.items():
+                bad[k] = {**bad[k], **v} if isinstance(v, dict) else v
+            save(path, bad)
+
+        async def reported():
+            return needle in ((await get(s, base + "/health"))["config_error"] or "")
+        await wait_for(reported, 10)
+        assert await model_ids(s, base) == before
+        status, _ = await post(s, base + "/v1/embeddings", {"input": "still serving"})
+        assert status == 200
+        save(path, good)
+
+        async def cleared():
+            return (await get(s, base + "/health"))["config_error"] is None
+        await wait_for(cleared, 10)
+
+
+async def test_reload_of_a_new_path_and_a_failed_load_keeps_the_old_version(live, tmp_path):
+    base, path = live["base"], live["path"]
+    async with aiohttp.ClientSession() as s:
+        cfg = json.load(open(path))
+        broken = tmp_path / "broken-model"
+        broken.mkdir()
+        (broken / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+        cfg["rerankers"]["minilm-rerank"]["path"] = str(broken)
+        cfg["rerankers"]["minilm-rerank"]["kind"] = "cross-encoder"
+        save(path, cfg)
+
+        async def failed():
+            return "failed to load" in ((await get(s, base + "/health"))["config_error"] or "")
+        await wait_for(failed, 60)
+        status, body = await post(s, base + "/v1/rerank", {
+            "query": "capital of France", "documents": ["Bananas.", "Paris is in France."]})
+        assert status == 200 and body["results"][0]["index"] == 1     # old bi-encoder serves
+
+        cfg["rerankers"]["minilm-rerank"]["path"] = live["ce"]       # a real new version
+        save(path, cfg)
+
+        async def swapped():
+            h = await get(s, base + "/health")
+            return h["config_error"] is None
+        await wait_for(swapped, 60)
+        _, ce = await post(s, base + "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+        _, direct = await post(s, base + "/v1/rerank", {"query": "q", "documents": ["a", "b"],
+                                                        "model": "minilm-rerank"})
+        assert ce["results"] == direct["results"]
+        assert ce["model"] == "minilm-rerank"
