@@ -9,13 +9,14 @@ from agile_rag.runtime.errors import Unauthorized
 
 from . import chat, embeddings, info, rerank
 from .errors import error_response, error_middleware
+from .keys import SERVER
 
 OPEN_PATHS = {"/", "/health"}
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    keys = request.app["server"].settings.API_KEYS
+    keys = request.app[SERVER].settings.API_KEYS
     if keys and request.path not in OPEN_PATHS:
         given = request.headers.get("Authorization", "")
         token = given[7:].strip() if given.lower().startswith("bearer ") else ""
@@ -29,7 +30,7 @@ async def auth_middleware(request: web.Request, handler):
 def build_app(server) -> web.Application:
     app = web.Application(client_max_size=server.settings.MAX_BODY_BYTES,
                           middlewares=[error_middleware, auth_middleware])
-    app["server"] = server
+    app[SERVER] = server
     r = app.router
     r.add_get("/", info.index)
     r.add_get("/health", info.health)

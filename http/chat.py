@@ -14,6 +14,7 @@ from agile_rag.runtime.errors import InvalidRequest, ServiceError
 from .common import ask_model, resolve_model
 from .errors import json_response
 from .parsing import Fields, read_json
+from .keys import SERVER, REQUEST_ID
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 PING_EVERY_S = 15.0
@@ -95,7 +96,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
-    server = request.app["server"]
+    server = request.app[SERVER]
     f = Fields(await read_json(request))
     actor = resolve_model(server, "llm", f.string("model"))
     if chat:
@@ -135,7 +136,7 @@ async def _stream(request, server, actor, msg: Chat, reply: "_Reply",
             raise first                              # before any byte went out: a plain error
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no", "x-request-id": request["request_id"]})
+            "X-Accel-Buffering": "no", "x-request-id": request[REQUEST_ID]})
         await resp.prepare(request)
         await resp.write(reply.chunk({"role": "assistant", "content": ""}))
         chunk_size = int(actor.params.get("stream_chunk_size") or 0)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from agile_rag.runtime.actor import Actor
 from agile_rag.runtime.errors import Overloaded
+from .keys import REQUEST_ID
 
 
 def resolve_model(server, kind: str, name: str | None) -> Actor:
@@ -19,4 +20,4 @@ async def ask_model(server, actor: Actor, msg: Any, request: web.Request) -> Any
         raise Overloaded(f"Model {actor.spec.name!r} has {actor.queue_length()} requests waiting "
                          f"(limit {settings.MAX_QUEUED_PER_MODEL}); retry shortly.")
     return await actor.ask(msg, timeout=settings.REQUEST_TIMEOUT,
-                           request_id=request["request_id"], sender="http")
+                           request_id=request[REQUEST_ID], sender="http")

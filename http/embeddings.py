@@ -13,6 +13,7 @@ from agile_rag.runtime.errors import InvalidRequest
 from .common import ask_model, resolve_model
 from .errors import json_response
 from .parsing import Fields, read_json
+from .keys import SERVER
 
 MAX_INPUTS = 2048
 
@@ -62,7 +63,7 @@ def parse_input(value) -> list[str]:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    server = request.app["server"]
+    server = request.app[SERVER]
     f = Fields(await read_json(request))
     actor = resolve_model(server, "embedder", f.string("model"))
     texts = parse_input(f.required("input"))

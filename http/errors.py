@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError
+from .keys import SERVER, REQUEST_ID
 
 log = logging.getLogger("agile_rag.http")
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -27,8 +28,8 @@ def json_response(data, *, status: int = 200, request: web.Request | None = None
     body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
     resp = web.Response(body=body, status=status, content_type="application/json",
                         headers=headers)
-    if request is not None and "request_id" in request:
-        resp.headers["x-request-id"] = request["request_id"]
+    if request is not None and REQUEST_ID in request:
+        resp.headers["x-request-id"] = request[REQUEST_ID]
     return resp
 
 
@@ -43,7 +44,7 @@ def error_response(err: ServiceError, request: web.Request | None = None) -> web
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ServiceError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app["server"].settings.MAX_BODY_BYTES
+        limit = request.app[SERVER].settings.MAX_BODY_BYTES
         return InvalidRequest(f"The request body is larger than this server's limit of "
                               f"{limit} bytes.", status=413, code="request_too_large")
     if isinstance(exc, web.HTTPNotFound):
@@ -59,7 +60,7 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Servic
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    request["request_id"] = new_request_id(request.headers.get("x-request-id"))
+    request[REQUEST_ID] = new_request_id(request.headers.get("x-request-id"))
     try:
         resp = await handler(request)
     except ServiceError as err:
@@ -72,10 +73,10 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:  # noqa: BLE001 - never a stack trace in the body
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
-                      request["request_id"])
+                      request[REQUEST_ID])
         return error_response(ServiceError(
             f"Internal server error; request id {request['request_id']}. The server log has "
             "the details."), request)
     if not resp.prepared:
-        resp.headers["x-request-id"] = request["request_id"]
+        resp.headers["x-request-id"] = request[REQUEST_ID]
     return resp

@@ -12,6 +12,7 @@ from aiohttp import web
 from agile_rag.runtime.errors import ModelNotFound
 
 from .errors import json_response
+from .keys import SERVER
 
 KIND_TYPE = {"llm": "chat", "embedder": "embedding", "reranker": "rerank"}
 
@@ -22,13 +23,13 @@ def _model_card(server, kind: str, name: str) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    server = request.app["server"]
+    server = request.app[SERVER]
     data = [_model_card(server, kind, name) for kind, name, _ in server.registry.all()]
     return json_response({"object": "list", "data": data}, request=request)
 
 
 async def get_model(request: web.Request) -> web.Response:
-    server = request.app["server"]
+    server = request.app[SERVER]
     wanted = request.match_info["model_id"]
     for kind, name, _ in server.registry.all():
         if name == wanted:
@@ -37,7 +38,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    server = request.app["server"]
+    server = request.app[SERVER]
     models = {}
     states = set()
     for kind, name, actor in server.registry.all():

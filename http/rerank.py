@@ -18,6 +18,7 @@ from agile_rag.runtime.errors import InvalidRequest
 from .common import ask_model, resolve_model
 from .errors import json_response
 from .parsing import Fields, read_json
+from .keys import SERVER
 
 MAX_DOCUMENTS = 4096
 
@@ -41,7 +42,7 @@ def parse_documents(value, key: str) -> list[str]:
 
 
 async def rerank(request: web.Request) -> web.Response:
-    server = request.app["server"]
+    server = request.app[SERVER]
     body = await read_json(request)
     f = Fields(body)
     tei = "texts" in body and "documents" not in body

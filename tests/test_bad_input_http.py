@@ -4,7 +4,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from conftest import MAX_BODY
+from support import MAX_BODY
 
 MSG = [{"role": "user", "content": "hi"}]
 

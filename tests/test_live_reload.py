@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import CACHE, MINILM, ROOT, free_port, wait_ready, write_live_config
+from support import CACHE, MINILM, ROOT, free_port, wait_ready, write_live_config
 
 
 def save(path: str, cfg: dict | str) -> None:
