@@ -34,6 +34,7 @@ class Server:
         self.config_error: str | None = None
         self.started_at = time.time()
         self.config_actor: ConfigActor | None = None
+        self.residency_factory = None            # set by start_arbiter() on CUDA machines
 
     def enabled(self, kind: str) -> bool:
         s = self.settings
@@ -48,17 +49,36 @@ class Server:
     def make_actor(self, spec: ModelSpec, live: LiveConfig,
                    actor_name: str | None = None) -> ModelActor:
         if spec.kind == "llm":
-            return LLMActor(spec, live.llm_params, cache_dir=self.settings.MODEL_CACHE_DIR,
-                            actor_name=actor_name)
-        if spec.kind == "embedder":
-            return EmbedderActor(spec, live.embedder_params, actor_name=actor_name)
-        return RerankerActor(spec, live.reranker_params, actor_name=actor_name)
+            actor = LLMActor(spec, live.llm_params, cache_dir=self.settings.MODEL_CACHE_DIR,
+                             actor_name=actor_name)
+        elif spec.kind == "embedder":
+            actor = EmbedderActor(spec, live.embedder_params, actor_name=actor_name)
+        else:
+            actor = RerankerActor(spec, live.reranker_params, actor_name=actor_name)
+        actor.residency_factory = self.residency_factory
+        return actor
+
+    def start_arbiter(self) -> None:
+        """On a CUDA machine: the VRAM arbiter, and pinned-host residency for every model."""
+        import torch
+
+        if not torch.cuda.is_available():
+            log.info("no CUDA device: every model computes on the CPU")
+            return
+        from .actors.vram_arbiter import VRAMArbiter, default_budget
+        from .runtime.residency import WeightResidency
+
+        budget = default_budget(self.settings.TOTAL_CUDA_MEMORY, self.settings.MEMORY_REDUNDANCY)
+        self.system.spawn(VRAMArbiter(budget))
+        self.residency_factory = WeightResidency
+        log.info("GPU budget for models: %.0f MB", budget / 2**20)
 
     async def start(self) -> None:
         live = await self.read_live_config()
         for warning in live.warnings:
             log.warning("liveconfigs.json: %s", warning)
         self.live = live
+        self.start_arbiter()
         for kind in ("embedder", "reranker", "llm"):   # small models load first
             names = live.standby[kind]
             if not self.enabled(kind):

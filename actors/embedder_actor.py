@@ -93,7 +93,7 @@ class EmbedderActor(ModelActor):
                 good.append(i)
         if good:
             texts = [t for i in good for t in envs[i].msg.texts]
-            vectors = await self.system.executor.run(self._encode, texts)
+            vectors = await self.compute(len(texts), envs[good[0]], self._encode, texts)
             start = 0
             method = self.params.get("token_estimation", "len")
             for i in good:

@@ -72,6 +72,16 @@ class LLMActor(ModelActor):
         self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
 
+    def working_bytes(self, items: int) -> int:
+        """KV cache for the whole context plus activations."""
+        cfg = self.model.config
+        layers = getattr(cfg, "num_hidden_layers", 24)
+        heads = getattr(cfg, "num_attention_heads", 16)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        size = next(self.model.parameters()).element_size()
+        return 2 * layers * kv * head_dim * self.context_length * size + 128 * 2**20
+
     def update(self, spec, params) -> bool:
         super().update(spec, params)
         if self.model is not None:
@@ -123,7 +133,7 @@ class LLMActor(ModelActor):
     async def serve(self, msg: Any, env: Envelope) -> Any:
         if not isinstance(msg, Chat):
             raise TypeError(f"LLM actor cannot handle {type(msg).__name__}")
-        result = await self.system.executor.run(self._generate, msg)
+        result = await self.compute(1, env, self._generate, msg)
         env.detail.update(prompt_tokens=result.prompt_tokens,
                           completion_tokens=result.completion_tokens)
         return result

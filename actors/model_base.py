@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..runtime.actor import Actor, Envelope
-from ..runtime.errors import ModelFailed
+from ..runtime.errors import ModelFailed, Overloaded
 from ..runtime.liveconfig import ModelSpec
-from .messages import Describe, Drain, ModelState, UpdateModel
+from .gpu_lease import GpuLease
+from .messages import Describe, Drain, ModelState, Released, Revoke, UpdateModel
 
 log = logging.getLogger("agile_rag.model")
 
 
+ARBITER = "vram-arbiter"
+
+
 class ModelActor(Actor):
     kind = "model"
+    #: builds the weights' residency (runtime.residency.WeightResidency on CUDA machines);
+    #: None = no GPU: the model always computes on the CPU. Tests may set a double.
+    residency_factory: Callable[[Any], Any] | None = None
+    gpu_device = "cuda"
 
     def __init__(self, spec: ModelSpec, params: dict[str, Any] | None = None, *,
                  actor_name: str | None = None):
@@ -26,6 +34,15 @@ class ModelActor(Actor):
         self.device = "cpu"
         self.weight_bytes = 0
         self.load_seconds = 0.0
+        self.lease: GpuLease | None = None
+
+    def torch_module(self):
+        """The nn.Module whose weights move between host and GPU."""
+        return self.model
+
+    def working_bytes(self, items: int) -> int:
+        """GPU memory a job of ``items`` needs beyond the weights (activations, KV cache)."""
+        return 64 * 2**20 + items * 4 * 2**20
 
     # subclasses: blocking load in an executor thread; returns nothing, sets attributes
     def load_blocking(self) -> None:
@@ -45,18 +62,72 @@ class ModelActor(Actor):
             log.error("%s %s failed to load: %s", self.kind, self.name, self.error)
             return
         self.load_seconds = time.monotonic() - t0
+        await self._attach_gpu()
         self.state = "ready"
         log.info("%s %s ready in %.1fs (%.0f MB)", self.kind, self.name, self.load_seconds,
                  self.weight_bytes / 2**20)
 
+    async def _attach_gpu(self) -> None:
+        arbiter = self.system.actors.get(ARBITER)
+        factory = self.residency_factory
+        if arbiter is None or factory is None or self.spec.device == "cpu":
+            return
+        residency = await self.system.executor.run_load(factory, self.torch_module())
+        self.weight_bytes = residency.weight_bytes
+        self.lease = GpuLease(self, residency, arbiter, device=self.gpu_device)
+        if self.spec.device == "cuda":
+            await self._pin_on_gpu()
+
+    async def _pin_on_gpu(self) -> None:
+        where = await self.lease.acquire(0, self.working_bytes(1), None)
+        await self.lease.finish()
+        self.device = "cuda" if self.lease.on_gpu else "cpu"
+        if where == "cpu":
+            log.warning("%s is set to device cuda but did not get the GPU; it runs on CPU",
+                        self.name)
+
+    async def compute(self, items: int, env: Envelope | None, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` in the executor, on the GPU when a grant comes, else on the CPU.
+        A GPU out-of-memory gives the GPU back, asks again for more (the arbiter evicts
+        others) and retries once; a second one answers 503 with the reason."""
+        run = self.system.executor.run
+        if self.lease is None:
+            return await run(fn, *args)
+        lease = self.lease
+        working = self.working_bytes(items)
+        try:
+            self.device = await lease.acquire(items, working, env)
+            try:
+                return await run(fn, *args)
+            except Exception as exc:  # noqa: BLE001
+                if self.device == "cpu" or not _is_oom(exc):
+                    raise
+            await lease.give_back(env)
+            await run(_empty_cache)
+            self.device = await lease.acquire(items, 2 * working + 256 * 2**20, env)
+            try:
+                return await run(fn, *args)
+            except Exception as exc:  # noqa: BLE001
+                if not _is_oom(exc):
+                    raise
+                await lease.give_back(env)
+                raise Overloaded(f"{self.kind} {self.spec.name!r} ran out of GPU memory twice "
+                                 f"for a job of {items} item(s); retry with a smaller job.") \
+                    from None
+        finally:
+            await lease.finish(env)
+            self.device = "cuda" if lease.on_gpu else "cpu"
+
     async def on_stop(self) -> None:
         self.state = "stopped"
+        if self.lease is not None and self.lease.granted:
+            await self.lease.give_back()
         if self.system is not None:
             await self.system.executor.run(self.unload_blocking)
 
     def joinable(self, msg: Any) -> bool:
         return self.batching and self.state == "ready" and \
-            not isinstance(msg, (Describe, Drain, UpdateModel))
+            not isinstance(msg, (Describe, Drain, UpdateModel, Revoke))
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, Describe):
@@ -64,7 +135,14 @@ class ModelActor(Actor):
         if isinstance(msg, Drain):
             return True
         if isinstance(msg, UpdateModel):
-            return self.update(msg.spec, msg.params)
+            return await self._update(msg.spec, msg.params, env)
+        if isinstance(msg, Revoke):
+            if self.lease is None:
+                self.system.actors[ARBITER].tell(Released(self.name, 0), sender=self.name)
+                return None
+            await self.lease.revoked(env)
+            self.device = "cpu"
+            return None
         if self.state != "ready":
             raise ModelFailed(f"{self.kind} {self.name!r} is not available: "
                               f"{self.error or self.state}")
@@ -72,6 +150,20 @@ class ModelActor(Actor):
 
     async def serve(self, msg: Any, env: Envelope) -> Any:
         raise NotImplementedError
+
+    async def _update(self, spec: ModelSpec, params: dict[str, Any], env: Envelope) -> bool:
+        old = self.spec.device
+        self.update(spec, params)
+        if self.lease is not None and old != spec.device:
+            if self.lease.granted:          # to cpu, or cuda -> flex (unpin): give it back
+                await self.lease.give_back(env)
+                self.device = "cpu"
+            if spec.device == "cuda":
+                await self._pin_on_gpu()
+        elif self.lease is None and spec.device != "cpu" and old == "cpu" and \
+                self.state == "ready":
+            await self._attach_gpu()
+        return True
 
     def update(self, spec: ModelSpec, params: dict[str, Any]) -> bool:
         """Settings that apply without reloading weights (the config actor checked that
@@ -97,3 +189,14 @@ def module_bytes(module) -> int:
         seen.add(ptr)
         total += t.numel() * t.element_size()
     return total
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _empty_cache() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -74,6 +74,10 @@ class RerankerActor(ModelActor):
         self.backend = backend
         self.model = model
 
+    def torch_module(self):
+        import torch
+        return self.model if isinstance(self.model, torch.nn.Module) else self.model.model
+
     def unload_blocking(self) -> None:
         self.model = None
         self.tokenizer = None
@@ -90,8 +94,8 @@ class RerankerActor(ModelActor):
             if not isinstance(env.msg, Rerank):
                 raise TypeError(f"reranker cannot handle {type(env.msg).__name__}")
         jobs = [(e.msg.query, e.msg.documents) for e in envs]
-        scored = await self.system.executor.run(self._score, jobs)
         n_pairs = sum(len(d) for _, d in jobs)
+        scored = await self.compute(n_pairs, envs[0], self._score, jobs)
         for env in envs:
             env.detail["batch_pairs"] = n_pairs
         return [RerankResult(scores, tokens) for scores, tokens in scored]

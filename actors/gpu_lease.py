@@ -1,0 +1,119 @@
+"""A model actor's side of the VRAM arbiter's protocol (not an actor: owned by one model actor
+and used only from its own handler, so it needs no locks).
+
+Before each job the model actor calls :meth:`GpuLease.acquire`; it answers where to compute:
+
+- ``device: cpu`` never asks; ``device: cuda`` holds a pinned grant from load on;
+- ``device: flex``: a job with fewer items than ``cuda_thres`` runs on the CPU without asking
+  (unless the weights are already on the GPU); otherwise the lease asks the arbiter for the
+  weights plus the job's working memory, admits the weights (one host-to-device copy) once
+  granted, and falls back to the CPU, with the reason traced, when the grant is refused or
+  does not come in time.
+
+After the job :meth:`finish` tells the arbiter ``JobFinished`` and, with ``idle_on_cpu``,
+drops the GPU copy and ``Release``s the grant. A ``Revoke`` (handled between jobs, never
+during one) drops the GPU copy and answers ``Released``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from ..runtime.actor import CONTROL, Envelope
+from ..runtime.errors import ServiceError
+from .messages import JobFinished, Release, Released, RequestGrant
+
+log = logging.getLogger("agile_rag.gpu")
+GRANT_WAIT_S = 60.0
+
+
+class GpuLease:
+    def __init__(self, owner, residency, arbiter, *, device: str = "cuda"):
+        self.owner = owner              # the model actor
+        self.residency = residency      # runtime.residency.WeightResidency (or a test double)
+        self.arbiter = arbiter          # the VRAMArbiter actor
+        self.device = device            # where admitted weights live ("cuda")
+        self.granted = 0                # bytes the arbiter counts for us
+        self.busy = False
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.residency.on_gpu
+
+    @property
+    def spec(self):
+        return self.owner.spec
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await self.owner.system.executor.run(fn)
+
+    async def acquire(self, items: int, working_bytes: int, env: Envelope | None) -> str:
+        """Where this job computes: ``self.device`` or ``"cpu"``."""
+        mode = self.spec.device
+        if mode == "cpu":
+            return "cpu"
+        if mode == "flex" and not self.on_gpu and self.spec.cuda_thres and \
+                items < self.spec.cuda_thres:
+            _note(env, gpu="below cuda_thres")
+            return "cpu"
+        need = self.residency.weight_bytes + working_bytes
+        t0 = time.monotonic()
+        try:
+            granted = await self.arbiter.ask(
+                RequestGrant(self.owner.name, need, pinned=(mode == "cuda")),
+                timeout=GRANT_WAIT_S, sender=self.owner.name,
+                request_id=env.request_id if env else None)
+        except ServiceError as exc:
+            self.arbiter.tell(JobFinished(self.owner.name), priority=CONTROL,
+                              sender=self.owner.name)
+            _note(env, gpu=f"refused: {exc.message}")
+            log.info("%s runs on CPU: %s", self.owner.name, exc.message)
+            return "cpu"
+        self.granted = max(self.granted, need)
+        self.busy = True
+        _note(env, grant_wait_s=round(time.monotonic() - t0, 4), evicted=list(granted.evicted))
+        if not self.on_gpu:
+            try:
+                stats = await self._run(lambda: self.residency.admit(self.device))
+            except Exception as exc:  # noqa: BLE001 - fall back to CPU, give the grant back
+                log.error("%s could not move to the GPU: %s", self.owner.name, exc)
+                await self.give_back()
+                _note(env, gpu=f"admit failed: {exc}")
+                return "cpu"
+            _note(env, admit_bytes=stats.get("bytes", 0),
+                  admit_s=round(stats.get("seconds", 0.0), 4))
+        return self.device
+
+    async def finish(self, env: Envelope | None = None) -> None:
+        """The job is over: idle (still resident), or gone at once with idle_on_cpu."""
+        if not self.busy:
+            return
+        self.busy = False
+        if self.spec.idle_on_cpu and self.spec.device == "flex":
+            await self.give_back(env)
+        else:
+            self.arbiter.tell(JobFinished(self.owner.name), priority=CONTROL,
+                              sender=self.owner.name)
+
+    async def revoked(self, env: Envelope | None = None) -> None:
+        """The arbiter wants our memory (we are between jobs): drop the GPU copy, say so."""
+        stats = await self._run(self.residency.evict)
+        _note(env, evict_s=round(stats.get("seconds", 0.0), 5), freed=self.granted)
+        self.arbiter.tell(Released(self.owner.name, self.granted), priority=CONTROL,
+                          sender=self.owner.name)
+        self.granted = 0
+        self.busy = False
+
+    async def give_back(self, env: Envelope | None = None) -> None:
+        """Release on our own: idle_on_cpu, device change, delete, GPU out of memory."""
+        stats = await self._run(self.residency.evict)
+        _note(env, evict_s=round(stats.get("seconds", 0.0), 5))
+        self.arbiter.tell(Release(self.owner.name), priority=CONTROL, sender=self.owner.name)
+        self.granted = 0
+        self.busy = False
+
+
+def _note(env: Envelope | None, **detail: Any) -> None:
+    if env is not None:
+        env.detail.update(detail)

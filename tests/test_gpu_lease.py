@@ -1,0 +1,126 @@
+"""The model side of GPU residency, with the real MiniLM models and the real VRAM arbiter.
+
+No GPU here: a residency double records admits and evicts while the weights stay on the CPU,
+so the protocol (who asks, who is revoked, who releases) is tested without CUDA."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from agile_rag.actors.embedder_actor import EmbedderActor
+from agile_rag.actors.messages import Describe, Embed, Rerank, UpdateModel
+from agile_rag.actors.model_base import module_bytes
+from agile_rag.actors.reranker_actor import RerankerActor
+from agile_rag.actors.vram_arbiter import VRAMArbiter
+from agile_rag.runtime.liveconfig import ModelSpec
+from agile_rag.runtime.system import ActorSystem
+from support import minilm_dir
+
+MB = 2**20
+
+
+class FakeResidency:
+    def __init__(self, module):
+        self.weight_bytes = module_bytes(module)
+        self.on_gpu = False
+        self.admits = 0
+        self.evicts = 0
+
+    def admit(self, device="cuda"):
+        if not self.on_gpu:
+            self.admits += 1
+        self.on_gpu = True
+        return {"bytes": self.weight_bytes, "seconds": 0.0}
+
+    def evict(self):
+        self.evicts += self.on_gpu
+        self.on_gpu = False
+        return {"seconds": 0.0, "bytes": self.weight_bytes}
+
+
+def spec(kind, name, **kw):
+    path = minilm_dir()
+    return ModelSpec(kind, name, path, path, **{"backend": "bi-encoder"} if kind == "reranker"
+                     else {}, **kw)
+
+
+async def start(budget_mb, *actors):
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(budget_mb * MB, grant_timeout=10))
+    for a in actors:
+        a.residency_factory = FakeResidency
+        a.gpu_device = "cpu"
+        system.spawn(a)
+        await a.ask(Describe())                       # loaded
+    return system, arbiter
+
+
+async def test_cpu_model_never_asks_and_cuda_thres_keeps_small_jobs_on_cpu():
+    cpu = EmbedderActor(spec("embedder", "cpu-only", device="cpu"))
+    flex = EmbedderActor(spec("embedder", "flex", device="flex", cuda_thres=5))
+    system, arbiter = await start(1000, cpu, flex)
+    await cpu.ask(Embed(["a"] * 10))
+    assert cpu.lease is None and arbiter.granted_count == 0
+    await flex.ask(Embed(["a", "b"]))                  # 2 < cuda_thres: CPU, no ask
+    assert arbiter.granted_count == 0 and flex.lease.residency.admits == 0
+    await flex.ask(Embed(["a"] * 6))                    # big enough: granted and admitted
+    assert arbiter.granted_count == 1 and flex.lease.residency.admits == 1
+    assert "flex" in (await arbiter.ask(Describe())).holders
+    await flex.ask(Embed(["a"]))                        # already resident: uses the GPU again
+    assert arbiter.granted_count == 2 and flex.lease.residency.admits == 1
+    await system.stop_all()
+
+
+async def test_idle_on_cpu_releases_right_after_the_job():
+    r = RerankerActor(spec("reranker", "rr", device="flex", idle_on_cpu=True))
+    system, arbiter = await start(1000, r)
+    result = await r.ask(Rerank("capital of France", ["Paris is in France.", "Bananas."]))
+    assert result.scores[0] > result.scores[1]
+    state = await arbiter.ask(Describe())
+    assert state.holders == {} and r.lease.residency.admits == 1 == r.lease.residency.evicts
+    await system.stop_all()
+
+
+async def test_the_idle_holder_is_revoked_for_the_model_with_work():
+    e = EmbedderActor(spec("embedder", "emb", device="flex"))
+    r = RerankerActor(spec("reranker", "rr", device="flex"))
+    system, arbiter = await start(250, e, r)            # room for one model at a time
+    await e.ask(Embed(["hello"]))
+    assert (await arbiter.ask(Describe())).holders.keys() == {"emb"}
+    await r.ask(Rerank("q", ["a", "b"]))
+    state = await arbiter.ask(Describe())
+    assert state.holders.keys() == {"rr"}
+    assert e.lease.residency.evicts == 1 and not e.lease.residency.on_gpu
+    assert e.describe().device == "cpu" and r.describe().device == "cuda"
+    assert arbiter.peak_used <= 250 * MB
+    events = [ev for ev in system.tracer.events if ev.actor == "emb" and ev.msg_type == "Revoke"]
+    assert events and "evict_s" in events[0].detail
+    await system.stop_all()
+
+
+async def test_a_cuda_pinned_model_is_never_evicted_and_others_fall_back_to_cpu():
+    pinned = EmbedderActor(spec("embedder", "pinned", device="cuda"))
+    r = RerankerActor(spec("reranker", "rr", device="flex"))
+    system, arbiter = await start(250, pinned, r)
+    assert pinned.lease.residency.on_gpu                # pinned at load
+    result = await r.ask(Rerank("capital of France", ["Paris is in France.", "Bananas."]))
+    assert result.scores[0] > result.scores[1]          # served, on the CPU
+    assert r.lease.residency.admits == 0 and pinned.lease.residency.evicts == 0
+    gpu = [ev for ev in system.tracer.events if ev.actor == "rr" and "gpu" in ev.detail]
+    assert "refused" in gpu[-1].detail["gpu"]
+    await system.stop_all()
+
+
+async def test_device_changes_release_and_pin():
+    e = EmbedderActor(spec("embedder", "emb", device="flex"))
+    system, arbiter = await start(1000, e)
+    await e.ask(Embed(["x"]))
+    assert e.lease.residency.on_gpu
+    await e.ask(UpdateModel(dataclasses.replace(e.spec, device="cpu"), e.params))
+    assert not e.lease.residency.on_gpu and (await arbiter.ask(Describe())).holders == {}
+    await e.ask(Embed(["x"] * 50))
+    assert not e.lease.residency.on_gpu                 # cpu: never asks
+    await e.ask(UpdateModel(dataclasses.replace(e.spec, device="cuda"), e.params))
+    assert e.lease.residency.on_gpu and "emb" in (await arbiter.ask(Describe())).holders
+    await system.stop_all()
