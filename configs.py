@@ -14,8 +14,13 @@ import runpy
 HOST = "127.0.0.1"            # loopback only by default; "0.0.0.0" opens the server to the LAN
 PORT = 8000
 API_KEYS: list[str] = []      # Bearer keys for the model routes; empty = any key (or none) accepted
-ADMIN_KEY = ""                # key for admin routes; empty = admin routes disabled
+ADMIN_KEY = ""                # key for /admin routes (Bearer); empty = admin routes disabled
 MAX_BODY_BYTES = 16 * 1024 * 1024   # larger request bodies get 413
+
+# --- admin uploads -------------------------------------------------------------------------------
+MODELS_DIR = ""               # where uploaded model folders go; "" = "models/" beside liveconfigs.json
+MAX_UPLOAD_BYTES = 32 * 2**30 # larger uploads are refused
+ALLOW_PICKLE_UPLOADS = False  # .bin/.pt/.pth/.pkl/.ckpt weights can run code when loaded: refused
 
 # --- which services run (the seed's switches) --------------------------------------------------
 USE_LLM = True
@@ -52,6 +57,9 @@ class Settings:
     API_KEYS: list = dataclasses.field(default_factory=lambda: list(API_KEYS))
     ADMIN_KEY: str = ADMIN_KEY
     MAX_BODY_BYTES: int = MAX_BODY_BYTES
+    MODELS_DIR: str = MODELS_DIR
+    MAX_UPLOAD_BYTES: int = MAX_UPLOAD_BYTES
+    ALLOW_PICKLE_UPLOADS: bool = ALLOW_PICKLE_UPLOADS
     USE_LLM: bool = USE_LLM
     USE_EMBEDDER: bool = USE_EMBEDDER
     USE_RERANKER: bool = USE_RERANKER

@@ -16,6 +16,7 @@ fails to load is reported and, when it replaces an old version, the old one keep
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -24,8 +25,8 @@ from typing import Any
 
 from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import InvalidRequest
-from ..runtime.liveconfig import KINDS, LiveConfig, LiveConfigError, ModelSpec
-from .messages import Describe, Drain, ReloadConfig, RevokeAllFlex, UpdateModel
+from ..runtime.liveconfig import KINDS, LiveConfig, LiveConfigError, ModelSpec, validate
+from .messages import Describe, Drain, EditConfig, ReloadConfig, RevokeAllFlex, UpdateModel
 
 log = logging.getLogger("agile_rag.config")
 PARAMS_OF = {"llm": "llm_params", "embedder": "embedder_params", "reranker": "reranker_params"}
@@ -80,6 +81,10 @@ class ConfigActor(Actor):
         if isinstance(msg, ReloadConfig):
             self.seen_stat = self._stat()
             return await self.reload()
+        if isinstance(msg, EditConfig):
+            await self._edit(msg)
+            self.seen_stat = self._stat()
+            return await self.reload()
         raise TypeError(f"config actor cannot handle {type(msg).__name__}")
 
     async def _poll(self) -> None:
@@ -120,6 +125,36 @@ class ConfigActor(Actor):
         for f in failures:
             log.error("liveconfigs.json: %s", f)
         return events + [f"FAILED: {f}" for f in failures]
+
+    async def _edit(self, msg: EditConfig) -> None:
+        """Edit the file for the admin API: validate first, keep a backup, write atomically.
+        The file is rewritten as plain JSON, so its // comments are not kept (the backup,
+        liveconfigs.json.bak, has them)."""
+        import aiofiles
+        import json5
+
+        async with aiofiles.open(self.path, encoding="utf-8") as f:
+            old_text = await f.read()
+        try:
+            data = json5.loads(old_text)
+        except ValueError as exc:
+            raise InvalidRequest(f"liveconfigs.json cannot be parsed, fix it first: {exc}") \
+                from None
+        msg.edit(data)
+        try:
+            validate(data, self.path)
+        except LiveConfigError as exc:
+            raise InvalidRequest("the change would make liveconfigs.json invalid, so nothing "
+                                 "was written: " + "; ".join(exc.problems),
+                                 code="invalid_live_config") from None
+        text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
+        async with aiofiles.open(self.path + ".bak", "w", encoding="utf-8") as f:
+            await f.write(old_text)
+        tmp = self.path + ".tmp"
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as f:
+            await f.write(text)
+        os.replace(tmp, self.path)
+        log.info("liveconfigs.json edited through the admin API: %s", msg.why)
 
     def _refuse(self, why: str) -> None:
         log.error("liveconfigs.json not applied, the running config stays: %s", why)

@@ -189,6 +189,14 @@ class Drain:
 
 
 @dataclass
+class EditConfig:
+    """Change liveconfigs.json (the single source of truth) and apply it: ``edit`` mutates the
+    file's parsed object in place; the result is validated before anything is written."""
+    edit: Any                         # Callable[[dict], None]
+    why: str = ""
+
+
+@dataclass
 class ReloadConfig:
     """Ask the config actor to re-read liveconfigs.json now; the reply lists what changed."""
     force: bool = True

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from agile_rag.runtime.errors import Unauthorized
 
-from . import chat, embeddings, info, rerank
+from . import admin, chat, embeddings, info, rerank
 from .errors import error_response, error_middleware
 from .keys import SERVER
 
@@ -17,7 +17,7 @@ OPEN_PATHS = {"/", "/health"}
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     keys = request.app[SERVER].settings.API_KEYS
-    if keys and request.path not in OPEN_PATHS:
+    if keys and request.path not in OPEN_PATHS and not request.path.startswith("/admin"):
         given = request.headers.get("Authorization", "")
         token = given[7:].strip() if given.lower().startswith("bearer ") else ""
         if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
@@ -29,7 +29,8 @@ async def auth_middleware(request: web.Request, handler):
 
 def build_app(server) -> web.Application:
     app = web.Application(client_max_size=server.settings.MAX_BODY_BYTES,
-                          middlewares=[error_middleware, auth_middleware])
+                          middlewares=[error_middleware, auth_middleware,
+                                       admin.admin_guard])
     app[SERVER] = server
     r = app.router
     r.add_get("/", info.index)
@@ -41,4 +42,5 @@ def build_app(server) -> web.Application:
         r.add_post(prefix + "/rerank", rerank.rerank)
         r.add_get(prefix + "/models", info.list_models)
         r.add_get(prefix + "/models/{model_id}", info.get_model)
+    admin.add_routes(app)
     return app
