@@ -186,9 +186,10 @@ class ConfigActor(Actor):
                     if await self._start_model(spec, new, failures, replacing=actor):
                         events.append(f"reloaded {kind} {name} from {spec.path}")
                 elif actor.spec != spec or actor.params != params:
+                    what = _what_changed(actor, spec, params)
                     await actor.ask(UpdateModel(spec, params), priority=CONTROL,
                                     timeout=self.load_timeout_s)
-                    events.append(f"updated {kind} {name}: " + _what_changed(actor, spec, params))
+                    events.append(f"updated {kind} {name}: {what}")
             registry.set_order(kind, list(wanted))
         if old is not None and new.reset_flags != old.reset_flags:
             arbiter = server.system.actors.get("vram-arbiter")

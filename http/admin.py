@@ -32,6 +32,7 @@ from .parsing import Fields, read_json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".md",
                     ".gguf", ".vocab", ".merges", ".spm") + PICKLE_SUFFIXES
+ALLOWED_NAMES = (".gitattributes", "license", "notice", "readme")
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
 
@@ -216,7 +217,8 @@ def extract_model_tar(archive: str, dest: str, allow_pickle: bool) -> list[str]:
                     raise InvalidRequest(
                         f"Refused: {m.name!r} is a pickle file, which can run code when loaded. "
                         "Upload safetensors, or set ALLOW_PICKLE_UPLOADS = True.")
-                if not low.endswith(ALLOWED_SUFFIXES):
+                if not low.endswith(ALLOWED_SUFFIXES) and \
+                        os.path.basename(low) not in ALLOWED_NAMES:
                     raise InvalidRequest(f"Refused: {m.name!r} is not a model file type this "
                                          "server accepts.")
                 names.append(path)

@@ -15,6 +15,8 @@ import pytest
 
 from support import CACHE, MINILM, ROOT, free_port, wait_ready, write_live_config
 
+ADMIN = "admin-secret"
+
 
 def save(path: str, cfg: dict | str) -> None:
     """Save like an editor that writes a temp file and renames it over the old one."""
@@ -32,7 +34,8 @@ def live(tmp_path_factory, cross_encoder_dir):
                             embedders={"e1": {"path": MINILM, "device": "flex"}},
                             standby_rerankers=["minilm-rerank"])
     conf = d / "configs.py"
-    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.2\n")
+    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.2\n"
+                    f"ADMIN_KEY = {ADMIN!r}\nMODELS_DIR = {str(d / 'models')!r}\n")
     port = free_port()
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
@@ -201,3 +204,95 @@ async def test_reload_of_a_new_path_and_a_failed_load_keeps_the_old_version(live
                                                         "model": "minilm-rerank"})
         assert ce["results"] == direct["results"]
         assert ce["model"] == "minilm-rerank"
+
+
+# ---- the admin API ---------------------------------------------------------------------------
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def tar_of(folder: str, extra: dict | None = None, link: bool = False) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname="model")
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo("model/escape.json")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+async def test_admin_needs_its_key(live):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(live["base"] + "/admin/models") as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_admin_key"
+        async with s.get(live["base"] + "/admin/models",
+                         headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401
+
+
+async def test_admin_upload_add_device_delete_round_trip(live):
+    from support import minilm_dir
+
+    base, path = live["base"], live["path"]
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.post(base + "/admin/upload?name=up-minilm", data=tar_of(minilm_dir())) as r:
+            up = await r.json()
+            assert r.status == 201, up
+        assert "model.safetensors" in up["files"][-1] or any(
+            f.endswith("model.safetensors") for f in up["files"])
+        async with s.post(base + "/admin/models", json={
+                "kind": "embedder", "name": "up", "entry": {"path": up["path"]}}) as r:
+            body = await r.json()
+            assert r.status == 200 and body["applied"] == ["added embedder up"], body
+        assert "up" in json.load(open(path))["standby_embedders"]       # the file is the truth
+        status, emb = await post(s, base + "/v1/embeddings", {"model": "up", "input": "hi"})
+        assert status == 200 and emb["model"] == "up" and len(emb["data"][0]["embedding"]) == 384
+
+        async with s.post(base + "/admin/models/up/device", json={"device": "cpu"}) as r:
+            assert r.status == 200 and "device='cpu'" in (await r.json())["applied"][0]
+        async with s.get(base + "/admin/models") as r:
+            listing = await r.json()
+        (mine,) = [m for m in listing["models"] if m["name"] == "up"]
+        assert mine["config_device"] == "cpu" and mine["state"] == "ready"
+        assert mine["queue_length"] == 0 and mine["weight_bytes"] > 0
+
+        async with s.delete(base + "/admin/models/up") as r:
+            assert r.status == 200 and (await r.json())["applied"] == ["removed embedder up"]
+        assert "up" not in json.load(open(path))["embedders"]
+        assert os.path.exists(path + ".bak")
+
+
+@pytest.mark.parametrize("extra,link,needle", [
+    ({"../evil.json": b"{}"}, False, "outside the model folder"),
+    ({}, True, "link"),
+    ({"model/pytorch_model.bin": b"x"}, False, "pickle"),
+    ({"model/run.sh": b"x"}, False, "not a model file type"),
+])
+async def test_admin_upload_refuses_dangerous_archives(live, tmp_path, extra, link, needle):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.post(live["base"] + "/admin/upload?name=bad", data=tar_of(
+                str(folder), extra, link)) as r:
+            body = await r.json()
+            assert r.status == 400 and needle in body["error"]["message"], body
+    assert not os.path.exists(os.path.join(os.path.dirname(live["path"]), "models", "bad"))
+
+
+async def test_admin_refuses_a_change_that_breaks_the_file(live):
+    before = open(live["path"]).read()
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.post(live["base"] + "/admin/models", json={
+                "kind": "embedder", "name": "ghost", "entry": {"path": "/no/such"}}) as r:
+            body = await r.json()
+            assert r.status == 400 and "does not exist" in body["error"]["message"]
+    assert open(live["path"]).read() == before
