@@ -191,8 +191,15 @@ class Actor:
         else:
             try:
                 results = await self.handle_batch(batch)
-            except Exception as exc:  # noqa: BLE001
-                results = [exc] * len(batch)
+            except Exception:  # noqa: BLE001 - one bad request must not fail its batch-mates
+                log.warning("%s: a batch of %d failed; retrying its requests one by one",
+                            self.name, len(batch))
+                results = []
+                for env in batch:
+                    try:
+                        results.append((await self.handle_batch([env]))[0])
+                    except Exception as exc:  # noqa: BLE001 - delivered to that asker
+                        results.append(exc)
         self._inflight = []
         for env, res in zip(batch, results):
             self._deliver(env, res)
