@@ -6,7 +6,7 @@ import time
 from typing import Any, Callable
 
 from ..runtime.actor import Actor, Envelope
-from ..runtime.errors import ModelFailed, Overloaded
+from ..runtime.errors import ModelFailed, Overloaded, ServiceError
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
 from .messages import Describe, Drain, ModelState, Released, Revoke, UpdateModel
@@ -90,6 +90,16 @@ class ModelActor(Actor):
         """Run ``fn(*args)`` in the executor, on the GPU when a grant comes, else on the CPU.
         A GPU out-of-memory gives the GPU back, asks again for more (the arbiter evicts
         others) and retries once; a second one answers 503 with the reason."""
+        try:
+            return await self._compute(items, env, fn, *args)
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the asker gets the reason, not a traceback
+            log.exception("%s %s failed on a job", self.kind, self.name)
+            raise ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    async def _compute(self, items: int, env: Envelope | None, fn: Callable, *args: Any) -> Any:
         run = self.system.executor.run
         if self.lease is None:
             return await run(fn, *args)

@@ -75,7 +75,7 @@ async def error_middleware(request: web.Request, handler):
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
                       request[REQUEST_ID])
         return error_response(ServiceError(
-            f"Internal server error; request id {request['request_id']}. The server log has "
+            f"Internal server error; request id {request[REQUEST_ID]}. The server log has "
             "the details."), request)
     if not resp.prepared:
         resp.headers["x-request-id"] = request[REQUEST_ID]
