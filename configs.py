@@ -46,6 +46,8 @@ MODIFY_TIMEOUT = 120.0        # seconds a reload may take before it is abandoned
 TRACE_ENABLED = True
 TRACE_BUFFER = 20000          # events kept in memory
 TRACE_FILE = ""               # JSONL file to append events to ("" = memory only)
+TRACE_FILE_MAX_BYTES = 64 * 1024 * 1024   # rotate the JSONL file past this size (0 = never)
+TRACE_FILE_BACKUPS = 5        # rotated files kept: TRACE_FILE.1 ... TRACE_FILE.5
 
 LOG_LEVEL = "INFO"
 
@@ -75,6 +77,8 @@ class Settings:
     TRACE_ENABLED: bool = TRACE_ENABLED
     TRACE_BUFFER: int = TRACE_BUFFER
     TRACE_FILE: str = TRACE_FILE
+    TRACE_FILE_MAX_BYTES: int = TRACE_FILE_MAX_BYTES
+    TRACE_FILE_BACKUPS: int = TRACE_FILE_BACKUPS
     LOG_LEVEL: str = LOG_LEVEL
 
 

@@ -28,7 +28,7 @@ class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.system = ActorSystem(executor=ModelExecutor(settings.SERVICE_NUM_WORKERS),
-                                  tracer=Tracer(settings.TRACE_BUFFER, settings.TRACE_ENABLED))
+                                  tracer=Tracer.from_settings(settings))
         self.registry = ModelRegistry()
         self.live: LiveConfig | None = None
         self.config_error: str | None = None
@@ -92,6 +92,7 @@ class Server:
 
     async def stop(self) -> None:
         await self.system.stop_all()
+        self.system.tracer.close()              # flush the JSONL trace file, if any
 
     def models(self) -> list[ModelActor]:
         return [actor for _, _, actor in self.registry.all()]  # type: ignore[misc]

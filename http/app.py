@@ -7,7 +7,7 @@ from aiohttp import web
 
 from agile_rag.runtime.errors import Unauthorized
 
-from . import admin, chat, embeddings, info, rerank
+from . import admin, chat, debug, embeddings, info, metrics, rerank
 from .errors import error_response, error_middleware
 from .keys import SERVER
 
@@ -29,7 +29,8 @@ async def auth_middleware(request: web.Request, handler):
 
 def build_app(server) -> web.Application:
     app = web.Application(client_max_size=server.settings.MAX_BODY_BYTES,
-                          middlewares=[error_middleware, auth_middleware,
+                          middlewares=[metrics.metrics_middleware, error_middleware,
+                                       auth_middleware,
                                        admin.admin_guard])
     app[SERVER] = server
     r = app.router
@@ -43,4 +44,6 @@ def build_app(server) -> web.Application:
         r.add_get(prefix + "/models", info.list_models)
         r.add_get(prefix + "/models/{model_id}", info.get_model)
     admin.add_routes(app)
+    debug.add_routes(app)
+    metrics.add_routes(app)
     return app

@@ -1,0 +1,88 @@
+"""GET /debug/traces: read the actors' trace events.
+
+- ``?request_id=ID``: one request's events in order, each with readable times (offset from the
+  request's start, queue wait, run time, phases), and a ``timeline`` that says where the time
+  went: queue wait, GPU grant wait, swap, compute, reply/stream. The id is the one every
+  response carries in ``x-request-id`` (send your own ``x-request-id`` to choose it).
+- ``?since=SECONDS`` (default 60): every event that ended in that window, as JSON.
+- ``format=chrome`` (with either): the Chrome trace-event format that Perfetto
+  (https://ui.perfetto.dev) and chrome://tracing open, one track per actor.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import orjson
+from aiohttp import web
+
+from agile_rag.runtime.errors import InvalidRequest
+from agile_rag.runtime.tracing import chrome_trace, event_view, request_timeline
+
+from .errors import json_response
+from .keys import REQUEST_ID, SERVER
+
+MAX_SINCE_S = 7 * 24 * 3600.0
+
+
+def _since(value: str | None) -> float:
+    if value is None or value == "":
+        return 60.0
+    try:
+        since = float(value)
+    except ValueError:
+        since = math.nan
+    if not (0 < since <= MAX_SINCE_S):
+        raise InvalidRequest(f"'since' must be a number of seconds between 0 and {MAX_SINCE_S:g};"
+                             f" got {value!r}.", param="since", code="invalid_value")
+    return since
+
+
+def _chrome_response(data: dict, request: web.Request) -> web.Response:
+    resp = web.Response(body=orjson.dumps(data, default=str,
+                                          option=orjson.OPT_SERIALIZE_NUMPY),
+                        content_type="application/json")
+    resp.headers["x-request-id"] = request[REQUEST_ID]
+    return resp
+
+
+async def traces(request: web.Request) -> web.Response:
+    tracer = request.app[SERVER].system.tracer
+    q = request.query
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "chrome"):
+        raise InvalidRequest(f"'format' must be 'json' or 'chrome'; got {fmt!r}.",
+                             param="format", code="invalid_value")
+    if not tracer.enabled:
+        raise InvalidRequest("Tracing is off on this server (TRACE_ENABLED = False in its "
+                             "configs); turn it on and restart to read traces.", status=404,
+                             code="tracing_disabled")
+    rid = q.get("request_id")
+    if rid:
+        events = tracer.for_request(rid)
+        if not events:
+            raise InvalidRequest(
+                f"No trace events for request id {rid!r}. Every response carries its id in the "
+                f"x-request-id header; this server keeps the last {tracer.capacity} events in "
+                "memory (TRACE_BUFFER), so older requests are gone.", status=404,
+                param="request_id", code="trace_not_found")
+        if fmt == "chrome":
+            return _chrome_response(chrome_trace(events, tracer.wall_offset), request)
+        t0 = events[0].enqueued
+        return json_response({"object": "trace", "request_id": rid,
+                              "timeline": request_timeline(events),
+                              "events": [event_view(e, t0, tracer.wall_offset) for e in events]},
+                             request=request)
+    since = _since(q.get("since"))
+    events = tracer.window(since)            # a copy, taken on the loop
+    if fmt == "chrome":
+        data = await asyncio.to_thread(chrome_trace, events, tracer.wall_offset)
+        return _chrome_response(data, request)
+    t0 = events[0].enqueued if events else 0.0
+    return json_response({"object": "list", "since_s": since, "count": len(events),
+                          "events": [event_view(e, t0, tracer.wall_offset) for e in events]},
+                         request=request)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/debug/traces", traces)

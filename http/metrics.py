@@ -1,0 +1,248 @@
+"""GET /metrics in Prometheus text format, and the middleware that counts every request.
+
+One :class:`prometheus_client.CollectorRegistry` per app (never the global default), so tests
+that build several apps in one process do not clash. What is counted where:
+
+- the middleware: requests and errors by route, model and status code, latency histograms,
+  requests in progress; it also records each request's HTTP span as a trace event (actor
+  ``http``) so a request's timeline shows the time spent replying or streaming;
+- a tracer listener (runs even with tracing off): messages per actor, mailbox wait, GPU
+  grants and refusals, grant wait, evictions, bytes swapped in and swap seconds, read from the
+  details the GPU lease and the VRAM arbiter put on their trace events;
+- at scrape time, from the registry and the arbiter: queue length, state and GPU-resident
+  bytes per model, the GPU budget and what is granted.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, \
+    generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from agile_rag.runtime.tracing import HTTP_ACTOR, TraceEvent
+
+from .keys import REQUEST_ID, SERVER
+
+METRICS = web.AppKey("metrics", object)          # the app's Metrics
+
+#: routes whose body names a model, and the kind of model they serve
+MODEL_ROUTES = {p + r: kind for p in ("/v1", "") for r, kind in (
+    ("/chat/completions", "llm"), ("/completions", "llm"), ("/embeddings", "embedder"),
+    ("/rerank", "reranker"))}
+#: not traced (reading traces must not fill the ring buffer with its own requests)
+UNTRACED_PREFIXES = ("/metrics", "/debug/")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0)
+SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self, server):
+        self.server = server
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("agile_rag_http_requests", "HTTP requests answered, by route, "
+                                "model and status code", ["route", "model", "code"], registry=r)
+        self.errors = Counter("agile_rag_http_errors", "HTTP requests answered with an error "
+                              "(status >= 400; 499 = the client went away)",
+                              ["route", "model", "code"], registry=r)
+        self.latency = Histogram("agile_rag_http_request_duration_seconds", "Time from request "
+                                 "to the last byte of the reply (streams included)",
+                                 ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_progress = Gauge("agile_rag_http_requests_in_progress", "Requests being "
+                                 "answered now", ["route"], registry=r)
+        self.messages = Counter("agile_rag_actor_messages", "Messages actors handled, by "
+                                "outcome", ["actor", "msg", "outcome"], registry=r)
+        self.queue_wait = Histogram("agile_rag_actor_queue_wait_seconds", "Time a message "
+                                    "waited in its actor's mailbox", ["actor"],
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.grants = Counter("agile_rag_gpu_grants", "GPU grants the VRAM arbiter gave",
+                              ["model"], registry=r)
+        self.refusals = Counter("agile_rag_gpu_grant_refusals", "Grant requests refused or "
+                                "timed out (the job ran on the CPU)", ["model", "reason"],
+                                registry=r)
+        self.grant_wait = Histogram("agile_rag_gpu_grant_wait_seconds", "Time a model job "
+                                    "waited for its GPU grant", ["model"],
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.evictions = Counter("agile_rag_gpu_evictions", "GPU copies of weights dropped: "
+                                 "revoked by the arbiter, or released by the model itself "
+                                 "(idle_on_cpu, device change, out of memory)",
+                                 ["model", "reason"], registry=r)
+        self.swap_bytes = Counter("agile_rag_swap_in_bytes", "Bytes of weights copied host -> "
+                                  "GPU", ["model"], registry=r)
+        self.swap_seconds = Histogram("agile_rag_swap_seconds", "Seconds per swap: in = admit "
+                                      "(host -> GPU copy), out = evict (drop the GPU copy)",
+                                      ["model", "direction"], buckets=SWAP_BUCKETS, registry=r)
+        r.register(_LiveCollector(server))
+        server.system.tracer.subscribe(self.on_event, always=True)
+
+    # ---- from trace events -------------------------------------------------------------------
+    def on_event(self, e: TraceEvent) -> None:
+        if e.actor == HTTP_ACTOR:
+            return
+        self.messages.labels(e.actor, e.msg_type, e.outcome).inc()
+        self.queue_wait.labels(e.actor).observe(max(e.started - e.enqueued, 0.0))
+        d = e.detail
+        if not d:
+            return
+        if e.msg_type == "RequestGrant":
+            model = str(d.get("model", "?"))
+            if "granted" in d:
+                self.grants.labels(model).inc()
+            elif "refused" in d:
+                self.refusals.labels(model, str(d["refused"])).inc()
+            return
+        if "grant_wait_s" in d:
+            self.grant_wait.labels(e.actor).observe(_f(d["grant_wait_s"]))
+        if "admit_s" in d:
+            self.swap_seconds.labels(e.actor, "in").observe(_f(d["admit_s"]))
+            self.swap_bytes.labels(e.actor).inc(_f(d.get("admit_bytes", 0)))
+        if "evict_s" in d:
+            self.swap_seconds.labels(e.actor, "out").observe(_f(d["evict_s"]))
+            reason = "revoked" if e.msg_type == "Revoke" else "released"
+            self.evictions.labels(e.actor, reason).inc()
+
+    # ---- from HTTP requests ----------------------------------------------------------------
+    def model_of(self, request: web.Request, route: str) -> str:
+        """The model that served (or would serve) a model route: the body's ``model``
+        resolved through the registry, so the label is always a configured name."""
+        kind = MODEL_ROUTES.get(route)
+        if kind is None:
+            return ""
+        raw = getattr(request, "_read_bytes", None)     # the body, if the handler read it
+        name = None
+        if raw:
+            try:
+                body = orjson.loads(raw)
+                name = body.get("model") if isinstance(body, dict) else None
+            except orjson.JSONDecodeError:
+                pass
+        try:
+            actor = self.server.registry.resolve(kind, name if isinstance(name, str) else None)
+        except Exception:  # noqa: BLE001 - no model of that kind
+            return ""
+        spec = getattr(actor, "spec", None)
+        return getattr(spec, "name", None) or actor.name
+
+    def expose(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _f(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class _LiveCollector:
+    """Gauges read at scrape time: nothing to keep in step while serving."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        queue = GaugeMetricFamily("agile_rag_model_queue_length", "Requests waiting for or "
+                                  "being handled by each model", labels=["model", "kind"])
+        resident = GaugeMetricFamily("agile_rag_model_gpu_resident_bytes", "Bytes of each "
+                                     "model's weights on the GPU now (0 = on the CPU)",
+                                     labels=["model", "kind"])
+        weights = GaugeMetricFamily("agile_rag_model_weight_bytes", "Bytes of each model's "
+                                    "weights", labels=["model", "kind"])
+        state = GaugeMetricFamily("agile_rag_model_state", "1 for each model's current state",
+                                  labels=["model", "kind", "state", "device"])
+        for kind, name, actor in self.server.registry.all():
+            queue.add_metric([name, kind], actor.queue_length())
+            describe = getattr(actor, "describe", None)
+            if describe is None:
+                continue
+            s = describe()
+            resident.add_metric([name, kind], s.resident_bytes)
+            weights.add_metric([name, kind], s.weight_bytes)
+            state.add_metric([name, kind, s.state, s.device], 1)
+        yield from (queue, resident, weights, state)
+        arbiter = self.server.system.actors.get("vram-arbiter")
+        if arbiter is not None and hasattr(arbiter, "state"):
+            a = arbiter.state()
+            yield GaugeMetricFamily("agile_rag_gpu_budget_bytes", "GPU memory the arbiter may "
+                                    "grant", value=a.budget)
+            yield GaugeMetricFamily("agile_rag_gpu_granted_bytes", "GPU memory granted now",
+                                    value=a.used)
+            yield GaugeMetricFamily("agile_rag_gpu_grant_waiters", "Models waiting for a GPU "
+                                    "grant", value=len(a.waiting))
+            held = GaugeMetricFamily("agile_rag_gpu_granted_bytes_by_model", "GPU memory "
+                                     "granted to each model (weights + working memory)",
+                                     labels=["model"])
+            for model, nbytes in a.holders.items():
+                held.add_metric([model], nbytes)
+            yield held
+
+
+def _route_of(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    resource = info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):
+    """Outermost: counts what the client finally got (errors the inner middleware turned into
+    JSON included), and records the request's HTTP span in the trace."""
+    metrics: Metrics | None = request.app.get(METRICS)
+    if metrics is None:
+        return await handler(request)
+    t0 = time.monotonic()
+    route = _route_of(request)
+    gauge = metrics.in_progress.labels(route)
+    gauge.inc()
+    status, outcome = 500, "error"
+    try:
+        resp = await handler(request)
+        status = resp.status
+        outcome = "ok" if status < 400 else "error"
+        return resp
+    except asyncio.CancelledError:
+        status, outcome = 499, "cancelled"
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        outcome = "ok" if status < 400 else "error"
+        raise
+    finally:
+        t1 = time.monotonic()
+        gauge.dec()
+        model = metrics.model_of(request, route)
+        code = str(status)
+        metrics.requests.labels(route, model, code).inc()
+        if status >= 400:
+            metrics.errors.labels(route, model, code).inc()
+        metrics.latency.labels(route, model).observe(t1 - t0)
+        tracer = metrics.server.system.tracer
+        if tracer.enabled and not request.path.startswith(UNTRACED_PREFIXES):
+            detail = {"status": status, "path": request.path}
+            if model:
+                detail["model"] = model
+            tracer.record(TraceEvent(HTTP_ACTOR, f"{request.method} {route}",
+                                     request.get(REQUEST_ID), None, t0, t0, t1, outcome,
+                                     detail))
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics: Metrics = request.app[METRICS]
+    return web.Response(body=metrics.expose(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    """The app's metrics (its own registry) and ``GET /metrics``."""
+    app[METRICS] = Metrics(app[SERVER])
+    app.router.add_get("/metrics", metrics_handler)
