@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 
 import aiofiles
 from aiohttp import web
@@ -97,7 +98,9 @@ async def list_models(request: web.Request) -> web.Response:
         st = await arbiter.ask(Describe(), timeout=5)
         gpu = {"budget": st.budget, "used": st.used, "holders": st.holders,
                "busy": list(st.busy), "waiting": list(st.waiting)}
+    runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count()}
     return json_response({"models": models, "gpu": gpu, "config_error": server.config_error,
+                          "runtime": runtime,
                           "live_config": os.path.abspath(server.settings.LIVECONFIGS_PATH)},
                          request=request)
 

@@ -1,0 +1,58 @@
+"""Seeded stress: concurrent mixed clients while the live config changes and clients hang up.
+Every reply must be complete and match its own request; none may be lost or pass its
+deadline; afterwards the server is back at its baseline (actors, queues, threads)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import CACHE, ROOT, free_port, wait_ready, write_live_config
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from soak import Soak  # noqa: E402
+
+ADMIN = "stress-admin"
+
+
+@pytest.fixture(scope="module")
+def stress_server(tmp_path_factory, cross_encoder_dir):
+    d = tmp_path_factory.mktemp("stress")
+    live = str(d / "liveconfigs.json")
+    write_live_config(live, cross_encoder_dir)
+    conf = d / "configs.py"
+    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.1\nADMIN_KEY = {ADMIN!r}\n")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
+                             "--live-config", live, "--config", str(conf)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield {"base": base, "live": live, "log": str(d / "server.log")}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stress_nothing_lost_nothing_mixed_up(stress_server, seed):
+    soak = Soak(stress_server["base"], stress_server["live"], ADMIN, seed=seed, clients=12,
+                seconds=12, deadline_s=90, llm="smollm2", embedder="minilm",
+                reranker="minilm-rerank", change_every_s=1.0)
+    result = asyncio.run(soak.run())
+    summary = json.dumps({k: v for k, v in result.items() if k != "before"}, indent=1)
+    assert result["failed"] == 0, summary
+    assert result["lost"] == 0 and result["requests"] > 50, summary
+    assert result["config_changes"] >= 5, summary
+    before, after = result["before"], result["after"]
+    assert after["actors"] == before["actors"], summary
+    assert after["queued"] == 0 and after["states"] == ["ready"], summary
+    assert after["config_error"] is None, summary
+    assert after["threads"] <= before["threads"] + 2, summary
