@@ -101,9 +101,19 @@ class WeightResidency:
         self._nbytes = total
         self._weight_bytes = sum(t.untyped_storage().nbytes() for t, _ in sources)
 
-        # 3. One flat host buffer, pinned when it can be.
-        self._host, self._pinned = self._alloc_host(total, pin)
+        # 3. One flat host buffer, pinned when it can be. Its views must be the same kind of tensor as
+        #    the parameters they back: ordinary tensors (also when the caller is in inference mode), or
+        #    inference tensors when the module itself was built under torch.inference_mode().
+        kinds = {t.is_inference() for t, _ in by_id.values()}
+        self._inference = kinds == {True}
+        if len(kinds) > 1:
+            log.warning("%s mixes inference-mode and ordinary tensors: backing all of them with ordinary "
+                        "tensors", type(module).__name__)
+        with torch.inference_mode(self._inference):
+            self._host, self._pinned = self._alloc_host(total, pin)
+            self._adopt(sources, staged)
 
+    def _adopt(self, sources, staged) -> None:
         # 4. Copy each storage once (straight from the GPU when the module was built there), then
         #    point every tensor at its view of the flat buffer.
         for t, off in sources:
@@ -183,7 +193,7 @@ class WeightResidency:
                 self._evict_locked()
 
             t0 = time.perf_counter()
-            with torch.cuda.device(dev):
+            with torch.inference_mode(self._inference), torch.cuda.device(dev):
                 current = torch.cuda.current_stream(dev)
                 side = self._streams.get(dev.index)
                 if side is None:
@@ -198,9 +208,11 @@ class WeightResidency:
                     end.record(side)
                 side.synchronize()
             try:
-                self._rebind(self._typed_views(gpu))
+                with torch.inference_mode(self._inference):
+                    self._rebind(self._typed_views(gpu))
             except BaseException:
-                self._rebind(self._host_views)  # never leave the module split across devices
+                with torch.inference_mode(self._inference):
+                    self._rebind(self._host_views)  # never leave the module split across devices
                 raise
             self._gpu, self._device = gpu, dev
             seconds = time.perf_counter() - t0
@@ -220,7 +232,8 @@ class WeightResidency:
         if self._gpu is None:
             return {"seconds": 0.0, "bytes": 0}
         t0 = time.perf_counter()
-        self._rebind(self._host_views)
+        with torch.inference_mode(self._inference):
+            self._rebind(self._host_views)
         self._gpu = None  # the last reference: the caching allocator takes the block back
         self._device = torch.device("cpu")
         return {"seconds": time.perf_counter() - t0, "bytes": self._nbytes}

@@ -140,3 +140,22 @@ def test_cpu_only_admit_raises_evict_noop():
         res.admit()
     assert res.evict() == {"seconds": 0.0, "bytes": 0}
     assert not res.on_gpu
+
+
+def test_wrapped_inside_inference_mode_stays_ordinary():
+    m = nn.Linear(4, 4)
+    with torch.inference_mode():
+        WeightResidency(m)
+    assert not m.weight.is_inference()
+    m(torch.randn(2, 4)).sum().backward()          # still trainable: an ordinary tensor
+    assert m.weight.grad is not None
+
+
+def test_module_built_in_inference_mode_still_runs():
+    with torch.inference_mode():
+        m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        x = torch.tensor([[1, 2, 3]])
+        ref = m(x)
+        WeightResidency(m)
+        assert m[0].weight.is_inference()
+        assert torch.equal(m(x), ref)
