@@ -22,6 +22,7 @@ import time
 from collections import Counter
 
 import aiohttp
+import json5
 import numpy as np
 
 SENTENCES = [f"Sentence number {i} talks about {w}." for i, w in enumerate(
@@ -152,7 +153,7 @@ class Soak:
     # ---- config changes --------------------------------------------------------------------
     def _edit(self, fn) -> None:
         with open(self.live) as f:
-            cfg = json.load(f)
+            cfg = json5.load(f)                  # the live config may carry // comments
         fn(cfg)
         tmp = self.live + ".soak"
         with open(tmp, "w") as f:

@@ -1,0 +1,117 @@
+"""Real model actors lending one GPU through the real VRAM arbiter (runs where CUDA is).
+
+Two small random-weight models saved with save_pretrained and loaded by the real loaders;
+a budget that fits one at a time: each job moves its model in and the other out, results
+equal the CPU results, and GPU memory returns to baseline when the models are released."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from agile_rag.actors.embedder_actor import EmbedderActor
+from agile_rag.actors.messages import Describe, Embed, Rerank
+from agile_rag.actors.reranker_actor import RerankerActor
+from agile_rag.actors.vram_arbiter import VRAMArbiter
+from agile_rag.runtime.liveconfig import ModelSpec
+from agile_rag.runtime.residency import WeightResidency
+from agile_rag.runtime.system import ActorSystem
+
+WORDS = ["paris", "france", "capital", "banana", "yellow", "berlin", "germany", "city", "the",
+         "is", "of", "a", "fruit", "river", "cat", "dog"]
+
+
+def build(folder: str, cross: bool) -> str:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab)
+    torch.manual_seed(1 if cross else 2)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=1024, num_labels=1,
+                     initializer_range=0.5 if cross else 0.02)
+    model = (BertForSequenceClassification if cross else BertModel)(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu-models")
+    return build(str(d / "emb"), False), build(str(d / "ce"), True)
+
+
+def spawn_pair(system, emb_path, ce_path, **kw):
+    e = EmbedderActor(ModelSpec("embedder", "emb", emb_path, emb_path, **kw))
+    r = RerankerActor(ModelSpec("reranker", "ce", ce_path, ce_path, backend="cross-encoder",
+                                max_tokens=64, **kw))
+    for a in (e, r):
+        a.residency_factory = WeightResidency
+        system.spawn(a)
+    return e, r
+
+
+DOCS = ["paris is the capital of france", "banana is a yellow fruit", "berlin is a city"]
+TEXTS = ["the cat", "a river of france", "the dog is yellow"]
+
+
+async def run_on(device_mode: str, folders, budget: int):
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(budget))
+    e, r = spawn_pair(system, *folders, device=device_mode)
+    await e.ask(Describe())
+    await r.ask(Describe())
+    out = []
+    for _ in range(3):
+        out.append((await e.ask(Embed(TEXTS))).vectors)
+        out.append(np.asarray((await r.ask(Rerank("capital of france", DOCS))).scores))
+    state = await arbiter.ask(Describe())
+    moves = {a.name: (a.lease.residency.on_gpu if a.lease else None) for a in (e, r)}
+    await system.stop_all()
+    return out, state, moves, arbiter, system
+
+
+def test_two_models_share_one_gpu_and_compute_what_the_cpu_computes(folders):
+    torch.cuda.synchronize()
+    base_mem = torch.cuda.memory_allocated()
+    cpu_out, _, _, _, _ = asyncio.run(run_on("cpu", folders, 1 << 34))
+    # budget: one model (weights ~17 MB) plus its job's working memory, not two
+    budget = 200 * 2**20
+    gpu_out, state, moves, arbiter, system = asyncio.run(run_on("flex", folders, budget))
+    for a, b in zip(cpu_out, gpu_out):
+        assert np.allclose(a, b, atol=2e-3), (a, b)
+    assert arbiter.revoked_count >= 4, "each job should have moved the other model out"
+    assert arbiter.peak_used <= budget
+    admits = [ev for ev in system.tracer.events if "admit_bytes" in ev.detail]
+    evicts = [ev for ev in system.tracer.events if "evict_s" in ev.detail]
+    assert len(admits) >= 5 and len(evicts) >= 4
+    assert max(ev.detail["evict_s"] for ev in evicts) < 0.02
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base_mem < 16 * 2**20      # all given back
+
+
+def test_idle_on_cpu_and_pinned_cuda_on_a_real_gpu(folders):
+    async def go():
+        system = ActorSystem()
+        arbiter = system.spawn(VRAMArbiter(1 << 30))
+        e = EmbedderActor(ModelSpec("embedder", "emb", folders[0], folders[0], device="cuda"))
+        r = RerankerActor(ModelSpec("reranker", "ce", folders[1], folders[1], idle_on_cpu=True,
+                                    backend="cross-encoder", max_tokens=64))
+        for a in (e, r):
+            a.residency_factory = WeightResidency
+            system.spawn(a)
+            await a.ask(Describe())
+        assert e.describe().device == "cuda"
+        assert next(e.model.parameters()).is_cuda
+        await r.ask(Rerank("capital of france", DOCS))
+        assert not next(r.torch_module().parameters()).is_cuda      # gave the GPU back
+        assert set((await arbiter.ask(Describe())).holders) == {"emb"}
+        await system.stop_all()
+    asyncio.run(go())
