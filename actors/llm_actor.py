@@ -167,7 +167,7 @@ class LLMActor(ModelActor):
             msg.stream.push_threadsafe("")          # prompt accepted: headers may go out
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "streamer": streamer,
                                   "stopping_criteria": [_StopWhen(streamer, msg.cancel)],
-                                  "attention_mask": torch.ones_like(ids)}
+                                  "attention_mask": torch.ones_like(ids, device=self.model.device)}
         if msg.temperature > 0:
             kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p, top_k=0)
             if msg.seed is not None:
