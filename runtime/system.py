@@ -73,6 +73,7 @@ class ActorSystem:
             log.exception("on_stop of %s failed", name)
 
     async def stop_all(self) -> None:
-        for name in list(self.actors):
+        # newest first: models (which give GPU grants back on stop) before the arbiter
+        for name in reversed(list(self.actors)):
             await self.stop(name)
         self.executor.shutdown()
