@@ -110,7 +110,7 @@ class ModelActor(Actor):
             try:
                 return await run(fn, *args)
             except Exception as exc:  # noqa: BLE001
-                if self.device == "cpu" or not _is_oom(exc):
+                if not lease.on_gpu or not _is_oom(exc):
                     raise
             await lease.give_back(env)
             await run(_empty_cache)

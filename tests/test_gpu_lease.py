@@ -124,3 +124,33 @@ async def test_device_changes_release_and_pin():
     await e.ask(UpdateModel(dataclasses.replace(e.spec, device="cuda"), e.params))
     assert e.lease.residency.on_gpu and "emb" in (await arbiter.ask(Describe())).holders
     await system.stop_all()
+
+
+
+
+async def test_gpu_out_of_memory_gives_back_retries_once_then_503():
+    import torch
+    from agile_rag.runtime.errors import Overloaded
+
+    e = EmbedderActor(spec("embedder", "emb", device="flex"))
+    system, arbiter = await start(1000, e)
+    real = e._encode
+    fails = {"left": 1}
+
+    def encode(texts):
+        if e.lease.residency.on_gpu and fails["left"] > 0:
+            fails["left"] -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(texts)
+    e._encode = encode
+    result = await e.ask(Embed(["retried"]))                # first OOM: give back, ask, retry
+    assert result.vectors.shape == (1, 384)
+    assert e.lease.residency.evicts == 1 and e.lease.residency.admits == 2
+    grants = [ev for ev in system.tracer.events if ev.msg_type == "RequestGrant"]
+    assert grants[-1].detail["nbytes"] > grants[-2].detail["nbytes"]   # asked for more room
+    fails["left"] = 2
+    with pytest.raises(Overloaded, match="ran out of GPU memory twice"):
+        await e.ask(Embed(["twice"]))
+    assert (await arbiter.ask(Describe())).holders == {}     # nothing left held
+    assert (await e.ask(Embed(["after"]))).vectors.shape == (1, 384)
+    await system.stop_all()
