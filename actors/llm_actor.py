@@ -1,25 +1,33 @@
 """The LLM actor: transformers causal LMs (GGUF files or HF folders), chat templates, streaming.
 
-Generation runs in the executor; each new piece of text is pushed to the request's
-:class:`TokenStream` from the generating thread. Stop strings, client cancellation and
-max_tokens all end generation early through one stopping criterion.
+Chats are continuously batched (actors/llm_batching.py): ``serve`` encodes the prompt, hands the
+request to the batch loop and returns ``DEFER``; the loop runs in one executor thread while any
+sequence is active, pushes each request's text to its :class:`TokenStream` and answers it when it
+ends (EOS, stop string, max_tokens, client gone). So the mailbox stays open during generation
+(Describe, more chats joining the running batch). The GPU grant is taken before the loop starts
+and finished when it goes idle (``BatchIdle``); the KV cache and CUDA graphs are freed before the
+weights are evicted. Models the loop cannot drive (sliding windows, unusual architectures) keep the
+old path: one ``generate`` per request with a streamer and a stopping criterion.
 """
 from __future__ import annotations
 
+import asyncio
 import glob
 import hashlib
 import logging
 import os
 import shutil
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..runtime.actor import Envelope
-from ..runtime.errors import InvalidRequest
-from .messages import Chat, ChatResult
-from .model_base import ModelActor, module_bytes
+from ..runtime.actor import CONTROL, DEFER, Envelope
+from ..runtime.errors import ActorStopped, InvalidRequest, Overloaded
+from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
+from .messages import Chat, ChatResult, Revoke, UpdateModel
+from .model_base import ModelActor, _is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -35,6 +43,13 @@ def gguf_location(path: str) -> tuple[str, str] | None:
     return None
 
 
+@dataclass
+class BatchIdle:
+    """The batch loop went idle (sent by the actor to itself when the loop's thread returns)."""
+    loop: Any = None
+    stats: dict = field(default_factory=dict)
+
+
 class LLMActor(ModelActor):
     kind = "llm"
 
@@ -44,6 +59,9 @@ class LLMActor(ModelActor):
         self.model = None
         self.tokenizer = None
         self.context_length = 2048
+        self.engine: BatchEngine | None = None     # None: one generate() per request
+        self.batching_off: str | None = None        # why the engine is off
+        self._loop: asyncio.Future | None = None    # the running batch loop
 
     # ---- loading ---------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -71,21 +89,52 @@ class LLMActor(ModelActor):
         self.weight_bytes = module_bytes(model)
         self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
+        self._make_engine()
+
+    # ---- batching settings (llm_params: continuous_batching, max_batch_size, batch_kv_tokens) --
+    def _batch_settings(self) -> dict:
+        p = self.params
+        return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
+                "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384))}
+
+    def _make_engine(self) -> None:
+        why = batching_supported(self.model)
+        if why is None and self.params.get("continuous_batching", True) is False:
+            why = "llm_params.continuous_batching is false"
+        if why is not None:
+            if self.batching_off != why:
+                log.info("%s: continuous batching off (%s): one generate() at a time",
+                         self.name, why)
+            self.engine, self.batching_off = None, why
+            return
+        self.batching_off = None
+        self.engine = BatchEngine(self.model, self.tokenizer, **self._batch_settings())
 
     def working_bytes(self, items: int) -> int:
-        """KV cache for the whole context plus activations."""
+        """The KV cache (the batch's token budget, or one whole context without batching),
+        prefill activations, and a margin."""
         cfg = self.model.config
         layers = getattr(cfg, "num_hidden_layers", 24)
         heads = getattr(cfg, "num_attention_heads", 16)
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         size = next(self.model.parameters()).element_size()
-        return 2 * layers * kv * head_dim * self.context_length * size + 128 * 2**20
+        per_token = 2 * layers * kv * head_dim * size
+        if self.engine is None:
+            return per_token * self.context_length + 128 * 2**20
+        inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        act = self.engine.prefill_tokens * (3 * inter + 4 * cfg.hidden_size) * size
+        return per_token * self.engine.kv_tokens + act + 128 * 2**20
 
     def update(self, spec, params) -> bool:
         super().update(spec, params)
         if self.model is not None:
             self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
+            if self.engine is not None and self.engine.running:
+                for k, v in self._batch_settings().items():    # next admissions use them
+                    setattr(self.engine, k, v)
+            else:
+                self._make_engine()
         return True
 
     def _load_gguf(self, folder: str, fname: str, *, dtype: dict, common: dict):
@@ -126,17 +175,122 @@ class LLMActor(ModelActor):
         return model
 
     def unload_blocking(self) -> None:
+        if self.engine is not None:
+            self.engine.release()
+        self.engine = None
         self.model = None
         self.tokenizer = None
 
-    # ---- serving ----------------------------------------------------------------------------
+    # ---- messages ---------------------------------------------------------------------------
+    async def handle(self, msg: Any, env: Envelope) -> Any:
+        if isinstance(msg, BatchIdle):
+            return await self._batch_idle(msg, env)
+        if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and
+                                       msg.spec.device != self.spec.device):
+            await self._quiesce(env)         # the weights may move: no batch, no KV cache
+        return await super().handle(msg, env)
+
     async def serve(self, msg: Any, env: Envelope) -> Any:
         if not isinstance(msg, Chat):
             raise TypeError(f"LLM actor cannot handle {type(msg).__name__}")
-        result = await self.compute(1, env, self._generate, msg)
-        env.detail.update(prompt_tokens=result.prompt_tokens,
-                          completion_tokens=result.completion_tokens)
-        return result
+        if self.engine is None:
+            result = await self.compute(1, env, self._generate, msg)
+            env.detail.update(prompt_tokens=result.prompt_tokens,
+                              completion_tokens=result.completion_tokens, batch_size=1)
+            return result
+        req = await self.system.executor.run(self._prepare, msg, env,
+                                             asyncio.get_running_loop())
+        if msg.stream is not None:
+            msg.stream.push("")                       # prompt accepted: headers may go out
+        if not self.engine.submit(req):               # no loop runs: take the GPU, start one
+            await self._start_loop(req, env)
+        return DEFER
+
+    def _prepare(self, msg: Chat, env: Envelope, loop) -> SeqRequest:
+        """(executor) Encode and check the prompt; the reply comes back through ``loop``."""
+        ids = self.encode_prompt(msg)[0].tolist()
+        max_new = self._max_new(len(ids), msg)
+        return SeqRequest(msg, ids, max_new,
+                          lambda req, res: loop.call_soon_threadsafe(self._seq_done, env, req, res),
+                          TextTail(self.tokenizer, msg.stop, msg.stream))
+
+    def _max_new(self, n_prompt: int, msg: Chat) -> int:
+        room = self.context_length - n_prompt
+        if room < 1:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.context_length} tokens; the "
+                f"prompt has {n_prompt} tokens. Shorten the messages.",
+                param="messages", code="context_length_exceeded")
+        return room if msg.max_tokens is None else min(msg.max_tokens, room)
+
+    async def _start_loop(self, req: SeqRequest, env: Envelope) -> None:
+        if self.lease is not None and not self.lease.busy:    # else the last loop's grant holds
+            self.device = await self.lease.acquire(1, self.working_bytes(1), env)
+        self.engine.start([req] if req is not None else [])
+        fut = asyncio.ensure_future(self.system.executor.run(self.engine.run))
+        self._loop = fut
+        fut.add_done_callback(self._loop_done)
+
+    def _loop_done(self, fut: asyncio.Future) -> None:
+        stats = {} if fut.cancelled() or fut.exception() is not None else dict(fut.result())
+        if not fut.cancelled() and fut.exception() is not None:
+            stats["error"] = repr(fut.exception())[:300]
+        self.tell(BatchIdle(fut, stats), priority=CONTROL, sender=self.name)
+
+    async def _batch_idle(self, msg: BatchIdle, env: Envelope) -> None:
+        env.detail.update(msg.stats)
+        if msg.loop is not self._loop or self.engine is None or self.engine.running:
+            return None                       # a newer loop runs: it will finish the lease
+        self._loop = None
+        if self.engine.pending:               # held back by a revoke: start again
+            await self._start_loop(None, env)
+            return None
+        if self.lease is not None and self.lease.busy:
+            if self.spec.idle_on_cpu and self.spec.device == "flex":
+                await self.system.executor.run(self.engine.release)    # before the eviction
+            await self.lease.finish(env)
+            self.device = "cuda" if self.lease.on_gpu else "cpu"
+        return None
+
+    async def _quiesce(self, env: Envelope | None) -> None:
+        """Let the running batch finish (admitting nobody), then free its KV cache and graphs."""
+        eng = self.engine
+        if eng is None:
+            return
+        loop = self._loop
+        if loop is not None and not loop.done():
+            eng.hold = True
+            try:
+                await asyncio.shield(loop)
+            except Exception:  # noqa: BLE001 - the requests already got the error
+                pass
+            finally:
+                eng.hold = False
+        if env is not None and eng.cache is not None:
+            env.detail["kv_freed_bytes"] = eng.cache_bytes()
+        await self.system.executor.run(eng.release)
+
+    def _seq_done(self, env: Envelope, req: SeqRequest, res: Any) -> None:
+        env.detail.update(req.detail())
+        if isinstance(res, ChatResult):
+            env.detail.update(prompt_tokens=res.prompt_tokens,
+                              completion_tokens=res.completion_tokens)
+        elif isinstance(res, BaseException) and _is_oom(res):
+            res = Overloaded(f"llm {self.spec.name!r} ran out of GPU memory with "
+                             f"{req.max_batch or 1} sequence(s) in the batch; retry.")
+        self.reply_to(env, res)
+
+    async def on_stop(self) -> None:
+        loop = self._loop
+        if self.engine is not None and loop is not None and not loop.done():
+            self.engine.abort(ActorStopped(f"llm {self.name!r} was stopped"))
+            try:
+                await asyncio.shield(loop)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.engine is not None and self.system is not None:
+            await self.system.executor.run(self.engine.release)
+        await super().on_stop()
 
     def encode_prompt(self, msg: Chat) -> torch.Tensor:
         tok = self.tokenizer
@@ -155,13 +309,7 @@ class LLMActor(ModelActor):
     def _generate(self, msg: Chat) -> ChatResult:
         ids = self.encode_prompt(msg)
         n_prompt = ids.shape[1]
-        room = self.context_length - n_prompt
-        if room < 1:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.context_length} tokens; the "
-                f"prompt has {n_prompt} tokens. Shorten the messages.",
-                param="messages", code="context_length_exceeded")
-        max_new = room if msg.max_tokens is None else min(msg.max_tokens, room)
+        max_new = self._max_new(n_prompt, msg)
         streamer = _Streamer(self.tokenizer, msg)
         if msg.stream is not None:
             msg.stream.push_threadsafe("")          # prompt accepted: headers may go out
@@ -264,6 +412,10 @@ class _StopWhen:
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         done = self.streamer.hit_stop or self.cancel.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _pos_int(v: Any, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
 
 
 def _as_list(v: Any) -> list:

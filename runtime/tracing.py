@@ -287,6 +287,10 @@ def request_timeline(events: list[TraceEvent]) -> dict:
     return out
 
 
+_PHASE_KEYS = {"grant": ("grant_wait_s", "evicted"), "admit": ("admit_bytes", "admit_s"),
+               "compute": ("gpu", "batch_texts", "batch_pairs"), "evict": ("evict_s",)}
+
+
 def chrome_trace(events: Iterable[TraceEvent], wall_offset: float, *,
                  process: str = "agile-rag-server") -> dict:
     """The Chrome trace-event format (JSON object form) that Perfetto and chrome://tracing open.
@@ -378,7 +382,9 @@ def chrome_trace(events: Iterable[TraceEvent], wall_offset: float, *,
                 if end > b:
                     out.append({"ph": "X", "cat": part, "name": part, "pid": pid, "tid": tid,
                                 "ts": us(b), "dur": dur(b, end),
-                                "args": {"request_id": e.request_id, "kind": part}})
+                                "args": {"request_id": e.request_id, "kind": part,
+                                         **{k: e.detail[k] for k in _PHASE_KEYS[part]
+                                            if k in e.detail}}})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"process": process, "t0_epoch_s": round(t0 + wall_offset, 6),
                           "events": len(events)}}
