@@ -30,6 +30,7 @@ USE_RERANKER = True
 # --- model work ----------------------------------------------------------------------------------
 SERVICE_NUM_WORKERS = 4       # threads in the executor pool that runs model work
 REQUEST_TIMEOUT = 600.0       # seconds a request may wait for its model (queue + compute)
+SHUTDOWN_TIMEOUT = 30.0       # on SIGTERM/Ctrl-C: seconds in-flight requests get to finish
 MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 503 + Retry-After
 MODEL_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agile_rag")  # dequantised GGUF
 
@@ -67,6 +68,7 @@ class Settings:
     USE_RERANKER: bool = USE_RERANKER
     SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
     REQUEST_TIMEOUT: float = REQUEST_TIMEOUT
+    SHUTDOWN_TIMEOUT: float = SHUTDOWN_TIMEOUT
     MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL
     MODEL_CACHE_DIR: str = MODEL_CACHE_DIR
     TOTAL_CUDA_MEMORY: int = TOTAL_CUDA_MEMORY

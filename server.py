@@ -122,7 +122,7 @@ def run(settings: Settings) -> None:
     log.info("AgileRagServer on http://%s:%s (live config %s)", settings.HOST, settings.PORT,
              os.path.abspath(settings.LIVECONFIGS_PATH))
     web.run_app(app, host=settings.HOST, port=settings.PORT, print=None,
-                shutdown_timeout=10.0, access_log=None,
+                shutdown_timeout=settings.SHUTDOWN_TIMEOUT, access_log=None,
                 handler_cancellation=True)
 
 

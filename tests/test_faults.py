@@ -108,7 +108,7 @@ def test_sigterm_mid_stream_finishes_the_stream_then_exits(tmp_path):
     live.write_text(json.dumps({"standby_llms": ["smollm2"],
                                 "llms": {"smollm2": {"llm_path": SMOLLM, "max_tokens": 2048}}}))
     conf = tmp_path / "configs.py"
-    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\n")
+    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nSHUTDOWN_TIMEOUT = 120.0\n")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
                              "--live-config", str(live), "--config", str(conf)], cwd=ROOT,
@@ -121,7 +121,7 @@ def test_sigterm_mid_stream_finishes_the_stream_then_exits(tmp_path):
             async with aiohttp.ClientSession() as s:
                 async with s.post(base + "/v1/chat/completions", json={
                         "messages": [{"role": "user", "content": "Tell me about rivers."}],
-                        "temperature": 0, "max_tokens": 40, "stream": True}) as r:
+                        "temperature": 0, "max_tokens": 24, "stream": True}) as r:
                     lines = []
                     async for line in r.content:
                         lines.append(line)
