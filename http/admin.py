@@ -11,7 +11,6 @@ POST   /admin/upload?name=NAME          body: a tar (or tar.gz) of a model folde
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from agile_rag.runtime.liveconfig import DEVICES, SECTION, STANDBY
 
 from .errors import json_response
 from .keys import SERVER
-from .parsing import Fields, read_json
+from .parsing import Fields, bearer_matches, read_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".md",
@@ -47,9 +46,7 @@ def _check_key(request: web.Request) -> None:
     key = request.app[SERVER].settings.ADMIN_KEY
     if not key:
         raise Forbidden("The admin API is disabled: set ADMIN_KEY in your configs file.")
-    given = request.headers.get("Authorization", "")
-    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(token.encode(), key.encode()):
+    if not bearer_matches(request, [key]):
         raise ServiceError("Incorrect admin key.", status=401, code="invalid_admin_key")
 
 

@@ -1,8 +1,6 @@
 """The aiohttp application: routes, error/request-id middleware, optional API keys."""
 from __future__ import annotations
 
-import hmac
-
 from aiohttp import web
 
 from agile_rag.runtime.errors import Unauthorized
@@ -10,6 +8,7 @@ from agile_rag.runtime.errors import Unauthorized
 from . import admin, chat, debug, embeddings, info, metrics, rerank
 from .errors import error_response, error_middleware
 from .keys import SERVER
+from .parsing import bearer_matches
 
 OPEN_PATHS = {"/", "/health"}
 
@@ -18,9 +17,7 @@ OPEN_PATHS = {"/", "/health"}
 async def auth_middleware(request: web.Request, handler):
     keys = request.app[SERVER].settings.API_KEYS
     if keys and request.path not in OPEN_PATHS and not request.path.startswith("/admin"):
-        given = request.headers.get("Authorization", "")
-        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        if not bearer_matches(request, keys):
             return error_response(Unauthorized(
                 "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."),
                 request)

@@ -2,6 +2,7 @@
 OpenAI-style 400 errors naming the offending parameter."""
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import orjson
@@ -30,6 +31,14 @@ async def read_json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequest("The JSON body must be an object {...}.", code="invalid_json")
     return body
+
+
+def bearer_matches(request: web.Request, keys: list[str]) -> bool:
+    """Does the request's ``Authorization: Bearer <key>`` match one of ``keys``?
+    (constant-time comparison)"""
+    given = request.headers.get("Authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    return any(hmac.compare_digest(token.encode(), k.encode()) for k in keys)
 
 
 class Fields:
