@@ -25,6 +25,7 @@ import torch
 
 from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, Overloaded
+from . import llm_quant
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .messages import Chat, ChatResult, Revoke, UpdateModel
 from .model_base import ModelActor, _is_oom, module_bytes
@@ -72,7 +73,11 @@ class LLMActor(ModelActor):
         # dtype only when the entry asks: passing one to a GGUF load drops tied lm_head weights
         dtype = {"dtype": _dtype(spec.dtype)} if spec.dtype else {}
         gguf = gguf_location(spec.path)
-        if gguf is None:
+        quant = llm_quant.quant_method(spec.path) if gguf is None else None
+        if quant is not None:       # GPTQ / AWQ: the portable kernel, safe to move (llm_quant)
+            model = llm_quant.load_quantized(spec.path, quant, dtype=dtype.get("dtype"), **common)
+            self.residency_factory = llm_quant.residency_factory(self.residency_factory, model)
+        elif gguf is None:
             model = AutoModelForCausalLM.from_pretrained(spec.path, **dtype, **common)
         else:
             model = self._load_gguf(*gguf, dtype=dtype, common=common)
