@@ -6,10 +6,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["trace"]:                 # agile-rag-server trace --request-id ...
+        from .tracecli import main as trace_main
+        return trace_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(
         prog="agile-rag-server",
         description="Serve an LLM, embedders and rerankers from one OpenAI-style base URL, "
-                    "lending one GPU to whichever model has the heavy work now.")
+                    "lending one GPU to whichever model has the heavy work now.",
+        epilog="`agile-rag-server trace --help`: read a running server's actor traces.")
     parser.add_argument("--host", help="address to bind (default from configs: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default from configs: 8000)")
     parser.add_argument("--live-config", metavar="PATH",

@@ -28,6 +28,8 @@ def test_module_entry_point_and_flags():
     assert r.returncode == 0, r.stderr
     for flag in ("--host", "--port", "--live-config", "--config"):
         assert flag in r.stdout
+    r = run("-m", "agile_rag", "trace", "--help")
+    assert r.returncode == 0 and "--request-id" in r.stdout and "--chrome" in r.stdout
 
 
 def test_bad_live_config_is_refused_with_reasons(tmp_path):
