@@ -1,7 +1,7 @@
 """The LLM actor: transformers causal LMs (GGUF files or HF folders), chat templates, streaming.
 
 Chats are continuously batched (actors/llm_batching.py): ``serve`` encodes the prompt, hands the
-request to the batch loop and returns ``DEFER``; the loop runs in one executor thread while any
+request to the batch loop and returns ``DEFER``; the loop runs in the actor's own thread while any
 sequence is active, pushes each request's text to its :class:`TokenStream` and answers it when it
 ends (EOS, stop string, max_tokens, client gone). So the mailbox stays open during generation
 (Describe, more chats joining the running batch). The GPU grant is taken before the loop starts
@@ -12,6 +12,7 @@ old path: one ``generate`` per request with a streamer and a stopping criterion.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import glob
 import hashlib
 import logging
@@ -63,6 +64,7 @@ class LLMActor(ModelActor):
         self.engine: BatchEngine | None = None     # None: one generate() per request
         self.batching_off: str | None = None        # why the engine is off
         self._loop: asyncio.Future | None = None    # the running batch loop
+        self._loop_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ---- loading ---------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -96,11 +98,17 @@ class LLMActor(ModelActor):
         self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
         self._make_engine()
 
-    # ---- batching settings (llm_params: continuous_batching, max_batch_size, batch_kv_tokens) --
+    # ---- batching settings (llm_params, all optional) ------------------------------------------
+    #   continuous_batching (true)  false: one generate() at a time, the old path
+    #   max_batch_size (32)         sequences decoding together
+    #   batch_kv_tokens (16384)     KV cache budget of the batch in tokens (at least one context);
+    #                               the GPU grant counts it
+    #   cuda_graphs (true)          capture the decode step as CUDA graphs on the GPU
     def _batch_settings(self) -> dict:
         p = self.params
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
-                "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384))}
+                "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
+                "cuda_graphs": p.get("cuda_graphs", True) is not False}
 
     def _make_engine(self) -> None:
         why = batching_supported(self.model)
@@ -113,7 +121,8 @@ class LLMActor(ModelActor):
             self.engine, self.batching_off = None, why
             return
         self.batching_off = None
-        self.engine = BatchEngine(self.model, self.tokenizer, **self._batch_settings())
+        self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
+                                  **self._batch_settings())
 
     def working_bytes(self, items: int) -> int:
         """The KV cache (the batch's token budget, or one whole context without batching),
@@ -135,11 +144,12 @@ class LLMActor(ModelActor):
         super().update(spec, params)
         if self.model is not None:
             self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
-            if self.engine is not None and self.engine.running:
+            eng = self.engine
+            if eng is not None and (eng.running or params.get("continuous_batching") is not False):
                 for k, v in self._batch_settings().items():    # next admissions use them
-                    setattr(self.engine, k, v)
+                    setattr(eng, k, v)
             else:
-                self._make_engine()
+                self._make_engine()                             # batching turned on or off
         return True
 
     def _load_gguf(self, folder: str, fname: str, *, dtype: dict, common: dict):
@@ -187,12 +197,24 @@ class LLMActor(ModelActor):
         self.tokenizer = None
 
     # ---- messages ---------------------------------------------------------------------------
+    async def on_start(self) -> None:
+        await super().on_start()
+        # the batch loop's own thread, started now: a long batch never holds a worker of the
+        # shared model pool (embedders and rerankers keep all of theirs)
+        self._loop_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"llm-batch-{self.name}")
+        self._loop_thread.submit(lambda: None)
+
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, BatchIdle):
             return await self._batch_idle(msg, env)
         if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and
                                        msg.spec.device != self.spec.device):
             await self._quiesce(env)         # the weights may move: no batch, no KV cache
+            result = await super().handle(msg, env)
+            if self.engine is not None and self._loop is None and self.engine.pending:
+                await self._start_loop(None, env)        # requests the quiesce held back
+            return result
         return await super().handle(msg, env)
 
     async def serve(self, msg: Any, env: Envelope) -> Any:
@@ -203,21 +225,20 @@ class LLMActor(ModelActor):
             env.detail.update(prompt_tokens=result.prompt_tokens,
                               completion_tokens=result.completion_tokens, batch_size=1)
             return result
-        req = await self.system.executor.run(self._prepare, msg, env,
-                                             asyncio.get_running_loop())
-        if msg.stream is not None:
-            msg.stream.push("")                       # prompt accepted: headers may go out
+        loop = asyncio.get_running_loop()
+        req = SeqRequest(msg, None, 0,
+                         lambda req, res: loop.call_soon_threadsafe(self._seq_done, env, req, res),
+                         TextTail(self.tokenizer, msg.stop, msg.stream))
         if not self.engine.submit(req):               # no loop runs: take the GPU, start one
             await self._start_loop(req, env)
         return DEFER
 
-    def _prepare(self, msg: Chat, env: Envelope, loop) -> SeqRequest:
-        """(executor) Encode and check the prompt; the reply comes back through ``loop``."""
-        ids = self.encode_prompt(msg)[0].tolist()
-        max_new = self._max_new(len(ids), msg)
-        return SeqRequest(msg, ids, max_new,
-                          lambda req, res: loop.call_soon_threadsafe(self._seq_done, env, req, res),
-                          TextTail(self.tokenizer, msg.stop, msg.stream))
+    def _prepare(self, req: SeqRequest) -> None:
+        """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
+        req.prompt = self.encode_prompt(req.msg)[0].tolist()
+        req.max_new = self._max_new(len(req.prompt), req.msg)
+        if req.msg.stream is not None:
+            req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
 
     def _max_new(self, n_prompt: int, msg: Chat) -> int:
         room = self.context_length - n_prompt
@@ -232,7 +253,9 @@ class LLMActor(ModelActor):
         if self.lease is not None and not self.lease.busy:    # else the last loop's grant holds
             self.device = await self.lease.acquire(1, self.working_bytes(1), env)
         self.engine.start([req] if req is not None else [])
-        fut = asyncio.ensure_future(self.system.executor.run(self.engine.run))
+        if self._loop_thread is None:            # (never started through on_start)
+            self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
+        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, self.engine.run)
         self._loop = fut
         fut.add_done_callback(self._loop_done)
 
@@ -244,18 +267,23 @@ class LLMActor(ModelActor):
 
     async def _batch_idle(self, msg: BatchIdle, env: Envelope) -> None:
         env.detail.update(msg.stats)
-        if msg.loop is not self._loop or self.engine is None or self.engine.running:
-            return None                       # a newer loop runs: it will finish the lease
+        if msg.loop is self._loop:
+            await self._loop_ended(env)
+        return None                          # else a newer loop runs: it ends the job
+
+    async def _loop_ended(self, env: Envelope | None) -> None:
+        """The loop is over: restart it for requests a revoke held back, else end the GPU job."""
+        if self.engine is None or self.engine.running:
+            return
         self._loop = None
-        if self.engine.pending:               # held back by a revoke: start again
+        if self.engine.pending and not self.engine.hold:
             await self._start_loop(None, env)
-            return None
+            return
         if self.lease is not None and self.lease.busy:
             if self.spec.idle_on_cpu and self.spec.device == "flex":
                 await self.system.executor.run(self.engine.release)    # before the eviction
             await self.lease.finish(env)
             self.device = "cuda" if self.lease.on_gpu else "cpu"
-        return None
 
     async def _quiesce(self, env: Envelope | None) -> None:
         """Let the running batch finish (admitting nobody), then free its KV cache and graphs."""
@@ -263,14 +291,14 @@ class LLMActor(ModelActor):
         if eng is None:
             return
         loop = self._loop
-        if loop is not None and not loop.done():
+        if loop is not None:
             eng.hold = True
             try:
                 await asyncio.shield(loop)
             except Exception:  # noqa: BLE001 - the requests already got the error
                 pass
-            finally:
-                eng.hold = False
+            await self._loop_ended(env)      # ends the GPU job now (its BatchIdle comes later)
+            eng.hold = False
         if env is not None and eng.cache is not None:
             env.detail["kv_freed_bytes"] = eng.cache_bytes()
         await self.system.executor.run(eng.release)
@@ -295,6 +323,11 @@ class LLMActor(ModelActor):
                 pass
         if self.engine is not None and self.system is not None:
             await self.system.executor.run(self.engine.release)
+        if self.lease is not None and self.lease.busy:
+            await self.lease.finish()                 # the last loop's job, then give it back
+        if self._loop_thread is not None:
+            self._loop_thread.shutdown(wait=False)
+            self._loop_thread = None
         await super().on_stop()
 
     def encode_prompt(self, msg: Chat) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Continuous batching of chats with the real SmolLM2 model (CPU), driven through the LLM actor:
+concurrent streams share decode steps and still get exactly what they would get alone."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from agile_rag.actors import llm_batching
+from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.messages import (Chat, ChatResult, Describe, Revoke, TokenStream,
+                                      UpdateModel)
+from agile_rag.actors.model_base import module_bytes
+from agile_rag.actors.vram_arbiter import VRAMArbiter
+from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
+from agile_rag.runtime.system import ActorSystem
+from support import CACHE, ROOT, SMOLLM
+
+# (prompt, max_tokens, stop): different lengths, limits and stop strings in one batch
+CASES = [
+    ("What is the capital of France?", 12, []),
+    ("Write a poem about the sea.", 9, []),
+    ("Count from 1 to 20.", 16, ["3."]),
+    ("Explain gravity in one sentence.", 6, []),
+    ("Name three colours.", 14, [":", "\n"]),
+]
+
+
+def chat(prompt, max_tokens, stop=(), *, temperature=0.0, top_p=1.0, seed=None, stream=False):
+    msg = Chat([{"role": "user", "content": prompt}], None, max_tokens, temperature, top_p,
+               list(stop), seed)
+    if stream:
+        msg.stream = TokenStream()
+    return msg
+
+
+async def drain(stream: TokenStream, result: ChatResult) -> str:
+    pieces = []
+    while not stream.queue.empty():
+        pieces.append(stream.queue.get_nowait())
+    return "".join(p for p in pieces if isinstance(p, str))
+
+
+class FakeResidency:
+    """Weights stay on the CPU; records what the GPU lease asked for."""
+
+    def __init__(self, module):
+        self.weight_bytes = module_bytes(module)
+        self.on_gpu = False
+        self.admits = self.evicts = 0
+
+    def admit(self, device="cuda"):
+        self.admits += not self.on_gpu
+        self.on_gpu = True
+        return {"bytes": self.weight_bytes, "seconds": 0.0}
+
+    def evict(self):
+        self.evicts += self.on_gpu
+        self.on_gpu = False
+        return {"seconds": 0.0, "bytes": self.weight_bytes}
+
+
+@pytest.fixture(scope="module")
+async def llm():
+    """One SmolLM2 actor (dequantised cache) behind a VRAM arbiter with a residency double."""
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(8 << 30, grant_timeout=10))
+    path = resolve_path(SMOLLM, ROOT)
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048),
+                     {"default_temp": 0.5}, cache_dir=CACHE)
+    actor.residency_factory = FakeResidency
+    actor.gpu_device = "cpu"
+    system.spawn(actor)
+    state = await actor.ask(Describe(), timeout=300)
+    assert state.state == "ready", state
+    assert actor.engine is not None, actor.batching_off
+    yield actor, arbiter, system
+    await system.stop_all()
+
+
+@pytest.fixture(scope="module")
+async def alone(llm):
+    """Each case asked on its own, one after the other (greedy)."""
+    actor = llm[0]
+    out = []
+    for prompt, n, stop in CASES:
+        out.append(await actor.ask(chat(prompt, n, stop), timeout=300))
+    return out
+
+
+def chat_events(system, since: float):
+    return [e for e in system.tracer.events if e.msg_type == "Chat" and e.started >= since]
+
+
+async def idle_events(actor, since: float):
+    """BatchIdle trace events (a loop reports after its last reply: wait until it did)."""
+    for _ in range(200):
+        if actor._loop is None and not actor.engine.running:
+            break
+        await asyncio.sleep(0.05)
+    return [e for e in actor.system.tracer.events if e.msg_type == "BatchIdle" and
+            e.started >= since]
+
+
+async def test_concurrent_streams_get_what_they_get_alone(llm, alone):
+    actor, _, system = llm
+    for r, (_, n, stop) in zip(alone, CASES):
+        assert r.completion_tokens <= n
+    assert alone[0].text.startswith("The capital of France is")
+    assert alone[3].finish_reason == "length" and alone[3].completion_tokens == 6
+    assert alone[2].finish_reason == "stop" and "3." not in alone[2].text
+    await idle_events(actor, 0)                 # the loops of the sequential asks are over
+    t0 = time.monotonic()
+    msgs = [chat(p, n, stop, stream=True) for p, n, stop in CASES]
+    results = await asyncio.gather(*(actor.ask(m, timeout=300) for m in msgs))
+    for msg, got, want in zip(msgs, results, alone):
+        assert (got.text, got.finish_reason, got.completion_tokens, got.prompt_tokens) == \
+            (want.text, want.finish_reason, want.completion_tokens, want.prompt_tokens)
+        assert await drain(msg.stream, got) == got.text      # streamed piece by piece
+    events = chat_events(system, t0)
+    assert len(events) == len(CASES) and all(e.outcome == "ok" for e in events)
+    assert max(e.detail["batch_size"] for e in events) >= 3, [e.detail for e in events]
+    idle = await idle_events(actor, t0)
+    batched = max(idle, key=lambda e: e.detail["max_batch"])
+    assert batched.detail["max_batch"] >= 3, [e.detail for e in idle]
+    assert batched.detail["steps"] < sum(r.completion_tokens for r in results)  # shared steps
+
+
+async def test_a_cancelled_stream_leaves_and_the_others_finish(llm, alone):
+    actor = llm[0]
+    long = chat("Write a long story about a dragon.", 200, stream=True)
+    others = [chat(p, n, stop) for p, n, stop in CASES[:3]]
+    task = asyncio.ensure_future(actor.ask(long, timeout=300))
+    rest = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in others]
+    text = ""
+    while len(text) < 10:                        # the long one streams: then its client leaves
+        item = await asyncio.wait_for(long.stream.get(), 120)
+        assert isinstance(item, str), item
+        text += item
+    long.cancel.set()
+    got = await asyncio.wait_for(task, 120)
+    assert got.finish_reason == "cancelled" and got.completion_tokens < 200
+    for fut, want in zip(rest, alone[:3]):
+        r = await fut
+        assert (r.text, r.finish_reason) == (want.text, want.finish_reason)
+
+
+async def test_describe_is_answered_while_a_batch_runs(llm):
+    actor = llm[0]
+    msgs = [chat("Write a long essay about rivers.", 40), chat("Tell me about mountains.", 40)]
+    tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    state = await actor.ask(Describe(), timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    assert state.state == "ready"
+    assert not all(t.done() for t in tasks), "the batch should still be running"
+    assert actor.engine.running
+    for m in msgs:
+        m.cancel.set()
+    for t in tasks:
+        assert (await t).finish_reason in ("cancelled", "length", "stop")
+
+
+async def test_seeded_sampling_repeats_alone_and_in_a_batch(llm):
+    actor = llm[0]
+    req = dict(temperature=1.2, top_p=0.9, seed=11)
+    a = await actor.ask(chat("Tell me a fun fact.", 10, **req), timeout=300)
+    b = await actor.ask(chat("Tell me a fun fact.", 10, **req), timeout=300)
+    assert a.text == b.text and a.text
+    mixed = await asyncio.gather(
+        actor.ask(chat("Tell me a fun fact.", 10, **req), timeout=300),
+        actor.ask(chat("What is the capital of France?", 10), timeout=300),
+        actor.ask(chat("Tell me a fun fact.", 10, temperature=1.2, top_p=0.9), timeout=300))
+    assert mixed[0].text == a.text
+
+
+async def test_the_batch_holds_one_grant_and_frees_its_cache_on_revoke(llm, alone):
+    actor, arbiter, _ = llm
+    before = arbiter.granted_count
+    results = await asyncio.gather(*(actor.ask(chat(p, n, stop), timeout=300)
+                                     for p, n, stop in CASES[:3]))
+    assert [r.text for r in results] == [r.text for r in alone[:3]]
+    assert arbiter.granted_count - before <= 2          # one grant per batch loop, not per chat
+    for _ in range(50):                                  # BatchIdle finishes the job
+        if not (await arbiter.ask(Describe())).busy:
+            break
+        await asyncio.sleep(0.05)
+    state = await arbiter.ask(Describe())
+    assert "smollm2" in state.holders and not state.busy
+    assert actor.engine.cache is not None               # kept between batches
+    await actor.ask(Revoke("smollm2", "test"), timeout=30)
+    assert actor.engine.cache is None and actor.lease.residency.evicts >= 1
+    assert "smollm2" not in (await arbiter.ask(Describe())).holders
+    r = await actor.ask(chat(*CASES[0]), timeout=300)    # takes the GPU again
+    assert r.text == alone[0].text and actor.lease.residency.on_gpu
+
+
+async def test_a_tight_kv_budget_preempts_and_recomputes(llm, monkeypatch):
+    """When the cache budget cannot hold every row as they grow, the newest row leaves and is
+    prefilled again later with what it generated so far: its text is unchanged."""
+    actor = llm[0]
+    cases = [("Write a long story about a dragon.", 24), ("Write a poem about the sea.", 24)]
+    alone = [await actor.ask(chat(p, n), timeout=300) for p, n in cases]
+    monkeypatch.setattr(llm_batching, "LEN_BUCKET", 16)
+    monkeypatch.setattr(llm_batching, "RESERVE_NEW", 4)
+    engine = actor.engine
+    old = engine.kv_tokens
+    await actor.ask(Revoke("smollm2", "fresh cache"), timeout=30)
+    engine.kv_tokens = 100                 # two rows of 48 tokens fit, two of 64 do not
+    try:
+        results = await asyncio.gather(*(actor.ask(chat(p, n), timeout=300) for p, n in cases))
+    finally:
+        engine.kv_tokens = old
+        await actor.ask(Revoke("smollm2", "normal cache"), timeout=30)
+    assert [(r.text, r.finish_reason) for r in results] == \
+        [(r.text, r.finish_reason) for r in alone]
+    assert all(r.completion_tokens == 24 for r in results)
+    events = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-2:]
+    assert any(e.detail.get("preempted") for e in events), [e.detail for e in events]
+
+
+async def test_batching_off_falls_back_to_generate_with_the_same_words(llm, alone):
+    """llm_params.continuous_batching=false: one plain generate() per chat, same greedy text."""
+    actor = llm[0]
+    params = dict(actor.params)
+    await actor.ask(UpdateModel(actor.spec, {**params, "continuous_batching": False}), timeout=60)
+    try:
+        assert actor.engine is None and "continuous_batching" in actor.batching_off
+        plain = [await actor.ask(chat(p, n, stop), timeout=300) for p, n, stop in CASES[:2]]
+    finally:
+        await actor.ask(UpdateModel(actor.spec, params), timeout=60)
+    assert actor.engine is not None
+    assert [(r.text, r.finish_reason, r.completion_tokens) for r in plain] == \
+        [(r.text, r.finish_reason, r.completion_tokens) for r in alone[:2]]
