@@ -1,8 +1,8 @@
 """The LLM actor: transformers causal LMs (GGUF files or HF folders), chat templates, streaming.
 
-Chats are continuously batched (actors/llm_batching.py): ``serve`` encodes the prompt, hands the
-request to the batch loop and returns ``DEFER``; the loop runs in the actor's own thread while any
-sequence is active, pushes each request's text to its :class:`TokenStream` and answers it when it
+Chats are continuously batched (actors/llm_batching.py): ``serve`` hands the request to the batch
+loop and returns ``DEFER``; the loop runs in the actor's own thread while any sequence is active,
+encodes each prompt as it arrives, pushes each request's text to its :class:`TokenStream` and answers it when it
 ends (EOS, stop string, max_tokens, client gone). So the mailbox stays open during generation
 (Describe, more chats joining the running batch). The GPU grant is taken before the loop starts
 and finished when it goes idle (``BatchIdle``); the KV cache and CUDA graphs are freed before the
