@@ -90,3 +90,16 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> dic
     raise TimeoutError(f"server not ready in {timeout}s: {last}")
 
 
+
+
+def gpu_bytes_in_use() -> int:
+    """Bytes held by live CUDA tensors, not counting cuBLAS's per-thread workspaces (the
+    caching allocator counts them, and every executor thread that ran a matmul keeps one:
+    not a leak)."""
+    import torch
+
+    torch.cuda.synchronize()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    return torch.cuda.memory_allocated()

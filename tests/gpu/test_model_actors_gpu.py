@@ -19,6 +19,7 @@ from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.residency import WeightResidency
 from agile_rag.runtime.system import ActorSystem
+from support import gpu_bytes_in_use
 
 WORDS = ["paris", "france", "capital", "banana", "yellow", "berlin", "germany", "city", "the",
          "is", "of", "a", "fruit", "river", "cat", "dog"]
@@ -80,7 +81,7 @@ async def run_on(device_mode: str, folders, budget: int):
 
 def test_two_models_share_one_gpu_and_compute_what_the_cpu_computes(folders):
     torch.cuda.synchronize()
-    base_mem = torch.cuda.memory_allocated()
+    base_mem = gpu_bytes_in_use()
     cpu_out, _, _, _, _ = asyncio.run(run_on("cpu", folders, 1 << 34))
     # budget: one model's grant (13 MB of weights + ~76 MB working memory), not two
     budget = 120 * 2**20
@@ -96,7 +97,7 @@ def test_two_models_share_one_gpu_and_compute_what_the_cpu_computes(folders):
     assert len(admits) >= 5 and len(evicts) >= 4, gpu_events
     assert max(ev.detail["evict_s"] for ev in evicts) < 0.02, gpu_events
     torch.cuda.synchronize()
-    left = torch.cuda.memory_allocated() - base_mem
+    left = gpu_bytes_in_use() - base_mem
     assert left < 16 * 2**20, f"{left} bytes still allocated after both models were released"
 
 

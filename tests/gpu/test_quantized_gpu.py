@@ -21,6 +21,7 @@ from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.residency import WeightResidency
 from agile_rag.runtime.system import ActorSystem
 from test_quantized import write
+from support import gpu_bytes_in_use
 
 _missing = [p for p in ("gptqmodel", "optimum") if importlib.util.find_spec(p) is None]
 pytestmark = pytest.mark.skipif(bool(_missing),
@@ -54,7 +55,7 @@ def test_quantized_llm_on_the_gpu_answers_the_same_after_evict_and_admit(checkpo
 
     async def go():
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        base = gpu_bytes_in_use()
         system = ActorSystem()
         system.spawn(VRAMArbiter(1 << 30, grant_timeout=60))
         llm = LLMActor(ModelSpec("llm", fmt, folder, folder, max_tokens=256))
@@ -86,7 +87,7 @@ def test_quantized_llm_on_the_gpu_answers_the_same_after_evict_and_admit(checkpo
         stray = [t.shape for t in _model_tensors(model) if t.is_cuda]
         assert not stray, f"tensors left on the GPU after eviction: {stray}"
         torch.cuda.synchronize()
-        left = torch.cuda.memory_allocated() - base
+        left = gpu_bytes_in_use() - base
         assert left < 8 * 2**20, f"{left} bytes still allocated after the eviction"
 
         second = await llm.ask(_chat("capital of france"), timeout=300)     # admits again
