@@ -148,6 +148,12 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
         problems.append("llm_params.default_temp must be a number from 0 to 2")
     if not isinstance(lp["force_0_temp"], bool):
         problems.append("llm_params.force_0_temp must be true or false")
+    for key in ("continuous_batching", "cuda_graphs"):
+        if key in lp and not isinstance(lp[key], bool):
+            problems.append(f"llm_params.{key} must be true or false")
+    for key in ("max_batch_size", "batch_kv_tokens", "stream_chunk_size"):
+        if key in lp and (not _is_int(lp[key]) or lp[key] < 0):
+            problems.append(f"llm_params.{key} must be a whole number")
     if ep["token_estimation"] not in ("len", "re"):
         problems.append('embedder_params.token_estimation must be "len" or "re"')
     if not _is_int(ep["resize"]) or ep["resize"] < 0:
