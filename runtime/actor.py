@@ -65,6 +65,13 @@ class Envelope:
 class Actor:
     batching = False          # True: handle_batch() gets runs of joinable messages
     max_batch = 64
+    #: Batching actors only. When a joinable message finds the actor idle (nothing queued),
+    #: keep collecting while more keep arriving, each within ``batch_linger_gap_s`` of the last,
+    #: for at most ``batch_linger_s`` in all: requests that reach the server one by one (an
+    #: HTTP burst is parsed one request at a time) then share the first forward instead of the
+    #: first one running alone. A lone request waits one gap. 0 = take only what is queued.
+    batch_linger_s = 0.0
+    batch_linger_gap_s = 0.001
 
     def __init__(self, name: str):
         self.name = name
@@ -156,6 +163,7 @@ class Actor:
 
     async def _take(self) -> list[Envelope]:
         while True:
+            idle = self._held is None and self.mailbox.empty()
             first = self._held or await self.mailbox.get()
             self._held = None
             if not first.abandoned:
@@ -164,7 +172,14 @@ class Actor:
         if not (self.batching and self.joinable(first.msg)):
             return [first]
         batch = [first]
-        while not self.mailbox.empty():
+        self._drain_into(batch)
+        if idle and self.batch_linger_s > 0 and self._held is None:
+            await self._linger(batch)
+        return batch
+
+    def _drain_into(self, batch: list[Envelope]) -> None:
+        """Move queued joinable messages into ``batch`` until one does not fit (held)."""
+        while self._held is None and not self.mailbox.empty():
             nxt = self.mailbox.get_nowait()
             if nxt.abandoned:
                 self._trace_env(nxt, "dropped", started=time.monotonic())
@@ -173,7 +188,26 @@ class Actor:
                 self._held = nxt
                 break
             batch.append(nxt)
-        return batch
+
+    async def _linger(self, batch: list[Envelope]) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.batch_linger_s
+        try:
+            while self._held is None:
+                left = end - loop.time()
+                if left <= 0:
+                    break
+                before = len(batch)
+                await asyncio.sleep(min(self.batch_linger_gap_s, left))
+                self._drain_into(batch)
+                if len(batch) == before:
+                    break                         # a quiet gap: the burst is over
+        except asyncio.CancelledError:            # stopped while waiting: nothing is lost
+            for env in batch:
+                self.mailbox.put_nowait(env)
+            raise
+        for env in batch:
+            env.detail["linger_s"] = round(self.batch_linger_s - max(0.0, end - loop.time()), 6)
 
     async def _process(self, batch: list[Envelope]) -> None:
         now = time.monotonic()
