@@ -238,6 +238,17 @@ async def test_linger_is_bounded_and_ends_at_a_quiet_gap_or_a_control_message():
         await system.stop_all()
 
 
+def test_model_actors_linger_by_default_and_params_set_it():
+    emb = EmbedderActor(_spec("embedder", "e"), {})
+    rr = RerankerActor(_spec("reranker", "r"), {"batch_linger_ms": 0})
+    assert emb.batch_linger_s == 0.05 and rr.batch_linger_s == 0.0
+    for bad in ("5", -1, True, 5000, None):
+        assert EmbedderActor(_spec("embedder", "e"), {"batch_linger_ms": bad}).batch_linger_s \
+            == 0.05
+    emb.update(emb.spec, {"batch_linger_ms": 12})                 # a live config edit
+    assert emb.batch_linger_s == 0.012
+
+
 async def test_stopping_while_lingering_loses_no_request():
     system = ActorSystem()
     a = system.spawn(_Collector(5.0))
