@@ -55,4 +55,5 @@ def test_stress_nothing_lost_nothing_mixed_up(stress_server, seed):
     assert after["actors"] == before["actors"], summary
     assert after["queued"] == 0 and after["states"] == ["ready"], summary
     assert after["config_error"] is None, summary
-    assert after["threads"] <= before["threads"] + 2, summary
+    # the model pool (4 threads) may start workers during the run: growth beyond it is a leak
+    assert after["threads"] <= before["threads"] + 4, summary
