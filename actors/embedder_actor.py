@@ -13,16 +13,6 @@ from .model_base import ModelActor, module_bytes
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 MAX_BATCH_TEXTS = 512
-BATCH_LINGER_S = 0.05      # see EmbedderActor.batch_linger_s
-
-
-def linger_seconds(params: dict, default: float = BATCH_LINGER_S) -> float:
-    """The batch linger window: ``batch_linger_ms`` in the model kind's params (0 turns it
-    off; at most 1000), else ``default``. A bad value keeps the default."""
-    ms = params.get("batch_linger_ms")
-    if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= 1000:
-        return ms / 1000
-    return default
 
 
 def estimate_tokens(texts: list[str], method: str) -> int:
@@ -47,14 +37,6 @@ def resize_vectors(vectors: np.ndarray, size: int) -> np.ndarray:
 class EmbedderActor(ModelActor):
     kind = "embedder"
     batching = True
-
-    @property
-    def batch_linger_s(self) -> float:
-        # An HTTP burst reaches the actor one request at a time (~0.2 ms apart on 2 cores):
-        # without a linger its first request ran alone while the rest were still being parsed.
-        # Collecting the whole burst (a quiet 1 ms gap ends the window) measured 0.76 s ->
-        # 0.63 s for 256 concurrent one-sentence requests (benchmarks/results/).
-        return linger_seconds(self.params)
 
     def __init__(self, spec, params=None, **kw):
         super().__init__(spec, params, **kw)

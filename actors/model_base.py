@@ -15,6 +15,16 @@ log = logging.getLogger("agile_rag.model")
 
 
 ARBITER = "vram-arbiter"
+BATCH_LINGER_S = 0.05      # see ModelActor.batch_linger_s
+
+
+def linger_seconds(params: dict, default: float = BATCH_LINGER_S) -> float:
+    """The batch linger window: ``batch_linger_ms`` in the model kind's params (0 turns it
+    off; at most 1000), else ``default``. A bad value keeps the default."""
+    ms = params.get("batch_linger_ms")
+    if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= 1000:
+        return ms / 1000
+    return default
 
 
 class ModelActor(Actor):
@@ -35,6 +45,14 @@ class ModelActor(Actor):
         self.weight_bytes = 0
         self.load_seconds = 0.0
         self.lease: GpuLease | None = None
+
+    @property
+    def batch_linger_s(self) -> float:
+        """Batching models (embedders, rerankers): an HTTP burst reaches the actor one request
+        at a time (~0.2 ms apart on 2 cores); without a linger its first request ran alone
+        while the rest were still being parsed. Collecting the burst (a quiet 1 ms gap ends
+        the window) measured 0.76 s -> 0.63 s for 256 concurrent one-sentence embeddings."""
+        return linger_seconds(self.params)
 
     def torch_module(self):
         """The nn.Module whose weights move between host and GPU."""

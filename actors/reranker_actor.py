@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ..runtime.actor import Envelope
-from .embedder_actor import linger_seconds
 from .messages import Rerank, RerankResult
 from .model_base import ModelActor, module_bytes
 
@@ -39,11 +38,6 @@ def detect_backend(path: str) -> str:
 class RerankerActor(ModelActor):
     kind = "reranker"
     batching = True
-
-    @property
-    def batch_linger_s(self) -> float:
-        """A burst of requests arriving one by one shares the first forward (as embedders)."""
-        return linger_seconds(self.params)
 
     def __init__(self, spec, params=None, **kw):
         super().__init__(spec, params, **kw)
