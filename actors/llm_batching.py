@@ -358,7 +358,8 @@ class BatchEngine:
             self._abort = None
 
     def abort(self, exc: BaseException) -> None:
-        """Finish every active and waiting request with ``exc`` at the next step."""
+        """Finish every active and waiting request with ``exc`` at the next step; the loop
+        then ends (a later ``start`` runs a new one)."""
         self._abort = exc
 
     @property
@@ -377,15 +378,17 @@ class BatchEngine:
                 while True:
                     with self._lock:
                         new, self._inbox = self._inbox, []
-                        if not new and self._abort is None and not self.active and \
-                                (not self.waiting or self.hold):
+                        if self._abort is not None:       # stopped: answer everyone, end
+                            self.waiting.extend(new)
+                            self._fail_all(self._abort)
+                            self._abort = None
+                            self.running = False
+                            break
+                        if not new and not self.active and (not self.waiting or self.hold):
                             self.running = False
                             break
                     for req in new:
                         self._accept(req)
-                    if self._abort is not None:
-                        self._fail_all(self._abort)
-                        continue
                     if not self.hold:
                         self._admit(stats)
                     if self.active:

@@ -14,6 +14,7 @@ from agile_rag.actors.messages import (Chat, ChatResult, Describe, Revoke, Token
 from agile_rag.actors.model_base import module_bytes
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
+from agile_rag.runtime.errors import ActorStopped
 from agile_rag.runtime.system import ActorSystem
 from support import CACHE, ROOT, SMOLLM
 
@@ -234,3 +235,25 @@ async def test_batching_off_falls_back_to_generate_with_the_same_words(llm, alon
     assert actor.engine is not None
     assert [(r.text, r.finish_reason, r.completion_tokens) for r in plain] == \
         [(r.text, r.finish_reason, r.completion_tokens) for r in alone[:2]]
+
+
+async def test_stopping_the_actor_mid_batch_answers_the_streams_and_ends_the_loop():
+    """SIGTERM's path: stop_all while a batch decodes. The loop used to spin forever after
+    the abort (the abort flag was never cleared), so the server never exited."""
+    system = ActorSystem()
+    path = resolve_path(SMOLLM, ROOT)
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048), {},
+                     cache_dir=CACHE)
+    system.spawn(actor)
+    assert (await actor.ask(Describe(), timeout=300)).state == "ready"
+    msgs = [chat("Write a long story about a dragon.", 400, stream=True),
+            chat("Write a long essay about rivers.", 400)]
+    tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+    item = await asyncio.wait_for(msgs[0].stream.get(), 120)     # the batch is decoding
+    assert isinstance(item, str)
+    engine = actor.engine
+    await asyncio.wait_for(system.stop_all(), 30)
+    for task in tasks:
+        with pytest.raises(ActorStopped):
+            await asyncio.wait_for(task, 10)
+    assert not engine.running and not engine.active and not engine.waiting
