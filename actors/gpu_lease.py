@@ -48,8 +48,10 @@ class GpuLease:
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await self.owner.system.executor.run(fn)
 
-    async def acquire(self, items: int, working_bytes: int, env: Envelope | None) -> str:
-        """Where this job computes: ``self.device`` or ``"cpu"``."""
+    async def acquire(self, items: int, working_bytes: int, env: Envelope | None, *,
+                      preemptible: bool = False) -> str:
+        """Where this job computes: ``self.device`` or ``"cpu"``. ``preemptible``: the job
+        pauses when the arbiter sends ``Yield`` (the owner handles it)."""
         mode = self.spec.device
         if mode == "cpu":
             return "cpu"
@@ -61,7 +63,8 @@ class GpuLease:
         t0 = time.monotonic()
         try:
             granted = await self.arbiter.ask(
-                RequestGrant(self.owner.name, need, pinned=(mode == "cuda")),
+                RequestGrant(self.owner.name, need, pinned=(mode == "cuda"),
+                             preemptible=preemptible),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:

@@ -28,7 +28,7 @@ from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, Overloaded
 from . import llm_quant
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
-from .messages import Chat, ChatResult, Revoke, UpdateModel
+from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor, _is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
@@ -104,11 +104,15 @@ class LLMActor(ModelActor):
     #   batch_kv_tokens (16384)     KV cache budget of the batch in tokens (at least one context);
     #                               the GPU grant counts it
     #   cuda_graphs (true)          capture the decode step as CUDA graphs on the GPU
+    #   gpu_min_slice_ms (500)      when another model waits for the GPU, the batch pauses
+    #                               (and gives the GPU back) once it has run this long
     def _batch_settings(self) -> dict:
         p = self.params
+        slice_ms = p.get("gpu_min_slice_ms")
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
-                "cuda_graphs": p.get("cuda_graphs", True) is not False}
+                "cuda_graphs": p.get("cuda_graphs", True) is not False,
+                "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000}
 
     def _make_engine(self) -> None:
         why = batching_supported(self.model)
@@ -208,6 +212,11 @@ class LLMActor(ModelActor):
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, BatchIdle):
             return await self._batch_idle(msg, env)
+        if isinstance(msg, Yield):          # another model waits for the GPU the batch holds
+            asked = self.engine is not None and self.lease is not None and \
+                self.lease.busy and self.engine.request_yield()
+            env.detail["pausing"] = bool(asked)
+            return None
         if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and
                                        msg.spec.device != self.spec.device):
             await self._quiesce(env)         # the weights may move: no batch, no KV cache
@@ -251,7 +260,8 @@ class LLMActor(ModelActor):
 
     async def _start_loop(self, req: SeqRequest, env: Envelope) -> None:
         if self.lease is not None and not self.lease.busy:    # else the last loop's grant holds
-            self.device = await self.lease.acquire(1, self.working_bytes(1), env)
+            self.device = await self.lease.acquire(1, self.working_bytes(1), env,
+                                                   preemptible=True)
         self.engine.start([req] if req is not None else [])
         if self._loop_thread is None:            # (never started through on_start)
             self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
@@ -276,6 +286,14 @@ class LLMActor(ModelActor):
         if self.engine is None or self.engine.running:
             return
         self._loop = None
+        if self.engine.yielded and self.lease is not None and self.lease.busy:
+            # paused for a waiting model: free the KV cache and the weights' GPU copy, give
+            # the grant back, then queue for it again behind that model
+            if env is not None:
+                env.detail.update(yielded=True, kv_freed_bytes=self.engine.cache_bytes())
+            await self.system.executor.run(self.engine.release)
+            await self.lease.give_back(env)
+            self.device = "cpu"
         if self.engine.pending and not self.engine.hold:
             await self._start_loop(None, env)
             return

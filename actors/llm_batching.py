@@ -298,8 +298,11 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
 class BatchEngine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, kv_tokens: int = 16384,
                  prefill_tokens: int = 4096, cuda_graphs: bool = True,
+                 min_slice_s: float = 0.5,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
+        #: a yield (another model needs the GPU) is honoured once the loop has run this long
+        self.min_slice_s = float(min_slice_s)
         #: called in the loop thread for each new request whose ``prompt`` is None: encodes and
         #: checks it (raising answers that request with the error)
         self.prepare = prepare
@@ -332,6 +335,8 @@ class BatchEngine:
         self.running = False
         self.hold = False                 # finish the active set, admit nobody (revoke)
         self._abort: BaseException | None = None
+        self._yield_asked = False         # another model waits for the GPU: pause soon
+        self.yielded = False              # the last loop paused for it (its requests wait)
         self.waiting: collections.deque[SeqRequest] = collections.deque()
         self.active: list[SeqRequest] = []
         self.cache = None
@@ -356,11 +361,23 @@ class BatchEngine:
             self._inbox.extend(reqs)
             self.running = True
             self._abort = None
+            self._yield_asked = self.yielded = False
 
     def abort(self, exc: BaseException) -> None:
         """Finish every active and waiting request with ``exc`` at the next step; the loop
         then ends (a later ``start`` runs a new one)."""
         self._abort = exc
+
+    def request_yield(self) -> bool:
+        """Another model waits for the GPU: at a step boundary, once the loop has run
+        ``min_slice_s``, every active sequence goes back to the queue (to be prefilled again
+        with what it generated so far: its stream just pauses) and the loop ends with
+        ``yielded`` set. False when no loop runs."""
+        with self._lock:
+            if not self.running:
+                return False
+            self._yield_asked = True
+            return True
 
     @property
     def pending(self) -> int:
@@ -387,6 +404,13 @@ class BatchEngine:
                         if not new and not self.active and (not self.waiting or self.hold):
                             self.running = False
                             break
+                        if self._yield_asked and time.monotonic() - t0 >= self.min_slice_s:
+                            self._inbox = new             # prepared when the loop resumes
+                            self._pause_all(stats)
+                            stats["yielded"] = True
+                            self.yielded = True
+                            self.running = False
+                            break
                     for req in new:
                         self._accept(req)
                     if not self.hold:
@@ -405,6 +429,14 @@ class BatchEngine:
         if self.graphs is not None:
             stats["graphs"] = len(self.graphs.graphs)
         return stats
+
+    def _pause_all(self, stats: dict) -> None:
+        """Every active sequence back to the head of the queue, oldest first."""
+        for req in reversed(self.active):
+            req.preempted += 1
+            self.waiting.appendleft(req)
+        stats["yielded_seqs"] = len(self.active)
+        self.active.clear()
 
     def _accept(self, req: SeqRequest) -> None:
         if req.prompt is None and self.prepare is not None:

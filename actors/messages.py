@@ -8,6 +8,8 @@ replies are plain data. Residency messages form the VRAM arbiter's protocol:
     holder --Released--> arbiter             then the arbiter answers the asker:
     arbiter --(reply to RequestGrant)--> Granted
     model --Release--> arbiter               (idle_on_cpu, delete, device change)
+    arbiter --Yield--> busy preemptible holder   (the LLM's batch loop pauses, then Releases
+                                              and asks again)
 """
 from __future__ import annotations
 
@@ -117,6 +119,7 @@ class RequestGrant:
     nbytes: int
     priority: int = 1                 # lower = more urgent
     pinned: bool = False              # device: cuda models hold a permanent grant
+    preemptible: bool = False         # its job can pause on a Yield (the LLM's batch loop)
 
 
 @dataclass
@@ -130,6 +133,15 @@ class Granted:
 @dataclass
 class Revoke:
     """The arbiter asks a holder to give its GPU memory back (after its current batch)."""
+    model: str
+    reason: str = ""
+
+
+@dataclass
+class Yield:
+    """The arbiter asks a busy, preemptible holder (the LLM's batch loop, which would otherwise
+    hold the GPU as long as chats keep coming) to pause its job soon and give its memory back:
+    another model waits for it. The holder resumes by asking again, in the queue."""
     model: str
     reason: str = ""
 

@@ -21,6 +21,13 @@ the card's free memory once at start). The protocol (messages in :mod:`agile_rag
     Sent only to idle, non-pinned holders. The holder drops its GPU tensors (after its current
     batch, if it has one: a Revoke may sit in a holder's mailbox while it runs a batch it was
     granted after the Revoke left) and answers ``Released``. Until then its bytes count as used.
+``Yield(model, reason)`` (arbiter -> busy holder that asked with ``preemptible``, CONTROL)
+    The LLM's batch loop keeps its grant as long as chats keep coming, so a waiter that can
+    only be served with its memory would wait for the grant deadline. When the head waiter
+    cannot be served by the free memory, idle holders and busy holders that will finish on
+    their own, each busy preemptible holder it needs gets one Yield per grant: the holder
+    pauses its job at a step boundary (after a minimum time slice of its own), ``Release``s
+    its memory and asks again, queued behind the waiter.
 ``Released(model, nbytes)`` / ``Release(model)`` (tell)
     The holder's GPU memory is gone (after a Revoke / on its own: idle_on_cpu, delete, device
     change). Either one removes the holder, whatever its state: only the holder knows its memory
@@ -60,7 +67,7 @@ from typing import Any
 from ..runtime.actor import CONTROL, DEFER, Actor, Envelope
 from ..runtime.errors import ActorStopped, DeadlineExceeded, ServiceError
 from .messages import (ArbiterState, Describe, Granted, JobFinished, JobStarted, Release,
-                       Released, RequestGrant, Revoke, RevokeAllFlex)
+                       Released, RequestGrant, Revoke, RevokeAllFlex, Yield)
 
 log = logging.getLogger("agile_rag.arbiter")
 
@@ -132,6 +139,8 @@ class _Holder:
     revoke_when_idle: bool = False  # RevokeAllFlex reached it while busy
     last_used: int = 0              # LRU clock
     granted_at: float = 0.0
+    preemptible: bool = False       # its job pauses on a Yield (asked for by its last grant)
+    yield_sent: bool = False        # one Yield per grant
 
 
 @dataclass(eq=False)
@@ -380,6 +389,7 @@ class VRAMArbiter(Actor):
                 freed_now |= self._revoke(h, f"making room for {req.model!r}", env)
             return freed_now            # an absent holder's bytes are free at once: go again
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
+            self._ask_to_yield(idle, later, short, req.model, env)
             return False                # wait for busy holders to finish, then evict by LRU
         # the rest is pinned by holders that are themselves waiting (behind w): refuse the
         # youngest of them so they become evictable, instead of waiting for each other forever
@@ -405,6 +415,25 @@ class VRAMArbiter(Actor):
             return False
         return True
 
+    def _ask_to_yield(self, idle: list[_Holder], later: list[_Holder], short: int,
+                      model: str, env: Envelope) -> None:
+        """Busy holders that end on their own go first; if they and the idle ones are not
+        enough, the preemptible busy ones (least recently granted first) are asked to yield."""
+        have = sum(h.nbytes for h in idle) + sum(h.nbytes for h in later if not h.preemptible)
+        for h in sorted((h for h in later if h.preemptible), key=lambda h: h.granted_at):
+            if have >= short:
+                return
+            have += h.nbytes
+            if h.yield_sent:
+                continue
+            h.yield_sent = True
+            env.detail.setdefault("yield_asked", []).append(h.model)
+            actors = self.system.actors if self.system is not None else {}
+            target = actors.get(h.actor)
+            if target is not None and not target.stopped:
+                target.tell(Yield(h.model, f"{model!r} waits for GPU memory"),
+                            priority=CONTROL, sender=self.name, request_id=env.request_id)
+
     def _choose(self, idle: list[_Holder], short: int) -> list[_Holder]:
         """Least recently used first, then drop any victim the others already cover."""
         chosen, got = [], 0
@@ -426,6 +455,8 @@ class VRAMArbiter(Actor):
             h = self.holders[model] = _Holder(model, req.nbytes, req.pinned, actor)
         h.nbytes = max(h.nbytes, req.nbytes)
         h.pinned = h.pinned or req.pinned
+        h.preemptible = req.preemptible and not h.pinned
+        h.yield_sent = False
         h.busy = True
         h.last_used = next(self._clock)
         h.granted_at = time.monotonic()

@@ -9,8 +9,8 @@ import pytest
 
 from agile_rag.actors import llm_batching
 from agile_rag.actors.llm_actor import LLMActor
-from agile_rag.actors.messages import (Chat, ChatResult, Describe, Revoke, TokenStream,
-                                      UpdateModel)
+from agile_rag.actors.messages import (Chat, ChatResult, Describe, JobFinished, RequestGrant,
+                                      Revoke, TokenStream, UpdateModel)
 from agile_rag.actors.model_base import module_bytes
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
@@ -257,3 +257,50 @@ async def test_stopping_the_actor_mid_batch_answers_the_streams_and_ends_the_loo
         with pytest.raises(ActorStopped):
             await asyncio.wait_for(task, 10)
     assert not engine.running and not engine.active and not engine.waiting
+
+
+async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes():
+    """Chats keep the batch loop (and its grant) busy; another model asks for memory that only
+    the LLM's grant can give. The arbiter sends Yield: the loop pauses after its minimum slice,
+    gives the GPU back, the other model gets it at once (not after the grant deadline), and
+    the chats resume and end with the words they would have had alone."""
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(8 << 30, grant_timeout=60))
+    path = resolve_path(SMOLLM, ROOT)
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048),
+                     {"gpu_min_slice_ms": 300}, cache_dir=CACHE)
+    actor.residency_factory = FakeResidency
+    actor.gpu_device = "cpu"
+    system.spawn(actor)
+    try:
+        assert (await actor.ask(Describe(), timeout=300)).state == "ready"
+        prompts = [("Write a long story about a dragon.", 40),
+                   ("Write a long essay about rivers.", 40)]
+        alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
+        llm_need = actor.lease.residency.weight_bytes + actor.working_bytes(1)
+        arbiter.budget = llm_need + (64 << 20)          # the LLM, or the other model: not both
+        other = RequestGrant("other-model", 128 << 20)
+        await actor.ask(Revoke("smollm2", "start from the CPU"), timeout=30)
+
+        msgs = [chat(p, n, stream=True) for p, n in prompts]
+        tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+        await asyncio.wait_for(msgs[0].stream.get(), 120)        # the batch holds the GPU
+        assert "smollm2" in (await arbiter.ask(Describe())).busy
+        evicts = actor.lease.residency.evicts
+        t0 = time.monotonic()
+        granted = await arbiter.ask(other, timeout=30, sender="test")
+        waited = time.monotonic() - t0
+        assert granted.model == "other-model" and waited < 10, waited
+        assert actor.lease.residency.evicts == evicts + 1       # the LLM's weights left
+        assert not all(t.done() for t in tasks), "the chats should have paused, not ended"
+        arbiter.tell(JobFinished("other-model"), sender="test")  # the other model is done
+        results = [await asyncio.wait_for(t, 300) for t in tasks]
+        assert [(r.text, r.finish_reason) for r in results] == \
+            [(r.text, r.finish_reason) for r in alone]
+        chats = [e for e in system.tracer.events if e.msg_type == "Chat"][-2:]
+        assert all(e.detail.get("preempted") for e in chats), [e.detail for e in chats]
+        idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
+        assert any(e.detail.get("yielded") for e in idle)
+        assert [e.msg_type for e in system.tracer.events if e.msg_type == "Yield"]
+    finally:
+        await system.stop_all()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import pytest
 
 from agile_rag.actors.messages import (ArbiterState, Describe, Granted, JobFinished, JobStarted,
-                                       Release, Released, RequestGrant, Revoke, RevokeAllFlex)
+                                       Release, Released, RequestGrant, Revoke, RevokeAllFlex,
+                                       Yield)
 from agile_rag.actors.vram_arbiter import (GrantCancelled, GrantRefused, GrantTooLarge,
                                            VRAMArbiter, default_budget)
 from agile_rag.runtime.actor import CONTROL, Actor
@@ -40,6 +41,9 @@ class Recorder(Actor):
             if self.auto:
                 self.arb.tell(Released(self.name, 0), priority=CONTROL, sender=self.name)
             return None
+        if isinstance(msg, Yield):
+            self.log.append(f"yield:{self.name}")
+            return None
         return await super().handle(msg, env)
 
 
@@ -57,7 +61,8 @@ async def arbiter_world(budget: int, holders=(), **kw):
 
 async def grant(arb, model, nbytes, **kw) -> Granted:
     return await arb.ask(RequestGrant(model, nbytes, pinned=kw.pop("pinned", False),
-                                      priority=kw.pop("priority", 1)),
+                                      priority=kw.pop("priority", 1),
+                                      preemptible=kw.pop("preemptible", False)),
                          sender=model, timeout=kw.pop("timeout", 5.0))
 
 
@@ -179,6 +184,36 @@ async def test_busy_holder_waited_for_not_revoked():
         g = await task
         assert g.evicted == ("A",) and log == ["A"] and g.waited_s >= 0.1
         assert (await state(arb)).holders == {"B": 600}
+
+
+async def test_busy_preemptible_holder_is_asked_to_yield_once_and_queues_again():
+    """The LLM's batch loop asks with preemptible=True: a waiter that only its memory can
+    serve makes the arbiter send it one Yield; it Releases, the waiter is served, and its own
+    new ask waits behind the waiter's job."""
+    async with arbiter_world(1000, ["L", "E", "R"]) as (system, arb, log, _):
+        await grant(arb, "L", 600, preemptible=True)
+        task = await pending(grant(arb, "R", 500))
+        await until(lambda: log == ["yield:L"])
+        await pending(grant(arb, "E", 100, timeout=10))      # another pump: no second Yield
+        assert log == ["yield:L"]
+        arb.tell(Release("L"), priority=CONTROL, sender="L")  # the loop paused and gave it back
+        assert (await task).model == "R"
+        back = await pending(grant(arb, "L", 600, preemptible=True))
+        await asyncio.sleep(0.05)
+        assert log == ["yield:L"] and not back.done()     # R is busy and not preemptible
+        arb.tell(JobFinished("R"), sender="R")
+        assert (await back).model == "L" and "R" in log
+
+
+async def test_no_yield_when_busy_jobs_that_end_on_their_own_are_enough():
+    async with arbiter_world(1000, ["L", "E", "R"]) as (system, arb, log, _):
+        await grant(arb, "L", 600, preemptible=True)
+        await grant(arb, "E", 300)                           # busy, ends on its own
+        task = await pending(grant(arb, "R", 300))
+        await asyncio.sleep(0.05)
+        assert log == []
+        arb.tell(JobFinished("E"), sender="E")
+        assert (await task).evicted == ("E",) and log == ["E"]
 
 
 async def test_grant_deadline_names_busy_holder():
