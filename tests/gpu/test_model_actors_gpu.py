@@ -160,3 +160,63 @@ def test_the_llm_actor_generates_on_the_gpu(tmp_path):
     outs, on_gpu = asyncio.run(go())
     assert on_gpu
     assert outs[0].completion_tokens > 0 and outs[0].text == outs[1].text
+
+
+def test_a_busy_llm_batch_yields_the_gpu_to_the_reranker(folders, tmp_path):
+    """Chats keep the LLM's batch on the GPU; a rerank needs memory only the LLM holds. The
+    LLM yields (weights evicted), the rerank runs on the GPU with the CPU's scores, and the
+    chats then finish on the GPU."""
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.actors.messages import Chat
+
+    folder = str(tmp_path / "llm")
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                                 num_hidden_layers=4, num_attention_heads=8,
+                                 max_position_embeddings=512, eos_token_id=3,
+                                 pad_token_id=0)).save_pretrained(folder)
+    from transformers import BertTokenizerFast
+    tok = BertTokenizerFast.from_pretrained(folders[1])
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}the {% endif %}")
+    tok.save_pretrained(folder)
+
+    async def go():
+        system = ActorSystem()
+        arbiter = system.spawn(VRAMArbiter(1 << 34))
+        llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, max_tokens=512),
+                       {"gpu_min_slice_ms": 200, "batch_kv_tokens": 1024})
+        r_cpu = RerankerActor(ModelSpec("reranker", "ce-cpu", folders[1], folders[1],
+                                        backend="cross-encoder", max_tokens=64, device="cpu"))
+        r = RerankerActor(ModelSpec("reranker", "ce", folders[1], folders[1],
+                                    backend="cross-encoder", max_tokens=64))
+        for a in (llm, r, r_cpu):
+            a.residency_factory = WeightResidency
+            system.spawn(a)
+            await a.ask(Describe())
+        cpu_scores = (await r_cpu.ask(Rerank("capital of france", DOCS))).scores
+        llm_need = llm.lease.residency.weight_bytes + llm.working_bytes(1)
+        arbiter.budget = llm_need + 8 * 2**20           # the LLM or the reranker, not both
+        chats = [Chat([{"role": "user", "content": f"capital of france {i}"}], None, 400, 0.0,
+                      1.0, []) for i in range(3)]
+        tasks = [asyncio.ensure_future(llm.ask(c, timeout=120)) for c in chats]
+        for _ in range(400):
+            if llm.engine.running and llm.lease.on_gpu:
+                break
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        res = await r.ask(Rerank("capital of france", DOCS), timeout=60)
+        took = time.monotonic() - t0
+        gpu_rerank = [e for e in system.tracer.events if e.msg_type == "Rerank"][-1].detail
+        results = [await t for t in tasks]
+        yields = [e for e in system.tracer.events if e.msg_type == "Yield"]
+        await system.stop_all()
+        return cpu_scores, res.scores, took, gpu_rerank, results, yields
+    cpu_scores, gpu_scores, took, detail, results, yields = asyncio.run(go())
+    assert yields and detail.get("admit_bytes"), detail          # it ran on the GPU
+    assert took < 10, (took, detail)
+    assert np.allclose(cpu_scores, gpu_scores, atol=2e-3)
+    assert all(r.completion_tokens > 0 and r.finish_reason in ("length", "stop") for r in results)
