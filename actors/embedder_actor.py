@@ -9,7 +9,7 @@ import numpy as np
 from ..runtime.actor import Envelope
 from ..runtime.errors import InvalidRequest
 from .messages import Embed, EmbedResult
-from .model_base import ModelActor, module_bytes
+from .model_base import ModelActor, module_bytes, st_dtype_kwargs
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 MAX_BATCH_TEXTS = 512
@@ -46,12 +46,9 @@ class EmbedderActor(ModelActor):
     def load_blocking(self) -> None:
         from sentence_transformers import SentenceTransformer
 
-        kwargs = {}
-        if self.spec.dtype not in (None, "auto", "float32"):
-            import torch
-            kwargs["model_kwargs"] = {"dtype": getattr(torch, self.spec.dtype)}
         model = SentenceTransformer(self.spec.path, device="cpu", local_files_only=True,
-                                    trust_remote_code=self.spec.trust_remote_code, **kwargs)
+                                    trust_remote_code=self.spec.trust_remote_code,
+                                    **st_dtype_kwargs(self.spec.dtype))
         if self.spec.max_tokens:
             model.max_seq_length = self.spec.max_tokens
         model.eval()

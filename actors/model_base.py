@@ -228,3 +228,12 @@ def _empty_cache() -> None:
     import torch
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def st_dtype_kwargs(dtype: str | None) -> dict:
+    """sentence-transformers keyword arguments that load the weights in an entry's ``dtype``
+    (none for ``auto`` or no dtype: the checkpoint's own)."""
+    if dtype in (None, "auto"):
+        return {}
+    import torch
+    return {"model_kwargs": {"dtype": getattr(torch, dtype)}}

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..runtime.actor import Envelope
 from .messages import Rerank, RerankResult
-from .model_base import ModelActor, module_bytes
+from .model_base import ModelActor, module_bytes, st_dtype_kwargs
 
 MAX_BATCH_PAIRS = 1024
 
@@ -53,20 +53,23 @@ class RerankerActor(ModelActor):
         if backend == "cross-encoder":
             from sentence_transformers import CrossEncoder
             model = CrossEncoder(self.spec.path, device="cpu", max_length=self.spec.max_tokens,
-                                 local_files_only=True, trust_remote_code=trust)
+                                 local_files_only=True, trust_remote_code=trust,
+                                 **st_dtype_kwargs(self.spec.dtype))
             self.tokenizer = model.tokenizer
             self.weight_bytes = module_bytes(model)
         elif backend == "bi-encoder":
             from sentence_transformers import SentenceTransformer
             model = SentenceTransformer(self.spec.path, device="cpu", local_files_only=True,
-                                        trust_remote_code=trust)
+                                        trust_remote_code=trust,
+                                        **st_dtype_kwargs(self.spec.dtype))
             if self.spec.max_tokens:
                 model.max_seq_length = self.spec.max_tokens
             self.tokenizer = model.tokenizer
             self.weight_bytes = module_bytes(model)
         else:
             from FlagEmbedding import FlagReranker  # optional extra: pip install '.[flag]'
-            model = FlagReranker(self.spec.path, use_fp16=False, devices="cpu",
+            model = FlagReranker(self.spec.path, use_fp16=self.spec.dtype == "float16",
+                                 devices="cpu",
                                  max_length=self.spec.max_tokens or 512,
                                  trust_remote_code=trust)
             self.tokenizer = model.tokenizer
