@@ -62,20 +62,30 @@ class FakeResidency:
         return {"seconds": 0.0, "bytes": self.weight_bytes}
 
 
-@pytest.fixture(scope="module")
-async def llm():
-    """One SmolLM2 actor (dequantised cache) behind a VRAM arbiter with a residency double."""
+async def start_llm(params: dict, *, grant_timeout: float | None = 10):
+    """A SmolLM2 actor (dequantised cache), ready; with ``grant_timeout`` behind a VRAM arbiter
+    and a residency double, without it on the CPU alone."""
     system = ActorSystem()
-    arbiter = system.spawn(VRAMArbiter(8 << 30, grant_timeout=10))
+    arbiter = None
+    if grant_timeout is not None:
+        arbiter = system.spawn(VRAMArbiter(8 << 30, grant_timeout=grant_timeout))
     path = resolve_path(SMOLLM, ROOT)
-    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048),
-                     {"default_temp": 0.5}, cache_dir=CACHE)
-    actor.residency_factory = FakeResidency
-    actor.gpu_device = "cpu"
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048), params,
+                     cache_dir=CACHE)
+    if arbiter is not None:
+        actor.residency_factory = FakeResidency
+        actor.gpu_device = "cpu"
     system.spawn(actor)
     state = await actor.ask(Describe(), timeout=300)
     assert state.state == "ready", state
     assert actor.engine is not None, actor.batching_off
+    return actor, arbiter, system
+
+
+@pytest.fixture(scope="module")
+async def llm():
+    """One SmolLM2 actor behind a VRAM arbiter with a residency double."""
+    actor, arbiter, system = await start_llm({"default_temp": 0.5})
     yield actor, arbiter, system
     await system.stop_all()
 
@@ -240,12 +250,7 @@ async def test_batching_off_falls_back_to_generate_with_the_same_words(llm, alon
 async def test_stopping_the_actor_mid_batch_answers_the_streams_and_ends_the_loop():
     """SIGTERM's path: stop_all while a batch decodes. The loop used to spin forever after
     the abort (the abort flag was never cleared), so the server never exited."""
-    system = ActorSystem()
-    path = resolve_path(SMOLLM, ROOT)
-    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048), {},
-                     cache_dir=CACHE)
-    system.spawn(actor)
-    assert (await actor.ask(Describe(), timeout=300)).state == "ready"
+    actor, _, system = await start_llm({}, grant_timeout=None)
     msgs = [chat("Write a long story about a dragon.", 400, stream=True),
             chat("Write a long essay about rivers.", 400)]
     tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
@@ -264,16 +269,8 @@ async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes():
     the LLM's grant can give. The arbiter sends Yield: the loop pauses after its minimum slice,
     gives the GPU back, the other model gets it at once (not after the grant deadline), and
     the chats resume and end with the words they would have had alone."""
-    system = ActorSystem()
-    arbiter = system.spawn(VRAMArbiter(8 << 30, grant_timeout=60))
-    path = resolve_path(SMOLLM, ROOT)
-    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048),
-                     {"gpu_min_slice_ms": 300}, cache_dir=CACHE)
-    actor.residency_factory = FakeResidency
-    actor.gpu_device = "cpu"
-    system.spawn(actor)
+    actor, arbiter, system = await start_llm({"gpu_min_slice_ms": 300}, grant_timeout=60)
     try:
-        assert (await actor.ask(Describe(), timeout=300)).state == "ready"
         prompts = [("Write a long story about a dragon.", 40),
                    ("Write a long essay about rivers.", 40)]
         alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
