@@ -20,7 +20,7 @@ from agile_rag.actors.messages import (ArbiterState, Describe, Granted, JobFinis
                                        Yield)
 from agile_rag.actors.vram_arbiter import (GrantCancelled, GrantRefused, GrantTooLarge,
                                            VRAMArbiter, default_budget)
-from agile_rag.runtime.actor import CONTROL, Actor
+from agile_rag.runtime.actor import CONTROL, DEFER, Actor
 from agile_rag.runtime.errors import DeadlineExceeded, ServiceError
 from agile_rag.runtime.executor import ModelExecutor
 from agile_rag.runtime.system import ActorSystem
@@ -540,5 +540,116 @@ async def test_many_models_no_deadlock_no_starvation(seed):
                  and "granted" in e.detail]
         assert len(waits) == ledger.gpu_jobs and max(waits) < 5.0     # nobody starved
         assert took < 15
+    finally:
+        await system.stop_all()
+
+
+@dataclass
+class LongJob:
+    nbytes: int
+    work_s: float
+
+
+@dataclass
+class _Paused:
+    nbytes: int
+    left: float
+    env: object
+
+
+class FakeLLM(FakeModel):
+    """Preemptible, shaped like the LLM actor: the grant is asked for inside the handler (so
+    a Yield is handled only once the job runs), the work runs beside the mailbox until done
+    or, after a Yield, for at least a minimum slice; a paused job tells the actor, which gives
+    the GPU back (Release) and asks again for the rest of the work."""
+
+    def __init__(self, *a, slice_s: float = 0.05, **kw):
+        super().__init__(*a, **kw)
+        self.slice_s = slice_s
+        self.yield_asked = False
+        self.pauses = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def handle(self, msg, env):
+        if isinstance(msg, Yield):
+            self.yield_asked = self.yield_asked or self.computing
+            return None
+        if isinstance(msg, LongJob):
+            await self._start(msg.nbytes, msg.work_s, env)
+            return DEFER
+        if isinstance(msg, _Paused):
+            self._resident(0)
+            self.arb.tell(Release(self.name), priority=CONTROL, sender=self.name)
+            await self._start(msg.nbytes, msg.left, msg.env)
+            return None
+        return await super().handle(msg, env)
+
+    async def _start(self, nbytes: int, left: float, env) -> None:
+        try:
+            await self.arb.ask(RequestGrant(self.name, nbytes, preemptible=True),
+                               sender=self.name, timeout=30)
+        except GrantRefused:
+            self.ledger.cpu_jobs += 1
+            self.reply_to(env, "cpu")
+            return
+        self._resident(nbytes)
+        self.computing, self.yield_asked = True, False
+        task = asyncio.ensure_future(self._work(nbytes, left, env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _work(self, nbytes: int, left: float, env) -> None:
+        t0 = time.monotonic()
+        while left > 0 and not (self.yield_asked and time.monotonic() - t0 >= self.slice_s):
+            await asyncio.sleep(0.005)
+            left -= 0.005
+        self.computing = False
+        if left > 0:
+            self.pauses += 1
+            self.tell(_Paused(nbytes, left, env), priority=CONTROL, sender=self.name)
+        else:
+            self.arb.tell(JobFinished(self.name), priority=CONTROL, sender=self.name)
+            self.reply_to(env, "gpu")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_long_preemptible_job_yields_and_nobody_waits_long(seed):
+    """A preemptible model runs jobs of 1.5 s back to back while other models ask for memory
+    only it holds: every other model is served within a fraction of a second (not after the
+    long job), the long jobs still finish, and nothing is ever over budget or revoked mid-job."""
+    rng = random.Random(seed)
+    budget = 1000
+    ledger = Ledger(budget)
+    system = ActorSystem(executor=ModelExecutor(max_workers=1))
+    arb = system.spawn(VRAMArbiter(budget, grant_timeout=20.0))
+    try:
+        llm = system.spawn(FakeLLM("llm", arb, ledger, random.Random(seed)))
+        names = [f"m{i}" for i in range(5)]
+        weights = {n: rng.randint(150, 350) for n in names}
+        models = {n: system.spawn(FakeModel(n, arb, ledger, random.Random(seed * 100 + i)))
+                  for i, n in enumerate(names)}
+
+        async def chats():
+            return [await llm.ask(LongJob(900, 1.5), timeout=60) for _ in range(3)]
+
+        async def one(i):
+            await asyncio.sleep(rng.uniform(0.05, 3.0))
+            n = rng.choice(names)
+            return await models[n].ask(Job(weights[n] + rng.randint(0, 50)), timeout=30)
+
+        long_jobs, *results = await asyncio.gather(chats(), *(one(i) for i in range(120)))
+        assert long_jobs == ["gpu"] * 3 and all(r in ("gpu", "cpu") for r in results)
+        assert ledger.cpu_jobs <= 6, ledger.cpu_jobs
+        assert not ledger.violations, ledger.violations[:5]
+        assert ledger.peak <= budget and arb.peak_used <= budget
+        assert llm.pauses > 0
+        waits = [e.detail["waited_s"] for e in system.tracer.events
+                 if e.actor == "vram-arbiter" and e.msg_type == "RequestGrant"
+                 and e.detail.get("model") != "llm" and "granted" in e.detail]
+        assert waits and max(waits) < 0.75, max(waits)      # never the 1.5 s of a long job
+        await until(lambda: not arb.waiters and not any(h.busy or h.revoking
+                                                        for h in arb.holders.values()))
+        st = await state(arb)
+        assert st.used == sum(ledger.resident.values())
     finally:
         await system.stop_all()
