@@ -73,6 +73,9 @@ class Metrics:
                                  "revoked by the arbiter, or released by the model itself "
                                  "(idle_on_cpu, device change, out of memory)",
                                  ["model", "reason"], registry=r)
+        self.yields = Counter("agile_rag_gpu_yields", "Times a busy model (the LLM's chat "
+                              "batch) paused and gave the GPU back because another model "
+                              "waited for it", ["model"], registry=r)
         self.swap_bytes = Counter("agile_rag_swap_in_bytes", "Bytes of weights copied host -> "
                                   "GPU", ["model"], registry=r)
         self.swap_seconds = Histogram("agile_rag_swap_seconds", "Seconds per swap: in = admit "
@@ -102,9 +105,12 @@ class Metrics:
         if "admit_s" in d:
             self.swap_seconds.labels(e.actor, "in").observe(_f(d["admit_s"]))
             self.swap_bytes.labels(e.actor).inc(_f(d.get("admit_bytes", 0)))
+        if d.get("yielded"):
+            self.yields.labels(e.actor).inc()
         if "evict_s" in d:
             self.swap_seconds.labels(e.actor, "out").observe(_f(d["evict_s"]))
-            reason = "revoked" if e.msg_type == "Revoke" else "released"
+            reason = "revoked" if e.msg_type == "Revoke" else \
+                ("yielded" if d.get("yielded") else "released")
             self.evictions.labels(e.actor, reason).inc()
 
     # ---- from HTTP requests ----------------------------------------------------------------

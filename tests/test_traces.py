@@ -343,14 +343,20 @@ def test_metrics_from_trace_events_count_swaps_grants_and_evictions():
     tracer.enabled = False                  # metrics still count with tracing off
     for e in gpu_swap_events():
         tracer.record(e)
+    # the chat batch paused for a waiting model and gave the GPU back
+    tracer.record(ev("llm", "Yield", None, "vram-arbiter", 11.0, 11.0, 11.0, pausing=True))
+    tracer.record(ev("llm", "BatchIdle", None, "llm", 11.5, 11.5, 11.6, yielded=True,
+                     evict_s=0.002, kv_freed_bytes=10))
     assert not tracer.events
     get = m.registry.get_sample_value
     assert get("agile_rag_swap_in_bytes_total", {"model": "rr"}) == 1_100_000_000
     assert get("agile_rag_swap_seconds_sum", {"model": "rr", "direction": "in"}) == \
         pytest.approx(0.12)
-    assert get("agile_rag_swap_seconds_count", {"model": "llm", "direction": "out"}) == 1
+    assert get("agile_rag_swap_seconds_count", {"model": "llm", "direction": "out"}) == 2
     assert get("agile_rag_gpu_grants_total", {"model": "rr"}) == 1
     assert get("agile_rag_gpu_evictions_total", {"model": "llm", "reason": "revoked"}) == 1
+    assert get("agile_rag_gpu_evictions_total", {"model": "llm", "reason": "yielded"}) == 1
+    assert get("agile_rag_gpu_yields_total", {"model": "llm"}) == 1
     assert get("agile_rag_gpu_grant_wait_seconds_count", {"model": "rr"}) == 1
     assert apps[1][METRICS].registry.get_sample_value(
         "agile_rag_swap_in_bytes_total", {"model": "rr"}) is None
