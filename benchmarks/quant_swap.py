@@ -19,7 +19,7 @@ On the lent GPU (no registry there; torch 2.11, transformers 5.17, Python 3.12):
 packages as wheels in the ignored folder .qwhl/, built here for Python 3.12: gptqmodel 7.6.0,
 pypcre 0.6.4 (compiled: `python3.12 -m pip wheel --no-deps`; it links libpcre2-8.so.0, carried
 beside it), logbar, device-smi, tokenicer, defuser (sdists: `pip wheel --no-deps`), optimum 2.3.0,
-threadpoolctl, plus pytest and json5 for the tests; install them with `pip install --no-index
+threadpoolctl, plus pytest, json-five and sly for the tests; install them with `pip install --no-index
 --no-deps --target /tmp/site .qwhl/*.whl` and put /tmp/site and a folder holding an `agile_rag`
 link to the checkout on PYTHONPATH.
 """
