@@ -2,13 +2,9 @@
 small models, driven over loopback HTTP."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from support import CACHE, MAX_BODY, ROOT, build_cross_encoder, free_port, wait_ready, \
-    write_live_config
+from support import CACHE, MAX_BODY, build_cross_encoder, running_server, write_live_config
 
 
 @pytest.fixture(scope="session")
@@ -25,24 +21,11 @@ def server(tmp_path_factory, cross_encoder_dir):
     cfg = d / "configs.py"
     cfg.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nMAX_BODY_BYTES = {MAX_BODY}\n"
                    "REQUEST_TIMEOUT = 300.0\nSERVICE_NUM_WORKERS = 4\n")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
-                             "--live-config", live, "--config", str(cfg)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        health = wait_ready(base, proc)
+    log = str(d / "server.log")
+    # a server slow to stop (past SHUTDOWN_TIMEOUT) is killed quietly at the session's end
+    with running_server(live, cfg, log, hang_fails=False) as (base, proc, health):
         assert health["status"] == "ok", health
-        yield {"base": base, "v1": base + "/v1", "proc": proc, "log": str(d / "server.log"),
-               "live": live}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        yield {"base": base, "v1": base + "/v1", "proc": proc, "log": log, "live": live}
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Helpers the tests share: model locations, a tiny cross-encoder built with save_pretrained,
-free ports, liveconfigs.json files and waiting for a server to be ready.
+free ports, liveconfigs.json files, a real server process (started, waited for, stopped) and a
+GPU residency double.
 
 (Imported as ``support``: a module named ``conftest`` would clash with tests/gpu/conftest.py.)"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -90,6 +92,59 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> dic
     raise TimeoutError(f"server not ready in {timeout}s: {last}")
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0, *, hang_fails: bool = True) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds; with
+    ``hang_fails`` the TimeoutExpired is raised after the kill (a hang is reported, no process
+    is left behind)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        if hang_fails:
+            raise
+
+
+@contextlib.contextmanager
+def running_server(live: str, config: str, log_path: str, *, stop_timeout: float = 30.0,
+                   hang_fails: bool = True):
+    """A real ``python -m agile_rag --live-config live --config config`` on a free loopback
+    port (cwd: the repository, this process's environment), stdout and stderr in
+    ``log_path``. Yields ``(base, proc, health)`` once /health says ok or degraded
+    (``wait_ready``), and stops it on the way out (``stop_server``)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
+                                 "--live-config", str(live), "--config", str(config)],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield base, proc, wait_ready(base, proc)
+        finally:
+            stop_server(proc, stop_timeout, hang_fails=hang_fails)
+
+
+class FakeResidency:
+    """GPU residency double: the weights stay on the CPU; counts the admits and evicts the GPU
+    lease asked for (a repeated admit or evict while already there is not counted)."""
+
+    def __init__(self, module):
+        from agile_rag.actors.model_base import module_bytes
+
+        self.weight_bytes = module_bytes(module)
+        self.on_gpu = False
+        self.admits = self.evicts = 0
+
+    def admit(self, device="cuda"):
+        self.admits += not self.on_gpu
+        self.on_gpu = True
+        return {"bytes": self.weight_bytes, "seconds": 0.0}
+
+    def evict(self):
+        self.evicts += self.on_gpu
+        self.on_gpu = False
+        return {"seconds": 0.0, "bytes": self.weight_bytes}
 
 
 def gpu_bytes_in_use() -> int:

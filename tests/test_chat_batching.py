@@ -11,12 +11,11 @@ from agile_rag.actors import llm_batching
 from agile_rag.actors.llm_actor import LLMActor
 from agile_rag.actors.messages import (Chat, ChatResult, Describe, JobFinished, RequestGrant,
                                       Revoke, TokenStream, UpdateModel)
-from agile_rag.actors.model_base import module_bytes
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
 from agile_rag.runtime.errors import ActorStopped
 from agile_rag.runtime.system import ActorSystem
-from support import CACHE, ROOT, SMOLLM
+from support import CACHE, ROOT, SMOLLM, FakeResidency
 
 # (prompt, max_tokens, stop): different lengths, limits and stop strings in one batch
 CASES = [
@@ -41,25 +40,6 @@ async def drain(stream: TokenStream, result: ChatResult) -> str:
     while not stream.queue.empty():
         pieces.append(stream.queue.get_nowait())
     return "".join(p for p in pieces if isinstance(p, str))
-
-
-class FakeResidency:
-    """Weights stay on the CPU; records what the GPU lease asked for."""
-
-    def __init__(self, module):
-        self.weight_bytes = module_bytes(module)
-        self.on_gpu = False
-        self.admits = self.evicts = 0
-
-    def admit(self, device="cuda"):
-        self.admits += not self.on_gpu
-        self.on_gpu = True
-        return {"bytes": self.weight_bytes, "seconds": 0.0}
-
-    def evict(self):
-        self.evicts += self.on_gpu
-        self.on_gpu = False
-        return {"seconds": 0.0, "bytes": self.weight_bytes}
 
 
 async def start_llm(params: dict, *, grant_timeout: float | None = 10):

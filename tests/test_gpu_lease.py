@@ -10,33 +10,13 @@ import pytest
 
 from agile_rag.actors.embedder_actor import EmbedderActor
 from agile_rag.actors.messages import Describe, Embed, Rerank, UpdateModel
-from agile_rag.actors.model_base import module_bytes
 from agile_rag.actors.reranker_actor import RerankerActor
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.system import ActorSystem
-from support import minilm_dir
+from support import FakeResidency, minilm_dir
 
 MB = 2**20
-
-
-class FakeResidency:
-    def __init__(self, module):
-        self.weight_bytes = module_bytes(module)
-        self.on_gpu = False
-        self.admits = 0
-        self.evicts = 0
-
-    def admit(self, device="cuda"):
-        if not self.on_gpu:
-            self.admits += 1
-        self.on_gpu = True
-        return {"bytes": self.weight_bytes, "seconds": 0.0}
-
-    def evict(self):
-        self.evicts += self.on_gpu
-        self.on_gpu = False
-        return {"seconds": 0.0, "bytes": self.weight_bytes}
 
 
 def spec(kind, name, **kw):

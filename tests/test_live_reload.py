@@ -6,14 +6,12 @@ import asyncio
 import copy
 import json
 import os
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
 
-from support import CACHE, MINILM, ROOT, free_port, wait_ready, write_live_config
+from support import CACHE, MINILM, running_server, write_live_config
 
 ADMIN = "admin-secret"
 
@@ -36,19 +34,8 @@ def live(tmp_path_factory, cross_encoder_dir):
     conf = d / "configs.py"
     conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.2\n"
                     f"ADMIN_KEY = {ADMIN!r}\nMODELS_DIR = {str(d / 'models')!r}\n")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
-                             "--live-config", path, "--config", str(conf)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
+    with running_server(path, conf, str(d / "server.log")) as (base, _, _):
         yield {"base": base, "path": path, "cfg": cfg, "ce": cross_encoder_dir}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 async def get(s, url):

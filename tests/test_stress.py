@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from support import CACHE, ROOT, free_port, wait_ready, write_live_config
+from support import CACHE, ROOT, running_server, write_live_config
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from soak import Soak  # noqa: E402
@@ -26,19 +25,9 @@ def stress_server(tmp_path_factory, cross_encoder_dir):
     write_live_config(live, cross_encoder_dir)
     conf = d / "configs.py"
     conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.1\nADMIN_KEY = {ADMIN!r}\n")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
-                             "--live-config", live, "--config", str(conf)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
-        yield {"base": base, "live": live, "log": str(d / "server.log")}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    log = str(d / "server.log")
+    with running_server(live, conf, log) as (base, _, _):
+        yield {"base": base, "live": live, "log": log}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
