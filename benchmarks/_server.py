@@ -1,0 +1,73 @@
+"""A real server process for the benchmark scripts: started on a free loopback port from a
+liveconfigs.json and a configs.py written into a work folder, waited for, stopped.
+
+Imported by scripts in this folder as ``from _server import ...`` (a script's own folder is on
+``sys.path`` when it runs as ``python benchmarks/x.py``)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(workdir: str, live: dict, configs: str,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str, str]:
+    """Writes ``live`` as ``workdir/liveconfigs.json`` and ``configs`` (Python source) as
+    ``workdir/configs.py``, starts ``python -m agile_rag`` on them (cwd: the repository; this
+    process's environment with ``env`` over it) with stdout and stderr in ``workdir/server.log``.
+    Returns the process, its base URL and the log's path; it is not ready yet: ``wait_ready``."""
+    os.makedirs(workdir, exist_ok=True)
+    live_path = os.path.join(workdir, "liveconfigs.json")
+    with open(live_path, "w") as f:
+        json.dump(live, f)
+    cfg = os.path.join(workdir, "configs.py")
+    with open(cfg, "w") as f:
+        f.write(configs)
+    port = free_port()
+    log_path = os.path.join(workdir, "server.log")
+    with open(log_path, "w") as log:              # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "agile_rag", "--port", str(port),
+                                 "--live-config", live_path, "--config", cfg],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(os.environ, **env))
+    return proc, f"http://127.0.0.1:{port}", log_path
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0,
+               poll: float = 0.5) -> None:
+    """Until /health says ok (not degraded: a benchmark wants every model loaded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if json.load(r)["status"] == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"server at {base} not ready in {timeout}s")
+
+
+def stop_servers(procs, timeout: float = 30.0) -> None:
+    """SIGTERM to all at once, then each gets ``timeout`` seconds before SIGKILL."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
