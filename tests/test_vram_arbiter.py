@@ -495,14 +495,22 @@ class FakeModel(Actor):
         return await super().handle(msg, env)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-async def test_many_models_no_deadlock_no_starvation(seed):
-    rng = random.Random(seed)
-    budget = 1000
+@contextlib.asynccontextmanager
+async def contended(seed: int, budget: int = 1000):
+    """A seeded random source, a ledger of the simulated GPU and an arbiter of ``budget``."""
     ledger = Ledger(budget)
     system = ActorSystem(executor=ModelExecutor(max_workers=1))
     arb = system.spawn(VRAMArbiter(budget, grant_timeout=20.0))
     try:
+        yield random.Random(seed), ledger, system, arb
+    finally:
+        await system.stop_all()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+async def test_many_models_no_deadlock_no_starvation(seed):
+    budget = 1000
+    async with contended(seed, budget) as (rng, ledger, system, arb):
         names = [f"m{i}" for i in range(8)]
         weights = {n: rng.randint(100, 350) for n in names}
         weights["m0"] = 150                                      # m0 is pinned (device: cuda)
@@ -540,8 +548,6 @@ async def test_many_models_no_deadlock_no_starvation(seed):
                  and "granted" in e.detail]
         assert len(waits) == ledger.gpu_jobs and max(waits) < 5.0     # nobody starved
         assert took < 15
-    finally:
-        await system.stop_all()
 
 
 @dataclass
@@ -617,12 +623,8 @@ async def test_a_long_preemptible_job_yields_and_nobody_waits_long(seed):
     """A preemptible model runs jobs of 1.5 s back to back while other models ask for memory
     only it holds: every other model is served within a fraction of a second (not after the
     long job), the long jobs still finish, and nothing is ever over budget or revoked mid-job."""
-    rng = random.Random(seed)
     budget = 1000
-    ledger = Ledger(budget)
-    system = ActorSystem(executor=ModelExecutor(max_workers=1))
-    arb = system.spawn(VRAMArbiter(budget, grant_timeout=20.0))
-    try:
+    async with contended(seed, budget) as (rng, ledger, system, arb):
         llm = system.spawn(FakeLLM("llm", arb, ledger, random.Random(seed)))
         names = [f"m{i}" for i in range(5)]
         weights = {n: rng.randint(150, 350) for n in names}
@@ -651,5 +653,3 @@ async def test_a_long_preemptible_job_yields_and_nobody_waits_long(seed):
                                                         for h in arb.holders.values()))
         st = await state(arb)
         assert st.used == sum(ledger.resident.values())
-    finally:
-        await system.stop_all()
