@@ -60,6 +60,7 @@ def base():
     (lambda c: c.update(llm_params={"default_temp": 9}), "default_temp"),
     (lambda c: c.update(llm_params={"continuous_batching": "yes"}), "continuous_batching"),
     (lambda c: c.update(llm_params={"max_batch_size": 2.5}), "max_batch_size"),
+    (lambda c: c.update(llm_params={"gpu_min_slice_ms": -5}), "gpu_min_slice_ms"),
     (lambda c: c.update(embedder_params={"token_estimation": "words"}), "token_estimation"),
     (lambda c: c.update(reranker_params={"top_n": 0}), "top_n"),
     (lambda c: c.update(standby_llms="a"), "standby_llms must be a list"),
