@@ -106,13 +106,17 @@ class LLMActor(ModelActor):
     #   cuda_graphs (true)          capture the decode step as CUDA graphs on the GPU
     #   gpu_min_slice_ms (500)      when another model waits for the GPU, the batch pauses
     #                               (and gives the GPU back) once it has run this long
+    #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
+    #                               the other chats decoding between chunks (0: all at once)
     def _batch_settings(self) -> dict:
         p = self.params
         slice_ms = p.get("gpu_min_slice_ms")
+        chunk = p.get("prefill_chunk_tokens")
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
-                "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000}
+                "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
+                "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
     def _make_engine(self) -> None:
         why = batching_supported(self.model)

@@ -198,6 +198,7 @@ class SeqRequest:
     max_batch: int = 0
     prefill_batch: int = 0
     prefill_s: float = 0.0
+    prefill_chunks: int = 0
     preempted: int = 0
 
     def context(self) -> list[int]:
@@ -215,6 +216,8 @@ class SeqRequest:
              "queue_s": round(max(0.0, (self.admitted or time.monotonic()) - self.submitted), 4)}
         if self.preempted:
             d["preempted"] = self.preempted
+        if self.prefill_chunks:
+            d["prefill_chunks"] = self.prefill_chunks
         return d
 
 
@@ -298,7 +301,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
 class BatchEngine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, kv_tokens: int = 16384,
                  prefill_tokens: int = 4096, cuda_graphs: bool = True,
-                 min_slice_s: float = 0.5,
+                 min_slice_s: float = 0.5, prefill_chunk: int = 512,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         #: a yield (another model needs the GPU) is honoured once the loop has run this long
@@ -310,6 +313,9 @@ class BatchEngine:
         self.max_batch = max(1, int(max_batch))
         self.kv_tokens = int(kv_tokens)
         self.prefill_tokens = int(prefill_tokens)
+        #: a context longer than this is prefilled alone, this many tokens per loop turn,
+        #: with a decode step of the active rows after each chunk (0: in one forward)
+        self.prefill_chunk = max(0, int(prefill_chunk))
         self.cuda_graphs = cuda_graphs
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
@@ -339,6 +345,7 @@ class BatchEngine:
         self.yielded = False              # the last loop paused for it (its requests wait)
         self.waiting: collections.deque[SeqRequest] = collections.deque()
         self.active: list[SeqRequest] = []
+        self.partial: _Partial | None = None      # a long context being prefilled in chunks
         self.cache = None
         self.graphs: _Graphs | None = None
         # figures
@@ -401,7 +408,8 @@ class BatchEngine:
                             self._abort = None
                             self.running = False
                             break
-                        if not new and not self.active and (not self.waiting or self.hold):
+                        if not new and not self.active and self.partial is None and \
+                                (not self.waiting or self.hold):
                             self.running = False
                             break
                         if self._yield_asked and time.monotonic() - t0 >= self.min_slice_s:
@@ -415,6 +423,11 @@ class BatchEngine:
                         self._accept(req)
                     if not self.hold:
                         self._admit(stats)
+                    elif self.partial is not None:      # finish the active rows only
+                        self.waiting.appendleft(self.partial.req)
+                        self.partial = None
+                    if self.partial is not None:
+                        self._prefill_chunk(stats)
                     if self.active:
                         self._step(stats)
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
@@ -431,7 +444,12 @@ class BatchEngine:
         return stats
 
     def _pause_all(self, stats: dict) -> None:
-        """Every active sequence back to the head of the queue, oldest first."""
+        """Every active sequence back to the head of the queue, oldest first (then the one
+        being prefilled in chunks, which starts again)."""
+        if self.partial is not None:
+            self.partial.req.preempted += 1
+            self.waiting.appendleft(self.partial.req)
+            self.partial = None
         for req in reversed(self.active):
             req.preempted += 1
             self.waiting.appendleft(req)
@@ -449,6 +467,9 @@ class BatchEngine:
         self.waiting.append(req)
 
     def _fail_all(self, exc: BaseException) -> None:
+        if self.partial is not None:
+            self.waiting.appendleft(self.partial.req)
+            self.partial = None
         for req in list(self.active) + list(self.waiting):
             req.reason = "error"
             _safe_done(req, exc)
@@ -476,6 +497,15 @@ class BatchEngine:
                 continue
             n = len(self.active) + len(take) + 1
             lng = max(longest, req.reserve())
+            if self.prefill_chunk and len(req.context()) > self.prefill_chunk:
+                # a long context: prefilled alone, a chunk per loop turn (one at a time)
+                if not take and self.partial is None and \
+                        not (self.active and n * lng > self.kv_tokens):
+                    self.waiting.popleft()
+                    req.admitted = req.admitted or time.monotonic()
+                    req.prefill_batch = max(req.prefill_batch, 1)
+                    self.partial = _Partial(req, _new_dynamic_cache())
+                break
             plen = max(pad_len, len(req.context()))
             if (self.active or take) and (n * lng > self.kv_tokens or
                                           plen * (len(take) + 1) > self.prefill_tokens):
@@ -494,6 +524,47 @@ class BatchEngine:
         stats["prefills"] += 1
         for req in take:
             req.prefill_s += time.monotonic() - now
+
+    def _prefill_chunk(self, stats: dict) -> None:
+        """The next chunk of the long context being prefilled; after the last one the
+        sequence takes a slot (its KV copied in) and its first token, like any prefill."""
+        p = self.partial
+        req = p.req
+        if req.msg.cancel.is_set():
+            self.partial = None
+            req.reason = "cancelled"
+            self._finish(req)
+            return
+        t0 = time.monotonic()
+        ctx = req.context()
+        start, end = p.done, min(len(ctx), p.done + self.prefill_chunk)
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([ctx[start:end]], dtype=torch.long, device=dev)
+        mask = torch.ones((1, end), dtype=torch.long, device=dev)
+        positions = torch.arange(start, end, dtype=torch.long, device=dev)[None]
+        kwargs = {self._keep_kw: 1} if self._keep_kw else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=p.kv, use_cache=True, **kwargs)
+        p.done = end
+        stats["prefill_chunks"] = stats.get("prefill_chunks", 0) + 1
+        req.prefill_chunks += 1
+        if end < len(ctx):
+            req.prefill_s += time.monotonic() - t0
+            return
+        self.partial = None
+        longest = max([max(r.reserve(), r.pos + 1) for r in self.active] + [req.reserve()])
+        self._ensure_cache(len(self.active) + 1, longest)
+        slot, n = len(self.active), len(ctx)
+        for layer in range(self.n_layers):
+            k, v = _dynamic_layer(p.kv, layer)
+            self.cache.keys[layer][slot, :, :n] = k[0]
+            self.cache.values[layer][slot, :, :n] = v[0]
+        req.slot, req.pos = slot, n
+        self.active.append(req)
+        stats["prefills"] += 1
+        tokens = self._sample(out.logits[:, -1, :], [req])
+        req.prefill_s += time.monotonic() - t0
+        self._take_tokens([req], tokens)
 
     def _ensure_cache(self, slots: int, length: int) -> None:
         """A cache with at least ``slots`` rows of ``length`` tokens; growing keeps the active
@@ -798,6 +869,19 @@ class _Graphs:
 # ---- helpers ------------------------------------------------------------------------------------
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass(eq=False)
+class _Partial:
+    """A long context being prefilled in chunks: its KV so far and how many tokens it holds."""
+    req: SeqRequest
+    kv: Any
+    done: int = 0
+
+
+def _new_dynamic_cache():
+    from transformers import DynamicCache
+    return DynamicCache()
 
 
 def _dynamic_layer(kv, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

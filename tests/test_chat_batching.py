@@ -281,3 +281,87 @@ async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes():
         assert [e.msg_type for e in system.tracer.events if e.msg_type == "Yield"]
     finally:
         await system.stop_all()
+
+
+LONG_PROMPT = ("Here are my notes about rivers, lakes and the sea. " * 30 +
+               "Summarise them in one sentence.")
+
+
+async def test_a_long_prompt_prefilled_in_chunks_gives_the_same_words(llm):
+    actor = llm[0]
+    engine = actor.engine
+    old = engine.prefill_chunk
+    try:
+        engine.prefill_chunk = 0                                  # one forward
+        whole = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
+        engine.prefill_chunk = 48
+        chunked = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
+    finally:
+        engine.prefill_chunk = old
+    assert whole.prompt_tokens > 300 and whole.text
+    assert (chunked.text, chunked.finish_reason) == (whole.text, whole.finish_reason)
+    detail = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-1].detail
+    assert detail.get("prefill_chunks", 0) >= whole.prompt_tokens // 48, detail
+
+
+async def test_other_streams_decode_between_the_chunks_of_a_long_prompt(llm):
+    """A long prompt arriving while a chat streams: with chunked prefill the stream keeps
+    getting tokens, one decode step after each chunk, instead of stalling for the whole
+    prefill."""
+    actor = llm[0]
+    engine = actor.engine
+    old = engine.prefill_chunk
+    engine.prefill_chunk = 24
+    try:
+        a = chat("Write a long story about a dragon.", 200, stream=True)
+        task_a = asyncio.ensure_future(actor.ask(a, timeout=300))
+        got = 0
+        while got < 3:                                   # A is decoding
+            item = await asyncio.wait_for(a.stream.get(), 120)
+            got += isinstance(item, str) and item != ""
+        b = await actor.ask(chat(LONG_PROMPT, 2), timeout=300)   # returns after its prefill
+        during = 0
+        while not a.stream.queue.empty():                # A's tokens streamed meanwhile
+            item = a.stream.queue.get_nowait()
+            during += isinstance(item, str) and item != ""
+        a.cancel.set()
+        await asyncio.wait_for(task_a, 120)
+    finally:
+        engine.prefill_chunk = old
+    chunks = b.prompt_tokens // 24
+    assert chunks >= 10
+    assert during >= chunks - 3, (during, chunks)
+
+
+async def test_a_long_prompt_cancelled_or_paused_mid_prefill(llm):
+    """Cancelled between chunks: it ends as cancelled, nothing else is disturbed. Paused
+    between chunks (the GPU yielded to another model): it starts again and answers the same."""
+    from agile_rag.actors.messages import Yield
+    from agile_rag.runtime.actor import CONTROL
+
+    actor = llm[0]
+    engine = actor.engine
+    old = engine.prefill_chunk, engine.min_slice_s
+    engine.prefill_chunk, engine.min_slice_s = 16, 0.0
+    try:
+        whole = await actor.ask(chat(LONG_PROMPT, 8), timeout=300)
+        msg = chat(LONG_PROMPT, 8)
+        task = asyncio.ensure_future(actor.ask(msg, timeout=300))
+        while engine.partial is None:
+            await asyncio.sleep(0.005)
+        msg.cancel.set()
+        cancelled = await asyncio.wait_for(task, 120)
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 0
+
+        evicts = actor.lease.residency.evicts
+        task = asyncio.ensure_future(actor.ask(chat(LONG_PROMPT, 8), timeout=300))
+        while engine.partial is None or engine.partial.done == 0:
+            await asyncio.sleep(0.005)
+        actor.tell(Yield("smollm2", "test"), priority=CONTROL, sender="test")
+        again = await asyncio.wait_for(task, 300)
+    finally:
+        engine.prefill_chunk, engine.min_slice_s = old
+    assert actor.lease.residency.evicts == evicts + 1          # it did give the GPU back
+    assert (again.text, again.finish_reason) == (whole.text, whole.finish_reason)
+    detail = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-1].detail
+    assert detail.get("preempted") == 1, detail

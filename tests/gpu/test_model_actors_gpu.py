@@ -220,3 +220,47 @@ def test_a_busy_llm_batch_yields_the_gpu_to_the_reranker(folders, tmp_path):
     assert took < 10, (took, detail)
     assert np.allclose(cpu_scores, gpu_scores, atol=2e-3)
     assert all(r.completion_tokens > 0 and r.finish_reason in ("length", "stop") for r in results)
+
+
+def test_chunked_prefill_on_the_gpu_gives_the_same_words(tmp_path):
+    """A prompt longer than prefill_chunk_tokens, read in chunks on the GPU, answers what
+    one whole prefill answers (greedy)."""
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.actors.messages import Chat
+
+    folder = str(tmp_path / "llm")
+    os.makedirs(folder)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}the {% endif %}")
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128,
+                                 intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=1024,
+                                 eos_token_id=3, pad_token_id=0)).save_pretrained(folder)
+    prompt = " ".join(WORDS * 20)
+
+    async def go():
+        system = ActorSystem()
+        system.spawn(VRAMArbiter(1 << 30))
+        llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, max_tokens=1024))
+        llm.residency_factory = WeightResidency
+        system.spawn(llm)
+        await llm.ask(Describe())
+        outs = []
+        for chunk in (0, 64):
+            llm.engine.prefill_chunk = chunk
+            outs.append(await llm.ask(Chat([{"role": "user", "content": prompt}], None, 8,
+                                           0.0, 1.0, [])))
+        on_gpu = llm.lease.residency.on_gpu
+        await system.stop_all()
+        return outs, on_gpu
+    (whole, chunked), on_gpu = asyncio.run(go())
+    assert on_gpu and whole.prompt_tokens > 256
+    assert chunked.text == whole.text and chunked.completion_tokens == whole.completion_tokens
