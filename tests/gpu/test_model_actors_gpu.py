@@ -32,7 +32,7 @@ def build(folder: str, cross: bool) -> str:
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab)
+    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
     torch.manual_seed(1 if cross else 2)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4,
                      num_attention_heads=4, intermediate_size=1024, num_labels=1,
@@ -133,7 +133,7 @@ def test_the_llm_actor_generates_on_the_gpu(tmp_path):
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab)
+    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
                          "{% if add_generation_prompt %}the {% endif %}")
     tok.save_pretrained(folder)
@@ -235,15 +235,18 @@ def test_chunked_prefill_on_the_gpu_gives_the_same_words(tmp_path):
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab)
+    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
                          "{% if add_generation_prompt %}the {% endif %}")
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128,
-                                 intermediate_size=256, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=1024,
-                                 eos_token_id=3, pad_token_id=0)).save_pretrained(folder)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128,
+                                         intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=1024,
+                                         eos_token_id=3, pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight[:5] = 0        # special tokens never win: the answer has words
+    model.save_pretrained(folder)
     prompt = " ".join(WORDS * 20)
 
     async def go():
@@ -262,5 +265,5 @@ def test_chunked_prefill_on_the_gpu_gives_the_same_words(tmp_path):
         await system.stop_all()
         return outs, on_gpu
     (whole, chunked), on_gpu = asyncio.run(go())
-    assert on_gpu and whole.prompt_tokens > 256
+    assert on_gpu and whole.prompt_tokens > 256 and whole.text.strip()
     assert chunked.text == whole.text and chunked.completion_tokens == whole.completion_tokens
