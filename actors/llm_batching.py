@@ -487,15 +487,18 @@ class BatchEngine:
     def _admit(self, stats: dict) -> None:
         take: list[SeqRequest] = []
         longest = max((max(r.reserve(), r.pos + 1) for r in self.active), default=0)
+        held = len(self.active)               # rows the cache must keep (+ a chunked prefill)
+        if self.partial is not None:
+            longest, held = max(longest, self.partial.req.reserve()), held + 1
         pad_len = 0
-        while self.waiting and len(self.active) + len(take) < self.max_batch:
+        while self.waiting and held + len(take) < self.max_batch:
             req = self.waiting[0]
             if req.msg.cancel.is_set():
                 self.waiting.popleft()
                 req.reason = "cancelled"
                 self._finish(req)
                 continue
-            n = len(self.active) + len(take) + 1
+            n = held + len(take) + 1
             lng = max(longest, req.reserve())
             if self.prefill_chunk and len(req.context()) > self.prefill_chunk:
                 # a long context: prefilled alone, a chunk per loop turn (one at a time)
@@ -507,7 +510,7 @@ class BatchEngine:
                     self.partial = _Partial(req, _new_dynamic_cache())
                 break
             plen = max(pad_len, len(req.context()))
-            if (self.active or take) and (n * lng > self.kv_tokens or
+            if (held or take) and (n * lng > self.kv_tokens or
                                           plen * (len(take) + 1) > self.prefill_tokens):
                 break
             self.waiting.popleft()
