@@ -76,7 +76,12 @@ def format_timeline(data: dict, width: int = 40) -> str:
              f"the GPU)",
              f"  evict        {_ms(t['evict_s'])}"
              + (f"   (evicted: {', '.join(t['evicted'])})" if t.get("evicted") else ""),
-             f"  compute      {_ms(t['compute_s'])}",
+             f"  compute      {_ms(t['compute_s'])}"
+             + (f"   (prompt read in {t['prefill_chunks']} chunks)"
+                if t.get("prefill_chunks") else ""),
+             *([f"  paused       {t['paused']} time(s)   (the chat batch gave the GPU to "
+                f"another model or ran out of KV cache; it went on where it was)"]
+               if t.get("paused") else []),
              f"  reply/stream {_ms(t['reply_s'])}   (after the model finished)",
              ""]
     span = max((e["end_at_s"] for e in events), default=0.0) or 1e-9

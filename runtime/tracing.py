@@ -278,6 +278,10 @@ def request_timeline(events: list[TraceEvent]) -> dict:
     for e in work:
         evicted += [m for m in e.detail.get("evicted") or () if m not in evicted]
     out["evicted"] = evicted
+    # a chat that paused mid-generation (its batch yielded the GPU, or the KV budget was
+    # full) and went on by reading its text again; a long prompt read in chunks
+    out["paused"] = int(sum(_num(e.detail, "preempted") for e in work))
+    out["prefill_chunks"] = int(sum(_num(e.detail, "prefill_chunks") for e in work))
     out["models"] = sorted({e.actor for e in work})
     out["devices"] = sorted({str(e.detail["gpu"]) for e in work if "gpu" in e.detail})
     if http:

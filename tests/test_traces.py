@@ -311,6 +311,22 @@ def test_request_timeline_splits_grant_wait_swap_and_compute():
     assert t["models"] == ["rr"] and t["status"] == 200
 
 
+def test_timeline_of_a_chat_that_paused_and_read_its_prompt_in_chunks():
+    from agile_rag.tracecli import format_timeline
+
+    r = "req-chat"
+    events = [ev("http", "POST /v1/chat/completions", r, None, 1.0, 1.0, 4.0, status=200),
+              ev("llm", "Chat", r, "http", 1.001, 1.01, 3.9, preempted=2, prefill_chunks=5,
+                 grant_wait_s=0.3)]
+    t = request_timeline(events)
+    assert t["paused"] == 2 and t["prefill_chunks"] == 5
+    text = format_timeline({"request_id": r, "timeline": t, "events": []})
+    assert "paused       2 time(s)" in text and "prompt read in 5 chunks" in text
+    plain = request_timeline(events[:1] + [ev("llm", "Chat", r, "http", 1.0, 1.0, 2.0)])
+    assert plain["paused"] == 0
+    assert "paused" not in format_timeline({"request_id": r, "timeline": plain, "events": []})
+
+
 def test_chrome_trace_of_a_swap_nests_phases_and_keeps_overlaps_async():
     data = chrome_trace(gpu_swap_events(), wall_offset=1.7e9)
     tracks = check_chrome(data)
