@@ -43,6 +43,57 @@ def build(folder: str, cross: bool) -> str:
     return folder
 
 
+def build_tiny_llm(folder: str, *, hidden: int, max_positions: int,
+                   words_only: bool = False) -> str:
+    """A two-layer random Llama on a WORDS tokenizer with a plain chat template."""
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    os.makedirs(folder)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}the {% endif %}")
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden,
+                                         intermediate_size=2 * hidden, num_hidden_layers=2,
+                                         num_attention_heads=4,
+                                         max_position_embeddings=max_positions,
+                                         eos_token_id=3, pad_token_id=0))
+    if words_only:
+        with torch.no_grad():
+            model.lm_head.weight[:5] = 0    # special tokens never win: the answer has words
+    model.save_pretrained(folder)
+    return folder
+
+
+def ask_tiny_llm(folder: str, max_tokens: int, asks: list) -> tuple[list, bool]:
+    """An LLM actor on the GPU (real arbiter and residency) answers each ``(prefill_chunk or
+    None, prompt)`` in turn, greedily, 8 tokens: the answers, and whether it ended on the GPU."""
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.actors.messages import Chat
+
+    async def go():
+        system = ActorSystem()
+        system.spawn(VRAMArbiter(1 << 30))
+        llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, max_tokens=max_tokens))
+        llm.residency_factory = WeightResidency
+        system.spawn(llm)
+        await llm.ask(Describe())
+        outs = []
+        for chunk, prompt in asks:
+            if chunk is not None:
+                llm.engine.prefill_chunk = chunk
+            outs.append(await llm.ask(Chat([{"role": "user", "content": prompt}], None, 8,
+                                           0.0, 1.0, [])))
+        on_gpu = llm.lease.residency.on_gpu
+        await system.stop_all()
+        return outs, on_gpu
+    return asyncio.run(go())
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpu-models")
@@ -123,41 +174,9 @@ def test_idle_on_cpu_and_pinned_cuda_on_a_real_gpu(folders):
 
 def test_the_llm_actor_generates_on_the_gpu(tmp_path):
     """Regression: the attention mask stayed on the CPU while the weights were on the GPU."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=64, max_positions=256)
 
-    from agile_rag.actors.llm_actor import LLMActor
-    from agile_rag.actors.messages import Chat
-
-    folder = str(tmp_path / "llm")
-    os.makedirs(folder)
-    vocab = os.path.join(folder, "vocab.txt")
-    with open(vocab, "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}the {% endif %}")
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 max_position_embeddings=256, eos_token_id=3,
-                                 pad_token_id=0)).save_pretrained(folder)
-
-    async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 30))
-        llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, max_tokens=256))
-        llm.residency_factory = WeightResidency
-        system.spawn(llm)
-        await llm.ask(Describe())
-        outs = []
-        for _ in range(2):
-            outs.append(await llm.ask(Chat([{"role": "user", "content": "capital of france"}],
-                                           None, 8, 0.0, 1.0, [])))
-        on_gpu = llm.lease.residency.on_gpu
-        await system.stop_all()
-        return outs, on_gpu
-    outs, on_gpu = asyncio.run(go())
+    outs, on_gpu = ask_tiny_llm(folder, 256, [(None, "capital of france")] * 2)
     assert on_gpu
     assert outs[0].completion_tokens > 0 and outs[0].text == outs[1].text
 
@@ -225,45 +244,10 @@ def test_a_busy_llm_batch_yields_the_gpu_to_the_reranker(folders, tmp_path):
 def test_chunked_prefill_on_the_gpu_gives_the_same_words(tmp_path):
     """A prompt longer than prefill_chunk_tokens, read in chunks on the GPU, answers what
     one whole prefill answers (greedy)."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
-
-    from agile_rag.actors.llm_actor import LLMActor
-    from agile_rag.actors.messages import Chat
-
-    folder = str(tmp_path / "llm")
-    os.makedirs(folder)
-    vocab = os.path.join(folder, "vocab.txt")
-    with open(vocab, "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab=vocab)        # a path; vocab_file= is ignored (5 tokens)
-    tok.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}the {% endif %}")
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128,
-                                         intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=1024,
-                                         eos_token_id=3, pad_token_id=0))
-    with torch.no_grad():
-        model.lm_head.weight[:5] = 0        # special tokens never win: the answer has words
-    model.save_pretrained(folder)
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
     prompt = " ".join(WORDS * 20)
 
-    async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 30))
-        llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, max_tokens=1024))
-        llm.residency_factory = WeightResidency
-        system.spawn(llm)
-        await llm.ask(Describe())
-        outs = []
-        for chunk in (0, 64):
-            llm.engine.prefill_chunk = chunk
-            outs.append(await llm.ask(Chat([{"role": "user", "content": prompt}], None, 8,
-                                           0.0, 1.0, [])))
-        on_gpu = llm.lease.residency.on_gpu
-        await system.stop_all()
-        return outs, on_gpu
-    (whole, chunked), on_gpu = asyncio.run(go())
+    (whole, chunked), on_gpu = ask_tiny_llm(folder, 1024, [(0, prompt), (64, prompt)])
     assert on_gpu and whole.prompt_tokens > 256 and whole.text.strip()
     assert chunked.text == whole.text and chunked.completion_tokens == whole.completion_tokens
