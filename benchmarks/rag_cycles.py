@@ -203,13 +203,14 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
         json.dump(info, f)
 
 
-def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str) -> tuple[str, str]:
+def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
+                  embed_cuda_thres: int = 0) -> tuple[str, str]:
     paths = info["paths"]
     live = {"standby_llms": ["llm"], "standby_embedders": ["emb"], "standby_rerankers": ["rr"],
             "llms": {"llm": {"llm_path": paths["llm"], "device": "flex", "max_tokens": 4096,
                              "dtype": dtype}},
             "embedders": {"emb": {"path": paths["embedder"], "device": "flex", "dtype": dtype,
-                                  "cuda_thres": 0, "max_tokens": 512}},
+                                  "cuda_thres": embed_cuda_thres, "max_tokens": 512}},
             "rerankers": {"rr": {"path": paths["reranker"], "device": "flex", "max_tokens": 512,
                                  "kind": "cross-encoder", "dtype": dtype}},
             "llm_params": {"default_temp": 0}}
@@ -591,6 +592,7 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
              f"- cycle: streamed chat ({result['new_tokens']} new tokens) -> embed 1 query -> "
              f"rerank {N_PASSAGES} passages of {PASSAGE_CHARS} chars (top_n {TOP_N}) -> "
              "streamed chat with the top passages",
+             f"- the embedder's cuda_thres: {result.get('embed_cuda_thres', 0)}",
              f"- window per level: {result['duration_s']} s; {result['counting_rule']}", ""]
     for mode, mres in result["modes"].items():
         budget = mres.get("budget_mb")
@@ -691,6 +693,9 @@ def main() -> None:
                     help="real (default with CUDA) or small (default without)")
     ap.add_argument("--modes", default="capped,uncapped")
     ap.add_argument("--cap-mb", type=int, default=8192)
+    ap.add_argument("--embed-cuda-thres", type=int, default=0,
+                    help="the embedder's cuda_thres (0: every embed asks for the GPU, as in "
+                         "the seed's cycle; 8: one-query embeds run on the CPU)")
     ap.add_argument("--concurrency", default=None,
                     help='levels, e.g. "1,4,16" (default; "1,2,4" for small shapes)')
     ap.add_argument("--duration-s", type=float, default=60.0)
@@ -746,6 +751,7 @@ def main() -> None:
         "gpu_total_mb": info["gpu_total_mb"], "cuda": info["cuda"],
         "versions": info["versions"], "shapes": shapes, "dtype": SHAPES[shapes]["dtype"],
         "params": info["params"], "cap_mb": a.cap_mb, "duration_s": a.duration_s,
+        "embed_cuda_thres": a.embed_cuda_thres,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
         "counting_rule": "cycles that started inside the window count (each client finishes "
                          "its last one); elapsed = window start to the end of the last counted "
@@ -762,7 +768,8 @@ def main() -> None:
             result["skipped"].append(f"mode {mode}: no time left for a server start and a level")
             say(f"skip mode {mode}: no time left")
             continue
-        live, cfg = write_configs(a.work, info, mode, a.cap_mb, SHAPES[shapes]["dtype"])
+        live, cfg = write_configs(a.work, info, mode, a.cap_mb, SHAPES[shapes]["dtype"],
+                                  a.embed_cuda_thres)
         say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = "
             f"{a.cap_mb if mode == 'capped' else 0})")
         t0 = time.monotonic()
