@@ -491,6 +491,11 @@ class BatchEngine:
         if self.partial is not None:
             longest, held = max(longest, self.partial.req.reserve()), held + 1
         pad_len = 0
+        # while other chats stream, one prefill forward stays within a chunk (they stall
+        # for it); with nobody streaming, up to prefill_tokens at once
+        limit = self.prefill_tokens
+        if held and self.prefill_chunk:
+            limit = min(limit, self.prefill_chunk)
         while self.waiting and held + len(take) < self.max_batch:
             req = self.waiting[0]
             if req.msg.cancel.is_set():
@@ -511,7 +516,7 @@ class BatchEngine:
                 break
             plen = max(pad_len, len(req.context()))
             if (held or take) and (n * lng > self.kv_tokens or
-                                          plen * (len(take) + 1) > self.prefill_tokens):
+                                   plen * (len(take) + 1) > limit):
                 break
             self.waiting.popleft()
             take.append(req)

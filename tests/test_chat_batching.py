@@ -365,3 +365,36 @@ async def test_a_long_prompt_cancelled_or_paused_mid_prefill(llm):
     assert (again.text, again.finish_reason) == (whole.text, whole.finish_reason)
     detail = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-1].detail
     assert detail.get("preempted") == 1, detail
+
+
+async def test_while_a_chat_streams_new_prompts_are_prefilled_a_chunk_at_a_time(llm):
+    """Prompts that each fit a chunk but not together: with a chat streaming they are read
+    one forward per chunk's worth (the stream stalls for no more than that); with nothing
+    streaming they are read together."""
+    actor = llm[0]
+    engine = actor.engine
+    old = engine.prefill_chunk
+    prompts = [f"Question {i}: " + "tell me about the tides of the sea and the moon. " * 8
+               for i in range(3)]
+    engine.prefill_chunk = 160                          # each prompt fits, two do not
+
+    async def batch_sizes():
+        results = await asyncio.gather(*(actor.ask(chat(p, 2), timeout=300) for p in prompts))
+        assert all(r.prompt_tokens <= 160 < 2 * r.prompt_tokens for r in results)
+        return [e.detail["prefill_batch"] for e in actor.system.tracer.events
+                if e.msg_type == "Chat"][-3:]
+    try:
+        alone = await batch_sizes()
+        a = chat("Write a long story about a dragon.", 300, stream=True)
+        task_a = asyncio.ensure_future(actor.ask(a, timeout=300))
+        got = 0
+        while got < 2:
+            item = await asyncio.wait_for(a.stream.get(), 120)
+            got += isinstance(item, str) and item != ""
+        streaming = await batch_sizes()
+        a.cancel.set()
+        await asyncio.wait_for(task_a, 120)
+    finally:
+        engine.prefill_chunk = old
+    assert alone == [3, 3, 3], alone
+    assert streaming == [1, 1, 1], streaming
