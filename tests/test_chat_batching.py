@@ -379,10 +379,13 @@ async def test_while_a_chat_streams_new_prompts_are_prefilled_a_chunk_at_a_time(
     engine.prefill_chunk = 160                          # each prompt fits, two do not
 
     async def batch_sizes():
-        results = await asyncio.gather(*(actor.ask(chat(p, 2), timeout=300) for p in prompts))
+        ids = [f"chunk-at-a-time-{time.monotonic()}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(*(actor.ask(chat(p, 2), timeout=300, request_id=r)
+                                         for p, r in zip(prompts, ids)))
         assert all(r.prompt_tokens <= 160 < 2 * r.prompt_tokens for r in results)
-        return [e.detail["prefill_batch"] for e in actor.system.tracer.events
-                if e.msg_type == "Chat"][-3:]
+        by_id = {e.request_id: e.detail for e in actor.system.tracer.events
+                 if e.msg_type == "Chat" and e.request_id in ids}
+        return [by_id[r].get("prefill_batch") for r in ids]
     try:
         alone = await batch_sizes()
         a = chat("Write a long story about a dragon.", 300, stream=True)
