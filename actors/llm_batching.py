@@ -423,9 +423,8 @@ class BatchEngine:
                         self._accept(req)
                     if not self.hold:
                         self._admit(stats)
-                    elif self.partial is not None:      # finish the active rows only
-                        self.waiting.appendleft(self.partial.req)
-                        self.partial = None
+                    else:                               # finish the active rows only
+                        self._requeue_partial()
                     if self.partial is not None:
                         self._prefill_chunk(stats)
                     if self.active:
@@ -446,15 +445,22 @@ class BatchEngine:
     def _pause_all(self, stats: dict) -> None:
         """Every active sequence back to the head of the queue, oldest first (then the one
         being prefilled in chunks, which starts again)."""
-        if self.partial is not None:
-            self.partial.req.preempted += 1
-            self.waiting.appendleft(self.partial.req)
-            self.partial = None
+        if self._requeue_partial():
+            self.waiting[0].preempted += 1
         for req in reversed(self.active):
             req.preempted += 1
             self.waiting.appendleft(req)
         stats["yielded_seqs"] = len(self.active)
         self.active.clear()
+
+    def _requeue_partial(self) -> bool:
+        """The prompt being prefilled in chunks back to the head of the queue (it starts
+        again); False when there is none."""
+        if self.partial is None:
+            return False
+        self.waiting.appendleft(self.partial.req)
+        self.partial = None
+        return True
 
     def _accept(self, req: SeqRequest) -> None:
         if req.prompt is None and self.prepare is not None:
@@ -467,9 +473,7 @@ class BatchEngine:
         self.waiting.append(req)
 
     def _fail_all(self, exc: BaseException) -> None:
-        if self.partial is not None:
-            self.waiting.appendleft(self.partial.req)
-            self.partial = None
+        self._requeue_partial()
         for req in list(self.active) + list(self.waiting):
             req.reason = "error"
             _safe_done(req, exc)

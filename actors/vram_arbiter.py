@@ -428,9 +428,8 @@ class VRAMArbiter(Actor):
                 continue
             h.yield_sent = True
             env.detail.setdefault("yield_asked", []).append(h.model)
-            actors = self.system.actors if self.system is not None else {}
-            target = actors.get(h.actor)
-            if target is not None and not target.stopped:
+            target = self._holder_actor(h)
+            if target is not None:
                 target.tell(Yield(h.model, f"{model!r} waits for GPU memory"),
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
@@ -480,11 +479,16 @@ class VRAMArbiter(Actor):
             env.detail["revoked"].append(h.model)
         return not self._send_revoke(h, reason, env)
 
-    def _send_revoke(self, h: _Holder, reason: str, env: Envelope) -> bool:
-        """False: the holder's actor is gone, its bytes were treated as freed."""
+    def _holder_actor(self, h: _Holder) -> Actor | None:
+        """The running actor behind holder ``h`` (None: stopped or gone)."""
         actors = self.system.actors if self.system is not None else {}
         target = actors.get(h.actor)
-        if target is None or target.stopped:
+        return None if target is None or target.stopped else target
+
+    def _send_revoke(self, h: _Holder, reason: str, env: Envelope) -> bool:
+        """False: the holder's actor is gone, its bytes were treated as freed."""
+        target = self._holder_actor(h)
+        if target is None:
             log.warning("%s: holder %r has no running actor %r: its %s count as freed",
                         self.name, h.model, h.actor, _fmt(h.nbytes))
             self.holders.pop(h.model, None)

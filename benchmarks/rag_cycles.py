@@ -69,12 +69,13 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from _server import free_port          # (this script's folder is on sys.path)
 
 ADMIN_KEY = "k"
 RESERVE_S = 30.0          # kept free at the end of --time-budget-s: stop the server, write files
@@ -225,12 +226,6 @@ def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
 
 
 # ---- the server process -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str, timeout: float = 10, headers: dict | None = None) -> dict:
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as r:

@@ -158,3 +158,20 @@ def gpu_bytes_in_use() -> int:
     if clear is not None:
         clear()
     return torch.cuda.memory_allocated()
+
+
+async def sse_events(resp) -> list:
+    """Parse an SSE body (an aiohttp response) strictly: every event is `data: ...` followed
+    by a blank line; JSON events parsed, the final ``"[DONE]"`` kept as a string."""
+    import orjson
+
+    raw = (await resp.read()).decode()
+    assert raw.endswith("\n\n")
+    events = []
+    for block in raw.split("\n\n")[:-1]:
+        if block.startswith(":"):
+            continue                                  # keep-alive comment
+        assert block.startswith("data: "), block
+        data = block[6:]
+        events.append(data if data == "[DONE]" else orjson.loads(data))
+    return events

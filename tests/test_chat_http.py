@@ -2,25 +2,12 @@
 from __future__ import annotations
 
 import aiohttp
-import orjson
 import pytest
 from openai import OpenAI
 
+from support import sse_events
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> list:
-    """Parse an SSE body strictly: every event is `data: ...` followed by a blank line."""
-    raw = (await resp.read()).decode()
-    assert raw.endswith("\n\n")
-    events = []
-    for block in raw.split("\n\n")[:-1]:
-        if block.startswith(":"):
-            continue                                  # keep-alive comment
-        assert block.startswith("data: "), block
-        data = block[6:]
-        events.append(data if data == "[DONE]" else orjson.loads(data))
-    return events
 
 
 async def test_chat_answers_with_the_models_own_words(v1):

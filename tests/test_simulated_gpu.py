@@ -20,7 +20,7 @@ from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
 from agile_rag.server import Server, create_app
-from support import CACHE, MINILM, SMOLLM, FakeResidency
+from support import CACHE, MINILM, SMOLLM, FakeResidency, sse_events
 
 CHATS = [("Write a short story about a lighthouse keeper.", 40),
          ("Explain how rain forms, step by step.", 32),
@@ -63,16 +63,10 @@ async def chat(session, srv, prompt: str, n: int) -> str:
             "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
             "stream": True}) as r:
         assert r.status == 200, await r.text()
-        text, done = "", False
-        async for line in r.content:
-            line = line.decode().strip()
-            if line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                for choice in json.loads(line[6:]).get("choices", []):
-                    text += choice["delta"].get("content") or ""
-        assert done
-        return text
+        events = await sse_events(r)
+    assert events[-1] == "[DONE]"
+    return "".join(c["delta"].get("content") or "" for e in events[:-1]
+                   for c in e.get("choices", []))
 
 
 async def embed(session, srv, text: str) -> np.ndarray:
