@@ -453,6 +453,10 @@ class BatchEngine:
         stats["yielded_seqs"] = len(self.active)
         self.active.clear()
 
+    def _longest_active(self) -> int:
+        """The cache length the active rows need: each one's reservation or position."""
+        return max((max(r.reserve(), r.pos + 1) for r in self.active), default=0)
+
     def _requeue_partial(self) -> bool:
         """The prompt being prefilled in chunks back to the head of the queue (it starts
         again); False when there is none."""
@@ -490,7 +494,7 @@ class BatchEngine:
     # ---- admission and prefill -----------------------------------------------------------------
     def _admit(self, stats: dict) -> None:
         take: list[SeqRequest] = []
-        longest = max((max(r.reserve(), r.pos + 1) for r in self.active), default=0)
+        longest = self._longest_active()
         held = len(self.active)               # rows the cache must keep (+ a chunked prefill)
         if self.partial is not None:
             longest, held = max(longest, self.partial.req.reserve()), held + 1
@@ -564,7 +568,7 @@ class BatchEngine:
             req.prefill_s += time.monotonic() - t0
             return
         self.partial = None
-        longest = max([max(r.reserve(), r.pos + 1) for r in self.active] + [req.reserve()])
+        longest = max(self._longest_active(), req.reserve())
         self._ensure_cache(len(self.active) + 1, longest)
         slot, n = len(self.active), len(ctx)
         for layer in range(self.n_layers):
