@@ -25,11 +25,14 @@ from typing import Any
 import torch
 
 from ..runtime.actor import CONTROL, DEFER, Envelope
-from ..runtime.errors import ActorStopped, InvalidRequest, Overloaded
+from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
 from . import llm_quant
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
-from .model_base import ModelActor, _is_oom, module_bytes
+from .model_base import ModelActor
+from .states import FinishReason
+from .text_stream import TailStreamer
+from .torch_util import as_list, is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -65,6 +68,9 @@ class LLMActor(ModelActor):
         self.batching_off: str | None = None        # why the engine is off
         self._loop: asyncio.Future | None = None    # the running batch loop
         self._loop_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._holding = False           # a quiesce waits for the loop: do not restart it
+        self._unanswered = 0            # chats handed to the engine and not answered yet
+        self._handed: dict[int, SeqRequest] = {}   # id(Chat) -> its state, from an old engine
 
     # ---- loading ---------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -118,19 +124,38 @@ class LLMActor(ModelActor):
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
                 "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
-    def _make_engine(self) -> None:
+    def _batching_off_reason(self, params: dict) -> str | None:
         why = batching_supported(self.model)
-        if why is None and self.params.get("continuous_batching", True) is False:
+        if why is None and params.get("continuous_batching", True) is False:
             why = "llm_params.continuous_batching is false"
+        return why
+
+    def _make_engine(self) -> None:
+        """A new engine (or none: the generate path) for the current settings. Requests the
+        old engine had not answered go to the new one, or back to the mailbox for the
+        generate path: an engine replaced for any reason loses nobody (call it only while no
+        batch loop runs)."""
+        old, self.engine = self.engine, None
+        leftovers = old.take_unanswered() if old is not None else []
+        if old is not None:
+            old.release()
+        why = self._batching_off_reason(self.params)
         if why is not None:
             if self.batching_off != why:
                 log.info("%s: continuous batching off (%s): one generate() at a time",
                          self.name, why)
-            self.engine, self.batching_off = None, why
+            self.batching_off = why
+            for req in leftovers:               # served one by one, where they left off
+                self._handed[id(req.msg)] = req
+                env = req.owner
+                env.detail.pop("deferred", None)
+                self._unanswered -= 1
+                self.mailbox.put_nowait(env)
             return
         self.batching_off = None
         self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
                                   **self._batch_settings())
+        self.engine.adopt(leftovers)
 
     def working_bytes(self, items: int) -> int:
         """The KV cache (the batch's token budget, or one whole context without batching),
@@ -148,17 +173,24 @@ class LLMActor(ModelActor):
         act = self.engine.prefill_tokens * (3 * inter + 4 * cfg.hidden_size) * size
         return per_token * self.engine.kv_tokens + act + 128 * 2**20
 
+    def _engine_changes(self, params: dict) -> bool:
+        """Would these params turn continuous batching on or off?"""
+        return self.model is not None and \
+            (self._batching_off_reason(params) is None) != (self.engine is not None)
+
     def update(self, spec, params) -> bool:
         super().update(spec, params)
         if self.model is not None:
             self.context_length = min(spec.max_tokens or self.model_limit, self.model_limit)
-            eng = self.engine
-            if eng is not None and (eng.running or params.get("continuous_batching") is not False):
-                for k, v in self._batch_settings().items():    # next admissions use them
-                    setattr(eng, k, v)
-            else:
-                self._make_engine()                             # batching turned on or off
+            if self._engine_changes(params):
+                self._make_engine()            # batching turned on or off (no loop runs)
+            elif self.engine is not None:
+                self.engine.configure(**self._batch_settings())   # between two steps
         return True
+
+    def queue_length(self) -> int:
+        """Everything not answered yet: the mailbox and the chats in the engine alike."""
+        return super().queue_length() + self._unanswered
 
     def _load_gguf(self, folder: str, fname: str, *, dtype: dict, common: dict):
         """GGUF dequantises slowly (~25 s for 135M); keep the dequantised model in a cache
@@ -221,29 +253,36 @@ class LLMActor(ModelActor):
                 self.lease.busy and self.engine.request_yield()
             env.detail["pausing"] = bool(asked)
             return None
-        if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and
-                                       msg.spec.device != self.spec.device):
-            await self._quiesce(env)         # the weights may move: no batch, no KV cache
+        if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and (
+                msg.spec.device != self.spec.device or self._engine_changes(msg.params))):
+            # the weights may move, or the engine is replaced: no batch, no KV cache
+            await self._quiesce(env)
             result = await super().handle(msg, env)
             if self.engine is not None and self._loop is None and self.engine.pending:
-                await self._start_loop(None, env)        # requests the quiesce held back
+                await self._start_loop(env)              # requests the quiesce held back
             return result
         return await super().handle(msg, env)
 
     async def serve(self, msg: Any, env: Envelope) -> Any:
         if not isinstance(msg, Chat):
             raise TypeError(f"LLM actor cannot handle {type(msg).__name__}")
+        req = self._handed.pop(id(msg), None)
         if self.engine is None:
-            result = await self.compute(1, env, self._generate, msg)
+            if req is None:
+                req = SeqRequest(msg, None, 0, _no_callback,
+                                 TextTail(self.tokenizer, msg.stop, msg.stream), owner=env)
+            result = await self.compute(1, env, self._generate, req)
             env.detail.update(prompt_tokens=result.prompt_tokens,
                               completion_tokens=result.completion_tokens, batch_size=1)
             return result
         loop = asyncio.get_running_loop()
-        req = SeqRequest(msg, None, 0,
-                         lambda req, res: loop.call_soon_threadsafe(self._seq_done, env, req, res),
-                         TextTail(self.tokenizer, msg.stop, msg.stream))
+        if req is None:
+            req = SeqRequest(msg, None, 0, _no_callback,
+                             TextTail(self.tokenizer, msg.stop, msg.stream), owner=env)
+        req.on_done = lambda r, res: loop.call_soon_threadsafe(self._seq_done, env, r, res)
+        self._unanswered += 1
         if not self.engine.submit(req):               # no loop runs: take the GPU, start one
-            await self._start_loop(req, env)
+            await self._start_loop(env)
         return DEFER
 
     def _prepare(self, req: SeqRequest) -> None:
@@ -262,11 +301,11 @@ class LLMActor(ModelActor):
                 param="messages", code="context_length_exceeded")
         return room if msg.max_tokens is None else min(msg.max_tokens, room)
 
-    async def _start_loop(self, req: SeqRequest, env: Envelope) -> None:
+    async def _start_loop(self, env: Envelope | None) -> None:
         if self.lease is not None and not self.lease.busy:    # else the last loop's grant holds
             self.device = await self.lease.acquire(1, self.working_bytes(1), env,
                                                    preemptible=True)
-        self.engine.start([req] if req is not None else [])
+        self.engine.start()
         if self._loop_thread is None:            # (never started through on_start)
             self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
         fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, self.engine.run)
@@ -287,9 +326,11 @@ class LLMActor(ModelActor):
 
     async def _loop_ended(self, env: Envelope | None) -> None:
         """The loop is over: restart it for requests a revoke held back, else end the GPU job."""
-        if self.engine is None or self.engine.running:
+        loop = self._loop
+        if self.engine is None or loop is None or not loop.done():
             return
         self._loop = None
+        self.engine.ended()
         if self.engine.yielded and self.lease is not None and self.lease.busy:
             # paused for a waiting model: free the KV cache and the weights' GPU copy, give
             # the grant back, then queue for it again behind that model
@@ -298,8 +339,8 @@ class LLMActor(ModelActor):
             await self.system.executor.run(self.engine.release)
             await self.lease.give_back(env)
             self.device = "cpu"
-        if self.engine.pending and not self.engine.hold:
-            await self._start_loop(None, env)
+        if not self._holding and self.engine.pending:
+            await self._start_loop(env)
             return
         if self.lease is not None and self.lease.busy:
             if self.spec.idle_on_cpu and self.spec.device == "flex":
@@ -314,35 +355,55 @@ class LLMActor(ModelActor):
             return
         loop = self._loop
         if loop is not None:
-            eng.hold = True
+            self._holding = True
+            eng.drain()
             try:
                 await asyncio.shield(loop)
             except Exception:  # noqa: BLE001 - the requests already got the error
                 pass
             await self._loop_ended(env)      # ends the GPU job now (its BatchIdle comes later)
-            eng.hold = False
+            self._holding = False
         if env is not None and eng.cache is not None:
             env.detail["kv_freed_bytes"] = eng.cache_bytes()
         await self.system.executor.run(eng.release)
 
     def _seq_done(self, env: Envelope, req: SeqRequest, res: Any) -> None:
+        self._unanswered -= 1
         env.detail.update(req.detail())
         if isinstance(res, ChatResult):
             env.detail.update(prompt_tokens=res.prompt_tokens,
                               completion_tokens=res.completion_tokens)
-        elif isinstance(res, BaseException) and _is_oom(res):
+        elif isinstance(res, BaseException) and is_oom(res):
             res = Overloaded(f"llm {self.spec.name!r} ran out of GPU memory with "
                              f"{req.max_batch or 1} sequence(s) in the batch; retry.")
+        elif isinstance(res, BaseException) and not isinstance(res, ServiceError):
+            # the client gets the request id, the log gets the exception (never its text
+            # in a reply)
+            log.error("%s failed on request %s: %r", self.name, env.request_id, res,
+                      exc_info=res)
+            env.detail["error_detail"] = repr(res)[:300]
+            res = ModelFailed(f"llm {self.spec.name!r} failed on this request (request id "
+                              f"{env.request_id}); the server log has the details.")
         self.reply_to(env, res)
 
     async def on_stop(self) -> None:
         loop = self._loop
+        stopped = ActorStopped(f"llm {self.name!r} was stopped")
         if self.engine is not None and loop is not None and not loop.done():
-            self.engine.abort(ActorStopped(f"llm {self.name!r} was stopped"))
+            self.engine.abort(stopped)
             try:
                 await asyncio.shield(loop)
             except Exception:  # noqa: BLE001
                 pass
+        if self.engine is not None:
+            if self._loop is not None and self._loop.done():
+                self._loop = None
+                self.engine.ended()
+            if not self.engine.running:
+                self.engine.fail_all(stopped)       # those that waited for a loop
+        for req in self._handed.values():
+            self.reply_to(req.owner, stopped)
+        self._handed.clear()
         if self.engine is not None and self.system is not None:
             await self.system.executor.run(self.engine.release)
         if self.lease is not None and self.lease.busy:
@@ -366,14 +427,18 @@ class LLMActor(ModelActor):
             ids = tok(msg.prompt, return_tensors="pt")["input_ids"]
         return ids
 
-    def _generate(self, msg: Chat) -> ChatResult:
-        ids = self.encode_prompt(msg)
-        n_prompt = ids.shape[1]
-        max_new = self._max_new(n_prompt, msg)
-        streamer = _Streamer(self.tokenizer, msg)
-        if msg.stream is not None:
-            msg.stream.push_threadsafe("")          # prompt accepted: headers may go out
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "streamer": streamer,
+    def _generate(self, req: SeqRequest) -> ChatResult:
+        """The path without continuous batching: one ``generate`` for this chat, streaming
+        through the same :class:`TextTail` as the batch. A chat handed over from a batch
+        engine continues where it left off (its prompt and the tokens it had)."""
+        msg = req.msg
+        if req.prompt is None:
+            self._prepare(req)
+        assert req.prompt is not None
+        ids = torch.tensor([req.context()], dtype=torch.long)
+        left = req.max_new - req.generated
+        streamer = TailStreamer(req.tail, self._eos_ids())
+        kwargs: dict[str, Any] = {"max_new_tokens": left, "streamer": streamer,
                                   "stopping_criteria": [_StopWhen(streamer, msg.cancel)],
                                   "attention_mask": torch.ones_like(ids, device=self.model.device)}
         if msg.temperature > 0:
@@ -385,103 +450,46 @@ class LLMActor(ModelActor):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            self.model.generate(ids.to(self.model.device), pad_token_id=pad, **kwargs)
-        text = streamer.finish()
-        n_out = streamer.n_tokens
+        if left > 0 and not msg.cancel.is_set():
+            with torch.inference_mode():
+                self.model.generate(ids.to(self.model.device), pad_token_id=pad, **kwargs)
+        req.generated += streamer.n_tokens
+        text = req.tail.finish()
         if msg.cancel.is_set():
-            reason = "cancelled"
-        elif streamer.hit_stop or streamer.hit_eos:
-            reason = "stop"
-        elif n_out >= max_new:
-            reason = "length"
+            reason = FinishReason.CANCELLED
+        elif req.tail.hit_stop or streamer.hit_eos:
+            reason = FinishReason.STOP
+        elif req.generated >= req.max_new:
+            reason = FinishReason.LENGTH
         else:
-            reason = "stop"
-        return ChatResult(text, reason, n_prompt, n_out)
+            reason = FinishReason.STOP
+        return ChatResult(text=text, finish_reason=reason, prompt_tokens=len(req.prompt),
+                          completion_tokens=req.generated)
 
-
-class _Streamer:
-    """transformers streamer: decodes new tokens, applies stop strings, pushes text pieces."""
-
-    def __init__(self, tokenizer, msg: Chat):
-        self.tok = tokenizer
-        self.msg = msg
-        self.ids: list[int] = []
-        self.emitted = 0                 # characters of the decoded text already sent
-        self.text = ""
-        self.hit_stop = False
-        self.hit_eos = False
-        self.prompt_seen = False
-        self.n_tokens = 0
-        self.eos = set(_as_list(tokenizer.eos_token_id))
-        self.hold = max((len(s) for s in msg.stop), default=1) - 1
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:             # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        if self.hit_stop:
-            return
-        for tid in value.reshape(-1).tolist():
-            if tid in self.eos:
-                self.hit_eos = True
-                continue
-            self.ids.append(tid)
-            self.n_tokens += 1
-        self._emit(final=False)
-
-    def end(self) -> None:
-        if not self.hit_stop:
-            self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cut = len(text)
-        for s in self.msg.stop:
-            i = text.find(s)
-            if i != -1 and i < cut:
-                cut = i
-                self.hit_stop = True
-        if self.hit_stop:
-            text = text[:cut]
-            safe = cut
-        elif final:
-            safe = len(text)
-        else:
-            safe = len(text) - self.hold
-            while safe > 0 and text[safe - 1] == "\ufffd":   # an unfinished UTF-8 character
-                safe -= 1
-        self.text = text
-        if safe > self.emitted:
-            piece = text[self.emitted:safe]
-            self.emitted = safe
-            if self.msg.stream is not None:
-                self.msg.stream.push_threadsafe(piece)
-
-    def finish(self) -> str:
-        return self.text[:self.emitted] if self.hit_stop else self.text
+    def _eos_ids(self) -> set[int]:
+        eos = set(as_list(getattr(self.tokenizer, "eos_token_id", None)))
+        gen_cfg = getattr(self.model, "generation_config", None)
+        return eos | set(as_list(getattr(gen_cfg, "eos_token_id", None)))
 
 
 class _StopWhen:
     """Stopping criterion: a stop string was seen, or the client went away."""
 
-    def __init__(self, streamer: _Streamer, cancel: threading.Event):
+    def __init__(self, streamer: TailStreamer, cancel: threading.Event):
         self.streamer = streamer
         self.cancel = cancel
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = self.streamer.hit_stop or self.cancel.is_set()
+        done = self.streamer.tail.hit_stop or self.streamer.hit_eos or self.cancel.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _no_callback(req: SeqRequest, res: Any) -> None:
+    """A request's ``on_done`` until an engine takes it."""
 
 
 def _pos_int(v: Any, default: int) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
-
-
-def _as_list(v: Any) -> list:
-    if v is None:
-        return []
-    return list(v) if isinstance(v, (list, tuple, set)) else [v]
 
 
 def _dtype(name: str):

@@ -191,8 +191,7 @@ async def bench(args) -> dict:
         return "".join(prompt_chars[(i * 7 + j) % 26] for j in range(args.prompt_tokens))
 
     async def one(i: int, n: int) -> dict:
-        msg = Chat(None, prompt(i), n, 0.0, 1.0, [])
-        msg.stream = TokenStream()
+        msg = Chat(prompt=prompt(i), max_tokens=n, stream=TokenStream())
         t_submit = time.perf_counter()
         task = asyncio.ensure_future(actor.ask(msg, timeout=600))
         first = last = None
@@ -282,7 +281,7 @@ async def bench(args) -> dict:
     # the graphs survive evict / admit: same greedy text, graphs captured again
     ref_text = one_runs[0]["texts"][0]
     since = time.monotonic()
-    await actor.ask(Revoke(actor.name, "benchmark"), timeout=60)
+    await actor.ask(Revoke(model=actor.name, reason="benchmark"), timeout=60)
     evicted = not (residency.on_gpu if residency else False)
     again = await streams(1, args.new_tokens)
     admits = [e.detail for e in system.tracer.events
@@ -295,9 +294,9 @@ async def bench(args) -> dict:
 
     # batch-1 without CUDA graphs (the eager step) and plain generate(), same weights
     if cuda:
-        actor.engine.cuda_graphs = False
+        actor.engine.configure(cuda_graphs=False)
         eager = await streams(1, gen_tokens)
-        actor.engine.cuda_graphs = True
+        actor.engine.configure(cuda_graphs=True)
         out["batch1_eager_step"] = {"tok_s_end_to_end": eager["tok_s"],
                                     "decode_tok_s": eager["decode_tok_s_per_stream_median"]}
         print("eager step", out["batch1_eager_step"], flush=True)

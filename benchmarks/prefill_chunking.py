@@ -37,10 +37,9 @@ def import_project():
 async def one_round(actor, chunk: int, long_prompt: str, new_tokens: int) -> dict:
     from agile_rag.actors.messages import Chat, TokenStream
 
-    actor.engine.prefill_chunk = chunk
-    a = Chat([{"role": "user", "content": "Write a long story about a dragon."}], None,
-             new_tokens, 0.0, 1.0, [])
-    a.stream = TokenStream()
+    actor.engine.configure(prefill_chunk=chunk)
+    a = Chat(messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+             max_tokens=new_tokens, stream=TokenStream())
     task_a = asyncio.ensure_future(actor.ask(a, timeout=600))
     times: list[float] = []
     arrived = None
@@ -57,8 +56,8 @@ async def one_round(actor, chunk: int, long_prompt: str, new_tokens: int) -> dic
     reader = asyncio.ensure_future(read_a())
     while len(times) < 8:
         await asyncio.sleep(0.005)
-    b = Chat([{"role": "user", "content": long_prompt}], None, 1, 0.0, 1.0, [])
-    b.stream = TokenStream()
+    b = Chat(messages=[{"role": "user", "content": long_prompt}], max_tokens=1,
+             stream=TokenStream())
     arrived = time.perf_counter()
     task_b = asyncio.ensure_future(actor.ask(b, timeout=600))
     while True:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agile_rag.actors import llm_batching
+from agile_rag.actors import batch_plan
 from agile_rag.actors.llm_actor import LLMActor
 from agile_rag.actors.messages import (Chat, ChatResult, Describe, JobFinished, RequestGrant,
                                       Revoke, TokenStream, UpdateModel)
@@ -28,11 +28,9 @@ CASES = [
 
 
 def chat(prompt, max_tokens, stop=(), *, temperature=0.0, top_p=1.0, seed=None, stream=False):
-    msg = Chat([{"role": "user", "content": prompt}], None, max_tokens, temperature, top_p,
-               list(stop), seed)
-    if stream:
-        msg.stream = TokenStream()
-    return msg
+    return Chat(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, stop=list(stop), seed=seed,
+                stream=TokenStream() if stream else None)
 
 
 async def drain(stream: TokenStream, result: ChatResult) -> str:
@@ -181,7 +179,7 @@ async def test_the_batch_holds_one_grant_and_frees_its_cache_on_revoke(llm, alon
     state = await arbiter.ask(Describe())
     assert "smollm2" in state.holders and not state.busy
     assert actor.engine.cache is not None               # kept between batches
-    await actor.ask(Revoke("smollm2", "test"), timeout=30)
+    await actor.ask(Revoke(model="smollm2", reason="test"), timeout=30)
     assert actor.engine.cache is None and actor.lease.residency.evicts >= 1
     assert "smollm2" not in (await arbiter.ask(Describe())).holders
     r = await actor.ask(chat(*CASES[0]), timeout=300)    # takes the GPU again
@@ -194,17 +192,17 @@ async def test_a_tight_kv_budget_preempts_and_recomputes(llm, monkeypatch):
     actor = llm[0]
     cases = [("Write a long story about a dragon.", 24), ("Write a poem about the sea.", 24)]
     alone = [await actor.ask(chat(p, n), timeout=300) for p, n in cases]
-    monkeypatch.setattr(llm_batching, "LEN_BUCKET", 16)
-    monkeypatch.setattr(llm_batching, "RESERVE_NEW", 4)
+    monkeypatch.setattr(batch_plan, "LEN_BUCKET", 16)
+    monkeypatch.setattr(batch_plan, "RESERVE_NEW", 4)
     engine = actor.engine
     old = engine.kv_tokens
-    await actor.ask(Revoke("smollm2", "fresh cache"), timeout=30)
-    engine.kv_tokens = 100                 # two rows of 48 tokens fit, two of 64 do not
+    await actor.ask(Revoke(model="smollm2", reason="fresh cache"), timeout=30)
+    engine.configure(kv_tokens=100)        # two rows of 48 tokens fit, two of 64 do not
     try:
         results = await asyncio.gather(*(actor.ask(chat(p, n), timeout=300) for p, n in cases))
     finally:
-        engine.kv_tokens = old
-        await actor.ask(Revoke("smollm2", "normal cache"), timeout=30)
+        engine.configure(kv_tokens=old)
+        await actor.ask(Revoke(model="smollm2", reason="normal cache"), timeout=30)
     assert [(r.text, r.finish_reason) for r in results] == \
         [(r.text, r.finish_reason) for r in alone]
     assert all(r.completion_tokens == 24 for r in results)
@@ -216,12 +214,13 @@ async def test_batching_off_falls_back_to_generate_with_the_same_words(llm, alon
     """llm_params.continuous_batching=false: one plain generate() per chat, same greedy text."""
     actor = llm[0]
     params = dict(actor.params)
-    await actor.ask(UpdateModel(actor.spec, {**params, "continuous_batching": False}), timeout=60)
+    await actor.ask(UpdateModel(spec=actor.spec, params={**params, "continuous_batching": False}),
+                    timeout=60)
     try:
         assert actor.engine is None and "continuous_batching" in actor.batching_off
         plain = [await actor.ask(chat(p, n, stop), timeout=300) for p, n, stop in CASES[:2]]
     finally:
-        await actor.ask(UpdateModel(actor.spec, params), timeout=60)
+        await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=60)
     assert actor.engine is not None
     assert [(r.text, r.finish_reason, r.completion_tokens) for r in plain] == \
         [(r.text, r.finish_reason, r.completion_tokens) for r in alone[:2]]
@@ -256,8 +255,8 @@ async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes():
         alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
         llm_need = actor.lease.residency.weight_bytes + actor.working_bytes(1)
         arbiter.budget = llm_need + (64 << 20)          # the LLM, or the other model: not both
-        other = RequestGrant("other-model", 128 << 20)
-        await actor.ask(Revoke("smollm2", "start from the CPU"), timeout=30)
+        other = RequestGrant(model="other-model", nbytes=128 << 20)
+        await actor.ask(Revoke(model="smollm2", reason="start from the CPU"), timeout=30)
 
         msgs = [chat(p, n, stream=True) for p, n in prompts]
         tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
@@ -270,7 +269,7 @@ async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes():
         assert granted.model == "other-model" and waited < 10, waited
         assert actor.lease.residency.evicts == evicts + 1       # the LLM's weights left
         assert not all(t.done() for t in tasks), "the chats should have paused, not ended"
-        arbiter.tell(JobFinished("other-model"), sender="test")  # the other model is done
+        arbiter.tell(JobFinished(model="other-model"), sender="test")  # the other model is done
         results = [await asyncio.wait_for(t, 300) for t in tasks]
         assert [(r.text, r.finish_reason) for r in results] == \
             [(r.text, r.finish_reason) for r in alone]
@@ -292,12 +291,12 @@ async def test_a_long_prompt_prefilled_in_chunks_gives_the_same_words(llm):
     engine = actor.engine
     old = engine.prefill_chunk
     try:
-        engine.prefill_chunk = 0                                  # one forward
+        engine.configure(prefill_chunk=0)                         # one forward
         whole = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
-        engine.prefill_chunk = 48
+        engine.configure(prefill_chunk=48)
         chunked = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
     finally:
-        engine.prefill_chunk = old
+        engine.configure(prefill_chunk=old)
     assert whole.prompt_tokens > 300 and whole.text
     assert (chunked.text, chunked.finish_reason) == (whole.text, whole.finish_reason)
     detail = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-1].detail
@@ -311,7 +310,7 @@ async def test_other_streams_decode_between_the_chunks_of_a_long_prompt(llm):
     actor = llm[0]
     engine = actor.engine
     old = engine.prefill_chunk
-    engine.prefill_chunk = 24
+    engine.configure(prefill_chunk=24)
     try:
         a = chat("Write a long story about a dragon.", 200, stream=True)
         task_a = asyncio.ensure_future(actor.ask(a, timeout=300))
@@ -327,7 +326,7 @@ async def test_other_streams_decode_between_the_chunks_of_a_long_prompt(llm):
         a.cancel.set()
         await asyncio.wait_for(task_a, 120)
     finally:
-        engine.prefill_chunk = old
+        engine.configure(prefill_chunk=old)
     chunks = b.prompt_tokens // 24
     assert chunks >= 10
     assert during >= chunks - 3, (during, chunks)
@@ -342,7 +341,7 @@ async def test_a_long_prompt_cancelled_or_paused_mid_prefill(llm):
     actor = llm[0]
     engine = actor.engine
     old = engine.prefill_chunk, engine.min_slice_s
-    engine.prefill_chunk, engine.min_slice_s = 16, 0.0
+    engine.configure(prefill_chunk=16, min_slice_s=0.0)
     try:
         whole = await actor.ask(chat(LONG_PROMPT, 8), timeout=300)
         msg = chat(LONG_PROMPT, 8)
@@ -357,10 +356,10 @@ async def test_a_long_prompt_cancelled_or_paused_mid_prefill(llm):
         task = asyncio.ensure_future(actor.ask(chat(LONG_PROMPT, 8), timeout=300))
         while engine.partial is None or engine.partial.done == 0:
             await asyncio.sleep(0.005)
-        actor.tell(Yield("smollm2", "test"), priority=CONTROL, sender="test")
+        actor.tell(Yield(model="smollm2", reason="test"), priority=CONTROL, sender="test")
         again = await asyncio.wait_for(task, 300)
     finally:
-        engine.prefill_chunk, engine.min_slice_s = old
+        engine.configure(prefill_chunk=old[0], min_slice_s=old[1])
     assert actor.lease.residency.evicts == evicts + 1          # it did give the GPU back
     assert (again.text, again.finish_reason) == (whole.text, whole.finish_reason)
     detail = [e for e in actor.system.tracer.events if e.msg_type == "Chat"][-1].detail
@@ -376,7 +375,7 @@ async def test_while_a_chat_streams_new_prompts_are_prefilled_a_chunk_at_a_time(
     old = engine.prefill_chunk
     prompts = [f"Question {i}: " + "tell me about the tides of the sea and the moon. " * 8
                for i in range(3)]
-    engine.prefill_chunk = 160                          # each prompt fits, two do not
+    engine.configure(prefill_chunk=160)                 # each prompt fits, two do not
 
     async def batch_sizes():
         ids = [f"chunk-at-a-time-{time.monotonic()}-{i}" for i in range(len(prompts))]
@@ -398,6 +397,6 @@ async def test_while_a_chat_streams_new_prompts_are_prefilled_a_chunk_at_a_time(
         a.cancel.set()
         await asyncio.wait_for(task_a, 120)
     finally:
-        engine.prefill_chunk = old
+        engine.configure(prefill_chunk=old)
     assert alone == [3, 3, 3], alone
     assert streaming == [1, 1, 1], streaming

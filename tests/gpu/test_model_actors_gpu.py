@@ -85,9 +85,9 @@ def ask_tiny_llm(folder: str, max_tokens: int, asks: list) -> tuple[list, bool]:
         outs = []
         for chunk, prompt in asks:
             if chunk is not None:
-                llm.engine.prefill_chunk = chunk
-            outs.append(await llm.ask(Chat([{"role": "user", "content": prompt}], None, 8,
-                                           0.0, 1.0, [])))
+                llm.engine.configure(prefill_chunk=chunk)
+            outs.append(await llm.ask(Chat(messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=8)))
         on_gpu = llm.lease.residency.on_gpu
         await system.stop_all()
         return outs, on_gpu
@@ -122,8 +122,9 @@ async def run_on(device_mode: str, folders, budget: int):
     await r.ask(Describe())
     out = []
     for _ in range(3):
-        out.append((await e.ask(Embed(TEXTS))).vectors)
-        out.append(np.asarray((await r.ask(Rerank("capital of france", DOCS))).scores))
+        out.append((await e.ask(Embed(texts=TEXTS))).vectors)
+        reranked = await r.ask(Rerank(query="capital of france", documents=DOCS))
+        out.append(np.asarray(reranked.scores))
     state = await arbiter.ask(Describe())
     moves = {a.name: (a.lease.residency.on_gpu if a.lease else None) for a in (e, r)}
     await system.stop_all()
@@ -165,7 +166,7 @@ def test_idle_on_cpu_and_pinned_cuda_on_a_real_gpu(folders):
             await a.ask(Describe())
         assert e.describe().device == "cuda"
         assert next(e.model.parameters()).is_cuda
-        await r.ask(Rerank("capital of france", DOCS))
+        await r.ask(Rerank(query="capital of france", documents=DOCS))
         assert not next(r.torch_module().parameters()).is_cuda      # gave the GPU back
         assert set((await arbiter.ask(Describe())).holders) == {"emb"}
         await system.stop_all()
@@ -216,18 +217,18 @@ def test_a_busy_llm_batch_yields_the_gpu_to_the_reranker(folders, tmp_path):
             a.residency_factory = WeightResidency
             system.spawn(a)
             await a.ask(Describe())
-        cpu_scores = (await r_cpu.ask(Rerank("capital of france", DOCS))).scores
+        cpu_scores = (await r_cpu.ask(Rerank(query="capital of france", documents=DOCS))).scores
         llm_need = llm.lease.residency.weight_bytes + llm.working_bytes(1)
         arbiter.budget = llm_need + 8 * 2**20           # the LLM or the reranker, not both
-        chats = [Chat([{"role": "user", "content": f"capital of france {i}"}], None, 400, 0.0,
-                      1.0, []) for i in range(3)]
+        chats = [Chat(messages=[{"role": "user", "content": f"capital of france {i}"}],
+                      max_tokens=400) for i in range(3)]
         tasks = [asyncio.ensure_future(llm.ask(c, timeout=120)) for c in chats]
         for _ in range(400):
             if llm.engine.running and llm.lease.on_gpu:
                 break
             await asyncio.sleep(0.01)
         t0 = time.monotonic()
-        res = await r.ask(Rerank("capital of france", DOCS), timeout=60)
+        res = await r.ask(Rerank(query="capital of france", documents=DOCS), timeout=60)
         took = time.monotonic() - t0
         gpu_rerank = [e for e in system.tracer.events if e.msg_type == "Rerank"][-1].detail
         results = [await t for t in tasks]

@@ -1,0 +1,368 @@
+"""The batch planner: pure bookkeeping of the continuous batch, no torch.
+
+It decides which chats to admit (within ``max_batch`` and the KV budget), how much of a long
+prompt to read this turn (chunked prefill), when the KV cache must grow, who is preempted when
+the budget cannot hold every row, who pauses on a yield, and what retires. Each decision comes
+back as a typed :class:`StepPlan`; the runner (actors/batch_runner.py) executes it on the model
+and the engine (actors/llm_batching.py) tells the planner what came of it (tokens, reasons).
+So the policy is tested on its own with fake token counts (tests/test_batch_plan.py).
+
+The KV cache is one rectangle ``slots x length``. Each active sequence owns one slot: rows
+``0..B-1``, compacted when one leaves (the last row moves into the freed slot: a ``move``).
+Admission keeps ``slots x longest reservation`` (prompt + max_tokens, at most
+``RESERVE_NEW`` new tokens counted ahead) within ``kv_tokens``, so the cache never outgrows what
+the GPU grant counted.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .states import FinishReason, StrEnum
+
+LEN_BUCKET = 256          # cache lengths grow in these steps
+RESERVE_NEW = 512         # new tokens admission reserves for a request without a smaller max_tokens
+
+
+class StepKind(StrEnum):
+    PREFILL = "prefill"       # new rows read together, left-padded, in one forward
+    CHUNK = "chunk"           # the next chunk of one long context
+    DECODE = "decode"         # one token for every active row
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSettings:
+    max_batch: int = 32
+    kv_tokens: int = 16384
+    prefill_tokens: int = 4096
+    prefill_chunk: int = 512          # 0: a long context is read in one forward
+    min_slice_s: float = 0.5
+    cuda_graphs: bool = True
+
+
+@dataclass(eq=False)
+class SeqRequest:
+    """One chat in the batch. ``msg`` is the Chat (the planner reads ``msg.cancel``), ``tail``
+    its text (the planner reads ``tail.ids``, the tokens generated so far)."""
+    msg: Any
+    prompt: list[int] | None         # None until the engine's ``prepare`` hook encoded it
+    max_new: int
+    on_done: Callable[["SeqRequest", Any], None]     # called from the engine thread
+    tail: Any
+    generator: Any = None             # the runner's torch.Generator of a seeded chat
+    owner: Any = None                 # the actor's handle on the request (its envelope)
+    # state while active
+    slot: int = -1
+    pos: int = 0                  # tokens in the KV cache
+    last: int = -1                # sampled token to feed next
+    generated: int = 0
+    reason: FinishReason | None = None
+    # trace figures
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float = 0.0
+    steps: int = 0
+    max_batch: int = 0
+    prefill_batch: int = 0
+    prefill_s: float = 0.0
+    prefill_chunks: int = 0
+    preempted: int = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.msg.cancel.is_set())
+
+    def context(self) -> list[int]:
+        """What a (re-)prefill feeds: the prompt and every token sampled so far."""
+        assert self.prompt is not None
+        return self.prompt + self.tail.ids
+
+    def reserve(self) -> int:
+        """Cache length admission counts for this sequence (it may grow past it: the cache
+        then grows, or the newest sequence is preempted when the budget is spent)."""
+        assert self.prompt is not None
+        return len(self.prompt) + self.generated + min(self.max_new - self.generated, RESERVE_NEW)
+
+    def detail(self) -> dict:
+        d: dict[str, Any] = {
+            "batch_size": self.max_batch, "steps": self.steps,
+            "prefill_batch": self.prefill_batch, "prefill_s": round(self.prefill_s, 4),
+            "queue_s": round(max(0.0, (self.admitted or time.monotonic()) - self.submitted), 4)}
+        if self.preempted:
+            d["preempted"] = self.preempted
+        if self.prefill_chunks:
+            d["prefill_chunks"] = self.prefill_chunks
+        return d
+
+
+@dataclass(eq=False)
+class Partial:
+    """A long context being prefilled in chunks: how many of its tokens are read."""
+    req: SeqRequest
+    done: int = 0
+
+
+@dataclass(kw_only=True)
+class StepPlan:
+    """One forward for the runner, and what to do before it. Apply in order: ``moves`` (row
+    copies ``src -> dst`` of the KV cache, from retirements), then ``cache`` (make the cache at
+    least ``(slots, length)``, keeping the first ``keep`` rows), then the forward."""
+    kind: StepKind
+    rows: list[SeqRequest]
+    moves: list[tuple[int, int]] = field(default_factory=list)
+    cache: tuple[int, int] | None = None
+    keep: int = 0
+    first_slot: int = 0               # PREFILL: rows take slots first_slot.. in order
+    start: int = 0                    # CHUNK: context[start:end]
+    end: int = 0
+    lands: bool = False               # CHUNK: the last one; the row then takes ``first_slot``
+    view: int = 0                     # DECODE: keys each row attends over
+
+
+@dataclass(kw_only=True)
+class Retired:
+    """Rows that left: ``finished`` get their answer, ``moves`` compact the cache."""
+    finished: list[SeqRequest] = field(default_factory=list)
+    moves: list[tuple[int, int]] = field(default_factory=list)
+
+    def extend(self, other: "Retired") -> None:
+        self.finished += other.finished
+        self.moves += other.moves
+
+
+class BatchPlanner:
+    def __init__(self, settings: BatchSettings, *, whole_budget: bool = False):
+        self.settings = settings
+        #: on CUDA the cache takes the whole budget at once (the grant counted it, and fewer
+        #: re-allocations mean fewer graph captures); on the CPU rows grow by powers of two
+        self.whole_budget = whole_budget
+        self.waiting: collections.deque[SeqRequest] = collections.deque()
+        self.active: list[SeqRequest] = []
+        self.partial: Partial | None = None
+        self.cache: tuple[int, int] | None = None        # (slots, length) the runner holds
+
+    # ---- queue -------------------------------------------------------------------------------
+    def accept(self, req: SeqRequest) -> None:
+        self.waiting.append(req)
+
+    def idle(self, *, draining: bool = False) -> bool:
+        """Nothing to compute (while draining, waiting requests do not count)."""
+        return not self.active and self.partial is None and (draining or not self.waiting)
+
+    def longest_active(self) -> int:
+        """The cache length the active rows need: each one's reservation or position."""
+        return max((max(r.reserve(), r.pos + 1) for r in self.active), default=0)
+
+    def requeue_partial(self) -> SeqRequest | None:
+        """The prompt being prefilled in chunks back to the head of the queue (it starts
+        again); None when there is none."""
+        if self.partial is None:
+            return None
+        req = self.partial.req
+        self.waiting.appendleft(req)
+        self.partial = None
+        return req
+
+    def pause_all(self) -> int:
+        """Every active sequence back to the head of the queue, oldest first (then the one
+        being prefilled in chunks, which starts again). The cache's rows are void after."""
+        req = self.requeue_partial()
+        if req is not None:
+            req.preempted += 1
+        paused = len(self.active)
+        for r in reversed(self.active):
+            r.preempted += 1
+            self.waiting.appendleft(r)
+        self.active.clear()
+        return paused
+
+    def take_all(self) -> list[SeqRequest]:
+        """Every request the planner holds, oldest state first; the planner is empty after."""
+        self.requeue_partial()
+        out = list(self.active) + list(self.waiting)
+        self.active.clear()
+        self.waiting.clear()
+        return out
+
+    def cache_dropped(self) -> None:
+        self.cache = None
+
+    # ---- cache shape ---------------------------------------------------------------------------
+    def _grow(self, slots: int, length: int) -> tuple[int, int] | None:
+        """The cache shape to allocate so that ``slots`` rows of ``length`` fit, or None when
+        the current one does."""
+        s = self.settings
+        c = self.cache
+        if c is not None and c[0] >= slots and c[1] >= length:
+            return None
+        length = round_up(max(length, c[1] if c is not None else 0), LEN_BUCKET)
+        fit = max(1, s.kv_tokens // length)
+        want = max(slots, c[0] if c is not None and c[0] * length <= s.kv_tokens else 0)
+        spare = fit if self.whole_budget else pow2(want)
+        shape = (max(want, min(s.max_batch, spare, fit)), length)
+        self.cache = shape
+        return shape
+
+    # ---- admission -------------------------------------------------------------------------------
+    def admit(self) -> tuple[StepPlan | None, list[SeqRequest]]:
+        """Waiting requests that fit now: a PREFILL plan (or None), and the requests that were
+        cancelled while they waited (to be answered). A long context that fits starts a
+        chunked prefill instead (see :meth:`chunk`)."""
+        s = self.settings
+        take: list[SeqRequest] = []
+        cancelled: list[SeqRequest] = []
+        longest = self.longest_active()
+        held = len(self.active)               # rows the cache must keep (+ a chunked prefill)
+        if self.partial is not None:
+            longest, held = max(longest, self.partial.req.reserve()), held + 1
+        pad_len = 0
+        # while other chats stream, one prefill forward stays within a chunk (they stall
+        # for it); with nobody streaming, up to prefill_tokens at once
+        limit = s.prefill_tokens
+        if held and s.prefill_chunk:
+            limit = min(limit, s.prefill_chunk)
+        while self.waiting and held + len(take) < s.max_batch:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                req.reason = FinishReason.CANCELLED
+                cancelled.append(req)
+                continue
+            n = held + len(take) + 1
+            lng = max(longest, req.reserve())
+            if s.prefill_chunk and len(req.context()) > s.prefill_chunk:
+                # a long context: prefilled alone, a chunk per loop turn (one at a time)
+                if not take and self.partial is None and \
+                        not (self.active and n * lng > s.kv_tokens):
+                    self.waiting.popleft()
+                    req.admitted = req.admitted or time.monotonic()
+                    req.prefill_batch = max(req.prefill_batch, 1)
+                    self.partial = Partial(req)
+                break
+            plen = max(pad_len, len(req.context()))
+            if (held or take) and (n * lng > s.kv_tokens or plen * (len(take) + 1) > limit):
+                break
+            self.waiting.popleft()
+            take.append(req)
+            longest, pad_len = lng, plen
+        if not take:
+            return None, cancelled
+        now = time.monotonic()
+        for req in take:
+            req.admitted = req.admitted or now
+            req.prefill_batch = max(req.prefill_batch, len(take))
+        first = len(self.active)
+        shape = self._grow(first + len(take), longest)
+        return StepPlan(kind=StepKind.PREFILL, rows=take, cache=shape, keep=first,
+                        first_slot=first), cancelled
+
+    def seat(self, rows: list[SeqRequest], first_slot: int, lengths: list[int]) -> None:
+        """The runner read ``rows`` into slots ``first_slot..``: they are active now."""
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            r.slot, r.pos = first_slot + i, n
+            self.active.append(r)
+
+    # ---- chunked prefill -----------------------------------------------------------------------
+    def chunk(self) -> tuple[StepPlan | None, SeqRequest | None]:
+        """The next chunk of the long context being prefilled (or None), and the request
+        when it was cancelled instead. A ``prefill_chunk`` set to 0 while a context is
+        half-read finishes it in one forward."""
+        p = self.partial
+        if p is None:
+            return None, None
+        req = p.req
+        if req.cancelled:
+            self.partial = None
+            req.reason = FinishReason.CANCELLED
+            return None, req
+        ctx_len = len(req.context())
+        step = self.settings.prefill_chunk or ctx_len
+        start, end = p.done, min(ctx_len, p.done + step)
+        plan = StepPlan(kind=StepKind.CHUNK, rows=[req], start=start, end=end)
+        if end >= ctx_len:
+            plan.lands = True
+            plan.first_slot = plan.keep = len(self.active)
+            plan.cache = self._grow(len(self.active) + 1,
+                                    max(self.longest_active(), req.reserve()))
+        return plan, None
+
+    def chunk_done(self, plan: StepPlan) -> None:
+        """The runner read ``plan``'s chunk; the last one seats the row."""
+        assert self.partial is not None and plan.rows[0] is self.partial.req
+        self.partial.done = plan.end
+        req = self.partial.req
+        req.prefill_chunks += 1
+        if plan.lands:
+            self.partial = None
+            self.seat([req], plan.first_slot, [plan.end])
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def decode(self) -> tuple[StepPlan | None, Retired]:
+        """One token for every active row: cancelled rows retire first; when a row would
+        outgrow the cache, it grows, and while the budget cannot hold every row that long the
+        newest rows leave (preempted: back to the queue, to be prefilled again with what they
+        generated so far; their streams just pause)."""
+        for r in self.active:
+            if r.cancelled:
+                r.reason = FinishReason.CANCELLED
+        gone = self.retire()
+        if not self.active:
+            return None, gone
+        shape = None
+        need = max(r.pos for r in self.active) + 1
+        if self.cache is None or need > self.cache[1]:
+            length = round_up(need, LEN_BUCKET)
+            while len(self.active) > 1 and len(self.active) * length > self.settings.kv_tokens:
+                newest = max(self.active, key=lambda r: (r.admitted, r.slot))
+                gone.moves += self._leave(newest)
+                newest.preempted += 1
+                self.waiting.appendleft(newest)
+            shape = self._grow(len(self.active), length)
+        plan = StepPlan(kind=StepKind.DECODE, rows=list(self.active), moves=gone.moves,
+                        cache=shape, keep=len(self.active), view=need)
+        return plan, Retired(finished=gone.finished)
+
+    def stepped(self, rows: list[SeqRequest]) -> None:
+        b = len(rows)
+        for r in rows:
+            r.pos += 1
+            r.steps += 1
+            r.max_batch = max(r.max_batch, b)
+
+    # ---- retirement ----------------------------------------------------------------------------
+    def retire(self) -> Retired:
+        """Active rows with a reason leave; the last row moves into each freed slot."""
+        out = Retired()
+        i = 0
+        while i < len(self.active):
+            req = self.active[i]
+            if req.reason is None:
+                i += 1
+                continue
+            out.moves += self._leave(req)
+            out.finished.append(req)
+        return out
+
+    def _leave(self, req: SeqRequest) -> list[tuple[int, int]]:
+        i = self.active.index(req)
+        last = len(self.active) - 1
+        moves = []
+        if i != last:
+            moved = self.active[last]
+            moves.append((last, i))
+            moved.slot = i
+            self.active[i] = moved
+        self.active.pop()
+        return moves
+
+
+def pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k

@@ -1,0 +1,472 @@
+"""The batch runner: executes the planner's :class:`~.batch_plan.StepPlan` on the model.
+
+It owns everything torch: the KV cache (one rectangle per layer, ``[slots, kv_heads, length,
+head_dim]``; rows of different lengths share a decode step through a per-row write position and
+an additive ``[B, 1, 1, L]`` attention mask), the left-padded batched prefill, the chunked
+prefill of one long context, the decode step (on CUDA captured once per (batch bucket, length
+bucket) as a CUDA graph: static input buffers, the KV rectangle at fixed addresses), and
+sampling. Graphs are keyed on the address of the weights and on the cache allocation: after
+the weights left the GPU and came back (evict / admit), or after the cache grew, they are
+dropped and captured again on first use. Only the engine's loop thread calls it.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .torch_util import is_oom
+
+log = logging.getLogger("agile_rag.llm")
+
+#: model families whose decoder takes per-row position_ids, a ready 4D mask and any Cache
+#: (full attention everywhere); others keep the plain ``generate`` path.
+BATCHABLE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def batching_supported(model: Any) -> str | None:
+    """None when the step loop can drive ``model``, else the reason it cannot."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in BATCHABLE_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not on the batching list"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"      # our 4D mask would drop the window
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "mixed attention layer types"
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r}"
+    return None
+
+
+# ---- attention for the decode step -------------------------------------------------------------
+DECODE_ATTN = "agile_grouped_decode"
+_registered: bool | None = None
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None,
+                             dropout=0.0, **kwargs):
+    """One new token per row against its rows' keys, without ``repeat_kv``: the query heads of
+    each KV head attend as one group, so grouped-query models read each key once instead of
+    materialising ``heads / kv_heads`` copies per layer per step. Anything else (prefill, no
+    4D mask) goes to transformers' SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, d)            # head i uses KV head i // (h / hkv)
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + attention_mask.float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)                    # [B, kv_heads, group, D]
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_decode_attention() -> bool:
+    global _registered
+    if _registered is None:
+        try:
+            from transformers import AttentionInterface
+            AttentionInterface.register(DECODE_ATTN, grouped_decode_attention)
+            try:
+                from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+                AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
+            except ImportError:
+                pass
+            _registered = True
+        except Exception as exc:  # noqa: BLE001 - older transformers: keep SDPA
+            log.info("grouped decode attention unavailable: %s", exc)
+            _registered = False
+    return _registered
+
+
+# ---- the KV cache the model writes into -------------------------------------------------------
+class _SlotLayer:
+    """Duck-typed cache layer (no transformers base class: its abstract API moves between
+    versions); the model only calls ``update`` on the cache."""
+    is_sliding = False
+    is_compileable = True
+    is_croppable = False
+    supports_early_init = False
+    is_initialized = True
+
+    def __init__(self, cache: Any, idx: int):
+        self.cache, self.idx = cache, idx
+
+    def get_seq_length(self) -> int:
+        return int(self.cache.view_len)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.view_len, 0
+
+    def get_max_length(self) -> int:
+        return int(self.cache.length)
+
+
+def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers.cache_utils import Cache
+
+    class _SlotCache(Cache):
+        def __init__(self) -> None:
+            layers: list = []
+            try:
+                Cache.__init__(self, layers=layers)
+            except TypeError:                                  # other transformers versions
+                self.layers = layers
+            self.slots, self.length = slots, length
+            shape = (slots, kv_heads, length, head_dim)
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
+            self.rows: torch.Tensor | None = None   # [B] slot of each row of the step
+            self.pos: torch.Tensor | None = None    # [B] where each row writes its new token
+            self.view_len = 0                       # keys/values the step attends over
+
+        def bind(self, rows: torch.Tensor, pos: torch.Tensor, view_len: int) -> None:
+            self.rows, self.pos, self.view_len = rows, pos, view_len
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *a, **kw):
+            k, v = self.keys[layer_idx], self.values[layer_idx]
+            b = key_states.shape[0]
+            k[self.rows, :, self.pos] = key_states[:, :, 0]
+            v[self.rows, :, self.pos] = value_states[:, :, 0]
+            return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.view_len
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
+            return self.view_len, 0
+
+        def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+            return self.length
+
+        def get_max_length(self, layer_idx: int | None = None) -> int:
+            return self.length
+
+        def nbytes(self) -> int:
+            return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    return _SlotCache()
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+class BatchRunner:
+    def __init__(self, model: Any, *, pad: int, cuda_graphs: bool = True):
+        self.model = model
+        self.pad = pad
+        self.cuda_graphs = cuda_graphs
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        # grouped-query models decode with grouped_decode_attention (no repeat_kv copies)
+        self.decode_attn = DECODE_ATTN if (
+            self.kv_heads < heads and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and _register_decode_attention()) else None
+        params = inspect.signature(model.forward).parameters
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else \
+            ("num_logits_to_keep" if "num_logits_to_keep" in params else None)
+        self.cache: Any = None
+        self.graphs: _Graphs | None = None
+        self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def check_device(self) -> bool:
+        """Before a run: drop a cache or graphs the weights' move made stale; True when the
+        cache was dropped (the planner must forget its shape)."""
+        dropped = False
+        if self.cache is not None and self.cache.keys[0].device != self.device:
+            self.release()
+            dropped = True
+        if self.graphs is not None and not self.graphs.valid_for(self.model, self.cache):
+            self.graphs = None
+        return dropped
+
+    # ---- what comes before a forward ------------------------------------------------------------
+    def prepare(self, plan: StepPlan) -> None:
+        """Apply ``plan``'s row moves, then make its cache shape."""
+        self.apply_moves(plan.moves)
+        if plan.cache is not None:
+            self._ensure_cache(*plan.cache, keep=plan.keep)
+
+    def apply_moves(self, moves: list[tuple[int, int]]) -> None:
+        if self.cache is None:
+            return
+        for src, dst in moves:
+            for layer in range(self.n_layers):
+                self.cache.keys[layer][dst].copy_(self.cache.keys[layer][src])
+                self.cache.values[layer][dst].copy_(self.cache.values[layer][src])
+
+    def _ensure_cache(self, slots: int, length: int, *, keep: int) -> None:
+        p = next(self.model.parameters())
+        c = self.cache
+        new = make_slot_cache(self.n_layers, slots, self.kv_heads, length, self.head_dim,
+                              p.dtype, p.device)
+        if c is not None:
+            for i in range(self.n_layers):
+                new.keys[i][:keep, :, :c.length].copy_(c.keys[i][:keep])
+                new.values[i][:keep, :, :c.length].copy_(c.values[i][:keep])
+        self.graphs = None                   # captured against the old addresses
+        self.cache = new
+        log.debug("KV cache: %d slots x %d tokens (%.1f MB)", slots, length, new.nbytes() / 2**20)
+
+    # ---- forwards -----------------------------------------------------------------------------
+    def run(self, plan: StepPlan, stats: dict) -> torch.Tensor:
+        """The plan's forward: logits ``[rows, vocab]`` of the rows' next tokens (a CHUNK
+        that does not land yet returns an empty tensor)."""
+        self.prepare(plan)
+        if plan.kind is StepKind.PREFILL:
+            return self._prefill(plan)
+        if plan.kind is StepKind.CHUNK:
+            return self._chunk(plan)
+        return self._decode(plan, stats)
+
+    def _prefill(self, plan: StepPlan) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        reqs = plan.rows
+        dev = self.cache.keys[0].device
+        n = len(reqs)
+        contexts = [r.context() for r in reqs]
+        lp = max(len(c) for c in contexts)
+        ids = torch.full((n, lp), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, lp), dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, lp - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[i, lp - len(c):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+        kv = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=kv, use_cache=True, **self._keep())
+        logits = out.logits[:, -1, :]
+        slots = torch.arange(plan.first_slot, plan.first_slot + n, device=dev)
+        lens = torch.tensor([len(c) for c in contexts], device=dev)
+        # row i's tokens sit at the right end: shift them to the start of its slot
+        src = (torch.arange(lp, device=dev)[None, :] + (lp - lens)[:, None]).clamp(max=lp - 1)
+        for layer in range(self.n_layers):
+            k, v = _dynamic_layer(kv, layer)
+            idx = src[:, None, :, None].expand(n, k.shape[1], lp, k.shape[3])
+            self.cache.keys[layer][slots, :, :lp] = k.gather(2, idx)
+            self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
+        del kv, out
+        return logits
+
+    def _chunk(self, plan: StepPlan) -> torch.Tensor:
+        req = plan.rows[0]
+        if plan.start == 0 or self.partial_kv is None:
+            self.partial_kv = _new_dynamic_cache()
+        ctx = req.context()
+        dev = self.device
+        ids = torch.tensor([ctx[plan.start:plan.end]], dtype=torch.long, device=dev)
+        mask = torch.ones((1, plan.end), dtype=torch.long, device=dev)
+        positions = torch.arange(plan.start, plan.end, dtype=torch.long, device=dev)[None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.partial_kv, use_cache=True, **self._keep())
+        if not plan.lands:
+            return out.logits[:, :0, :].reshape(0, out.logits.shape[-1])
+        kv, self.partial_kv = self.partial_kv, None
+        slot, n = plan.first_slot, plan.end
+        for layer in range(self.n_layers):
+            k, v = _dynamic_layer(kv, layer)
+            self.cache.keys[layer][slot, :, :n] = k[0]
+            self.cache.values[layer][slot, :, :n] = v[0]
+        return out.logits[:, -1, :]
+
+    def drop_partial(self) -> None:
+        self.partial_kv = None
+
+    def _decode(self, plan: StepPlan, stats: dict) -> torch.Tensor:
+        rows = plan.rows
+        b = len(rows)
+        dev = self.cache.keys[0].device
+        ids = torch.tensor([r.last for r in rows], dtype=torch.long)
+        pos = torch.tensor([r.pos for r in rows], dtype=torch.long)
+        if dev.type == "cuda" and self.cuda_graphs:
+            if self.graphs is None:
+                self.graphs = _Graphs(self)
+            try:
+                return self.graphs.run(ids, pos, plan.view, stats)
+            except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
+                if is_oom(exc):
+                    raise
+                log.warning("CUDA graph capture of the decode step failed (%s): decoding "
+                            "without graphs from now on", exc)
+                self.cuda_graphs = False
+                self.graphs = None
+                stats["graph_error"] = repr(exc)[:300]
+        return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
+                            plan.view)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                view: int) -> torch.Tensor:
+        """One decode step of rows ``rows`` (ids [B, 1], pos [B]) -> logits [B, vocab]."""
+        cache = self.cache
+        cache.bind(rows, pos, view)
+        dtype = cache.keys[0].dtype
+        allowed = torch.arange(view, device=pos.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        cfg = self.model.config
+        prev = cfg._attn_implementation
+        if self.decode_attn:
+            cfg._attn_implementation = self.decode_attn
+        try:
+            out = self.model(input_ids=ids, position_ids=pos[:, None],
+                             attention_mask=mask[:, None, None, :], past_key_values=cache,
+                             use_cache=True, **self._keep())
+        finally:
+            if self.decode_attn:
+                cfg._attn_implementation = prev
+        return out.logits[:, -1, :]
+
+    def _keep(self) -> dict:
+        return {self._keep_kw: 1} if self._keep_kw else {}
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, reqs: list[SeqRequest]) -> list[int]:
+        logits = logits.float()
+        out = logits.argmax(dim=-1)
+        rows = [i for i, r in enumerate(reqs) if r.msg.temperature > 0]
+        if rows:
+            dev = logits.device
+            idx = torch.tensor(rows, device=dev)
+            temps = torch.tensor([reqs[i].msg.temperature for i in rows], device=dev)
+            probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+            top_p = [reqs[i].msg.top_p for i in rows]
+            if any(p < 1.0 for p in top_p):
+                probs = _top_p(probs, torch.tensor(top_p, device=dev))
+            free = [j for j, i in enumerate(rows) if reqs[i].msg.seed is None]
+            if free:
+                picks = torch.multinomial(probs[free], 1)[:, 0]
+                out[idx[free]] = picks
+            for j, i in enumerate(rows):
+                req = reqs[i]
+                if req.msg.seed is None:
+                    continue
+                gen = req.generator
+                if gen is None or gen.device.type != dev.type:
+                    gen = req.generator = _generator(dev, req.msg.seed)
+                out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+        return [int(t) for t in out.tolist()]
+
+    # ---- memory ------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop the KV cache, a half-read context and the CUDA graphs."""
+        self.graphs = None
+        self.cache = None
+        self.partial_kv = None
+
+    def cache_bytes(self) -> int:
+        return int(self.cache.nbytes()) if self.cache is not None else 0
+
+
+class _Graphs:
+    """CUDA graphs of the decode step, one per (batch bucket, view-length bucket), sharing one
+    memory pool; inputs go through static buffers, logits come out in one static buffer."""
+
+    def __init__(self, runner: BatchRunner):
+        self.runner = runner
+        cache = runner.cache
+        self.cache_id = id(cache)
+        self.weights_ptr = next(runner.model.parameters()).data_ptr()
+        dev = cache.keys[0].device
+        s = cache.slots
+        self.ids = torch.zeros((s, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((s,), dtype=torch.long, device=dev)
+        self.rows = torch.arange(s, device=dev)
+        self.logits: torch.Tensor | None = None
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+
+    def valid_for(self, model: Any, cache: Any) -> bool:
+        return cache is not None and id(cache) == self.cache_id and \
+            next(model.parameters()).data_ptr() == self.weights_ptr
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, view: int, stats: dict) -> torch.Tensor:
+        cache = self.runner.cache
+        b = ids.shape[0]
+        bb = min(pow2(b), cache.slots)
+        vv = min(round_up(view, LEN_BUCKET), cache.length)
+        self.ids[:b, 0].copy_(ids, non_blocking=True)
+        self.pos[:b].copy_(pos, non_blocking=True)
+        if bb > b:
+            self.ids[b:bb].zero_()
+            self.pos[b:bb].zero_()          # spare rows write into free slots only
+        key = (bb, vv)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(bb, vv)
+            stats["captures"] += 1
+        graph.replay()
+        assert self.logits is not None
+        return self.logits[:b]
+
+    def _body(self, bb: int, vv: int) -> torch.Tensor:
+        return self.runner.forward(self.ids[:bb], self.pos[:bb], self.rows[:bb], vv)
+
+    def _capture(self, bb: int, vv: int) -> torch.cuda.CUDAGraph:
+        t0 = time.monotonic()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):                   # warm up kernels and the allocator
+                out = self._body(bb, vv)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.logits is None:
+            self.logits = torch.empty((self.runner.cache.slots, out.shape[-1]), dtype=out.dtype,
+                                      device=out.device)
+        del out
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self._body(bb, vv)
+            self.logits[:bb].copy_(out)
+        del out
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(bb, vv)] = graph
+        log.debug("captured decode graph batch=%d len=%d in %.3fs", bb, vv, time.monotonic() - t0)
+        return graph
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _new_dynamic_cache() -> Any:
+    from transformers import DynamicCache
+    return DynamicCache()
+
+
+def _dynamic_layer(kv: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = getattr(kv, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    return kv.key_cache[layer], kv.value_cache[layer]          # older transformers
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p          # mass of the tokens ranked higher
+    sorted_p = sorted_p.masked_fill(before > top_p[:, None], 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
