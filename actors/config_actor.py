@@ -27,6 +27,7 @@ from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import InvalidRequest
 from ..runtime.liveconfig import KINDS, LiveConfig, LiveConfigError, ModelSpec, validate
 from .messages import Describe, Drain, EditConfig, ReloadConfig, RevokeAllFlex, UpdateModel
+from .states import ModelStatus
 
 log = logging.getLogger("agile_rag.config")
 PARAMS_OF = {"llm": "llm_params", "embedder": "embedder_params", "reranker": "reranker_params"}
@@ -190,14 +191,14 @@ class ConfigActor(Actor):
                         events.append(f"reloaded {kind} {name} from {spec.path}")
                 elif actor.spec != spec or actor.params != params:
                     what = _what_changed(actor, spec, params)
-                    await actor.ask(UpdateModel(spec, params), priority=CONTROL,
+                    await actor.ask(UpdateModel(spec=spec, params=params), priority=CONTROL,
                                     timeout=self.load_timeout_s)
                     events.append(f"updated {kind} {name}: {what}")
             registry.set_order(kind, list(wanted))
         if old is not None and new.reset_flags != old.reset_flags:
             arbiter = server.system.actors.get("vram-arbiter")
             if arbiter is not None:
-                arbiter.tell(RevokeAllFlex("reset_flags changed in liveconfigs.json"),
+                arbiter.tell(RevokeAllFlex(reason="reset_flags changed in liveconfigs.json"),
                              priority=CONTROL)
             events.append("reset_flags: every flex GPU grant revoked, stuck waits failed")
         server.live = new
@@ -217,7 +218,7 @@ class ConfigActor(Actor):
             error = str(exc)
         else:
             error = state.error
-        if state is None or state.state != "ready":
+        if state is None or state.state != ModelStatus.READY:
             await server.system.stop(actor.name)
             keep = "; the old version keeps serving" if replacing is not None else ""
             failures.append(f"{spec.kind} {spec.name} failed to load from {spec.path}: "

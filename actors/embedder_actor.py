@@ -9,7 +9,8 @@ import numpy as np
 from ..runtime.actor import Envelope
 from ..runtime.errors import InvalidRequest
 from .messages import Embed, EmbedResult
-from .model_base import ModelActor, module_bytes, st_dtype_kwargs
+from .model_base import ModelActor, st_dtype_kwargs
+from .torch_util import module_bytes
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 MAX_BATCH_TEXTS = 512
@@ -101,8 +102,9 @@ class EmbedderActor(ModelActor):
                     part = part[:, :msg.dimensions]
                     part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
                 envs[i].detail["batch_texts"] = len(texts)
-                results[i] = EmbedResult(np.ascontiguousarray(part, dtype=np.float32),
-                                         estimate_tokens(msg.texts, method))
+                results[i] = EmbedResult(
+                    vectors=np.ascontiguousarray(part, dtype=np.float32),
+                    prompt_tokens=estimate_tokens(msg.texts, method))
         return results
 
     def _encode(self, texts: list[str]) -> np.ndarray:

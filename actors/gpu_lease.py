@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ..runtime.actor import CONTROL, Envelope
 from ..runtime.errors import ServiceError
 from .messages import JobFinished, Release, Released, RequestGrant
+from .states import DeviceMode
 
 log = logging.getLogger("agile_rag.gpu")
 GRANT_WAIT_S = 60.0
@@ -53,9 +54,9 @@ class GpuLease:
         """Where this job computes: ``self.device`` or ``"cpu"``. ``preemptible``: the job
         pauses when the arbiter sends ``Yield`` (the owner handles it)."""
         mode = self.spec.device
-        if mode == "cpu":
+        if mode == DeviceMode.CPU:
             return "cpu"
-        if mode == "flex" and not self.on_gpu and self.spec.cuda_thres and \
+        if mode == DeviceMode.FLEX and not self.on_gpu and self.spec.cuda_thres and \
                 items < self.spec.cuda_thres:
             _note(env, gpu="below cuda_thres")
             return "cpu"
@@ -63,12 +64,12 @@ class GpuLease:
         t0 = time.monotonic()
         try:
             granted = await self.arbiter.ask(
-                RequestGrant(self.owner.name, need, pinned=(mode == "cuda"),
+                RequestGrant(model=self.owner.name, nbytes=need, pinned=(mode == DeviceMode.CUDA),
                              preemptible=preemptible),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
-            self.arbiter.tell(JobFinished(self.owner.name), priority=CONTROL,
+            self.arbiter.tell(JobFinished(model=self.owner.name), priority=CONTROL,
                               sender=self.owner.name)
             _note(env, gpu=f"refused: {exc.message}")
             log.info("%s runs on CPU: %s", self.owner.name, exc.message)
@@ -93,17 +94,17 @@ class GpuLease:
         if not self.busy:
             return
         self.busy = False
-        if self.spec.idle_on_cpu and self.spec.device == "flex":
+        if self.spec.idle_on_cpu and self.spec.device == DeviceMode.FLEX:
             await self.give_back(env)
         else:
-            self.arbiter.tell(JobFinished(self.owner.name), priority=CONTROL,
+            self.arbiter.tell(JobFinished(model=self.owner.name), priority=CONTROL,
                               sender=self.owner.name)
 
     async def revoked(self, env: Envelope | None = None) -> None:
         """The arbiter wants our memory (we are between jobs): drop the GPU copy, say so."""
         stats = await self._run(self.residency.evict)
         _note(env, evict_s=round(stats.get("seconds", 0.0), 5), freed=self.granted)
-        self.arbiter.tell(Released(self.owner.name, self.granted), priority=CONTROL,
+        self.arbiter.tell(Released(model=self.owner.name, nbytes=self.granted), priority=CONTROL,
                           sender=self.owner.name)
         self.granted = 0
         self.busy = False
@@ -112,7 +113,7 @@ class GpuLease:
         """Release on our own: idle_on_cpu, device change, delete, GPU out of memory."""
         stats = await self._run(self.residency.evict)
         _note(env, evict_s=round(stats.get("seconds", 0.0), 5))
-        self.arbiter.tell(Release(self.owner.name), priority=CONTROL, sender=self.owner.name)
+        self.arbiter.tell(Release(model=self.owner.name), priority=CONTROL, sender=self.owner.name)
         self.granted = 0
         self.busy = False
 

@@ -1,7 +1,10 @@
 """Every message type actors exchange, in one place.
 
 Requests (from the HTTP layer to model actors) carry what the model needs and nothing else;
-replies are plain data. Residency messages form the VRAM arbiter's protocol:
+replies are plain data. Every message is a frozen, keyword-only dataclass: built once, with
+named fields, and never changed on its way (a chat's :class:`TokenStream` and its ``cancel``
+event are given at construction; the stream and the event change, the message does not).
+Residency messages form the VRAM arbiter's protocol:
 
     model --RequestGrant--> arbiter          (may send Revoke to idle holders first)
     arbiter --Revoke--> holder               holder finishes its batch, drops GPU tensors,
@@ -16,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 
+from .states import DeviceMode, FinishReason, ModelStatus
+
+if TYPE_CHECKING:
+    from ..runtime.liveconfig import ModelSpec
 
 # ---- chat / completion -----------------------------------------------------------------------
 class TokenStream:
@@ -32,79 +39,89 @@ class TokenStream:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
-    def push_threadsafe(self, item: Any) -> None:
+    def push_threadsafe(self, item: StreamItem) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def push(self, item: Any) -> None:
+    def push(self, item: StreamItem) -> None:
         self.queue.put_nowait(item)
 
-    async def get(self) -> Any:
+    async def get(self) -> StreamItem:
         return await self.queue.get()
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Chat:
-    """Generate from chat ``messages`` (templated) or a raw ``prompt`` (legacy completions)."""
-    messages: list[dict] | None
-    prompt: str | None
-    max_tokens: int | None          # None = what the context allows
-    temperature: float
-    top_p: float
-    stop: list[str]
+    """Generate from chat ``messages`` (templated) or a raw ``prompt`` (legacy completions).
+    ``stream``: where the text goes piece by piece as it is generated (None: the reply only);
+    ``cancel``: set by the HTTP handler when the client goes away."""
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None    # None = what the context allows
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: TokenStream | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ChatResult:
     text: str
-    finish_reason: str               # stop | length | cancelled
+    finish_reason: FinishReason      # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
 
+    def __post_init__(self) -> None:
+        # a plain "stop" becomes FinishReason.STOP (the same string; an unknown one is a bug)
+        object.__setattr__(self, "finish_reason", FinishReason(self.finish_reason))
+
+
+#: What a :class:`TokenStream` carries: text pieces, then a result or an error.
+StreamItem = Union[str, ChatResult, BaseException]
+
 
 # ---- embeddings --------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Embed:
     texts: list[str]
     dimensions: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EmbedResult:
     vectors: np.ndarray              # (len(texts), dim) float32, in input order
     prompt_tokens: int
 
 
 # ---- rerank ------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Rerank:
     query: str
     documents: list[str]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RerankResult:
     scores: list[float]              # one per document, input order, each in [0, 1]
     tokens: int
 
 
 # ---- status ------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Describe:
     """Ask a model actor for its state (answered between batches)."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ModelState:
     name: str
     kind: str
-    state: str                       # loading | ready | failed | stopped
-    device: str                      # where the weights are now: cpu | cuda
-    config_device: str               # flex | cuda | cpu (from liveconfigs.json)
+    state: ModelStatus               # loading | ready | failed | stopped
+    device: str                      # where the weights are now: a Device (cpu | cuda)
+    config_device: DeviceMode        # flex | cuda | cpu (from liveconfigs.json)
     resident_bytes: int
     weight_bytes: int
     queue_length: int
@@ -112,7 +129,7 @@ class ModelState:
 
 
 # ---- GPU residency (the VRAM arbiter's protocol) -----------------------------------------------
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RequestGrant:
     """A model asks to hold ``nbytes`` of GPU memory (weights + working memory of its job)."""
     model: str
@@ -122,7 +139,7 @@ class RequestGrant:
     preemptible: bool = False         # its job can pause on a Yield (the LLM's batch loop)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Granted:
     model: str
     nbytes: int
@@ -130,14 +147,14 @@ class Granted:
     evicted: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Revoke:
     """The arbiter asks a holder to give its GPU memory back (after its current batch)."""
     model: str
     reason: str = ""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Yield:
     """The arbiter asks a busy, preemptible holder (the LLM's batch loop, which would otherwise
     hold the GPU as long as chats keep coming) to pause its job soon and give its memory back:
@@ -146,31 +163,31 @@ class Yield:
     reason: str = ""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Released:
     """A holder tells the arbiter its GPU tensors are gone."""
     model: str
     nbytes: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Release:
     """A holder gives its grant back on its own (idle_on_cpu, delete, device change)."""
     model: str
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class JobStarted:
     """A holder started a batch on the GPU: the arbiter must not evict it until JobFinished."""
     model: str
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class JobFinished:
     model: str
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ArbiterState:
     """Reply to Describe sent to the arbiter."""
     budget: int
@@ -180,35 +197,35 @@ class ArbiterState:
     waiting: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RevokeAllFlex:
     """reset_flags: revoke every flex grant and fail stuck waits."""
     reason: str = "reset_flags changed"
 
 
 # ---- live configuration ------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class UpdateModel:
     """New settings for a running model that need no reload (device, cuda_thres, idle_on_cpu,
     max_tokens, the kind's *_params)."""
-    spec: Any                         # runtime.liveconfig.ModelSpec
-    params: dict
+    spec: ModelSpec
+    params: dict[str, Any]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Drain:
     """Answered once every message queued before it has been handled (used before a stop)."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EditConfig:
     """Change liveconfigs.json (the single source of truth) and apply it: ``edit`` mutates the
     file's parsed object in place; the result is validated before anything is written."""
-    edit: Any                         # Callable[[dict], None]
+    edit: Callable[[dict[str, Any]], None]
     why: str = ""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ReloadConfig:
     """Ask the config actor to re-read liveconfigs.json now; the reply lists what changed."""
     force: bool = True

@@ -10,6 +10,8 @@ from ..runtime.errors import ModelFailed, Overloaded, ServiceError
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
 from .messages import Describe, Drain, ModelState, Released, Revoke, UpdateModel
+from .states import Device, DeviceMode, ModelStatus
+from .torch_util import empty_cache, is_oom, torch_dtype
 
 log = logging.getLogger("agile_rag.model")
 
@@ -39,9 +41,9 @@ class ModelActor(Actor):
         super().__init__(actor_name or spec.name)
         self.spec = spec
         self.params = dict(params or {})
-        self.state = "loading"
+        self.state = ModelStatus.LOADING
         self.error: str | None = None
-        self.device = "cpu"
+        self.device: str = Device.CPU   # where the weights are (gpu_device while resident)
         self.weight_bytes = 0
         self.load_seconds = 0.0
         self.lease: GpuLease | None = None
@@ -75,32 +77,32 @@ class ModelActor(Actor):
         try:
             await self.system.executor.run_load(self.load_blocking)
         except Exception as exc:  # noqa: BLE001 - reported through state and every reply
-            self.state = "failed"
+            self.state = ModelStatus.FAILED
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("%s %s failed to load: %s", self.kind, self.name, self.error)
             return
         self.load_seconds = time.monotonic() - t0
         await self._attach_gpu()
-        self.state = "ready"
+        self.state = ModelStatus.READY
         log.info("%s %s ready in %.1fs (%.0f MB)", self.kind, self.name, self.load_seconds,
                  self.weight_bytes / 2**20)
 
     async def _attach_gpu(self) -> None:
         arbiter = self.system.actors.get(ARBITER)
         factory = self.residency_factory
-        if arbiter is None or factory is None or self.spec.device == "cpu":
+        if arbiter is None or factory is None or self.spec.device == DeviceMode.CPU:
             return
         residency = await self.system.executor.run_load(factory, self.torch_module())
         self.weight_bytes = residency.weight_bytes
         self.lease = GpuLease(self, residency, arbiter, device=self.gpu_device)
-        if self.spec.device == "cuda":
+        if self.spec.device == DeviceMode.CUDA:
             await self._pin_on_gpu()
 
     async def _pin_on_gpu(self) -> None:
         where = await self.lease.acquire(0, self.working_bytes(1), None)
         await self.lease.finish()
-        self.device = "cuda" if self.lease.on_gpu else "cpu"
-        if where == "cpu":
+        self.device = Device.CUDA if self.lease.on_gpu else Device.CPU
+        if where == Device.CPU:
             log.warning("%s is set to device cuda but did not get the GPU; it runs on CPU",
                         self.name)
 
@@ -128,15 +130,15 @@ class ModelActor(Actor):
             try:
                 return await run(fn, *args)
             except Exception as exc:  # noqa: BLE001
-                if not lease.on_gpu or not _is_oom(exc):
+                if not lease.on_gpu or not is_oom(exc):
                     raise
             await lease.give_back(env)
-            await run(_empty_cache)
+            await run(empty_cache)
             self.device = await lease.acquire(items, 2 * working + 256 * 2**20, env)
             try:
                 return await run(fn, *args)
             except Exception as exc:  # noqa: BLE001
-                if not _is_oom(exc):
+                if not is_oom(exc):
                     raise
                 await lease.give_back(env)
                 raise Overloaded(f"{self.kind} {self.spec.name!r} ran out of GPU memory twice "
@@ -144,17 +146,17 @@ class ModelActor(Actor):
                     from None
         finally:
             await lease.finish(env)
-            self.device = "cuda" if lease.on_gpu else "cpu"
+            self.device = Device.CUDA if lease.on_gpu else Device.CPU
 
     async def on_stop(self) -> None:
-        self.state = "stopped"
+        self.state = ModelStatus.STOPPED
         if self.lease is not None and self.lease.granted:
             await self.lease.give_back()
         if self.system is not None:
             await self.system.executor.run(self.unload_blocking)
 
     def joinable(self, msg: Any) -> bool:
-        return self.batching and self.state == "ready" and \
+        return self.batching and self.state == ModelStatus.READY and \
             not isinstance(msg, (Describe, Drain, UpdateModel, Revoke))
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
@@ -166,12 +168,12 @@ class ModelActor(Actor):
             return await self._update(msg.spec, msg.params, env)
         if isinstance(msg, Revoke):
             if self.lease is None:
-                self.system.actors[ARBITER].tell(Released(self.name, 0), sender=self.name)
+                self.system.actors[ARBITER].tell(Released(model=self.name, nbytes=0), sender=self.name)
                 return None
             await self.lease.revoked(env)
-            self.device = "cpu"
+            self.device = Device.CPU
             return None
-        if self.state != "ready":
+        if self.state != ModelStatus.READY:
             raise ModelFailed(f"{self.kind} {self.name!r} is not available: "
                               f"{self.error or self.state}")
         return await self.serve(msg, env)
@@ -185,11 +187,11 @@ class ModelActor(Actor):
         if self.lease is not None and old != spec.device:
             if self.lease.granted:          # to cpu, or cuda -> flex (unpin): give it back
                 await self.lease.give_back(env)
-                self.device = "cpu"
-            if spec.device == "cuda":
+                self.device = Device.CPU
+            if spec.device == DeviceMode.CUDA:
                 await self._pin_on_gpu()
-        elif self.lease is None and spec.device != "cpu" and old == "cpu" and \
-                self.state == "ready":
+        elif self.lease is None and spec.device != DeviceMode.CPU and old == DeviceMode.CPU and \
+                self.state == ModelStatus.READY:
             await self._attach_gpu()
         return True
 
@@ -201,33 +203,11 @@ class ModelActor(Actor):
         return True
 
     def describe(self) -> ModelState:
-        return ModelState(self.name, self.kind, self.state, self.device, self.spec.device,
-                          self.weight_bytes if self.device == "cuda" else 0,
-                          self.weight_bytes, self.queue_length(), self.error)
-
-
-def module_bytes(module) -> int:
-    """Bytes of a torch module's parameters and buffers, shared tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        ptr = t.data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _empty_cache() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        return ModelState(name=self.name, kind=self.kind, state=self.state, device=self.device,
+                          config_device=self.spec.device,
+                          resident_bytes=self.weight_bytes if self.device == Device.CUDA else 0,
+                          weight_bytes=self.weight_bytes, queue_length=self.queue_length(),
+                          error=self.error)
 
 
 def st_dtype_kwargs(dtype: str | None) -> dict:
@@ -235,5 +215,4 @@ def st_dtype_kwargs(dtype: str | None) -> dict:
     (none for ``auto`` or no dtype: the checkpoint's own)."""
     if dtype in (None, "auto"):
         return {}
-    import torch
-    return {"model_kwargs": {"dtype": getattr(torch, dtype)}}
+    return {"model_kwargs": {"dtype": torch_dtype(dtype)}}

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..runtime.actor import Envelope
 from .messages import Rerank, RerankResult
-from .model_base import ModelActor, module_bytes, st_dtype_kwargs
+from .model_base import ModelActor, st_dtype_kwargs
+from .torch_util import module_bytes
 
 MAX_BATCH_PAIRS = 1024
 
@@ -101,7 +102,7 @@ class RerankerActor(ModelActor):
         scored = await self.compute(n_pairs, envs[0], self._score, jobs)
         for env in envs:
             env.detail["batch_pairs"] = n_pairs
-        return [RerankResult(scores, tokens) for scores, tokens in scored]
+        return [RerankResult(scores=scores, tokens=tokens) for scores, tokens in scored]
 
     def _score(self, jobs: list[tuple[str, list[str]]]) -> list[tuple[list[float], int]]:
         import torch

@@ -122,7 +122,7 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _WaitDeadline:
     """Private: a waiter's deadline timer fired (self-tell, CONTROL priority)."""
     wid: int
@@ -430,7 +430,7 @@ class VRAMArbiter(Actor):
             env.detail.setdefault("yield_asked", []).append(h.model)
             target = self._holder_actor(h)
             if target is not None:
-                target.tell(Yield(h.model, f"{model!r} waits for GPU memory"),
+                target.tell(Yield(model=h.model, reason=f"{model!r} waits for GPU memory"),
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
     def _choose(self, idle: list[_Holder], short: int) -> list[_Holder]:
@@ -468,7 +468,7 @@ class VRAMArbiter(Actor):
         env.detail.update(granted=h.nbytes, waited_s=round(waited, 6), used=used,
                           **({"evicted": list(evicted)} if evicted else {}),
                           **({"still_revoking": True} if h.revoking else {}))
-        return Granted(model, h.nbytes, waited_s=waited, evicted=evicted)
+        return Granted(model=model, nbytes=h.nbytes, waited_s=waited, evicted=evicted)
 
     def _revoke(self, h: _Holder, reason: str, env: Envelope) -> bool:
         """Ask ``h`` to give its memory back. True when its bytes are free at once."""
@@ -494,7 +494,7 @@ class VRAMArbiter(Actor):
             self.holders.pop(h.model, None)
             env.detail.setdefault("freed_absent", []).append(h.model)
             return False
-        target.tell(Revoke(h.model, reason), priority=CONTROL, sender=self.name,
+        target.tell(Revoke(model=h.model, reason=reason), priority=CONTROL, sender=self.name,
                     request_id=env.request_id)
         return True
 
@@ -515,7 +515,7 @@ class VRAMArbiter(Actor):
 
     def _timer_fired(self, wid: int) -> None:
         if not self.stopped:
-            self.tell(_WaitDeadline(wid), priority=CONTROL, sender=self.name)
+            self.tell(_WaitDeadline(wid=wid), priority=CONTROL, sender=self.name)
 
     def _remove_waiter(self, w: _Waiter) -> None:
         try:

@@ -59,7 +59,7 @@ async def admin_guard(request: web.Request, handler):
 
 async def _apply(request: web.Request, edit, why: str) -> web.Response:
     server = request.app[SERVER]
-    result = await server.config_actor.ask(EditConfig(edit, why),
+    result = await server.config_actor.ask(EditConfig(edit=edit, why=why),
                                            timeout=server.settings.MODIFY_TIMEOUT)
     return _result(result, request)
 

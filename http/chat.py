@@ -109,23 +109,23 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             raise InvalidRequest("'prompt' must be a string (or an array of one string).",
                                  param="prompt")
         messages = None
-    msg = Chat(messages, prompt, **parse_generation(f, actor.params))
-    stream = f.boolean("stream", False)
+    generation = parse_generation(f, actor.params)
+    stream = TokenStream() if f.boolean("stream", False) else None
+    msg = Chat(messages=messages, prompt=prompt, stream=stream, **generation)
     include_usage = bool(f.obj("stream_options").get("include_usage", False))
     ids = "chatcmpl-" if chat else "cmpl-"
     reply = _Reply(ids + uuid.uuid4().hex[:24], actor.spec.name, chat)
-    if not stream:
+    if stream is None:
         try:
             result: ChatResult = await ask_model(server, actor, msg, request)
         finally:
             msg.cancel.set()                      # the client went away: stop generating
         return json_response(reply.whole(result), request=request)
-    return await _stream(request, server, actor, msg, reply, include_usage)
+    return await _stream(request, server, actor, msg, stream, reply, include_usage)
 
 
-async def _stream(request, server, actor, msg: Chat, reply: "_Reply",
+async def _stream(request, server, actor, msg: Chat, stream: TokenStream, reply: _Reply,
                   include_usage: bool) -> web.StreamResponse:
-    msg.stream = stream = TokenStream()
     task = asyncio.ensure_future(ask_model(server, actor, msg, request))
     task.add_done_callback(lambda t: stream.push(
         asyncio.CancelledError() if t.cancelled() else (t.exception() or t.result())))

@@ -72,7 +72,8 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest(f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}.",
                              param="encoding_format", code="invalid_value")
     dims = f.integer("dimensions", None, lo=1)
-    result: EmbedResult = await ask_model(server, actor, Embed(texts, dims), request)
+    result: EmbedResult = await ask_model(server, actor, Embed(texts=texts, dimensions=dims),
+                                          request)
     vecs = result.vectors
     if fmt == "base64":
         le = vecs.astype("<f4", copy=False)

@@ -27,7 +27,7 @@ from agile_rag.runtime.tracing import HTTP_ACTOR, TraceEvent
 
 from .keys import REQUEST_ID, SERVER
 
-METRICS = web.AppKey("metrics", object)          # the app's Metrics
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")     # the app's Metrics
 
 #: routes whose body names a model, and the kind of model they serve
 MODEL_ROUTES = {p + r: kind for p in ("/v1", "") for r, kind in (

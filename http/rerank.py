@@ -56,7 +56,8 @@ async def rerank(request: web.Request) -> web.Response:
     if top_n is None:
         top_n = int(actor.params.get("top_n", 9999))
     if docs:
-        result: RerankResult = await ask_model(server, actor, Rerank(query, docs), request)
+        result: RerankResult = await ask_model(server, actor,
+                                               Rerank(query=query, documents=docs), request)
         scores, tokens = result.scores, result.tokens
     else:
         scores, tokens = [], 0

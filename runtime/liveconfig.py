@@ -12,7 +12,9 @@ from typing import Any
 
 import json5
 
-DEVICES = ("flex", "cuda", "cpu")
+from ..actors.states import DeviceMode
+
+DEVICES = tuple(d.value for d in DeviceMode)        # flex, cuda, cpu
 KINDS = ("llm", "embedder", "reranker")
 SECTION = {"llm": "llms", "embedder": "embedders", "reranker": "rerankers"}
 STANDBY = {"llm": "standby_llms", "embedder": "standby_embedders", "reranker": "standby_rerankers"}
@@ -45,7 +47,7 @@ class ModelSpec:
     name: str
     path: str                  # resolved, absolute (a folder, or a .gguf file)
     tokenizer_path: str        # llms only; same as path otherwise
-    device: str = "flex"
+    device: DeviceMode = DeviceMode.FLEX
     max_tokens: int | None = None
     size_est: float | None = None   # MB, used only before the first load
     cuda_thres: int = 0
@@ -53,6 +55,9 @@ class ModelSpec:
     trust_remote_code: bool = False  # ours: off unless an entry asks for it
     dtype: str | None = None         # ours: "float16", "bfloat16", "float32"
     backend: str = "auto"            # ours, rerankers: auto | cross-encoder | bi-encoder | flag
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", DeviceMode(self.device))   # "cpu" -> DeviceMode.CPU
 
     def load_key(self) -> tuple:
         """What requires re-reading the weights when it changes."""

@@ -130,7 +130,7 @@ class FakeResidency:
     lease asked for (a repeated admit or evict while already there is not counted)."""
 
     def __init__(self, module):
-        from agile_rag.actors.model_base import module_bytes
+        from agile_rag.actors.torch_util import module_bytes
 
         self.weight_bytes = module_bytes(module)
         self.on_gpu = False

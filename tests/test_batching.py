@@ -118,10 +118,10 @@ async def test_embedder_batches_form_and_a_bad_request_fails_alone():
         await emb.ask(Describe(), timeout=120)                         # loaded
         rng = random.Random(3)
         jobs = [texts_for(rng, 1 + i % 4, f"b{i}") for i in range(20)]
-        alone = [(await emb.ask(Embed(t), timeout=60)).vectors for t in jobs]
+        alone = [(await emb.ask(Embed(texts=t), timeout=60)).vectors for t in jobs]
         before = len(system.tracer.events)
-        msgs = [Embed(t) for t in jobs]
-        msgs.insert(5, Embed(["too wide"], dimensions=10_000))          # invalid, in the middle
+        msgs = [Embed(texts=t) for t in jobs]
+        msgs.insert(5, Embed(texts=["too wide"], dimensions=10_000))    # invalid, in the middle
         results = await asyncio.gather(*(emb.ask(m, timeout=60) for m in msgs),
                                        return_exceptions=True)
         assert isinstance(results.pop(5), InvalidRequest)
@@ -145,7 +145,8 @@ async def test_reranker_batches_form_and_scores_stay_with_their_request():
     try:
         await rr.ask(Describe(), timeout=120)
         rng = random.Random(4)
-        jobs = [Rerank(f"query {i} " + rng.choice(WORDS), texts_for(rng, 1 + i % 5, f"d{i}"))
+        jobs = [Rerank(query=f"query {i} " + rng.choice(WORDS),
+                       documents=texts_for(rng, 1 + i % 5, f"d{i}"))
                 for i in range(12)]
         alone = [(await rr.ask(j, timeout=60)).scores for j in jobs]
         before = len(system.tracer.events)

@@ -44,7 +44,7 @@ async def test_embedder_loads_in_the_entrys_dtype(fp16_embedder, dtype):
     system = await start(actor)
     try:
         assert params_dtype(actor.model) == {getattr(torch, dtype)}
-        res = await actor.ask(Embed(["the capital of France", "Paris"]), timeout=60)
+        res = await actor.ask(Embed(texts=["the capital of France", "Paris"]), timeout=60)
         v = np.asarray(res.vectors)
         assert v.shape == (2, 384) and np.isfinite(v).all()
         assert float(v[0] @ v[1]) > 0.3              # related texts stay related
@@ -62,8 +62,8 @@ async def test_cross_encoder_loads_in_the_entrys_dtype(tmp_path):
     try:
         assert params_dtype(ref.torch_module()) == {torch.float32}
         assert params_dtype(half.torch_module()) == {torch.bfloat16}
-        a = (await ref.ask(Rerank("capital of France", DOCS), timeout=60)).scores
-        b = (await half.ask(Rerank("capital of France", DOCS), timeout=60)).scores
+        a = (await ref.ask(Rerank(query="capital of France", documents=DOCS), timeout=60)).scores
+        b = (await half.ask(Rerank(query="capital of France", documents=DOCS), timeout=60)).scores
         # random weights with a wide init: bfloat16 moves the scores, not the order
         assert list(np.argsort(a)) == list(np.argsort(b)), (a, b)
     finally:
@@ -78,7 +78,8 @@ async def test_bi_encoder_reranker_loads_in_the_entrys_dtype():
     system = await start(actor)
     try:
         assert params_dtype(actor.torch_module()) == {torch.bfloat16}
-        scores = (await actor.ask(Rerank("capital of France", DOCS), timeout=60)).scores
+        reply = await actor.ask(Rerank(query="capital of France", documents=DOCS), timeout=60)
+        scores = reply.scores
         assert int(np.argmax(scores)) == 0
     finally:
         await system.stop_all()

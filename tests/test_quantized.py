@@ -174,7 +174,7 @@ class HostMoveResidency(WeightResidency):
 
 
 def _chat(text: str, n: int = 12) -> Chat:
-    return Chat([{"role": "user", "content": text}], None, n, 0.0, 1.0, [])
+    return Chat(messages=[{"role": "user", "content": text}], max_tokens=n)
 
 
 def _inside(t: torch.Tensor, buf: torch.Tensor) -> bool:
@@ -217,12 +217,12 @@ def test_quantized_llm_answers_the_same_after_evict_and_admit(checkpoints, fmt):
         for m in mods:                  # every tensor the kernel reads lives in the admitted copy
             for name, t in m.named_buffers():
                 assert _inside(t, res.copy), f"{name} did not move"
-        await llm.ask(Revoke("llm"), timeout=60)                            # evicts (and zeroes)
+        await llm.ask(Revoke(model="llm"), timeout=60)                      # evicts (and zeroes)
         assert res.evicts == 1 and not res.on_gpu
         assert llm_quant.kernel_state(model) == []          # no cache left on the old copy
         outs.append(await llm.ask(_chat("capital of france"), timeout=300))  # admits again
         assert res.admits == 2
-        await llm.ask(Revoke("llm"), timeout=60)
+        await llm.ask(Revoke(model="llm"), timeout=60)
         with torch.no_grad():            # and on the host master copy, outside the actor
             again = model(ids).logits.float()
         assert torch.equal(again, got)

@@ -39,7 +39,8 @@ class Recorder(Actor):
         if isinstance(msg, Revoke):
             self.log.append(self.name)
             if self.auto:
-                self.arb.tell(Released(self.name, 0), priority=CONTROL, sender=self.name)
+                self.arb.tell(Released(model=self.name, nbytes=0), priority=CONTROL,
+                              sender=self.name)
             return None
         if isinstance(msg, Yield):
             self.log.append(f"yield:{self.name}")
@@ -60,7 +61,7 @@ async def arbiter_world(budget: int, holders=(), **kw):
 
 
 async def grant(arb, model, nbytes, **kw) -> Granted:
-    return await arb.ask(RequestGrant(model, nbytes, pinned=kw.pop("pinned", False),
+    return await arb.ask(RequestGrant(model=model, nbytes=nbytes, pinned=kw.pop("pinned", False),
                                       priority=kw.pop("priority", 1),
                                       preemptible=kw.pop("preemptible", False)),
                          sender=model, timeout=kw.pop("timeout", 5.0))
@@ -94,8 +95,8 @@ async def test_grant_busy_idle_describe():
         st = await state(arb)
         assert (st.budget, st.used, st.holders, st.busy, st.waiting) == (1000, 300, {"A": 300},
                                                                         ("A",), ())
-        arb.tell(JobStarted("A"))            # accepted as a no-op
-        arb.tell(JobFinished("A"))
+        arb.tell(JobStarted(model="A"))            # accepted as a no-op
+        arb.tell(JobFinished(model="A"))
         assert (await state(arb)).busy == ()
         # asking again within the grant: at once; smaller: the grant does not shrink
         g = await grant(arb, "A", 200)
@@ -111,9 +112,9 @@ async def test_lru_eviction_order_and_minimal_victims():
     async with arbiter_world(1000, ["A", "B", "C", "D", "E"]) as (system, arb, log, _):
         for m in "ABC":
             await grant(arb, m, 300)
-            arb.tell(JobFinished(m))
+            arb.tell(JobFinished(model=m))
         await grant(arb, "A", 300)          # A is now the most recently used
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         g = await grant(arb, "D", 300)      # needs 200 more than free: the LRU one (B) goes
         assert g.evicted == ("B",) and log == ["B"]
         assert (await state(arb)).holders == {"A": 300, "C": 300, "D": 300}
@@ -127,9 +128,9 @@ async def test_lru_eviction_order_and_minimal_victims():
 async def test_no_needless_eviction():
     async with arbiter_world(1000, ["A", "B", "C"]) as (system, arb, log, _):
         await grant(arb, "A", 100)          # LRU, but too small to matter
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         await grant(arb, "B", 800)
-        arb.tell(JobFinished("B"))
+        arb.tell(JobFinished(model="B"))
         g = await grant(arb, "C", 700)       # short 600: LRU picks A then B; A is pruned
         assert g.evicted == ("B",) and log == ["B"]
 
@@ -137,16 +138,16 @@ async def test_no_needless_eviction():
 async def test_pinned_never_revoked():
     async with arbiter_world(1000, ["P", "A", "B", "C", "D"]) as (system, arb, log, _):
         await grant(arb, "P", 300, pinned=True)
-        arb.tell(JobFinished("P"))           # P is idle and the least recently used
+        arb.tell(JobFinished(model="P"))           # P is idle and the least recently used
         for m in "AB":
             await grant(arb, m, 300)
-            arb.tell(JobFinished(m))
+            arb.tell(JobFinished(model=m))
         g = await grant(arb, "C", 300)
         assert g.evicted == ("A",)
         # D needs 400 beyond the free 100; B idle (300) is not enough, C is busy: wait for C
         task = await pending(grant(arb, "D", 500))
         assert log == ["A"]
-        arb.tell(JobFinished("C"))
+        arb.tell(JobFinished(model="C"))
         g = await task
         assert set(g.evicted) == {"B", "C"} and g.waited_s > 0
         assert "P" not in log
@@ -180,7 +181,7 @@ async def test_busy_holder_waited_for_not_revoked():
         assert st.waiting == ("B",) and st.busy == ("A",) and log == []
         await asyncio.sleep(0.1)
         assert log == [] and not task.done()         # A busy: never revoked, never counted free
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         g = await task
         assert g.evicted == ("A",) and log == ["A"] and g.waited_s >= 0.1
         assert (await state(arb)).holders == {"B": 600}
@@ -196,12 +197,12 @@ async def test_busy_preemptible_holder_is_asked_to_yield_once_and_queues_again()
         await until(lambda: log == ["yield:L"])
         await pending(grant(arb, "E", 100, timeout=10))      # another pump: no second Yield
         assert log == ["yield:L"]
-        arb.tell(Release("L"), priority=CONTROL, sender="L")  # the loop paused and gave it back
+        arb.tell(Release(model="L"), priority=CONTROL, sender="L")  # the loop paused, gave it back
         assert (await task).model == "R"
         back = await pending(grant(arb, "L", 600, preemptible=True))
         await asyncio.sleep(0.05)
         assert log == ["yield:L"] and not back.done()     # R is busy and not preemptible
-        arb.tell(JobFinished("R"), sender="R")
+        arb.tell(JobFinished(model="R"), sender="R")
         assert (await back).model == "L" and "R" in log
 
 
@@ -212,7 +213,7 @@ async def test_no_yield_when_busy_jobs_that_end_on_their_own_are_enough():
         task = await pending(grant(arb, "R", 300))
         await asyncio.sleep(0.05)
         assert log == []
-        arb.tell(JobFinished("E"), sender="E")
+        arb.tell(JobFinished(model="E"), sender="E")
         assert (await task).evicted == ("E",) and log == ["E"]
 
 
@@ -237,7 +238,7 @@ async def test_revoked_holder_that_never_answers_is_named():
     async with arbiter_world(1000, ["A", "B"], grant_timeout=0.2) as (system, arb, log, recs):
         recs["A"].auto = False
         await grant(arb, "A", 800)
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         with pytest.raises(DeadlineExceeded) as ei:
             await grant(arb, "B", 500)
         assert "never answered Released: A" in ei.value.message
@@ -245,7 +246,7 @@ async def test_revoked_holder_that_never_answers_is_named():
         assert (await state(arb)).used == 800
         await until(lambda: log == ["A", "A"])
         recs["A"].auto = True
-        arb.tell(RevokeAllFlex("reset_flags changed"), priority=CONTROL)   # nudges it again
+        arb.tell(RevokeAllFlex(reason="reset_flags changed"), priority=CONTROL)   # nudges it again
         await until(lambda: log == ["A", "A", "A"])
         await until(lambda: arb.used == 0)
 
@@ -268,7 +269,7 @@ async def test_strict_fifo_behind_waiting_head():
         tb = await pending(grant(arb, "B", 500))
         tc = await pending(grant(arb, "C", 100))      # would fit now, but B came first
         assert (await state(arb)).waiting == ("B", "C")
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         gb, gc = await tb, await tc
         assert gb.evicted == ("A",) and gc.evicted == ()
 
@@ -280,7 +281,7 @@ async def test_priority_then_arrival():
         tc = await pending(grant(arb, "C", 300, priority=0))
         td = await pending(grant(arb, "D", 300, priority=2))
         assert (await state(arb)).waiting == ("C", "B", "D")
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         await asyncio.gather(tb, tc, td)
         # all three fit once A is gone; they are served in that order
         seq = [e.detail["model"] for e in system.tracer.events
@@ -293,11 +294,11 @@ async def test_release_frees_and_serves_waiter():
     async with arbiter_world(1000, ["A", "B"]) as (system, arb, log, _):
         await grant(arb, "A", 800)
         task = await pending(grant(arb, "B", 500))
-        arb.tell(Release("A"), priority=CONTROL)     # idle_on_cpu / delete / device change
+        arb.tell(Release(model="A"), priority=CONTROL)     # idle_on_cpu / delete / device change
         g = await task
         assert g.evicted == () and log == []
-        arb.tell(Released("ghost", 123), priority=CONTROL)   # holds nothing: ignored
-        arb.tell(Release("ghost"), priority=CONTROL)
+        arb.tell(Released(model="ghost", nbytes=123), priority=CONTROL)   # holds nothing: ignored
+        arb.tell(Release(model="ghost"), priority=CONTROL)
         assert (await state(arb)).holders == {"B": 500}
         ign = [e for e in system.tracer.events if e.actor == "vram-arbiter"
                and e.msg_type in ("Released", "Release") and e.detail.get("ignored")]
@@ -307,15 +308,15 @@ async def test_release_frees_and_serves_waiter():
 async def test_absent_holder_counts_as_freed():
     async with arbiter_world(1000, ["C"]) as (system, arb, log, _):
         await grant(arb, "nobody", 600)     # no actor of that name exists
-        arb.tell(JobFinished("nobody"))
+        arb.tell(JobFinished(model="nobody"))
         g = await grant(arb, "C", 700)
         assert g.evicted == ("nobody",) and g.waited_s < 0.5
         assert (await state(arb)).holders == {"C": 700}
         # a stopped holder actor too
         system.spawn(Recorder("D", arb, log))
-        arb.tell(JobFinished("C"))
+        arb.tell(JobFinished(model="C"))
         await grant(arb, "D", 300)
-        arb.tell(JobFinished("D"))
+        arb.tell(JobFinished(model="D"))
         await system.stop("D")
         g = await grant(arb, "C", 1000)
         assert g.evicted == ("D",) and "D" not in log
@@ -324,20 +325,20 @@ async def test_absent_holder_counts_as_freed():
 async def test_revoke_all_flex():
     async with arbiter_world(1000, ["P", "A", "B", "W"]) as (system, arb, log, _):
         await grant(arb, "P", 200, pinned=True)
-        arb.tell(JobFinished("P"))
+        arb.tell(JobFinished(model="P"))
         await grant(arb, "A", 200)
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         await grant(arb, "B", 300)                  # busy
         task = await pending(grant(arb, "W", 600))  # idle A is not enough: waits for B
         assert log == []
-        arb.tell(RevokeAllFlex("reset_flags changed"), priority=CONTROL)
+        arb.tell(RevokeAllFlex(reason="reset_flags changed"), priority=CONTROL)
         with pytest.raises(GrantCancelled) as ei:
             await task
         assert "reset_flags changed" in ei.value.message and "'W'" in ei.value.message
         await until(lambda: log == ["A"])
         st = await state(arb)
         assert st.holders == {"P": 200, "B": 300} and st.waiting == ()
-        arb.tell(JobFinished("B"))                 # busy ones go when their job ends
+        arb.tell(JobFinished(model="B"))                 # busy ones go when their job ends
         await until(lambda: log == ["A", "B"])
         assert (await state(arb)).holders == {"P": 200}
 
@@ -346,14 +347,14 @@ async def test_blocked_holders_do_not_deadlock():
     """Two holders both wait to grow and each needs the other's memory: the younger is refused."""
     async with arbiter_world(1000, ["A", "B"]) as (system, arb, log, _):
         await grant(arb, "A", 400)
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         await grant(arb, "B", 400)                  # B busy
         ta = await pending(grant(arb, "A", 700))    # A waits for 300 more; B busy: wait for B
         with pytest.raises(GrantCancelled) as ei:
             await grant(arb, "B", 700)              # B waits too, holding what A needs
         assert "'A'" in ei.value.message and ei.value.retryable
         assert not ta.done()
-        arb.tell(JobFinished("B"))                  # B's batch ends (it ran on CPU, say)
+        arb.tell(JobFinished(model="B"))                  # B's batch ends (it ran on CPU, say)
         g = await ta
         assert g.nbytes == 700 and g.evicted == ("B",) and log == ["B"]
 
@@ -364,14 +365,14 @@ async def test_revoked_holder_asking_again_is_served_and_still_released():
     async with arbiter_world(1000, ["A", "B"]) as (system, arb, log, recs):
         recs["A"].auto = False
         await grant(arb, "A", 800)
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         tb = await pending(grant(arb, "B", 500))
         assert log == ["A"]                          # Revoke sent; A has not answered yet
         g = await grant(arb, "A", 800)               # A started another batch meanwhile
         assert g.nbytes == 800 and g.waited_s == 0.0
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         assert not tb.done()
-        arb.tell(Released("A", 800), priority=CONTROL)
+        arb.tell(Released(model="A", nbytes=800), priority=CONTROL)
         assert (await tb).evicted == ("A",)
 
 
@@ -396,7 +397,7 @@ async def test_traces_record_arbiter_messages():
     async with arbiter_world(1000, ["A", "B"]) as (system, arb, log, _):
         await grant(arb, "A", 800)
         task = await pending(grant(arb, "B", 500))
-        arb.tell(JobFinished("A"))
+        arb.tell(JobFinished(model="A"))
         await task
         await state(arb)
         ev = [e for e in system.tracer.events if e.actor == "vram-arbiter"]
@@ -463,12 +464,13 @@ class FakeModel(Actor):
     async def handle(self, msg, env):
         if isinstance(msg, Job):
             try:
-                g = await self.arb.ask(RequestGrant(self.name, msg.nbytes, msg.priority,
-                                                    self.pinned), sender=self.name, timeout=30)
+                g = await self.arb.ask(RequestGrant(model=self.name, nbytes=msg.nbytes,
+                                                    priority=msg.priority, pinned=self.pinned),
+                                       sender=self.name, timeout=30)
             except GrantRefused:
                 self.ledger.cpu_jobs += 1             # runs on CPU; keeps what it holds
                 await asyncio.sleep(self.rng.uniform(0, 0.004))
-                self.arb.tell(JobFinished(self.name), priority=CONTROL, sender=self.name)
+                self.arb.tell(JobFinished(model=self.name), priority=CONTROL, sender=self.name)
                 return "cpu"
             if g.nbytes < msg.nbytes:
                 self.ledger.violations.append(f"{self.name} granted {g.nbytes} < {msg.nbytes}")
@@ -478,11 +480,11 @@ class FakeModel(Actor):
                 await asyncio.sleep(self.rng.uniform(0, 0.004))
             finally:
                 self.computing = False
-                self.arb.tell(JobFinished(self.name), priority=CONTROL, sender=self.name)
+                self.arb.tell(JobFinished(model=self.name), priority=CONTROL, sender=self.name)
             self.ledger.gpu_jobs += 1
             if msg.release_after and not self.pinned:
                 self._resident(0)
-                self.arb.tell(Release(self.name), priority=CONTROL, sender=self.name)
+                self.arb.tell(Release(model=self.name), priority=CONTROL, sender=self.name)
             return "gpu"
         if isinstance(msg, Revoke):
             self.revokes += 1
@@ -490,7 +492,7 @@ class FakeModel(Actor):
             if n:
                 await asyncio.sleep(self.rng.uniform(0, 0.003))   # dropping GPU tensors
                 self._resident(0)
-            self.arb.tell(Released(self.name, n), priority=CONTROL, sender=self.name)
+            self.arb.tell(Released(model=self.name, nbytes=n), priority=CONTROL, sender=self.name)
             return None
         return await super().handle(msg, env)
 
@@ -585,14 +587,14 @@ class FakeLLM(FakeModel):
             return DEFER
         if isinstance(msg, _Paused):
             self._resident(0)
-            self.arb.tell(Release(self.name), priority=CONTROL, sender=self.name)
+            self.arb.tell(Release(model=self.name), priority=CONTROL, sender=self.name)
             await self._start(msg.nbytes, msg.left, msg.env)
             return None
         return await super().handle(msg, env)
 
     async def _start(self, nbytes: int, left: float, env) -> None:
         try:
-            await self.arb.ask(RequestGrant(self.name, nbytes, preemptible=True),
+            await self.arb.ask(RequestGrant(model=self.name, nbytes=nbytes, preemptible=True),
                                sender=self.name, timeout=30)
         except GrantRefused:
             self.ledger.cpu_jobs += 1
@@ -614,7 +616,7 @@ class FakeLLM(FakeModel):
             self.pauses += 1
             self.tell(_Paused(nbytes, left, env), priority=CONTROL, sender=self.name)
         else:
-            self.arb.tell(JobFinished(self.name), priority=CONTROL, sender=self.name)
+            self.arb.tell(JobFinished(model=self.name), priority=CONTROL, sender=self.name)
             self.reply_to(env, "gpu")
 
 

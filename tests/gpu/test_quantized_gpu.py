@@ -35,7 +35,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _chat(text: str, n: int = 16) -> Chat:
-    return Chat([{"role": "user", "content": text}], None, n, 0.0, 1.0, [])
+    return Chat(messages=[{"role": "user", "content": text}], max_tokens=n)
 
 
 def _model_tensors(model):
@@ -82,7 +82,7 @@ def test_quantized_llm_on_the_gpu_answers_the_same_after_evict_and_admit(checkpo
             want = ref(ids).logits.float()
         assert (on_gpu - want).abs().max() < 0.02 * want.abs().max()
 
-        await llm.ask(Revoke(fmt, "test"), timeout=60)                      # evicts
+        await llm.ask(Revoke(model=fmt, reason="test"), timeout=60)                      # evicts
         assert not res.on_gpu
         stray = [t.shape for t in _model_tensors(model) if t.is_cuda]
         assert not stray, f"tensors left on the GPU after eviction: {stray}"

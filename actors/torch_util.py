@@ -1,0 +1,55 @@
+"""Small torch helpers the model actors share (one copy of each).
+
+torch is imported inside each function: importing this module (from the model actors, which the
+HTTP layer imports) must not load torch by itself.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is the GPU running out of memory (torch's error, or one that says so)."""
+    import torch
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def empty_cache() -> None:
+    """Give the caching allocator's free blocks back to the driver (no-op without CUDA)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a torch module's parameters and buffers, shared tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptr = t.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16`` (an entry's ``dtype``)."""
+    import torch
+    dtype = getattr(torch, name)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
+def as_list(v: Any) -> list[Any]:
+    """One value or several (``eos_token_id`` is an int in some configs, a list in others) as a
+    list; None as an empty one."""
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple, set)) else [v]
