@@ -247,5 +247,9 @@ def _what_changed(actor: Actor, spec: ModelSpec, params: dict) -> str:
     parts = [f"{k}={getattr(spec, k)!r}" for k in ("device", "max_tokens", "cuda_thres",
                                                     "idle_on_cpu", "size_est")
              if getattr(actor.spec, k) != getattr(spec, k)]
-    parts += [f"{k}={v!r}" for k, v in params.items() if actor.params.get(k) != v]
+    parts += [f"{k}={v!r}" for k, v in params.items()
+              if k not in actor.params or actor.params[k] != v]
+    # a key taken out of *_params: the model goes back to its built-in default for it
+    parts += [f"{k} back to its default (was {v!r})" for k, v in actor.params.items()
+              if k not in params]
     return ", ".join(parts) or "no visible change"

@@ -40,7 +40,7 @@ class GpuLease:
 
     @property
     def on_gpu(self) -> bool:
-        return self.residency.on_gpu
+        return self.residency is not None and self.residency.on_gpu
 
     @property
     def spec(self):
@@ -116,6 +116,22 @@ class GpuLease:
         self.arbiter.tell(Release(model=self.owner.name), priority=CONTROL, sender=self.owner.name)
         self.granted = 0
         self.busy = False
+
+    async def close(self) -> None:
+        """The model is unloaded: give the grant back if we still hold one, then let go of the
+        residency (its module, host master copy and GPU copy) and of the owner, so that nothing
+        here keeps the weights alive. The lease cannot be used afterwards."""
+        residency = self.residency
+        if residency is None:
+            return
+        if self.granted or self.busy or residency.on_gpu:
+            await self.give_back()
+        release = getattr(residency, "release", None)
+        if release is not None:
+            await self._run(release)
+        self.residency = None
+        self.owner = None
+        self.arbiter = None
 
 
 def _note(env: Envelope | None, **detail: Any) -> None:

@@ -1,8 +1,13 @@
 """What every model actor shares: loading off the loop, state, Describe, failure after load."""
 from __future__ import annotations
 
+import ctypes
+import gc
+import itertools
 import logging
+import sys
 import time
+import weakref
 from typing import Any, Callable
 
 from ..runtime.actor import Actor, Envelope
@@ -27,6 +32,58 @@ def linger_seconds(params: dict, default: float = BATCH_LINGER_S) -> float:
     if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms <= 1000:
         return ms / 1000
     return default
+
+
+# ---- weights that must die with their actor ----------------------------------------------------
+# Every loaded model's torch module (and, on a GPU machine, its pinned host copy) is watched by a
+# weak reference under its actor's name, so that "is a removed model really gone?" is a question
+# the server can answer (GET /admin/models: runtime.weights_alive) and the unload path can check.
+_watched: dict[int, tuple[str, str, weakref.ref]] = {}
+_watch_ids = itertools.count()
+
+#: instance attributes that hold weights or things built on them; dropped on unload
+WEIGHT_ATTRS = ("model", "tokenizer", "engine")
+
+
+def watch_weights(owner: str, what: str, obj: Any) -> None:
+    """Watch ``obj`` (a module, a tensor) by a weak reference under the actor name ``owner``."""
+    if obj is None:
+        return
+    key = next(_watch_ids)
+    try:
+        ref = weakref.ref(obj, lambda _r, key=key: _watched.pop(key, None))
+    except TypeError:
+        return
+    _watched[key] = (owner, what, ref)
+
+
+def live_weights(owner: str | None = None) -> list[dict]:
+    """The watched weights still alive: ``[{"actor", "what"}]`` (of one actor with ``owner``)."""
+    return [{"actor": o, "what": w} for o, w, r in list(_watched.values())
+            if r() is not None and (owner is None or o == owner)]
+
+
+def break_cycles(model: Any) -> None:
+    """Cut the reference cycles a model object is known to keep, so that dropping the last
+    outside reference frees it at once instead of at the next full garbage collection.
+    sentence-transformers: ``model.model_card_data.model`` points back at the model
+    (SentenceTransformer and CrossEncoder)."""
+    card = getattr(model, "model_card_data", None) if model is not None else None
+    if card is not None and getattr(card, "model", None) is model:
+        try:
+            card.model = None
+        except Exception:  # noqa: BLE001 - best effort: gc.collect() catches the cycle anyway
+            pass
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays high)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ModelActor(Actor):
@@ -82,6 +139,7 @@ class ModelActor(Actor):
             log.error("%s %s failed to load: %s", self.kind, self.name, self.error)
             return
         self.load_seconds = time.monotonic() - t0
+        watch_weights(self.name, "module", self.torch_module())
         await self._attach_gpu()
         self.state = ModelStatus.READY
         log.info("%s %s ready in %.1fs (%.0f MB)", self.kind, self.name, self.load_seconds,
@@ -94,6 +152,9 @@ class ModelActor(Actor):
             return
         residency = await self.system.executor.run_load(factory, self.torch_module())
         self.weight_bytes = residency.weight_bytes
+        host = getattr(residency, "host_buffer", None)
+        if host is not None:                 # its storage: alive while any weight views it
+            watch_weights(self.name, "host copy", host.untyped_storage())
         self.lease = GpuLease(self, residency, arbiter, device=self.gpu_device)
         if self.spec.device == DeviceMode.CUDA:
             await self._pin_on_gpu()
@@ -149,11 +210,50 @@ class ModelActor(Actor):
             self.device = Device.CUDA if lease.on_gpu else Device.CPU
 
     async def on_stop(self) -> None:
+        """Unload: give the GPU back, then drop every reference to the weights (the lease's
+        residency with its pinned host copy, the model, tokenizer and engine), cut the cycles
+        the libraries keep and, if something is still alive, collect the garbage: the memory
+        is freed now, not at the next full collection. A weight still referenced afterwards is
+        logged (and listed by /admin/models as runtime.weights_alive)."""
         self.state = ModelStatus.STOPPED
-        if self.lease is not None and self.lease.granted:
-            await self.lease.give_back()
-        if self.system is not None:
-            await self.system.executor.run(self.unload_blocking)
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            await lease.close()
+        del lease
+        if self.system is None:
+            self._unload_all()
+            return
+        try:
+            await self.system.executor.run(self._unload_all)
+        except RuntimeError:                # the pool is already shut down (server exit)
+            self._unload_all()
+        alive = live_weights(self.name)
+        if alive:
+            log.warning("%s %s: weights still referenced after unload: %s", self.kind,
+                        self.name, ", ".join(a["what"] for a in alive))
+
+    def _unload_all(self) -> None:
+        """Blocking (executor thread): drop the weights and free their memory."""
+        break_cycles(getattr(self, "model", None))
+        try:
+            self.unload_blocking()
+        except Exception:  # noqa: BLE001 - go on dropping what we can
+            log.exception("%s %s: unload failed", self.kind, self.name)
+        self.drop_weight_refs()
+        if live_weights(self.name) or self.error:
+            gc.collect()                    # cycles the libraries keep, a failed load's frames
+        _malloc_trim()
+
+    def drop_weight_refs(self) -> None:
+        """Set every instance attribute that holds weights to None: the ones named in
+        WEIGHT_ATTRS and any other torch module, and forget an instance-level
+        residency_factory (a quantized LLM's wraps its model)."""
+        import torch
+
+        for attr, value in list(vars(self).items()):
+            if attr in WEIGHT_ATTRS or isinstance(value, torch.nn.Module):
+                setattr(self, attr, None)
+        self.__dict__.pop("residency_factory", None)
 
     def joinable(self, msg: Any) -> bool:
         return self.batching and self.state == ModelStatus.READY and \

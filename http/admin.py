@@ -1,7 +1,8 @@
 """Admin API, behind ``ADMIN_KEY`` (Bearer). Every change is written to liveconfigs.json by the
 config actor (the file stays the single source of truth) and applied like a hand edit.
 
-GET    /admin/models                    models with state, GPU arbiter state, config error
+GET    /admin/models                    models with state, GPU arbiter state, config error, and
+                                        runtime: actors, threads, weights still alive, RSS, fds
 POST   /admin/models                    {kind, name, entry}: add (and put on the standby list)
 DELETE /admin/models/{name}             take off the standby list and remove the entry
 POST   /admin/models/{name}/device      {device: cpu | cuda | flex}
@@ -22,6 +23,7 @@ import aiofiles
 from aiohttp import web
 
 from agile_rag.actors.messages import Describe, EditConfig, ReloadConfig
+from agile_rag.actors.model_base import live_weights
 from agile_rag.runtime.errors import InvalidRequest, ServiceError
 from agile_rag.runtime.liveconfig import DEVICES, SECTION, STANDBY
 
@@ -79,6 +81,22 @@ def _find(data: dict, name: str) -> str:
                          code="model_not_found")
 
 
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
 async def list_models(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     models = []
@@ -95,7 +113,10 @@ async def list_models(request: web.Request) -> web.Response:
         st = await arbiter.ask(Describe(), timeout=5)
         gpu = {"budget": st.budget, "used": st.used, "holders": st.holders,
                "busy": list(st.busy), "waiting": list(st.waiting)}
-    runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count()}
+    runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count(),
+               # the loaded models' weights still alive, by actor (a removed model's must go)
+               "weights_alive": live_weights(),
+               "rss_bytes": _rss_bytes(), "open_fds": _open_fds()}
     return json_response({"models": models, "gpu": gpu, "config_error": server.config_error,
                           "runtime": runtime,
                           "live_config": os.path.abspath(server.settings.LIVECONFIGS_PATH)},

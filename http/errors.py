@@ -37,7 +37,7 @@ def error_response(err: ServiceError, request: web.Request | None = None) -> web
     headers = {}
     if not err.retryable:
         headers["x-should-retry"] = "false"
-    if isinstance(err, Overloaded):
+    if isinstance(err, Overloaded) or err.status == 503:     # busy, or a model going away
         headers["Retry-After"] = "1"
     return json_response(err.to_dict(), status=err.status, request=request, headers=headers)
 

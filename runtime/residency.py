@@ -67,6 +67,7 @@ class WeightResidency:
         self._streams: Dict[int, torch.cuda.Stream] = {}
         self._gpu: Optional[torch.Tensor] = None
         self._device = torch.device("cpu")
+        self._released = False
 
         # 1. Every distinct tensor object registered as a parameter or buffer, anywhere in the tree.
         by_id: Dict[int, Tuple[torch.Tensor, List[Tuple[nn.Module, str, bool]]]] = {}
@@ -167,6 +168,8 @@ class WeightResidency:
         return len(self._bindings)
 
     def __repr__(self) -> str:
+        if self.released:
+            return "WeightResidency(released)"
         return (f"WeightResidency({type(self.module).__name__}, {self._weight_bytes / 1e9:.3f} GB, "
                 f"{'pinned' if self._pinned else 'pageable'}, device={self._device})")
 
@@ -178,6 +181,8 @@ class WeightResidency:
         when the weights were already there.
         """
         with self._lock:
+            if self.released:
+                raise RuntimeError("WeightResidency.admit after release(): the model was unloaded")
             if not torch.cuda.is_available():
                 raise RuntimeError("WeightResidency.admit needs CUDA, and torch.cuda.is_available() is "
                                    "False: the weights stay in host memory")
@@ -242,6 +247,31 @@ class WeightResidency:
         self._gpu = None  # the last reference: the caching allocator takes the block back
         self._device = torch.device("cpu")
         return {"seconds": time.perf_counter() - t0, "bytes": self._nbytes}
+
+    def release(self) -> dict:
+        """The model is being unloaded: drop the GPU copy and every reference this object holds
+        to the weights (the module, the tensor bindings, the host master copy and its views, the
+        side streams), so that the pinned host buffer is freed as soon as the module itself is
+        gone (its parameters are views of that buffer). Idempotent; the object cannot admit again.
+
+        Returns {"bytes": GPU bytes dropped, "host_bytes": size of the host copy let go}.
+        """
+        with self._lock:
+            dropped = self._evict_locked()["bytes"] if self._gpu is not None else 0
+            host_bytes = self._nbytes if self._host is not None else 0
+            self.module = None
+            self._bindings = []
+            self._host_views = {}
+            self._host = None
+            self._streams = {}
+            self._gpu = None
+            self._device = torch.device("cpu")
+            self._released = True
+            return {"bytes": dropped, "host_bytes": host_bytes}
+
+    @property
+    def released(self) -> bool:
+        return self._released
 
     # ------------------------------------------------------------------ internals
     @staticmethod
