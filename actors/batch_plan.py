@@ -257,6 +257,10 @@ class BatchPlanner:
         return StepPlan(kind=StepKind.PREFILL, rows=take, cache=shape, keep=first,
                         first_slot=first), cancelled
 
+    def unadmit(self, rows: list[SeqRequest]) -> None:
+        """A PREFILL that did not happen: its rows wait again at the head of the queue."""
+        self.waiting.extendleft(reversed(rows))
+
     def seat(self, rows: list[SeqRequest], first_slot: int, lengths: list[int]) -> None:
         """The runner read ``rows`` into slots ``first_slot..``: they are active now."""
         for i, (r, n) in enumerate(zip(rows, lengths)):

@@ -319,7 +319,11 @@ class BatchEngine:
         if plan is None:
             return
         now = time.monotonic()
-        logits = self.runner.run(plan, stats)
+        try:
+            logits = self.runner.run(plan, stats)
+        except BaseException:
+            self.planner.unadmit(plan.rows)        # answered with the error, not lost
+            raise
         self.planner.seat(plan.rows, plan.first_slot, [len(r.context()) for r in plan.rows])
         stats["prefills"] += 1
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))

@@ -1,0 +1,259 @@
+"""The batch planner alone: fake prompts and hand-written model outputs, no model, no torch
+work. Each test drives BatchPlanner the way the engine does (plan -> "run" -> tell back)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from agile_rag.actors import batch_plan
+from agile_rag.actors.batch_plan import BatchPlanner, BatchSettings, SeqRequest, StepKind, StepPlan
+from agile_rag.actors.states import FinishReason
+
+
+@dataclass
+class FakeMsg:
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class FakeTail:
+    ids: list = field(default_factory=list)
+
+
+def seq(prompt_len: int, max_new: int) -> SeqRequest:
+    return SeqRequest(FakeMsg(), list(range(prompt_len)), max_new, lambda r, res: None,
+                      FakeTail())
+
+
+def planner(**kw) -> BatchPlanner:
+    return BatchPlanner(BatchSettings(**kw))
+
+
+def run_prefill(p: BatchPlanner, plan: StepPlan, first_token: int = 7) -> None:
+    """What the engine does after the runner read a PREFILL: seat, then a first token."""
+    p.seat(plan.rows, plan.first_slot, [len(r.context()) for r in plan.rows])
+    for r in plan.rows:
+        take(r, first_token)
+
+
+def take(r: SeqRequest, tid: int) -> None:
+    r.last = tid
+    r.generated += 1
+    r.tail.ids.append(tid)
+    if r.generated >= r.max_new:
+        r.reason = FinishReason.LENGTH
+
+
+def decode_once(p: BatchPlanner) -> StepPlan | None:
+    plan, gone = p.decode()
+    if plan is not None:
+        p.stepped(plan.rows)
+        for r in plan.rows:
+            take(r, 9)
+    p.retire()
+    return plan
+
+
+def test_admission_stays_within_the_kv_budget_and_max_batch(monkeypatch):
+    monkeypatch.setattr(batch_plan, "RESERVE_NEW", 64)
+    p = planner(max_batch=3, kv_tokens=400, prefill_tokens=4096, prefill_chunk=0)
+    reqs = [seq(100, 30) for _ in range(5)]          # each reserves 130 tokens
+    for r in reqs:
+        p.accept(r)
+    plan, cancelled = p.admit()
+    assert plan is not None and plan.kind is StepKind.PREFILL and not cancelled
+    assert plan.rows == reqs[:3]                      # 3 x 130 = 390 <= 400; max_batch 3
+    assert plan.first_slot == 0 and plan.cache is not None
+    slots, length = plan.cache
+    assert slots >= 3 and length % batch_plan.LEN_BUCKET == 0
+    run_prefill(p, plan)
+    assert [r.slot for r in p.active] == [0, 1, 2] and [r.pos for r in p.active] == [100] * 3
+    assert p.admit() == (None, [])                    # full: nobody else fits
+    assert list(p.waiting) == reqs[3:]
+
+
+def test_the_budget_refuses_a_second_long_reservation(monkeypatch):
+    monkeypatch.setattr(batch_plan, "RESERVE_NEW", 512)
+    p = planner(max_batch=8, kv_tokens=1000, prefill_chunk=0)
+    a, b = seq(300, 400), seq(300, 400)              # 700 each: two do not fit in 1000
+    p.accept(a)
+    p.accept(b)
+    plan, _ = p.admit()
+    assert plan.rows == [a]
+    run_prefill(p, plan)
+    assert p.admit() == (None, [])
+    a.reason = FinishReason.STOP                     # a leaves: b fits now
+    gone = p.retire()
+    assert gone.finished == [a]
+    plan, _ = p.admit()
+    assert plan.rows == [b] and plan.first_slot == 0
+
+
+def test_a_cancelled_waiting_request_is_answered_not_admitted():
+    p = planner(prefill_chunk=0)
+    a, b = seq(10, 5), seq(10, 5)
+    p.accept(a)
+    p.accept(b)
+    a.msg.cancel.set()
+    plan, cancelled = p.admit()
+    assert cancelled == [a] and a.reason is FinishReason.CANCELLED
+    assert plan.rows == [b]
+
+
+def test_retirement_moves_the_last_row_into_the_freed_slot():
+    p = planner(max_batch=8, prefill_chunk=0)
+    rows = [seq(10, 50) for _ in range(4)]
+    for r in rows:
+        p.accept(r)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    rows[1].reason = FinishReason.STOP
+    gone = p.retire()
+    assert gone.finished == [rows[1]] and gone.moves == [(3, 1)]
+    assert p.active == [rows[0], rows[3], rows[2]] and rows[3].slot == 1
+    rows[0].msg.cancel.set()                          # cancelled rows leave before a decode
+    plan, gone = p.decode()
+    assert gone.finished == [rows[0]] and plan.moves == [(2, 0)]
+    assert plan.rows == [rows[2], rows[3]] and [r.slot for r in plan.rows] == [0, 1]
+
+
+def test_a_long_prompt_is_read_in_chunks_then_lands_in_a_slot():
+    p = planner(max_batch=8, kv_tokens=8192, prefill_chunk=100)
+    short, long = seq(20, 50), seq(250, 10)
+    p.accept(short)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    p.accept(long)
+    plan, _ = p.admit()
+    assert plan is None and p.partial is not None and p.partial.req is long
+    spans = []
+    while p.partial is not None:
+        chunk, cancelled = p.chunk()
+        assert cancelled is None and chunk.kind is StepKind.CHUNK
+        spans.append((chunk.start, chunk.end, chunk.lands))
+        p.chunk_done(chunk)
+        if chunk.lands:
+            assert chunk.first_slot == 1 and chunk.cache is not None
+        decode_once(p)                                # the short one decodes between chunks
+    assert spans == [(0, 100, False), (100, 200, False), (200, 250, True)]
+    assert long in p.active and long.slot == 1
+    assert long.pos == 251 and long.steps == 1        # seated at 250, then one decode step
+    assert short.steps == 3 and long.prefill_chunks == 3
+
+
+def test_prefill_chunk_set_to_zero_mid_prefill_finishes_the_prompt_in_one_forward():
+    """Issue 11, defect 2: the running engine took the new value and read an empty chunk."""
+    p = planner(prefill_chunk=64)
+    long = seq(300, 10)
+    p.accept(long)
+    p.admit()
+    chunk, _ = p.chunk()
+    p.chunk_done(chunk)
+    assert (chunk.start, chunk.end) == (0, 64)
+    p.settings = BatchSettings(prefill_chunk=0)
+    chunk, _ = p.chunk()
+    assert (chunk.start, chunk.end, chunk.lands) == (64, 300, True)
+    p.chunk_done(chunk)
+    assert p.active == [long] and long.pos == 300
+
+
+def test_cancel_mid_prefill_answers_it_and_frees_the_partial():
+    p = planner(prefill_chunk=50)
+    long = seq(200, 10)
+    p.accept(long)
+    p.admit()
+    chunk, _ = p.chunk()
+    p.chunk_done(chunk)
+    long.msg.cancel.set()
+    plan, cancelled = p.chunk()
+    assert plan is None and cancelled is long and long.reason is FinishReason.CANCELLED
+    assert p.partial is None and p.idle()
+
+
+def test_pause_all_puts_everyone_back_oldest_first_and_they_resume_with_their_tokens():
+    p = planner(prefill_chunk=100)
+    a, b, c = seq(30, 20), seq(30, 20), seq(400, 5)
+    for r in (a, b):
+        p.accept(r)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    decode_once(p)
+    p.accept(c)
+    p.admit()                                          # c starts a chunked prefill
+    chunk, _ = p.chunk()
+    p.chunk_done(chunk)
+    assert p.pause_all() == 2
+    assert list(p.waiting) == [a, b, c] and not p.active and p.partial is None
+    assert [r.preempted for r in (a, b, c)] == [1, 1, 1]
+    assert a.context() == a.prompt + [7, 9]           # re-read with what it generated
+    p.cache_dropped()
+    plan, _ = p.admit()
+    assert plan.rows == [a, b] and plan.cache is not None
+
+
+def test_a_growing_row_preempts_the_newest_when_the_budget_cannot_hold_both(monkeypatch):
+    monkeypatch.setattr(batch_plan, "LEN_BUCKET", 16)
+    monkeypatch.setattr(batch_plan, "RESERVE_NEW", 4)
+    p = planner(max_batch=4, kv_tokens=100, prefill_chunk=0)
+    old, new = seq(40, 24), seq(40, 24)
+    p.accept(old)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    p.accept(new)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    assert p.active == [old, new]
+    preempted = None
+    for _ in range(30):
+        plan = decode_once(p)
+        if new in p.waiting:
+            preempted = plan
+            break
+    assert preempted is not None and new.preempted == 1 and p.active == [old]
+    assert preempted.cache == (1, 64)                 # one row of the grown length fits
+
+
+def test_draining_ignores_waiting_requests():
+    p = planner()
+    p.accept(seq(10, 5))
+    assert not p.idle() and p.idle(draining=True)
+
+
+def test_take_all_hands_every_request_over_in_order():
+    p = planner(prefill_chunk=100)
+    a, b, c = seq(10, 5), seq(300, 5), seq(10, 5)
+    p.accept(a)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    p.accept(b)
+    p.accept(c)
+    p.admit()                                          # b: chunked; c waits behind it
+    assert p.partial is not None
+    assert p.take_all() == [a, b, c]
+    assert p.idle() and not p.waiting
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_cache_shape_grows_by_powers_of_two_on_cpu_and_takes_the_budget_on_gpu(whole):
+    p = BatchPlanner(BatchSettings(max_batch=32, kv_tokens=4096, prefill_chunk=0),
+                     whole_budget=whole)
+    for _ in range(3):
+        p.accept(seq(100, 50))
+    plan, _ = p.admit()
+    slots, length = plan.cache
+    assert length == 256
+    assert slots == (16 if whole else 4)               # 4096 // 256 = 16 fit
+
+
+def test_a_prefill_that_failed_puts_its_rows_back_at_the_head_of_the_queue():
+    """The engine answers them with the error (they used to be in neither list: lost)."""
+    p = planner(prefill_chunk=0)
+    a, b, c = seq(10, 5), seq(10, 5), seq(10, 5)
+    for r in (a, b, c):
+        p.accept(r)
+    plan, _ = p.admit()
+    assert plan.rows == [a, b, c]
+    p.unadmit(plan.rows)
+    assert p.take_all() == [a, b, c]
