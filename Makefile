@@ -3,11 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT_STAMP := $(VENV)/.lint-installed
 HOST ?=
 PORT ?=
 LIVE_CONFIG ?= liveconfigs.json
 
-.PHONY: serve test install clean
+.PHONY: serve test lint install clean
 
 $(STAMP): setup.cfg Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +29,15 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# mypy reads the installed packages' types (numpy, aiohttp), so lint installs everything too.
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check *.py actors http runtime tests
+	$(BIN)/mypy runtime actors
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,5 @@
-"""Cold settings: read once at start (restart to change them). Hot settings live in liveconfigs.json.
+"""Cold settings: read once at start (restart to change them). Hot settings live in
+liveconfigs.json.
 
 Names follow the seed's configs.py where they mean the same thing. To change them, pass
 ``--config my_configs.py`` (a Python file that assigns any of these UPPERCASE names) or the
@@ -18,7 +19,7 @@ ADMIN_KEY = ""                # key for /admin routes (Bearer); empty = admin ro
 MAX_BODY_BYTES = 16 * 1024 * 1024   # larger request bodies get 413
 
 # --- admin uploads -------------------------------------------------------------------------------
-MODELS_DIR = ""               # where uploaded model folders go; "" = "models/" beside liveconfigs.json
+MODELS_DIR = ""               # where uploaded model folders go; "" = models/ by liveconfigs.json
 MAX_UPLOAD_BYTES = 32 * 2**30 # larger uploads are refused
 ALLOW_PICKLE_UPLOADS = False  # .bin/.pt/.pth/.pkl/.ckpt weights can run code when loaded: refused
 

@@ -53,6 +53,9 @@ class SeqRequest:
     tail: Any
     generator: Any = None             # the runner's torch.Generator of a seeded chat
     owner: Any = None                 # the actor's handle on the request (its envelope)
+    #: a grammar the text must follow (actors/llm_grammar.py): ``fill_mask(logits_row)``
+    #: before each sample, ``accept(token_id)`` after, ``finished()`` once complete
+    constraint: Any = None
     # state while active
     slot: int = -1
     pos: int = 0                  # tokens in the KV cache

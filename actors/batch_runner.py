@@ -342,6 +342,9 @@ class BatchRunner:
     # ---- sampling -----------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, reqs: list[SeqRequest]) -> list[int]:
         logits = logits.float()
+        for i, r in enumerate(reqs):              # constrained rows: what the grammar allows
+            if r.constraint is not None:
+                r.constraint.fill_mask(logits[i])
         out = logits.argmax(dim=-1)
         rows = [i for i, r in enumerate(reqs) if r.msg.temperature > 0]
         if rows:

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..runtime import config_edit
 from ..runtime.actor import CONTROL, Actor, Envelope
@@ -28,6 +28,9 @@ from ..runtime.errors import InvalidRequest
 from ..runtime.liveconfig import KINDS, LiveConfig, LiveConfigError, ModelSpec, validate
 from .messages import Describe, Drain, EditConfig, ReloadConfig, RevokeAllFlex, UpdateModel
 from .states import ModelStatus
+
+if TYPE_CHECKING:
+    from .model_base import ModelActor
 
 log = logging.getLogger("agile_rag.config")
 PARAMS_OF = {"llm": "llm_params", "embedder": "embedder_params", "reranker": "reranker_params"}
@@ -243,7 +246,7 @@ class ConfigActor(Actor):
         await self.server.system.stop(actor.name)
 
 
-def _what_changed(actor: Actor, spec: ModelSpec, params: dict) -> str:
+def _what_changed(actor: ModelActor, spec: ModelSpec, params: dict) -> str:
     parts = [f"{k}={getattr(spec, k)!r}" for k in ("device", "max_tokens", "cuda_thres",
                                                     "idle_on_cpu", "size_est")
              if getattr(actor.spec, k) != getattr(spec, k)]

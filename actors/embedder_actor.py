@@ -54,7 +54,9 @@ class EmbedderActor(ModelActor):
             model.max_seq_length = self.spec.max_tokens
         model.eval()
         self.model = model
-        self.dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)() or 0
+        dimension = getattr(model, "get_embedding_dimension", None) or \
+            model.get_sentence_embedding_dimension
+        self.dim = dimension() or 0
         self.weight_bytes = module_bytes(model)
 
     def unload_blocking(self) -> None:

@@ -439,7 +439,8 @@ class LLMActor(ModelActor):
         left = req.max_new - req.generated
         streamer = TailStreamer(req.tail, self._eos_ids())
         kwargs: dict[str, Any] = {"max_new_tokens": left, "streamer": streamer,
-                                  "stopping_criteria": [_StopWhen(streamer, msg.cancel)],
+                                  "stopping_criteria": [_StopWhen(streamer, msg.cancel,
+                                                                  req.constraint)],
                                   "attention_mask": torch.ones_like(ids, device=self.model.device)}
         if msg.temperature > 0:
             kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p, top_k=0)
@@ -450,6 +451,8 @@ class LLMActor(ModelActor):
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
+        if req.constraint is not None:
+            kwargs["logits_processor"] = [_Constrained(req.constraint)]
         if left > 0 and not msg.cancel.is_set():
             with torch.inference_mode():
                 self.model.generate(ids.to(self.model.device), pad_token_id=pad, **kwargs)
@@ -473,15 +476,35 @@ class LLMActor(ModelActor):
 
 
 class _StopWhen:
-    """Stopping criterion: a stop string was seen, or the client went away."""
+    """Stopping criterion: a stop string was seen, the grammar is complete, or the client
+    went away."""
 
-    def __init__(self, streamer: TailStreamer, cancel: threading.Event):
+    def __init__(self, streamer: TailStreamer, cancel: threading.Event, constraint: Any = None):
         self.streamer = streamer
         self.cancel = cancel
+        self.constraint = constraint
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = self.streamer.tail.hit_stop or self.streamer.hit_eos or self.cancel.is_set()
+        done = self.streamer.tail.hit_stop or self.streamer.hit_eos or self.cancel.is_set() \
+            or (self.constraint is not None and self.constraint.finished())
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Constrained:
+    """Logits processor for ``generate``: the grammar accepts each sampled token (seen as the
+    last input id of the next step) and masks the next step's logits."""
+
+    def __init__(self, constraint: Any):
+        self.constraint = constraint
+        self.first = True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.first:
+            self.constraint.accept(int(input_ids[0, -1]))
+        self.first = False
+        scores = scores.float()
+        self.constraint.fill_mask(scores[0])
+        return scores
 
 
 def _no_callback(req: SeqRequest, res: Any) -> None:

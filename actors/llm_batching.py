@@ -372,6 +372,8 @@ class BatchEngine:
         texts: list[SeqRequest] = []
         for req, tid in zip(reqs, tokens):
             req.last = tid
+            if req.constraint is not None:
+                req.constraint.accept(tid)
             if req.cancelled:
                 req.reason = FinishReason.CANCELLED
             elif tid in self.eos:
@@ -383,7 +385,7 @@ class BatchEngine:
         if texts:                         # one tokenizer call for every row's two windows
             hits = advance(self.tokenizer, [r.tail for r in texts])
             for req, hit in zip(texts, hits):
-                if hit:
+                if hit or (req.constraint is not None and req.constraint.finished()):
                     req.reason = FinishReason.STOP
                 elif req.generated >= req.max_new:
                     req.reason = FinishReason.LENGTH

@@ -31,8 +31,9 @@ import torch
 
 log = logging.getLogger("agile_rag.llm")
 
-__all__ = ["quant_method", "quant_load_kwargs", "import_kernels", "load_quantized", "prepare_for_residency",
-           "clear_kernel_caches", "QuantResidency", "residency_factory", "kernel_state",
+__all__ = ["quant_method", "quant_load_kwargs", "import_kernels", "load_quantized",
+           "prepare_for_residency", "clear_kernel_caches", "QuantResidency", "residency_factory",
+           "kernel_state",
            "quant_modules", "PORTABLE_BACKENDS", "write_gptq_checkpoint", "write_awq_checkpoint",
            "quantized_linear_names", "random_quantized_state", "save_random_quantized"]
 
@@ -419,7 +420,7 @@ def save_random_quantized(config, folder: str, fmt: str, group: int = 128, devic
             cur, size = {}, 0
     if cur:
         shards.append(cur)
-    index = {"metadata": {}, "weight_map": {}}
+    index: dict[str, dict[str, str]] = {"metadata": {}, "weight_map": {}}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({k: v.contiguous().cpu() for k, v in shard.items()},

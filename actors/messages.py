@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class ChatResult:
 
 
 #: What a :class:`TokenStream` carries: text pieces, then a result or an error.
-StreamItem = Union[str, ChatResult, BaseException]
+StreamItem = str | ChatResult | BaseException
 
 
 # ---- embeddings --------------------------------------------------------------------------------

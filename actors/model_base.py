@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import itertools
 import logging
 import sys
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..runtime.actor import Actor, Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
@@ -51,10 +53,14 @@ def watch_weights(owner: str, what: str, obj: Any) -> None:
         return
     key = next(_watch_ids)
     try:
-        ref = weakref.ref(obj, lambda _r, key=key: _watched.pop(key, None))
+        ref = weakref.ref(obj, functools.partial(_forget, key))
     except TypeError:
         return
     _watched[key] = (owner, what, ref)
+
+
+def _forget(key: int, _ref: object) -> None:
+    _watched.pop(key, None)
 
 
 def live_weights(owner: str | None = None) -> list[dict]:
@@ -106,7 +112,7 @@ class ModelActor(Actor):
         self.lease: GpuLease | None = None
 
     @property
-    def batch_linger_s(self) -> float:
+    def batch_linger_s(self) -> float:  # type: ignore[override]  # read from params, per model
         """Batching models (embedders, rerankers): an HTTP burst reaches the actor one request
         at a time (~0.2 ms apart on 2 cores); without a linger its first request ran alone
         while the rest were still being parsed. Collecting the burst (a quiet 1 ms gap ends
@@ -160,9 +166,11 @@ class ModelActor(Actor):
             await self._pin_on_gpu()
 
     async def _pin_on_gpu(self) -> None:
-        where = await self.lease.acquire(0, self.working_bytes(1), None)
-        await self.lease.finish()
-        self.device = Device.CUDA if self.lease.on_gpu else Device.CPU
+        lease = self.lease
+        assert lease is not None, "_pin_on_gpu runs after _attach_gpu made the lease"
+        where = await lease.acquire(0, self.working_bytes(1), None)
+        await lease.finish()
+        self.device = Device.CUDA if lease.on_gpu else Device.CPU
         if where == Device.CPU:
             log.warning("%s is set to device cuda but did not get the GPU; it runs on CPU",
                         self.name)
@@ -268,7 +276,8 @@ class ModelActor(Actor):
             return await self._update(msg.spec, msg.params, env)
         if isinstance(msg, Revoke):
             if self.lease is None:
-                self.system.actors[ARBITER].tell(Released(model=self.name, nbytes=0), sender=self.name)
+                self.system.actors[ARBITER].tell(Released(model=self.name, nbytes=0),
+                                                 sender=self.name)
                 return None
             await self.lease.revoked(env)
             self.device = Device.CPU

@@ -114,7 +114,7 @@ class RerankerActor(ModelActor):
                 vecs = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
                                          normalize_embeddings=True, show_progress_bar=False)
                 flat, k = [], 0
-                for q, docs in jobs:
+                for _q, docs in jobs:
                     qv, dv = vecs[k], vecs[k + 1:k + 1 + len(docs)]
                     k += 1 + len(docs)
                     flat.extend(((dv @ qv) + 1.0) / 2.0)
@@ -125,10 +125,10 @@ class RerankerActor(ModelActor):
                                               show_progress_bar=False, convert_to_numpy=True)
                 else:
                     flat = self.model.compute_score(pairs, batch_size=batch_size, normalize=True)
-        flat = np.clip(np.asarray(flat, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        clipped = np.clip(np.asarray(flat, dtype=np.float64).reshape(-1), 0.0, 1.0)
         out, k = [], 0
         for q, docs in jobs:
-            scores = [float(s) for s in flat[k:k + len(docs)]]
+            scores = [float(s) for s in clipped[k:k + len(docs)]]
             k += len(docs)
             out.append((scores, self._count_tokens(q, docs)))
         return out

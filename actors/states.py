@@ -3,7 +3,8 @@
 
 Each enum is a ``str`` subclass, so a member compares, hashes, formats and serialises (orjson,
 json) and prints exactly as its value: ``FinishReason.STOP == "stop"``, and
-``f"{FinishReason.STOP}"`` is ``"stop"``. Python 3.10 has no ``enum.StrEnum``, hence :class:`StrEnum` here.
+``f"{FinishReason.STOP}"`` is ``"stop"``. Python 3.10 has no ``enum.StrEnum``, hence
+:class:`StrEnum` here.
 
 A leaf module (no imports from the package), so ``runtime/`` may use it too.
 """
@@ -16,9 +17,14 @@ class StrEnum(str, Enum):
     """A ``str`` enum whose ``str()``, ``format()`` and ``repr()`` are its value's: whatever
     printed the plain string before (events such as ``device='cpu'``, logs) prints the same."""
 
-    __str__ = str.__str__
-    __format__ = str.__format__
-    __repr__ = str.__repr__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
+
+    def __repr__(self) -> str:
+        return str.__repr__(self)
 
 
 class FinishReason(StrEnum):

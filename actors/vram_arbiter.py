@@ -66,8 +66,19 @@ from typing import Any
 
 from ..runtime.actor import CONTROL, DEFER, Actor, Envelope
 from ..runtime.errors import ActorStopped, DeadlineExceeded, ServiceError
-from .messages import (ArbiterState, Describe, Granted, JobFinished, JobStarted, Release,
-                       Released, RequestGrant, Revoke, RevokeAllFlex, Yield)
+from .messages import (
+    ArbiterState,
+    Describe,
+    Granted,
+    JobFinished,
+    JobStarted,
+    Release,
+    Released,
+    RequestGrant,
+    Revoke,
+    RevokeAllFlex,
+    Yield,
+)
 
 log = logging.getLogger("agile_rag.arbiter")
 

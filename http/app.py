@@ -6,7 +6,7 @@ from aiohttp import web
 from agile_rag.runtime.errors import Unauthorized
 
 from . import admin, chat, debug, embeddings, info, metrics, rerank
-from .errors import error_response, error_middleware
+from .errors import error_middleware, error_response
 from .keys import SERVER
 from .parsing import bearer_matches
 

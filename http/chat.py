@@ -13,8 +13,8 @@ from agile_rag.runtime.errors import InvalidRequest, ServiceError
 
 from .common import ask_model, resolve_model
 from .errors import json_response
+from .keys import REQUEST_ID, SERVER
 from .parsing import Fields, read_json
-from .keys import SERVER, REQUEST_ID
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 PING_EVERY_S = 15.0

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from agile_rag.runtime.actor import Actor
 from agile_rag.runtime.errors import Overloaded
+
 from .keys import REQUEST_ID
 
 

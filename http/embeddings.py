@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import functools
 
-
 from aiohttp import web
 
 from agile_rag.actors.messages import Embed, EmbedResult
@@ -12,8 +11,8 @@ from agile_rag.runtime.errors import InvalidRequest
 
 from .common import ask_model, resolve_model
 from .errors import json_response
-from .parsing import Fields, read_json
 from .keys import SERVER
+from .parsing import Fields, read_json
 
 MAX_INPUTS = 2048
 

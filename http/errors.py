@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError
-from .keys import SERVER, REQUEST_ID
+
+from .keys import REQUEST_ID, SERVER
 
 log = logging.getLogger("agile_rag.http")
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

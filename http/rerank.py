@@ -17,8 +17,8 @@ from agile_rag.runtime.errors import InvalidRequest
 
 from .common import ask_model, resolve_model
 from .errors import json_response
-from .parsing import Fields, read_json
 from .keys import SERVER
+from .parsing import Fields, read_json
 
 MAX_DOCUMENTS = 4096
 

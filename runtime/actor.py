@@ -53,7 +53,7 @@ class Envelope:
     started: float = 0.0
     detail: dict = field(default_factory=dict)   # handlers add trace details (bytes moved, ...)
 
-    def __lt__(self, other: "Envelope") -> bool:  # PriorityQueue order: priority, then FIFO
+    def __lt__(self, other: Envelope) -> bool:  # PriorityQueue order: priority, then FIFO
         return (self.priority, self.seq) < (other.priority, other.seq)
 
     @property
@@ -75,7 +75,8 @@ class Actor:
 
     def __init__(self, name: str):
         self.name = name
-        self.system: ActorSystem | None = None
+        #: set by ActorSystem.spawn before the first message; None only until then
+        self.system: ActorSystem = None  # type: ignore[assignment]
         self.mailbox: asyncio.PriorityQueue[Envelope] = asyncio.PriorityQueue()
         self._held: Envelope | None = None
         self._inflight: list[Envelope] = []

@@ -91,6 +91,7 @@ def _removal(text: str, pairs: list, i: int) -> list[tuple[int, int, str]]:
 def _addition(text: str, node: M.JSONObject, pairs: list, added: list,
               new: dict) -> list[tuple[int, int, str]]:
     """Edits that add ``added`` keys before the object's closing brace, one per line."""
+    assert node._tok is not None and node._end_tok is not None      # a parsed object has both
     close = node._end_tok.index
     line_start = text.rfind("\n", 0, close) + 1
     alone = text[line_start:close].strip() == ""             # "}" on a line of its own
@@ -112,7 +113,7 @@ def _addition(text: str, node: M.JSONObject, pairs: list, added: list,
     return edits
 
 
-# ---- text helpers ---------------------------------------------------------------------------------
+# ---- text helpers -----------------------------------------------------------------------------
 def _span(node: Any) -> tuple[int, int]:
     end_tok = node._end_tok
     return node._tok.index, end_tok.index + len(end_tok.value)

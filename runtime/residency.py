@@ -1,21 +1,22 @@
 """GPU residency of one module's weights.
 
-A model owns one master copy of its weights in (pinned) host memory: one flat uint8 buffer that every
-parameter and buffer of the module is a view of, so the CPU model computes straight from it. Taking
-the GPU (`admit`) is one asynchronous host-to-device copy of that buffer on a side CUDA stream, after
-which every parameter and buffer is re-pointed at views of the GPU copy. Giving the GPU back (`evict`)
-re-points them at the host views and drops the GPU buffer: weights are immutable at inference, so
-nothing is copied back.
+A model owns one master copy of its weights in (pinned) host memory: one flat uint8 buffer that
+every parameter and buffer of the module is a view of, so the CPU model computes straight from it.
+Taking the GPU (`admit`) is one asynchronous host-to-device copy of that buffer on a side CUDA
+stream, after which every parameter and buffer is re-pointed at views of the GPU copy. Giving the
+GPU back (`evict`) re-points them at the host views and drops the GPU buffer: weights are immutable
+at inference, so nothing is copied back.
 
 Rules the callers rely on:
 - Only this object moves the module's weights. Never call `module.to(device)` on a wrapped module.
 - `admit` and `evict` block; call them from an executor thread, never from the event loop.
-- Compute on the admitting thread's current stream (the default stream, unless the caller changed it).
-  The GPU buffer is allocated on that stream, so the caching allocator only reuses its memory after the
-  work queued there before `evict` has run. Work on other streams must be synchronised before `evict`.
-- Tied weights stay tied: one Parameter object registered in two modules (lm_head / embed_tokens) is
-  rebound in place (`param.data = view`), and distinct tensors that share a storage are copied once and
-  keep sharing it, on the host and on the GPU.
+- Compute on the admitting thread's current stream (the default stream, unless the caller changed
+  it). The GPU buffer is allocated on that stream, so the caching allocator only reuses its memory
+  after the work queued there before `evict` has run. Work on other streams must be synchronised
+  before `evict`.
+- Tied weights stay tied: one Parameter object registered in two modules (lm_head / embed_tokens)
+  is rebound in place (`param.data = view`), and distinct tensors that share a storage are copied
+  once and keep sharing it, on the host and on the GPU.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,8 +32,8 @@ __all__ = ["WeightResidency", "ALIGN"]
 
 log = logging.getLogger(__name__)
 
-# Byte alignment of every storage inside the flat buffer: a multiple of every dtype's size and of the
-# 16-byte vector loads kernels use (cudaMalloc itself aligns to 256).
+# Byte alignment of every storage inside the flat buffer: a multiple of every dtype's size and of
+# the 16-byte vector loads kernels use (cudaMalloc itself aligns to 256).
 ALIGN = 256
 
 
@@ -46,10 +46,10 @@ class _Binding:
     """One distinct tensor object of the module (a Parameter or a buffer) and where it lives."""
     tensor: torch.Tensor
     dtype: torch.dtype
-    size: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    elem_offset: int  # absolute offset, in elements of `dtype`, into the flat buffer viewed as `dtype`
-    owners: List[Tuple[nn.Module, str, bool]]  # (module, name, is_parameter), for the fallback path
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    elem_offset: int  # absolute offset, in elements of `dtype`, into the flat buffer as `dtype`
+    owners: list[tuple[nn.Module, str, bool]]  # (module, name, is_parameter), for the fallback path
 
 
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -64,13 +64,13 @@ class WeightResidency:
     def __init__(self, module: nn.Module, pin: bool = True):
         self.module = module
         self._lock = threading.Lock()
-        self._streams: Dict[int, torch.cuda.Stream] = {}
-        self._gpu: Optional[torch.Tensor] = None
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._gpu: torch.Tensor | None = None
         self._device = torch.device("cpu")
         self._released = False
 
         # 1. Every distinct tensor object registered as a parameter or buffer, anywhere in the tree.
-        by_id: Dict[int, Tuple[torch.Tensor, List[Tuple[nn.Module, str, bool]]]] = {}
+        by_id: dict[int, tuple[torch.Tensor, list[tuple[nn.Module, str, bool]]]] = {}
         for mod in module.modules():
             for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
                 for name, t in table.items():
@@ -83,8 +83,8 @@ class WeightResidency:
                     entry[1].append((mod, name, is_param))
 
         # 2. Group by storage: tensors sharing one storage are copied once and keep sharing it.
-        slots: Dict[Tuple[str, int, int], int] = {}  # storage key -> byte offset in the flat buffer
-        sources: List[Tuple[torch.Tensor, int]] = []  # (tensor on that storage, byte offset)
+        slots: dict[tuple[str, int, int], int] = {}  # storage key -> byte offset in the flat buffer
+        sources: list[tuple[torch.Tensor, int]] = []  # (tensor on that storage, byte offset)
         total = 0
         staged = []
         for t, owners in by_id.values():
@@ -102,14 +102,14 @@ class WeightResidency:
         self._nbytes = total
         self._weight_bytes = sum(t.untyped_storage().nbytes() for t, _ in sources)
 
-        # 3. One flat host buffer, pinned when it can be. Its views must be the same kind of tensor as
-        #    the parameters they back: ordinary tensors (also when the caller is in inference mode), or
-        #    inference tensors when the module itself was built under torch.inference_mode().
+        # 3. One flat host buffer, pinned when it can be. Its views must be the same kind of tensor
+        #    as the parameters they back: ordinary tensors (also when the caller is in inference
+        #    mode), or inference tensors when the module itself was built under inference_mode().
         kinds = {t.is_inference() for t, _ in by_id.values()}
         self._inference = kinds == {True}
         if len(kinds) > 1:
-            log.warning("%s mixes inference-mode and ordinary tensors: backing all of them with ordinary "
-                        "tensors", type(module).__name__)
+            log.warning("%s mixes inference-mode and ordinary tensors: backing all of them with "
+                        "ordinary tensors", type(module).__name__)
         with torch.inference_mode(self._inference):
             self._host, self._pinned = self._alloc_host(total, pin)
             self._adopt(sources, staged)
@@ -121,7 +121,7 @@ class WeightResidency:
             nb = t.untyped_storage().nbytes()
             if nb:
                 self._host[off:off + nb].copy_(_storage_bytes(t))
-        self._bindings: List[_Binding] = []
+        self._bindings: list[_Binding] = []
         for t, owners, off in staged:
             item = t.element_size()
             if off % item:
@@ -175,17 +175,19 @@ class WeightResidency:
 
     # ------------------------------------------------------------------ moves
     def admit(self, device="cuda") -> dict:
-        """Copy the weights to `device` (one H2D copy on a side stream) and point the module at them.
+        """Copy the weights to `device` (one H2D copy on a side stream) and point the module at
+        them.
 
-        Blocking; idempotent. Returns {"bytes", "seconds", "gbps", "copy_seconds", "device"}; bytes is 0
-        when the weights were already there.
+        Blocking; idempotent. Returns {"bytes", "seconds", "gbps", "copy_seconds", "device"};
+        bytes is 0 when the weights were already there.
         """
         with self._lock:
             if self.released:
                 raise RuntimeError("WeightResidency.admit after release(): the model was unloaded")
             if not torch.cuda.is_available():
-                raise RuntimeError("WeightResidency.admit needs CUDA, and torch.cuda.is_available() is "
-                                   "False: the weights stay in host memory")
+                raise RuntimeError("WeightResidency.admit needs CUDA, and "
+                                   "torch.cuda.is_available() is False: the weights stay in host "
+                                   "memory")
             dev = torch.device(device)
             if dev.type != "cuda":
                 raise ValueError(f"admit takes a CUDA device, not {device!r}")
@@ -205,8 +207,10 @@ class WeightResidency:
                     side = self._streams[dev.index] = torch.cuda.Stream(dev)
                 # Allocated on the current (compute) stream: see the module docstring.
                 gpu = torch.empty(self._nbytes, dtype=torch.uint8, device=dev)
-                side.wait_stream(current)  # memory reused from freed blocks is free once `current` is
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                # memory reused from freed blocks is free once `current` is
+                side.wait_stream(current)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 with torch.cuda.stream(side):
                     start.record(side)
                     gpu.copy_(self._host, non_blocking=self._pinned)
@@ -231,7 +235,8 @@ class WeightResidency:
                     "copy_seconds": start.elapsed_time(end) / 1e3, "device": str(dev)}
 
     def evict(self) -> dict:
-        """Point the module back at the host master copy and drop the GPU copy (nothing copied back).
+        """Point the module back at the host master copy and drop the GPU copy (nothing is copied
+        back).
 
         No-op when not on a GPU. Returns {"seconds", "bytes"} (bytes released).
         """
@@ -275,7 +280,7 @@ class WeightResidency:
 
     # ------------------------------------------------------------------ internals
     @staticmethod
-    def _alloc_host(nbytes: int, pin: bool) -> Tuple[torch.Tensor, bool]:
+    def _alloc_host(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
         if pin:
             if torch.cuda.is_available():
                 try:
@@ -287,21 +292,22 @@ class WeightResidency:
                 log.debug("CUDA absent: weights kept in pageable host memory")
         return torch.empty(nbytes, dtype=torch.uint8), False
 
-    def _typed_views(self, flat: torch.Tensor) -> Dict[torch.dtype, torch.Tensor]:
-        views: Dict[torch.dtype, torch.Tensor] = {}
+    def _typed_views(self, flat: torch.Tensor) -> dict[torch.dtype, torch.Tensor]:
+        views: dict[torch.dtype, torch.Tensor] = {}
         for b in self._bindings:
             if b.dtype not in views:
                 views[b.dtype] = flat.view(b.dtype)
         return views
 
-    def _rebind(self, views: Dict[torch.dtype, torch.Tensor]) -> None:
+    def _rebind(self, views: dict[torch.dtype, torch.Tensor]) -> None:
         for b in self._bindings:
             v = views[b.dtype].as_strided(b.size, b.stride, b.elem_offset)
             try:
                 b.tensor.data = v
             except RuntimeError:
                 # Tensors whose .data cannot be swapped (e.g. inference-mode buffers): replace the
-                # registered object in every owner instead (aliases outside the module won't follow).
+                # registered object in every owner instead (aliases outside the module won't
+                # follow).
                 new = nn.Parameter(v, requires_grad=b.tensor.requires_grad) \
                     if isinstance(b.tensor, nn.Parameter) else v
                 for mod, name, is_param in b.owners:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -32,7 +33,7 @@ class ActorSystem:
 
     def _run(self, actor: Actor) -> None:
         actor._task = asyncio.get_running_loop().create_task(actor._main(), name=actor.name)
-        actor._task.add_done_callback(lambda t, a=actor: self._on_exit(a, t))
+        actor._task.add_done_callback(functools.partial(self._on_exit, actor))
 
     def _on_exit(self, actor: Actor, task: asyncio.Task) -> None:
         if actor.stopped or task.cancelled():

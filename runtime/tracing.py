@@ -16,8 +16,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger("agile_rag.tracing")
 
@@ -58,7 +59,7 @@ class Tracer:
         self.wall_offset = time.time() - time.monotonic()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Tracer":
+    def from_settings(cls, settings: Any) -> Tracer:
         """The ring buffer, plus the JSONL file when ``TRACE_FILE`` is set."""
         tracer = cls(settings.TRACE_BUFFER, settings.TRACE_ENABLED)
         path = getattr(settings, "TRACE_FILE", "")

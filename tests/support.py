@@ -32,8 +32,8 @@ def minilm_dir() -> str:
 def build_cross_encoder(folder: str) -> str:
     """A small BERT cross-encoder with random weights on MiniLM's tokenizer, saved with
     save_pretrained and loaded by the server through the real CrossEncoder loader."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
@@ -123,6 +123,30 @@ def running_server(live: str, config: str, log_path: str, *, stop_timeout: float
             yield base, proc, wait_ready(base, proc)
         finally:
             stop_server(proc, stop_timeout, hang_fails=hang_fails)
+
+
+def tiny_llama(hidden: int = 64, vocab: int = 300, *, tie: bool = True, dtype=None):
+    """A seeded random two-layer Llama (residency tests: tied weights, rotary buffers)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    return (model if dtype is None else model.to(dtype)).eval()
+
+
+def tiny_bert_cls(hidden: int = 32, vocab: int = 300):
+    """A seeded random two-layer BERT cross-encoder head (one label)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                     num_attention_heads=2, vocab_size=vocab, num_labels=1)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).eval()
 
 
 class FakeResidency:

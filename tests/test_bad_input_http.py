@@ -80,7 +80,8 @@ async def test_body_over_the_size_limit_gets_413(v1):
 
 
 async def test_multipart_is_refused_and_curl_form_type_is_read_as_json(v1):
-    status, body, _ = await raw_post(v1 + "/embeddings", b"--x\r\n", "multipart/form-data; boundary=x")
+    status, body, _ = await raw_post(v1 + "/embeddings", b"--x\r\n",
+                                     "multipart/form-data; boundary=x")
     assert_openai_error(body, status, 415)
     status, body, _ = await raw_post(v1 + "/embeddings", b'{"input": "hi"}',
                                      "application/x-www-form-urlencoded")

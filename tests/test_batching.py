@@ -23,6 +23,7 @@ from agile_rag.runtime.actor import Actor
 from agile_rag.runtime.errors import ActorStopped, InvalidRequest
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.system import ActorSystem
+
 from support import ROOT, minilm_dir
 
 WORDS = ("apple river engine garden winter violin harbour ladder forest rocket planet coffee "
@@ -43,7 +44,7 @@ async def post(session, url: str, body: dict) -> dict:
         return payload
 
 
-# ---- over HTTP ------------------------------------------------------------------------------------
+# ---- over HTTP ---------------------------------------------------------------------------------
 async def test_concurrent_embedding_requests_get_their_own_vectors(v1):
     rng = random.Random(5)
     requests = []
@@ -99,7 +100,7 @@ async def test_concurrent_rerank_requests_get_their_own_scores(v1, model):
         assert got["usage"]["total_tokens"] == want["usage"]["total_tokens"]
 
 
-# ---- in process: batches really form --------------------------------------------------------------
+# ---- in process: batches really form -----------------------------------------------------------
 def _spec(kind: str, name: str) -> ModelSpec:
     path = minilm_dir()
     extra = {"backend": "bi-encoder"} if kind == "reranker" else {}

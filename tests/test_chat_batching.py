@@ -9,12 +9,21 @@ import pytest
 
 from agile_rag.actors import batch_plan
 from agile_rag.actors.llm_actor import LLMActor
-from agile_rag.actors.messages import (Chat, ChatResult, Describe, JobFinished, RequestGrant,
-                                      Revoke, TokenStream, UpdateModel)
+from agile_rag.actors.messages import (
+    Chat,
+    ChatResult,
+    Describe,
+    JobFinished,
+    RequestGrant,
+    Revoke,
+    TokenStream,
+    UpdateModel,
+)
 from agile_rag.actors.vram_arbiter import VRAMArbiter
-from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
 from agile_rag.runtime.errors import ActorStopped
+from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
 from agile_rag.runtime.system import ActorSystem
+
 from support import CACHE, ROOT, SMOLLM, FakeResidency
 
 # (prompt, max_tokens, stop): different lengths, limits and stop strings in one batch
@@ -94,7 +103,7 @@ async def idle_events(actor, since: float):
 
 async def test_concurrent_streams_get_what_they_get_alone(llm, alone):
     actor, _, system = llm
-    for r, (_, n, stop) in zip(alone, CASES):
+    for r, (_, n, _stop) in zip(alone, CASES):
         assert r.completion_tokens <= n
     assert alone[0].text.startswith("The capital of France is")
     assert alone[3].finish_reason == "length" and alone[3].completion_tokens == 6

@@ -15,6 +15,7 @@ from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
 from agile_rag.runtime import config_edit
 from agile_rag.server import create_app
+
 from support import MINILM, ROOT
 
 SEED = os.path.join(ROOT, "tests", "data", "seed_liveconfigs.json")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
 from agile_rag.server import create_app
+
 from support import CACHE, MINILM, ROOT, SMOLLM, free_port, wait_ready
 
 

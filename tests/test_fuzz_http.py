@@ -69,7 +69,8 @@ def test_raw_bytes_never_5xx(base, route, data, ctype):
 
 
 def test_deeply_nested_json_and_invalid_utf8_are_400(base):
-    status, raw = post(base + "/v1/embeddings", b'{"input": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    nested = b'{"input": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    status, raw = post(base + "/v1/embeddings", nested)
     assert status == 400, raw[:200]
     status, raw = post(base + "/v1/embeddings", b'{"input": "\xff\xfe bad"}')
     assert status == 400 and b"JSON" in raw

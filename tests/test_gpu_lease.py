@@ -14,6 +14,7 @@ from agile_rag.actors.reranker_actor import RerankerActor
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.system import ActorSystem
+
 from support import FakeResidency, minilm_dir
 
 MB = 2**20
@@ -112,6 +113,7 @@ async def test_device_changes_release_and_pin():
 
 async def test_gpu_out_of_memory_gives_back_retries_once_then_503():
     import torch
+
     from agile_rag.runtime.errors import Overloaded
 
     e = EmbedderActor(spec("embedder", "emb", device="flex"))

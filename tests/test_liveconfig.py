@@ -7,6 +7,7 @@ import os
 import pytest
 
 from agile_rag.runtime.liveconfig import LiveConfigError, parse_text
+
 from support import MINILM, ROOT, SMOLLM
 
 SEED = os.path.join(os.path.dirname(__file__), "data", "seed_liveconfigs.json")

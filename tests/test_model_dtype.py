@@ -11,6 +11,7 @@ from agile_rag.actors.messages import Describe, Embed, Rerank
 from agile_rag.actors.reranker_actor import RerankerActor
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.system import ActorSystem
+
 from support import build_cross_encoder, minilm_dir
 
 DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "Berlin is in Germany."]

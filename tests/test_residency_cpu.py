@@ -7,21 +7,8 @@ from torch import nn
 
 from agile_rag.runtime.residency import ALIGN, WeightResidency
 
-
-def _tiny_llama(tie=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _tiny_bert_cls():
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     vocab_size=300, num_labels=1)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg).eval()
+from support import tiny_bert_cls as _tiny_bert_cls
+from support import tiny_llama as _tiny_llama
 
 
 def _unique_bytes(module):
@@ -38,7 +25,8 @@ def _inside(res, t):
 
 
 class Odd(nn.Module):
-    """Non-contiguous and storage-sharing parameters, None entries, mixed dtypes, a non-persistent buffer."""
+    """Non-contiguous and storage-sharing parameters, None entries, mixed dtypes, a
+    non-persistent buffer."""
 
     def __init__(self):
         super().__init__()
@@ -56,7 +44,8 @@ class Odd(nn.Module):
         self.empty = nn.Parameter(torch.empty(0, 3))
 
     def forward(self):
-        return (self.t.sum(0) @ torch.ones(8)) + self.a.sum() * self.b.sum() + self.h.float().sum() \
+        return (self.t.sum(0) @ torch.ones(8)) + self.a.sum() * self.b.sum() \
+            + self.h.float().sum() \
             + self.idx.sum() + self.mask.sum() + self.inv_freq.sum()
 
 

@@ -20,6 +20,7 @@ from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
 from agile_rag.server import Server, create_app
+
 from support import CACHE, MINILM, SMOLLM, FakeResidency, sse_events
 
 CHATS = [("Write a short story about a lighthouse keeper.", 40),

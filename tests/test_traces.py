@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
-import time
 import uuid
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agile_rag.runtime.tracing import JsonlTraceWriter, TraceEvent, Tracer, chrome_trace, \
-    request_timeline
+from agile_rag.runtime.tracing import (
+    JsonlTraceWriter,
+    TraceEvent,
+    Tracer,
+    chrome_trace,
+    request_timeline,
+)
 
 from support import ROOT
 

@@ -26,6 +26,7 @@ from agile_rag.configs import load_settings
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.residency import WeightResidency
 from agile_rag.server import Server
+
 from support import CACHE, MINILM, SMOLLM, minilm_dir
 
 

@@ -15,11 +15,26 @@ from dataclasses import dataclass
 
 import pytest
 
-from agile_rag.actors.messages import (ArbiterState, Describe, Granted, JobFinished, JobStarted,
-                                       Release, Released, RequestGrant, Revoke, RevokeAllFlex,
-                                       Yield)
-from agile_rag.actors.vram_arbiter import (GrantCancelled, GrantRefused, GrantTooLarge,
-                                           VRAMArbiter, default_budget)
+from agile_rag.actors.messages import (
+    ArbiterState,
+    Describe,
+    Granted,
+    JobFinished,
+    JobStarted,
+    Release,
+    Released,
+    RequestGrant,
+    Revoke,
+    RevokeAllFlex,
+    Yield,
+)
+from agile_rag.actors.vram_arbiter import (
+    GrantCancelled,
+    GrantRefused,
+    GrantTooLarge,
+    VRAMArbiter,
+    default_budget,
+)
 from agile_rag.runtime.actor import CONTROL, DEFER, Actor
 from agile_rag.runtime.errors import DeadlineExceeded, ServiceError
 from agile_rag.runtime.executor import ModelExecutor

@@ -1,4 +1,5 @@
-"""tests/gpu runs only where CUDA is: everywhere else (CI) every test here is skipped, not failed."""
+"""tests/gpu runs only where CUDA is: everywhere else (CI) every test here is skipped, not
+failed."""
 import pathlib
 
 import pytest

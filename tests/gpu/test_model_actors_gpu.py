@@ -19,6 +19,7 @@ from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.residency import WeightResidency
 from agile_rag.runtime.system import ActorSystem
+
 from support import gpu_bytes_in_use
 
 WORDS = ["paris", "france", "capital", "banana", "yellow", "berlin", "germany", "city", "the",

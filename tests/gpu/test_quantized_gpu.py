@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+from test_quantized import write
 
 from agile_rag.actors import llm_quant
 from agile_rag.actors.llm_actor import LLMActor
@@ -20,7 +21,7 @@ from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import ModelSpec
 from agile_rag.runtime.residency import WeightResidency
 from agile_rag.runtime.system import ActorSystem
-from test_quantized import write
+
 from support import gpu_bytes_in_use
 
 _missing = [p for p in ("gptqmodel", "optimum") if importlib.util.find_spec(p) is None]

@@ -9,24 +9,18 @@ from torch import nn
 
 from agile_rag.runtime.residency import WeightResidency
 
+from support import tiny_bert_cls, tiny_llama
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _tiny_llama(dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(128, 512, dtype=dtype)
 
 
 def _tiny_bert_cls():
-    from transformers import BertConfig, BertForSequenceClassification
-    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     vocab_size=512, num_labels=1)
-    torch.manual_seed(0)
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert_cls(64, 512)
 
 
 def _tensors(m):
@@ -194,7 +188,8 @@ def test_module_built_in_inference_mode_admits():
 def test_admit_throughput_sanity():
     # 512 MiB of fp16 weights: admit must run near the plain pinned copy rate.
     with torch.device("cuda"):
-        m = nn.Sequential(*[nn.Linear(4096, 4096, bias=False, dtype=torch.float16) for _ in range(16)])
+        m = nn.Sequential(*[nn.Linear(4096, 4096, bias=False, dtype=torch.float16)
+                            for _ in range(16)])
     res = WeightResidency(m)
     host = res.host_buffer
     dst = torch.empty_like(host, device="cuda")
