@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .states import FinishReason, StrEnum
 
@@ -49,7 +50,7 @@ class SeqRequest:
     msg: Any
     prompt: list[int] | None         # None until the engine's ``prepare`` hook encoded it
     max_new: int
-    on_done: Callable[["SeqRequest", Any], None]     # called from the engine thread
+    on_done: Callable[[SeqRequest, Any], object]   # called from the engine thread
     tail: Any
     generator: Any = None             # the runner's torch.Generator of a seeded chat
     owner: Any = None                 # the actor's handle on the request (its envelope)
@@ -129,7 +130,7 @@ class Retired:
     finished: list[SeqRequest] = field(default_factory=list)
     moves: list[tuple[int, int]] = field(default_factory=list)
 
-    def extend(self, other: "Retired") -> None:
+    def extend(self, other: Retired) -> None:
         self.finished += other.finished
         self.moves += other.moves
 

@@ -1,13 +1,16 @@
 """The LLM actor: transformers causal LMs (GGUF files or HF folders), chat templates, streaming.
 
 Chats are continuously batched (actors/llm_batching.py): ``serve`` hands the request to the batch
-loop and returns ``DEFER``; the loop runs in the actor's own thread while any sequence is active,
-encodes each prompt as it arrives, pushes each request's text to its :class:`TokenStream` and answers it when it
-ends (EOS, stop string, max_tokens, client gone). So the mailbox stays open during generation
-(Describe, more chats joining the running batch). The GPU grant is taken before the loop starts
-and finished when it goes idle (``BatchIdle``); the KV cache and CUDA graphs are freed before the
-weights are evicted. Models the loop cannot drive (sliding windows, unusual architectures) keep the
-old path: one ``generate`` per request with a streamer and a stopping criterion.
+engine and returns ``DEFER``; the engine's loop runs in the actor's own thread while there is
+work, encodes each prompt as it arrives, pushes each request's text to its
+:class:`TokenStream` and answers it when it ends (EOS, stop string, max_tokens, client gone).
+So the mailbox stays open during generation (Describe, more chats joining the running batch).
+The GPU grant is taken before the loop starts and finished when it goes idle (``BatchIdle``);
+the KV cache and CUDA graphs are freed before the weights are evicted. Models the loop cannot
+drive (sliding windows, unusual architectures), or ``continuous_batching: false``, take the
+generate path: one ``generate`` per request, streaming through the same text code. An engine
+replaced by a live edit hands the chats it had not answered to its successor (or to the
+generate path), and the actor's queue length counts them until they are answered.
 """
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ class LLMActor(ModelActor):
     def __init__(self, spec, params=None, *, cache_dir: str | None = None, **kw):
         super().__init__(spec, params, **kw)
         self.cache_dir = cache_dir
-        self.model = None
-        self.tokenizer = None
+        self.model: Any = None
+        self.tokenizer: Any = None
         self.context_length = 2048
         self.engine: BatchEngine | None = None     # None: one generate() per request
         self.batching_off: str | None = None        # why the engine is off
@@ -219,7 +222,8 @@ class LLMActor(ModelActor):
                 if hasattr(model.config, "quantization_config"):
                     del model.config.quantization_config
                 model.save_pretrained(tmp)
-                AutoTokenizer.from_pretrained(folder, gguf_file=fname, **common).save_pretrained(tmp)
+                tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, **common)
+                tok.save_pretrained(tmp)
                 open(os.path.join(tmp, "done"), "w").close()
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
                 os.replace(tmp, cache)
@@ -305,10 +309,12 @@ class LLMActor(ModelActor):
         if self.lease is not None and not self.lease.busy:    # else the last loop's grant holds
             self.device = await self.lease.acquire(1, self.working_bytes(1), env,
                                                    preemptible=True)
-        self.engine.start()
+        engine = self.engine
+        assert engine is not None
+        engine.start()
         if self._loop_thread is None:            # (never started through on_start)
             self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
-        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, self.engine.run)
+        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, engine.run)
         self._loop = fut
         fut.add_done_callback(self._loop_done)
 

@@ -30,17 +30,18 @@ import dataclasses
 import logging
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .batch_plan import BatchPlanner, BatchSettings, SeqRequest, StepKind, StepPlan
+from .batch_plan import BatchPlanner, BatchSettings, SeqRequest
 from .batch_runner import BatchRunner, batching_supported
+from .messages import ChatResult
 from .states import FinishReason
 from .text_stream import TextTail, advance
 from .torch_util import as_list
-from .messages import ChatResult
 
 __all__ = ["BatchEngine", "BatchSettings", "SeqRequest", "TextTail", "batching_supported"]
 
@@ -230,7 +231,8 @@ class BatchEngine:
     # ---- the loop (one executor thread) ----------------------------------------------------
     def run(self) -> dict:
         t0 = time.monotonic()
-        stats = {"steps": 0, "tokens": 0, "max_batch": 0, "prefills": 0, "captures": 0}
+        stats: dict[str, Any] = {"steps": 0, "tokens": 0, "max_batch": 0, "prefills": 0,
+                                 "captures": 0}
         self.run_stats = stats
         planner, runner = self.planner, self.runner
         yield_asked = draining = False
