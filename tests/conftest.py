@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import CACHE, MAX_BODY, build_cross_encoder, running_server, write_live_config
+from support import MAX_BODY, build_cross_encoder, running_server, server_folder
 
 
 @pytest.fixture(scope="session")
@@ -15,13 +15,9 @@ def cross_encoder_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, cross_encoder_dir):
     """One real `python -m agile_rag` process with the real small models."""
-    d = tmp_path_factory.mktemp("server")
-    live = str(d / "liveconfigs.json")
-    write_live_config(live, cross_encoder_dir)
-    cfg = d / "configs.py"
-    cfg.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nMAX_BODY_BYTES = {MAX_BODY}\n"
-                   "REQUEST_TIMEOUT = 300.0\nSERVICE_NUM_WORKERS = 4\n")
-    log = str(d / "server.log")
+    live, cfg, log = server_folder(tmp_path_factory, "server", cross_encoder_dir,
+                                   f"MAX_BODY_BYTES = {MAX_BODY}\nREQUEST_TIMEOUT = 300.0\n"
+                                   "SERVICE_NUM_WORKERS = 4\n")
     # a server slow to stop (past SHUTDOWN_TIMEOUT) is killed quietly at the session's end
     with running_server(live, cfg, log, hang_fails=False) as (base, proc, health):
         assert health["status"] == "ok", health

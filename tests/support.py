@@ -125,6 +125,19 @@ def running_server(live: str, config: str, log_path: str, *, stop_timeout: float
             stop_server(proc, stop_timeout, hang_fails=hang_fails)
 
 
+def server_folder(tmp_path_factory, name: str, cross_encoder: str,
+                  settings: str = "") -> tuple[str, str, str]:
+    """A fresh folder for one server process: liveconfigs.json with the default small models,
+    configs.py with the shared model cache plus ``settings`` (lines of Python), and where its
+    log goes. Returns ``(live, config, log)`` for :func:`running_server`."""
+    d = tmp_path_factory.mktemp(name)
+    live = str(d / "liveconfigs.json")
+    write_live_config(live, cross_encoder)
+    config = d / "configs.py"
+    config.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\n" + settings)
+    return live, str(config), str(d / "server.log")
+
+
 def tiny_llama(hidden: int = 64, vocab: int = 300, *, tie: bool = True, dtype=None):
     """A seeded random two-layer Llama (residency tests: tied weights, rotary buffers)."""
     import torch

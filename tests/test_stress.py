@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from support import CACHE, ROOT, running_server, write_live_config
+from support import ROOT, running_server, server_folder
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from soak import Soak  # noqa: E402
@@ -20,12 +20,8 @@ ADMIN = "stress-admin"
 
 @pytest.fixture(scope="module")
 def stress_server(tmp_path_factory, cross_encoder_dir):
-    d = tmp_path_factory.mktemp("stress")
-    live = str(d / "liveconfigs.json")
-    write_live_config(live, cross_encoder_dir)
-    conf = d / "configs.py"
-    conf.write_text(f"MODEL_CACHE_DIR = {CACHE!r}\nDEBOUNCE_TIME = 0.1\nADMIN_KEY = {ADMIN!r}\n")
-    log = str(d / "server.log")
+    live, conf, log = server_folder(tmp_path_factory, "stress", cross_encoder_dir,
+                                    f"DEBOUNCE_TIME = 0.1\nADMIN_KEY = {ADMIN!r}\n")
     with running_server(live, conf, log) as (base, _, _):
         yield {"base": base, "live": live, "log": log}
 
