@@ -9,6 +9,7 @@ import time
 
 from aiohttp import web
 
+from agile_rag.actors.states import ModelStatus
 from agile_rag.runtime.errors import ModelNotFound
 
 from .errors import json_response
@@ -40,16 +41,16 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     models = {}
-    states = set()
+    states: set[ModelStatus] = set()
     for kind, name, actor in server.registry.all():
         s = actor.describe()
         states.add(s.state)
         models[name] = {"kind": kind, "state": s.state, "device": s.device,
                         "config_device": s.config_device, "queue_length": s.queue_length,
                         "weight_bytes": s.weight_bytes, "error": s.error}
-    if "failed" in states or server.config_error:
+    if ModelStatus.FAILED in states or server.config_error:
         status = "degraded"
-    elif "loading" in states:
+    elif ModelStatus.LOADING in states:
         status = "loading"
     else:
         status = "ok"
