@@ -35,9 +35,13 @@ $(LINT_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[lint]'
 	touch $(LINT_STAMP)
 
+# mypy names a module after its folders, and a checkout may have any folder name: it checks the
+# package through build/lint/agile_rag, a link to this folder.
 lint: $(LINT_STAMP)
-	$(BIN)/ruff check *.py actors http runtime tests
-	$(BIN)/mypy runtime actors
+	$(BIN)/ruff check --output-format concise *.py actors http runtime tests
+	mkdir -p build/lint && ln -sfn ../.. build/lint/agile_rag
+	cd build/lint && ../../$(BIN)/mypy --config-file ../../pyproject.toml \
+		-p agile_rag.runtime -p agile_rag.actors
 
 clean:
 	rm -rf $(VENV) build *.egg-info
