@@ -1,0 +1,307 @@
+"""runtime.layer_stream.LayerStream on the CPU: the same hooks and slot buffers as on a GPU, the
+copies as plain copy_. A streamed module computes bit-identical outputs to the plain module
+(embedders and cross-encoders, BERT and XLM-R, K = 2 and 3, several passes in a row), and detach
+leaves it exactly as it was (same tensors, same storage, no hooks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from agile_rag.runtime.layer_stream import LayerStream, find_blocks
+from agile_rag.runtime.residency import WeightResidency
+
+from support import minilm_dir
+
+VOCAB = 400
+
+
+def _bert_cfg(**over):
+    from transformers import BertConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=64)
+    kw.update(over)
+    return BertConfig(**kw)
+
+
+def _xlmr_cfg(**over):
+    from transformers import XLMRobertaConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=80, type_vocab_size=2,
+              pad_token_id=1)
+    kw.update(over)
+    return XLMRobertaConfig(**kw)
+
+
+def bert_model():
+    from transformers import BertModel
+    torch.manual_seed(0)
+    return BertModel(_bert_cfg()).eval()
+
+
+def bert_cls():
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(1)
+    return BertForSequenceClassification(_bert_cfg(num_labels=1, initializer_range=1.0)).eval()
+
+
+def xlmr_cls():
+    from transformers import XLMRobertaForSequenceClassification
+    torch.manual_seed(2)
+    return XLMRobertaForSequenceClassification(_xlmr_cfg(num_labels=1)).eval()
+
+
+def _inputs(seed=0, batch=3, seq=17):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0                     # one padded row: the mask path runs too
+    ids[1, seq // 2:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _out(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _tensors(m):
+    return list(m.parameters()) + list(m.buffers())
+
+
+def _snapshot(m):
+    return [(t, t.data_ptr(), t.device, t.shape, t.clone()) for t in _tensors(m)]
+
+
+def _same_as(m, snap):
+    now = _tensors(m)
+    return len(now) == len(snap) and all(
+        t is t0 and t.data_ptr() == p0 and t.device == d0 and t.shape == s0 and torch.equal(t, v0)
+        for t, (t0, p0, d0, s0, v0) in zip(now, snap))
+
+
+def _hook_count(m):
+    return sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules())
+
+
+def _check_streamed(model, make_inputs, *, slots, stage=None, passes=3):
+    with torch.inference_mode():
+        refs = [_out(model, make_inputs(i)) for i in range(passes)]
+        snap = _snapshot(model)
+        hooks = _hook_count(model)
+        ls = LayerStream(model, "cpu", slots=slots, stage=stage)
+        assert ls.attach()["bytes"] == ls.weight_bytes
+        assert ls.attached and _hook_count(model) > hooks
+        for i in range(passes):
+            out = _out(model, make_inputs(i))
+            assert torch.equal(out, refs[i]), (i, (out - refs[i]).abs().max())
+        st = ls.stats()
+        assert st["passes"] == passes and st["aborted_passes"] == 0
+        assert st["layer_copies"] == passes * ls.num_layers
+        assert st["bytes_copied"] == passes * ls.bytes_per_pass
+        assert ls.detach()["bytes"] == ls.weight_bytes
+        assert not ls.attached and _hook_count(model) == hooks
+        assert _same_as(model, snap)
+        assert torch.equal(_out(model, make_inputs(0)), refs[0])
+    return ls
+
+
+# ---- block discovery --------------------------------------------------------------------------
+def test_find_blocks():
+    assert find_blocks(bert_model())[0] == "encoder.layer"
+    assert find_blocks(bert_cls())[0] == "bert.encoder.layer"
+    assert find_blocks(xlmr_cls())[0] == "roberta.encoder.layer"
+    with pytest.raises(ValueError, match="no nn.ModuleList"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    mixed = nn.Module()
+    mixed.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 4)])
+    mixed.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    assert find_blocks(mixed)[0] == "blocks"
+
+
+# ---- identical outputs ------------------------------------------------------------------------
+@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("stage", [False, True])
+def test_bare_bert_embedder(slots, stage):
+    ls = _check_streamed(bert_model(), lambda i: _inputs(i), slots=slots, stage=stage)
+    assert ls.staged is stage
+    assert ls.stats()["copies_per_layer"] == (1 if stage else 16)
+
+
+@pytest.mark.parametrize("build", [bert_cls, xlmr_cls])
+@pytest.mark.parametrize("slots", [2, 3])
+def test_cross_encoders(build, slots):
+    _check_streamed(build(), lambda i: _inputs(i), slots=slots)
+
+
+def test_from_residency_master_copy():
+    """Wrapped by a WeightResidency: each layer is one contiguous range of the flat master copy
+    (one copy per layer, no staging), and detach leaves the residency's views in place."""
+    model = xlmr_cls()
+    with torch.inference_mode():
+        ref = _out(model, _inputs(0))
+    res = WeightResidency(model, pin=False)
+    host = res.host_buffer
+    lo, hi = host.data_ptr(), host.data_ptr() + host.numel()
+    ls = _check_streamed(model, lambda i: _inputs(i), slots=2)
+    assert not ls.staged and ls.stats()["copies_per_layer"] == 1
+    assert ls.stats()["source"] == "host"
+    assert all(lo <= t.data_ptr() < hi for t in _tensors(model))
+    # the slot holds the packed layer: no more than one layer's share of the master copy
+    assert ls.slot_bytes <= res.buffer_bytes
+    assert ls.model_bytes <= res.buffer_bytes + ls.num_layers * 256
+    with torch.inference_mode():
+        assert torch.equal(_out(model, _inputs(0)), ref)
+    # residency still works after a detach (here: nothing to admit without CUDA)
+    assert not res.on_gpu
+
+
+def test_sentence_transformer_embedder(tmp_path):
+    """A SentenceTransformer wrapping a tiny BertModel saved locally with MiniLM's tokenizer:
+    encode (which calls the root's forward directly, skipping its hooks) gives the same
+    embeddings streamed, over several batches per call."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(3)
+    BertModel(_bert_cfg(vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(
+        tmp_path)
+    tok.save_pretrained(tmp_path)
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    texts = ["a cat sits on the mat", "the stock market fell today",
+             "streaming layers through two slots", "", "x " * 40]
+    ref = st.encode(texts, batch_size=2, convert_to_tensor=True)
+    snap = _snapshot(st)
+    ls = LayerStream(st, "cpu", slots=2)
+    assert ls.blocks_name.endswith("encoder.layer")
+    ls.attach()
+    for _ in range(2):
+        out = st.encode(texts, batch_size=2, convert_to_tensor=True)
+        assert torch.equal(out, ref)
+    assert ls.stats()["passes"] == 6            # 3 batches per encode
+    ls.detach()
+    assert _same_as(st, snap) and _hook_count(st) == 0
+    assert torch.equal(st.encode(texts, batch_size=2, convert_to_tensor=True), ref)
+
+
+def test_cross_encoder_predict(tmp_path):
+    """sentence-transformers' CrossEncoder (the reranker actor's path) over a tiny XLM-R saved
+    with the MiniLM tokenizer: predict's scores are identical streamed."""
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, XLMRobertaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(4)
+    XLMRobertaForSequenceClassification(_xlmr_cfg(
+        vocab_size=tok.vocab_size, num_labels=1, initializer_range=1.0, pad_token_id=0,
+        max_position_embeddings=130)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ce = CrossEncoder(str(tmp_path), device="cpu", max_length=64)
+    pairs = [("what is a tide", f"passage {i} about the moon and the sea " * (i % 4 + 1))
+             for i in range(7)]
+    ref = ce.predict(pairs, batch_size=3, convert_to_tensor=True)
+    module = ce if isinstance(ce, nn.Module) else ce.model
+    ls = LayerStream(module, "cpu", slots=3)
+    ls.attach()
+    out = ce.predict(pairs, batch_size=3, convert_to_tensor=True)
+    assert torch.equal(out, ref)
+    assert ls.stats()["passes"] == 3
+    ls.detach()
+    assert _hook_count(module) == 0
+    assert torch.equal(ce.predict(pairs, batch_size=3, convert_to_tensor=True), ref)
+
+
+# ---- lifecycle --------------------------------------------------------------------------------
+def test_attach_detach_idempotent_and_reattach():
+    model = bert_cls()
+    with torch.inference_mode():
+        ref = _out(model, _inputs(0))
+        ls = LayerStream(model, "cpu")
+        assert ls.detach() == {"bytes": 0, "seconds": 0.0}
+        ls.attach()
+        assert ls.attach()["bytes"] == 0
+        hooks = _hook_count(model)
+        assert hooks == 2 * ls.num_layers + 3   # layers pre+post; root, bert, encoder pre
+        ls.detach()
+        assert ls.detach()["bytes"] == 0 and _hook_count(model) == 0
+        for _ in range(2):
+            ls.attach()
+            assert torch.equal(_out(model, _inputs(0)), ref)
+            ls.detach()
+        assert ls.stats()["attaches"] == 3 and ls.stats()["detaches"] == 3
+        ls.release()
+        assert _hook_count(model) == 0 and torch.equal(_out(model, _inputs(0)), ref)
+        with pytest.raises(RuntimeError, match="release"):
+            ls.attach()
+
+
+def test_pass_that_raises_midway_then_recovers():
+    model = bert_model()
+    with torch.inference_mode():
+        ref = _out(model, _inputs(0))
+        ls = LayerStream(model, "cpu")
+        ls.attach()
+        boom = {"left": 1}
+
+        def fail(module, args):
+            if boom["left"]:
+                boom["left"] -= 1
+                raise RuntimeError("boom")
+        h = model.encoder.layer[2].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            _out(model, _inputs(0))
+        for _ in range(2):
+            assert torch.equal(_out(model, _inputs(0)), ref)
+        h.remove()
+        st = ls.stats()
+        assert st["aborted_passes"] == 1 and st["passes"] == 2
+        with pytest.raises(RuntimeError, match="out of order"):
+            model.encoder.layer[3](torch.zeros(1, 4, 32))
+        ls.detach()
+        assert torch.equal(_out(model, _inputs(0)), ref)
+
+
+def test_sizes_for_the_arbiter():
+    from agile_rag.actors.torch_util import module_bytes
+
+    model = xlmr_cls()
+    whole = module_bytes(model)
+    layer = module_bytes(model.roberta.encoder.layer[0])
+    for k in (2, 3):
+        ls = LayerStream(model, "cpu", slots=k)
+        assert ls.slots == k and ls.num_layers == 5
+        assert layer <= ls.slot_bytes < layer + 16 * 256      # 16 tensors, each aligned
+        assert ls.weight_bytes == ls.resident_bytes + k * ls.slot_bytes
+        assert ls.gpu_bytes() == ls.gpu_bytes(0) == ls.weight_bytes
+        assert whole - 5 * layer <= ls.resident_bytes < whole - 5 * layer + 64 * 256
+        assert ls.weight_bytes < ls.model_bytes
+        assert ls.bytes_per_pass == 5 * sum(p.numel() * 4 for p in
+                                            model.roberta.encoder.layer[0].parameters())
+        # activations: per token (2 * 64 + 8 * 32) * 4 bytes; with seq_len the scores too
+        assert ls.activation_bytes(100) == 100 * (2 * 64 + 8 * 32) * 4
+        assert ls.gpu_bytes(100) == ls.weight_bytes + ls.activation_bytes(100)
+        assert ls.activation_bytes(100, seq_len=50) > ls.activation_bytes(100)
+    assert LayerStream(model, "cpu", slots=9).slots == 5     # never more slots than layers
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="at least 2"):
+        LayerStream(bert_model(), "cpu", slots=1)
+    tied = bert_model()
+    tied.encoder.layer[1].output.dense.weight = tied.encoder.layer[0].output.dense.weight
+    with pytest.raises(ValueError):
+        LayerStream(tied, "cpu", blocks="encoder.layer")
+    shared = bert_model()            # a layer tensor viewing the resident parts' memory
+    with torch.no_grad():
+        emb = shared.embeddings.word_embeddings.weight
+        shared.encoder.layer[2].output.LayerNorm.weight.data = emb[0]
+    with pytest.raises(ValueError, match="shares host memory"):
+        LayerStream(shared, "cpu")
+    moved = bert_model()
+    ls = LayerStream(moved, "cpu")
+    moved.encoder.layer[0].output.dense.weight.data = \
+        moved.encoder.layer[0].output.dense.weight.data.clone()
+    with pytest.raises(RuntimeError, match="moved"):
+        ls.attach()
+    assert _hook_count(moved) == 0
