@@ -1,19 +1,25 @@
-"""The embedder actor: sentence-transformers models; queued requests share one forward pass."""
+"""The embedder actor: sentence-transformers models, batched by tokens (actors/encoder_engine.py):
+concurrent requests share forwards within ``embedder_params.max_batch_tokens``, tokenized while
+the previous batch computes; a lone request starts at once."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import numpy as np
 
 from ..runtime.actor import Envelope
 from ..runtime.errors import InvalidRequest
+from .encoder_engine import EncoderActor, Pending, SentenceTransformerBackend
 from .messages import Embed, EmbedResult
-from .model_base import ModelActor, st_dtype_kwargs
+from .model_base import st_dtype_kwargs
 from .torch_util import module_bytes
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-MAX_BATCH_TEXTS = 512
+#: texts the load-time self-check embeds with the fast path and with ``encode`` (different
+#: lengths, so that padding is exercised; and the empty string)
+PROBE = ["A cat sits on the mat.",
+         "A much longer sentence, with several clauses and words, so that the shorter ones in "
+         "the same batch are padded to its length.", ""]
 
 
 def estimate_tokens(texts: list[str], method: str) -> int:
@@ -35,9 +41,8 @@ def resize_vectors(vectors: np.ndarray, size: int) -> np.ndarray:
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-class EmbedderActor(ModelActor):
+class EmbedderActor(EncoderActor):
     kind = "embedder"
-    batching = True
 
     def __init__(self, spec, params=None, **kw):
         super().__init__(spec, params, **kw)
@@ -58,65 +63,47 @@ class EmbedderActor(ModelActor):
             model.get_sentence_embedding_dimension
         self.dim = dimension() or 0
         self.weight_bytes = module_bytes(model)
+        self.engine = SentenceTransformerBackend(model)
+        self.engine_ready(PROBE)
 
     def unload_blocking(self) -> None:
+        super().unload_blocking()
         self.model = None
 
     def update(self, spec, params) -> bool:
         super().update(spec, params)
         if self.model is not None and spec.max_tokens:
             self.model.max_seq_length = spec.max_tokens
+            if self.engine is not None:
+                self.engine.max_len = spec.max_tokens
         return True
-
-    def batch_fits(self, batch: list[Envelope], nxt: Envelope) -> bool:
-        total = sum(len(e.msg.texts) for e in batch) + len(nxt.msg.texts)
-        return total <= MAX_BATCH_TEXTS
 
     def out_dim(self) -> int:
         return self.params.get("resize") or self.dim
 
-    async def serve(self, msg: Any, env: Envelope) -> Any:
-        return (await self.handle_batch([env]))[0]
+    def admit(self, env: Envelope) -> Pending | BaseException:
+        msg = env.msg
+        if not isinstance(msg, Embed):
+            return TypeError(f"embedder cannot handle {type(msg).__name__}")
+        if msg.dimensions is not None and not 1 <= msg.dimensions <= self.out_dim():
+            return InvalidRequest(
+                f"dimensions must be between 1 and {self.out_dim()} for model "
+                f"{self.name!r}; got {msg.dimensions}", param="dimensions")
+        return Pending(env, msg.texts)
 
-    async def handle_batch(self, envs: list[Envelope]) -> list[Any]:
-        results: list[Any] = [None] * len(envs)
-        good = []
-        for i, env in enumerate(envs):
-            msg = env.msg
-            if not isinstance(msg, Embed):
-                results[i] = TypeError(f"embedder cannot handle {type(msg).__name__}")
-            elif msg.dimensions is not None and not 1 <= msg.dimensions <= self.out_dim():
-                results[i] = InvalidRequest(
-                    f"dimensions must be between 1 and {self.out_dim()} for model "
-                    f"{self.name!r}; got {msg.dimensions}", param="dimensions")
-            else:
-                good.append(i)
-        if good:
-            texts = [t for i in good for t in envs[i].msg.texts]
-            vectors = await self.compute(len(texts), envs[good[0]], self._encode, texts)
-            start = 0
-            method = self.params.get("token_estimation", "len")
-            for i in good:
-                msg = envs[i].msg
-                part = vectors[start:start + len(msg.texts)]
-                start += len(msg.texts)
-                if msg.dimensions is not None and msg.dimensions < part.shape[1]:
-                    part = part[:, :msg.dimensions]
-                    part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-                envs[i].detail["batch_texts"] = len(texts)
-                results[i] = EmbedResult(
-                    vectors=np.ascontiguousarray(part, dtype=np.float32),
-                    prompt_tokens=estimate_tokens(msg.texts, method))
-        return results
+    def usage(self, p: Pending, lengths) -> int:
+        return estimate_tokens(p.inputs, self.params.get("token_estimation", "len"))
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            vectors = self.model.encode(texts, batch_size=64, convert_to_numpy=True,
-                                        show_progress_bar=False)
-        vectors = np.asarray(vectors, dtype=np.float32)
+    def finish(self, p: Pending) -> EmbedResult:
+        vectors = p.out
+        if vectors is None:                                  # no texts (not sent by HTTP)
+            vectors = np.zeros((0, self.out_dim()), dtype=np.float32)
         resize = self.params.get("resize") or 0
         if resize:
             vectors = resize_vectors(vectors, resize)
-        return vectors
+        dims = p.env.msg.dimensions
+        if dims is not None and dims < vectors.shape[1]:
+            vectors = vectors[:, :dims]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return EmbedResult(vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+                           prompt_tokens=p.tokens)

@@ -1,4 +1,7 @@
-"""The reranker actor: scores (query, document) pairs; queued requests share one forward pass.
+"""The reranker actor: scores (query, document) pairs, batched by tokens like the embedder
+(actors/encoder_engine.py): pairs of concurrent requests share forwards within
+``reranker_params.max_batch_tokens`` (and at most ``reranker_params.batch_size`` pairs, when set),
+tokenized while the previous batch computes.
 
 Backends, chosen by the entry's ``kind`` (ours) or from the model folder:
 - ``cross-encoder``: sentence-transformers ``CrossEncoder`` (bge-reranker-v2-m3, bce-reranker,
@@ -11,16 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import numpy as np
 
 from ..runtime.actor import Envelope
+from .encoder_engine import (
+    Backend,
+    CrossEncoderBackend,
+    EncoderActor,
+    FlagBackend,
+    Pending,
+    SentenceTransformerBackend,
+)
 from .messages import Rerank, RerankResult
-from .model_base import ModelActor, st_dtype_kwargs
+from .model_base import st_dtype_kwargs
 from .torch_util import module_bytes
 
-MAX_BATCH_PAIRS = 1024
+#: what the load-time self-check scores with the fast path and with the library's own call
+PROBE_QUERY = "What is the capital of France?"
+PROBE_DOCS = ["Paris is the capital and largest city of France, on the Seine.", "Bananas.", ""]
 
 
 def detect_backend(path: str) -> str:
@@ -36,9 +48,9 @@ def detect_backend(path: str) -> str:
     return "cross-encoder"
 
 
-class RerankerActor(ModelActor):
+class RerankerActor(EncoderActor):
     kind = "reranker"
-    batching = True
+    batch_detail = "batch_pairs"
 
     def __init__(self, spec, params=None, **kw):
         super().__init__(spec, params, **kw)
@@ -51,6 +63,7 @@ class RerankerActor(ModelActor):
         if backend == "auto":
             backend = detect_backend(self.spec.path)
         trust = self.spec.trust_remote_code
+        engine: Backend
         if backend == "cross-encoder":
             from sentence_transformers import CrossEncoder
             model = CrossEncoder(self.spec.path, device="cpu", max_length=self.spec.max_tokens,
@@ -58,6 +71,7 @@ class RerankerActor(ModelActor):
                                  **st_dtype_kwargs(self.spec.dtype))
             self.tokenizer = model.tokenizer
             self.weight_bytes = module_bytes(model)
+            engine = CrossEncoderBackend(model)
         elif backend == "bi-encoder":
             from sentence_transformers import SentenceTransformer
             model = SentenceTransformer(self.spec.path, device="cpu", local_files_only=True,
@@ -67,6 +81,7 @@ class RerankerActor(ModelActor):
                 model.max_seq_length = self.spec.max_tokens
             self.tokenizer = model.tokenizer
             self.weight_bytes = module_bytes(model)
+            engine = SentenceTransformerBackend(model)
         else:
             from FlagEmbedding import FlagReranker  # optional extra: pip install '.[flag]'
             model = FlagReranker(self.spec.path, use_fp16=self.spec.dtype == "float16",
@@ -75,67 +90,57 @@ class RerankerActor(ModelActor):
                                  trust_remote_code=trust)
             self.tokenizer = model.tokenizer
             self.weight_bytes = module_bytes(model.model)
+            engine = FlagBackend(model, self.spec.max_tokens or 512)
         self.backend = backend
         self.model = model
+        self.engine = engine
+        if backend == "bi-encoder":
+            self.engine_ready([PROBE_QUERY, *PROBE_DOCS])
+        else:
+            self.engine_ready([[PROBE_QUERY, d] for d in PROBE_DOCS])
 
     def torch_module(self):
         import torch
         return self.model if isinstance(self.model, torch.nn.Module) else self.model.model
 
     def unload_blocking(self) -> None:
+        super().unload_blocking()
         self.model = None
         self.tokenizer = None
 
-    def batch_fits(self, batch: list[Envelope], nxt: Envelope) -> bool:
-        total = sum(len(e.msg.documents) for e in batch) + len(nxt.msg.documents)
-        return total <= MAX_BATCH_PAIRS
+    def max_rows(self) -> int:
+        """``reranker_params.batch_size``, when set: at most this many pairs per forward."""
+        n = self.params.get("batch_size")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 4096
 
-    async def serve(self, msg: Any, env: Envelope) -> Any:
-        return (await self.handle_batch([env]))[0]
+    def batch_units(self, pieces) -> int:
+        if self.backend == "bi-encoder":        # the documents (a query is not a pair)
+            return sum(1 for p in pieces if p.index > 0)
+        return len(pieces)
 
-    async def handle_batch(self, envs: list[Envelope]) -> list[Any]:
-        for env in envs:
-            if not isinstance(env.msg, Rerank):
-                raise TypeError(f"reranker cannot handle {type(env.msg).__name__}")
-        jobs = [(e.msg.query, e.msg.documents) for e in envs]
-        n_pairs = sum(len(d) for _, d in jobs)
-        scored = await self.compute(n_pairs, envs[0], self._score, jobs)
-        for env in envs:
-            env.detail["batch_pairs"] = n_pairs
-        return [RerankResult(scores=scores, tokens=tokens) for scores, tokens in scored]
+    def admit(self, env: Envelope) -> Pending | BaseException:
+        msg = env.msg
+        if not isinstance(msg, Rerank):
+            return TypeError(f"reranker cannot handle {type(msg).__name__}")
+        if self.backend == "bi-encoder":
+            return Pending(env, [msg.query, *msg.documents])
+        return Pending(env, [[msg.query, d] for d in msg.documents])
 
-    def _score(self, jobs: list[tuple[str, list[str]]]) -> list[tuple[list[float], int]]:
-        import torch
+    def usage(self, p: Pending, lengths) -> int:
+        """Tokens the model reads: each pair as fed to it (the bi-encoder: the query once per
+        document, plus the document)."""
+        if self.backend == "bi-encoder":
+            n = len(lengths) - 1
+            return int(lengths[0]) * n + int(lengths[1:].sum()) if n > 0 else 0
+        return int(lengths.sum())
 
-        batch_size = int(self.params.get("batch_size", 32))
-        with torch.inference_mode():
-            if self.backend == "bi-encoder":
-                texts = [t for q, docs in jobs for t in [q, *docs]]
-                vecs = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                                         normalize_embeddings=True, show_progress_bar=False)
-                flat, k = [], 0
-                for _q, docs in jobs:
-                    qv, dv = vecs[k], vecs[k + 1:k + 1 + len(docs)]
-                    k += 1 + len(docs)
-                    flat.extend(((dv @ qv) + 1.0) / 2.0)
-            else:
-                pairs = [[q, d] for q, docs in jobs for d in docs]
-                if self.backend == "cross-encoder":
-                    flat = self.model.predict(pairs, batch_size=batch_size,
-                                              show_progress_bar=False, convert_to_numpy=True)
-                else:
-                    flat = self.model.compute_score(pairs, batch_size=batch_size, normalize=True)
-        clipped = np.clip(np.asarray(flat, dtype=np.float64).reshape(-1), 0.0, 1.0)
-        out, k = [], 0
-        for q, docs in jobs:
-            scores = [float(s) for s in clipped[k:k + len(docs)]]
-            k += len(docs)
-            out.append((scores, self._count_tokens(q, docs)))
-        return out
-
-    def _count_tokens(self, query: str, docs: list[str]) -> int:
-        if self.tokenizer is None:
-            return sum(len(d) for d in docs) + len(query) * len(docs)
-        q = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
-        d = self.tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
-        return sum(q + len(x) + 3 for x in d)
+    def finish(self, p: Pending) -> RerankResult:
+        out = p.out
+        if self.backend == "bi-encoder":
+            assert out is not None, "the query is always embedded"
+            vecs = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            flat = ((vecs[1:] @ vecs[0]).astype(np.float64) + 1.0) / 2.0
+        else:
+            flat = np.asarray(out if out is not None else [], dtype=np.float64).reshape(-1)
+        scores = np.clip(flat, 0.0, 1.0).tolist()
+        return RerankResult(scores=scores, tokens=p.tokens)
