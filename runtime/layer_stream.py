@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +56,11 @@ log = logging.getLogger(__name__)
 
 # Alignment of every copied range inside a slot or the resident buffer (as runtime.residency).
 ALIGN = 256
+
+
+# The CUDA API the hooks call (Stream, Event, stream, current_stream, is_available): a seam the
+# CPU tests replace with fakes that log each stream's queue, to check the ordering protocol.
+_cuda: Any = torch.cuda
 
 
 def _align(n: int) -> int:
@@ -233,7 +237,7 @@ class LayerStream:
         self.module = module
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+            dev = torch.device("cuda", _cuda.current_device())
         self.device = dev
         self._cuda = dev.type == "cuda"
         if isinstance(blocks, str):
@@ -309,8 +313,8 @@ class LayerStream:
         self._hooks: list[Any] = []
         self._active = False
         self._cursor = 0
-        self._t_first: Any = None
-        self._t_pending: list[tuple[Any, Any, int]] = []
+        self._t_pass: list[tuple[Any, Any]] = []          # this pass's (start, end) copy events
+        self._t_pending: list[list[tuple[Any, Any]]] = []  # finished passes not yet read
         self._stats: dict[str, Any] = {
             "passes": 0, "layer_copies": 0, "bytes_copied": 0, "aborted_passes": 0,
             "attaches": 0, "detaches": 0, "attach_seconds": 0.0, "last_copy_seconds": None,
@@ -395,7 +399,7 @@ class LayerStream:
             if self.module is None:
                 raise RuntimeError("LayerStream.attach after release()")
             t0 = time.perf_counter()
-            if self._cuda and not torch.cuda.is_available():
+            if self._cuda and not _cuda.is_available():
                 raise RuntimeError("LayerStream on a CUDA device needs CUDA")
             with torch.inference_mode(self._inference):
                 self._attach_locked()
@@ -419,17 +423,17 @@ class LayerStream:
             e.host = e.tensor.data
         try:
             if self._cuda:
-                self._copy_stream = torch.cuda.Stream(dev)
-                self._ready = [torch.cuda.Event() for _ in range(self.slots)]
-                self._freed = [torch.cuda.Event() for _ in range(self.slots)]
+                self._copy_stream = _cuda.Stream(dev)
+                self._ready = [_cuda.Event() for _ in range(self.slots)]
+                self._freed = [_cuda.Event() for _ in range(self.slots)]
             # Allocated on the current (compute) stream, as runtime.residency does.
             resident = torch.empty(self.resident_bytes, dtype=torch.uint8, device=dev)
             self._slot_bufs = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=dev)
                                for _ in range(self.slots)]
             lay = self._resident_layout
             if self._cuda:
-                self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_stream(_cuda.current_stream(dev))
+                with _cuda.stream(self._copy_stream):
                     _copy_ranges(resident, lay, non_blocking=True)
             else:
                 _copy_ranges(resident, lay, non_blocking=False)
@@ -486,7 +490,7 @@ class LayerStream:
         self._ready = []
         self._freed = []
         self._copy_stream = None
-        self._t_first = None
+        self._t_pass = []
         self._t_pending = []
         self._active = False
         self._cursor = 0
@@ -582,10 +586,8 @@ class LayerStream:
         if self._cuda:
             # Copies of this pass go after everything queued so far on the compute stream
             # (the previous pass's layers still read the slots).
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            if self.timing:
-                self._t_first = torch.cuda.Event(enable_timing=True)
-                self._t_first.record(self._copy_stream)
+            self._copy_stream.wait_stream(_cuda.current_stream(self.device))
+            self._t_pass = []
         for j in range(min(self.slots - 1, self.num_layers)):
             self._copy(j, wait_freed=False)
 
@@ -596,14 +598,16 @@ class LayerStream:
             cs = self._copy_stream
             if wait_freed:
                 cs.wait_event(self._freed[s])
-            with torch.cuda.stream(cs):
+            with _cuda.stream(cs):
+                if self.timing:
+                    t0 = _cuda.Event(enable_timing=True)
+                    t0.record(cs)
                 self._copy_into(j, dst, non_blocking=True)
                 self._ready[s].record(cs)
-            if self.timing and j == self.num_layers - 1 and self._t_first is not None:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record(cs)
-                self._t_pending.append((self._t_first, end, self.bytes_per_pass))
-                self._t_first = None
+                if self.timing:
+                    t1 = _cuda.Event(enable_timing=True)
+                    t1.record(cs)
+                    self._t_pass.append((t0, t1))
         else:
             self._copy_into(j, dst, non_blocking=False)
         self._stats["layer_copies"] += 1
@@ -625,7 +629,7 @@ class LayerStream:
                                "run once each, in order, per forward")
         s = i % self.slots
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[s])
+            _cuda.current_stream(self.device).wait_event(self._ready[s])
         for e, v in zip(self._layer_tensors[i], self._slot_views[s]):
             self._bind(e, v)
         j = i + self.slots - 1
@@ -635,23 +639,28 @@ class LayerStream:
 
     def _layer_post(self, i: int) -> None:
         if self._cuda:
-            self._freed[i % self.slots].record(torch.cuda.current_stream(self.device))
+            self._freed[i % self.slots].record(_cuda.current_stream(self.device))
         self._cursor = i + 1
         if i == self.num_layers - 1:
             self._active = False
             self._cursor = 0
             self._stats["passes"] += 1
+            if self._t_pass:
+                self._t_pending.append(self._t_pass)
+                self._t_pass = []
 
     def _collect_timing(self) -> None:
+        """With `timing`: the summed durations of a finished pass's layer copies (pure copy time,
+        not the waits for compute between them), read once its last copy has run."""
         keep = []
-        for start, end, nbytes in self._t_pending:
-            if end.query():
-                sec = start.elapsed_time(end) / 1e3
+        for events in self._t_pending:
+            if events[-1][1].query():
+                sec = sum(a.elapsed_time(b) for a, b in events) / 1e3
                 self._stats["last_copy_seconds"] = sec
                 self._stats["copy_seconds"] += sec
                 self._stats["timed_passes"] += 1
             else:
-                keep.append((start, end, nbytes))
+                keep.append(events)
         self._t_pending = keep
 
     # ------------------------------------------------------------------ measurement
@@ -663,12 +672,12 @@ class LayerStream:
             raise RuntimeError("measure_copy_rate needs an attached CUDA LayerStream")
         cs = self._copy_stream
         best = float("inf")
-        cs.wait_stream(torch.cuda.current_stream(self.device))
+        cs.wait_stream(_cuda.current_stream(self.device))
         with torch.inference_mode(self._inference):
             for _ in range(repeat):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                with torch.cuda.stream(cs):
+                start = _cuda.Event(enable_timing=True)
+                end = _cuda.Event(enable_timing=True)
+                with _cuda.stream(cs):
                     start.record(cs)
                     for j in range(self.num_layers):
                         self._copy_into(j, self._slot_bufs[j % self.slots], non_blocking=True)
@@ -677,12 +686,3 @@ class LayerStream:
                 best = min(best, start.elapsed_time(end) / 1e3)
         return {"seconds": best, "gbps": self.bytes_per_pass / best / 1e9}
 
-
-def summarize(streams: list[LayerStream]) -> dict[str, Any]:
-    """Sum of several streams' counters (for one /metrics line per model kind)."""
-    total: Counter = Counter()
-    for s in streams:
-        st = s.stats()
-        for k in ("passes", "layer_copies", "bytes_copied", "aborted_passes"):
-            total[k] += st[k]
-    return dict(total)
