@@ -36,7 +36,7 @@ Rules the callers rely on:
 
 GPU memory while attached (`weight_bytes`, `gpu_bytes()`): the resident parts (one flat buffer)
 plus K slots. For an XLM-R-large cross-encoder (bge-reranker-v2-m3 shape, fp16) the resident
-parts are dominated by the 250k-token word embedding (~514 MB), each slot is ~25 MB, and a pass
+parts are dominated by the 250k-token word embedding (~515 MB), each slot is ~25 MB, and a pass
 copies the 24 layers, ~604 MB.
 """
 from __future__ import annotations
