@@ -146,6 +146,7 @@ class ChaosEditor:
         self._prepare_folders()
         self.added: set[str] = set()             # extra model names added at any time
         self.turns: Counter = Counter()
+        self.last_action = ""
 
     def _prepare_folders(self) -> None:
         from agile_rag.runtime.liveconfig import resolve_path
@@ -186,7 +187,7 @@ class ChaosEditor:
         if not self.deck:
             self.deck = list(self.ACTIONS)
             self.rng.shuffle(self.deck)
-        action = self.deck.pop()
+        action = self.last_action = self.deck.pop()
         what = getattr(self, "_" + action)()
         if asyncio.iscoroutine(what):
             what = await what
@@ -571,7 +572,7 @@ class Soak:
             if self.editor is not None:
                 what = await self.editor.step()
                 self.log(f"[{time.monotonic() - self.t0:6.1f}s] edit: {what}")
-                self.changes.append(what.split(" (")[0].split(":")[0])
+                self.changes.append(self.editor.last_action)
                 continue
             action = self.rng.choice(["device", "extra", "reset", "top_n"])
             if action == "device":
@@ -775,8 +776,9 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
              f"| requests | {result['requests']} |",
              f"| answered and equal to the reference | {result['ok']} |"]
     if result.get("chaos"):
-        lines += [f"| refused (OpenAI-shaped 503/504, Retry-After) | {result['refused']} "
-                  f"({', '.join(f'{k}: {v}' for k, v in result['refusals'].items())}) |",
+        why = ", ".join(f"{k}: {v}" for k, v in result["refusals"].items())
+        lines += [f"| refused (OpenAI-shaped 503/504, Retry-After) | {result['refused']}"
+                  + (f" ({why})" if why else "") + " |",
                   f"| clients that gave up (their own timeout) | {result['gave_up']} |"]
     lines += [f"| failed (wrong, truncated, 500, malformed, past the deadline) | "
               f"{result['failed']} |",
@@ -846,9 +848,10 @@ def main() -> None:
     ap.add_argument("--plot", help="PNG of RSS, fds and threads over time (needs matplotlib)")
     ap.add_argument("--md", help="a Markdown summary")
     a = ap.parse_args()
+    skip = {"url", "live_config", "admin_key"} if a.serve else set()
     command = "python benchmarks/soak.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in vars(a).items() if v not in (None, False, ""))
+        for k, v in vars(a).items() if v not in (None, False, "") and k not in skip)
     proc = None
     if a.serve:
         proc, a.url, a.live_config, a.admin_key = serve(a.serve)
