@@ -577,7 +577,7 @@ class Soak:
             action = self.rng.choice(["device", "extra", "reset", "top_n"])
             if action == "device":
                 dev = self.rng.choice(["cpu", "flex", "cuda"])
-                self._edit(lambda c: c["embedders"][self.embedder].update(device=dev))
+                self._edit(lambda c, dev=dev: c["embedders"][self.embedder].update(device=dev))
             elif action == "extra":
                 extra = not extra
 
@@ -591,7 +591,7 @@ class Soak:
                 self._edit(lambda c: c.update(reset_flags=self.rng.random()))
             else:
                 n = self.rng.randint(1, 50)
-                self._edit(lambda c: c.setdefault("reranker_params", {}).update(top_n=n))
+                self._edit(lambda c, n=n: c.setdefault("reranker_params", {}).update(top_n=n))
             self.changes.append(action)
 
     # ---- sampling ----------------------------------------------------------------------------

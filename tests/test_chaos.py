@@ -37,7 +37,7 @@ import pytest
 from support import CACHE, ROOT, free_port, wait_ready, write_live_config
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from soak import EXTRA, PROMPTS, SENTENCES, ChaosEditor, Failure, Refused, Soak, error_problem  # noqa: E402
+from soak import PROMPTS, SENTENCES, ChaosEditor, Failure, Soak, error_problem  # noqa: E402
 
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "40"))
