@@ -57,6 +57,9 @@ class SeqRequest:
     #: a grammar the text must follow (actors/llm_grammar.py): ``fill_mask(logits_row)``
     #: before each sample, ``accept(token_id)`` after, ``finished()`` once complete
     constraint: Any = None
+    #: where sampling appends ``(token_id, logprob, [(id, logprob), ...])`` per token for a
+    #: chat that asked for logprobs (the Chat's own list); None: not asked, nothing computed
+    logprobs: list | None = None
     # state while active
     slot: int = -1
     pos: int = 0                  # tokens in the KV cache

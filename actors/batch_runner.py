@@ -342,8 +342,12 @@ class BatchRunner:
     # ---- sampling -----------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, reqs: list[SeqRequest]) -> list[int]:
         logits = logits.float()
-        for i, r in enumerate(reqs):              # constrained rows: what the grammar allows
-            if r.constraint is not None:
+        for i, r in enumerate(reqs):
+            presence = getattr(r.msg, "presence_penalty", 0.0)
+            frequency = getattr(r.msg, "frequency_penalty", 0.0)
+            if (presence or frequency) and r.tail.ids:
+                _penalise(logits[i], r.tail.ids, presence, frequency)
+            if r.constraint is not None:          # constrained rows: what the grammar allows
                 r.constraint.fill_mask(logits[i])
         out = logits.argmax(dim=-1)
         rows = [i for i, r in enumerate(reqs) if r.msg.temperature > 0]
@@ -367,7 +371,11 @@ class BatchRunner:
                 if gen is None or gen.device.type != dev.type:
                     gen = req.generator = _generator(dev, req.msg.seed)
                 out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
-        return [int(t) for t in out.tolist()]
+        tokens = [int(t) for t in out.tolist()]
+        for i, r in enumerate(reqs):              # only rows that asked for logprobs
+            if r.logprobs is not None:
+                _record_logprobs(r, logits[i], tokens[i])
+        return tokens
 
     # ---- memory ------------------------------------------------------------------------------
     def release(self) -> None:
@@ -459,6 +467,30 @@ def _dynamic_layer(kv: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if layers is not None:
         return layers[layer].keys, layers[layer].values
     return kv.key_cache[layer], kv.value_cache[layer]          # older transformers
+
+
+def _penalise(row: torch.Tensor, ids: list[int], presence: float, frequency: float) -> None:
+    """OpenAI's presence and frequency penalties on one row, from the tokens generated so
+    far: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence``."""
+    tokens, counts = torch.unique(torch.tensor(ids, device=row.device), return_counts=True)
+    keep = tokens < row.shape[0]
+    tokens, counts = tokens[keep], counts[keep].to(row.dtype)
+    row[tokens] -= counts * frequency + presence
+
+
+def _record_logprobs(req: SeqRequest, row: torch.Tensor, token: int) -> None:
+    """The sampled token's log-probability under the final distribution (penalised, masked,
+    temperature-scaled) and the ``top_logprobs`` most likely tokens, appended to the
+    request's list."""
+    temp = req.msg.temperature
+    lp = torch.log_softmax(row / temp if temp > 0 else row, dim=-1)
+    k = int(getattr(req.msg, "top_logprobs", 0) or 0)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        vals, ids = lp.topk(min(k, lp.shape[0]))
+        top = [(i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]
+    assert req.logprobs is not None
+    req.logprobs.append((token, float(lp[token]), top))
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
-from . import llm_quant
+from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
@@ -293,6 +293,8 @@ class LLMActor(ModelActor):
         """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
         req.prompt = self.encode_prompt(req.msg)[0].tolist()
         req.max_new = self._max_new(len(req.prompt), req.msg)
+        req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg, self._eos_ids())
+        req.logprobs = req.msg.logprobs
         if req.msg.stream is not None:
             req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
 
@@ -422,12 +424,13 @@ class LLMActor(ModelActor):
     def encode_prompt(self, msg: Chat) -> torch.Tensor:
         tok = self.tokenizer
         if msg.messages is not None:
+            messages, tools = llm_tools.template_inputs(tok, msg)
             if tok.chat_template is None:
-                text = "\n".join(f"{m['role']}: {m['content']}" for m in msg.messages) \
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) \
                     + "\nassistant:"
                 ids = tok(text, return_tensors="pt")["input_ids"]
             else:
-                ids = tok.apply_chat_template(msg.messages, add_generation_prompt=True,
+                ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True)["input_ids"]
         else:
             ids = tok(msg.prompt, return_tensors="pt")["input_ids"]

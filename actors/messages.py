@@ -56,8 +56,19 @@ class TokenStream:
 class Chat:
     """Generate from chat ``messages`` (templated) or a raw ``prompt`` (legacy completions).
     ``stream``: where the text goes piece by piece as it is generated (None: the reply only);
-    ``cancel``: set by the HTTP handler when the client goes away."""
-    messages: list[dict[str, str]] | None = None
+    ``cancel``: set by the HTTP handler when the client goes away.
+
+    Tools and structured output (actors/llm_tools.py, actors/llm_grammar.py): ``tools`` are
+    OpenAI function definitions (``{name, description, parameters, strict}``); ``tool_choice``
+    is ``auto`` (free text, a call is read out of it if one appears), ``none`` (tools not
+    shown), ``required`` (decoding constrained to a call of one of them) or ``function``
+    (constrained to a call of ``tool_name``). ``response_schema``: the JSON text of a schema
+    the answer must follow (``'{"type": "object"}'`` for ``json_object``); unsupported schema
+    keywords are an error when ``schema_strict``, else ignored.
+    ``logprobs``: where the sampled tokens' ``(token_id, logprob, [(id, logprob), ...])`` go
+    (the ``top_logprobs`` most likely alternatives), given at construction like ``stream``;
+    None: not asked. Penalties as OpenAI defines them, on the tokens generated so far."""
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     max_tokens: int | None = None    # None = what the context allows
     temperature: float = 0.0
@@ -66,6 +77,16 @@ class Chat:
     seed: int | None = None
     stream: TokenStream | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"        # auto | none | required | function
+    tool_name: str | None = None     # tool_choice "function": which one
+    parallel_tool_calls: bool = True
+    response_schema: str | None = None
+    schema_strict: bool = False
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

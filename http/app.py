@@ -40,6 +40,7 @@ def build_app(server) -> web.Application:
         r.add_post(prefix + "/rerank", rerank.rerank)
         r.add_get(prefix + "/models", info.list_models)
         r.add_get(prefix + "/models/{model_id}", info.get_model)
+    r.add_post("/v2/rerank", rerank.rerank)           # Cohere v2 (LiteLLM's Cohere client)
     admin.add_routes(app)
     debug.add_routes(app)
     metrics.add_routes(app)

@@ -1,10 +1,13 @@
-"""POST /v1/rerank and /rerank.
+"""POST /v1/rerank, /rerank and /v2/rerank.
 
 Two shapes on the same routes, told apart by the request's fields:
 - Jina / Cohere / FastGPT / Dify: ``{model, query, documents, top_n | n, return_documents}``
   -> ``{results: [{index, relevance_score, document: {text}}], meta, usage}``, best first.
 - HF text-embeddings-inference (Open WebUI): ``{query, texts, return_text}``
   -> a bare array ``[{index, score, text?}]``, best first.
+- Cohere v2 (``POST /v2/rerank``, LiteLLM's Cohere client; vLLM serves it too): the same
+  request -> ``{id, results: [{index, relevance_score}], meta}`` (documents only when
+  ``return_documents`` is true).
 """
 from __future__ import annotations
 
@@ -67,9 +70,15 @@ async def rerank(request: web.Request) -> web.Response:
         out = [{"index": i, "score": scores[i], **({"text": docs[i]} if with_text else {})}
                for i in order]
         return json_response(out, request=request)
-    with_docs = f.boolean("return_documents", True)
+    v2 = request.path.startswith("/v2/")          # Cohere v2: no documents unless asked
+    with_docs = f.boolean("return_documents", not v2)
     results = [{"index": i, "relevance_score": scores[i],
                 **({"document": {"text": docs[i]}} if with_docs else {})} for i in order]
+    if v2:
+        return json_response({
+            "id": "rerank-" + uuid.uuid4().hex[:24], "results": results,
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                     "tokens": {"input_tokens": tokens, "output_tokens": 0}}}, request=request)
     return json_response({
         "id": "rerank-" + uuid.uuid4().hex[:24], "object": "list", "model": actor.spec.name,
         "results": results,
