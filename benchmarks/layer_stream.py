@@ -7,6 +7,7 @@ and kept in a pinned WeightResidency master copy as the server keeps them, it ti
 
 - resident: the whole model admitted (WeightResidency.admit), then each workload;
 - streamed with K = 2 and 3 slots: LayerStream.attach, then the same workloads;
+- with --host-embeddings, also K = 2 with the word-embedding table left in host memory;
 
 workloads: rerank 100 pairs x 512 tokens in batches of 32 (the server's batch) and in one
 forward of 100, embed one 24-token query, embed 64 passages x 256 and x 512 tokens. Each figure
@@ -15,13 +16,13 @@ pass copy rate (every layer copied back to back into the slots, no compute), the
 measured during the streamed passes, the GPU memory each mode holds (weights) and its peak
 during the rerank, and whether the streamed outputs equal the resident ones.
 
-    python3 benchmarks/layer_stream.py --repeat 3 --out benchmarks/results      # GPU
-    python3 benchmarks/layer_stream.py --small --repeat 2 --out /tmp/ls         # CPU smoke run
+    python3 benchmarks/layer_stream.py --repeat 3 --host-embeddings --out benchmarks/results  # GPU
+    python3 benchmarks/layer_stream.py --small --repeat 2 --out /tmp/ls      # CPU smoke run
 
 On the lent GPU image (torch 2.11, transformers 5.17), from the repository root:
 
     mkdir -p /tmp/pp && ln -sfn $PWD /tmp/pp/agile_rag
-    PYTHONPATH=/tmp/pp python3 benchmarks/layer_stream.py --repeat 3 --out $OUT
+    PYTHONPATH=/tmp/pp python3 benchmarks/layer_stream.py --repeat 3 --host-embeddings --out $OUT
 
 Output in --out: layer-stream-<gpu slug or cpu>.json (every sample) and .md (the table, the
 command, the GPU, versions).
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed samples per figure")
     p.add_argument("--slots", default="2,3", help="K values to stream with")
     p.add_argument("--embedder", choices=("xlmr", "bert"), default="xlmr")
+    p.add_argument("--host-embeddings", action="store_true",
+                   help="also stream with K=2 and the word embeddings kept in host memory")
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--seq", type=int, default=512, help="tokens per query+passage pair")
     p.add_argument("--rr-batch", type=int, default=32)
@@ -130,7 +133,7 @@ def summary(samples):
             "samples_s": samples}
 
 
-def run_model(name, model, workloads, args, device, slots_list):
+def run_model(name, model, workloads, args, device, stream_modes):
     import torch
 
     from agile_rag.runtime.layer_stream import LayerStream
@@ -178,19 +181,20 @@ def run_model(name, model, workloads, args, device, slots_list):
         else:                              # CPU smoke run: the plain module is the reference
             r = measure("resident")
         result["modes"]["resident"] = r
-        for k in slots_list:
-            ls = LayerStream(model, device, slots=k, timing=True)
+        for label, k, host_emb in stream_modes:
+            ls = LayerStream(model, device, slots=k, timing=True, host_embeddings=host_emb)
             if cuda:
                 gc.collect()
                 base0 = torch.cuda.memory_allocated(device)
             att = ls.attach()
             held = torch.cuda.memory_allocated(device) - base0 if cuda else None
-            row = measure(f"K{k}")
+            row = measure(label)
             st = ls.stats()
             row["_stream"] = {k2: st[k2] for k2 in (
                 "slots", "slot_bytes", "resident_bytes", "weight_bytes", "model_bytes",
                 "bytes_per_pass", "copies_per_layer", "pinned", "source", "passes",
-                "layer_copies", "bytes_copied", "last_copy_seconds")}
+                "layer_copies", "bytes_copied", "last_copy_seconds", "host_embedding_bytes",
+                "host_lookups")}
             row["_stream"]["copy_gbps_in_passes"] = st.get("copy_gbps")
             row["_stream"]["attach_seconds"] = att["seconds"]
             if cuda:
@@ -200,7 +204,7 @@ def run_model(name, model, workloads, args, device, slots_list):
             if cuda:
                 gc.collect()
                 row["_stream"]["left_after_detach"] = torch.cuda.memory_allocated(device) - base0
-            result["modes"][f"K{k}"] = row
+            result["modes"][label] = row
     res.release()
     return result
 
@@ -218,7 +222,7 @@ def render(results: dict) -> str:
         ks = [k for k in modes if k != "resident"]
         lines += [f"## {mname}: {m['model']}, {m['weight_bytes'] / MB:.0f} MB of weights", ""]
         head = "| workload | resident | " + " | ".join(
-            f"{k[0]}={k[1:]} streamed | {k[0]}={k[1:]} / resident" for k in ks) + " | same output |"
+            f"{k} streamed | {k} / resident" for k in ks) + " | same output |"
         lines += [head, "|" + " --- |" * (2 + 2 * len(ks) + 1)]
         for w in modes["resident"]:
             if w.startswith("_"):
@@ -248,8 +252,8 @@ def render(results: dict) -> str:
             rate = s.get("copy_rate", {}).get("gbps")
             in_pass = s.get("copy_gbps_in_passes")
             lines.append(
-                f"| K={k[1:]} | {_mb(s['weight_bytes'])} (resident parts {_mb(s['resident_bytes'])}"
-                f" + {k[1:]} x {_mb(s['slot_bytes'])}) | {peaks[k]} | "
+                f"| {k} | {_mb(s['weight_bytes'])} (resident parts {_mb(s['resident_bytes'])}"
+                f" + {s['slots']} x {_mb(s['slot_bytes'])}) | {peaks[k]} | "
                 f"{_mb(s['bytes_per_pass'])} | {f'{rate:.1f} GB/s' if rate else '-'} | "
                 f"{f'{in_pass:.1f} GB/s' if in_pass else '-'} | {s['copies_per_layer']} |")
         lines.append("")
@@ -272,7 +276,9 @@ def main(argv=None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.float16 if cuda and not args.small else torch.float32
-    slots_list = [int(k) for k in args.slots.split(",")]
+    stream_modes = [(f"K={k}", int(k), False) for k in args.slots.split(",")]
+    if args.host_embeddings:
+        stream_modes.append(("K=2, host embeddings", 2, True))
     seq = args.seq if not args.small else min(args.seq, 64)
     pairs = args.pairs if not args.small else min(args.pairs, 10)
     t0 = time.perf_counter()
@@ -305,7 +311,7 @@ def main(argv=None) -> dict:
                          f"embed 64 x {seq}": (*p512, 64)}
         print(f"{name}: {cls_name} ({kind}), {sum(p.numel() for p in model.parameters()) / 1e6:.0f}"
               f" M parameters, built in {time.perf_counter() - t0:.1f} s", flush=True)
-        results["models"][name] = run_model(name, model, workloads, args, device, slots_list)
+        results["models"][name] = run_model(name, model, workloads, args, device, stream_modes)
         del model
         gc.collect()
         if cuda:

@@ -20,6 +20,13 @@ contiguous range of its flat pinned master copy (one copy per layer, no extra ho
 otherwise (host tensors not pinned while the target is CUDA, or `stage=True`) each layer is packed
 once, at the first attach, into a flat (pinned) host buffer that is kept until `release()`.
 
+Opt-in `host_embeddings=True`: embedding tables bigger than one layer (XLM-R's 250k-token word
+embeddings, ~515 MB of the ~565 MB a streamed XLM-R-large holds) stay in host memory and are
+looked up on the CPU, the rows copied to the device (a pinned buffer from the caching host
+allocator). The lookup reads the token ids back to the host, which synchronises the CPU with the
+compute stream once per forward (the GPU idles while the CPU gathers the rows), so it is for
+budgets where even the resident parts do not fit.
+
 On a CPU "device" (the tests) the same hooks and slots run, the copies are plain `copy_` with no
 streams or events.
 
@@ -231,7 +238,8 @@ class LayerStream:
 
     def __init__(self, module: nn.Module, device: str | torch.device = "cuda", *,
                  slots: int = 2, blocks: nn.ModuleList | str | None = None,
-                 stage: bool | None = None, timing: bool = False):
+                 stage: bool | None = None, timing: bool = False,
+                 host_embeddings: bool = False):
         if slots < 2:
             raise ValueError("LayerStream needs at least 2 slots (one computing, one loading)")
         self.module = module
@@ -269,6 +277,22 @@ class LayerStream:
             self._layer_tensors.append(entries)
         everything = _distinct([module])
         self._resident_tensors = [e for k, e in everything.items() if k not in in_layers]
+        # Opt-in: embedding tables bigger than a layer stay in host memory (see _lookup).
+        self._host_embeds: list[nn.Embedding] = []
+        if host_embeddings:
+            layer_bytes = sum(t.numel() * t.element_size()
+                              for t in (e.tensor for e in self._layer_tensors[0]))
+            for mod in module.modules():
+                w = getattr(mod, "weight", None)
+                if (isinstance(mod, nn.Embedding) and isinstance(w, torch.Tensor)
+                        and id(w) not in in_layers and w.numel() * w.element_size() > layer_bytes
+                        and len(everything[id(w)].owners) == 1):
+                    self._host_embeds.append(mod)
+            kept = {id(m.weight) for m in self._host_embeds}
+            self._resident_tensors = [e for e in self._resident_tensors
+                                      if id(e.tensor) not in kept]
+        self.host_embedding_bytes = sum(m.weight.numel() * m.weight.element_size()
+                                        for m in self._host_embeds)
         for e in self._resident_tensors + [e for lt in self._layer_tensors for e in lt]:
             if e.tensor.device.type != "cpu":
                 raise ValueError(f"{type(module).__name__} has weights on {e.tensor.device}: "
@@ -318,7 +342,7 @@ class LayerStream:
         self._stats: dict[str, Any] = {
             "passes": 0, "layer_copies": 0, "bytes_copied": 0, "aborted_passes": 0,
             "attaches": 0, "detaches": 0, "attach_seconds": 0.0, "last_copy_seconds": None,
-            "copy_seconds": 0.0, "timed_passes": 0,
+            "copy_seconds": 0.0, "timed_passes": 0, "host_lookups": 0,
         }
 
     # ------------------------------------------------------------------ sizes
@@ -330,8 +354,10 @@ class LayerStream:
 
     @property
     def model_bytes(self) -> int:
-        """Bytes of the whole model's weights (resident parts + every layer), for comparison."""
-        return self.resident_bytes + self.num_layers * self.slot_bytes
+        """Bytes of the whole model's weights (resident parts + every layer + host embedding
+        tables), for comparison."""
+        return (self.resident_bytes + self.num_layers * self.slot_bytes
+                + self.host_embedding_bytes)
 
     @property
     def bytes_per_pass(self) -> int:
@@ -378,7 +404,8 @@ class LayerStream:
                  slots=self.slots, slot_bytes=self.slot_bytes, resident_bytes=self.resident_bytes,
                  weight_bytes=self.weight_bytes, model_bytes=self.model_bytes,
                  bytes_per_pass=self.bytes_per_pass, source="staged" if self.staged else "host",
-                 pinned=self.pinned, copies_per_layer=self._copies_per_layer)
+                 pinned=self.pinned, copies_per_layer=self._copies_per_layer,
+                 host_embedding_bytes=self.host_embedding_bytes)
         if s["timed_passes"] and s["copy_seconds"] > 0:
             s["copy_gbps"] = s["timed_passes"] * self.bytes_per_pass / s["copy_seconds"] / 1e9
         return s
@@ -442,6 +469,10 @@ class LayerStream:
                 self._bind(ent, v)
             self._slot_views = [_views(buf, self._layer_layouts[0]) for buf in self._slot_bufs]
             self._install_hooks()
+            for mod in self._host_embeds:
+                if "forward" in mod.__dict__:
+                    raise RuntimeError(f"{type(mod).__name__} already has an instance forward")
+                mod.forward = self._make_lookup(mod)
             if self._cuda:
                 self._copy_stream.synchronize()
         except BaseException:
@@ -479,6 +510,8 @@ class LayerStream:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for mod in self._host_embeds:
+            mod.__dict__.pop("forward", None)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()   # no copy may still write a slot we free
         for e in self._all_tensors():
@@ -539,6 +572,8 @@ class LayerStream:
         owner: dict[int, list[tuple[int, int, str]]] = {}
         groups = [(f"layer {i}", lay) for i, lay in enumerate(self._layer_layouts)]
         groups.append(("resident parts", self._resident_layout))
+        if self._host_embeds:
+            groups.append(("host embeddings", _layout([m.weight for m in self._host_embeds])))
         for name, lay in groups:
             for t, s, e in lay.ranges:
                 base = t.untyped_storage().data_ptr()
@@ -563,6 +598,25 @@ class LayerStream:
         for i, layer in enumerate(self.blocks):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre(i)))
             self._hooks.append(layer.register_forward_hook(self._make_post(i)))
+
+    def _make_lookup(self, mod: nn.Embedding):
+        weight = mod.weight.detach()           # the host table (never re-pointed)
+        dev = self.device
+
+        def lookup(ids: torch.Tensor) -> torch.Tensor:
+            """The embedding lookup on the CPU, from the host table; the rows go to the device.
+            Reading the ids back synchronises the CPU with the stream that made them."""
+            self._stats["host_lookups"] += 1
+            cpu_ids = ids.to("cpu")
+            if mod.max_norm is not None or dev.type == "cpu":
+                out = nn.functional.embedding(cpu_ids, weight, mod.padding_idx, mod.max_norm,
+                                              mod.norm_type, mod.scale_grad_by_freq, mod.sparse)
+                return out.to(dev)
+            buf = torch.empty((cpu_ids.numel(), weight.shape[1]), dtype=weight.dtype,
+                              pin_memory=True)     # from the caching host allocator
+            torch.index_select(weight, 0, cpu_ids.reshape(-1), out=buf)
+            return buf.view(*cpu_ids.shape, weight.shape[1]).to(dev, non_blocking=True)
+        return lookup
 
     def _make_pre(self, i: int):
         def hook(module, args):

@@ -212,6 +212,34 @@ def test_cross_encoder_predict(tmp_path):
     assert torch.equal(ce.predict(pairs, batch_size=3, convert_to_tensor=True), ref)
 
 
+@pytest.mark.parametrize("build", [bert_model, xlmr_cls])
+def test_host_embeddings(build):
+    """host_embeddings=True: the word-embedding table (bigger than a layer) stays in host memory
+    and is looked up there; the outputs are the same, the resident parts smaller, and detach
+    gives the embedding module its own forward back."""
+    from agile_rag.actors.torch_util import module_bytes
+
+    model = build()
+    words = model.get_input_embeddings()
+    assert module_bytes(words) > module_bytes(find_blocks(model)[1][0])   # bigger than a layer
+    plain = LayerStream(model, "cpu")
+    ls = LayerStream(model, "cpu", host_embeddings=True)
+    assert ls.host_embedding_bytes == module_bytes(words)
+    assert ls.resident_bytes <= plain.resident_bytes - module_bytes(words) + 256
+    assert ls.model_bytes >= plain.model_bytes - 256
+    with torch.inference_mode():
+        refs = [_out(model, _inputs(i)) for i in range(2)]
+        snap = _snapshot(model)
+        ls.attach()
+        assert "forward" in words.__dict__
+        for i in range(2):
+            assert torch.equal(_out(model, _inputs(i)), refs[i])
+        assert ls.stats()["host_lookups"] == 2 and ls.stats()["passes"] == 2
+        ls.detach()
+        assert "forward" not in words.__dict__ and _same_as(model, snap)
+        assert torch.equal(_out(model, _inputs(0)), refs[0])
+
+
 # ---- lifecycle --------------------------------------------------------------------------------
 def test_attach_detach_idempotent_and_reattach():
     model = bert_cls()
@@ -432,8 +460,11 @@ def test_cuda_ordering_protocol(monkeypatch, slots):
         for i, layer in enumerate(model.encoder.layer):   # runs after LayerStream's pre-hook
             layer.register_forward_pre_hook(
                 lambda m, a, i=i: fake.compute.ops.append(("compute", i, i % slots)))
-        for _ in range(3):
+        for _ in range(2):
             assert torch.equal(_out(model, _inputs(0)), ref)
+        rate = ls.measure_copy_rate(2)           # every layer through the slots, between passes
+        assert rate["seconds"] == pytest.approx(0.5e-3) and rate["gbps"] > 0
+        assert torch.equal(_out(model, _inputs(0)), ref)
         boom = model.encoder.layer[3].register_forward_pre_hook(
             lambda m, a: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(RuntimeError, match="boom"):

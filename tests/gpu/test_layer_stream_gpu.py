@@ -180,6 +180,35 @@ def test_streamed_reranker_equals_resident(reranker, slots):
         assert sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules()) == 0
 
 
+def test_streamed_reranker_host_embeddings(reranker):
+    """host_embeddings=True: XLM-R's 250k x 1024 word embeddings (512 MB) stay in host memory,
+    looked up on the CPU; the device holds ~3 MB of resident parts + 2 slots."""
+    m, res, ids, mask = (reranker[k] for k in ("model", "res", "ids", "mask"))
+    with torch.inference_mode():
+        base0 = _settle()
+        ls = LayerStream(m, "cuda", slots=2, host_embeddings=True)
+        assert ls.host_embedding_bytes == 250002 * 1024 * 2
+        ls.attach()
+        held = torch.cuda.memory_allocated() - base0
+        assert held <= ls.weight_bytes + 3 * ROUNDING and ls.weight_bytes < 64 * 2**20
+        assert not m.roberta.embeddings.word_embeddings.weight.is_cuda
+        _assert_close(_run(m, ids, mask, RR_BATCH), reranker["ref"],
+                      f"rerank {PAIRS}x{SEQ} batch {RR_BATCH}, K=2, host embeddings")
+        act = _peak(lambda: _run(m, ids, mask, RR_BATCH))
+        print(f"GPU memory, host embeddings: streamed peak {(held + act) / 1e6:.1f} MB "
+              f"(weights {ls.weight_bytes / 1e6:.1f} MB + activations {act / 1e6:.1f} MB); "
+              f"resident model {(res.buffer_bytes + reranker['act']) / 1e6:.1f} MB")
+        assert held + act <= ls.weight_bytes + reranker["act"] + SLACK
+        t32 = _time(lambda: _run(m, ids, mask, RR_BATCH))
+        print(f"rerank {PAIRS}x{SEQ}, K=2, host embeddings: batch {RR_BATCH}: resident "
+              f"{reranker['t32'] * 1e3:.1f} ms, streamed {t32 * 1e3:.1f} ms, ratio "
+              f"{t32 / reranker['t32']:.3f}")
+        assert ls.stats()["host_lookups"] >= 4
+        ls.detach()
+        assert _settle() == base0
+        assert "forward" not in m.roberta.embeddings.word_embeddings.__dict__
+
+
 def test_streamed_bert_embedder_equals_resident():
     """A bge-large-shaped BertModel whose host copy is plain pageable memory: the layers are
     staged once into pinned buffers at attach. Ingest (64 x 512) and one query (1 x 24)."""
