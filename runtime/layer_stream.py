@@ -34,10 +34,12 @@ Rules the callers rely on:
 - Inference only: autograd would save views of slots that later layers overwrite.
 - One forward at a time per LayerStream (a model actor runs one batch at a time), on the thread
   and stream that runs the forward; the hooks use that thread's current CUDA stream.
-- The module must be on the host when attached (a `WeightResidency` evicted), and nothing else
-  may move its weights while attached: never `admit` the residency of an attached module, and
-  `detach()` before `admit`. `detach()` points every parameter and buffer back at exactly the
-  host tensors they were views of before (same storage, same offsets).
+- Build the LayerStream after the module's `WeightResidency` (which moves the weights into its
+  master copy; attach refuses weights that moved since). The module must be on the host when
+  attached (the residency evicted), and nothing else may move its weights while attached: never
+  `admit` the residency of an attached module, and `detach()` before `admit`. Attach and detach
+  between forwards, never during one. `detach()` points every parameter and buffer back at
+  exactly the host tensors they were views of before (same storage, same offsets).
 - Weights are immutable: the staged host buffers (when used) are copies taken at the first attach.
 - Blocking calls (`attach`, `detach`, `measure_copy_rate`): run them in an executor thread.
 
@@ -263,6 +265,7 @@ class LayerStream:
         self.slots = min(slots, self.num_layers)
         self.timing = timing and self._cuda
         self._lock = threading.Lock()
+        self._timing_lock = threading.Lock()     # the pass timings, read by stats() elsewhere
 
         # Distinct tensors: per layer, and the rest (resident while attached).
         self._layer_tensors: list[list[_Tensor]] = []
@@ -504,6 +507,7 @@ class LayerStream:
             self._resident_tensors = []
             self._layer_layouts = []
             self._resident_layout = _Layout([], [], [], 0)
+            self._host_embeds = []
             self.module = None  # type: ignore[assignment]
 
     def _teardown(self) -> None:
@@ -548,10 +552,11 @@ class LayerStream:
 
     @staticmethod
     def _unbind(e: _Tensor) -> None:
-        if e.replaced:
+        if e.replaced:   # the original object was never changed: register it again
             for mod, name, is_param in e.owners:
                 (mod._parameters if is_param else mod._buffers)[name] = e.tensor
             e.replaced = False
+            return
         e.tensor.data = e.host
 
     def _stage(self, lay: _Layout) -> torch.Tensor:
@@ -700,22 +705,24 @@ class LayerStream:
             self._cursor = 0
             self._stats["passes"] += 1
             if self._t_pass:
-                self._t_pending.append(self._t_pass)
+                with self._timing_lock:
+                    self._t_pending.append(self._t_pass)
                 self._t_pass = []
 
     def _collect_timing(self) -> None:
         """With `timing`: the summed durations of a finished pass's layer copies (pure copy time,
         not the waits for compute between them), read once its last copy has run."""
-        keep = []
-        for events in self._t_pending:
-            if events[-1][1].query():
-                sec = sum(a.elapsed_time(b) for a, b in events) / 1e3
-                self._stats["last_copy_seconds"] = sec
-                self._stats["copy_seconds"] += sec
-                self._stats["timed_passes"] += 1
-            else:
-                keep.append(events)
-        self._t_pending = keep
+        with self._timing_lock:
+            keep = []
+            for events in self._t_pending:
+                if events[-1][1].query():
+                    sec = sum(a.elapsed_time(b) for a, b in events) / 1e3
+                    self._stats["last_copy_seconds"] = sec
+                    self._stats["copy_seconds"] += sec
+                    self._stats["timed_passes"] += 1
+                else:
+                    keep.append(events)
+            self._t_pending = keep
 
     # ------------------------------------------------------------------ measurement
     def measure_copy_rate(self, repeat: int = 3) -> dict[str, float]:

@@ -240,6 +240,72 @@ def test_host_embeddings(build):
         assert torch.equal(_out(model, _inputs(0)), refs[0])
 
 
+class _Stiff(nn.Parameter):
+    """A parameter whose .data cannot be swapped (as some inference-mode tensors on older
+    torch versions): the stream must replace the registered object instead, and put it back."""
+
+    @property
+    def data(self):
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        raise RuntimeError("cannot swap .data")
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.register_buffer("scale", torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return self.norm(x + torch.tanh(self.lin(x)) * self.scale)
+
+
+class _Encoder(nn.Module):
+    """Not a transformers model: the blocks are found by shape alone."""
+
+    def __init__(self, d=16, n=4):
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_generic_module_and_unswappable_tensors():
+    torch.manual_seed(5)
+    model = _Encoder().eval()
+    for b in model.blocks:
+        b.lin.weight = _Stiff(b.lin.weight.detach().clone(), requires_grad=False)
+    model.head.weight = _Stiff(model.head.weight.detach().clone(), requires_grad=False)
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.inference_mode():
+        ref = model(ids)
+        snap = _snapshot(model)
+        ls = LayerStream(model, "cpu", slots=3)
+        assert ls.blocks_name == "blocks"
+        ls.attach()
+        stiff_head = next(t for t, *_ in snap if t is not None and type(t) is _Stiff
+                          and t.shape == (1, 16))
+        assert type(model.head.weight) is nn.Parameter   # over the resident buffer, in its place
+        assert model.head.weight.data_ptr() != stiff_head.data_ptr()
+        for _ in range(3):
+            assert torch.equal(model(ids), ref)
+            assert all(type(b.lin.weight) is nn.Parameter for b in model.blocks)
+        ls.detach()
+        assert _same_as(model, snap) and _hook_count(model) == 0
+        assert all(type(b.lin.weight) is _Stiff for b in model.blocks)
+        assert torch.equal(model(ids), ref)
+
+
 # ---- lifecycle --------------------------------------------------------------------------------
 def test_attach_detach_idempotent_and_reattach():
     model = bert_cls()
