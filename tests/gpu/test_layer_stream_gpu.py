@@ -136,8 +136,8 @@ def test_streamed_reranker_equals_resident(reranker, slots):
         assert all(p.is_cuda for p in m.roberta.embeddings.parameters())
         assert not any(p.is_cuda for p in m.roberta.encoder.layer[5].parameters())
 
-        out = _run(m, ids, mask, RR_BATCH)
-        _assert_close(out, reranker["ref"], f"rerank {PAIRS}x{SEQ} batch {RR_BATCH}, K={slots}")
+        _assert_close(_run(m, ids, mask, RR_BATCH), reranker["ref"],
+                      f"rerank {PAIRS}x{SEQ} batch {RR_BATCH}, K={slots}")
         _assert_close(_run(m, ids, mask, PAIRS), reranker["ref100"],
                       f"rerank {PAIRS}x{SEQ} one forward, K={slots}")
 
