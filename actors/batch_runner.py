@@ -179,6 +179,8 @@ class BatchRunner:
         self.cache: Any = None
         self.graphs: _Graphs | None = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
+        self.capture_s = 0.0               # seconds spent capturing graphs, all sets
+        self.graph_sets = 0                # graph sets started (one per cache / admit)
 
     @property
     def device(self) -> torch.device:
@@ -289,6 +291,10 @@ class BatchRunner:
             self.cache.values[layer][slot, :, :n] = v[0]
         return out.logits[:, -1, :]
 
+    def capture_s_per_set(self) -> float:
+        """What capturing a set of decode graphs has cost on average (0: never captured)."""
+        return self.capture_s / self.graph_sets if self.graph_sets else 0.0
+
     def drop_partial(self) -> None:
         self.partial_kv = None
 
@@ -301,6 +307,7 @@ class BatchRunner:
         if dev.type == "cuda" and self.cuda_graphs:
             if self.graphs is None:
                 self.graphs = _Graphs(self)
+                self.graph_sets += 1
             try:
                 return self.graphs.run(ids, pos, plan.view, stats)
             except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
@@ -452,7 +459,9 @@ class _Graphs:
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(bb, vv)] = graph
-        log.debug("captured decode graph batch=%d len=%d in %.3fs", bb, vv, time.monotonic() - t0)
+        took = time.monotonic() - t0
+        self.runner.capture_s += took
+        log.debug("captured decode graph batch=%d len=%d in %.3fs", bb, vv, took)
         return graph
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..runtime.actor import CONTROL, Envelope
 from ..runtime.errors import ServiceError
-from .messages import JobFinished, Release, Released, RequestGrant
+from .messages import JobFinished, Release, Released, RequestGrant, Trimmed
 from .states import DeviceMode
 
 log = logging.getLogger("agile_rag.gpu")
@@ -38,6 +38,7 @@ class GpuLease:
         self.device = device            # where admitted weights live ("cuda")
         self.granted = 0                # bytes the arbiter counts for us
         self.busy = False
+        self.admit_s = 0.0              # how long our last admit took (the arbiter's cost)
 
     @property
     def on_gpu(self) -> bool:
@@ -66,7 +67,8 @@ class GpuLease:
         try:
             granted = await self.arbiter.ask(
                 RequestGrant(model=self.owner.name, nbytes=need, pinned=(mode == DeviceMode.CUDA),
-                             preemptible=preemptible),
+                             preemptible=preemptible, weights=self.residency.weight_bytes,
+                             restore_s=self.restore_s()),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
@@ -86,8 +88,8 @@ class GpuLease:
                 await self.give_back()
                 _note(env, gpu=f"admit failed: {exc}")
                 return "cpu"
-            _note(env, admit_bytes=stats.get("bytes", 0),
-                  admit_s=round(stats.get("seconds", 0.0), 4))
+            self.admit_s = float(stats.get("seconds", 0.0))
+            _note(env, admit_bytes=stats.get("bytes", 0), admit_s=round(self.admit_s, 4))
         return self.device
 
     async def finish(self, env: Envelope | None = None) -> None:
@@ -100,6 +102,23 @@ class GpuLease:
         else:
             self.arbiter.tell(JobFinished(model=self.owner.name), priority=CONTROL,
                               sender=self.owner.name)
+
+    def restore_s(self) -> float:
+        """What bringing our weights back costs: the measured admit, plus what the owner
+        loses besides (an LLM's CUDA graphs); 0 before the first admit (the arbiter
+        estimates from the bytes)."""
+        if not self.admit_s:
+            return 0.0
+        return self.admit_s + float(getattr(self.owner, "restore_extra_s", 0.0))
+
+    def trimmed(self, env: Envelope | None = None) -> None:
+        """The arbiter asked for our working memory (the owner freed what it had): from now
+        on only the weights count. Busy, we keep everything and say so."""
+        if not self.busy and self.granted:
+            _note(env, trimmed=self.granted - self.residency.weight_bytes)
+            self.granted = self.residency.weight_bytes
+        self.arbiter.tell(Trimmed(model=self.owner.name, nbytes=self.granted),
+                          priority=CONTROL, sender=self.owner.name)
 
     async def revoked(self, env: Envelope | None = None) -> None:
         """The arbiter wants our memory (we are between jobs): drop the GPU copy, say so."""

@@ -375,6 +375,19 @@ class LLMActor(ModelActor):
             env.detail["kv_freed_bytes"] = eng.cache_bytes()
         await self.system.executor.run(eng.release)
 
+    async def trim_working(self, env: Envelope) -> None:
+        """Idle: free the KV cache and the graphs, keep the weights on the GPU."""
+        eng = self.engine
+        if eng is not None and self._loop is None and eng.cache is not None:
+            env.detail["kv_freed_bytes"] = eng.cache_bytes()
+            await self.system.executor.run(eng.release)
+        await super().trim_working(env)
+
+    @property
+    def restore_extra_s(self) -> float:
+        """Besides the weights' copy, an evicted LLM captures its decode graphs again."""
+        return self.engine.runner.capture_s_per_set() if self.engine is not None else 0.0
+
     def _seq_done(self, env: Envelope, req: SeqRequest, res: Any) -> None:
         self._unanswered -= 1
         env.detail.update(req.detail())

@@ -153,12 +153,20 @@ class ModelState:
 # ---- GPU residency (the VRAM arbiter's protocol) -----------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class RequestGrant:
-    """A model asks to hold ``nbytes`` of GPU memory (weights + working memory of its job)."""
+    """A model asks to hold ``nbytes`` of GPU memory (weights + working memory of its job).
+
+    ``weights``: the part of ``nbytes`` that is costly to give back (the weights' GPU copy);
+    the rest is working memory (KV cache, activations) that an idle holder drops cheaply on a
+    :class:`Trim`. 0 means all of ``nbytes`` (nothing to trim). ``restore_s``: what bringing
+    the weights back costs the holder, in seconds (its measured admit time, plus what else it
+    loses, e.g. CUDA graphs); 0: the arbiter estimates it from the bytes."""
     model: str
     nbytes: int
     priority: int = 1                 # lower = more urgent
     pinned: bool = False              # device: cuda models hold a permanent grant
     preemptible: bool = False         # its job can pause on a Yield (the LLM's batch loop)
+    weights: int = 0
+    restore_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +191,23 @@ class Yield:
     another model waits for it. The holder resumes by asking again, in the queue."""
     model: str
     reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trim:
+    """The arbiter asks an idle holder to drop its working memory (KV cache, activations) and
+    keep its weights on the GPU; the holder answers :class:`Trimmed`."""
+    model: str
+    keep: int                         # the bytes the holder keeps (its weights)
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trimmed:
+    """A holder tells the arbiter what it holds after a :class:`Trim` (a busy holder keeps
+    everything and says so)."""
+    model: str
+    nbytes: int
 
 
 @dataclass(frozen=True, kw_only=True)

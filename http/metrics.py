@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agile_rag.runtime.tracing import HTTP_ACTOR, TraceEvent
 
-from .keys import REQUEST_ID, SERVER
+from .keys import MODEL_NAME, REQUEST_ID, SERVER
 
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")     # the app's Metrics
 
@@ -46,6 +46,23 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0, 600.0)
 SWAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _Children:
+    """``metric.labels(*values)``, remembered: prometheus_client validates the values and
+    takes a lock on every ``labels`` call; a child, once made, never changes. For the
+    metrics every request touches."""
+    __slots__ = ("labels", "known")
+
+    def __init__(self, metric):
+        self.labels = metric.labels
+        self.known: dict[tuple, object] = {}
+
+    def __call__(self, *values):
+        child = self.known.get(values)
+        if child is None:
+            child = self.known[values] = self.labels(*values)
+        return child
 
 
 class Metrics:
@@ -82,20 +99,30 @@ class Metrics:
         self.yields = Counter("agile_rag_gpu_yields", "Times a busy model (the LLM's chat "
                               "batch) paused and gave the GPU back because another model "
                               "waited for it", ["model"], registry=r)
+        self.trims = Counter("agile_rag_gpu_trims", "Times an idle model gave back its working "
+                             "memory (the LLM's KV cache) and kept its weights on the GPU",
+                             ["model"], registry=r)
+        self.trimmed_bytes = Counter("agile_rag_gpu_trimmed_bytes", "Working memory given back "
+                                     "on a Trim", ["model"], registry=r)
         self.swap_bytes = Counter("agile_rag_swap_in_bytes", "Bytes of weights copied host -> "
                                   "GPU", ["model"], registry=r)
         self.swap_seconds = Histogram("agile_rag_swap_seconds", "Seconds per swap: in = admit "
                                       "(host -> GPU copy), out = evict (drop the GPU copy)",
                                       ["model", "direction"], buckets=SWAP_BUCKETS, registry=r)
         r.register(_LiveCollector(server))
+        self.requests_of, self.errors_of = _Children(self.requests), _Children(self.errors)
+        self.latency_of, self.in_progress_of = _Children(self.latency), \
+            _Children(self.in_progress)
+        self.messages_of, self.queue_wait_of = _Children(self.messages), \
+            _Children(self.queue_wait)
         server.system.tracer.subscribe(self.on_event, always=True)
 
     # ---- from trace events -------------------------------------------------------------------
     def on_event(self, e: TraceEvent) -> None:
         if e.actor == HTTP_ACTOR:
             return
-        self.messages.labels(e.actor, e.msg_type, e.outcome).inc()
-        self.queue_wait.labels(e.actor).observe(max(e.started - e.enqueued, 0.0))
+        self.messages_of(e.actor, e.msg_type, e.outcome).inc()
+        self.queue_wait_of(e.actor).observe(max(e.started - e.enqueued, 0.0))
         d = e.detail
         if not d:
             return
@@ -113,6 +140,9 @@ class Metrics:
             self.swap_bytes.labels(e.actor).inc(_f(d.get("admit_bytes", 0)))
         if d.get("yielded"):
             self.yields.labels(e.actor).inc()
+        if e.msg_type == "Trim":
+            self.trims.labels(e.actor).inc()
+            self.trimmed_bytes.labels(e.actor).inc(_f(d.get("trimmed", 0)))
         if "evict_s" in d:
             self.swap_seconds.labels(e.actor, "out").observe(_f(d["evict_s"]))
             reason = "revoked" if e.msg_type == "Revoke" else \
@@ -215,7 +245,7 @@ async def metrics_middleware(request: web.Request, handler):
         return await handler(request)
     t0 = time.monotonic()
     route = _route_of(request)
-    gauge = metrics.in_progress.labels(route)
+    gauge = metrics.in_progress_of(route)
     gauge.inc()
     status, outcome = 500, "error"
     try:
@@ -233,12 +263,12 @@ async def metrics_middleware(request: web.Request, handler):
     finally:
         t1 = time.monotonic()
         gauge.dec()
-        model = metrics.model_of(request, route)
+        model = request.get(MODEL_NAME) or metrics.model_of(request, route)
         code = str(status)
-        metrics.requests.labels(route, model, code).inc()
+        metrics.requests_of(route, model, code).inc()
         if status >= 400:
-            metrics.errors.labels(route, model, code).inc()
-        metrics.latency.labels(route, model).observe(t1 - t0)
+            metrics.errors_of(route, model, code).inc()
+        metrics.latency_of(route, model).observe(t1 - t0)
         tracer = metrics.server.system.tracer
         if tracer.enabled and not request.path.startswith(UNTRACED_PREFIXES):
             detail = {"status": status, "path": request.path}

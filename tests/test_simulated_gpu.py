@@ -126,3 +126,57 @@ async def test_concurrent_work_on_a_card_that_fits_one_model_at_a_time(simulated
         await asyncio.sleep(0.05)
     assert not state.busy and not state.waiting, state
     assert state.used <= arbiter.budget
+
+
+async def test_the_seed_cycle_keeps_the_llm_weights_on_the_card(simulated):
+    """Issue 13: under a budget that holds the LLM with its cache, or the LLM's weights with
+    the encoders, but never all of it, the seed's cycle (chat, embed, rerank, chat) takes the
+    idle LLM's cache (Trim) and idle encoders, never the LLM's weights: after the first
+    admit the LLM is not evicted again, nothing yields, and every reply is the reference."""
+    srv, session, server = simulated
+    arbiter = server.system.actors["vram-arbiter"]
+    llm = server.registry.resolve("llm", None)
+    emb = server.registry.resolve("embedder", None)
+    # the LLM with its cache fits; its weights with an encoder's job fit; all three do not
+    enc = emb.lease.residency.weight_bytes + emb.working_bytes(1)
+    arbiter.budget = llm.lease.residency.weight_bytes + enc + llm.working_bytes(1) // 2
+    assert arbiter.budget >= llm.lease.residency.weight_bytes + llm.working_bytes(1)
+
+    async def cycle():
+        return (await chat(session, srv, CHATS[0][0], 8), await embed(session, srv, TEXTS[0]),
+                await rerank(session, srv, TEXTS[1]), await chat(session, srv, CHATS[1][0], 8))
+    want = [await cycle() for _ in range(2)]
+    evicts = llm.lease.residency.evicts
+    since = len(server.system.tracer.events)
+    for _ in range(3):
+        c1, v, r, c2 = await cycle()
+        assert (c1, r, c2) == (want[0][0], want[0][2], want[0][3])
+        assert np.allclose(v, want[0][1], atol=1e-5)
+    events = list(server.system.tracer.events)[since:]
+    assert llm.lease.residency.evicts == evicts, "the LLM's weights were evicted"
+    assert any(e.msg_type == "Trim" and e.actor == llm.name for e in events)
+    # no chat paused (a Yield may reach a loop that is ending anyway: it changes nothing)
+    assert not any(e.msg_type == "BatchIdle" and e.detail.get("yielded") for e in events)
+    assert not any(e.detail.get("preempted") for e in events if e.msg_type == "Chat")
+    assert arbiter.peak_used <= arbiter.budget
+    assert not [e.detail for e in events if "gpu" in e.detail]      # no CPU fallback
+
+
+async def test_an_encoder_that_fits_beside_a_busy_batch_runs_without_a_yield(simulated):
+    srv, session, server = simulated
+    arbiter = server.system.actors["vram-arbiter"]
+    llm = server.registry.resolve("llm", None)
+    emb = server.registry.resolve("embedder", None)
+    arbiter.budget = (llm.lease.residency.weight_bytes + llm.working_bytes(1) +
+                      emb.lease.residency.weight_bytes + emb.working_bytes(1))
+    want = await embed(session, srv, TEXTS[2])
+    since = len(server.system.tracer.events)
+    streaming = asyncio.ensure_future(chat(session, srv, "Write a long story about a dragon.", 60))
+    while not llm.lease or not llm.lease.busy:
+        await asyncio.sleep(0.01)
+    got = await embed(session, srv, TEXTS[2])
+    assert not streaming.done(), "the embedding should have run while the chat decoded"
+    assert np.allclose(got, want, atol=1e-5)
+    assert await streaming
+    events = list(server.system.tracer.events)[since:]
+    assert not any(e.msg_type == "Yield" for e in events)

@@ -1,0 +1,199 @@
+"""What the VRAM arbiter counts and how it chooses what to take back: no actor, no torch.
+
+A holder's grant has two parts that cost very differently to give back:
+
+- **working memory** (``nbytes - weights``: an LLM's KV cache, activations): an idle holder
+  drops it at once and allocates it again with its next job. Taking it costs next to nothing;
+  the arbiter asks for it with ``Trim``.
+- **weights**: giving them back means copying them to the GPU again later (the holder tells
+  its measured ``restore_s``: the copy, plus what else it loses, e.g. an LLM's CUDA graphs),
+  so the arbiter asks for them with ``Revoke`` only when trims cannot make the room.
+
+The rule (:func:`choose_room`): to free ``short`` bytes from idle holders, take the set of
+whole-model evictions with the least expected cost such that, with every other idle holder's
+working memory trimmed, the room is made; then trim only as much working memory as is still
+needed, cheapest first. The expected cost of evicting a model is what bringing it back costs
+(``restore_s``) times how soon it is likely needed: its recent grant rate (an exponentially
+decayed count of grants, time constant ``RATE_TAU_S``), never its age alone. Ties go to moving
+fewer bytes. With up to ``EXACT_MAX`` idle holders the best set is found exactly; beyond that,
+greedily by cost per byte.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+from ..runtime.errors import ServiceError
+
+log = logging.getLogger("agile_rag.arbiter")
+
+RATE_TAU_S = 30.0            # a model's grant rate forgets with this time constant
+RATE_FLOOR = 1.0 / 600       # a model not used for long still costs something to bring back
+COPY_BYTES_PER_S = 20e9      # restore estimate when a holder has not measured its own
+EXACT_MAX = 12               # idle holders up to which the cheapest eviction set is exact
+
+
+# ---- errors a grant ask can end with (besides runtime.errors.DeadlineExceeded) ------------------
+class GrantRefused(ServiceError):
+    """No GPU memory for this request: the model actor runs the job on CPU instead."""
+    status = 503
+    type = "server_error"
+    code = "gpu_grant_refused"
+
+
+class GrantTooLarge(GrantRefused):
+    """Even alone (with only the pinned models) the model does not fit the VRAM budget."""
+    code = "gpu_budget_too_small"
+    retryable = False
+
+
+class GrantCancelled(GrantRefused):
+    """The wait was cancelled: reset_flags, or the asker pinned memory another waiter needs."""
+    code = "gpu_grant_cancelled"
+
+
+def default_budget(total_mb: int = 0, redundancy: float = 0.15) -> int:
+    """The arbiter's budget in bytes from the cold configs (TOTAL_CUDA_MEMORY, MEMORY_REDUNDANCY).
+
+    ``total_mb`` > 0: that many MB; otherwise the card's free memory now (0 without CUDA, so
+    every grant is refused and models stay on CPU). Then keep ``redundancy`` of it free.
+    """
+    if total_mb and total_mb > 0:
+        base = int(total_mb) * 1024 * 1024
+    else:
+        base = 0
+        try:
+            import torch
+            if torch.cuda.is_available():
+                base, _total = torch.cuda.mem_get_info()
+        except Exception:  # noqa: BLE001 - no torch / broken driver: no GPU budget
+            log.warning("cannot read free CUDA memory; the VRAM budget is 0", exc_info=True)
+            base = 0
+    redundancy = min(max(float(redundancy), 0.0), 1.0)
+    return int(base * (1.0 - redundancy))
+
+
+def fmt(n: int) -> str:
+    if abs(n) >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if abs(n) >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n} B"
+
+
+@dataclass(eq=False)
+class Holder:
+    model: str
+    nbytes: int
+    pinned: bool
+    actor: str                      # the actor name Revoke / Trim go to
+    weights: int = 0                # the part that is costly to give back (0: all of nbytes)
+    restore_s: float = 0.0          # the holder's own figure for bringing its weights back
+    busy: bool = False              # granted, JobFinished not yet in: never revoked, never free
+    revoking: bool = False          # Revoke sent; its bytes count as used until Released
+    trimming: bool = False          # Trim sent; its working bytes count until Trimmed
+    revoke_when_idle: bool = False  # RevokeAllFlex reached it while busy
+    last_used: int = 0              # LRU clock
+    granted_at: float = 0.0
+    preemptible: bool = False       # its job pauses on a Yield (asked for by its last grant)
+    yield_sent: bool = False        # one Yield per grant
+    rate: float = 0.0               # grants per second, decayed (see use_rate)
+    rate_at: float = 0.0
+
+    @property
+    def working(self) -> int:
+        """Bytes an idle holder gives back on a Trim."""
+        return max(0, self.nbytes - self.weights) if self.weights else 0
+
+    def used_now(self, now: float) -> None:
+        """Count one grant in the decayed rate."""
+        self.rate = self.rate_now(now) + 1.0 / RATE_TAU_S
+        self.rate_at = now
+
+    def rate_now(self, now: float) -> float:
+        if not self.rate_at:
+            return 0.0
+        return self.rate * math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
+
+    def restore_cost(self) -> float:
+        """Seconds it takes this holder to have its weights on the GPU again."""
+        if self.restore_s > 0:
+            return self.restore_s
+        return (self.weights or self.nbytes) / COPY_BYTES_PER_S
+
+    def evict_cost(self, now: float) -> float:
+        """Expected seconds lost by evicting it: restore cost x how soon it is needed."""
+        return self.restore_cost() * (self.rate_now(now) + RATE_FLOOR)
+
+    def trim_cost(self, now: float) -> float:
+        """Working memory is allocated again with the next job: nearly free (a token cost so
+        that among trims the least used holders go first)."""
+        return 1e-3 * (self.rate_now(now) + RATE_FLOOR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Room:
+    trims: tuple[Holder, ...] = ()
+    evictions: tuple[Holder, ...] = ()
+
+    @property
+    def frees(self) -> int:
+        return sum(h.nbytes for h in self.evictions) + sum(h.working for h in self.trims)
+
+
+def choose_room(idle: list[Holder], short: int, now: float) -> Room | None:
+    """Which idle holders give what so that ``short`` bytes come free (see the module
+    docstring); None when all of them together cannot."""
+    if short <= 0:
+        return Room()
+    if sum(h.nbytes for h in idle) < short:
+        return None
+    evictions = _cheapest_evictions(idle, short, now)
+    kept = [h for h in idle if h not in evictions]
+    need = short - sum(h.nbytes for h in evictions)
+    trims: list[Holder] = []
+    for h in sorted((h for h in kept if h.working > 0),
+                    key=lambda h: (h.trim_cost(now), -h.working)):
+        if need <= 0:
+            break
+        trims.append(h)
+        need -= h.working
+    for h in sorted(trims, key=lambda h: -h.trim_cost(now)):    # drop needless trims
+        if need + h.working <= 0:
+            trims.remove(h)
+            need += h.working
+    return Room(trims=tuple(trims), evictions=tuple(evictions))
+
+
+def _cheapest_evictions(idle: list[Holder], short: int, now: float) -> list[Holder]:
+    trimmable = sum(h.working for h in idle)
+
+    def covers(chosen: tuple[Holder, ...]) -> bool:
+        return sum(h.nbytes for h in chosen) + trimmable - sum(h.working for h in chosen) \
+            >= short
+
+    if covers(()):
+        return []
+    if len(idle) <= EXACT_MAX:
+        best: tuple[float, int, tuple[Holder, ...]] | None = None
+        for k in range(1, len(idle) + 1):
+            for chosen in itertools.combinations(idle, k):
+                if not covers(chosen):
+                    continue
+                key = (sum(h.evict_cost(now) for h in chosen),
+                       sum(h.weights or h.nbytes for h in chosen), chosen)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+        return list(best[2]) if best is not None else list(idle)
+    chosen_list: list[Holder] = []
+    for h in sorted(idle, key=lambda h: h.evict_cost(now) / max(1, h.weights or h.nbytes)):
+        if covers(tuple(chosen_list)):
+            break
+        chosen_list.append(h)
+    for h in sorted(chosen_list, key=lambda h: -h.evict_cost(now)):   # drop needless ones
+        rest = tuple(x for x in chosen_list if x is not h)
+        if covers(rest):
+            chosen_list.remove(h)
+    return chosen_list

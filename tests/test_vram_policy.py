@@ -1,0 +1,91 @@
+"""The arbiter's cost rule alone (actors/vram_policy.py), and the Trim part of its protocol."""
+from __future__ import annotations
+
+import asyncio
+
+from agile_rag.actors.messages import Describe, JobFinished, RequestGrant, Trim, Trimmed
+from agile_rag.actors.vram_arbiter import VRAMArbiter
+from agile_rag.actors.vram_policy import Holder, choose_room
+from agile_rag.runtime.actor import Actor
+from agile_rag.runtime.system import ActorSystem
+
+GB = 10**9
+
+
+def holder(model, weights, working, uses, *, restore_s=0.0, now=100.0):
+    h = Holder(model, weights + working, False, model, weights=weights, restore_s=restore_s)
+    for i in range(uses):
+        h.used_now(now - uses + i)
+    return h
+
+
+def test_working_memory_goes_before_any_weights():
+    llm = holder("llm", 6_170_000_000, 1_080_000_000, uses=2, restore_s=0.4)
+    emb = holder("emb", 1_190_000_000, 70_000_000, uses=1)
+    room = choose_room([llm, emb], 1_000_000_000, now=100.0)
+    assert room.evictions == () and room.trims == (llm,)
+
+
+def test_the_seed_cycle_takes_the_idle_cache_and_encoder_never_the_llm_weights():
+    """Reranker's job needs 1.43 GB beyond the free memory: the LLM's KV (1.08 GB) is not
+    enough; evicting the embedder (cheap to bring back, used once a cycle) and trimming the LLM
+    is; evicting the LLM (6 GB, used twice a cycle) would also do, at a much higher cost."""
+    llm = holder("llm", 6_170_000_000, 1_080_000_000, uses=8, restore_s=0.5)
+    emb = holder("emb", 1_190_000_000, 70_000_000, uses=4)
+    room = choose_room([llm, emb], 1_430_000_000, now=100.0)
+    assert room.evictions == (emb,) and room.trims == (llm,)
+    assert room.frees >= 1_430_000_000
+
+
+def test_a_rarely_used_big_model_goes_before_a_busy_small_one():
+    big = holder("big", 3 * GB, 0, uses=1, now=-2000.0)     # last used half an hour ago
+    small = holder("small", 1 * GB, 0, uses=50)
+    room = choose_room([big, small], GB, now=100.0)
+    assert room.evictions == (big,)
+
+
+def test_no_room_when_all_idle_memory_is_not_enough():
+    assert choose_room([holder("a", GB, 0, uses=1)], 2 * GB, now=0.0) is None
+    assert choose_room([], 0, now=0.0).frees == 0
+
+
+def test_only_the_trims_needed_are_asked_for():
+    a = holder("a", GB, GB // 2, uses=5)
+    b = holder("b", GB, GB // 2, uses=1)
+    room = choose_room([a, b], GB // 4, now=100.0)
+    assert room.trims == (b,) and not room.evictions    # the less used one trims first
+
+
+class TrimmingHolder(Actor):
+    """Answers Trim like a model actor: keeps ``keep`` bytes."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.trims = 0
+
+    async def handle(self, msg, env):
+        if isinstance(msg, Trim):
+            self.trims += 1
+            self.system.actors["vram-arbiter"].tell(Trimmed(model=self.name, nbytes=msg.keep))
+        return None
+
+
+async def test_the_arbiter_trims_an_idle_holder_instead_of_evicting_it():
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1050, grant_timeout=5))
+    llm = system.spawn(TrimmingHolder("llm"))
+    system.spawn(TrimmingHolder("emb"))
+    await arb.ask(RequestGrant(model="llm", nbytes=800, weights=600), sender="llm")
+    arb.tell(JobFinished(model="llm"))
+    g = await asyncio.wait_for(arb.ask(RequestGrant(model="emb", nbytes=300, weights=250),
+                                       sender="emb"), 5)
+    assert g.evicted == () and llm.trims == 1
+    state = await arb.ask(Describe())
+    assert state.holders == {"llm": 600, "emb": 300}
+    # the LLM asks for its cache again: the embedder's idle working memory makes room
+    arb.tell(JobFinished(model="emb"))
+    g = await asyncio.wait_for(arb.ask(RequestGrant(model="llm", nbytes=800, weights=600),
+                                       sender="llm"), 5)
+    assert (await arb.ask(Describe())).holders == {"llm": 800, "emb": 250}
+    assert arb.peak_used <= 1050 and arb.revoked_count == 0
+    await system.stop_all()
