@@ -13,6 +13,8 @@ Residency messages form the VRAM arbiter's protocol:
     model --Release--> arbiter               (idle_on_cpu, delete, device change)
     arbiter --Yield--> busy preemptible holder   (the LLM's batch loop pauses, then Releases
                                               and asks again)
+    arbiter --Trim--> idle holder            drops its working memory (KV cache), keeps
+    holder --Trimmed--> arbiter              its weights on the GPU
 """
 from __future__ import annotations
 

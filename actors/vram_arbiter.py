@@ -1,65 +1,41 @@
 """The VRAM arbiter: the only actor that decides which model holds GPU memory.
 
-Decisions only, by message; it never touches torch (except :func:`default_budget`, which reads
-the card's free memory once at start). The protocol (messages in :mod:`agile_rag.actors.messages`):
+Decisions only, by message (the types are in :mod:`agile_rag.actors.messages`); it never
+touches torch. What it counts and how it chooses what to take back is
+:mod:`agile_rag.actors.vram_policy`.
 
-``RequestGrant(model, nbytes, priority, pinned)`` (ask)
-    A model wants to hold ``nbytes`` on the GPU (weights + its job's working memory) for the batch
-    it is about to run. The reply is :class:`Granted` or a :class:`ServiceError`; the handler never
-    blocks the arbiter's mailbox (it returns ``DEFER`` and answers later). A grant marks the holder
-    BUSY. A holder asking again is re-marked busy and answered at once when ``nbytes`` fits what
-    it already holds, or when the extra bytes fit the free memory; otherwise it waits for the
-    extra bytes like everyone else. A grant never shrinks by asking for less (torch's caching
-    allocator may still hold the memory); it shrinks only by ``Release`` / ``Released``.
-    ``pinned`` (device: cuda) is sticky until the holder releases.
-``JobFinished(model)`` (tell)
-    The holder's GPU work is done: it is IDLE (still resident, evictable). One JobFinished ends
-    all of the holder's GPU work: a holder that overlaps jobs sends it when the last one ends.
-    A JobFinished from a holder that is not busy is a no-op, so model actors can send it in a
-    ``finally`` after every grant ask, even a failed one.
-``Revoke(model, reason)`` (arbiter -> holder, CONTROL priority)
-    Sent only to idle, non-pinned holders. The holder drops its GPU tensors (after its current
-    batch, if it has one: a Revoke may sit in a holder's mailbox while it runs a batch it was
-    granted after the Revoke left) and answers ``Released``. Until then its bytes count as used.
-``Yield(model, reason)`` (arbiter -> busy holder that asked with ``preemptible``, CONTROL)
-    The LLM's batch loop keeps its grant as long as chats keep coming, so a waiter that can
-    only be served with its memory would wait for the grant deadline. When the head waiter
-    cannot be served by the free memory, idle holders and busy holders that will finish on
-    their own, each busy preemptible holder it needs gets one Yield per grant: the holder
-    pauses its job at a step boundary (after a minimum time slice of its own), ``Release``s
-    its memory and asks again, queued behind the waiter.
-``Trim(model, keep)`` (arbiter -> idle holder, CONTROL) / ``Trimmed(model, nbytes)`` (tell)
-    The cheap part first: an idle holder whose grant counted working memory (``RequestGrant``'s
-    ``nbytes - weights``: an LLM's KV cache) drops it and keeps its weights resident; until
-    ``Trimmed`` comes those bytes count as used. A busy holder keeps everything.
-``Released(model, nbytes)`` / ``Release(model)`` (tell)
-    The holder's GPU memory is gone (after a Revoke / on its own: idle_on_cpu, delete, device
-    change). Either one removes the holder, whatever its state: only the holder knows its memory
-    is gone. For one holder, these must never overtake its own later RequestGrant, so send them
-    at CONTROL priority (or at least not lower than the RequestGrant's). A Released from a model
-    that holds nothing is logged and ignored.
-``RevokeAllFlex(reason)`` (tell; reset_flags)
-    Fails every waiter, revokes every idle non-pinned holder now and every busy one at its
-    JobFinished, and nudges holders already revoked whose Released never came.
-``Describe()`` (ask) -> :class:`ArbiterState`.
+- ``RequestGrant(model, nbytes, weights, ...)`` (ask): hold ``nbytes`` (weights + the job's
+  working memory) for the job about to run. Answered later with ``Granted`` or a
+  ``ServiceError`` (the handler returns ``DEFER``: the mailbox never blocks). A grant marks the
+  holder BUSY. A holder asking again is answered at once when it fits what it holds or the
+  extra is free; else it waits like everyone else. A grant only shrinks by Trim, Release or
+  Released. ``pinned`` (device: cuda) is sticky.
+- ``JobFinished(model)`` (tell): the holder is IDLE (resident, evictable). A no-op when not
+  busy, so model actors send it in a ``finally`` after every ask.
+- ``Trim(model, keep)`` -> ``Trimmed(model, nbytes)``: an idle holder drops its working memory
+  (an LLM's KV cache) and keeps its weights; the bytes count as used until Trimmed comes.
+- ``Revoke(model)`` -> ``Released(model, nbytes)``: sent only to idle, non-pinned holders; the
+  holder drops its GPU tensors (after a batch it may still be running). ``Release(model)``: a
+  holder gives its memory back on its own. Either one removes the holder, whatever its state;
+  send them at CONTROL priority so they never overtake the holder's own later RequestGrant.
+- ``Yield(model)`` (to a busy holder that asked with ``preemptible``): the LLM's batch keeps
+  its grant while chats keep coming; when the head waiter can be served neither by free
+  memory, nor trims and evictions of idle holders, nor busy holders that end on their own,
+  each preemptible holder it needs gets one Yield per grant: it pauses at a step boundary
+  (after its minimum slice), releases, and asks again behind the waiter.
+- ``RevokeAllFlex(reason)`` (reset_flags): fails every waiter, revokes every idle non-pinned
+  holder now and every busy one at its JobFinished, and nudges revokes that never answered.
+- ``Describe()`` -> ``ArbiterState``.
 
-Serving order: waiters are served strictly in order, one head at a time, by (holds GPU memory
-already, priority, arrival): a holder that waits for more memory is blocked (its actor is
-awaiting the reply, so it cannot process a Revoke) while it pins what it holds, so it goes first;
-then lower ``priority`` first, then FIFO. A later waiter never overtakes the head, even if it
-would fit now (strict FIFO: no starvation; the only exceptions are holders asking within their
-grant or for extra bytes that are free right now, which is bounded because grants only grow).
-
-To make room for the head the arbiter counts, apart from the free memory, bytes already being
-released (revoked and trimmed holders), idle flex holders (their working memory trimmed first,
-whole models evicted by expected cost: the rule is in :mod:`agile_rag.actors.vram_policy`) and
-busy flex holders (waited for: never revoked while busy; a preemptible one is asked to Yield
-only when nothing else can make the room).
-If that can only work by taking memory held by other blocked holders, the youngest of those is
-refused (:class:`GrantCancelled`, retryable) so it becomes idle and evictable: no deadlock.
-A request larger than the budget less what pinned models hold is refused at once
-(:class:`GrantTooLarge`): the model runs on CPU. Every wait is bounded by ``grant_timeout`` (and by
-the asker's own deadline): the waiter then gets ``DeadlineExceeded`` naming what it waited for.
+Serving order: one head at a time, by (holds GPU memory already, priority, arrival); a
+holder waiting for more memory is blocked (it cannot process a Revoke) while it pins what it
+holds, so it goes first. A later waiter never overtakes the head (no starvation), except
+holders asking within their grant or for extra bytes free right now. If the head can only
+be served by memory that other blocked holders pin, the youngest of those is refused
+(:class:`GrantCancelled`, retryable) so it becomes evictable: no deadlock. A request larger
+than the budget less what pinned models hold is refused at once (:class:`GrantTooLarge`: the
+model runs on CPU). Every wait is bounded by ``grant_timeout`` and the asker's own deadline
+(then ``DeadlineExceeded`` says what it waited for).
 """
 from __future__ import annotations
 
@@ -95,6 +71,7 @@ from .vram_policy import (
     choose_room,
     default_budget,
     fmt,
+    why_waiting,
 )
 
 log = logging.getLogger("agile_rag.arbiter")
@@ -534,26 +511,10 @@ class VRAMArbiter(Actor):
 
     def _why_waiting(self, w: _Waiter) -> str:
         order = self._ordered()
-        parts = []
         ahead = order[:order.index(w)] if w in order else []
-        if ahead:
-            parts.append("queued behind " + ", ".join(
-                f"{x.req.model} ({fmt(x.req.nbytes)})" for x in ahead))
-        busy = [h for h in self.holders.values() if h.busy and not h.pinned
-                and h.model != w.req.model]
-        if busy:
-            parts.append("waiting for busy holder(s) to finish their job: " + ", ".join(
-                f"{h.model} ({fmt(h.nbytes)}, busy {time.monotonic() - h.granted_at:.1f}s)"
-                for h in busy))
-        revoking = [h for h in self.holders.values() if h.revoking and not h.busy]
-        if revoking:
-            parts.append("revoked holder(s) never answered Released: " + ", ".join(
-                f"{h.model} ({fmt(h.nbytes)})" for h in revoking))
-        pinned = self._pinned_others(w.req.model)
-        if pinned:
-            parts.append("pinned: " + ", ".join(f"{h.model} ({fmt(h.nbytes)})" for h in pinned))
-        parts.append(f"budget {fmt(self.budget)}, used {fmt(self.used)}, free {fmt(self.free)}")
-        return "; ".join(parts)
+        return why_waiting(w.req.model, [(x.req.model, x.req.nbytes) for x in ahead],
+                           list(self.holders.values()), self._pinned_others(w.req.model),
+                           self.budget, time.monotonic())
 
     async def on_stop(self) -> None:
         for w in list(self.waiters):

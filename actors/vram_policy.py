@@ -197,3 +197,24 @@ def _cheapest_evictions(idle: list[Holder], short: int, now: float) -> list[Hold
         if covers(rest):
             chosen_list.remove(h)
     return chosen_list
+
+
+def why_waiting(model: str, ahead: list[tuple[str, int]], holders: list[Holder],
+                pinned: list[Holder], budget: int, now: float) -> str:
+    """Why ``model``'s grant is not served yet, in words (for DeadlineExceeded and traces)."""
+    parts = []
+    if ahead:
+        parts.append("queued behind " + ", ".join(f"{m} ({fmt(n)})" for m, n in ahead))
+    busy = [h for h in holders if h.busy and not h.pinned and h.model != model]
+    if busy:
+        parts.append("waiting for busy holder(s) to finish their job: " + ", ".join(
+            f"{h.model} ({fmt(h.nbytes)}, busy {now - h.granted_at:.1f}s)" for h in busy))
+    revoking = [h for h in holders if h.revoking and not h.busy]
+    if revoking:
+        parts.append("revoked holder(s) never answered Released: " + ", ".join(
+            f"{h.model} ({fmt(h.nbytes)})" for h in revoking))
+    if pinned:
+        parts.append("pinned: " + ", ".join(f"{h.model} ({fmt(h.nbytes)})" for h in pinned))
+    used = sum(h.nbytes for h in holders)
+    parts.append(f"budget {fmt(budget)}, used {fmt(used)}, free {fmt(budget - used)}")
+    return "; ".join(parts)
