@@ -14,6 +14,12 @@ stream, ahead of their use, overlapped with the compute of the layers before:
   i+K-1 into the slot layer i-1 used, on the copy stream, after an event recorded on the compute
   stream by layer i-1's forward post-hook (so the copy never overwrites weights still being read).
 
+While attached, every parameter and buffer is on the device as far as callers can tell: each
+layer's tensors are views of its slot (holding whichever layer was copied there last; the
+pre-hook re-points them before the layer runs), so code that picks the device from the first
+parameter, or sentence-transformers' encode/predict (which `.to(device)` a model with any tensor
+elsewhere), sees a model on the device. Never read a layer's weights outside its forward.
+
 With K = 2 the copy of layer i+1 overlaps the compute of layer i. The copies come straight from
 the weights' host memory: when the module is wrapped by a `WeightResidency`, each layer is one
 contiguous range of its flat pinned master copy (one copy per layer, no extra host memory);
@@ -23,9 +29,10 @@ once, at the first attach, into a flat (pinned) host buffer that is kept until `
 Opt-in `host_embeddings=True`: embedding tables bigger than one layer (XLM-R's 250k-token word
 embeddings, ~515 MB of the ~565 MB a streamed XLM-R-large holds) stay in host memory and are
 looked up on the CPU, the rows copied to the device (a pinned buffer from the caching host
-allocator). The lookup reads the token ids back to the host, which synchronises the CPU with the
-compute stream once per forward (the GPU idles while the CPU gathers the rows), so it is for
-budgets where even the resident parts do not fit.
+allocator); the table's parameter points at a zero-stride placeholder on the device. The
+lookup reads the token ids back to the host, which synchronises the CPU with the compute stream
+once per forward (the GPU idles while the CPU gathers the rows), so it is for budgets where even
+the resident parts do not fit.
 
 On a CPU "device" (the tests) the same hooks and slots run, the copies are plain `copy_` with no
 streams or events.
@@ -294,9 +301,10 @@ class LayerStream:
             kept = {id(m.weight) for m in self._host_embeds}
             self._resident_tensors = [e for e in self._resident_tensors
                                       if id(e.tensor) not in kept]
+        self._host_embed_tensors = [everything[id(m.weight)] for m in self._host_embeds]
         self.host_embedding_bytes = sum(m.weight.numel() * m.weight.element_size()
                                         for m in self._host_embeds)
-        for e in self._resident_tensors + [e for lt in self._layer_tensors for e in lt]:
+        for e in everything.values():
             if e.tensor.device.type != "cpu":
                 raise ValueError(f"{type(module).__name__} has weights on {e.tensor.device}: "
                                  "LayerStream takes a module whose weights are in host memory")
@@ -471,11 +479,21 @@ class LayerStream:
             for ent, v in zip(self._resident_tensors, _views(resident, lay)):
                 self._bind(ent, v)
             self._slot_views = [_views(buf, self._layer_layouts[0]) for buf in self._slot_bufs]
-            self._install_hooks()
-            for mod in self._host_embeds:
+            # Every parameter and buffer reports the device from now on (wrappers such as
+            # sentence-transformers' encode/predict move a model that has any tensor elsewhere,
+            # and callers take the device from the first parameter): each layer points at its
+            # slot (its contents are copied in before the layer runs), and a host embedding
+            # table at a placeholder on the device (its lookups read the host table).
+            for i, lt in enumerate(self._layer_tensors):
+                for ent, v in zip(lt, self._slot_views[i % self.slots]):
+                    self._bind(ent, v)
+            for mod, ent in zip(self._host_embeds, self._host_embed_tensors):
                 if "forward" in mod.__dict__:
                     raise RuntimeError(f"{type(mod).__name__} already has an instance forward")
-                mod.forward = self._make_lookup(mod)
+                mod.forward = self._make_lookup(mod, ent.host)
+                self._bind(ent, torch.zeros(1, dtype=ent.host.dtype, device=dev)
+                           .expand(ent.host.shape))
+            self._install_hooks()
             if self._cuda:
                 self._copy_stream.synchronize()
         except BaseException:
@@ -508,6 +526,7 @@ class LayerStream:
             self._layer_layouts = []
             self._resident_layout = _Layout([], [], [], 0)
             self._host_embeds = []
+            self._host_embed_tensors = []
             self.module = None  # type: ignore[assignment]
 
     def _teardown(self) -> None:
@@ -533,7 +552,8 @@ class LayerStream:
         self._cursor = 0
 
     def _all_tensors(self) -> list[_Tensor]:
-        return self._resident_tensors + [e for lt in self._layer_tensors for e in lt]
+        return (self._resident_tensors + self._host_embed_tensors
+                + [e for lt in self._layer_tensors for e in lt])
 
     # ------------------------------------------------------------------ binding
     @staticmethod
@@ -604,9 +624,8 @@ class LayerStream:
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre(i)))
             self._hooks.append(layer.register_forward_hook(self._make_post(i)))
 
-    def _make_lookup(self, mod: nn.Embedding):
-        weight = mod.weight.detach()           # the host table (never re-pointed)
-        dev = self.device
+    def _make_lookup(self, mod: nn.Embedding, weight: torch.Tensor):
+        dev = self.device                      # `weight`: the host table
 
         def lookup(ids: torch.Tensor) -> torch.Tensor:
             """The embedding lookup on the CPU, from the host table; the rows go to the device.

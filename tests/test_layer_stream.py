@@ -84,6 +84,16 @@ def _hook_count(m):
     return sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules())
 
 
+def _assert_in_slots(ls):
+    """While attached, every layer tensor is a view of the layer's slot, so every parameter
+    reports the stream's device (before the first pass too)."""
+    for i, layer in enumerate(ls.blocks):
+        buf = ls._slot_bufs[i % ls.slots]
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            assert lo <= t.data_ptr() < hi
+
+
 def _check_streamed(model, make_inputs, *, slots, stage=None, passes=3):
     with torch.inference_mode():
         refs = [_out(model, make_inputs(i)) for i in range(passes)]
@@ -92,6 +102,7 @@ def _check_streamed(model, make_inputs, *, slots, stage=None, passes=3):
         ls = LayerStream(model, "cpu", slots=slots, stage=stage)
         assert ls.attach()["bytes"] == ls.weight_bytes
         assert ls.attached and _hook_count(model) > hooks
+        _assert_in_slots(ls)
         for i in range(passes):
             out = _out(model, make_inputs(i))
             assert torch.equal(out, refs[i]), (i, (out - refs[i]).abs().max())
@@ -227,11 +238,15 @@ def test_host_embeddings(build):
     assert ls.host_embedding_bytes == module_bytes(words)
     assert ls.resident_bytes <= plain.resident_bytes - module_bytes(words) + 256
     assert ls.model_bytes >= plain.model_bytes - 256
+    snap_words = words.weight.detach().clone()
     with torch.inference_mode():
         refs = [_out(model, _inputs(i)) for i in range(2)]
         snap = _snapshot(model)
         ls.attach()
         assert "forward" in words.__dict__
+        _assert_in_slots(ls)
+        # the table's parameter is a placeholder of its shape and dtype on the device
+        assert words.weight.shape == snap_words.shape and words.weight.stride() == (0, 0)
         for i in range(2):
             assert torch.equal(_out(model, _inputs(i)), refs[i])
         assert ls.stats()["host_lookups"] == 2 and ls.stats()["passes"] == 2
