@@ -237,8 +237,8 @@ def render(results: dict) -> str:
             cells.append(", ".join(sorted(set(same))))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        lines += ["| mode | GPU weights held | rerank peak extra | pass bytes | pass copy rate "
-                  "(copies alone) | copy rate in passes | copies/layer |",
+        lines += ["| mode | GPU weights held | rerank activations (peak) | pass bytes "
+                  "| pass copy rate (copies alone) | copy rate in passes | copies/layer |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         rr = next((w for w in modes["resident"] if w.startswith("rerank")), None)
         r = modes["resident"]
