@@ -256,14 +256,19 @@ class ChaosEditor:
         self.turns[action] += 1
         return values[i % len(values)]
 
-    def _prefill(self) -> str:
+    async def _prefill(self) -> str:
+        """Prompts read 16 tokens at a time for a second (most chats are then half-read at
+        any moment), then the next value: 0 (all at once) lands on half-read prompts."""
         p = self.good.setdefault("llm_params", {})
-        value = self._next("prefill", [0, 16, None, 0, 64])
+        p["prefill_chunk_tokens"] = 16
+        self.write(self.text())
+        await asyncio.sleep(1.0)
+        value = self._next("prefill", [0, None, 0, 64])
         if value is None:
             p.pop("prefill_chunk_tokens", None)
         else:
             p["prefill_chunk_tokens"] = value
-        return f"llm prefill_chunk_tokens {value} ({self.write(self.text())})"
+        return f"llm prefill_chunk_tokens 16, then {value} ({self.write(self.text())})"
 
     def _max_batch(self) -> str:
         p = self.good.setdefault("llm_params", {})
@@ -413,7 +418,7 @@ class Soak:
                                     [5, 2, 1, 1, 1])[0]
         return self.rng.choices(
             ["embed", "rerank", "tei", "chat", "stream", "hangup", "long", "timeout"],
-            [5, 2, 2, 2, 2, 1, 0.4, 1])[0]
+            [5, 2, 2, 2, 2, 1, 0.8, 1])[0]
 
     async def one(self, s, kind: str | None = None) -> str:
         """One request of ``kind`` (drawn when None), checked; returns its outcome:

@@ -258,7 +258,7 @@ def problems_of(report: dict) -> list[str]:
     if soak["config_changes"] < 10:
         bad.append(f"only {soak['config_changes']} live edits")
     edits = "\n".join(soak["edits"])
-    for needed in ("continuous_batching", "prefill_chunk_tokens 0", "max_batch_size 2",
+    for needed in ("continuous_batching", "then 0", "max_batch_size 2",
                    "added llm", "removed llm", "removed embedder", "removed reranker",
                    "reloaded embedder", "device", "broken:",
                    "half-written", "reset_flags"):
