@@ -616,7 +616,7 @@ class LayerStream:
         mods = [self.module]
         cur = self.module
         for part in path[:-1]:
-            cur = getattr(cur, part) if not part.isdigit() else cur[int(part)]
+            cur = getattr(cur, part)          # registered submodules, ModuleList entries too
             mods.append(cur)
         for m in mods:
             self._hooks.append(m.register_forward_pre_hook(self._outer_pre))
