@@ -39,8 +39,11 @@ streams or events.
 
 Rules the callers rely on:
 - Inference only: autograd would save views of slots that later layers overwrite.
-- One forward at a time per LayerStream (a model actor runs one batch at a time), on the thread
-  and stream that runs the forward; the hooks use that thread's current CUDA stream.
+- Forwards may come from several threads (the encoder engine keeps two in flight on a GPU):
+  a pass lock, taken by the first hook of a forward and released once its last layer is
+  launched (or when it raises), serialises the passes; the next forward's kernels still queue
+  behind the running one's. The hooks use the forwarding thread's current CUDA stream, and a
+  pass's copies also wait for the previous pass's layers, whichever stream they ran on.
 - Build the LayerStream after the module's `WeightResidency` (which moves the weights into its
   master copy; attach refuses weights that moved since). The module must be on the host when
   attached (the residency evicted), and nothing else may move its weights while attached: never
@@ -348,6 +351,10 @@ class LayerStream:
         self._hooks: list[Any] = []
         self._active = False
         self._cursor = 0
+        self._pass_lock = threading.Lock()
+        self._pass_owner: int | None = None
+        self._pass_root: nn.Module | None = None
+        self._pass_done: Any = None
         self._t_pass: list[tuple[Any, Any]] = []          # this pass's (start, end) copy events
         self._t_pending: list[list[tuple[Any, Any]]] = []  # finished passes not yet read
         self._stats: dict[str, Any] = {
@@ -464,6 +471,7 @@ class LayerStream:
                 self._copy_stream = _cuda.Stream(dev)
                 self._ready = [_cuda.Event() for _ in range(self.slots)]
                 self._freed = [_cuda.Event() for _ in range(self.slots)]
+                self._pass_done = _cuda.Event()
             # Allocated on the current (compute) stream, as runtime.residency does.
             resident = torch.empty(self.resident_bytes, dtype=torch.uint8, device=dev)
             self._slot_bufs = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=dev)
@@ -537,6 +545,8 @@ class LayerStream:
             mod.__dict__.pop("forward", None)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()   # no copy may still write a slot we free
+        if self._pass_done is not None:
+            self._pass_done.synchronize()     # nor a layer still read one (on any stream)
         for e in self._all_tensors():
             self._unbind(e)
         self._collect_timing()
@@ -546,10 +556,15 @@ class LayerStream:
         self._ready = []
         self._freed = []
         self._copy_stream = None
+        self._pass_done = None
         self._t_pass = []
         self._t_pending = []
         self._active = False
         self._cursor = 0
+        self._pass_root = None
+        if self._pass_owner is not None:      # detached mid-pass (a misuse): never deadlock later
+            self._pass_owner = None
+            self._pass_lock.release()
 
     def _all_tensors(self) -> list[_Tensor]:
         return (self._resident_tensors + self._host_embed_tensors
@@ -620,9 +635,11 @@ class LayerStream:
             mods.append(cur)
         for m in mods:
             self._hooks.append(m.register_forward_pre_hook(self._outer_pre))
+            self._hooks.append(m.register_forward_hook(self._outer_post, always_call=True))
         for i, layer in enumerate(self.blocks):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre(i)))
-            self._hooks.append(layer.register_forward_hook(self._make_post(i)))
+            # always_call: runs (with output None) when the layer raised, to end the pass
+            self._hooks.append(layer.register_forward_hook(self._make_post(i), always_call=True))
 
     def _make_lookup(self, mod: nn.Embedding, weight: torch.Tensor):
         dev = self.device                      # `weight`: the host table
@@ -649,25 +666,56 @@ class LayerStream:
 
     def _make_post(self, i: int):
         def hook(module, args, output):
-            self._layer_post(i)
+            self._layer_post(i, output)
         return hook
 
-    def _outer_pre(self, module, args) -> None:
-        if not self._active or self._cursor != 0:
-            self._start_pass()
+    # A pass belongs to one thread from its start to its last layer: the pass lock serialises
+    # forwards run by several threads (the encoder engine keeps two in flight on a GPU), so a
+    # second forward queues its layers behind the first one's (its kernels are still queued
+    # while the first computes: the lock is released once the last layer is launched).
+    def _owner(self) -> bool:
+        return self._pass_owner == threading.get_ident()
 
-    def _start_pass(self) -> None:
-        if self._active:
-            self._stats["aborted_passes"] += 1   # the last pass raised between its layers
+    def _outer_pre(self, module, args) -> None:
+        if self._owner() and self._active and self._cursor == 0:
+            return                           # an inner module of the pass already started
+        self._start_pass(module)
+
+    def _outer_post(self, module, args, output) -> None:
+        if self._owner() and self._pass_root is module:
+            self._end_pass(aborted=True)     # it returned or raised without running the layers
+
+    def _start_pass(self, root: nn.Module | None) -> None:
+        if not self._owner():
+            self._pass_lock.acquire()
+            self._pass_owner = threading.get_ident()
+        elif self._active:
+            self._stats["aborted_passes"] += 1   # this thread's last pass stopped midway
         self._active = True
         self._cursor = 0
+        self._pass_root = root
         if self._cuda:
-            # Copies of this pass go after everything queued so far on the compute stream
-            # (the previous pass's layers still read the slots).
-            self._copy_stream.wait_stream(_cuda.current_stream(self.device))
+            # Copies of this pass go after everything queued so far on this compute stream and
+            # after the previous pass's layers (on whichever stream they ran): they read the
+            # slots.
+            cs = self._copy_stream
+            cs.wait_stream(_cuda.current_stream(self.device))
+            cs.wait_event(self._pass_done)
             self._t_pass = []
         for j in range(min(self.slots - 1, self.num_layers)):
             self._copy(j, wait_freed=False)
+
+    def _end_pass(self, *, aborted: bool) -> None:
+        if self._cuda:
+            self._pass_done.record(_cuda.current_stream(self.device))
+        if aborted:
+            self._stats["aborted_passes"] += 1
+            self._t_pass = []
+        self._active = False
+        self._cursor = 0
+        self._pass_root = None
+        self._pass_owner = None
+        self._pass_lock.release()
 
     def _copy(self, j: int, *, wait_freed: bool) -> None:
         s = j % self.slots
@@ -699,11 +747,11 @@ class LayerStream:
         _copy_ranges(dst, lay, non_blocking=non_blocking)
 
     def _layer_pre(self, i: int) -> None:
-        if i == 0 and (not self._active or self._cursor != 0):
-            self._start_pass()
-        elif not self._active or i != self._cursor:
+        if i == 0 and (not self._owner() or self._cursor != 0):
+            self._start_pass(None)
+        elif not self._owner() or i != self._cursor:
             raise RuntimeError(f"LayerStream: layer {i} ran out of order (expected "
-                               f"{self._cursor if self._active else 0}); streamed blocks must "
+                               f"{self._cursor if self._owner() else 0}); streamed blocks must "
                                "run once each, in order, per forward")
         s = i % self.slots
         if self._cuda:
@@ -715,18 +763,22 @@ class LayerStream:
             # slot j % K == (i - 1) % K: the one layer i-1 used (none yet when i == 0)
             self._copy(j, wait_freed=i > 0)
 
-    def _layer_post(self, i: int) -> None:
+    def _layer_post(self, i: int, output: Any) -> None:
+        if not self._owner():
+            return                           # a layer called out of order raised
+        if output is None:
+            self._end_pass(aborted=True)     # the layer raised
+            return
         if self._cuda:
             self._freed[i % self.slots].record(_cuda.current_stream(self.device))
         self._cursor = i + 1
         if i == self.num_layers - 1:
-            self._active = False
-            self._cursor = 0
             self._stats["passes"] += 1
             if self._t_pass:
                 with self._timing_lock:
                     self._t_pending.append(self._t_pass)
                 self._t_pass = []
+            self._end_pass(aborted=False)
 
     def _collect_timing(self) -> None:
         """With `timing`: the summed durations of a finished pass's layer copies (pure copy time,

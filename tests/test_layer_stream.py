@@ -331,7 +331,7 @@ def test_attach_detach_idempotent_and_reattach():
         ls.attach()
         assert ls.attach()["bytes"] == 0
         hooks = _hook_count(model)
-        assert hooks == 2 * ls.num_layers + 3   # layers pre+post; root, bert, encoder pre
+        assert hooks == 2 * ls.num_layers + 6   # pre + post on the layers, root, bert, encoder
         ls.detach()
         assert ls.detach()["bytes"] == 0 and _hook_count(model) == 0
         for _ in range(2):
@@ -369,6 +369,53 @@ def test_pass_that_raises_midway_then_recovers():
             model.encoder.layer[3](torch.zeros(1, 4, 32))
         ls.detach()
         assert torch.equal(_out(model, _inputs(0)), ref)
+
+
+def test_forwards_from_several_threads():
+    """The encoder engine keeps two forwards in flight on a GPU, from two threads: the passes
+    are serialised (layers of one never interleave with the other's), results unchanged."""
+    import threading
+
+    model = xlmr_cls()
+    with torch.inference_mode():
+        refs = [_out(model, _inputs(i)) for i in range(4)]
+    ls = LayerStream(model, "cpu", slots=2)
+    ls.attach()
+    errors = []
+    inside = {"n": 0, "max": 0}
+    lock = threading.Lock()
+
+    def enter(m, a):
+        with lock:
+            inside["n"] += 1
+            inside["max"] = max(inside["max"], inside["n"])
+
+    def leave(m, a, o):
+        with lock:
+            inside["n"] -= 1
+    hooks = [layer.register_forward_pre_hook(enter) for layer in model.roberta.encoder.layer]
+    hooks += [layer.register_forward_hook(leave) for layer in model.roberta.encoder.layer]
+
+    def work(k):
+        try:
+            with torch.inference_mode():
+                for r in range(6):
+                    i = (k + r) % 4
+                    assert torch.equal(_out(model, _inputs(i)), refs[i])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for h in hooks:
+        h.remove()
+    assert not errors, errors
+    assert inside["max"] == 1
+    st = ls.stats()
+    assert st["passes"] == 18 and st["aborted_passes"] == 0
+    ls.detach()
 
 
 def test_sizes_for_the_arbiter():
