@@ -244,8 +244,14 @@ def _distinct(mods: list[nn.Module]) -> dict[int, _Tensor]:
 class LayerStream:
     """Runs `module` on `device` with its repeated blocks streamed through K slot buffers.
 
-    `LayerStream(module, device="cuda", slots=2)`; `attach()` / `detach()`; `weight_bytes`,
-    `gpu_bytes(batch_tokens)`, `stats()` for the arbiter and /metrics. See the module docstring.
+    `LayerStream(module, device="cuda", slots=2)`; `attach()` / `detach()` / `release()`;
+    `weight_bytes` (resident parts + K slots: what the arbiter grants), `gpu_bytes(batch_tokens,
+    seq_len=None)` (that plus an activation estimate), `bytes_per_pass`, `stats()` for /metrics.
+
+    Options: `blocks` (the nn.ModuleList, or its dotted name; default: found by `find_blocks`),
+    `stage` (pack each layer into its own host buffer at the first attach; default: when the
+    host weights are not pinned and the device is CUDA), `timing` (time each layer copy with
+    CUDA events: `stats()["copy_gbps"]`), `host_embeddings` (see the module docstring).
     """
 
     def __init__(self, module: nn.Module, device: str | torch.device = "cuda", *,
