@@ -43,6 +43,7 @@ def resize_vectors(vectors: np.ndarray, size: int) -> np.ndarray:
 
 class EmbedderActor(EncoderActor):
     kind = "embedder"
+    streamable = True
 
     def __init__(self, spec, params=None, **kw):
         super().__init__(spec, params, **kw)
@@ -91,8 +92,9 @@ class EmbedderActor(EncoderActor):
                 f"{self.name!r}; got {msg.dimensions}", param="dimensions")
         return Pending(env, msg.texts)
 
-    def usage(self, p: Pending, lengths) -> int:
-        return estimate_tokens(p.inputs, self.params.get("token_estimation", "len"))
+    def usage(self, p: Pending, lengths, start: int) -> int:
+        texts = p.inputs[start:start + len(lengths)]
+        return estimate_tokens(texts, self.params.get("token_estimation", "len"))
 
     def finish(self, p: Pending) -> EmbedResult:
         vectors = p.out

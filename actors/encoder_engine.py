@@ -57,8 +57,10 @@ log = logging.getLogger("agile_rag.encoder")
 DEFAULT_BATCH_TOKENS = 16384
 #: the budget never goes below this (a smaller configured value is raised to it)
 MIN_BATCH_TOKENS = 64
-#: one tokenizer call takes requests until about this much text (pieces flow to the GPU sooner)
-TOKENIZE_CHUNK_CHARS = 256 * 1024
+#: one tokenizer call takes inputs until about this much text: about one forward's worth
+#: (4 characters a token, at least this much), so that the first forward of a big request
+#: starts while the rest of it is still being tokenized
+TOKENIZE_CHUNK_CHARS = 16 * 1024
 TOKENIZE_CHUNK_INPUTS = 2048
 #: a flex model's job stops taking new requests after this long, so that the arbiter can lend
 #: the GPU to another model between jobs
@@ -481,8 +483,8 @@ class FlagBackend(Backend):
 # ---- the actor side ------------------------------------------------------------------------------
 class Pending:
     """One request inside a job: its inputs, the outputs filled in as forwards finish."""
-    __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "failed",
-                 "extra")
+    __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "padded",
+                 "failed", "extra")
 
     def __init__(self, env: Envelope, inputs: list, extra: Any = None):
         self.env = env
@@ -492,6 +494,7 @@ class Pending:
         self.tokens = 0                 # usage (prompt tokens)
         self.batches = 0
         self.widest = 0                 # largest forward (rows) its inputs ran in
+        self.padded = 0                 # largest forward (rows x longest row) it ran in
         self.failed: BaseException | None = None
         self.extra = extra
 
@@ -511,9 +514,9 @@ class _Job:
         self.t0 = time.monotonic()
         self.wake = asyncio.Event()
         self.live: dict[Envelope, Pending] = {}
-        self.untokenized: deque[Pending] = deque()
+        self.untokenized: deque[list] = deque()  # [request, first input not yet tokenized]
         self.tok_fut: asyncio.Future | None = None
-        self.tok_batch: list[Pending] = []
+        self.tok_batch: list[tuple[Pending, int, int]] = []
         self.pool = TokenPool()
         self.ready: deque[_Batch] = deque()     # batches to run before the pool (retries)
         self.running: dict[asyncio.Future, _Batch] = {}
@@ -524,6 +527,7 @@ class _Job:
         self.collecting = False                 # the first batch waits for a burst (CPU)
         self.arrived = 0                        # requests taken in since the last look
         self.device: str = Device.CPU
+        self.pinned = False                     # a pinned grant already covers the job
         self.depth = 1
         self.budget = DEFAULT_BATCH_TOKENS
         self.max_rows = 4096
@@ -556,8 +560,9 @@ class EncoderActor(ModelActor):
     def admit(self, env: Envelope) -> Pending | BaseException:
         raise NotImplementedError
 
-    def usage(self, p: Pending, lengths: np.ndarray) -> int:
-        """Prompt tokens to report for a request (tokenizer thread)."""
+    def usage(self, p: Pending, lengths: np.ndarray, start: int) -> int:
+        """Prompt tokens to report for inputs ``start:start + len(lengths)`` of a request (they
+        are added up; tokenizer thread, in order)."""
         return int(lengths.sum())
 
     def finish(self, p: Pending) -> Any:
@@ -686,7 +691,14 @@ class EncoderActor(ModelActor):
         job.budget = self.batch_tokens()
         job.max_rows = self.max_rows()
         if lease is not None:
-            job.device = await lease.acquire(job.items, self.working_bytes(job.items), job.env0)
+            working = self.working_bytes(job.items)
+            if self.spec.device == DeviceMode.CUDA and lease.on_gpu and not lease.busy and \
+                    lease.granted >= lease.residency.weight_bytes + working:
+                # pinned and resident with room for the job: never revoked, so nothing to ask
+                # the arbiter (no round trip per job)
+                job.device, job.pinned = lease.device, True
+            else:
+                job.device = await lease.acquire(job.items, working, job.env0)
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
         job.depth = GPU_DEPTH if gpu else 1
@@ -695,7 +707,8 @@ class EncoderActor(ModelActor):
     async def _release(self, job: _Job) -> None:
         lease = self.lease
         if lease is not None:
-            await lease.finish(job.env0)
+            if not job.pinned:
+                await lease.finish(job.env0)
             self.device = Device.CUDA if lease.on_gpu else Device.CPU
 
     async def _loop(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
@@ -751,24 +764,38 @@ class EncoderActor(ModelActor):
         if p.left == 0:
             self._done(job, p)
             return
-        job.untokenized.append(p)
+        job.untokenized.append([p, 0])
 
     def _tokenize(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         """Hand what arrived to the tokenizer thread (one call), if it is free."""
         if job.tok_fut is not None or not job.untokenized:
             return
-        take: list[Pending] = []
+        take: list[tuple[Pending, int, int]] = []
         chars = inputs = 0
-        while job.untokenized and (not take or (chars < TOKENIZE_CHUNK_CHARS and
-                                                inputs < TOKENIZE_CHUNK_INPUTS)):
-            p = job.untokenized.popleft()
-            if p.env.abandoned:
-                self._drop(job, p)
+        limit = max(TOKENIZE_CHUNK_CHARS, 4 * job.budget)
+        queue = job.untokenized
+        while queue and (not take or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
+            seg = queue[0]
+            p, i = seg
+            n = len(p.inputs)
+            if p.env.abandoned or p.failed is not None:
+                queue.popleft()
+                if p.failed is None:
+                    p.left -= n - i
+                    if p.left <= 0:
+                        self._drop(job, p)
                 continue
-            take.append(p)
-            inputs += len(p.inputs)
-            chars += sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
-                         for x in p.inputs)
+            j = i
+            while j < n and (j == i or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
+                x = p.inputs[j]
+                chars += len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
+                inputs += 1
+                j += 1
+            take.append((p, i, j))
+            if j >= n:
+                queue.popleft()
+            else:
+                seg[1] = j
         if not take:
             return
         tok_pool, _ = self._pools()
@@ -777,19 +804,20 @@ class EncoderActor(ModelActor):
         fut.add_done_callback(job.poke)
         job.tok_fut = fut
 
-    def _tokenize_blocking(self, pendings: list[Pending], seq) -> list[Piece]:
-        """Tokenizer thread: one call for every input of ``pendings``; pieces back. A call
-        that fails is retried per request, so a bad input fails only its own request."""
+    def _tokenize_blocking(self, segs: list[tuple[Pending, int, int]], seq) -> list[Piece]:
+        """Tokenizer thread: one call for the inputs ``i:j`` of each request; pieces back. A
+        call that fails is retried per request, so a bad input fails only its own request."""
         engine = self.engine
         assert engine is not None
-        flat = [x for p in pendings for x in p.inputs]
+        flat = [x for p, i, j in segs for x in p.inputs[i:j]]
         try:
-            groups = [(pendings, engine.tokenize(flat))]
+            groups = [(segs, engine.tokenize(flat))]
         except Exception:  # noqa: BLE001 - find the request that fails
             groups = []
-            for p in pendings:
+            for seg in segs:
+                p, i, j = seg
                 try:
-                    groups.append(([p], engine.tokenize(list(p.inputs))))
+                    groups.append(([seg], engine.tokenize(p.inputs[i:j])))
                 except Exception as exc:  # noqa: BLE001
                     p.failed = ModelFailed(f"{self.kind} {self.spec.name!r} could not tokenize "
                                            f"this request: {type(exc).__name__}: {exc}")
@@ -798,14 +826,14 @@ class EncoderActor(ModelActor):
             arr = tokens if isinstance(tokens, Tokens) else None
             lengths = tokens.lengths if isinstance(tokens, Tokens) else tokens
             row = 0
-            for p in group:
-                n = len(p.inputs)
-                mine = lengths[row:row + n]
-                p.tokens = self.usage(p, mine)
-                for i in range(n):
-                    pieces.append(Piece(int(mine[i]), next(seq), arr, row + i, p.inputs[i],
-                                        p, i))
-                row += n
+            for p, i, j in group:
+                mine = lengths[row:row + j - i]
+                p.tokens += self.usage(p, mine, i)
+                inputs = p.inputs
+                for k in range(j - i):
+                    pieces.append(Piece(int(mine[k]), next(seq), arr, row + k, inputs[i + k],
+                                        p, i + k))
+                row += j - i
         return pieces
 
     def _launch(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
@@ -882,11 +910,11 @@ class EncoderActor(ModelActor):
                 pieces = fut.result()
             except Exception as exc:  # noqa: BLE001 - should not happen: failures are per request
                 err = ModelFailed(f"{self.kind} {self.spec.name!r} could not tokenize: {exc}")
-                for p in taken:
+                for p, _i, _j in taken:
                     p.failed = err
                 pieces = []
             job.pool.add([pc for pc in pieces if pc.owner.failed is None])
-            for p in taken:
+            for p, _i, _j in taken:
                 if p.failed is not None:
                     self._done(job, p)
         for fut in [f for f in job.running if f.done()]:
@@ -906,6 +934,8 @@ class EncoderActor(ModelActor):
                     p.batches += 1
                     if p.widest < rows:
                         p.widest = rows
+                    if p.padded < batch.padded:
+                        p.padded = batch.padded
                     if p.left == 0:
                         self._done(job, p)
             else:
@@ -946,6 +976,7 @@ class EncoderActor(ModelActor):
         assert lease is not None
         batches, job.oom = job.oom, []
         env = job.env0
+        job.pinned = False                  # asked again below: finish() at the end
         await lease.give_back(env)
         await self.system.executor.run(empty_cache)
         working = self.working_bytes(job.items)
@@ -986,6 +1017,7 @@ class EncoderActor(ModelActor):
             return
         d = p.env.detail
         d[self.batch_detail] = p.widest
+        d["batch_tokens"] = p.padded
         d["forwards"] = p.batches
         try:
             result = self.finish(p)

@@ -50,6 +50,7 @@ def detect_backend(path: str) -> str:
 
 class RerankerActor(EncoderActor):
     kind = "reranker"
+    streamable = True
     batch_detail = "batch_pairs"
 
     def __init__(self, spec, params=None, **kw):
@@ -126,13 +127,15 @@ class RerankerActor(EncoderActor):
             return Pending(env, [msg.query, *msg.documents])
         return Pending(env, [[msg.query, d] for d in msg.documents])
 
-    def usage(self, p: Pending, lengths) -> int:
+    def usage(self, p: Pending, lengths, start: int) -> int:
         """Tokens the model reads: each pair as fed to it (the bi-encoder: the query once per
-        document, plus the document)."""
-        if self.backend == "bi-encoder":
-            n = len(lengths) - 1
-            return int(lengths[0]) * n + int(lengths[1:].sum()) if n > 0 else 0
-        return int(lengths.sum())
+        document, plus the document; the query is input 0, tokenized first)."""
+        if self.backend != "bi-encoder":
+            return int(lengths.sum())
+        if start == 0:
+            p.extra = int(lengths[0])                # the query's length
+            lengths = lengths[1:]
+        return int(p.extra or 0) * len(lengths) + int(lengths.sum())
 
     def finish(self, p: Pending) -> RerankResult:
         out = p.out

@@ -8,7 +8,7 @@ from aiohttp import web
 from agile_rag.runtime.actor import Actor
 from agile_rag.runtime.errors import Overloaded
 
-from .keys import REQUEST_ID
+from .keys import MODEL_NAME, REQUEST_ID
 
 
 def resolve_model(server, kind: str, name: str | None) -> Actor:
@@ -17,6 +17,7 @@ def resolve_model(server, kind: str, name: str | None) -> Actor:
 
 async def ask_model(server, actor: Actor, msg: Any, request: web.Request) -> Any:
     settings = server.settings
+    request[MODEL_NAME] = actor.spec.name
     if actor.queue_length() >= settings.MAX_QUEUED_PER_MODEL:
         raise Overloaded(f"Model {actor.spec.name!r} has {actor.queue_length()} requests waiting "
                          f"(limit {settings.MAX_QUEUED_PER_MODEL}); retry shortly.")

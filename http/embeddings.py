@@ -1,9 +1,10 @@
 """POST /v1/embeddings: strings, arrays of strings, or cl100k token-id arrays (LangChain)."""
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 
+import numpy as np
 from aiohttp import web
 
 from agile_rag.actors.messages import Embed, EmbedResult
@@ -34,6 +35,19 @@ def decode_tokens(ids: list[int], where: str) -> str:
     except (KeyError, ValueError) as exc:
         raise InvalidRequest(f"{where} has token ids cl100k_base cannot decode ({exc}).",
                              param="input") from None
+
+
+def base64_rows(vecs: np.ndarray) -> list[str]:
+    """Each row as base64 of its little-endian float32 bytes (what the openai client decodes),
+    read straight from the array's memory."""
+    le = np.ascontiguousarray(vecs, dtype="<f4")
+    if le.ndim != 2 or not le.size:
+        return ["" for _ in range(len(le))]
+    raw = memoryview(le).cast("B")
+    row = le.shape[1] * 4
+    b2a = binascii.b2a_base64
+    return [b2a(raw[i:i + row], newline=False).decode("ascii")
+            for i in range(0, len(raw), row)]
 
 
 def _is_int(v) -> bool:
@@ -75,13 +89,10 @@ async def embeddings(request: web.Request) -> web.Response:
                                           request)
     vecs = result.vectors
     if fmt == "base64":
-        le = vecs.astype("<f4", copy=False)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(le[i].tobytes()).decode("ascii")}
-                for i in range(len(le))]
-    else:
-        data = [{"object": "embedding", "index": i, "embedding": vecs[i]}
-                for i in range(len(vecs))]
+        data = [{"object": "embedding", "index": i, "embedding": b64}
+                for i, b64 in enumerate(base64_rows(vecs))]
+    else:      # rows as numpy views: orjson writes float32 arrays natively (OPT_SERIALIZE_NUMPY)
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
     return json_response({"object": "list", "data": data, "model": actor.spec.name, "usage": usage},
                          request=request)

@@ -99,6 +99,10 @@ class Metrics:
         self.yields = Counter("agile_rag_gpu_yields", "Times a busy model (the LLM's chat "
                               "batch) paused and gave the GPU back because another model "
                               "waited for it", ["model"], registry=r)
+        self.gpu_jobs = Counter("agile_rag_gpu_jobs", "Jobs run on the GPU, by how the weights "
+                                "were there: resident (the whole model) or streamed (an "
+                                "encoder's layers copied through a few slots per pass)",
+                                ["model", "mode"], registry=r)
         self.trims = Counter("agile_rag_gpu_trims", "Times an idle model gave back its working "
                              "memory (the LLM's KV cache) and kept its weights on the GPU",
                              ["model"], registry=r)
@@ -140,6 +144,8 @@ class Metrics:
             self.swap_bytes.labels(e.actor).inc(_f(d.get("admit_bytes", 0)))
         if d.get("yielded"):
             self.yields.labels(e.actor).inc()
+        if "gpu_mode" in d:
+            self.gpu_jobs.labels(e.actor, str(d["gpu_mode"])).inc()
         if e.msg_type == "Trim":
             self.trims.labels(e.actor).inc()
             self.trimmed_bytes.labels(e.actor).inc(_f(d.get("trimmed", 0)))

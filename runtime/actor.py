@@ -114,27 +114,40 @@ class Actor:
 
     async def ask(self, msg: Any, *, timeout: float | None = None, request_id: str | None = None,
                   sender: str | None = None, priority: int = NORMAL) -> Any:
-        """Send ``msg`` and wait for the reply, at most ``timeout`` seconds."""
-        fut = asyncio.get_running_loop().create_future()
+        """Send ``msg`` and wait for the reply, at most ``timeout`` seconds.
+
+        Every HTTP request passes here, so it costs one future and (with a timeout) one timer
+        handle: the deadline sets :class:`DeadlineExceeded` on the reply future itself (no
+        ``wait_for`` task, no ``shield``). A cancelled asker cancels the reply future, which
+        marks the envelope abandoned: the actor skips it."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         env = Envelope(msg, fut, request_id, sender, priority)
+        timer = None
         if timeout is not None:
             env.deadline = env.enqueued + timeout
+            timer = loop.call_later(timeout, self._expire, env, timeout)
         self._put(env)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            where = "queued" if env.started == 0.0 else "running"
-            err = DeadlineExceeded(
-                f"{self.name} did not answer {type(msg).__name__} within {timeout:g}s "
-                f"(it was {where}; {self.queue_length()} message(s) waiting)")
-            if not fut.done():
-                fut.set_exception(err)
-                fut.exception()  # mark retrieved
-            raise err from None
+            return await fut
         except asyncio.CancelledError:
             if not fut.done():
                 fut.cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, env: Envelope, timeout: float) -> None:
+        """An ask's deadline passed: its reply future fails (the actor then skips the
+        envelope, or ignores the late result)."""
+        fut = env.reply
+        if fut is None or fut.done():
+            return
+        where = "queued" if env.started == 0.0 else "running"
+        fut.set_exception(DeadlineExceeded(
+            f"{self.name} did not answer {type(env.msg).__name__} within {timeout:g}s "
+            f"(it was {where}; {self.queue_length()} message(s) waiting)"))
 
     def queue_length(self) -> int:
         return self.mailbox.qsize() + (1 if self._held else 0)

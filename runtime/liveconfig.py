@@ -80,7 +80,9 @@ class LiveConfig:
 
 LLM_PARAMS = {"default_temp": 0.5, "force_0_temp": False, "stream_chunk_size": 0}
 EMBEDDER_PARAMS = {"token_estimation": "len", "resize": 0}
-RERANKER_PARAMS = {"top_n": 9999, "sentence_transformer_num_workers": 0, "batch_size": 32}
+#: reranker_params.batch_size (pairs per forward, at most) has no default: max_batch_tokens
+#: sizes the forwards unless it is set
+RERANKER_PARAMS = {"top_n": 9999, "sentence_transformer_num_workers": 0}
 
 
 def resolve_path(raw: str, base_dir: str) -> str:
@@ -166,8 +168,12 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
         problems.append("embedder_params.resize must be 0 or a positive integer")
     if not _is_int(rp["top_n"]) or rp["top_n"] < 1:
         problems.append("reranker_params.top_n must be a positive integer")
-    if not _is_int(rp["batch_size"]) or rp["batch_size"] < 1:
+    if "batch_size" in rp and (not _is_int(rp["batch_size"]) or rp["batch_size"] < 1):
         problems.append("reranker_params.batch_size must be a positive integer")
+    for name, kp in (("embedder_params", ep), ("reranker_params", rp)):
+        if "max_batch_tokens" in kp and (not _is_int(kp["max_batch_tokens"]) or
+                                         kp["max_batch_tokens"] < 1):
+            problems.append(f"{name}.max_batch_tokens must be a positive integer")
 
     if problems:
         raise LiveConfigError(path, problems)
