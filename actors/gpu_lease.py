@@ -68,7 +68,8 @@ class GpuLease:
             granted = await self.arbiter.ask(
                 RequestGrant(model=self.owner.name, nbytes=need, pinned=(mode == DeviceMode.CUDA),
                              preemptible=preemptible, weights=self.residency.weight_bytes,
-                             restore_s=self.restore_s()),
+                             restore_s=self.restore_s(),
+                             stream_bytes=getattr(self.residency, "stream_bytes", 0)),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
@@ -80,16 +81,24 @@ class GpuLease:
         self.granted = max(self.granted, need)
         self.busy = True
         _note(env, grant_wait_s=round(time.monotonic() - t0, 4), evicted=list(granted.evicted))
-        if not self.on_gpu:
+        streamed = bool(granted.streamed)
+        _note(env, gpu_mode="streamed" if streamed else "resident")
+        if not self.on_gpu or streamed != bool(getattr(self.residency, "streamed", False)):
             try:
-                stats = await self._run(lambda: self.residency.admit(self.device))
+                if streamed:
+                    stats = await self._run(lambda: self.residency.admit(self.device,
+                                                                         streamed=True))
+                else:
+                    stats = await self._run(lambda: self.residency.admit(self.device))
             except Exception as exc:  # noqa: BLE001 - fall back to CPU, give the grant back
                 log.error("%s could not move to the GPU: %s", self.owner.name, exc)
                 await self.give_back()
                 _note(env, gpu=f"admit failed: {exc}")
                 return "cpu"
-            self.admit_s = float(stats.get("seconds", 0.0))
-            _note(env, admit_bytes=stats.get("bytes", 0), admit_s=round(self.admit_s, 4))
+            if not streamed:                     # the whole model's copy: the restore cost
+                self.admit_s = float(stats.get("seconds", 0.0))
+            _note(env, admit_bytes=stats.get("bytes", 0),
+                  admit_s=round(float(stats.get("seconds", 0.0)), 4))
         return self.device
 
     async def finish(self, env: Envelope | None = None) -> None:

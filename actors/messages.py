@@ -150,6 +150,7 @@ class ModelState:
     weight_bytes: int
     queue_length: int
     error: str | None = None
+    gpu_mode: str | None = None      # on the GPU: resident | streamed (layer-streamed encoder)
 
 
 # ---- GPU residency (the VRAM arbiter's protocol) -----------------------------------------------
@@ -161,7 +162,9 @@ class RequestGrant:
     the rest is working memory (KV cache, activations) that an idle holder drops cheaply on a
     :class:`Trim`. 0 means all of ``nbytes`` (nothing to trim). ``restore_s``: what bringing
     the weights back costs the holder, in seconds (its measured admit time, plus what else it
-    loses, e.g. CUDA graphs); 0: the arbiter estimates it from the bytes."""
+    loses, e.g. CUDA graphs); 0: the arbiter estimates it from the bytes. ``stream_bytes``:
+    the GPU bytes of the holder's layer-streamed mode (an encoder's small parts plus a few
+    layers' slots) that replaces ``weights`` in a streamed grant; 0: it cannot stream."""
     model: str
     nbytes: int
     priority: int = 1                 # lower = more urgent
@@ -169,6 +172,7 @@ class RequestGrant:
     preemptible: bool = False         # its job can pause on a Yield (the LLM's batch loop)
     weights: int = 0
     restore_s: float = 0.0
+    stream_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +181,7 @@ class Granted:
     nbytes: int
     waited_s: float = 0.0
     evicted: tuple[str, ...] = ()
+    streamed: bool = False            # run the job layer-streamed (stream_bytes, not weights)
 
 
 @dataclass(frozen=True, kw_only=True)

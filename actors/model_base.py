@@ -97,6 +97,8 @@ class ModelActor(Actor):
     #: builds the weights' residency (runtime.residency.WeightResidency on CUDA machines);
     #: None = no GPU: the model always computes on the CPU. Tests may set a double.
     residency_factory: Callable[[Any], Any] | None = None
+    #: the weights can also run layer-streamed on the GPU (encoders: a stack of layers)
+    streamable = False
     gpu_device = "cuda"
 
     def __init__(self, spec: ModelSpec, params: dict[str, Any] | None = None, *,
@@ -156,6 +158,7 @@ class ModelActor(Actor):
         factory = self.residency_factory
         if arbiter is None or factory is None or self.spec.device == DeviceMode.CPU:
             return
+        factory = self._streamable(factory)
         residency = await self.system.executor.run_load(factory, self.torch_module())
         self.weight_bytes = residency.weight_bytes
         host = getattr(residency, "host_buffer", None)
@@ -164,6 +167,17 @@ class ModelActor(Actor):
         self.lease = GpuLease(self, residency, arbiter, device=self.gpu_device)
         if self.spec.device == DeviceMode.CUDA:
             await self._pin_on_gpu()
+
+    def _streamable(self, factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Encoders (``streamable``) get a residency that can also run layer-streamed, unless
+        their params say ``"layer_streaming": false``; a test double stays as it is."""
+        if not self.streamable or self.params.get("layer_streaming", True) is False:
+            return factory
+        from ..runtime.residency import WeightResidency
+        if factory is not WeightResidency:
+            return factory
+        from ..runtime.streamed_residency import StreamableResidency
+        return StreamableResidency
 
     async def _pin_on_gpu(self) -> None:
         lease = self.lease
@@ -329,7 +343,14 @@ class ModelActor(Actor):
                           config_device=self.spec.device,
                           resident_bytes=self.weight_bytes if self.device == Device.CUDA else 0,
                           weight_bytes=self.weight_bytes, queue_length=self.queue_length(),
-                          error=self.error)
+                          error=self.error, gpu_mode=self.gpu_mode())
+
+    def gpu_mode(self) -> str | None:
+        """How the weights are on the GPU now: resident, streamed, or None (not there)."""
+        lease = self.lease
+        if lease is None or lease.residency is None or not lease.on_gpu:
+            return None
+        return "streamed" if getattr(lease.residency, "streamed", False) else "resident"
 
 
 def st_dtype_kwargs(dtype: str | None) -> dict:

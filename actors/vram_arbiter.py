@@ -68,6 +68,7 @@ from .vram_policy import (
     GrantRefused,
     GrantTooLarge,
     Holder,
+    Room,
     choose_room,
     default_budget,
     fmt,
@@ -282,7 +283,8 @@ class VRAMArbiter(Actor):
     def _too_big(self, req: RequestGrant) -> GrantTooLarge | None:
         pinned = self._pinned_others(req.model)
         room = self.budget - sum(h.nbytes for h in pinned)
-        if req.nbytes <= room:
+        streamed = self._stream_need(req, None)
+        if req.nbytes <= room or (streamed is not None and streamed <= room):
             return None
         names = ", ".join(f"{h.model} {fmt(h.nbytes)}" for h in pinned) or "none"
         return GrantTooLarge(
@@ -342,8 +344,8 @@ class VRAMArbiter(Actor):
                 idle.append(h)
             else:
                 idle.append(h)
-        short = need - self.free - sum(h.nbytes for h in pending) - \
-            sum(h.working for h in trimming)
+        coming = sum(h.nbytes for h in pending) + sum(h.working for h in trimming)
+        short = need - self.free - coming
         if short <= 0:
             return False                # wait for the Released / Trimmed already on their way
         now = time.monotonic()
@@ -351,15 +353,30 @@ class VRAMArbiter(Actor):
         offer = [h for h in idle if not h.trimming] + \
             [_weights_only(h) for h in trimming]
         room = choose_room(offer, short, now)
+        if room is not None and not room.evictions:
+            return self._make_room(w, room, env)        # trims are enough: wait for them
+        # an encoder that can run layer-streamed (a few layers' worth on the GPU) does so
+        # rather than evict others or make the chats yield
+        s_need = self._stream_need(req, mine)
+        if s_need is not None:
+            if s_need <= self.free:
+                waited = 0.0 if w.env is self._current else time.monotonic() - w.since
+                self._answer(w, self._grant(req.model, req, w.env, waited=waited,
+                                            evicted=tuple(w.evicted), actor=self._actor_name(
+                                                req.model, w.env), streamed=True))
+                return True
+            s_short = s_need - self.free - coming
+            if s_short <= 0:
+                return False
+            s_room = choose_room(offer, s_short, now)
+            if s_room is not None and (room is None or not s_room.evictions or
+                                       _cost(s_room, now) < _cost(room, now)):
+                return self._make_room(w, s_room, env)
+            if room is None and s_short <= sum(h.nbytes for h in idle) + \
+                    sum(h.nbytes for h in later if not h.preemptible):
+                return False            # busy encoders end on their own: no chat pauses
         if room is not None:
-            freed_now = False
-            for h in room.trims:
-                self._trim(h, f"making room for {req.model!r}", env)
-            for h in sorted((self.holders[v.model] for v in room.evictions),
-                            key=lambda h: h.last_used):
-                w.evicted.append(h.model)
-                freed_now |= self._revoke(h, f"making room for {req.model!r}", env)
-            return freed_now            # an absent holder's bytes are free at once: go again
+            return self._make_room(w, room, env)
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
             self._ask_to_yield(idle, later, short, req.model, env)
             return False                # wait for busy holders to finish, then evict by LRU
@@ -387,6 +404,24 @@ class VRAMArbiter(Actor):
             return False
         return True
 
+    def _make_room(self, w: _Waiter, room: Room, env: Envelope) -> bool:
+        """Send the trims and revokes ``room`` says; True when bytes came free at once."""
+        freed_now = False
+        for h in room.trims:
+            self._trim(h, f"making room for {w.req.model!r}", env)
+        for h in sorted((self.holders[v.model] for v in room.evictions),
+                        key=lambda h: h.last_used):
+            w.evicted.append(h.model)
+            freed_now |= self._revoke(h, f"making room for {w.req.model!r}", env)
+        return freed_now                # an absent holder's bytes are free at once: go again
+
+    def _stream_need(self, req: RequestGrant, mine: Holder | None) -> int | None:
+        """Bytes still needed for a layer-streamed grant (None: the model cannot stream)."""
+        if not req.stream_bytes or req.pinned or req.stream_bytes >= (req.weights or req.nbytes):
+            return None
+        total = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
+        return total - (mine.nbytes if mine else 0)
+
     def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
                       model: str, env: Envelope) -> None:
         """Busy holders that end on their own go first; if they and the idle ones are not
@@ -406,12 +441,17 @@ class VRAMArbiter(Actor):
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
     def _grant(self, model: str, req: RequestGrant, env: Envelope, *, waited: float,
-               evicted: tuple[str, ...], actor: str) -> Granted:
+               evicted: tuple[str, ...], actor: str, streamed: bool = False) -> Granted:
+        nbytes, weights = req.nbytes, req.weights
+        if streamed:                # the streamed mode's bytes replace the weights
+            nbytes = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
+            weights = req.stream_bytes
         h = self.holders.get(model)
         if h is None:
-            h = self.holders[model] = Holder(model, req.nbytes, req.pinned, actor)
-        h.nbytes = max(h.nbytes, req.nbytes)
-        h.weights = req.weights if 0 < req.weights <= h.nbytes else 0
+            h = self.holders[model] = Holder(model, nbytes, req.pinned, actor)
+        h.nbytes = max(h.nbytes, nbytes)
+        h.weights = weights if 0 < weights <= h.nbytes else 0
+        h.streamed = streamed
         if req.restore_s > 0:
             h.restore_s = req.restore_s
         h.used_now(time.monotonic())
@@ -429,8 +469,10 @@ class VRAMArbiter(Actor):
         self.granted_count += 1
         env.detail.update(granted=h.nbytes, waited_s=round(waited, 6), used=used,
                           **({"evicted": list(evicted)} if evicted else {}),
+                          **({"streamed": True} if streamed else {}),
                           **({"still_revoking": True} if h.revoking else {}))
-        return Granted(model=model, nbytes=h.nbytes, waited_s=waited, evicted=evicted)
+        return Granted(model=model, nbytes=h.nbytes, waited_s=waited, evicted=evicted,
+                       streamed=streamed)
 
     def _revoke(self, h: Holder, reason: str, env: Envelope) -> bool:
         """Ask ``h`` to give its memory back. True when its bytes are free at once."""
@@ -526,3 +568,7 @@ def _weights_only(h: Holder) -> Holder:
     """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
     return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
                   restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at)
+
+
+def _cost(room: Room, now: float) -> float:
+    return sum(h.evict_cost(now) for h in room.evictions)

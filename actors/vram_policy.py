@@ -101,6 +101,7 @@ class Holder:
     yield_sent: bool = False        # one Yield per grant
     rate: float = 0.0               # grants per second, decayed (see use_rate)
     rate_at: float = 0.0
+    streamed: bool = False          # its last grant was for the layer-streamed mode
 
     @property
     def working(self) -> int:

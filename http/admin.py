@@ -106,7 +106,7 @@ async def list_models(request: web.Request) -> web.Response:
                        "device": s.device, "config_device": s.config_device,
                        "resident_bytes": s.resident_bytes, "weight_bytes": s.weight_bytes,
                        "queue_length": s.queue_length, "last_error": s.error,
-                       "path": actor.spec.path})
+                       "gpu_mode": s.gpu_mode, "path": actor.spec.path})
     arbiter = server.system.actors.get("vram-arbiter")
     gpu = None
     if arbiter is not None:

@@ -47,7 +47,8 @@ async def health(request: web.Request) -> web.Response:
         states.add(s.state)
         models[name] = {"kind": kind, "state": s.state, "device": s.device,
                         "config_device": s.config_device, "queue_length": s.queue_length,
-                        "weight_bytes": s.weight_bytes, "error": s.error}
+                        "weight_bytes": s.weight_bytes, "error": s.error,
+                        "gpu_mode": s.gpu_mode}
     if ModelStatus.FAILED in states or server.config_error:
         status = "degraded"
     elif ModelStatus.LOADING in states:

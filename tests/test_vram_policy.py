@@ -89,3 +89,49 @@ async def test_the_arbiter_trims_an_idle_holder_instead_of_evicting_it():
     assert (await arb.ask(Describe())).holders == {"llm": 800, "emb": 250}
     assert arb.peak_used <= 1050 and arb.revoked_count == 0
     await system.stop_all()
+
+
+class Recorder(TrimmingHolder):
+    """A holder that answers Trim and records every message it gets."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.got = []
+
+    async def handle(self, msg, env):
+        self.got.append(type(msg).__name__)
+        return await super().handle(msg, env)
+
+
+async def test_an_encoder_streams_beside_a_busy_llm_instead_of_making_it_yield():
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Recorder("llm"))
+    system.spawn(Recorder("enc"))
+    await arb.ask(RequestGrant(model="llm", nbytes=800, weights=600, preemptible=True),
+                  sender="llm")                                  # busy: chats decoding
+    g = await asyncio.wait_for(arb.ask(RequestGrant(model="enc", nbytes=400, weights=350,
+                                                    stream_bytes=100), sender="enc"), 5)
+    assert g.streamed and g.nbytes == 150                       # 100 streamed + 50 working
+    await asyncio.sleep(0.05)
+    assert "Yield" not in llm.got and arb.revoked_count == 0
+    # without streaming the same ask would have had to wait for the LLM to yield
+    arb.tell(JobFinished(model="enc"))
+    await system.stop_all()
+
+
+async def test_streaming_is_chosen_over_evicting_the_idle_llm():
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Recorder("llm"))
+    system.spawn(Recorder("enc"))
+    for _ in range(3):                                           # a busy, costly model
+        await arb.ask(RequestGrant(model="llm", nbytes=800, weights=700, restore_s=0.5),
+                      sender="llm")
+        arb.tell(JobFinished(model="llm"))
+    g = await asyncio.wait_for(arb.ask(RequestGrant(model="enc", nbytes=400, weights=350,
+                                                    stream_bytes=200), sender="enc"), 5)
+    assert g.streamed and g.evicted == ()
+    assert "Revoke" not in llm.got and llm.trims == 1            # its cache went, not its weights
+    assert (await arb.ask(Describe())).holders == {"llm": 700, "enc": 250}
+    await system.stop_all()

@@ -1,0 +1,101 @@
+"""An encoder's GPU residency in two modes: resident (the whole model copied to the GPU, as
+:class:`~.residency.WeightResidency` does) or streamed (only the small non-repeated parts on
+the GPU, the layers copied through K slots during each forward: :class:`~.layer_stream.
+LayerStream`). The VRAM arbiter picks the mode per grant: streamed when the whole model would
+only fit by evicting others (the LLM), resident otherwise. The model actor's lease switches
+between them; both compute exactly the same thing.
+
+Blocking methods (``admit``, ``evict``, ``release``): call them from an executor thread.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer_stream import LayerStream
+from .residency import WeightResidency
+
+log = logging.getLogger(__name__)
+
+#: streaming is offered only when it holds at most this share of the whole model's bytes
+STREAM_WORTH = 0.8
+
+
+class StreamableResidency:
+    def __init__(self, module: nn.Module, pin: bool = True, *, slots: int = 2,
+                 device: str = "cuda"):
+        self.full = WeightResidency(module, pin=pin)
+        self.stream: LayerStream | None = None
+        try:
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                raise RuntimeError("no CUDA")
+            stream = LayerStream(module, device, slots=slots)
+        except Exception as exc:  # noqa: BLE001 - no stack of layers, no CUDA: resident only
+            log.info("%s cannot be layer-streamed (%s): resident only",
+                     type(module).__name__, exc)
+        else:
+            if stream.weight_bytes <= STREAM_WORTH * self.full.weight_bytes:
+                self.stream = stream
+            else:
+                stream.release()
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (host_buffer, pinned, device, ...) is the resident mode's."""
+        if name == "full":
+            raise AttributeError(name)
+        return getattr(self.full, name)
+
+    # ---- what the lease reads --------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return self.full.weight_bytes
+
+    @property
+    def stream_bytes(self) -> int:
+        """GPU bytes of the streamed mode (resident parts + slots); 0: not offered."""
+        return self.stream.weight_bytes if self.stream is not None else 0
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None and self.stream.attached
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.full.on_gpu or self.streamed
+
+    def stats(self) -> dict[str, Any]:
+        return self.stream.stats() if self.stream is not None else {}
+
+    # ---- moves -----------------------------------------------------------------------------
+    def admit(self, device: str = "cuda", *, streamed: bool = False) -> dict:
+        """Take the GPU in the given mode (switching modes if needed)."""
+        if streamed:
+            if self.stream is None:
+                raise RuntimeError("this model cannot be layer-streamed")
+            out: dict[str, Any] = {"bytes": 0, "seconds": 0.0}
+            if self.full.on_gpu:
+                self.full.evict()
+            got = self.stream.attach()
+            out.update(bytes=got.get("bytes", 0), seconds=got.get("seconds", 0.0),
+                       streamed=True)
+            return out
+        if self.streamed:
+            assert self.stream is not None
+            self.stream.detach()
+        return self.full.admit(device)
+
+    def evict(self) -> dict:
+        if self.streamed:
+            assert self.stream is not None
+            got = self.stream.detach()
+            return {"seconds": got.get("seconds", 0.0), "bytes": got.get("bytes", 0)}
+        return self.full.evict()
+
+    def release(self) -> Any:
+        if self.stream is not None:
+            self.stream.release()
+            self.stream = None
+        return self.full.release()
