@@ -39,6 +39,7 @@ class GpuLease:
         self.granted = 0                # bytes the arbiter counts for us
         self.busy = False
         self.admit_s = 0.0              # how long our last admit took (the arbiter's cost)
+        self.kept = 0                   # the weights part of our grant (what a Trim keeps)
 
     @property
     def on_gpu(self) -> bool:
@@ -78,7 +79,8 @@ class GpuLease:
             _note(env, gpu=f"refused: {exc.message}")
             log.info("%s runs on CPU: %s", self.owner.name, exc.message)
             return "cpu"
-        self.granted = max(self.granted, need)
+        self.granted = max(self.granted, granted.nbytes)
+        self.kept = granted.nbytes - (need - self.residency.weight_bytes)   # the weights part
         self.busy = True
         _note(env, grant_wait_s=round(time.monotonic() - t0, 4), evicted=list(granted.evicted))
         streamed = bool(granted.streamed)
@@ -124,8 +126,9 @@ class GpuLease:
         """The arbiter asked for our working memory (the owner freed what it had): from now
         on only the weights count. Busy, we keep everything and say so."""
         if not self.busy and self.granted:
-            _note(env, trimmed=self.granted - self.residency.weight_bytes)
-            self.granted = self.residency.weight_bytes
+            keep = min(self.granted, self.kept or self.residency.weight_bytes)
+            _note(env, trimmed=self.granted - keep)
+            self.granted = keep
         self.arbiter.tell(Trimmed(model=self.owner.name, nbytes=self.granted),
                           priority=CONTROL, sender=self.owner.name)
 

@@ -206,6 +206,7 @@ class VRAMArbiter(Actor):
         if not h.busy and not h.revoking:   # a busy holder keeps what its new grant counted
             env.detail["freed"] = max(0, h.nbytes - msg.nbytes)
             h.nbytes = min(h.nbytes, max(msg.nbytes, h.weights))
+            h.weights = h.nbytes            # nothing left to trim until its next grant
         self._pump(env)
         return None
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import asyncio
 
-from agile_rag.actors.messages import Describe, JobFinished, RequestGrant, Trim, Trimmed
+from agile_rag.actors.messages import (
+    Describe,
+    JobFinished,
+    Released,
+    RequestGrant,
+    Revoke,
+    Trim,
+    Trimmed,
+)
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.actors.vram_policy import Holder, choose_room
 from agile_rag.runtime.actor import Actor
@@ -134,4 +142,37 @@ async def test_streaming_is_chosen_over_evicting_the_idle_llm():
     assert g.streamed and g.evicted == ()
     assert "Revoke" not in llm.got and llm.trims == 1            # its cache went, not its weights
     assert (await arb.ask(Describe())).holders == {"llm": 700, "enc": 250}
+    await system.stop_all()
+
+
+class Stubborn(Actor):
+    """Keeps everything on a Trim (says so), gives everything back on a Revoke."""
+
+    def __init__(self, name, nbytes):
+        super().__init__(name)
+        self.nbytes, self.trims = nbytes, 0
+
+    async def handle(self, msg, env):
+        arb = self.system.actors["vram-arbiter"]
+        if isinstance(msg, Trim):
+            self.trims += 1
+            arb.tell(Trimmed(model=self.name, nbytes=self.nbytes))
+        elif isinstance(msg, Revoke):
+            arb.tell(Released(model=self.name, nbytes=self.nbytes))
+        return None
+
+
+async def test_a_trim_that_frees_nothing_is_not_asked_again():
+    """A holder whose Trimmed kept its working memory used to be trimmed again and again (a
+    livelock of Trim/Trimmed, seen on the GPU with a streamed grant); now what it kept counts
+    as weights until its next grant, and the arbiter moves on to an eviction."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    old = system.spawn(Stubborn("old", 600))
+    system.spawn(TrimmingHolder("new"))
+    await arb.ask(RequestGrant(model="old", nbytes=600, weights=300), sender="old")
+    arb.tell(JobFinished(model="old"))
+    g = await asyncio.wait_for(arb.ask(RequestGrant(model="new", nbytes=600, weights=500),
+                                       sender="new"), 5)
+    assert g.evicted == ("old",) and old.trims == 1
     await system.stop_all()
