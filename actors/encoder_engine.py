@@ -40,7 +40,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,6 +108,15 @@ class Piece:
         self.owner = owner
         self.index = index
         self.taken = False
+
+
+def _chars(x: Any) -> int:
+    """Characters of an input (a text, or a pair), to size tokenizer calls."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, (list, tuple)):
+        return sum(len(y) for y in x if isinstance(y, str))
+    return 1
 
 
 def _piece_key(p: Piece) -> tuple[int, int]:
@@ -323,25 +331,33 @@ class Backend:
             out = self.run(feats)
             return out.float().cpu().numpy()
 
-    def self_check(self, probe: list) -> None:
-        """Compare the fast path with the library's own call on ``probe``; switch to the slow
-        path if it fails or differs."""
+    def self_check(self, probe: list) -> bool:
+        """Compare the fast path with the library's own call on ``probe`` (where the weights
+        are now: the CPU, at load); switch to the slow path if ours fails or differs. When the
+        library's call itself fails here (e.g. half precision on a CPU without it), nothing
+        can be compared: the fast path stays, unchecked. Returns whether it was checked."""
         if not self.fast:
-            return
+            return False
+        try:
+            want = np.asarray(self.reference(probe), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - cannot check here
+            log.warning("could not check the fast path against the library's call (%s: %s)",
+                        type(exc).__name__, exc)
+            return False
         try:
             tokens = split_features(self.features(probe))
             pieces = [Piece(int(n), i, tokens, i, x, None, i)     # type: ignore[arg-type]
                       for i, (n, x) in enumerate(zip(tokens.lengths, probe))]
             # in two batches of different widths, as the pool would make them
             got = np.concatenate([self.forward(pieces[:1]), self.forward(pieces[1:])])
-            want = np.asarray(self.reference(probe), dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - any failure: use the library's own call
+        except Exception as exc:  # noqa: BLE001 - ours fails where the library's works
             self.fast, self.why_slow = False, f"{type(exc).__name__}: {exc}"
-            return
+            return True
         tol = 1e-4 if self._full_precision() else 5e-2
         if got.shape != want.shape or not np.allclose(got, want, atol=tol, rtol=tol):
             diff = float(np.abs(got - want).max()) if got.shape == want.shape else None
             self.fast, self.why_slow = False, f"differs from the library's own call ({diff})"
+        return True
 
     def _full_precision(self) -> bool:
         import torch
@@ -499,12 +515,21 @@ class Pending:
         self.extra = extra
 
 
-@dataclass
-class _Batch:
-    pieces: list[Piece]
-    solo: bool = False                  # one request's pieces: a failure fails only it
-    retry: bool = False                 # already retried after a GPU out-of-memory
-    padded: int = 0
+class Batch(list):
+    """One forward: the list of its inputs (texts, or [query, document] pairs, as the
+    library's own call would take them), with the tokenized pieces they came from."""
+
+    def __init__(self, pieces: list[Piece], *, solo: bool = False, retry: bool = False):
+        super().__init__(p.raw for p in pieces)
+        self.pieces = pieces
+        self.solo = solo                # one request's pieces: a failure fails only it
+        self.retry = retry              # already retried after a GPU out-of-memory
+        self.padded = 0                 # rows x longest row
+
+    def keep(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        self[:] = [p.raw for p in pieces]
+
 
 
 class _Job:
@@ -518,10 +543,10 @@ class _Job:
         self.tok_fut: asyncio.Future | None = None
         self.tok_batch: list[tuple[Pending, int, int]] = []
         self.pool = TokenPool()
-        self.ready: deque[_Batch] = deque()     # batches to run before the pool (retries)
-        self.running: dict[asyncio.Future, _Batch] = {}
+        self.ready: deque[Batch] = deque()     # batches to run before the pool (retries)
+        self.running: dict[asyncio.Future, Batch] = {}
         self.out: list[tuple[Envelope, Any]] = []    # answers ready to send
-        self.oom: list[_Batch] = []
+        self.oom: list[Batch] = []
         self.give_up = False                    # out of GPU memory twice: back to the CPU
         self.open = True                        # still taking requests from the mailbox
         self.collecting = False                 # the first batch waits for a burst (CPU)
@@ -603,10 +628,15 @@ class EncoderActor(ModelActor):
         """Blocking (load thread): self-check the backend, size its working memory."""
         engine = self.engine
         assert engine is not None
-        engine.self_check(probe)
+        t0 = time.monotonic()
+        checked = engine.self_check(probe)
         if not engine.fast:
             log.warning("%s %s: batches run through the library's own call (%s)", self.kind,
                         self.name, engine.why_slow)
+        else:
+            log.info("%s %s: own forward per token-budget batch (%s in %.2fs)", self.kind,
+                     self.name, "checked" if checked else "not checked",
+                     time.monotonic() - t0)
         self._per_token = engine.per_token_bytes()
 
     def unload_blocking(self) -> None:
@@ -787,8 +817,7 @@ class EncoderActor(ModelActor):
                 continue
             j = i
             while j < n and (j == i or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
-                x = p.inputs[j]
-                chars += len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
+                chars += _chars(p.inputs[j])
                 inputs += 1
                 j += 1
             take.append((p, i, j))
@@ -863,7 +892,7 @@ class EncoderActor(ModelActor):
                                                            self._running_tokens(job)):
                     return              # a slot is free but little waits: let it gather
                 pieces = job.pool.take(job.budget, job.max_rows)
-                batch = _Batch(pieces)
+                batch = Batch(pieces)
             live = [p for p in batch.pieces if not p.owner.env.abandoned]
             if len(live) < len(batch.pieces):
                 for p in batch.pieces:
@@ -873,7 +902,7 @@ class EncoderActor(ModelActor):
                             self._drop(job, p.owner)
                 if not live:
                     continue
-                batch.pieces = live
+                batch.keep(live)
             batch.padded = len(batch.pieces) * max(p.length for p in batch.pieces)
             fut = loop.run_in_executor(fwd_pool, self._forward_blocking, batch)
             fut.add_done_callback(job.poke)
@@ -884,7 +913,7 @@ class EncoderActor(ModelActor):
     def _running_tokens(job: _Job) -> int:
         return max((b.padded for b in job.running.values()), default=0)
 
-    def _forward_blocking(self, batch: _Batch) -> None:
+    def _forward_blocking(self, batch: Batch) -> None:
         """Forward thread: one forward, its outputs written into each request's array (rows
         of one request may come from two forward threads: each writes only its own)."""
         out = self._encode(batch)
@@ -896,7 +925,7 @@ class EncoderActor(ModelActor):
                         p.out = np.empty((len(p.inputs),) + out.shape[1:], dtype=np.float32)
             p.out[piece.index] = out[j]
 
-    def _encode(self, batch: _Batch) -> np.ndarray:
+    def _encode(self, batch: Batch) -> np.ndarray:
         engine = self.engine
         assert engine is not None
         return engine.forward(batch.pieces)
@@ -941,7 +970,7 @@ class EncoderActor(ModelActor):
             else:
                 self._failed(job, batch, error)
 
-    def _failed(self, job: _Job, batch: _Batch, exc: BaseException) -> None:
+    def _failed(self, job: _Job, batch: Batch, exc: BaseException) -> None:
         """A forward raised: out of GPU memory -> give back, ask for more, retry once; other
         errors fail only the request they belong to (a mixed batch reruns per request)."""
         lease = self.lease
@@ -960,7 +989,7 @@ class EncoderActor(ModelActor):
             if len(owners) > 1 and not batch.solo:
                 for owner in owners.values():
                     mine = [p for p in batch.pieces if p.owner is owner]
-                    job.ready.append(_Batch(mine, solo=True, retry=batch.retry))
+                    job.ready.append(Batch(mine, solo=True, retry=batch.retry))
                 return
             log.error("%s %s failed on a batch: %r", self.kind, self.name, exc)
             err = ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request: "
