@@ -82,6 +82,17 @@ def break_cycles(model: Any) -> None:
             pass
 
 
+def freeze_heap() -> None:
+    """Take every object alive now (the models, and the ~10^6 objects torch and transformers
+    keep) out of the cyclic garbage collector's sight. A full collection otherwise walks them
+    all, ~0.3 s with the GIL held, every few thousand requests: it stalled the event loop and
+    the threads that feed the GPU (issue 14: gen-2 collections were ~70 us per request of a
+    one-sentence embedding burst). Blocking: run it off the loop, after a model loads. Objects
+    made later are collected as usual; an unload that needs a collection thaws first."""
+    gc.collect()
+    gc.freeze()
+
+
 def _malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays high)."""
     if not sys.platform.startswith("linux"):
@@ -149,6 +160,7 @@ class ModelActor(Actor):
         self.load_seconds = time.monotonic() - t0
         watch_weights(self.name, "module", self.torch_module())
         await self._attach_gpu()
+        await self.system.executor.run_load(freeze_heap)
         self.state = ModelStatus.READY
         log.info("%s %s ready in %.1fs (%.0f MB)", self.kind, self.name, self.load_seconds,
                  self.weight_bytes / 2**20)
@@ -263,7 +275,9 @@ class ModelActor(Actor):
             log.exception("%s %s: unload failed", self.kind, self.name)
         self.drop_weight_refs()
         if live_weights(self.name) or self.error:
+            gc.unfreeze()                   # frozen objects (freeze_heap) are never collected
             gc.collect()                    # cycles the libraries keep, a failed load's frames
+            gc.freeze()
         _malloc_trim()
 
     def drop_weight_refs(self) -> None:
