@@ -101,10 +101,11 @@ def folders(tmp_path_factory):
     return build(str(d / "emb"), False), build(str(d / "ce"), True)
 
 
-def spawn_pair(system, emb_path, ce_path, **kw):
-    e = EmbedderActor(ModelSpec("embedder", "emb", emb_path, emb_path, **kw))
+def spawn_pair(system, emb_path, ce_path, streaming: bool = True, **kw):
+    params = None if streaming else {"layer_streaming": False}
+    e = EmbedderActor(ModelSpec("embedder", "emb", emb_path, emb_path, **kw), params)
     r = RerankerActor(ModelSpec("reranker", "ce", ce_path, ce_path, backend="cross-encoder",
-                                max_tokens=64, **kw))
+                                max_tokens=64, **kw), params)
     for a in (e, r):
         a.residency_factory = WeightResidency
         system.spawn(a)
@@ -115,10 +116,10 @@ DOCS = ["paris is the capital of france", "banana is a yellow fruit", "berlin is
 TEXTS = ["the cat", "a river of france", "the dog is yellow"]
 
 
-async def run_on(device_mode: str, folders, budget: int):
+async def run_on(device_mode: str, folders, budget: int, streaming: bool = True):
     system = ActorSystem()
     arbiter = system.spawn(VRAMArbiter(budget))
-    e, r = spawn_pair(system, *folders, device=device_mode)
+    e, r = spawn_pair(system, *folders, streaming=streaming, device=device_mode)
     await e.ask(Describe())
     await r.ask(Describe())
     out = []
@@ -139,7 +140,9 @@ def test_two_models_share_one_gpu_and_compute_what_the_cpu_computes(folders):
     # budget: one model's grant (13 MB of weights + ~67 MB working memory), not the other's
     # weights beside it (with 120 MB, trimming the idle one's working memory was enough)
     budget = 90 * 2**20
-    gpu_out, state, moves, arbiter, system = asyncio.run(run_on("flex", folders, budget))
+    # (without layer streaming: with it, the reranker runs streamed beside the embedder)
+    gpu_out, state, moves, arbiter, system = asyncio.run(run_on("flex", folders, budget,
+                                                                streaming=False))
     for a, b in zip(cpu_out, gpu_out):
         assert np.allclose(a, b, atol=2e-3), f"GPU result differs from CPU: {a} vs {b}"
     gpu_events = [(ev.actor, ev.msg_type, ev.detail) for ev in system.tracer.events
