@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agile_rag.config")
 PARAMS_OF = {"llm": "llm_params", "embedder": "embedder_params", "reranker": "reranker_params"}
+RETIRE_POLL_S = 0.05          # a retiring model's unanswered requests are checked this often
 
 
 @dataclass
@@ -238,11 +239,21 @@ class ConfigActor(Actor):
         task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, actor: Actor) -> None:
-        """Stop an actor once the requests already queued for it have been answered."""
+        """Stop an actor once the requests already queued for it have been answered: its
+        mailbox up to a Drain, then whatever it still holds outside the mailbox (an LLM's
+        chats in its batch, an encoder's running job), which its queue_length() counts.
+        Stopping it earlier would fail requests it had accepted."""
+        timeout = self.server.settings.REQUEST_TIMEOUT
+        deadline = time.monotonic() + timeout
         try:
-            await actor.ask(Drain(), timeout=self.server.settings.REQUEST_TIMEOUT)
+            await actor.ask(Drain(), timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             log.warning("%s did not drain cleanly: %s", actor.name, exc)
+        while not actor.stopped and actor.queue_length() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        if not actor.stopped and actor.queue_length() > 0:
+            log.warning("%s still had %d request(s) unanswered after %gs; stopping it",
+                        actor.name, actor.queue_length(), timeout)
         await self.server.system.stop(actor.name)
 
 

@@ -16,7 +16,9 @@ Two sets of live edits:
   chunks), both rerank shapes (``documents`` and TEI's ``texts``) on both routes, requests to
   models that come and go, and clients that time out. A refusal is fine when it is an
   OpenAI-shaped 4xx / 503 (with Retry-After) / 504 without internal exception text; anything
-  else (a 500, a wrong or truncated reply, a missed deadline) is a failure.
+  else (a 500, a wrong or truncated reply, a missed deadline, a request its model dropped when
+  it was removed: ``actor_stopped``) is a failure. Requests carry their own ``x-request-id``;
+  the server's trace of each failed one is kept in the result (``failure_traces``).
 
 With ``--admin-key`` the run samples the server's RSS, open file descriptors, threads and the
 models whose weights are still alive (``GET /admin/models``) every ``--sample-every`` seconds,
@@ -39,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import copy
+import itertools
 import json
 import os
 import random
@@ -73,8 +77,11 @@ SECTION = {"llm": "llms", "embedder": "embedders", "reranker": "rerankers"}
 STANDBY = {"llm": "standby_llms", "embedder": "standby_embedders",
            "reranker": "standby_rerankers"}
 PATH_KEY = {"llm": "llm_path", "embedder": "path", "reranker": "path"}
-#: a refusal a client may get under load or while models come and go
-REFUSAL_CODES = {"overloaded", "timeout", "actor_stopped"}
+#: a refusal a client may get under load (a model removed or reloaded finishes what it had
+#: accepted before it stops, so ``actor_stopped`` is a failure)
+REFUSAL_CODES = {"overloaded", "timeout"}
+#: the x-request-id of the request being made (each request runs in its own task)
+_RID: contextvars.ContextVar[str | None] = contextvars.ContextVar("soak_rid", default=None)
 _INTERNAL = re.compile(r"Traceback|File \"|\b[A-Z]\w*(Error|Exception)\b\s*[:(]|"
                        r"object at 0x[0-9a-f]+")
 
@@ -95,6 +102,8 @@ def error_problem(status: int, headers, body) -> str | None:
         return f"HTTP {status} not in OpenAI's error shape: {str(body)[:200]}"
     if status == 503 and not headers.get("Retry-After"):
         return "HTTP 503 without Retry-After"
+    if err.get("code") == "actor_stopped":
+        return f"HTTP {status}: its model stopped before answering: {err['message'][:200]}"
     if _INTERNAL.search(err["message"]):
         return f"HTTP {status} carries internal exception text: {err['message'][:200]}"
     return None
@@ -367,6 +376,9 @@ class Soak:
         self.kinds: Counter = Counter()
         self.refusals: Counter = Counter()
         self.failures: list[str] = []
+        self.traces: dict[str, asyncio.Future] = {}   # failed request id -> its trace
+        self.latency: dict[str, list[float]] = {}
+        self.request_no = itertools.count(1)
         self.max_latency = 0.0
         self.changes: list[str] = []
         self.samples: list[dict] = []
@@ -376,7 +388,7 @@ class Soak:
 
     # ---- references ------------------------------------------------------------------------
     async def _post(self, s, path, body, **kw):
-        async with s.post(self.url + path, json=body, **kw) as r:
+        async with s.post(self.url + path, json=body, headers=_rid_header(), **kw) as r:
             return r.status, r.headers, await r.json(content_type=None)
 
     async def references(self, s) -> None:
@@ -428,6 +440,9 @@ class Soak:
         self.counts["sent"] += 1
         self.kinds[kind] += 1
         outcome = "ok"
+        rid = f"soak{self.seed}-{next(self.request_no)}"
+        _RID.set(rid)                         # the request's task below inherits it
+        failures = len(self.failures)
         try:
             await asyncio.wait_for(self._one(s, kind), self.deadline_s)
         except asyncio.TimeoutError:
@@ -444,10 +459,30 @@ class Soak:
         except (aiohttp.ClientError, ValueError, KeyError, TypeError, IndexError) as exc:
             outcome = "failed"
             self._fail(f"{kind}: {type(exc).__name__}: {exc}")
+        took = time.monotonic() - t0
         if outcome != "failed":
             self.counts[outcome] += 1
-        self.max_latency = max(self.max_latency, time.monotonic() - t0)
+        if outcome == "ok":
+            self.latency.setdefault(kind, []).append(took)
+        if len(self.failures) > failures:     # name the request: its trace tells the story
+            self.failures[-1] = f"[{rid}, {time.monotonic() - self.t0:.0f}s] {self.failures[-1]}"
+            if len(self.traces) < 10:
+                self.traces[rid] = asyncio.ensure_future(self._trace(s, rid))
+        self.max_latency = max(self.max_latency, took)
         return outcome
+
+    async def _trace(self, s, rid: str) -> dict | None:
+        """A failed request's timeline from the server (GET /debug/traces)."""
+        await asyncio.sleep(1.0)              # let the server finish with it
+        try:
+            async with s.get(self.url + "/debug/traces", params={"request_id": rid},
+                             timeout=aiohttp.ClientTimeout(total=10)) as r:
+                if r.status != 200:
+                    return None
+                b = await r.json()
+            return {"timeline": b.get("timeline"), "events": b.get("events", [])[-12:]}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
 
     def _refuse_or_fail(self, what: str, status: int, headers, body) -> None:
         if not self.chaos:
@@ -512,7 +547,7 @@ class Soak:
     async def _stream(self, s, p: str, n: int, hangup: bool, kw: dict) -> None:
         async with s.post(self.url + "/v1/chat/completions",
                           json=self._chat_body(p, n, stream=True, model=self._llm()),
-                          **kw) as r:
+                          headers=_rid_header(), **kw) as r:
             if r.status != 200:
                 return self._refuse_or_fail("stream", r.status, r.headers,
                                             await r.json(content_type=None))
@@ -662,18 +697,30 @@ class Soak:
             after = await self.settle(s, before)
             await sampler
             await self.sample(s)
+            await self.traced()
         return self.result(before, after)
+
+    async def traced(self) -> None:
+        """Wait for the traces of failed requests being fetched."""
+        await asyncio.gather(*self.traces.values(), return_exceptions=True)
 
     def result(self, before: dict, after: dict) -> dict:
         sent = self.counts["sent"]
         lost = sent - self.counts["ok"] - self.counts["failed"] - self.counts["refused"] - \
             self.counts["gave_up"]
+        lat = {k: {"n": len(v), "p50_s": round(float(np.percentile(v, 50)), 2),
+                   "p99_s": round(float(np.percentile(v, 99)), 2), "max_s": round(max(v), 2)}
+               for k, v in sorted(self.latency.items())}
+        traces = {rid: (f.result() if f.done() and not f.cancelled() else None)
+                  for rid, f in self.traces.items()}
         out = {"seed": self.seed, "chaos": self.chaos, "requests": sent,
                "ok": self.counts["ok"], "failed": self.counts["failed"], "lost": lost,
                "hangups": self.counts["hangups"], "config_changes": len(self.changes),
                "changes": dict(Counter(self.changes)),
                "max_latency_s": round(self.max_latency, 2), "failures": self.failures[:20],
-               "before": before, "after": after}
+               "latency": lat, "before": before, "after": after}
+        if traces:
+            out["failure_traces"] = traces
         if self.chaos:
             out.update(refused=self.counts["refused"], gave_up=self.counts["gave_up"],
                        refusals=dict(self.refusals), kinds=dict(self.kinds),
@@ -709,6 +756,11 @@ class Soak:
                 break
             await asyncio.sleep(0.5)
         return snap
+
+
+def _rid_header() -> dict:
+    rid = _RID.get()
+    return {"x-request-id": rid} if rid else {}
 
 
 class _GaveUp(Exception):
@@ -804,6 +856,11 @@ def markdown(result: dict, plot_name: str | None = None) -> str:
               f"| after the run: weights alive | {', '.join(after.get('weights_alive', []))} |",
               f"| after the run: queued / config error | {after.get('queued')} / "
               f"{after.get('config_error')} |"]
+    if result.get("latency"):
+        lines += ["", "| replies by kind | n | p50 | p99 | max |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['n']} | {v['p50_s']} s | {v['p99_s']} s | {v['max_s']} s |"
+                  for k, v in result["latency"].items()]
     if result.get("changes"):
         lines += ["", "Edits by kind: " + ", ".join(
             f"{k} x{v}" for k, v in sorted(result["changes"].items(), key=lambda kv: -kv[1]))]

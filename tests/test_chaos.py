@@ -11,7 +11,8 @@ and removed; reset_flags; broken and half-written files; saves by rename and in 
 
 Asserted: every successful reply equals its uncontended reference (chats exactly; vectors and
 rerank scores within float tolerance); every failure is an OpenAI-shaped 4xx / 503 (with
-Retry-After) / 504 without internal exception text; nothing waits past its deadline; the
+Retry-After) / 504 without internal exception text, and none says its model stopped (a model
+removed or reloaded finishes what it had accepted first); nothing waits past its deadline; the
 burst is refused in part with 503s, on the embedder and on the LLM (whose queue counts the
 chats waiting for a batch slot); afterwards /health is ok, the queue and in-progress gauges
 are 0, no removed model's weights are alive, RSS is within 1.2x of the warmed-up baseline;
@@ -237,6 +238,7 @@ async def chaos_run(server: dict) -> dict:
             editor.cleanup()                      # the original file back
         report["restore"] = await reload_now(s, base)
         after = await soak.settle(s, before)
+        await soak.traced()
         report["soak"] = soak.result(before, after)
         report["health"] = await get_json(s, base + "/health")
         report["metrics"] = await metrics(s, base)

@@ -158,9 +158,21 @@ async def test_a_removed_llm_frees_its_weights(server):
                         timeout=120)
     assert res.completion_tokens > 0
     refs = watch(llm)
+    # a chat under way when the LLM is removed: it finishes first (it lives in the batch
+    # engine, not in the mailbox), then the weights go
+    chat = asyncio.ensure_future(llm.ask(Chat(
+        messages=[{"role": "user", "content": "Write a poem about the sea."}], max_tokens=24,
+        temperature=0.0), timeout=120))
+    for _ in range(400):
+        if llm.queue_length():
+            break
+        await asyncio.sleep(0.01)
     del llm, res
     cfg["standby_llms"] = []
     assert "removed llm smollm2" in await apply(srv, live, cfg)
+    done = await chat
+    assert done.completion_tokens == 24, done
+    del chat, done
     assert alive(refs) == 0, "the removed LLM's weights are still referenced"
     assert not [w for w in live_weights() if w["actor"].startswith("smollm2")]
 
