@@ -675,6 +675,11 @@ def run(args, argv) -> int:
 
         print("loading the direct side ...", flush=True)
         direct = Direct(info, device, dtype)
+        # the server freezes its heap after loading (a full garbage collection would walk
+        # torch's ~10^6 objects with the GIL held); the direct side gets the same
+        import gc
+        gc.collect()
+        gc.freeze()
         clients = Clients(n_clients, base)
 
         # workloads
