@@ -76,7 +76,7 @@ class EmbedderActor(EncoderActor):
         if self.model is not None and spec.max_tokens:
             self.model.max_seq_length = spec.max_tokens
             if self.engine is not None:
-                self.engine.max_len = spec.max_tokens
+                self.engine.set_max_len(spec.max_tokens)
         return True
 
     def out_dim(self) -> int:

@@ -230,6 +230,17 @@ def collate(pieces: list[Piece], pads: dict[str, int], left: bool) -> tuple[dict
     return out, first.consts
 
 
+def rust_probe(probe: list) -> list:
+    """Inputs that tell a tokenizer's edge cases apart: blanks around, case, accents and CJK,
+    one too long for any model (truncation), the empty text."""
+    extra = ["  spaces around  ", "UPPER lower MiXeD Case.", "ünïcödé, naïve café; 中文文本 ok",
+             " ".join(["overflow"] * 700), "", "tab\tand\nnewline"]
+    if probe and isinstance(probe[0], (list, tuple)):
+        q = probe[0][0]
+        return list(probe) + [[q, x] for x in extra] + [[x, probe[0][1]] for x in extra[:3]]
+    return list(probe) + extra
+
+
 def split_features(features: dict) -> Tokens:
     """A tokenizer's padded output (torch tensors [n, L]) as numpy arrays plus row lengths."""
     import torch
@@ -302,9 +313,89 @@ class Backend:
     def tokenize(self, inputs: list) -> Tokens | np.ndarray:
         """Fast: the features (rows unpadded later). Slow: just each input's token count."""
         if self.fast:
+            if self._rust is not None:
+                return self._rust_tokens(self._rust, inputs)
             return split_features(self.features(inputs))
         with self.lock:
             return np.asarray([len(x) for x in self._count(inputs)], dtype=np.int64)
+
+    # -- the tokenizer's Rust core, called directly
+    _rust: Any = None
+    _rust_names: tuple[str, ...] = ()
+    _rust_strip = False
+    _rust_consts: dict = {}
+    _RUST_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask",
+                    "token_type_ids": "type_ids"}
+
+    def enable_rust(self, probe: list) -> bool:
+        """Tokenize with a private copy of the fast tokenizer's Rust core: one
+        ``encode_batch`` call (truncation and padding done in Rust, the GIL released) and
+        the arrays built straight from its encodings, instead of the library's Python layers
+        (about 10x less Python per text). Used only when it gives exactly the library's own
+        features on ``probe`` (with or without stripping the texts, as the library may)."""
+        core = getattr(self.tokenizer, "_tokenizer", None)
+        names = tuple(getattr(self.tokenizer, "model_input_names", ()) or ())
+        if not self.fast or core is None or not names or \
+                any(n not in self._RUST_FIELDS for n in names) or "input_ids" not in names:
+            return False
+        try:
+            from tokenizers import Tokenizer
+
+            want = split_features(self.features(probe))
+            if set(want.arrays) != set(names):
+                return False
+            rt = self._rust_core(Tokenizer, core)
+            for strip in (False, True):
+                self._rust_names, self._rust_strip = names, strip
+                got = self._rust_tokens(rt, probe)
+                if got.arrays.keys() == want.arrays.keys() and all(
+                        got.arrays[k].shape == want.arrays[k].shape and
+                        np.array_equal(got.arrays[k], want.arrays[k]) for k in names):
+                    self._rust, self._rust_consts = rt, dict(want.consts)
+                    return True
+        except Exception as exc:  # noqa: BLE001 - keep the library's own tokenization
+            log.info("tokenizing through the library (its Rust core alone failed: %s)", exc)
+        self._rust = None
+        return False
+
+    def _rust_core(self, tokenizer_cls: Any, core: Any) -> Any:
+        """A private copy of the Rust tokenizer, truncating at ``max_len`` and padding to the
+        longest input of each call, as the library's call does."""
+        tok = self.tokenizer
+        rt = tokenizer_cls.from_str(core.to_str())
+        rt.no_truncation()
+        rt.no_padding()
+        side = getattr(tok, "truncation_side", "right") or "right"
+        rt.enable_truncation(self.max_len, strategy="longest_first", direction=side)
+        rt.enable_padding(direction="left" if self.left else "right",
+                          pad_id=self.pads["input_ids"],
+                          pad_type_id=int(getattr(tok, "pad_token_type_id", 0) or 0),
+                          pad_token=str(getattr(tok, "pad_token", None) or "[PAD]"))
+        return rt
+
+    def set_max_len(self, n: int) -> None:
+        """A new longest input (a live ``max_tokens`` edit): the Rust copy is replaced, not
+        changed (the tokenizer thread may be using the old one right now)."""
+        self.max_len = n
+        if self._rust is not None:
+            from tokenizers import Tokenizer
+            self._rust = self._rust_core(Tokenizer, self.tokenizer._tokenizer)
+
+    def _rust_tokens(self, rt: Any, inputs: list) -> Tokens:
+        if inputs and isinstance(inputs[0], (list, tuple)):
+            batch: list = [(a.strip(), b.strip()) if self._rust_strip else (a, b)
+                           for a, b in inputs]
+        else:
+            batch = [x.strip() for x in inputs] if self._rust_strip else list(inputs)
+        encs = rt.encode_batch(batch)
+        arrays = {}
+        for name in self._rust_names:
+            field = self._RUST_FIELDS[name]
+            arrays[name] = np.array([getattr(e, field) for e in encs], dtype=np.int64)
+        mask = arrays.get("attention_mask")
+        if mask is None:
+            mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return Tokens(arrays, mask.sum(axis=1).astype(np.int64), dict(self._rust_consts))
 
     def _count(self, inputs: list) -> list:
         tok = self.tokenizer
@@ -630,13 +721,14 @@ class EncoderActor(ModelActor):
         assert engine is not None
         t0 = time.monotonic()
         checked = engine.self_check(probe)
+        rust = engine.enable_rust(rust_probe(probe))
         if not engine.fast:
             log.warning("%s %s: batches run through the library's own call (%s)", self.kind,
                         self.name, engine.why_slow)
         else:
-            log.info("%s %s: own forward per token-budget batch (%s in %.2fs)", self.kind,
-                     self.name, "checked" if checked else "not checked",
-                     time.monotonic() - t0)
+            log.info("%s %s: own forward per token-budget batch (%s in %.2fs), tokenized "
+                     "by %s", self.kind, self.name, "checked" if checked else "not checked",
+                     time.monotonic() - t0, "the Rust core" if rust else "the library")
         self._per_token = engine.per_token_bytes()
 
     def unload_blocking(self) -> None:

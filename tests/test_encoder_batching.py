@@ -266,6 +266,24 @@ async def test_the_librarys_own_call_serves_when_the_fast_path_is_off(reference)
         await system.stop_all()
 
 
+async def test_a_live_max_tokens_edit_truncates_where_encode_does(reference):
+    import dataclasses
+
+    from agile_rag.actors.messages import UpdateModel
+    emb = EmbedderActor(spec("embedder", "emb"), {})
+    system = await started(emb)
+    try:
+        assert emb.engine._rust is not None            # the tokenizer's Rust core, directly
+        long = " ".join(["word"] * 300)
+        await emb.ask(UpdateModel(spec=dataclasses.replace(emb.spec, max_tokens=16),
+                                  params=emb.params), timeout=60)
+        got = (await emb.ask(Embed(texts=[long]), timeout=60)).vectors
+        np.testing.assert_allclose(got, emb.model.encode([long]), atol=2e-5)
+        assert not np.allclose(got, reference.encode([long]), atol=1e-3)   # it did truncate
+    finally:
+        await system.stop_all()
+
+
 def test_self_check_falls_back_when_the_fast_path_differs():
     from sentence_transformers import SentenceTransformer
 
