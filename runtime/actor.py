@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,47 @@ log = logging.getLogger("agile_rag.actor")
 CONTROL = 0
 NORMAL = 1
 _seq = itertools.count()
+
+
+class _Deadlines:
+    """The deadlines of asks with a long timeout (a request's: minutes), kept in buckets of
+    ``GRAIN`` seconds with one timer per bucket instead of one per ask: every request asks,
+    and a timer is a heap push with Python-level comparisons. A deadline fires at most
+    ``GRAIN`` late. Asks with a short timeout use their own timer."""
+    GRAIN = 0.125
+    SHORTEST = 2.0                    # shorter timeouts: a timer of their own, exact
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.buckets: dict[int, dict[int, tuple]] = {}
+
+    def add(self, actor: Actor, env: Envelope, timeout: float) -> int:
+        slot = math.ceil((self.loop.time() + timeout) / self.GRAIN)
+        bucket = self.buckets.get(slot)
+        if bucket is None:
+            bucket = self.buckets[slot] = {}
+            self.loop.call_at(slot * self.GRAIN, self._fire, slot)
+        bucket[id(env)] = (actor, env, timeout)
+        return slot
+
+    def remove(self, slot: int, env: Envelope) -> None:
+        bucket = self.buckets.get(slot)
+        if bucket is not None:
+            bucket.pop(id(env), None)
+
+    def _fire(self, slot: int) -> None:
+        for actor, env, timeout in self.buckets.pop(slot, {}).values():
+            actor._expire(env, timeout)
+
+
+_deadlines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    d = _deadlines.get(loop)
+    if d is None:
+        d = _deadlines[loop] = _Deadlines(loop)
+    return d
 
 
 class _Deferred:
@@ -116,17 +159,24 @@ class Actor:
                   sender: str | None = None, priority: int = NORMAL) -> Any:
         """Send ``msg`` and wait for the reply, at most ``timeout`` seconds.
 
-        Every HTTP request passes here, so it costs one future and (with a timeout) one timer
-        handle: the deadline sets :class:`DeadlineExceeded` on the reply future itself (no
-        ``wait_for`` task, no ``shield``). A cancelled asker cancels the reply future, which
-        marks the envelope abandoned: the actor skips it."""
+        Every HTTP request passes here, so it costs one future and a deadline: the deadline
+        sets :class:`DeadlineExceeded` on the reply future itself (no ``wait_for`` task, no
+        ``shield``); a long one shares a timer with the others due about then (_Deadlines).
+        A cancelled asker cancels the reply future, which marks the envelope abandoned: the
+        actor skips it."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         env = Envelope(msg, fut, request_id, sender, priority)
         timer = None
+        slot = 0
+        deadlines = None
         if timeout is not None:
             env.deadline = env.enqueued + timeout
-            timer = loop.call_later(timeout, self._expire, env, timeout)
+            if timeout >= _Deadlines.SHORTEST:
+                deadlines = _deadlines_of(loop)
+                slot = deadlines.add(self, env, timeout)
+            else:
+                timer = loop.call_later(timeout, self._expire, env, timeout)
         self._put(env)
         try:
             return await fut
@@ -137,6 +187,8 @@ class Actor:
         finally:
             if timer is not None:
                 timer.cancel()
+            elif deadlines is not None:
+                deadlines.remove(slot, env)
 
     def _expire(self, env: Envelope, timeout: float) -> None:
         """An ask's deadline passed: its reply future fails (the actor then skips the

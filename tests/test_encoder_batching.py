@@ -299,6 +299,37 @@ def test_self_check_falls_back_when_the_fast_path_differs():
     assert not bad.fast and "differs" in bad.why_slow
 
 
+async def test_a_long_deadline_shares_a_timer_fires_once_and_leaves_nothing_behind():
+    from agile_rag.runtime.actor import Actor, _Deadlines, _deadlines_of
+    from agile_rag.runtime.errors import DeadlineExceeded
+
+    class Stuck(Actor):
+        async def handle(self, msg, env):
+            if msg == "hang":
+                await asyncio.sleep(60)
+            return msg
+
+    system = ActorSystem()
+    a = system.spawn(Stuck("stuck"))
+    try:
+        wheel = _deadlines_of(asyncio.get_running_loop())
+        assert await a.ask("quick", timeout=600) == "quick"       # answered: entry removed
+        assert not any(wheel.buckets.values())
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="stuck did not answer str within 2.2s"):
+            await a.ask("hang", timeout=2.2)
+        took = time.monotonic() - t0
+        assert 2.2 <= took < 2.2 + _Deadlines.GRAIN + 0.3, took
+        waiting = asyncio.ensure_future(a.ask("queued behind", timeout=600))
+        await asyncio.sleep(0.01)
+        waiting.cancel()                                       # a client that went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not any(wheel.buckets.values())
+    finally:
+        await system.stop_all()
+
+
 def test_max_batch_tokens_is_validated():
     for bad in ("0", "-5", "\"many\"", "1.5", "true"):
         for kind in ("embedder_params", "reranker_params"):
