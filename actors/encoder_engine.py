@@ -70,6 +70,8 @@ GPU_DEPTH = 2
 #: (a lone long text does not drag short ones up to its length)
 MIN_FILL = 0.5
 _BASE_WORKING = 64 * 2**20
+#: how fast a flex model forgets how big its recent forwards wanted to be (see job_tokens)
+DEMAND_HALF_LIFE_S = 60.0
 
 
 def batch_tokens_param(params: dict, default: int = DEFAULT_BATCH_TOKENS) -> int:
@@ -671,6 +673,7 @@ class EncoderActor(ModelActor):
         self._fwd_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._per_token = 0
         self._out_lock = threading.Lock()
+        self._demand: tuple[int, float] = (0, 0.0)      # (tokens, when): see job_tokens
 
     # -- what subclasses write
     def admit(self, env: Envelope) -> Pending | BaseException:
@@ -705,10 +708,33 @@ class EncoderActor(ModelActor):
             tokens = min(tokens, max(MIN_BATCH_TOKENS, room // per))
         return tokens
 
+    def job_tokens(self, items: int) -> int:
+        """The token budget of a GPU job's forwards, which its working memory is asked for:
+        the whole ``batch_tokens()`` for a pinned (device: cuda) model; for a flex one no more
+        than its ``items`` inputs can hold (a query asks for little, so it fits beside the
+        LLM), unless this model's recent jobs had more waiting than that (a burst that began
+        with one request: the next job asks for room for it)."""
+        tokens = self.batch_tokens()
+        if self.spec.device == DeviceMode.CUDA:
+            return tokens
+        max_len = getattr(self.engine, "max_len", 0) if self.engine is not None else 0
+        if items > 0 and max_len:          # a job never holds more tokens than its inputs can
+            tokens = min(tokens, max(items * max_len, self._recent_demand()))
+        return max(tokens, MIN_BATCH_TOKENS)
+
     def working_bytes(self, items: int) -> int:
-        """GPU memory beyond the weights: the forwards in flight at the token budget."""
+        """GPU memory beyond the weights: the forwards in flight at the job's token budget."""
         per = self._per_token or 32 * 1024
-        return _BASE_WORKING + GPU_DEPTH * self.batch_tokens() * per
+        return _BASE_WORKING + GPU_DEPTH * self.job_tokens(items) * per
+
+    def _recent_demand(self) -> int:
+        """The largest forward recent jobs wanted (tokens), halving every DEMAND_HALF_LIFE_S."""
+        tokens, t = self._demand
+        return int(tokens * 0.5 ** ((time.monotonic() - t) / DEMAND_HALF_LIFE_S))
+
+    def _note_demand(self, tokens: int) -> None:
+        if tokens > self._recent_demand():
+            self._demand = (tokens, time.monotonic())
 
     @property
     def batch_linger_s(self) -> float:  # type: ignore[override]
@@ -824,6 +850,9 @@ class EncoderActor(ModelActor):
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
         job.depth = GPU_DEPTH if gpu else 1
+        if lease is not None and lease.on_gpu:
+            # forwards within what the working memory was asked for (the CPU has no such limit)
+            job.budget = min(job.budget, self.job_tokens(job.items))
         job.collecting = job.depth == 1 and self.batch_linger_s > 0
 
     async def _release(self, job: _Job) -> None:
@@ -980,8 +1009,9 @@ class EncoderActor(ModelActor):
             else:
                 if not len(job.pool):
                     return
-                if job.running and job.pool.padded() < min(job.budget // 4,
-                                                           self._running_tokens(job)):
+                want = job.pool.padded()
+                self._note_demand(min(want, self.batch_tokens()))
+                if job.running and want < min(job.budget // 4, self._running_tokens(job)):
                     return              # a slot is free but little waits: let it gather
                 pieces = job.pool.take(job.budget, job.max_rows)
                 batch = Batch(pieces)

@@ -221,7 +221,10 @@ def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
                                   "cuda_thres": embed_cuda_thres, "max_tokens": 512}},
             "rerankers": {"rr": {"path": paths["reranker"], "device": "flex", "max_tokens": 512,
                                  "kind": "cross-encoder", "dtype": dtype}},
-            "llm_params": {"default_temp": 0}}
+            "llm_params": {"default_temp": 0},
+            # a forward's token budget that fits beside the LLM on an 8 GiB card
+            "embedder_params": {"max_batch_tokens": 8192},
+            "reranker_params": {"max_batch_tokens": 8192}}
     live_path = os.path.join(work, f"live-{mode}.json")
     with open(live_path, "w") as f:
         json.dump(live, f, indent=1)
