@@ -540,8 +540,9 @@ class _Reply:
                 "text_offset": offsets}
 
     def logprobs(self, c: _Choice, final: ChatResult | None = None) -> dict | None:
-        """The choice's logprobs not sent yet, in the route's shape (None: not asked)."""
-        if c.msg.logprobs is None:
+        """The choice's logprobs not sent yet, in the route's shape (None: not asked, or
+        not computed: a model the continuous batch cannot drive generates without them)."""
+        if not c.msg.logprobs:
             return None
         entries = self._entries(c, final)
         return self._chat_logprobs(entries) if self.chat else self._legacy_logprobs(c, entries)
