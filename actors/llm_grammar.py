@@ -96,19 +96,45 @@ def _json_rule(schema: Any, *, lenient: bool) -> str:
     return "%json " + orjson.dumps(_schema(schema, lenient=lenient)).decode()
 
 
+def _hoist_defs(schema: Any, prefix: str, defs: dict[str, Any]) -> Any:
+    """``schema`` without its ``$defs`` / ``definitions`` (moved into ``defs`` under
+    ``prefix``-ed names) and with its local ``$ref`` pointers renamed to match: a tool's parameters
+    are nested in the call's schema, where their own ``#/$defs/...`` would not resolve."""
+    if isinstance(schema, list):
+        return [_hoist_defs(s, prefix, defs) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                defs[prefix + name] = _hoist_defs(sub, prefix, defs)
+        elif key == "$ref" and isinstance(value, str) and \
+                value.startswith(("#/$defs/", "#/definitions/")):
+            out[key] = "#/$defs/" + prefix + value.split("/", 2)[2]
+        elif key in ("properties", "patternProperties") and isinstance(value, dict):
+            out[key] = {k: _hoist_defs(v, prefix, defs) for k, v in value.items()}
+        else:
+            out[key] = _hoist_defs(value, prefix, defs)
+    return out
+
+
 def _call_schema(fmt: str, tools: list[dict]) -> dict:
     """One call of any of ``tools``: ``{"name": <const>, "arguments": <its parameters>}``
     (``parameters`` for the Llama 3 format), the name first."""
     key = "parameters" if fmt == llm_tools.LLAMA else "arguments"
     options = []
-    for t in tools:
+    defs: dict[str, Any] = {}
+    for i, t in enumerate(tools):
         params = t.get("parameters")
         if not isinstance(params, dict) or not params:
             params = {"type": "object", "properties": {}}
+        params = _hoist_defs(params, f"t{i}_", defs)
         options.append({"type": "object",
                         "properties": {"name": {"const": t["name"]}, key: params},
                         "required": ["name", key], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    call = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**call, "$defs": defs} if defs else call
 
 
 def tool_grammar(fmt: str, tools: list[dict], *, parallel: bool, lenient: bool) -> str:

@@ -200,3 +200,23 @@ def test_schemas_that_cannot_be_enforced_are_400s():
     assert e.value.param == "response_format"
     lenient = Chat(messages=[], response_schema=bad.response_schema, schema_strict=False)
     llm_grammar.check(lenient)                              # unknown keywords ignored
+
+
+def test_tool_parameters_with_their_own_defs(tokenizer):
+    """Pydantic's schemas (LangChain's bind_tools) keep nested models in ``$defs``: they still
+    resolve once the parameters sit inside the call's schema."""
+    addr = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    save = {"name": "save", "parameters": {
+        "$defs": {"Addr": addr}, "type": "object",
+        "properties": {"home": {"$ref": "#/$defs/Addr"}}, "required": ["home"]}}
+    other = {"name": "other", "parameters": {
+        "$defs": {"Addr": {"type": "integer"}}, "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/Addr"}}, "required": ["n"]}}
+    msg = Chat(messages=[], tools=[save, other], tool_choice="required")
+    llm_grammar.check(msg)
+    c = llm_grammar.constraint_for(tokenizer, msg, {tokenizer.eos_token_id})
+    assert c is not None
+    walk(tokenizer, c, '<tool_call>{"name": "other", "arguments": {"n": 7}}</tool_call>')
+    c = llm_grammar.constraint_for(tokenizer, msg, {tokenizer.eos_token_id})
+    walk(tokenizer, c, '<tool_call>{"name": "save", "arguments": {"home": {"city": "Oslo"}}}'
+                       '</tool_call>')

@@ -334,6 +334,12 @@ def test_openai_client_parse_and_tools(v1):
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls"
     jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+    back = client.chat.completions.create(                # the README's round trip
+        model="smollm2", temperature=0, max_tokens=40, tools=TOOLS,
+        messages=[{"role": "user", "content": "What is the weather like in Madrid?"},
+                  r.choices[0].message,
+                  {"role": "tool", "tool_call_id": call.id, "content": "31 C and sunny"}])
+    assert back.choices[0].message.content or back.choices[0].message.tool_calls
 
 
 def test_langchain_bind_tools_and_structured_output(v1):
