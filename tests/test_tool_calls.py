@@ -220,3 +220,35 @@ def test_tool_parameters_with_their_own_defs(tokenizer):
     c = llm_grammar.constraint_for(tokenizer, msg, {tokenizer.eos_token_id})
     walk(tokenizer, c, '<tool_call>{"name": "save", "arguments": {"home": {"city": "Oslo"}}}'
                        '</tool_call>')
+
+
+async def test_the_generate_path_follows_the_grammar_too(server):
+    """A model the continuous batch cannot drive decodes with ``generate``: the same
+    constraint then works through a logits processor."""
+    import jsonschema
+
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.actors.messages import Describe
+    from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
+    from agile_rag.runtime.system import ActorSystem
+
+    from support import ROOT, SMOLLM
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                               "age": {"type": "integer", "maximum": 150}},
+              "required": ["name", "age"]}
+    system = ActorSystem()
+    path = resolve_path(SMOLLM, ROOT)
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, max_tokens=2048),
+                     {"continuous_batching": False}, cache_dir=CACHE)
+    system.spawn(actor)
+    try:
+        assert (await actor.ask(Describe(), timeout=300)).state == "ready"
+        assert actor.engine is None
+        res = await actor.ask(Chat(
+            messages=[{"role": "user", "content": "Invent a person."}], max_tokens=60,
+            response_schema=json.dumps(schema), schema_strict=True), timeout=300)
+        assert res.finish_reason == "stop", res
+        jsonschema.validate(json.loads(res.text), schema)
+    finally:
+        await system.stop_all()
