@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import glob
-import hashlib
 import logging
-import os
-import shutil
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,24 +26,13 @@ from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
+from .llm_generate import eos_ids, generate
+from .llm_loading import gguf_location, load_gguf
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
-from .states import FinishReason
-from .text_stream import TailStreamer
-from .torch_util import as_list, is_oom, module_bytes
+from .torch_util import is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
-
-
-def gguf_location(path: str) -> tuple[str, str] | None:
-    """(folder, file name) when ``path`` is a .gguf file or a folder holding one GGUF only."""
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return os.path.dirname(path), os.path.basename(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        found = sorted(glob.glob(os.path.join(path, "*.gguf")))
-        if len(found) == 1:
-            return path, os.path.basename(found[0])
-    return None
 
 
 @dataclass
@@ -72,6 +56,7 @@ class LLMActor(ModelActor):
         self._loop: asyncio.Future | None = None    # the running batch loop
         self._loop_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._holding = False           # a quiesce waits for the loop: do not restart it
+        self._yield_keep = False        # a Yield asked for the cache only (answer Trimmed)
         self._unanswered = 0            # chats handed to the engine and not answered yet
         self._handed: dict[int, SeqRequest] = {}   # id(Chat) -> its state, from an old engine
 
@@ -91,7 +76,7 @@ class LLMActor(ModelActor):
         elif gguf is None:
             model = AutoModelForCausalLM.from_pretrained(spec.path, **dtype, **common)
         else:
-            model = self._load_gguf(*gguf, dtype=dtype, common=common)
+            model = load_gguf(self.name, self.cache_dir, *gguf, dtype=dtype, common=common)
         tok_gguf = gguf_location(spec.tokenizer_path)
         cached = getattr(model, "_agile_cached_dir", None)
         if cached and spec.tokenizer_path == spec.path:
@@ -195,44 +180,6 @@ class LLMActor(ModelActor):
         """Everything not answered yet: the mailbox and the chats in the engine alike."""
         return super().queue_length() + self._unanswered
 
-    def _load_gguf(self, folder: str, fname: str, *, dtype: dict, common: dict):
-        """GGUF dequantises slowly (~25 s for 135M); keep the dequantised model in a cache
-        folder so later starts load it in under a second."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        full = os.path.join(folder, fname)
-        cache = None
-        if self.cache_dir:
-            st = os.stat(full)
-            key = hashlib.sha1(f"{os.path.abspath(full)}|{st.st_size}|{st.st_mtime_ns}".encode())
-            cache = os.path.join(self.cache_dir, "gguf", key.hexdigest()[:16])
-            if os.path.exists(os.path.join(cache, "done")):
-                log.info("%s: using dequantised cache %s", self.name, cache)
-                model = AutoModelForCausalLM.from_pretrained(cache, **dtype, **common)
-                model._agile_cached_dir = cache
-                return model
-        log.info("%s: dequantising GGUF %s (first load only)", self.name, full)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **common)
-        if dtype:
-            model = model.to(dtype["dtype"])
-        if cache:
-            tmp = cache + f".tmp{os.getpid()}"
-            try:
-                model.hf_quantizer = None
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
-                model.save_pretrained(tmp)
-                tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, **common)
-                tok.save_pretrained(tmp)
-                open(os.path.join(tmp, "done"), "w").close()
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                os.replace(tmp, cache)
-                model._agile_cached_dir = cache
-            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.warning("%s: could not cache the dequantised model: %s", self.name, exc)
-        return model
-
     def unload_blocking(self) -> None:
         if self.engine is not None:
             self.engine.release()
@@ -256,6 +203,11 @@ class LLMActor(ModelActor):
             asked = self.engine is not None and self.lease is not None and \
                 self.lease.busy and self.engine.request_yield()
             env.detail["pausing"] = bool(asked)
+            if msg.keep_weights:             # the arbiter waits for our Trimmed
+                if self._loop is None and self.lease is not None and not self.lease.busy:
+                    await self.trim_working(env)         # no job: the cache goes now
+                else:
+                    self._yield_keep = True              # at the end of the loop
             return None
         if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and (
                 msg.spec.device != self.spec.device or self._engine_changes(msg.params))):
@@ -293,7 +245,8 @@ class LLMActor(ModelActor):
         """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
         req.prompt = self.encode_prompt(req.msg)[0].tolist()
         req.max_new = self._max_new(len(req.prompt), req.msg)
-        req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg, self._eos_ids())
+        req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
+                                                    eos_ids(self.model, self.tokenizer))
         req.logprobs = req.msg.logprobs
         if req.msg.stream is not None:
             req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
@@ -339,22 +292,31 @@ class LLMActor(ModelActor):
             return
         self._loop = None
         self.engine.ended()
+        keep, self._yield_keep = self._yield_keep, False
         if self.engine.yielded and self.lease is not None and self.lease.busy:
-            # paused for a waiting model: free the KV cache and the weights' GPU copy, give
-            # the grant back, then queue for it again behind that model
+            # paused for a waiting model: free the KV cache; then either keep the weights
+            # (the cache was enough for it) or give the whole grant back; queue for the GPU
+            # again behind that model
             if env is not None:
-                env.detail.update(yielded=True, kv_freed_bytes=self.engine.cache_bytes())
+                env.detail.update(yielded=True, kv_freed_bytes=self.engine.cache_bytes(),
+                                  kept_weights=keep)
             await self.system.executor.run(self.engine.release)
-            await self.lease.give_back(env)
-            self.device = "cpu"
+            if keep:
+                self.lease.paused_keeping_weights(env)
+            else:
+                await self.lease.give_back(env)
+                self.device = "cpu"
+            keep = False
         if not self._holding and self.engine.pending:
-            await self._start_loop(env)
+            await self._start_loop(env)     # (a new grant makes a pending trim moot)
             return
         if self.lease is not None and self.lease.busy:
             if self.spec.idle_on_cpu and self.spec.device == "flex":
                 await self.system.executor.run(self.engine.release)    # before the eviction
             await self.lease.finish(env)
             self.device = "cuda" if self.lease.on_gpu else "cpu"
+        if keep:                            # asked to yield its cache, ended first: trim now
+            await self.trim_working(env)
 
     async def _quiesce(self, env: Envelope | None) -> None:
         """Let the running batch finish (admitting nobody), then free its KV cache and graphs."""
@@ -375,11 +337,12 @@ class LLMActor(ModelActor):
             env.detail["kv_freed_bytes"] = eng.cache_bytes()
         await self.system.executor.run(eng.release)
 
-    async def trim_working(self, env: Envelope) -> None:
+    async def trim_working(self, env: Envelope | None) -> None:
         """Idle: free the KV cache and the graphs, keep the weights on the GPU."""
         eng = self.engine
         if eng is not None and self._loop is None and eng.cache is not None:
-            env.detail["kv_freed_bytes"] = eng.cache_bytes()
+            if env is not None:
+                env.detail["kv_freed_bytes"] = eng.cache_bytes()
             await self.system.executor.run(eng.release)
         await super().trim_working(env)
 
@@ -450,83 +413,10 @@ class LLMActor(ModelActor):
         return ids
 
     def _generate(self, req: SeqRequest) -> ChatResult:
-        """The path without continuous batching: one ``generate`` for this chat, streaming
-        through the same :class:`TextTail` as the batch. A chat handed over from a batch
-        engine continues where it left off (its prompt and the tokens it had)."""
-        msg = req.msg
+        """The path without continuous batching (actors/llm_generate.py)."""
         if req.prompt is None:
             self._prepare(req)
-        assert req.prompt is not None
-        ids = torch.tensor([req.context()], dtype=torch.long)
-        left = req.max_new - req.generated
-        streamer = TailStreamer(req.tail, self._eos_ids())
-        kwargs: dict[str, Any] = {"max_new_tokens": left, "streamer": streamer,
-                                  "stopping_criteria": [_StopWhen(streamer, msg.cancel,
-                                                                  req.constraint)],
-                                  "attention_mask": torch.ones_like(ids, device=self.model.device)}
-        if msg.temperature > 0:
-            kwargs.update(do_sample=True, temperature=msg.temperature, top_p=msg.top_p, top_k=0)
-            if msg.seed is not None:
-                torch.manual_seed(msg.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id
-        if req.constraint is not None:
-            kwargs["logits_processor"] = [_Constrained(req.constraint)]
-        if left > 0 and not msg.cancel.is_set():
-            with torch.inference_mode():
-                self.model.generate(ids.to(self.model.device), pad_token_id=pad, **kwargs)
-        req.generated += streamer.n_tokens
-        text = req.tail.finish()
-        if msg.cancel.is_set():
-            reason = FinishReason.CANCELLED
-        elif req.tail.hit_stop or streamer.hit_eos:
-            reason = FinishReason.STOP
-        elif req.generated >= req.max_new:
-            reason = FinishReason.LENGTH
-        else:
-            reason = FinishReason.STOP
-        return ChatResult(text=text, finish_reason=reason, prompt_tokens=len(req.prompt),
-                          completion_tokens=req.generated)
-
-    def _eos_ids(self) -> set[int]:
-        eos = set(as_list(getattr(self.tokenizer, "eos_token_id", None)))
-        gen_cfg = getattr(self.model, "generation_config", None)
-        return eos | set(as_list(getattr(gen_cfg, "eos_token_id", None)))
-
-
-class _StopWhen:
-    """Stopping criterion: a stop string was seen, the grammar is complete, or the client
-    went away."""
-
-    def __init__(self, streamer: TailStreamer, cancel: threading.Event, constraint: Any = None):
-        self.streamer = streamer
-        self.cancel = cancel
-        self.constraint = constraint
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = self.streamer.tail.hit_stop or self.streamer.hit_eos or self.cancel.is_set() \
-            or (self.constraint is not None and self.constraint.finished())
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class _Constrained:
-    """Logits processor for ``generate``: the grammar accepts each sampled token (seen as the
-    last input id of the next step) and masks the next step's logits."""
-
-    def __init__(self, constraint: Any):
-        self.constraint = constraint
-        self.first = True
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not self.first:
-            self.constraint.accept(int(input_ids[0, -1]))
-        self.first = False
-        scores = scores.float()
-        self.constraint.fill_mask(scores[0])
-        return scores
+        return generate(self.model, self.tokenizer, req)
 
 
 def _no_callback(req: SeqRequest, res: Any) -> None:

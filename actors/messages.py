@@ -195,9 +195,13 @@ class Revoke:
 class Yield:
     """The arbiter asks a busy, preemptible holder (the LLM's batch loop, which would otherwise
     hold the GPU as long as chats keep coming) to pause its job soon and give its memory back:
-    another model waits for it. The holder resumes by asking again, in the queue."""
+    another model waits for it. The holder resumes by asking again, in the queue.
+    ``keep_weights``: its working memory (the KV cache) is enough for the waiter: the holder
+    drops only that and keeps its weights on the GPU (answering JobFinished, then Trimmed),
+    instead of giving everything back."""
     model: str
     reason: str = ""
+    keep_weights: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

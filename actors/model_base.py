@@ -318,7 +318,7 @@ class ModelActor(Actor):
                               f"{self.error or self.state}")
         return await self.serve(msg, env)
 
-    async def trim_working(self, env: Envelope) -> None:
+    async def trim_working(self, env: Envelope | None) -> None:
         """The arbiter wants this idle model's working memory: keep the weights resident.
         (Encoders allocate theirs per job, so there is nothing to free here; the LLM frees
         its KV cache.)"""

@@ -275,8 +275,11 @@ class VRAMArbiter(Actor):
     # ---- the decision --------------------------------------------------------------------------
     def _ordered(self) -> list[_Waiter]:
         # holders first (blocked while pinning memory), then priority, then arrival
-        return sorted(self.waiters, key=lambda w: (w.req.model not in self.holders,
-                                                   w.req.priority, w.env.seq))
+        # (a holder that paused its job for a waiter queues behind it, like a newcomer)
+        def behind(w: _Waiter) -> bool:
+            h = self.holders.get(w.req.model)
+            return h is None or h.yielding
+        return sorted(self.waiters, key=lambda w: (behind(w), w.req.priority, w.env.seq))
 
     def _pinned_others(self, model: str) -> list[Holder]:
         return [h for h in self.holders.values() if h.pinned and h.model != model]
@@ -431,14 +434,18 @@ class VRAMArbiter(Actor):
         for h in sorted((h for h in later if h.preemptible), key=lambda h: h.granted_at):
             if have >= short:
                 return
-            have += h.nbytes
+            keep = 0 < h.working and have + h.working >= short   # its cache is enough
+            have += h.working if keep else h.nbytes
             if h.yield_sent:
                 continue
             h.yield_sent = True
+            if keep:                     # it answers Trimmed once paused
+                h.trimming = h.yielding = True
             env.detail.setdefault("yield_asked", []).append(h.model)
             target = self._holder_actor(h)
             if target is not None:
-                target.tell(Yield(model=h.model, reason=f"{model!r} waits for GPU memory"),
+                target.tell(Yield(model=h.model, reason=f"{model!r} waits for GPU memory",
+                                  keep_weights=keep),
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
     def _grant(self, model: str, req: RequestGrant, env: Envelope, *, waited: float,
@@ -453,6 +460,7 @@ class VRAMArbiter(Actor):
         h.nbytes = max(h.nbytes, nbytes)
         h.weights = weights if 0 < weights <= h.nbytes else 0
         h.streamed = streamed
+        h.trimming = h.yielding = False     # a trim or yield in flight is moot now
         if req.restore_s > 0:
             h.restore_s = req.restore_s
         h.used_now(time.monotonic())

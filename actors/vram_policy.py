@@ -102,6 +102,7 @@ class Holder:
     rate: float = 0.0               # grants per second, decayed (see use_rate)
     rate_at: float = 0.0
     streamed: bool = False          # its last grant was for the layer-streamed mode
+    yielding: bool = False          # paused its job for a waiter, keeping its weights
 
     @property
     def working(self) -> int:
