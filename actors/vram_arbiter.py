@@ -72,6 +72,8 @@ from .vram_policy import (
     choose_room,
     default_budget,
     fmt,
+    stream_need,
+    weights_only,
     why_waiting,
 )
 
@@ -287,7 +289,7 @@ class VRAMArbiter(Actor):
     def _too_big(self, req: RequestGrant) -> GrantTooLarge | None:
         pinned = self._pinned_others(req.model)
         room = self.budget - sum(h.nbytes for h in pinned)
-        streamed = self._stream_need(req, None)
+        streamed = stream_need(req, None)
         if req.nbytes <= room or (streamed is not None and streamed <= room):
             return None
         names = ", ".join(f"{h.model} {fmt(h.nbytes)}" for h in pinned) or "none"
@@ -355,13 +357,13 @@ class VRAMArbiter(Actor):
         now = time.monotonic()
         # a holder being trimmed has only its weights left to give
         offer = [h for h in idle if not h.trimming] + \
-            [_weights_only(h) for h in trimming]
+            [weights_only(h) for h in trimming]
         room = choose_room(offer, short, now)
         if room is not None and not room.evictions:
             return self._make_room(w, room, env)        # trims are enough: wait for them
         # an encoder that can run layer-streamed (a few layers' worth on the GPU) does so
         # rather than evict others or make the chats yield
-        s_need = self._stream_need(req, mine)
+        s_need = stream_need(req, mine)
         if s_need is not None:
             if s_need <= self.free:
                 waited = 0.0 if w.env is self._current else time.monotonic() - w.since
@@ -374,7 +376,7 @@ class VRAMArbiter(Actor):
                 return False
             s_room = choose_room(offer, s_short, now)
             if s_room is not None and (room is None or not s_room.evictions or
-                                       _cost(s_room, now) < _cost(room, now)):
+                                       s_room.cost(now) < room.cost(now)):
                 return self._make_room(w, s_room, env)
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
@@ -418,13 +420,6 @@ class VRAMArbiter(Actor):
             w.evicted.append(h.model)
             freed_now |= self._revoke(h, f"making room for {w.req.model!r}", env)
         return freed_now                # an absent holder's bytes are free at once: go again
-
-    def _stream_need(self, req: RequestGrant, mine: Holder | None) -> int | None:
-        """Bytes still needed for a layer-streamed grant (None: the model cannot stream)."""
-        if not req.stream_bytes or req.pinned or req.stream_bytes >= (req.weights or req.nbytes):
-            return None
-        total = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
-        return total - (mine.nbytes if mine else 0)
 
     def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
                       model: str, env: Envelope) -> None:
@@ -571,13 +566,3 @@ class VRAMArbiter(Actor):
         for w in list(self.waiters):
             self._answer(w, ActorStopped(f"{self.name} was stopped while {w.req.model!r} "
                                          "waited for GPU memory"))
-
-
-def _weights_only(h: Holder) -> Holder:
-    """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
-    return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
-                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at)
-
-
-def _cost(room: Room, now: float) -> float:
-    return sum(h.evict_cost(now) for h in room.evictions)

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from ..runtime.errors import ServiceError
+from .messages import RequestGrant
 
 log = logging.getLogger("agile_rag.arbiter")
 
@@ -144,6 +145,10 @@ class Room:
     def frees(self) -> int:
         return sum(h.nbytes for h in self.evictions) + sum(h.working for h in self.trims)
 
+    def cost(self, now: float) -> float:
+        """Expected seconds lost to its evictions (trims cost next to nothing)."""
+        return sum(h.evict_cost(now) for h in self.evictions)
+
 
 def choose_room(idle: list[Holder], short: int, now: float) -> Room | None:
     """Which idle holders give what so that ``short`` bytes come free (see the module
@@ -220,3 +225,17 @@ def why_waiting(model: str, ahead: list[tuple[str, int]], holders: list[Holder],
     used = sum(h.nbytes for h in holders)
     parts.append(f"budget {fmt(budget)}, used {fmt(used)}, free {fmt(budget - used)}")
     return "; ".join(parts)
+
+
+def weights_only(h: Holder) -> Holder:
+    """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
+    return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
+                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at)
+
+
+def stream_need(req: RequestGrant, mine: Holder | None) -> int | None:
+    """Bytes still needed for a layer-streamed grant (None: the model cannot stream)."""
+    if not req.stream_bytes or req.pinned or req.stream_bytes >= (req.weights or req.nbytes):
+        return None
+    total = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
+    return total - (mine.nbytes if mine else 0)
