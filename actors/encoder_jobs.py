@@ -1,0 +1,479 @@
+"""The jobs of the encoder engine (actors/encoder_engine.py): requests in, forwards, answers out.
+
+The work runs in a *job* on the actor's task: a job starts when a request finds the model idle
+and keeps taking the requests that arrive while it runs (one GPU grant for all of them), until
+nothing is left or another kind of message (Describe, Revoke, a config update) waits. Inside a
+job three things overlap:
+
+- the tokenizer thread tokenizes whatever arrived, in one fast-tokenizer batch call (the
+  tokenizer's own work releases the GIL);
+- the forward thread(s) run batches back to back: on a GPU two batches are in flight, so the
+  next one's kernels are queued while the current one computes and the GPU does not wait for
+  Python between batches; on the CPU one (torch already uses every core);
+- the event loop only moves requests in and answers out.
+
+A lone request on an idle model starts at once: its tokenization is the only wait. A burst shares
+forwards: what arrives while one batch computes is tokenized meanwhile and forms the next. On the
+CPU, where a forward holds the cores and a small first forward slows everything arriving behind
+it, the first batch of a job also takes the requests that keep arriving while the previous ones
+are tokenized (within ``batch_linger_ms``); a lone request finds nothing more and starts.
+
+:class:`EncoderJobs` holds the steps of a job's loop; it is not an actor of its own, only the
+base of :class:`~.encoder_engine.EncoderActor`, which starts and ends the jobs and holds the
+settings.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..runtime.actor import Envelope
+from ..runtime.errors import ModelFailed, Overloaded, ServiceError
+from .encoder_tokens import Piece, TokenPool, Tokens, input_chars
+from .model_base import ARBITER, ModelActor
+from .states import Device, DeviceMode
+from .torch_util import empty_cache, is_oom
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    from .encoder_backends import Backend
+
+log = logging.getLogger("agile_rag.encoder")
+
+#: default ``max_batch_tokens``: rows x longest row per forward (32 pairs of 512 tokens)
+DEFAULT_BATCH_TOKENS = 16384
+#: one tokenizer call takes inputs until about this much text: about one forward's worth
+#: (4 characters a token, at least this much), so that the first forward of a big request
+#: starts while the rest of it is still being tokenized
+TOKENIZE_CHUNK_CHARS = 16 * 1024
+TOKENIZE_CHUNK_INPUTS = 2048
+#: a flex model's job stops taking new requests after this long, so that the arbiter can lend
+#: the GPU to another model between jobs
+FLEX_JOB_SLICE_S = 1.0
+
+
+class Pending:
+    """One request inside a job: its inputs, the outputs filled in as forwards finish."""
+    __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "padded",
+                 "failed", "extra")
+
+    def __init__(self, env: Envelope, inputs: list, extra: Any = None):
+        self.env = env
+        self.inputs = inputs
+        self.left = len(inputs)
+        self.out: np.ndarray | None = None
+        self.tokens = 0                 # usage (prompt tokens)
+        self.batches = 0
+        self.widest = 0                 # largest forward (rows) its inputs ran in
+        self.padded = 0                 # largest forward (rows x longest row) it ran in
+        self.failed: BaseException | None = None
+        self.extra = extra
+
+
+class Batch(list):
+    """One forward: the list of its inputs (texts, or [query, document] pairs, as the
+    library's own call would take them), with the tokenized pieces they came from."""
+
+    def __init__(self, pieces: list[Piece], *, solo: bool = False, retry: bool = False):
+        super().__init__(p.raw for p in pieces)
+        self.pieces = pieces
+        self.solo = solo                # one request's pieces: a failure fails only it
+        self.retry = retry              # already retried after a GPU out-of-memory
+        self.padded = 0                 # rows x longest row
+
+    def keep(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        self[:] = [p.raw for p in pieces]
+
+
+class Job:
+    """One job's state: the requests it took in, what waits to be tokenized and to run, the
+    forwards in flight, the answers ready to send."""
+
+    def __init__(self, actor: EncoderJobs, env0: Envelope):
+        self.actor = actor
+        self.env0 = env0
+        self.t0 = time.monotonic()
+        self.wake = asyncio.Event()
+        self.live: dict[Envelope, Pending] = {}
+        self.untokenized: deque[list] = deque()  # [request, first input not yet tokenized]
+        self.tok_fut: asyncio.Future | None = None
+        self.tok_batch: list[tuple[Pending, int, int]] = []
+        self.pool = TokenPool()
+        self.ready: deque[Batch] = deque()     # batches to run before the pool (retries)
+        self.running: dict[asyncio.Future, Batch] = {}
+        self.out: list[tuple[Envelope, Any]] = []    # answers ready to send
+        self.oom: list[Batch] = []
+        self.give_up = False                    # out of GPU memory twice: back to the CPU
+        self.open = True                        # still taking requests from the mailbox
+        self.collecting = False                 # the first batch waits for a burst (CPU)
+        self.arrived = 0                        # requests taken in since the last look
+        self.device: str = Device.CPU
+        self.pinned = False                     # a pinned grant already covers the job
+        self.depth = 1
+        self.budget = DEFAULT_BATCH_TOKENS
+        self.max_rows = 4096
+        self.items = 0
+        self.seq = itertools.count()
+        self.forwards = 0
+
+    def poke(self, _fut: Any = None) -> None:
+        self.wake.set()
+
+
+class EncoderJobs(ModelActor):
+    """The steps of a job's loop (see the module docstring), for
+    :class:`~.encoder_engine.EncoderActor`, which writes what is declared here."""
+    engine: Backend | None
+    batch_detail: str
+    _out_lock: threading.Lock
+
+    if TYPE_CHECKING:
+        def admit(self, env: Envelope) -> Pending | BaseException:
+            raise NotImplementedError
+
+        def usage(self, p: Pending, lengths: np.ndarray, start: int) -> int:
+            raise NotImplementedError
+
+        def finish(self, p: Pending) -> Any:
+            raise NotImplementedError
+
+        def batch_units(self, pieces: list[Piece]) -> int:
+            raise NotImplementedError
+
+        def batch_tokens(self) -> int:
+            raise NotImplementedError
+
+        def _note_demand(self, tokens: int) -> None:
+            raise NotImplementedError
+
+        def _pools(self) -> tuple[concurrent.futures.ThreadPoolExecutor,
+                                  concurrent.futures.ThreadPoolExecutor]:
+            raise NotImplementedError
+
+    async def _loop(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            self._absorb(job)
+            self._tokenize(job, loop)
+            if job.oom and not job.running:
+                await self._recover(job)
+            if job.give_up and not job.running:
+                await self._give_up_gpu(job)
+            self._launch(job, loop)
+            if not job.live and job.tok_fut is None and not job.running:
+                return
+            self._flush(job)
+            await job.wake.wait()
+            job.wake.clear()
+            self._harvest(job)
+
+    def _absorb(self, job: Job) -> None:
+        """Take the requests waiting in the mailbox into the job (until another kind of
+        message waits: it ends the job, and is handled after it)."""
+        if not job.open:
+            return
+        if self.lease is not None and self.spec.device == DeviceMode.FLEX and \
+                time.monotonic() - job.t0 > FLEX_JOB_SLICE_S:
+            job.open = False
+            return
+        mailbox = self.mailbox
+        while self._held is None and not mailbox.empty():
+            env = mailbox.get_nowait()
+            if env.abandoned:
+                self._trace_env(env, "dropped", started=time.monotonic())
+                continue
+            if not self.joinable(env.msg):
+                self._held = env
+                job.open = False
+                return
+            env.started = time.monotonic()
+            self._admit(job, env)
+            job.arrived += 1
+        if self._held is not None:
+            job.open = False
+
+    def _admit(self, job: Job, env: Envelope) -> None:
+        try:
+            p = self.admit(env)
+        except Exception as exc:  # noqa: BLE001 - delivered to its asker
+            p = exc
+        if isinstance(p, BaseException):
+            self._deliver(env, p)
+            return
+        job.live[env] = p
+        if p.left == 0:
+            self._done(job, p)
+            return
+        job.untokenized.append([p, 0])
+
+    def _tokenize(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand what arrived to the tokenizer thread (one call), if it is free."""
+        if job.tok_fut is not None or not job.untokenized:
+            return
+        take: list[tuple[Pending, int, int]] = []
+        chars = inputs = 0
+        limit = max(TOKENIZE_CHUNK_CHARS, 4 * job.budget)
+        queue = job.untokenized
+        while queue and (not take or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
+            seg = queue[0]
+            p, i = seg
+            n = len(p.inputs)
+            if p.env.abandoned or p.failed is not None:
+                queue.popleft()
+                if p.failed is None:
+                    p.left -= n - i
+                    if p.left <= 0:
+                        self._drop(job, p)
+                continue
+            j = i
+            while j < n and (j == i or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
+                chars += input_chars(p.inputs[j])
+                inputs += 1
+                j += 1
+            take.append((p, i, j))
+            if j >= n:
+                queue.popleft()
+            else:
+                seg[1] = j
+        if not take:
+            return
+        tok_pool, _ = self._pools()
+        job.tok_batch = take
+        fut = loop.run_in_executor(tok_pool, self._tokenize_blocking, take, job.seq)
+        fut.add_done_callback(job.poke)
+        job.tok_fut = fut
+
+    def _tokenize_blocking(self, segs: list[tuple[Pending, int, int]], seq) -> list[Piece]:
+        """Tokenizer thread: one call for the inputs ``i:j`` of each request; pieces back. A
+        call that fails is retried per request, so a bad input fails only its own request."""
+        engine = self.engine
+        assert engine is not None
+        flat = [x for p, i, j in segs for x in p.inputs[i:j]]
+        try:
+            groups = [(segs, engine.tokenize(flat))]
+        except Exception:  # noqa: BLE001 - find the request that fails
+            groups = []
+            for seg in segs:
+                p, i, j = seg
+                try:
+                    groups.append(([seg], engine.tokenize(p.inputs[i:j])))
+                except Exception as exc:  # noqa: BLE001
+                    p.failed = ModelFailed(f"{self.kind} {self.spec.name!r} could not tokenize "
+                                           f"this request: {type(exc).__name__}: {exc}")
+        pieces: list[Piece] = []
+        for group, tokens in groups:
+            arr = tokens if isinstance(tokens, Tokens) else None
+            lengths = tokens.lengths if isinstance(tokens, Tokens) else tokens
+            row = 0
+            for p, i, j in group:
+                mine = lengths[row:row + j - i]
+                p.tokens += self.usage(p, mine, i)
+                inputs = p.inputs
+                for k in range(j - i):
+                    pieces.append(Piece(int(mine[k]), next(seq), arr, row + k, inputs[i + k],
+                                        p, i + k))
+                row += j - i
+        return pieces
+
+    def _launch(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """Start forwards while a slot is free (depth: 2 on a GPU, 1 on the CPU)."""
+        if job.oom:
+            return
+        if job.collecting:
+            # CPU: the first batch takes the burst that keeps arriving while it is tokenized
+            waiting = job.tok_fut is not None or job.untokenized
+            if job.arrived and time.monotonic() - job.t0 < self.batch_linger_s:
+                job.arrived = 0
+                loop.call_soon(job.poke)          # look again next turn
+                return
+            if waiting and time.monotonic() - job.t0 < self.batch_linger_s:
+                return
+            job.collecting = False
+            job.env0.detail["linger_s"] = round(time.monotonic() - job.t0, 6)
+        job.arrived = 0
+        _, fwd_pool = self._pools()
+        while len(job.running) < job.depth:
+            if job.ready:
+                batch = job.ready.popleft()
+            else:
+                if not len(job.pool):
+                    return
+                want = job.pool.padded()
+                self._note_demand(min(want, self.batch_tokens()))
+                if job.running and want < min(job.budget // 4, self._running_tokens(job)):
+                    return              # a slot is free but little waits: let it gather
+                pieces = job.pool.take(job.budget, job.max_rows)
+                batch = Batch(pieces)
+            live = [p for p in batch.pieces if not p.owner.env.abandoned]
+            if len(live) < len(batch.pieces):
+                for p in batch.pieces:
+                    if p.owner.env.abandoned:
+                        p.owner.left -= 1
+                        if p.owner.left == 0:
+                            self._drop(job, p.owner)
+                if not live:
+                    continue
+                batch.keep(live)
+            batch.padded = len(batch.pieces) * max(p.length for p in batch.pieces)
+            fut = loop.run_in_executor(fwd_pool, self._forward_blocking, batch)
+            fut.add_done_callback(job.poke)
+            job.running[fut] = batch
+            job.forwards += 1
+
+    @staticmethod
+    def _running_tokens(job: Job) -> int:
+        return max((b.padded for b in job.running.values()), default=0)
+
+    def _forward_blocking(self, batch: Batch) -> None:
+        """Forward thread: one forward, its outputs written into each request's array (rows
+        of one request may come from two forward threads: each writes only its own)."""
+        out = self._encode(batch)
+        for j, piece in enumerate(batch.pieces):
+            p = piece.owner
+            if p.out is None:
+                with self._out_lock:
+                    if p.out is None:
+                        p.out = np.empty((len(p.inputs),) + out.shape[1:], dtype=np.float32)
+            p.out[piece.index] = out[j]
+
+    def _encode(self, batch: Batch) -> np.ndarray:
+        engine = self.engine
+        assert engine is not None
+        return engine.forward(batch.pieces)
+
+    def _harvest(self, job: Job) -> None:
+        fut = job.tok_fut
+        if fut is not None and fut.done():
+            job.tok_fut = None
+            taken, job.tok_batch = job.tok_batch, []
+            try:
+                pieces = fut.result()
+            except Exception as exc:  # noqa: BLE001 - should not happen: failures are per request
+                err = ModelFailed(f"{self.kind} {self.spec.name!r} could not tokenize: {exc}")
+                for p, _i, _j in taken:
+                    p.failed = err
+                pieces = []
+            job.pool.add([pc for pc in pieces if pc.owner.failed is None])
+            for p, _i, _j in taken:
+                if p.failed is not None:
+                    self._done(job, p)
+        for fut in [f for f in job.running if f.done()]:
+            batch = job.running.pop(fut)
+            error = fut.exception()
+            if error is None:
+                rows = self.batch_units(batch.pieces)
+                per: dict[int, list] = {}
+                for pc in batch.pieces:
+                    e = per.get(id(pc.owner))
+                    if e is None:
+                        per[id(pc.owner)] = [pc.owner, 1]
+                    else:
+                        e[1] += 1
+                for p, k in per.values():
+                    p.left -= k
+                    p.batches += 1
+                    if p.widest < rows:
+                        p.widest = rows
+                    if p.padded < batch.padded:
+                        p.padded = batch.padded
+                    if p.left == 0:
+                        self._done(job, p)
+            else:
+                self._failed(job, batch, error)
+
+    def _failed(self, job: Job, batch: Batch, exc: BaseException) -> None:
+        """A forward raised: out of GPU memory -> give back, ask for more, retry once; other
+        errors fail only the request they belong to (a mixed batch reruns per request)."""
+        lease = self.lease
+        if lease is not None and lease.on_gpu and is_oom(exc) and not batch.retry:
+            job.oom.append(batch)
+            return
+        if is_oom(exc) and batch.retry:
+            job.give_up = lease is not None and lease.on_gpu
+            err: BaseException = Overloaded(
+                f"{self.kind} {self.spec.name!r} ran out of GPU memory twice for a batch of "
+                f"{len(batch.pieces)} input(s); retry with a smaller request.")
+        elif isinstance(exc, ServiceError):
+            err = exc
+        else:
+            owners = {id(p.owner): p.owner for p in batch.pieces}
+            if len(owners) > 1 and not batch.solo:
+                for owner in owners.values():
+                    mine = [p for p in batch.pieces if p.owner is owner]
+                    job.ready.append(Batch(mine, solo=True, retry=batch.retry))
+                return
+            log.error("%s %s failed on a batch: %r", self.kind, self.name, exc)
+            err = ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request: "
+                              f"{type(exc).__name__}: {exc}")
+        for owner in {id(p.owner): p.owner for p in batch.pieces}.values():
+            owner.failed = owner.failed or err
+            self._done(job, owner)
+
+    async def _recover(self, job: Job) -> None:
+        """After a GPU out-of-memory (nothing else in flight): give the GPU back, ask for
+        twice the working memory (the arbiter evicts others), retry the batches once."""
+        lease = self.lease
+        assert lease is not None
+        batches, job.oom = job.oom, []
+        env = job.env0
+        job.pinned = False                  # asked again below: finish() at the end
+        await lease.give_back(env)
+        await self.system.executor.run(empty_cache)
+        working = self.working_bytes(job.items)
+        arbiter = self.system.actors.get(ARBITER)
+        budget = getattr(arbiter, "budget", None)
+        more = 2 * working + 256 * 2**20
+        if isinstance(budget, int):
+            more = min(more, max(working, budget - self.weight_bytes))
+        job.device = await lease.acquire(job.items, more, env)
+        self.device = job.device
+        for b in batches:
+            b.retry = True
+        job.ready.extendleft(reversed(batches))
+        if not lease.on_gpu:
+            job.depth = 1
+
+    async def _give_up_gpu(self, job: Job) -> None:
+        """Out of GPU memory twice: give the GPU back; the job goes on on the CPU."""
+        job.give_up = False
+        lease = self.lease
+        if lease is not None and lease.on_gpu:
+            await lease.give_back(job.env0)
+            await self.system.executor.run(empty_cache)
+        job.device = self.device = Device.CPU
+        job.depth = 1
+
+    def _drop(self, job: Job, p: Pending) -> None:
+        """The asker went away: forget the request (traced as dropped)."""
+        if job.live.pop(p.env, None) is not None:
+            self._trace_env(p.env, "dropped", started=p.env.started or time.monotonic())
+
+    def _done(self, job: Job, p: Pending) -> None:
+        """A request is complete (or failed): its answer is sent at the next flush."""
+        if job.live.pop(p.env, None) is None:
+            return
+        if p.failed is not None:
+            job.out.append((p.env, p.failed))
+            return
+        d = p.env.detail
+        d[self.batch_detail] = p.widest
+        d["batch_tokens"] = p.padded
+        d["forwards"] = p.batches
+        try:
+            result = self.finish(p)
+        except Exception as exc:  # noqa: BLE001 - delivered to its asker
+            result = exc
+        job.out.append((p.env, result))
+
+    def _flush(self, job: Job) -> None:
+        out, job.out = job.out, []
+        for env, result in out:
+            self._deliver(env, result)
