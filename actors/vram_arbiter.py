@@ -1,41 +1,27 @@
 """The VRAM arbiter: the only actor that decides which model holds GPU memory.
 
-Decisions only, by message (the types are in :mod:`agile_rag.actors.messages`); it never
-touches torch. What it counts and how it chooses what to take back is
-:mod:`agile_rag.actors.vram_policy`.
+Decisions only, by message; it never touches torch. The protocol is drawn in
+:mod:`agile_rag.actors.messages` (RequestGrant -> Granted, JobFinished, Trim -> Trimmed,
+Revoke -> Released, Release, Yield, RevokeAllFlex, Describe); what it counts and how it
+chooses what to take back is :mod:`agile_rag.actors.vram_policy`. The rules it keeps:
 
-- ``RequestGrant(model, nbytes, weights, ...)`` (ask): hold ``nbytes`` (weights + the job's
-  working memory) for the job about to run. Answered later with ``Granted`` or a
-  ``ServiceError`` (the handler returns ``DEFER``: the mailbox never blocks). A grant marks the
-  holder BUSY. A holder asking again is answered at once when it fits what it holds or the
-  extra is free; else it waits like everyone else. A grant only shrinks by Trim, Release or
-  Released. ``pinned`` (device: cuda) is sticky.
-- ``JobFinished(model)`` (tell): the holder is IDLE (resident, evictable). A no-op when not
-  busy, so model actors send it in a ``finally`` after every ask.
-- ``Trim(model, keep)`` -> ``Trimmed(model, nbytes)``: an idle holder drops its working memory
-  (an LLM's KV cache) and keeps its weights; the bytes count as used until Trimmed comes.
-- ``Revoke(model)`` -> ``Released(model, nbytes)``: sent only to idle, non-pinned holders; the
-  holder drops its GPU tensors (after a batch it may still be running). ``Release(model)``: a
-  holder gives its memory back on its own. Either one removes the holder, whatever its state;
-  send them at CONTROL priority so they never overtake the holder's own later RequestGrant.
-- ``Yield(model)`` (to a busy holder that asked with ``preemptible``): the LLM's batch keeps
-  its grant while chats keep coming; when the head waiter can be served neither by free
-  memory, nor trims and evictions of idle holders, nor busy holders that end on their own,
-  each preemptible holder it needs gets one Yield per grant: it pauses at a step boundary
-  (after its minimum slice), releases, and asks again behind the waiter.
-- ``RevokeAllFlex(reason)`` (reset_flags): fails every waiter, revokes every idle non-pinned
-  holder now and every busy one at its JobFinished, and nudges revokes that never answered.
-- ``Describe()`` -> ``ArbiterState``.
-
-Serving order: one head at a time, by (holds GPU memory already, priority, arrival); a
-holder waiting for more memory is blocked (it cannot process a Revoke) while it pins what it
-holds, so it goes first. A later waiter never overtakes the head (no starvation), except
-holders asking within their grant or for extra bytes free right now. If the head can only
-be served by memory that other blocked holders pin, the youngest of those is refused
-(:class:`GrantCancelled`, retryable) so it becomes evictable: no deadlock. A request larger
-than the budget less what pinned models hold is refused at once (:class:`GrantTooLarge`: the
-model runs on CPU). Every wait is bounded by ``grant_timeout`` and the asker's own deadline
-(then ``DeadlineExceeded`` says what it waited for).
+- A grant marks the holder busy until its JobFinished (a no-op when not busy, so actors send it
+  in a ``finally``); a busy holder is never trimmed or revoked. A holder asking again is served
+  at once when it fits what it holds or the extra is free. Grants shrink only by Trimmed,
+  Released or Release (sent at CONTROL priority, so they never overtake the holder's own
+  later RequestGrant); ``pinned`` (device: cuda) is sticky.
+- Making room: free memory, then bytes on their way (revokes, trims), then idle holders'
+  working memory (Trim), then whole idle models by expected cost (Revoke), a layer-streamed
+  grant for an encoder when that avoids evictions or pauses, and last a Yield to a busy
+  preemptible holder (the LLM's batch), asking for its cache only when that is enough.
+- Serving order: one head at a time, by (holds memory and is blocked, priority, arrival); a
+  holder that paused for a waiter queues behind it. A later waiter never overtakes the head. If
+  the head can only be served by memory other blocked holders pin, the youngest of those is
+  refused (:class:`GrantCancelled`, retryable): no deadlock. A request larger than the budget
+  less what pinned models hold is refused at once (:class:`GrantTooLarge`: CPU). Every wait is
+  bounded by ``grant_timeout`` and the asker's deadline (``DeadlineExceeded`` says why).
+- ``RevokeAllFlex`` (reset_flags) fails every waiter and revokes every flex holder (busy ones
+  at their JobFinished), nudging revokes that never answered.
 """
 from __future__ import annotations
 
@@ -43,7 +29,6 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime.actor import CONTROL, DEFER, Actor, Envelope
@@ -69,6 +54,8 @@ from .vram_policy import (
     GrantTooLarge,
     Holder,
     Room,
+    WaitDeadline,
+    Waiter,
     choose_room,
     default_budget,
     fmt,
@@ -82,22 +69,6 @@ log = logging.getLogger("agile_rag.arbiter")
 __all__ = ["VRAMArbiter", "GrantRefused", "GrantTooLarge", "GrantCancelled", "default_budget"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class _WaitDeadline:
-    """Private: a waiter's deadline timer fired (self-tell, CONTROL priority)."""
-    wid: int
-
-
-@dataclass(eq=False)
-class _Waiter:
-    wid: int
-    env: Envelope
-    req: RequestGrant
-    since: float
-    timer: asyncio.TimerHandle | None = None
-    evicted: list[str] = field(default_factory=list)
-
-
 class VRAMArbiter(Actor):
     def __init__(self, budget_bytes: int, *, name: str = "vram-arbiter",
                  grant_timeout: float = 120.0, deadline_grace: float = 0.05):
@@ -106,7 +77,7 @@ class VRAMArbiter(Actor):
         self.grant_timeout = float(grant_timeout)
         self.deadline_grace = deadline_grace     # let an asker give up before its timer fails it
         self.holders: dict[str, Holder] = {}
-        self.waiters: list[_Waiter] = []
+        self.waiters: list[Waiter] = []
         self.peak_used = 0
         self.granted_count = 0
         self.revoked_count = 0
@@ -144,7 +115,7 @@ class VRAMArbiter(Actor):
             return self._on_trimmed(msg, env)
         if isinstance(msg, Release):
             return self._on_gone(msg.model, env, reported=None, how="release")
-        if isinstance(msg, _WaitDeadline):
+        if isinstance(msg, WaitDeadline):
             return self._on_deadline(msg, env)
         if isinstance(msg, RevokeAllFlex):
             return self._on_revoke_all(msg, env)
@@ -170,7 +141,7 @@ class VRAMArbiter(Actor):
         too_big = self._too_big(req)
         if too_big is not None:
             return too_big
-        w = _Waiter(next(self._wids), env, req, time.monotonic())
+        w = Waiter(next(self._wids), env, req, time.monotonic())
         self.waiters.append(w)
         self._arm_timer(w, env)
         self._current, self._current_result = env, DEFER
@@ -226,7 +197,7 @@ class VRAMArbiter(Actor):
         self._pump(env)
         return None
 
-    def _on_deadline(self, msg: _WaitDeadline, env: Envelope) -> None:
+    def _on_deadline(self, msg: WaitDeadline, env: Envelope) -> None:
         w = next((x for x in self.waiters if x.wid == msg.wid), None)
         if w is None:
             return None
@@ -275,10 +246,10 @@ class VRAMArbiter(Actor):
         return None
 
     # ---- the decision --------------------------------------------------------------------------
-    def _ordered(self) -> list[_Waiter]:
+    def _ordered(self) -> list[Waiter]:
         # holders first (blocked while pinning memory), then priority, then arrival
         # (a holder that paused its job for a waiter queues behind it, like a newcomer)
-        def behind(w: _Waiter) -> bool:
+        def behind(w: Waiter) -> bool:
             h = self.holders.get(w.req.model)
             return h is None or h.yielding
         return sorted(self.waiters, key=lambda w: (behind(w), w.req.priority, w.env.seq))
@@ -315,7 +286,7 @@ class VRAMArbiter(Actor):
                 return
         log.error("%s: _pump did not settle", self.name)   # pragma: no cover
 
-    def _try_serve(self, w: _Waiter, order: list[_Waiter], env: Envelope) -> bool:
+    def _try_serve(self, w: Waiter, order: list[Waiter], env: Envelope) -> bool:
         """Serve or fail the head waiter, or start making room. True: call again."""
         req = w.req
         too_big = self._too_big(req)
@@ -410,7 +381,7 @@ class VRAMArbiter(Actor):
             return False
         return True
 
-    def _make_room(self, w: _Waiter, room: Room, env: Envelope) -> bool:
+    def _make_room(self, w: Waiter, room: Room, env: Envelope) -> bool:
         """Send the trims and revokes ``room`` says; True when bytes came free at once."""
         freed_now = False
         for h in room.trims:
@@ -524,7 +495,7 @@ class VRAMArbiter(Actor):
             return env.sender
         return model
 
-    def _arm_timer(self, w: _Waiter, env: Envelope) -> None:
+    def _arm_timer(self, w: Waiter, env: Envelope) -> None:
         delay = self.grant_timeout
         if env.deadline is not None:       # the asker gives up first: drop it then
             delay = min(delay, env.deadline - time.monotonic() + self.deadline_grace)
@@ -534,9 +505,9 @@ class VRAMArbiter(Actor):
 
     def _timer_fired(self, wid: int) -> None:
         if not self.stopped:
-            self.tell(_WaitDeadline(wid=wid), priority=CONTROL, sender=self.name)
+            self.tell(WaitDeadline(wid=wid), priority=CONTROL, sender=self.name)
 
-    def _remove_waiter(self, w: _Waiter) -> None:
+    def _remove_waiter(self, w: Waiter) -> None:
         try:
             self.waiters.remove(w)
         except ValueError:
@@ -545,7 +516,7 @@ class VRAMArbiter(Actor):
             w.timer.cancel()
             w.timer = None
 
-    def _answer(self, w: _Waiter, result: Any) -> None:
+    def _answer(self, w: Waiter, result: Any) -> None:
         self._remove_waiter(w)
         if isinstance(result, BaseException):
             w.env.detail.update(refused=type(result).__name__,
@@ -555,7 +526,7 @@ class VRAMArbiter(Actor):
         else:
             self.reply_to(w.env, result)
 
-    def _why_waiting(self, w: _Waiter) -> str:
+    def _why_waiting(self, w: Waiter) -> str:
         order = self._ordered()
         ahead = order[:order.index(w)] if w in order else []
         return why_waiting(w.req.model, [(x.req.model, x.req.nbytes) for x in ahead],

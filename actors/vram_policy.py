@@ -23,7 +23,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..runtime.errors import ServiceError
 from .messages import RequestGrant
@@ -134,6 +135,23 @@ class Holder:
         """Working memory is allocated again with the next job: nearly free (a token cost so
         that among trims the least used holders go first)."""
         return 1e-3 * (self.rate_now(now) + RATE_FLOOR)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitDeadline:
+    """A waiter's deadline timer fired (the arbiter's self-tell, CONTROL priority)."""
+    wid: int
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A RequestGrant the arbiter has not answered yet."""
+    wid: int
+    env: Any                        # runtime.actor.Envelope of the ask
+    req: RequestGrant
+    since: float
+    timer: Any = None               # asyncio.TimerHandle of its deadline
+    evicted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)

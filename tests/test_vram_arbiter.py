@@ -245,7 +245,7 @@ async def test_grant_deadline_names_busy_holder():
         st = await state(arb)
         assert st.waiting == () and st.holders == {"A": 800}
         ev = [e for e in system.tracer.events if e.actor == "vram-arbiter"
-              and e.msg_type == "_WaitDeadline"]
+              and e.msg_type == "WaitDeadline"]
         assert ev and ev[-1].detail.get("timed_out")
 
 
