@@ -469,6 +469,8 @@ class Soak:
             if len(self.traces) < 10:
                 self.traces[rid] = asyncio.ensure_future(self._trace(s, rid))
         self.max_latency = max(self.max_latency, took)
+        if outcome == "refused" and self.chaos:
+            await asyncio.sleep(self.rng.uniform(0.2, 1.0))   # Retry-After: 1, as clients do
         return outcome
 
     async def _trace(self, s, rid: str) -> dict | None:

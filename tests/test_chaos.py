@@ -46,8 +46,8 @@ ADMIN = "chaos-admin"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 SHUTDOWN_TIMEOUT = 10
 MAX_QUEUED = 6
-REQUEST_TIMEOUT = 120          # the server's own limit...
-DEADLINE_S = 60                # ...and the clients': a request lost until REQUEST_TIMEOUT fails
+REQUEST_TIMEOUT = 180          # the server's own limit...
+DEADLINE_S = 90                # ...and the clients': a request lost until REQUEST_TIMEOUT fails
 LLM, EMBEDDER, RERANKER = "smollm2", "minilm", "minilm-rerank"
 KV_TOKENS = 4096               # the LLM batch's KV budget: at most 180 MB of cache
 
@@ -108,9 +108,11 @@ async def reload_now(s, base) -> list[str]:
 async def warm_up(soak: Soak, editor: ChaosEditor, s, base) -> None:
     """What the baseline RSS is measured after: every model kind added, used and removed
     once; both LLM paths (batch engine and one generate() at a time) run; then the largest
-    shapes of the run once (long prompts together, a mixed crowd, the bursts), since the LLM
+    shapes of the run once (long prompts together, a mixed crowd, the bursts, long prompts
+    with prefill_chunk_tokens 0 and through generate()), since the LLM
     keeps its KV cache and the allocators keep their high-water marks (measured: a 16-chat
-    burst +95 MB, four long prompts at once +200 MB, once; repeating them adds nothing)."""
+    burst +95 MB, four long prompts at once +200 MB, long prompts prefilled together +100 MB,
+    through generate() +200 MB; once each, repeating them adds nothing)."""
     for kind in ("embedder", "reranker", "llm"):
         editor._toggle_extra(kind)
     await reload_now(s, base)
@@ -130,6 +132,18 @@ async def warm_up(soak: Soak, editor: ChaosEditor, s, base) -> None:
     crowd = ["long"] * 4 + ["chat", "stream"] * 3 + ["embed"] * 6 + ["rerank", "tei"] * 2
     await asyncio.gather(*(soak.one(s, k) for k in crowd))
     out = await burst(soak, s, base)
+    # the LLM's two other big shapes: long prompts prefilled together (prefill_chunk_tokens
+    # 0) and a long prompt through generate() (continuous_batching false)
+    llm_params = editor.good["llm_params"]
+    llm_params["prefill_chunk_tokens"] = 0
+    await editor.settle_good(base, s, AUTH)
+    await asyncio.gather(*(soak.one(s, "long") for _ in range(4)))
+    del llm_params["prefill_chunk_tokens"]
+    llm_params["continuous_batching"] = False
+    await editor.settle_good(base, s, AUTH)
+    await asyncio.gather(soak.one(s, "long"), soak.one(s, "chat"))
+    llm_params["continuous_batching"] = True
+    await editor.settle_good(base, s, AUTH)
     assert not soak.failures and not out["failures"], (soak.failures, out["failures"])
 
 
@@ -315,5 +329,9 @@ def test_chaos_nothing_lost_under_live_edits_and_load(chaos_server):
                    rss_after_references_mb=report["rss_after_references_mb"],
                    baseline_rss_mb=report["baseline_rss_mb"])
     print(json.dumps(summary, indent=1, default=str))
+    saved = os.path.join(os.path.dirname(chaos_server["log"]), "chaos-report.json")
+    with open(saved, "w") as f:
+        json.dump(report, f, indent=1, default=str)
     bad = problems_of(report)
-    assert not bad, f"seed {SEED}; server log {chaos_server['log']}:\n- " + "\n- ".join(bad)
+    assert not bad, f"seed {SEED}; server log {chaos_server['log']}, report {saved}:\n- " + \
+        "\n- ".join(bad)
