@@ -266,8 +266,10 @@ class EncoderJobs(ModelActor):
                 try:
                     groups.append(([seg], engine.tokenize(p.inputs[i:j])))
                 except Exception as exc:  # noqa: BLE001
+                    log.warning("%s %s could not tokenize a request: %r", self.kind, self.name,
+                                exc)
                     p.failed = ModelFailed(f"{self.kind} {self.spec.name!r} could not tokenize "
-                                           f"this request: {type(exc).__name__}: {exc}")
+                                           "this request; the server log has the details.")
         pieces: list[Piece] = []
         for group, tokens in groups:
             arr = tokens if isinstance(tokens, Tokens) else None
@@ -411,8 +413,8 @@ class EncoderJobs(ModelActor):
                     job.ready.append(Batch(mine, solo=True, retry=batch.retry))
                 return
             log.error("%s %s failed on a batch: %r", self.kind, self.name, exc)
-            err = ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request: "
-                              f"{type(exc).__name__}: {exc}")
+            err = ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request; the "
+                              "server log has the details.")
         for owner in {id(p.owner): p.owner for p in batch.pieces}.values():
             owner.failed = owner.failed or err
             self._done(job, owner)

@@ -210,9 +210,11 @@ class ModelActor(Actor):
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - the asker gets the reason, not a traceback
-            log.exception("%s %s failed on a job", self.kind, self.name)
-            raise ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            rid = env.request_id if env is not None else None
+            log.exception("%s %s failed on a job (request %s)", self.kind, self.name, rid)
+            raise ModelFailed(f"{self.kind} {self.spec.name!r} failed on this request"
+                              f"{f' (request id {rid})' if rid else ''}; the server log has "
+                              "the details.") from exc
 
     async def _compute(self, items: int, env: Envelope | None, fn: Callable, *args: Any) -> Any:
         run = self.system.executor.run
