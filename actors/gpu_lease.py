@@ -135,14 +135,10 @@ class GpuLease:
     def paused_keeping_weights(self, env: Envelope | None = None) -> None:
         """Our job paused for a waiter and freed its working memory (a Yield that asked for
         the cache only): the job is over for the arbiter, and only the weights stay."""
-        keep = min(self.granted, self.kept or self.residency.weight_bytes)
-        _note(env, trimmed=self.granted - keep)
-        self.granted = keep
         self.busy = False
         self.arbiter.tell(JobFinished(model=self.owner.name), priority=CONTROL,
                           sender=self.owner.name)
-        self.arbiter.tell(Trimmed(model=self.owner.name, nbytes=keep), priority=CONTROL,
-                          sender=self.owner.name)
+        self.trimmed(env)                 # then only the weights count
 
     async def revoked(self, env: Envelope | None = None) -> None:
         """The arbiter wants our memory (we are between jobs): drop the GPU copy, say so."""
