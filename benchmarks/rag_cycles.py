@@ -211,17 +211,19 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
 
 
 def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
-                  embed_cuda_thres: int = 0) -> tuple[str, str]:
-    """``mode`` is ``uncapped`` or ``capped-<MB>`` (the cap in MB)."""
+                  embed_cuda_thres: int = 0, llm_params: dict | None = None,
+                  llm_max_tokens: int = 4096) -> tuple[str, str]:
+    """``mode`` is ``uncapped`` or ``capped-<MB>`` (the cap in MB). ``llm_params`` are added
+    to both modes' llm_params (e.g. a smaller batch_kv_tokens for a 6 GiB card)."""
     paths = info["paths"]
     live = {"standby_llms": ["llm"], "standby_embedders": ["emb"], "standby_rerankers": ["rr"],
-            "llms": {"llm": {"llm_path": paths["llm"], "device": "flex", "max_tokens": 4096,
-                             "dtype": dtype}},
+            "llms": {"llm": {"llm_path": paths["llm"], "device": "flex",
+                             "max_tokens": llm_max_tokens, "dtype": dtype}},
             "embedders": {"emb": {"path": paths["embedder"], "device": "flex", "dtype": dtype,
                                   "cuda_thres": embed_cuda_thres, "max_tokens": 512}},
             "rerankers": {"rr": {"path": paths["reranker"], "device": "flex", "max_tokens": 512,
                                  "kind": "cross-encoder", "dtype": dtype}},
-            "llm_params": {"default_temp": 0},
+            "llm_params": {"default_temp": 0, **(llm_params or {})},
             # a forward's token budget that fits beside the LLM on an 8 GiB card
             "embedder_params": {"max_batch_tokens": 8192},
             "reranker_params": {"max_batch_tokens": 8192}}
@@ -630,7 +632,9 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
              f"- cycle: streamed chat ({result['new_tokens']} new tokens) -> embed 1 query -> "
              f"rerank {N_PASSAGES} passages of {PASSAGE_CHARS} chars (top_n {TOP_N}) -> "
              "streamed chat with the top passages",
-             f"- the embedder's cuda_thres: {result.get('embed_cuda_thres', 0)}",
+             f"- the embedder's cuda_thres: {result.get('embed_cuda_thres', 0)}; the LLM's "
+             f"max_tokens {result.get('llm_max_tokens', 4096)}, llm_params added: "
+             f"{json.dumps(result.get('llm_params') or {})}",
              f"- window per level: {result['duration_s']} s; {result['counting_rule']}", ""]
     for mode, mres in result["modes"].items():
         budget = mres.get("budget_mb")
@@ -743,6 +747,13 @@ def main() -> None:
                          "the seed's cycle; 8: one-query embeds run on the CPU)")
     ap.add_argument("--concurrency", default=None,
                     help='levels, e.g. "1,4,16" (default; "1,2,4" for small shapes)')
+    ap.add_argument("--llm-params", default="{}",
+                    help='JSON added to llm_params in every mode, e.g. '
+                         '\'{"batch_kv_tokens": 2048, "prefill_chunk_tokens": 512}\' so that '
+                         'the LLM with its cache fits a 6 GiB cap')
+    ap.add_argument("--llm-max-tokens", type=int, default=4096,
+                    help="the LLM entry's max_tokens (its context; the KV cache holds at "
+                         "least one): lower it with batch_kv_tokens for a small cap")
     ap.add_argument("--duration-s", type=float, default=60.0)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--time-budget-s", type=float, default=540.0)
@@ -756,6 +767,11 @@ def main() -> None:
     levels = [int(x) for x in (a.concurrency or ("1,4,16" if shapes == "real" else "1,2,4"))
               .split(",") if x.strip()]
     caps = [int(x) for x in str(a.cap_mb).split(",") if x.strip()]
+    try:
+        llm_params = json.loads(a.llm_params)
+        assert isinstance(llm_params, dict)
+    except (ValueError, AssertionError):
+        ap.error(f"--llm-params must be a JSON object, not {a.llm_params!r}")
     modes = []
     for m in (m.strip() for m in a.modes.split(",") if m.strip()):
         if m not in ("capped", "uncapped"):
@@ -801,7 +817,8 @@ def main() -> None:
         "gpu_total_mb": info["gpu_total_mb"], "cuda": info["cuda"],
         "versions": info["versions"], "shapes": shapes, "dtype": SHAPES[shapes]["dtype"],
         "params": info["params"], "cap_mb": a.cap_mb, "duration_s": a.duration_s,
-        "embed_cuda_thres": a.embed_cuda_thres,
+        "embed_cuda_thres": a.embed_cuda_thres, "llm_params": llm_params,
+        "llm_max_tokens": a.llm_max_tokens,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
         "counting_rule": "cycles that started inside the window count (each client finishes "
                          "its last one); elapsed = window start to the end of the last counted "
@@ -820,7 +837,7 @@ def main() -> None:
             continue
         cap = int(mode.split("-")[1]) if mode.startswith("capped") else 0
         live, cfg = write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
-                                  a.embed_cuda_thres)
+                                  a.embed_cuda_thres, llm_params, a.llm_max_tokens)
         say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = {cap})")
         t0 = time.monotonic()
         server = ServerProcess(live, cfg, os.path.join(a.out, f"server-{mode}.log"))

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 STREAM_WORTH = 0.8
 
 
+STREAM_GBPS_GUESS = 25.0    # host -> GPU pinned copy rate before one was measured
+
 class StreamableResidency:
     def __init__(self, module: nn.Module, pin: bool = True, *, slots: int = 2,
                  device: str = "cuda"):
@@ -58,6 +60,13 @@ class StreamableResidency:
         """GPU bytes of the streamed mode (resident parts + slots); 0: not offered."""
         return self.stream.weight_bytes if self.stream is not None else 0
 
+    def stream_s(self) -> float:
+        """Seconds a streamed pass may add over a resident one: copying its layers, at the
+        measured pinned rate (25 GB/s until a pass was timed). Large jobs hide most of it
+        behind their compute; a one-query job pays it whole."""
+        gbps = self.stats().get("copy_gbps") or STREAM_GBPS_GUESS
+        return self.weight_bytes / (float(gbps) * 1e9)
+
     @property
     def streamed(self) -> bool:
         return self.stream is not None and self.stream.attached
@@ -78,6 +87,7 @@ class StreamableResidency:
             out: dict[str, Any] = {"bytes": 0, "seconds": 0.0}
             if self.full.on_gpu:
                 self.full.evict()
+            self._retarget(device)
             got = self.stream.attach()
             out.update(bytes=got.get("bytes", 0), seconds=got.get("seconds", 0.0),
                        streamed=True)
@@ -86,6 +96,16 @@ class StreamableResidency:
             assert self.stream is not None
             self.stream.detach()
         return self.full.admit(device)
+
+    def _retarget(self, device: str) -> None:
+        """Stream to ``device`` from now on (several GPUs: the card of this grant)."""
+        assert self.stream is not None
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == self.stream.device.type and dev != self.stream.device:
+            self.stream.detach()
+            self.stream.device = dev
 
     def evict(self) -> dict:
         if self.streamed:

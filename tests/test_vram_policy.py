@@ -176,3 +176,44 @@ async def test_a_trim_that_frees_nothing_is_not_asked_again():
                                        sender="new"), 5)
     assert g.evicted == ("old",) and old.trims == 1
     await system.stop_all()
+
+
+def test_a_costly_trim_loses_to_evicting_a_cheap_idle_encoder():
+    """An LLM whose trim costs its CUDA graphs (trim_s) keeps its cache when evicting an idle
+    encoder (a 20 ms copy back) makes the same room; with a free trim it is the other way."""
+    llm = holder("llm", 6_170_000_000, 1_080_000_000, uses=2, restore_s=0.5)
+    rr = holder("rr", 1_120_000_000, 0, uses=1, restore_s=0.02)
+    room = choose_room([llm, rr], 1_000_000_000, now=100.0)
+    assert room.trims == (llm,) and room.evictions == ()          # trims nearly free
+    llm.trim_s = 0.3
+    room = choose_room([llm, rr], 1_000_000_000, now=100.0)
+    assert room.evictions == (rr,) and room.trims == ()
+    assert room.cost(100.0) < llm.trim_cost(100.0)
+
+
+async def test_an_encoder_streams_rather_than_trim_an_llm_whose_graphs_a_trim_costs():
+    """The N=1 RAG cycle: the idle LLM's cache would make room for the reranker, but dropping
+    it costs the LLM its CUDA graphs (trim_s); streaming the reranker costs less (stream_s),
+    so it streams with its one-forward working memory (stream_working) and the LLM keeps all."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Recorder("llm"))
+    system.spawn(Recorder("rr"))
+    for _ in range(3):
+        await arb.ask(RequestGrant(model="llm", nbytes=800, weights=600, restore_s=0.5,
+                                   trim_s=0.3), sender="llm")
+        arb.tell(JobFinished(model="llm"))
+    g = await asyncio.wait_for(arb.ask(
+        RequestGrant(model="rr", nbytes=400, weights=300, stream_bytes=60, stream_working=50,
+                     stream_s=0.02), sender="rr"), 5)
+    assert g.streamed and g.nbytes == 110 and g.evicted == ()
+    await asyncio.sleep(0.05)
+    assert llm.trims == 0 and "Revoke" not in llm.got
+    assert (await arb.ask(Describe())).holders == {"llm": 800, "rr": 110}
+    arb.tell(JobFinished(model="rr"))
+    # a streamed pass that would cost more than the trim: the trim is asked for instead
+    g = await asyncio.wait_for(arb.ask(
+        RequestGrant(model="rr", nbytes=400, weights=300, stream_bytes=60, stream_working=50,
+                     stream_s=5.0), sender="rr"), 5)
+    assert not g.streamed and llm.trims == 1
+    await system.stop_all()
