@@ -36,7 +36,10 @@ MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 5
 MODEL_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "agile_rag")  # dequantised GGUF
 
 # --- GPU residency (the VRAM arbiter) ------------------------------------------------------------
-TOTAL_CUDA_MEMORY = 0         # MB the server may use on the card; 0 = the card's free memory
+TOTAL_CUDA_MEMORY: int | list[int] = 0   # MB the server may use on each card; 0 = the card's
+                              # free memory. Several GPUs: one number for every card, or a list,
+                              # one entry per card (cuda:0, cuda:1, ...; 0 = that card's free
+                              # memory; cards past the list's end are left alone)
 MEMORY_REDUNDANCY = 0.15      # fraction of the budget kept free for activations and fragmentation
 
 # --- live configuration --------------------------------------------------------------------------
@@ -72,7 +75,7 @@ class Settings:
     SHUTDOWN_TIMEOUT: float = SHUTDOWN_TIMEOUT
     MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL
     MODEL_CACHE_DIR: str = MODEL_CACHE_DIR
-    TOTAL_CUDA_MEMORY: int = TOTAL_CUDA_MEMORY
+    TOTAL_CUDA_MEMORY: int | list[int] = TOTAL_CUDA_MEMORY
     MEMORY_REDUNDANCY: float = MEMORY_REDUNDANCY
     LIVECONFIGS_PATH: str = LIVECONFIGS_PATH
     DEBOUNCE_TIME: float = DEBOUNCE_TIME

@@ -65,13 +65,16 @@ class Server:
         if not torch.cuda.is_available():
             log.info("no CUDA device: every model computes on the CPU")
             return
-        from .actors.vram_arbiter import VRAMArbiter, default_budget
+        from .actors.vram_arbiter import VRAMArbiter
+        from .actors.vram_devices import device_budgets
         from .runtime.residency import WeightResidency
 
-        budget = default_budget(self.settings.TOTAL_CUDA_MEMORY, self.settings.MEMORY_REDUNDANCY)
-        self.system.spawn(VRAMArbiter(budget))
+        budgets = device_budgets(self.settings.TOTAL_CUDA_MEMORY,
+                                 self.settings.MEMORY_REDUNDANCY)
+        self.system.spawn(VRAMArbiter(budgets))
         self.residency_factory = WeightResidency
-        log.info("GPU budget for models: %.0f MB", budget / 2**20)
+        log.info("GPU budget for models: %s", ", ".join(
+            f"{card} {b / 2**20:.0f} MB" for card, b in budgets.items()))
 
     async def start(self) -> None:
         live = await self.read_live_config()

@@ -258,9 +258,10 @@ class ConfigActor(Actor):
 
 
 def _what_changed(actor: ModelActor, spec: ModelSpec, params: dict) -> str:
-    parts = [f"{k}={getattr(spec, k)!r}" for k in ("device", "max_tokens", "cuda_thres",
-                                                    "idle_on_cpu", "size_est")
-             if getattr(actor.spec, k) != getattr(spec, k)]
+    parts = [f"device={spec.placement!r}"] if actor.spec.placement != spec.placement else []
+    parts += [f"{k}={getattr(spec, k)!r}" for k in ("max_tokens", "cuda_thres", "idle_on_cpu",
+                                                     "size_est")
+              if getattr(actor.spec, k) != getattr(spec, k)]
     parts += [f"{k}={v!r}" for k, v in params.items()
               if k not in actor.params or actor.params[k] != v]
     # a key taken out of *_params: the model goes back to its built-in default for it

@@ -13,6 +13,11 @@ Before each job the model actor calls :meth:`GpuLease.acquire`; it answers where
 After the job :meth:`finish` tells the arbiter ``JobFinished`` and, with ``idle_on_cpu``,
 drops the GPU copy and ``Release``s the grant. A ``Revoke`` (handled between jobs, never
 during one) drops the GPU copy and answers ``Released``.
+
+Several GPUs: a pinned model asks for its card (``device: cuda:N``; ``cuda`` is ``cuda:0``),
+a flex one for none, and the arbiter's ``Granted.device`` says where the weights go;
+:attr:`GpuLease.at` is that card while they are there, and :meth:`bound` runs a job's
+function with it as the thread's current CUDA device (streams, graphs, cuBLAS handles).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class GpuLease:
         self.busy = False
         self.admit_s = 0.0              # how long our last admit took (the arbiter's cost)
         self.kept = 0                   # the weights part of our grant (what a Trim keeps)
+        self.at: str | None = None      # the card our grant (and our weights) are on
 
     @property
     def on_gpu(self) -> bool:
@@ -53,9 +59,11 @@ class GpuLease:
         return await self.owner.system.executor.run(fn)
 
     async def acquire(self, items: int, working_bytes: int, env: Envelope | None, *,
-                      preemptible: bool = False) -> str:
+                      preemptible: bool = False, stream_working: int = 0) -> str:
         """Where this job computes: ``self.device`` or ``"cpu"``. ``preemptible``: the job
-        pauses when the arbiter sends ``Yield`` (the owner handles it)."""
+        pauses when the arbiter sends ``Yield`` (the owner handles it). ``stream_working``:
+        the job's working memory if it runs layer-streamed (the arbiter may grant that mode;
+        ``streamed`` says afterwards)."""
         mode = self.spec.device
         if mode == DeviceMode.CPU:
             return "cpu"
@@ -65,12 +73,14 @@ class GpuLease:
             return "cpu"
         need = self.residency.weight_bytes + working_bytes
         t0 = time.monotonic()
+        card = f"cuda:{getattr(self.spec, 'gpu', None) or 0}" if mode == DeviceMode.CUDA else None
         try:
             granted = await self.arbiter.ask(
                 RequestGrant(model=self.owner.name, nbytes=need, pinned=(mode == DeviceMode.CUDA),
+                             device=card,
                              preemptible=preemptible, weights=self.residency.weight_bytes,
-                             restore_s=self.restore_s(),
-                             stream_bytes=getattr(self.residency, "stream_bytes", 0)),
+                             restore_s=self.restore_s(), trim_s=self.trim_s(),
+                             **self._stream_terms(stream_working)),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
@@ -84,14 +94,17 @@ class GpuLease:
         self.busy = True
         _note(env, grant_wait_s=round(time.monotonic() - t0, 4), evicted=list(granted.evicted))
         streamed = bool(granted.streamed)
-        _note(env, gpu_mode="streamed" if streamed else "resident")
-        if not self.on_gpu or streamed != bool(getattr(self.residency, "streamed", False)):
+        _note(env, gpu_mode="streamed" if streamed else "resident", gpu_device=granted.device)
+        moved = self.at is not None and self.at != granted.device
+        if not self.on_gpu or moved or \
+                streamed != bool(getattr(self.residency, "streamed", False)):
+            # the card the grant is on ("cuda" machines); a test double's own device otherwise
+            where = granted.device if str(self.device).startswith("cuda") else self.device
             try:
                 if streamed:
-                    stats = await self._run(lambda: self.residency.admit(self.device,
-                                                                         streamed=True))
+                    stats = await self._run(lambda: self.residency.admit(where, streamed=True))
                 else:
-                    stats = await self._run(lambda: self.residency.admit(self.device))
+                    stats = await self._run(lambda: self.residency.admit(where))
             except Exception as exc:  # noqa: BLE001 - fall back to CPU, give the grant back
                 log.error("%s could not move to the GPU: %s", self.owner.name, exc)
                 await self.give_back()
@@ -101,7 +114,21 @@ class GpuLease:
                 self.admit_s = float(stats.get("seconds", 0.0))
             _note(env, admit_bytes=stats.get("bytes", 0),
                   admit_s=round(float(stats.get("seconds", 0.0)), 4))
+        self.at = granted.device
         return self.device
+
+    def bound(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run with our card as the calling thread's current CUDA device (a card other
+        than cuda:0 only: the default needs nothing)."""
+        at = self.at
+        if at is None or at == "cuda:0" or not str(self.device).startswith("cuda"):
+            return fn
+
+        def on_card(*args: Any, **kwargs: Any) -> Any:
+            import torch
+            with torch.cuda.device(at):
+                return fn(*args, **kwargs)
+        return on_card
 
     async def finish(self, env: Envelope | None = None) -> None:
         """The job is over: idle (still resident), or gone at once with idle_on_cpu."""
@@ -113,6 +140,24 @@ class GpuLease:
         else:
             self.arbiter.tell(JobFinished(model=self.owner.name), priority=CONTROL,
                               sender=self.owner.name)
+
+    @property
+    def streamed(self) -> bool:
+        """The weights are on the GPU layer-streamed (the grant was for that mode)."""
+        return bool(getattr(self.residency, "streamed", False))
+
+    def _stream_terms(self, stream_working: int) -> dict[str, Any]:
+        stream_bytes = int(getattr(self.residency, "stream_bytes", 0) or 0)
+        if not stream_bytes:
+            return {}
+        stream_s = getattr(self.residency, "stream_s", None)
+        return {"stream_bytes": stream_bytes, "stream_working": int(stream_working),
+                "stream_s": float(stream_s()) if callable(stream_s) else 0.0}
+
+    def trim_s(self) -> float:
+        """What giving back our working memory costs us when the next job comes (an LLM
+        captures its CUDA graphs again); 0: next to nothing."""
+        return float(getattr(self.owner, "trim_extra_s", 0.0))
 
     def restore_s(self) -> float:
         """What bringing our weights back costs: the measured admit, plus what the owner
@@ -148,6 +193,7 @@ class GpuLease:
                           sender=self.owner.name)
         self.granted = 0
         self.busy = False
+        self.at = None
 
     async def give_back(self, env: Envelope | None = None) -> None:
         """Release on our own: idle_on_cpu, device change, delete, GPU out of memory."""
@@ -156,6 +202,7 @@ class GpuLease:
         self.arbiter.tell(Release(model=self.owner.name), priority=CONTROL, sender=self.owner.name)
         self.granted = 0
         self.busy = False
+        self.at = None
 
     async def close(self) -> None:
         """The model is unloaded: give the grant back if we still hold one, then let go of the

@@ -210,7 +210,7 @@ class LLMActor(ModelActor):
                     self._yield_keep = True              # at the end of the loop
             return None
         if isinstance(msg, Revoke) or (isinstance(msg, UpdateModel) and (
-                msg.spec.device != self.spec.device or self._engine_changes(msg.params))):
+                msg.spec.placement != self.spec.placement or self._engine_changes(msg.params))):
             # the weights may move, or the engine is replaced: no batch, no KV cache
             await self._quiesce(env)
             result = await super().handle(msg, env)
@@ -269,7 +269,8 @@ class LLMActor(ModelActor):
         engine.start()
         if self._loop_thread is None:            # (never started through on_start)
             self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
-        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, engine.run)
+        run = self.lease.bound(engine.run) if self.lease is not None else engine.run   # its card
+        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, run)
         self._loop = fut
         fut.add_done_callback(self._loop_done)
 

@@ -151,6 +151,7 @@ class ModelState:
     queue_length: int
     error: str | None = None
     gpu_mode: str | None = None      # on the GPU: resident | streamed (layer-streamed encoder)
+    gpu: str | None = None           # on the GPU: the card of its grant (cuda:0, cuda:1, ...)
 
 
 # ---- GPU residency (the VRAM arbiter's protocol) -----------------------------------------------
@@ -164,15 +165,24 @@ class RequestGrant:
     the weights back costs the holder, in seconds (its measured admit time, plus what else it
     loses, e.g. CUDA graphs); 0: the arbiter estimates it from the bytes. ``stream_bytes``:
     the GPU bytes of the holder's layer-streamed mode (an encoder's small parts plus a few
-    layers' slots) that replaces ``weights`` in a streamed grant; 0: it cannot stream."""
+    layers' slots) that replaces ``weights`` in a streamed grant; 0: it cannot stream.
+    ``stream_working``: the job's working memory when it runs streamed (one forward in flight;
+    0: as resident); ``stream_s``: how much longer the job takes streamed than resident (the
+    layers' copies the compute does not hide). ``trim_s``: what giving back the working memory
+    costs the holder when its next job comes (an LLM captures its CUDA graphs again); 0: next
+    to nothing."""
     model: str
     nbytes: int
     priority: int = 1                 # lower = more urgent
     pinned: bool = False              # device: cuda models hold a permanent grant
+    device: str | None = None         # the card it must be on (cuda:N); None: the arbiter places it
     preemptible: bool = False         # its job can pause on a Yield (the LLM's batch loop)
     weights: int = 0
     restore_s: float = 0.0
     stream_bytes: int = 0
+    stream_working: int = 0
+    stream_s: float = 0.0
+    trim_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,6 +192,7 @@ class Granted:
     waited_s: float = 0.0
     evicted: tuple[str, ...] = ()
     streamed: bool = False            # run the job layer-streamed (stream_bytes, not weights)
+    device: str = "cuda:0"            # the card the grant is on: admit the weights there
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +264,9 @@ class ArbiterState:
     holders: dict[str, int]
     busy: tuple[str, ...]
     waiting: tuple[str, ...]
+    #: per card: {"budget", "used", "free", "peak"} bytes (one entry on a one-GPU server)
+    devices: dict[str, dict[str, int]] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)   # holder -> its card
 
 
 @dataclass(frozen=True, kw_only=True)

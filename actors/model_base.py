@@ -198,8 +198,8 @@ class ModelActor(Actor):
         await lease.finish()
         self.device = Device.CUDA if lease.on_gpu else Device.CPU
         if where == Device.CPU:
-            log.warning("%s is set to device cuda but did not get the GPU; it runs on CPU",
-                        self.name)
+            log.warning("%s is set to device %s but did not get the GPU; it runs on CPU",
+                        self.name, self.spec.placement)
 
     async def compute(self, items: int, env: Envelope | None, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` in the executor, on the GPU when a grant comes, else on the CPU.
@@ -225,7 +225,7 @@ class ModelActor(Actor):
         try:
             self.device = await lease.acquire(items, working, env)
             try:
-                return await run(fn, *args)
+                return await run(lease.bound(fn), *args)
             except Exception as exc:  # noqa: BLE001
                 if not lease.on_gpu or not is_oom(exc):
                     raise
@@ -233,7 +233,7 @@ class ModelActor(Actor):
             await run(empty_cache)
             self.device = await lease.acquire(items, 2 * working + 256 * 2**20, env)
             try:
-                return await run(fn, *args)
+                return await run(lease.bound(fn), *args)
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -334,10 +334,11 @@ class ModelActor(Actor):
         raise NotImplementedError
 
     async def _update(self, spec: ModelSpec, params: dict[str, Any], env: Envelope) -> bool:
-        old = self.spec.device
+        old, old_card = self.spec.device, self.spec.placement
         self.update(spec, params)
-        if self.lease is not None and old != spec.device:
-            if self.lease.granted:          # to cpu, or cuda -> flex (unpin): give it back
+        if self.lease is not None and old_card != spec.placement:
+            # to cpu, cuda -> flex (unpin), or cuda:0 -> cuda:1 (another card): give it back
+            if self.lease.granted or self.lease.on_gpu:
                 await self.lease.give_back(env)
                 self.device = Device.CPU
             if spec.device == DeviceMode.CUDA:
@@ -359,7 +360,14 @@ class ModelActor(Actor):
                           config_device=self.spec.device,
                           resident_bytes=self.weight_bytes if self.device == Device.CUDA else 0,
                           weight_bytes=self.weight_bytes, queue_length=self.queue_length(),
-                          error=self.error, gpu_mode=self.gpu_mode())
+                          error=self.error, gpu_mode=self.gpu_mode(), gpu=self.gpu_card())
+
+    def gpu_card(self) -> str | None:
+        """The card the weights are on now (cuda:0, cuda:1, ...), or None (not on a GPU)."""
+        lease = self.lease
+        if lease is None or lease.residency is None or not lease.on_gpu:
+            return None
+        return lease.at
 
     def gpu_mode(self) -> str | None:
         """How the weights are on the GPU now: resident, streamed, or None (not there)."""

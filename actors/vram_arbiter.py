@@ -22,6 +22,10 @@ chooses what to take back is :mod:`agile_rag.actors.vram_policy`. The rules it k
   bounded by ``grant_timeout`` and the asker's deadline (``DeadlineExceeded`` says why).
 - ``RevokeAllFlex`` (reset_flags) fails every waiter and revokes every flex holder (busy ones
   at their JobFinished), nudging revokes that never answered.
+- Several GPUs: one arbiter, one ledger per card (``budgets``; a holder and a waiter are each
+  on one card, and every rule above holds per card); where a flex model goes is
+  :mod:`agile_rag.actors.vram_devices`. Built with one number it is the one-GPU arbiter
+  (``cuda:0``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..runtime.actor import CONTROL, DEFER, Actor, Envelope
@@ -48,6 +53,7 @@ from .messages import (
     Trimmed,
     Yield,
 )
+from .vram_devices import CardLedgers, budgets_of, describe_devices, norm_device
 from .vram_policy import (
     GrantCancelled,
     GrantRefused,
@@ -60,8 +66,8 @@ from .vram_policy import (
     default_budget,
     fmt,
     stream_need,
+    stream_total,
     weights_only,
-    why_waiting,
 )
 
 log = logging.getLogger("agile_rag.arbiter")
@@ -69,11 +75,13 @@ log = logging.getLogger("agile_rag.arbiter")
 __all__ = ["VRAMArbiter", "GrantRefused", "GrantTooLarge", "GrantCancelled", "default_budget"]
 
 
-class VRAMArbiter(Actor):
-    def __init__(self, budget_bytes: int, *, name: str = "vram-arbiter",
-                 grant_timeout: float = 120.0, deadline_grace: float = 0.05):
+class VRAMArbiter(CardLedgers, Actor):
+    def __init__(self, budget_bytes: int | Sequence[int] | Mapping[str, int], *,
+                 name: str = "vram-arbiter", grant_timeout: float = 120.0,
+                 deadline_grace: float = 0.05):
         super().__init__(name)
-        self.budget = max(int(budget_bytes), 0)
+        self.budgets = budgets_of(budget_bytes)          # card -> bytes
+        self.peaks = dict.fromkeys(self.budgets, 0)
         self.grant_timeout = float(grant_timeout)
         self.deadline_grace = deadline_grace     # let an asker give up before its timer fails it
         self.holders: dict[str, Holder] = {}
@@ -92,16 +100,14 @@ class VRAMArbiter(Actor):
     def used(self) -> int:
         return sum(h.nbytes for h in self.holders.values())
 
-    @property
-    def free(self) -> int:
-        return self.budget - self.used
-
     def state(self) -> ArbiterState:
         return ArbiterState(
             budget=self.budget, used=self.used,
             holders={m: h.nbytes for m, h in self.holders.items()},
             busy=tuple(m for m, h in self.holders.items() if h.busy),
-            waiting=tuple(w.req.model for w in self._ordered()))
+            waiting=tuple(w.req.model for w in self._ordered()),
+            devices=describe_devices(self.budgets, list(self.holders.values()), self.peaks),
+            placement={m: h.device for m, h in self.holders.items()})
 
     # ---- messages ----------------------------------------------------------------------------
     async def handle(self, msg: Any, env: Envelope) -> Any:
@@ -131,17 +137,19 @@ class VRAMArbiter(Actor):
             return GrantRefused(f"RequestGrant for {req.model!r} asks for a negative size "
                                 f"({req.nbytes} bytes)", status=400)
         h = self.holders.get(req.model)
-        if h is not None:
+        if h is not None and (not req.device or norm_device(req.device) == h.device):
             h.pinned = h.pinned or req.pinned
             extra = req.nbytes - h.nbytes
-            if extra <= 0 or extra <= self.free:
+            if extra <= 0 or extra <= self.free_on(h.device):
                 # it holds the memory already (or the extra is free now): it is blocked while it
                 # waits and pins what it holds, so serving it at once is what frees GPU soonest
-                return self._grant(h.model, req, env, waited=0.0, evicted=(), actor=h.actor)
-        too_big = self._too_big(req)
-        if too_big is not None:
-            return too_big
+                return self._grant(h.model, req, env, waited=0.0, evicted=(), actor=h.actor,
+                                   device=h.device)
         w = Waiter(next(self._wids), env, req, time.monotonic())
+        placed = self._place(w)
+        if isinstance(placed, GrantTooLarge):
+            return placed
+        w.device = placed
         self.waiters.append(w)
         self._arm_timer(w, env)
         self._current, self._current_result = env, DEFER
@@ -151,8 +159,9 @@ class VRAMArbiter(Actor):
             self._current = None
         result, self._current_result = self._current_result, DEFER
         if result is DEFER:
-            order = self._ordered()
+            order = [x for x in self._ordered() if x.device == w.device]
             env.detail["queued_behind"] = [x.req.model for x in order[:order.index(w)]][:8]
+            env.detail["device"] = w.device
         return result
 
     def _on_job_finished(self, msg: JobFinished, env: Envelope) -> None:
@@ -254,52 +263,50 @@ class VRAMArbiter(Actor):
             return h is None or h.yielding
         return sorted(self.waiters, key=lambda w: (behind(w), w.req.priority, w.env.seq))
 
-    def _pinned_others(self, model: str) -> list[Holder]:
-        return [h for h in self.holders.values() if h.pinned and h.model != model]
-
-    def _too_big(self, req: RequestGrant) -> GrantTooLarge | None:
-        pinned = self._pinned_others(req.model)
-        room = self.budget - sum(h.nbytes for h in pinned)
-        streamed = stream_need(req, None)
-        if req.nbytes <= room or (streamed is not None and streamed <= room):
-            return None
-        names = ", ".join(f"{h.model} {fmt(h.nbytes)}" for h in pinned) or "none"
-        return GrantTooLarge(
-            f"{req.model!r} needs {fmt(req.nbytes)} of GPU memory but the VRAM budget is "
-            f"{fmt(self.budget)} and pinned (device: cuda) models hold "
-            f"{fmt(self.budget - room)} ({names}): it cannot fit even after evicting every flex "
-            f"model, so it runs on CPU")
-
     def _pump(self, env: Envelope) -> None:
-        """Serve waiters in order until the head has to wait."""
+        """Serve each card's waiters in order until every card's head has to wait."""
         for w in [w for w in self.waiters if w.env.abandoned]:
             self._remove_waiter(w)            # the asker gave up: it blocks nobody any more
         for _ in range(10_000):           # each pass removes a waiter or changes a holder
             order = self._ordered()
             if not order:
                 return
-            head = order[0]
-            if head.env.abandoned:
-                self._remove_waiter(head)
-                continue
-            if not self._try_serve(head, order, env):
+            for dev in dict.fromkeys(w.device for w in order):
+                head = next(w for w in order if w.device == dev)
+                if head.env.abandoned:
+                    self._remove_waiter(head)
+                    break
+                if self._try_serve(head, order, env):
+                    break
+            else:
                 return
         log.error("%s: _pump did not settle", self.name)   # pragma: no cover
 
     def _try_serve(self, w: Waiter, order: list[Waiter], env: Envelope) -> bool:
-        """Serve or fail the head waiter, or start making room. True: call again."""
+        """Serve or fail the head waiter of its card, or start making room. True: call
+        again."""
         req = w.req
-        too_big = self._too_big(req)
+        mine = self.holders.get(req.model)
+        if not w.committed and mine is None and req.device is None and len(self.budgets) > 1:
+            placed = self._place(w)          # a card may have freed up since it asked
+            if not isinstance(placed, GrantTooLarge) and placed != w.device:
+                env.detail.setdefault("replaced", []).append(f"{req.model}->{placed}")
+                w.device = placed
+                return True
+        dev = w.device
+        too_big = self._too_big(req, dev)
         if too_big is not None:
             self._answer(w, too_big)
             return True
-        mine = self.holders.get(req.model)
+        if mine is not None and mine.device != dev:
+            mine = None                      # moving cards: what it holds elsewhere is no help
         need = req.nbytes - (mine.nbytes if mine else 0)
-        if need <= self.free:
+        free = self.free_on(dev)
+        if need <= free:
             h_actor = mine.actor if mine else self._actor_name(req.model, w.env)
             waited = 0.0 if w.env is self._current else time.monotonic() - w.since
             self._answer(w, self._grant(req.model, req, w.env, waited=waited,
-                                        evicted=tuple(w.evicted), actor=h_actor))
+                                        evicted=tuple(w.evicted), actor=h_actor, device=dev))
             return True
         blocked = {x.req.model for x in order}
         pending: list[Holder] = []
@@ -308,7 +315,7 @@ class VRAMArbiter(Actor):
         stuck: list[Holder] = []
         trimming: list[Holder] = []
         for h in self.holders.values():
-            if h.model == req.model or h.pinned:
+            if h.model == req.model or h.pinned or h.device != dev:
                 continue
             if h.model in blocked:
                 stuck.append(h)         # waiting for our reply: cannot release until served
@@ -322,7 +329,7 @@ class VRAMArbiter(Actor):
             else:
                 idle.append(h)
         coming = sum(h.nbytes for h in pending) + sum(h.working for h in trimming)
-        short = need - self.free - coming
+        short = need - free - coming
         if short <= 0:
             return False                # wait for the Released / Trimmed already on their way
         now = time.monotonic()
@@ -330,24 +337,24 @@ class VRAMArbiter(Actor):
         offer = [h for h in idle if not h.trimming] + \
             [weights_only(h) for h in trimming]
         room = choose_room(offer, short, now)
-        if room is not None and not room.evictions:
-            return self._make_room(w, room, env)        # trims are enough: wait for them
-        # an encoder that can run layer-streamed (a few layers' worth on the GPU) does so
-        # rather than evict others or make the chats yield
+        # an encoder that can run layer-streamed (a few layers' worth on the GPU) does so when
+        # that costs less than the room a resident grant needs (evictions, a costly trim), and
+        # rather than make the chats yield
         s_need = stream_need(req, mine)
         if s_need is not None:
-            if s_need <= self.free:
-                waited = 0.0 if w.env is self._current else time.monotonic() - w.since
-                self._answer(w, self._grant(req.model, req, w.env, waited=waited,
-                                            evicted=tuple(w.evicted), actor=self._actor_name(
-                                                req.model, w.env), streamed=True))
-                return True
-            s_short = s_need - self.free - coming
-            if s_short <= 0:
-                return False
+            s_short = s_need - free - coming
             s_room = choose_room(offer, s_short, now)
-            if s_room is not None and (room is None or not s_room.evictions or
-                                       s_room.cost(now) < room.cost(now)):
+            if s_room is not None and (room is None or
+                                       s_room.cost(now) + req.stream_s < room.cost(now)):
+                if s_need <= free:
+                    waited = 0.0 if w.env is self._current else time.monotonic() - w.since
+                    self._answer(w, self._grant(req.model, req, w.env, waited=waited,
+                                                evicted=tuple(w.evicted),
+                                                actor=self._actor_name(req.model, w.env),
+                                                streamed=True, device=dev))
+                    return True
+                if s_short <= 0:
+                    return False        # what the streamed grant needs is on its way
                 return self._make_room(w, s_room, env)
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
@@ -356,11 +363,14 @@ class VRAMArbiter(Actor):
             return self._make_room(w, room, env)
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
             self._ask_to_yield(idle, later, short, req.model, env)
+            w.committed = any(h.yield_sent for h in later)     # a chat pauses for it here
             return False                # wait for busy holders to finish, then evict by LRU
         # the rest is pinned by holders that are themselves waiting (behind w): refuse the
         # youngest of them so they become evictable, instead of waiting for each other forever
         have = sum(h.nbytes for h in idle) + sum(h.nbytes for h in later)
-        by_arrival = sorted((x for x in order if x is not w and x.req.model != req.model),
+        by_arrival = sorted((x for x in order if x is not w and x.req.model != req.model and
+                             x.req.model in self.holders and
+                             self.holders[x.req.model].device == dev),
                             key=lambda x: x.env.seq, reverse=True)
         refused = []
         for x in by_arrival:
@@ -384,6 +394,7 @@ class VRAMArbiter(Actor):
     def _make_room(self, w: Waiter, room: Room, env: Envelope) -> bool:
         """Send the trims and revokes ``room`` says; True when bytes came free at once."""
         freed_now = False
+        w.committed = True
         for h in room.trims:
             self._trim(h, f"making room for {w.req.model!r}", env)
         for h in sorted((self.holders[v.model] for v in room.evictions),
@@ -415,20 +426,23 @@ class VRAMArbiter(Actor):
                             priority=CONTROL, sender=self.name, request_id=env.request_id)
 
     def _grant(self, model: str, req: RequestGrant, env: Envelope, *, waited: float,
-               evicted: tuple[str, ...], actor: str, streamed: bool = False) -> Granted:
+               evicted: tuple[str, ...], actor: str, device: str,
+               streamed: bool = False) -> Granted:
         nbytes, weights = req.nbytes, req.weights
         if streamed:                # the streamed mode's bytes replace the weights
-            nbytes = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
-            weights = req.stream_bytes
+            nbytes, weights = stream_total(req), req.stream_bytes
         h = self.holders.get(model)
         if h is None:
-            h = self.holders[model] = Holder(model, nbytes, req.pinned, actor)
+            h = self.holders[model] = Holder(model, nbytes, req.pinned, actor, device=device)
+        elif h.device != device:            # it moved cards: its admit leaves the old one
+            h.device, h.nbytes = device, nbytes
         h.nbytes = max(h.nbytes, nbytes)
         h.weights = weights if 0 < weights <= h.nbytes else 0
         h.streamed = streamed
         h.trimming = h.yielding = False     # a trim or yield in flight is moot now
         if req.restore_s > 0:
             h.restore_s = req.restore_s
+        h.trim_s = req.trim_s
         h.used_now(time.monotonic())
         h.pinned = h.pinned or req.pinned
         h.preemptible = req.preemptible and not h.pinned
@@ -436,18 +450,19 @@ class VRAMArbiter(Actor):
         h.busy = True
         h.last_used = next(self._clock)
         h.granted_at = time.monotonic()
-        used = self.used
-        self.peak_used = max(self.peak_used, used)
-        if used > self.budget:   # never: every path above checks; kept loud for the tests
-            log.error("%s: INVARIANT BROKEN: %d bytes granted of a %d budget",
-                      self.name, used, self.budget)
+        used = self.used_on(device)
+        self.peaks[device] = max(self.peaks.get(device, 0), used)
+        self.peak_used = max(self.peak_used, self.used)
+        if used > self.budgets.get(device, 0):   # never: every path checks; loud for the tests
+            log.error("%s: INVARIANT BROKEN: %d bytes granted of a %d budget on %s",
+                      self.name, used, self.budgets.get(device, 0), device)
         self.granted_count += 1
-        env.detail.update(granted=h.nbytes, waited_s=round(waited, 6), used=used,
+        env.detail.update(granted=h.nbytes, waited_s=round(waited, 6), used=used, device=device,
                           **({"evicted": list(evicted)} if evicted else {}),
                           **({"streamed": True} if streamed else {}),
                           **({"still_revoking": True} if h.revoking else {}))
         return Granted(model=model, nbytes=h.nbytes, waited_s=waited, evicted=evicted,
-                       streamed=streamed)
+                       streamed=streamed, device=device)
 
     def _revoke(self, h: Holder, reason: str, env: Envelope) -> bool:
         """Ask ``h`` to give its memory back. True when its bytes are free at once."""
@@ -525,13 +540,6 @@ class VRAMArbiter(Actor):
             self._current_result = result
         else:
             self.reply_to(w.env, result)
-
-    def _why_waiting(self, w: Waiter) -> str:
-        order = self._ordered()
-        ahead = order[:order.index(w)] if w in order else []
-        return why_waiting(w.req.model, [(x.req.model, x.req.nbytes) for x in ahead],
-                           list(self.holders.values()), self._pinned_others(w.req.model),
-                           self.budget, time.monotonic())
 
     async def on_stop(self) -> None:
         for w in list(self.waiters):

@@ -35,6 +35,7 @@ RATE_TAU_S = 30.0            # a model's grant rate forgets with this time const
 RATE_FLOOR = 1.0 / 600       # a model not used for long still costs something to bring back
 COPY_BYTES_PER_S = 20e9      # restore estimate when a holder has not measured its own
 EXACT_MAX = 12               # idle holders up to which the cheapest eviction set is exact
+TRIM_SHARE = 0.01            # a trim's least cost, as a share of the holder's restore cost
 
 
 # ---- errors a grant ask can end with (besides runtime.errors.DeadlineExceeded) ------------------
@@ -91,6 +92,7 @@ class Holder:
     nbytes: int
     pinned: bool
     actor: str                      # the actor name Revoke / Trim go to
+    device: str = "cuda:0"          # the card its grant is on (vram_devices.py)
     weights: int = 0                # the part that is costly to give back (0: all of nbytes)
     restore_s: float = 0.0          # the holder's own figure for bringing its weights back
     busy: bool = False              # granted, JobFinished not yet in: never revoked, never free
@@ -105,6 +107,7 @@ class Holder:
     rate_at: float = 0.0
     streamed: bool = False          # its last grant was for the layer-streamed mode
     yielding: bool = False          # paused its job for a waiter, keeping its weights
+    trim_s: float = 0.0             # the holder's own figure for what a Trim costs it
 
     @property
     def working(self) -> int:
@@ -133,8 +136,10 @@ class Holder:
 
     def trim_cost(self, now: float) -> float:
         """Working memory is allocated again with the next job: nearly free (a token cost so
-        that among trims the least used holders go first)."""
-        return 1e-3 * (self.rate_now(now) + RATE_FLOOR)
+        that among trims the least used holders go first), unless the holder says what else
+        it loses with it (``trim_s``: an LLM's CUDA graphs are captured against its KV cache)."""
+        return max(self.trim_s, TRIM_SHARE * self.restore_cost()) * \
+            (self.rate_now(now) + RATE_FLOOR)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +157,8 @@ class Waiter:
     since: float
     timer: Any = None               # asyncio.TimerHandle of its deadline
     evicted: list[str] = field(default_factory=list)
+    device: str = "cuda:0"          # the card it waits for (vram_devices.py)
+    committed: bool = False         # room is being made for it there: it is placed for good
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,8 +171,9 @@ class Room:
         return sum(h.nbytes for h in self.evictions) + sum(h.working for h in self.trims)
 
     def cost(self, now: float) -> float:
-        """Expected seconds lost to its evictions (trims cost next to nothing)."""
-        return sum(h.evict_cost(now) for h in self.evictions)
+        """Expected seconds lost to its evictions and trims."""
+        return sum(h.evict_cost(now) for h in self.evictions) + \
+            sum(h.trim_cost(now) for h in self.trims)
 
 
 def choose_room(idle: list[Holder], short: int, now: float) -> Room | None:
@@ -175,12 +183,32 @@ def choose_room(idle: list[Holder], short: int, now: float) -> Room | None:
         return Room()
     if sum(h.nbytes for h in idle) < short:
         return None
-    evictions = _cheapest_evictions(idle, short, now)
+    if len(idle) <= EXACT_MAX:
+        best: tuple[float, int, Room] | None = None
+        for k in range(0, len(idle) + 1):
+            for chosen in itertools.combinations(idle, k):
+                room = _with_trims(idle, chosen, short, now)
+                if room is None:
+                    continue
+                key = (room.cost(now), sum(h.weights or h.nbytes for h in chosen), room)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+        if best is not None:
+            return best[2]
+    return _with_trims(idle, tuple(_cheapest_evictions(idle, short, now)), short, now)
+
+
+def _with_trims(idle: list[Holder], evictions: tuple[Holder, ...], short: int,
+                now: float) -> Room | None:
+    """``evictions`` plus the cheapest trims of the other holders that make ``short`` bytes;
+    None when even every trim is not enough."""
     kept = [h for h in idle if h not in evictions]
     need = short - sum(h.nbytes for h in evictions)
+    if need > sum(h.working for h in kept):
+        return None
     trims: list[Holder] = []
     for h in sorted((h for h in kept if h.working > 0),
-                    key=lambda h: (h.trim_cost(now), -h.working)):
+                    key=lambda h: (h.trim_cost(now) / h.working, -h.working)):
         if need <= 0:
             break
         trims.append(h)
@@ -248,12 +276,18 @@ def why_waiting(model: str, ahead: list[tuple[str, int]], holders: list[Holder],
 def weights_only(h: Holder) -> Holder:
     """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
     return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
-                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at)
+                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at, trim_s=h.trim_s)
 
 
 def stream_need(req: RequestGrant, mine: Holder | None) -> int | None:
     """Bytes still needed for a layer-streamed grant (None: the model cannot stream)."""
     if not req.stream_bytes or req.pinned or req.stream_bytes >= (req.weights or req.nbytes):
         return None
-    total = req.stream_bytes + max(0, req.nbytes - (req.weights or req.nbytes))
-    return total - (mine.nbytes if mine else 0)
+    return stream_total(req) - (mine.nbytes if mine else 0)
+
+
+def stream_total(req: RequestGrant) -> int:
+    """A streamed grant's bytes: the streamed mode's parts plus the job's streamed working
+    memory (``stream_working``, or the resident job's when it gave none)."""
+    working = req.stream_working or max(0, req.nbytes - (req.weights or req.nbytes))
+    return req.stream_bytes + working

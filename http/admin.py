@@ -5,7 +5,7 @@ GET    /admin/models                    models with state, GPU arbiter state, co
                                         runtime: actors, threads, weights still alive, RSS, fds
 POST   /admin/models                    {kind, name, entry}: add (and put on the standby list)
 DELETE /admin/models/{name}             take off the standby list and remove the entry
-POST   /admin/models/{name}/device      {device: cpu | cuda | flex}
+POST   /admin/models/{name}/device      {device: cpu | cuda | cuda:N | flex}
 POST   /admin/reload                    re-read liveconfigs.json now
 POST   /admin/upload?name=NAME          body: a tar (or tar.gz) of a model folder; answers its path
 """
@@ -25,7 +25,7 @@ from aiohttp import web
 from agile_rag.actors.messages import Describe, EditConfig, ReloadConfig
 from agile_rag.actors.model_base import live_weights
 from agile_rag.runtime.errors import InvalidRequest, ServiceError
-from agile_rag.runtime.liveconfig import DEVICES, SECTION, STANDBY
+from agile_rag.runtime.liveconfig import SECTION, STANDBY, parse_device
 
 from .errors import json_response
 from .keys import SERVER
@@ -106,13 +106,14 @@ async def list_models(request: web.Request) -> web.Response:
                        "device": s.device, "config_device": s.config_device,
                        "resident_bytes": s.resident_bytes, "weight_bytes": s.weight_bytes,
                        "queue_length": s.queue_length, "last_error": s.error,
-                       "gpu_mode": s.gpu_mode, "path": actor.spec.path})
+                       "gpu_mode": s.gpu_mode, "gpu": s.gpu, "path": actor.spec.path})
     arbiter = server.system.actors.get("vram-arbiter")
     gpu = None
     if arbiter is not None:
         st = await arbiter.ask(Describe(), timeout=5)
         gpu = {"budget": st.budget, "used": st.used, "holders": st.holders,
-               "busy": list(st.busy), "waiting": list(st.waiting)}
+               "busy": list(st.busy), "waiting": list(st.waiting),
+               "devices": st.devices, "placement": st.placement}
     runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count(),
                # the loaded models' weights still alive, by actor (a removed model's must go)
                "weights_alive": live_weights(),
@@ -157,8 +158,9 @@ async def delete_model(request: web.Request) -> web.Response:
 async def set_device(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     device = Fields(await read_json(request)).string("device", required=True)
-    if device not in DEVICES:
-        raise InvalidRequest("'device' must be cpu, cuda or flex.", param="device")
+    if parse_device(device) is None:
+        raise InvalidRequest("'device' must be cpu, flex, cuda or cuda:N (a card's index).",
+                             param="device")
 
     def edit(data: dict) -> None:
         kind = _find(data, name)

@@ -48,16 +48,19 @@ async def health(request: web.Request) -> web.Response:
         models[name] = {"kind": kind, "state": s.state, "device": s.device,
                         "config_device": s.config_device, "queue_length": s.queue_length,
                         "weight_bytes": s.weight_bytes, "error": s.error,
-                        "gpu_mode": s.gpu_mode}
+                        "gpu_mode": s.gpu_mode, "gpu": s.gpu}
     if ModelStatus.FAILED in states or server.config_error:
         status = "degraded"
     elif ModelStatus.LOADING in states:
         status = "loading"
     else:
         status = "ok"
+    arbiter = server.system.actors.get("vram-arbiter")
+    gpus = arbiter.state().devices if arbiter is not None and hasattr(arbiter, "state") \
+        else {}
     return json_response({"status": status, "uptime_s": round(time.time() - server.started_at, 1),
-                          "models": models, "config_error": server.config_error},
-                         request=request)
+                          "models": models, "config_error": server.config_error,
+                          "gpus": gpus}, request=request)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -86,6 +86,9 @@ class Metrics:
                                     buckets=WAIT_BUCKETS, registry=r)
         self.grants = Counter("agile_rag_gpu_grants", "GPU grants the VRAM arbiter gave",
                               ["model"], registry=r)
+        self.device_grants = Counter("agile_rag_gpu_device_grants", "GPU grants the VRAM "
+                                     "arbiter gave, by model and card", ["model", "device"],
+                                     registry=r)
         self.refusals = Counter("agile_rag_gpu_grant_refusals", "Grant requests refused or "
                                 "timed out (the job ran on the CPU)", ["model", "reason"],
                                 registry=r)
@@ -134,6 +137,7 @@ class Metrics:
             model = str(d.get("model", "?"))
             if "granted" in d:
                 self.grants.labels(model).inc()
+                self.device_grants.labels(model, str(d.get("device", "cuda:0"))).inc()
             elif "refused" in d:
                 self.refusals.labels(model, str(d["refused"])).inc()
             return
@@ -232,6 +236,23 @@ class _LiveCollector:
             for model, nbytes in a.holders.items():
                 held.add_metric([model], nbytes)
             yield held
+            yield from _device_families(a)
+
+
+def _device_families(a):
+    """Per card (several GPUs): its budget, what is granted on it, and each holder's card."""
+    budget = GaugeMetricFamily("agile_rag_gpu_device_budget_bytes", "GPU memory the arbiter "
+                               "may grant on each card", labels=["device"])
+    granted = GaugeMetricFamily("agile_rag_gpu_device_granted_bytes", "GPU memory granted "
+                                "now on each card", labels=["device"])
+    on = GaugeMetricFamily("agile_rag_gpu_holder_device", "1 for the card each holder's "
+                           "grant is on", labels=["model", "device"])
+    for card, d in a.devices.items():
+        budget.add_metric([card], d["budget"])
+        granted.add_metric([card], d["used"])
+    for model, card in a.placement.items():
+        on.add_metric([model, card], 1)
+    yield from (budget, granted, on)
 
 
 def _route_of(request: web.Request) -> str:

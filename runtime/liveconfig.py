@@ -14,7 +14,7 @@ import json5
 
 from ..actors.states import DeviceMode
 
-DEVICES = tuple(d.value for d in DeviceMode)        # flex, cuda, cpu
+DEVICES = tuple(d.value for d in DeviceMode)        # flex, cuda, cpu (and cuda:N, see below)
 KINDS = ("llm", "embedder", "reranker")
 SECTION = {"llm": "llms", "embedder": "embedders", "reranker": "rerankers"}
 STANDBY = {"llm": "standby_llms", "embedder": "standby_embedders", "reranker": "standby_rerankers"}
@@ -55,9 +55,19 @@ class ModelSpec:
     trust_remote_code: bool = False  # ours: off unless an entry asks for it
     dtype: str | None = None         # ours: "float16", "bfloat16", "float32"
     backend: str = "auto"            # ours, rerankers: auto | cross-encoder | bi-encoder | flag
+    gpu: int | None = None           # ours: the card of a pinned model (``cuda:N``; ``cuda`` is 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", DeviceMode(self.device))   # "cpu" -> DeviceMode.CPU
+        # ``cuda`` means ``cuda:0``, so that a file written for one GPU keeps its meaning; only
+        # a pinned model names a card (flex ones are placed by the VRAM arbiter)
+        gpu = (self.gpu or 0) if self.device == DeviceMode.CUDA else None
+        object.__setattr__(self, "gpu", gpu)
+
+    @property
+    def placement(self) -> str:
+        """The entry's ``device`` as written, normalised: ``cuda:N``, ``flex`` or ``cpu``."""
+        return f"cuda:{self.gpu}" if self.device == DeviceMode.CUDA else str(self.device)
 
     def load_key(self) -> tuple:
         """What requires re-reading the weights when it changes."""
@@ -207,9 +217,10 @@ def _spec(kind: str, name: str, entry: Any, base_dir: str, problems: list[str],
     tok = path
     if kind == "llm" and entry.get("tokenizer_path"):
         tok = _existing(entry["tokenizer_path"], base_dir, f"{where}.tokenizer_path", problems)
-    device = entry.get("device", "flex")
-    if device not in DEVICES:
-        problems.append(f"{where}.device is {device!r}; it must be one of flex, cuda, cpu")
+    device, gpu = parse_device(entry.get("device", "flex")) or (None, None)
+    if device is None:
+        problems.append(f"{where}.device is {entry.get('device')!r}; it must be one of flex, "
+                        "cuda, cuda:N (a card by its index: cuda:0, cuda:1, ...), cpu")
     max_tokens = entry.get("max_tokens")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         problems.append(f"{where}.max_tokens must be a positive integer")
@@ -233,8 +244,24 @@ def _spec(kind: str, name: str, entry: Any, base_dir: str, problems: list[str],
         problems.append(f"{where}.kind must be one of {', '.join(RERANK_BACKENDS)}")
     if len(problems) > before:
         return None
-    return ModelSpec(kind, name, path, tok, device, max_tokens, size_est, cuda_thres, idle,
-                     trust, dtype, backend)
+    return ModelSpec(kind, name, path, tok, device or DeviceMode.FLEX, max_tokens, size_est,
+                     cuda_thres, idle, trust, dtype, backend, gpu=gpu)
+
+
+def parse_device(value: Any) -> tuple[DeviceMode, int | None] | None:
+    """An entry's ``device``: ``flex``, ``cpu``, ``cuda`` (= ``cuda:0``) or ``cuda:N`` (pinned
+    to card N). None when it is none of these. Whether card N exists is the VRAM arbiter's
+    business (a liveconfigs.json may be written on another machine): a grant for a card the
+    server does not have is refused and the model runs on the CPU, with the reason."""
+    if not isinstance(value, str):
+        return None
+    if value in DEVICES:
+        mode = DeviceMode(value)
+        return mode, (0 if mode == DeviceMode.CUDA else None)
+    head, sep, index = value.partition(":")
+    if head == DeviceMode.CUDA and sep and index.isdigit() and len(index) <= 3:
+        return DeviceMode.CUDA, int(index)
+    return None
 
 
 def _existing(raw: Any, base_dir: str, where: str, problems: list[str]) -> str:
