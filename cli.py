@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="liveconfigs.json to serve (default: ./liveconfigs.json)")
     parser.add_argument("--config", metavar="PATH",
                         help="a Python file that sets cold settings (names as in configs.py)")
+    parser.add_argument("--torch-threads", type=int, metavar="N",
+                        help="torch's intra-op threads (default from configs: 0 = one less "
+                             "than the CPU cores, or OMP_NUM_THREADS when set)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="threads of the pool that runs model work (SERVICE_NUM_WORKERS, "
+                             "default 4)")
     args = parser.parse_args(argv)
 
     import os
@@ -32,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from .configs import load_settings
     try:
         settings = load_settings(args.config, HOST=args.host, PORT=args.port,
-                                 LIVECONFIGS_PATH=args.live_config)
+                                 LIVECONFIGS_PATH=args.live_config,
+                                 TORCH_THREADS=args.torch_threads,
+                                 SERVICE_NUM_WORKERS=args.workers)
     except (OSError, ValueError, SyntaxError) as exc:
         print(f"agile-rag-server: bad --config: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,8 @@ USE_RERANKER = True
 
 # --- model work ----------------------------------------------------------------------------------
 SERVICE_NUM_WORKERS = 4       # threads in the executor pool that runs model work
+TORCH_THREADS = 0             # torch's intra-op threads; 0 = OMP_NUM_THREADS if set, else one
+                              # less than the cores (README, "Threads": why, and how to choose)
 REQUEST_TIMEOUT = 600.0       # seconds a request may wait for its model (queue + compute)
 SHUTDOWN_TIMEOUT = 30.0       # on SIGTERM/Ctrl-C: seconds in-flight requests get to finish
 MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 503 + Retry-After
@@ -71,6 +73,7 @@ class Settings:
     USE_EMBEDDER: bool = USE_EMBEDDER
     USE_RERANKER: bool = USE_RERANKER
     SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
+    TORCH_THREADS: int = TORCH_THREADS
     REQUEST_TIMEOUT: float = REQUEST_TIMEOUT
     SHUTDOWN_TIMEOUT: float = SHUTDOWN_TIMEOUT
     MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL

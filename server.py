@@ -15,7 +15,7 @@ from .actors.llm_actor import LLMActor
 from .actors.model_base import ModelActor
 from .actors.reranker_actor import RerankerActor
 from .configs import Settings
-from .runtime.executor import ModelExecutor
+from .runtime.executor import ModelExecutor, torch_threads
 from .runtime.liveconfig import LiveConfig, ModelSpec, parse_text
 from .runtime.registry import ModelRegistry
 from .runtime.system import ActorSystem
@@ -27,7 +27,8 @@ log = logging.getLogger("agile_rag.server")
 class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.system = ActorSystem(executor=ModelExecutor(settings.SERVICE_NUM_WORKERS),
+        self.system = ActorSystem(executor=ModelExecutor(settings.SERVICE_NUM_WORKERS,
+                                                         torch_threads(settings.TORCH_THREADS)),
                                   tracer=Tracer.from_settings(settings))
         self.registry = ModelRegistry()
         self.live: LiveConfig | None = None

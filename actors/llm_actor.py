@@ -27,7 +27,8 @@ from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overload
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_generate import eos_ids, generate
-from .llm_loading import gguf_location, load_gguf
+from .llm_int8 import quantize_int8
+from .llm_loading import gguf_location, llm_dtype, load_gguf, weight_quant
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
 from .torch_util import is_oom, module_bytes
@@ -66,10 +67,14 @@ class LLMActor(ModelActor):
 
         spec = self.spec
         common = {"trust_remote_code": spec.trust_remote_code}
-        # dtype only when the entry asks: passing one to a GGUF load drops tied lm_head weights
-        dtype = {"dtype": _dtype(spec.dtype)} if spec.dtype else {}
         gguf = gguf_location(spec.path)
         quant = llm_quant.quant_method(spec.path) if gguf is None else None
+        # the entry's dtype, else bfloat16 where the CPU computes it (llm_loading.llm_dtype);
+        # a GGUF load takes it after dequantising (passed in, it drops a tied lm_head)
+        cpu_only = self.residency_factory is None or spec.device == "cpu"
+        chosen = spec.dtype if quant else llm_dtype(spec.dtype, gguf=gguf is not None,
+                                                    cpu_only=cpu_only)
+        dtype = {"dtype": _dtype(chosen)} if chosen else {}
         if quant is not None:       # GPTQ / AWQ: the portable kernel, safe to move (llm_quant)
             model = llm_quant.load_quantized(spec.path, quant, dtype=dtype.get("dtype"), **common)
             self.residency_factory = llm_quant.residency_factory(self.residency_factory, model)
@@ -86,6 +91,10 @@ class LLMActor(ModelActor):
         else:
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path, **common)
         model.eval()
+        if quant is None and weight_quant(self.params, entry_dtype=spec.dtype,
+                                          gguf=gguf is not None, cpu_only=cpu_only) == "int8":
+            n = quantize_int8(model, model.get_input_embeddings().weight.dtype)
+            log.info("%s: %d linear layers as int8 weights (llm_params.weight_quant)", self.name, n)
         self.model, self.tokenizer = model, tokenizer
         self.weight_bytes = module_bytes(model)
         self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -318,6 +327,10 @@ class LLMActor(ModelActor):
             self.device = "cuda" if self.lease.on_gpu else "cpu"
         if keep:                            # asked to yield its cache, ended first: trim now
             await self.trim_working(env)
+        elif self.lease is None and self.engine.cache is not None:
+            # CPU only: nobody asks for the cache back, so an idle batch frees it now (a
+            # 16-stream burst leaves 100-400 MB; a new one for the next chat costs ~1 ms)
+            await self.system.executor.run(self.engine.release)
 
     async def _quiesce(self, env: Envelope | None) -> None:
         """Let the running batch finish (admitting nobody), then free its KV cache and graphs."""

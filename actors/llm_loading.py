@@ -27,6 +27,7 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
           common: dict) -> Any:
     """GGUF dequantises slowly (~25 s for 135M); keep the dequantised model in a cache
     folder so later starts load it in under a second."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     full = os.path.join(folder, fname)
@@ -42,9 +43,7 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
             return model
     log.info("%s: dequantising GGUF %s (first load only)", name, full)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **common)
-    if dtype:
-        model = model.to(dtype["dtype"])
-    if cache:
+    if cache:                   # saved as dequantised (float32): any later dtype loads from it
         tmp = cache + f".tmp{os.getpid()}"
         try:
             model.hf_quantizer = None
@@ -60,4 +59,58 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("%s: could not cache the dequantised model: %s", name, exc)
+    if dtype and dtype["dtype"] not in ("auto", torch.float32):
+        model = model.to(dtype["dtype"])    # in place: no float32 copy stays beside it
     return model
+
+
+# ---- precision on the CPU ----------------------------------------------------------------------
+#: CPU flags that mean native bfloat16 arithmetic (x86: AVX512-BF16 / AMX; Arm: the BF16 extension)
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+WEIGHT_QUANT = ("auto", "int8", "none")     # llm_params.weight_quant
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (read once from /proc/cpuinfo; torch's
+    ``get_cpu_capability`` says AVX512 for CPUs with and without it)."""
+    global _BF16
+    if _BF16 is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                flags = {w for line in f if line.startswith(("flags", "Features"))
+                         for w in line.split(":", 1)[1].split()}
+        except OSError:
+            flags = set()
+        _BF16 = bool(flags & BF16_FLAGS)
+    return _BF16
+
+
+_BF16: bool | None = None
+
+
+def llm_dtype(entry_dtype: str | None, *, gguf: bool, cpu_only: bool) -> str | None:
+    """The dtype an LLM loads in: the entry's ``dtype`` when it gives one; else bfloat16 for a
+    model that computes on the CPU only (no GPU, or ``device: cpu``) where the CPU computes
+    bfloat16 natively; else float32 for GGUF (what transformers dequantises to) and None (the
+    checkpoint's own) for the rest. A flex model on a GPU machine keeps what it had: its
+    batches are then numerically the same as its lone requests (float32 on the CPU), and
+    an entry's ``"dtype": "bfloat16"`` halves its GPU copy where the card computes it."""
+    if entry_dtype:
+        return entry_dtype
+    if cpu_only and cpu_has_bf16():
+        return "bfloat16"
+    return "float32" if gguf else None
+
+
+def weight_quant(params: dict, *, entry_dtype: str | None, gguf: bool, cpu_only: bool) -> str:
+    """``llm_params.weight_quant``: "int8" (weight-only int8 linear layers, on any device),
+    "none", or "auto" (the default): int8 for a GGUF file (already quantized at the source)
+    computing on the CPU only, when the entry names no ``dtype``; none otherwise."""
+    mode = params.get("weight_quant", "auto")
+    if mode not in WEIGHT_QUANT:
+        log.warning("llm_params.weight_quant %r is not one of %s: using auto", mode,
+                    ", ".join(WEIGHT_QUANT))
+        mode = "auto"
+    if mode == "auto":
+        return "int8" if gguf and cpu_only and not entry_dtype else "none"
+    return mode

@@ -59,8 +59,11 @@ def write_live_config(path: str, cross_encoder: str, **over) -> dict:
         "standby_llms": ["smollm2"],
         "standby_embedders": ["minilm"],
         "standby_rerankers": ["minilm-rerank", "tiny-ce"],
+        # float32 (not the CPU default, bfloat16 + int8 weights): the shared server's tests
+        # compare a batch's seeded and greedy texts with lone requests', which bfloat16's
+        # rounding changes (issue 17; tests/test_cpu_weights.py covers the default)
         "llms": {"smollm2": {"llm_path": SMOLLM, "tokenizer_path": SMOLLM, "device": "flex",
-                             "max_tokens": 2048}},
+                             "max_tokens": 2048, "dtype": "float32"}},
         "llm_params": {"default_temp": 0.5, "force_0_temp": False},
         "embedders": {"minilm": {"path": MINILM, "device": "flex"}},
         "embedder_params": {"token_estimation": "re", "resize": 0},
