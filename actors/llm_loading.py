@@ -105,12 +105,13 @@ def llm_dtype(entry_dtype: str | None, *, gguf: bool, cpu_only: bool) -> str | N
 def weight_quant(params: dict, *, entry_dtype: str | None, gguf: bool, cpu_only: bool) -> str:
     """``llm_params.weight_quant``: "int8" (weight-only int8 linear layers, on any device),
     "none", or "auto" (the default): int8 for a GGUF file (already quantized at the source)
-    computing on the CPU only, when the entry names no ``dtype``; none otherwise."""
+    computing on the CPU only, on a CPU with native bfloat16 (int8's kernel is fast in
+    bfloat16 only), when the entry names no ``dtype``; none otherwise."""
     mode = params.get("weight_quant", "auto")
     if mode not in WEIGHT_QUANT:
         log.warning("llm_params.weight_quant %r is not one of %s: using auto", mode,
                     ", ".join(WEIGHT_QUANT))
         mode = "auto"
     if mode == "auto":
-        return "int8" if gguf and cpu_only and not entry_dtype else "none"
+        return "int8" if gguf and cpu_only and not entry_dtype and cpu_has_bf16() else "none"
     return mode
