@@ -1,33 +1,19 @@
-"""The aiohttp application: routes, error/request-id middleware, optional API keys."""
+"""The aiohttp application: routes and middlewares (metrics; request ids, API keys and errors
+in one; the admin guard)."""
 from __future__ import annotations
 
 from aiohttp import web
 
-from agile_rag.runtime.errors import Unauthorized
-
 from . import admin, chat, debug, embeddings, info, metrics, rerank
-from .errors import error_middleware, error_response
+from .errors import OPEN_PATHS, error_middleware
 from .keys import SERVER
-from .parsing import bearer_matches
 
-OPEN_PATHS = {"/", "/health"}
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler):
-    keys = request.app[SERVER].settings.API_KEYS
-    if keys and request.path not in OPEN_PATHS and not request.path.startswith("/admin"):
-        if not bearer_matches(request, keys):
-            return error_response(Unauthorized(
-                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."),
-                request)
-    return await handler(request)
+__all__ = ["OPEN_PATHS", "build_app"]
 
 
 def build_app(server) -> web.Application:
     app = web.Application(client_max_size=server.settings.MAX_BODY_BYTES,
                           middlewares=[metrics.metrics_middleware, error_middleware,
-                                       auth_middleware,
                                        admin.admin_guard])
     app[SERVER] = server
     r = app.router

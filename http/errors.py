@@ -10,9 +10,10 @@ import re
 import orjson
 from aiohttp import web
 
-from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError
+from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError, Unauthorized
 
 from .keys import REQUEST_ID, SERVER
+from .parsing import bearer_matches
 
 log = logging.getLogger("agile_rag.http")
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -34,12 +35,16 @@ def new_request_id(given: str | None = None) -> str:
 
 def json_response(data, *, status: int = 200, request: web.Request | None = None,
                   headers: dict | None = None) -> web.Response:
+    """``data`` as JSON (numpy arrays written natively), with the request's id."""
     body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
-    resp = web.Response(body=body, status=status, content_type="application/json",
-                        headers=headers)
-    if request is not None and REQUEST_ID in request:
-        resp.headers["x-request-id"] = request[REQUEST_ID]
-    return resp
+    head = {"Content-Type": "application/json"}
+    if headers:
+        head.update(headers)
+    if request is not None:
+        rid = request.get(REQUEST_ID)
+        if rid is not None:
+            head["x-request-id"] = rid
+    return web.Response(body=body, status=status, headers=head)
 
 
 def error_response(err: ServiceError, request: web.Request | None = None) -> web.Response:
@@ -67,10 +72,28 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Servic
     return InvalidRequest(exc.reason or "bad request", status=exc.status)
 
 
+#: routes open without an API key
+OPEN_PATHS = frozenset({"/", "/health"})
+
+
+def check_api_key(request: web.Request) -> None:
+    """Model routes need one of ``API_KEYS`` as a Bearer key, when any is configured (the
+    admin API checks its own key)."""
+    keys = request.app[SERVER].settings.API_KEYS
+    if keys and request.path not in OPEN_PATHS and not request.path.startswith("/admin") \
+            and not bearer_matches(request, keys):
+        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer "
+                           "<key>'.")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    """Every request's id (``x-request-id``, the client's own when it sent a sane one), its API
+    key, and any failure turned into an OpenAI-style JSON error: one middleware, since every
+    request passes through each layer."""
     request[REQUEST_ID] = new_request_id(request.headers.get("x-request-id"))
     try:
+        check_api_key(request)
         resp = await handler(request)
     except ServiceError as err:
         return error_response(err, request)
@@ -86,6 +109,6 @@ async def error_middleware(request: web.Request, handler):
         return error_response(ServiceError(
             f"Internal server error; request id {request[REQUEST_ID]}. The server log has "
             "the details."), request)
-    if not resp.prepared:
+    if not resp.prepared and "x-request-id" not in resp.headers:
         resp.headers["x-request-id"] = request[REQUEST_ID]
     return resp

@@ -15,6 +15,7 @@ that build several apps in one process do not clash. What is counted where:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 
 import orjson
@@ -65,10 +66,75 @@ class _Children:
         return child
 
 
+class _Tally:
+    """What every request adds to the metrics, kept as plain numbers and added to the
+    prometheus children in bulk (each ``inc``/``observe`` takes a lock, and an ``observe`` walks
+    the buckets in Python): counts per label set, observations in a list. Folded in whenever
+    the registry is read (it is the registry's first collector) and every ``FOLD_EVERY``
+    observations."""
+    FOLD_EVERY = 2048
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple, int] = {}          # (children, labels) -> n
+        self.obs: list[tuple] = []                  # (children, labels, value)
+        self.live: dict[tuple, int] = {}            # (gauge children, labels) -> in progress
+
+    def count(self, children: _Children, labels: tuple) -> None:
+        key = (children, labels)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def observe(self, children: _Children, labels: tuple, value: float) -> None:
+        self.obs.append((children, labels, value))
+        if len(self.obs) >= self.FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        counts, self.counts = self.counts, {}
+        for (children, labels), n in counts.items():
+            children(*labels).inc(n)
+        obs, self.obs = self.obs, []
+        groups: dict[tuple, list[float]] = {}
+        for children, labels, value in obs:
+            groups.setdefault((children, labels), []).append(value)
+        for (children, labels), values in groups.items():
+            _observe_many(children(*labels), values)
+        for (children, labels), n in self.live.items():
+            children(*labels).set(n)
+
+    # a collector that reports nothing: reading the registry folds the tally in first
+    def describe(self):
+        return []
+
+    def collect(self):
+        self.fold()
+        return []
+
+
+def _observe_many(hist, values: list[float]) -> None:
+    """``hist.observe(v)`` for each value: one ``inc`` per bucket hit and one for the sum."""
+    bounds = getattr(hist, "_upper_bounds", None)
+    buckets = getattr(hist, "_buckets", None)
+    total = getattr(hist, "_sum", None)
+    if bounds is None or buckets is None or total is None:   # another prometheus_client
+        for v in values:
+            hist.observe(v)
+        return
+    hits: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)            # the first bound >= v, as observe finds
+        hits[i] = hits.get(i, 0) + 1
+    for i, n in hits.items():
+        if i < len(buckets):
+            buckets[i].inc(n)
+    total.inc(sum(values))
+
+
 class Metrics:
     def __init__(self, server):
         self.server = server
         self.registry = r = CollectorRegistry(auto_describe=True)
+        self.tally = _Tally()
+        r.register(self.tally)            # first: a read of the registry folds it in
         self.requests = Counter("agile_rag_http_requests", "HTTP requests answered, by route, "
                                 "model and status code", ["route", "model", "code"], registry=r)
         self.errors = Counter("agile_rag_http_errors", "HTTP requests answered with an error "
@@ -128,8 +194,9 @@ class Metrics:
     def on_event(self, e: TraceEvent) -> None:
         if e.actor == HTTP_ACTOR:
             return
-        self.messages_of(e.actor, e.msg_type, e.outcome).inc()
-        self.queue_wait_of(e.actor).observe(max(e.started - e.enqueued, 0.0))
+        tally = self.tally
+        tally.count(self.messages_of, (e.actor, e.msg_type, e.outcome))
+        tally.observe(self.queue_wait_of, (e.actor,), max(e.started - e.enqueued, 0.0))
         d = e.detail
         if not d:
             return
@@ -272,8 +339,10 @@ async def metrics_middleware(request: web.Request, handler):
         return await handler(request)
     t0 = time.monotonic()
     route = _route_of(request)
-    gauge = metrics.in_progress_of(route)
-    gauge.inc()
+    tally = metrics.tally
+    live = tally.live
+    gauge = (metrics.in_progress_of, (route,))
+    live[gauge] = live.get(gauge, 0) + 1
     status, outcome = 500, "error"
     try:
         resp = await handler(request)
@@ -289,13 +358,13 @@ async def metrics_middleware(request: web.Request, handler):
         raise
     finally:
         t1 = time.monotonic()
-        gauge.dec()
+        live[gauge] -= 1
         model = request.get(MODEL_NAME) or metrics.model_of(request, route)
         code = str(status)
-        metrics.requests_of(route, model, code).inc()
+        tally.count(metrics.requests_of, (route, model, code))
         if status >= 400:
-            metrics.errors_of(route, model, code).inc()
-        metrics.latency_of(route, model).observe(t1 - t0)
+            tally.count(metrics.errors_of, (route, model, code))
+        tally.observe(metrics.latency_of, (route, model), t1 - t0)
         tracer = metrics.server.system.tracer
         if tracer.enabled and not request.path.startswith(UNTRACED_PREFIXES):
             detail = {"status": status, "path": request.path}

@@ -64,12 +64,18 @@ class _Deadlines:
 
 
 _deadlines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the last loop's _Deadlines (weakly): every ask looks it up, nearly always for the same loop
+_last: list = [lambda: None]
 
 
 def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    d = _last[0]()
+    if d is not None and d.loop is loop:
+        return d
     d = _deadlines.get(loop)
     if d is None:
         d = _deadlines[loop] = _Deadlines(loop)
+    _last[0] = weakref.ref(d)
     return d
 
 
@@ -97,7 +103,9 @@ class Envelope:
     detail: dict = field(default_factory=dict)   # handlers add trace details (bytes moved, ...)
 
     def __lt__(self, other: Envelope) -> bool:  # PriorityQueue order: priority, then FIFO
-        return (self.priority, self.seq) < (other.priority, other.seq)
+        if self.priority != other.priority:
+            return self.priority < other.priority
+        return self.seq < other.seq
 
     @property
     def abandoned(self) -> bool:

