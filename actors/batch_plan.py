@@ -41,6 +41,7 @@ class BatchSettings:
     prefill_chunk: int = 512          # 0: a long context is read in one forward
     min_slice_s: float = 0.5
     cuda_graphs: bool = True
+    warm_graphs: bool = True          # capture the common graphs after a load / an admit
 
 
 @dataclass(eq=False)
@@ -210,6 +211,13 @@ class BatchPlanner:
         shape = (max(want, min(s.max_batch, spare, fit)), length)
         self.cache = shape
         return shape
+
+    def warm_shape(self) -> tuple[int, int]:
+        """The cache a warm-up allocates when none is held: what a short chat's admission
+        would make (its graphs are the ones to have ready)."""
+        shape = self._grow(1, 2 * LEN_BUCKET)
+        assert self.cache is not None
+        return shape or self.cache
 
     # ---- admission -------------------------------------------------------------------------------
     def admit(self) -> tuple[StepPlan | None, list[SeqRequest]]:

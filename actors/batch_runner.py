@@ -7,7 +7,10 @@ prefill of one long context, the decode step (on CUDA captured once per (batch b
 bucket) as a CUDA graph: static input buffers, the KV rectangle at fixed addresses), and
 sampling. Graphs are keyed on the address of the weights and on the cache allocation: after
 the weights left the GPU and came back (evict / admit), or after the cache grew, they are
-dropped and captured again on first use. Only the engine's loop thread calls it.
+dropped. The engine captures the common buckets again while it has nothing else to do
+(:meth:`BatchRunner.warm_one`, one graph per loop turn, right after a load or an admit), so a
+burst finds them ready; a bucket nobody warmed is captured on first use. Only the engine's loop
+thread calls it.
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ def batching_supported(model: Any) -> str | None:
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r}"
     return None
+
+
+#: view lengths the warm-up captures (every batch bucket at 256 and 512 keys): what chats of a
+#: few hundred tokens decode over; longer views are captured on first use
+WARM_VIEW = 512
 
 
 # ---- attention for the decode step -------------------------------------------------------------
@@ -181,6 +189,10 @@ class BatchRunner:
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         self.capture_s = 0.0               # seconds spent capturing graphs, all sets
         self.graph_sets = 0                # graph sets started (one per cache / admit)
+        self.warm_keys: list[tuple[int, int]] = []   # warm-up captures still to do
+        self.last_warm: dict = {}          # the last finished warm-up: graphs, seconds
+        self._warm_t0 = 0.0
+        self._warm_n = 0
 
     @property
     def device(self) -> torch.device:
@@ -305,9 +317,8 @@ class BatchRunner:
         ids = torch.tensor([r.last for r in rows], dtype=torch.long)
         pos = torch.tensor([r.pos for r in rows], dtype=torch.long)
         if dev.type == "cuda" and self.cuda_graphs:
-            if self.graphs is None:
-                self.graphs = _Graphs(self)
-                self.graph_sets += 1
+            self._graph_set()
+            assert self.graphs is not None
             try:
                 return self.graphs.run(ids, pos, plan.view, stats)
             except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
@@ -320,6 +331,72 @@ class BatchRunner:
                 stats["graph_error"] = repr(exc)[:300]
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
                             plan.view)
+
+    def _graph_set(self) -> _Graphs:
+        if self.graphs is None:
+            self.graphs = _Graphs(self)
+            self.graph_sets += 1
+        return self.graphs
+
+    # ---- warm-up: graphs captured while nothing else runs -------------------------------------
+    def graphs_wanted(self) -> bool:
+        """Decode steps here would replay CUDA graphs (on the GPU, graphs on)."""
+        return self.cuda_graphs and self.on_gpu()
+
+    def warm_buckets(self) -> list[tuple[int, int]]:
+        """The (batch bucket, view bucket) keys a warm-up captures for the current cache:
+        every batch bucket a decode can use, at views of up to :data:`WARM_VIEW` keys; the
+        smallest views first (a burst of short chats starts there)."""
+        c = self.cache
+        if c is None:
+            return []
+        batches = sorted({min(pow2(b), c.slots) for b in range(1, c.slots + 1)})
+        views = range(LEN_BUCKET, min(WARM_VIEW, c.length) + 1, LEN_BUCKET)
+        return [(bb, vv) for vv in views for bb in batches]
+
+    def plan_warmup(self) -> int:
+        """Queue the warm-up captures that the current cache's graph set lacks; how many."""
+        self.warm_keys = []
+        if not self.graphs_wanted() or self.cache is None:
+            return 0
+        have = set(self.graphs.graphs) if self.graphs is not None else set()
+        self.warm_keys = [k for k in self.warm_buckets() if k not in have]
+        self._warm_t0, self._warm_n = time.monotonic(), 0
+        return len(self.warm_keys)
+
+    def warm_one(self, active: list[SeqRequest], stats: dict) -> bool:
+        """Capture the next queued warm-up graph; False when none is left (or graphs went
+        off). The capture's own forwards write each active row's next token where its next
+        step writes it anyway (the same position, overwritten by that step) and the spare
+        rows into free slots, so a batch in progress is not disturbed."""
+        if not self.warm_keys or not self.graphs_wanted() or self.cache is None:
+            self.warm_keys = []
+            return False
+        key = self.warm_keys.pop(0)
+        graphs = self._graph_set()
+        if key not in graphs.graphs:
+            try:
+                graphs.capture_at(key, active)
+            except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
+                if is_oom(exc):
+                    log.warning("warm-up capture ran out of GPU memory: graphs are captured "
+                                "on first use instead")
+                    self.warm_keys = []
+                    return False
+                log.warning("CUDA graph capture of the decode step failed (%s): decoding "
+                            "without graphs from now on", exc)
+                self.cuda_graphs = False
+                self.graphs = None
+                self.warm_keys = []
+                stats["graph_error"] = repr(exc)[:300]
+                return False
+            self._warm_n += 1
+            stats["warm_captures"] = stats.get("warm_captures", 0) + 1
+        if not self.warm_keys:
+            self.last_warm = {"graphs": self._warm_n,
+                              "seconds": round(time.monotonic() - self._warm_t0, 4)}
+            stats["warm_s"] = self.last_warm["seconds"]
+        return True
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
                 view: int) -> torch.Tensor:
@@ -388,11 +465,15 @@ class BatchRunner:
     def release(self) -> None:
         """Drop the KV cache, a half-read context and the CUDA graphs."""
         self.graphs = None
+        self.warm_keys = []
         self.cache = None
         self.partial_kv = None
 
     def cache_bytes(self) -> int:
         return int(self.cache.nbytes()) if self.cache is not None else 0
+
+
+_captured_before = False      # some graph was captured in this process
 
 
 class _Graphs:
@@ -436,6 +517,18 @@ class _Graphs:
         assert self.logits is not None
         return self.logits[:b]
 
+    def capture_at(self, key: tuple[int, int], active: list[SeqRequest]) -> None:
+        """Capture ``key`` ahead of use: inputs are the active rows' next tokens at their
+        next positions (see :meth:`BatchRunner.warm_one`), zeros for the free slots."""
+        cache = self.runner.cache
+        b = min(len(active), cache.slots)
+        self.ids.zero_()
+        self.pos.zero_()
+        if b:
+            self.ids[:b, 0].copy_(torch.tensor([r.last for r in active[:b]], dtype=torch.long))
+            self.pos[:b].copy_(torch.tensor([r.pos for r in active[:b]], dtype=torch.long))
+        self._capture(*key)
+
     def _body(self, bb: int, vv: int) -> torch.Tensor:
         return self.runner.forward(self.ids[:bb], self.pos[:bb], self.rows[:bb], vv)
 
@@ -443,8 +536,11 @@ class _Graphs:
         t0 = time.monotonic()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        global _captured_before
         with torch.cuda.stream(side):
-            for _ in range(2):                   # warm up kernels and the allocator
+            # warm up kernels and the allocator: twice the first time in this process, once
+            # after that (the kernels are loaded; only this shape's buffers are new)
+            for _ in range(1 if _captured_before else 2):
                 out = self._body(bb, vv)
         torch.cuda.current_stream().wait_stream(side)
         if self.logits is None:
@@ -459,6 +555,7 @@ class _Graphs:
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(bb, vv)] = graph
+        _captured_before = True
         took = time.monotonic() - t0
         self.runner.capture_s += took
         log.debug("captured decode graph batch=%d len=%d in %.3fs", bb, vv, took)

@@ -111,13 +111,18 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long
     #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
     #                               the other chats decoding between chunks (0: all at once)
+    #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
+    #                               while idle (off by itself for flex + idle_on_cpu: the
+    #                               weights leave as soon as the batch is idle)
     def _batch_settings(self) -> dict:
         p = self.params
         slice_ms = p.get("gpu_min_slice_ms")
         chunk = p.get("prefill_chunk_tokens")
+        leaves_when_idle = bool(self.spec.idle_on_cpu) and self.spec.device == "flex"
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
+                "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
                 "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
@@ -196,14 +201,33 @@ class LLMActor(ModelActor):
         self.model = None
         self.tokenizer = None
 
+    async def _attach_gpu(self) -> None:
+        """After the weights went to the GPU at load (``device: cuda``), one loop with no
+        request warms the decode graphs before the model says it is ready."""
+        await super()._attach_gpu()
+        eng = self.engine
+        if eng is None or self.lease is None or not self.lease.on_gpu or \
+                not eng.settings.warm_graphs or not eng.runner.graphs_wanted():
+            return
+        await self._start_loop(None)
+        loop = self._loop
+        assert loop is not None
+        try:
+            await asyncio.shield(loop)
+        except Exception:  # noqa: BLE001 - a failed warm-up: graphs come on first use
+            log.warning("%s: warming the decode graphs failed", self.name, exc_info=True)
+        await self._loop_ended(None)
+        log.info("%s: decode graphs warmed: %s", self.name, eng.runner.last_warm)
+
     # ---- messages ---------------------------------------------------------------------------
     async def on_start(self) -> None:
-        await super().on_start()
-        # the batch loop's own thread, started now: a long batch never holds a worker of the
-        # shared model pool (embedders and rerankers keep all of theirs)
+        # the batch loop's own thread, started first (the graphs' warm-up at load runs in
+        # it): a long batch never holds a worker of the shared model pool (embedders and
+        # rerankers keep all of theirs)
         self._loop_thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"llm-batch-{self.name}")
         self._loop_thread.submit(lambda: None)
+        await super().on_start()
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, BatchIdle):

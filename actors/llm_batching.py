@@ -12,7 +12,11 @@ One :class:`BatchEngine` per LLM actor, made of three parts:
 *commands -> plan -> run -> update*: it drains the command queue, then admits waiting requests
 (one batched, left-padded prefill), reads the next chunk of a long prompt, and steps every
 active sequence together, streaming each one's new text and retiring those that hit EOS, a stop
-string, their max_tokens, or whose client went away. It returns when nothing is left to do.
+string, their max_tokens, or whose client went away. It returns when nothing is left to do,
+except right after the weights came to the GPU (a load, an admit): then, with CUDA graphs on, it
+first captures the decode graphs of the common buckets, one per turn while nothing else is to
+be done, so a request that arrives meanwhile waits at most one capture and later bursts find
+them ready (a drain, a stop or a waiting model's yield ends the warm-up at once).
 
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
@@ -84,7 +88,7 @@ Command = Submit | YieldGpu | Drain | Stop | Configure
 class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
-                 min_slice_s: float = 0.5, prefill_chunk: int = 512,
+                 min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -93,7 +97,8 @@ class BatchEngine:
         self.prepare = prepare
         self.settings = _settings(BatchSettings(), dict(
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
-            cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk))
+            cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
+            warm_graphs=warm_graphs))
         eos = set(as_list(getattr(tokenizer, "eos_token_id", None)))
         gen_cfg = getattr(model, "generation_config", None)
         eos |= set(as_list(getattr(gen_cfg, "eos_token_id", None)))
@@ -106,6 +111,7 @@ class BatchEngine:
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.running = False          # event loop only: a loop was started and has not ended
         self.yielded = False          # the last loop paused for a waiting model
+        self.warming = False          # (the loop's) the graphs of this grant are being warmed
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
@@ -243,6 +249,9 @@ class BatchEngine:
                 if runner.check_device():
                     planner.cache_dropped()
                 planner.whole_budget = runner.on_gpu()
+                if planner.settings.warm_graphs and runner.graphs_wanted() and \
+                        runner.graphs is None:
+                    self.warming = True           # fresh weights or cache: warm the graphs
                 while True:
                     stop: BaseException | None = None
                     for cmd in self._drain_queue():
@@ -262,6 +271,9 @@ class BatchEngine:
                         self._fail(stop, [])
                         break
                     if planner.idle(draining=draining):
+                        if self.warming and not (draining or yield_asked) and \
+                                self._warm_step(stats):
+                            continue                  # one graph, then look at the queue
                         break
                     if yield_asked and time.monotonic() - t0 >= planner.settings.min_slice_s:
                         runner.drop_partial()
@@ -287,6 +299,19 @@ class BatchEngine:
             stats["cache_mb"] = round(runner.cache_bytes() / 2**20, 1)
         return stats
 
+    def _warm_step(self, stats: dict) -> bool:
+        """(idle) Capture one warm-up graph; False once the warm-up is over."""
+        runner = self.runner
+        if runner.cache is None:           # a cache of the planner's first shape to warm
+            shape = self.planner.warm_shape()
+            runner._ensure_cache(*shape, keep=0)
+        if not runner.warm_keys and (runner.graphs is None or not runner.graphs.graphs):
+            runner.plan_warmup()
+        if runner.warm_one(self.planner.active, stats):
+            return True
+        self.warming = False
+        return False
+
     def _drain_queue(self) -> list[Command]:
         out = []
         while True:
@@ -302,6 +327,8 @@ class BatchEngine:
             self.runner.cuda_graphs = settings.cuda_graphs
             if not settings.cuda_graphs:
                 self.runner.graphs = None
+        if not settings.warm_graphs:
+            self.warming = False
 
     def _accept(self, req: SeqRequest) -> None:
         if req.prompt is None and self.prepare is not None:
@@ -406,6 +433,7 @@ class BatchEngine:
     # ---- memory ------------------------------------------------------------------------------
     def release(self) -> None:
         """Drop the KV cache and the CUDA graphs (never while the loop runs)."""
+        self.warming = False
         self.runner.release()
         self.planner.cache_dropped()
 
@@ -429,8 +457,9 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         kw["prefill_chunk"] = max(0, int(kw["prefill_chunk"]))
     if "min_slice_s" in kw:
         kw["min_slice_s"] = max(0.0, float(kw["min_slice_s"]))
-    if "cuda_graphs" in kw:
-        kw["cuda_graphs"] = bool(kw["cuda_graphs"])
+    for k in ("cuda_graphs", "warm_graphs"):
+        if k in kw:
+            kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)
 
 

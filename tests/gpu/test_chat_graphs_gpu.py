@@ -1,0 +1,91 @@
+"""CUDA graphs of the chat decode step captured off the request path (issue 15), for real: a
+``device: cuda`` LLM warms its graphs at load, before it says it is ready, so the first burst
+captures nothing; a flex LLM evicted and admitted again serves the chats first and captures
+the common buckets again when idle; graph and eager decoding say the same words."""
+from __future__ import annotations
+
+import asyncio
+
+from test_model_actors_gpu import WORDS, build_tiny_llm
+
+from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.messages import Chat, Describe, Revoke
+from agile_rag.actors.vram_arbiter import VRAMArbiter
+from agile_rag.runtime.liveconfig import ModelSpec
+from agile_rag.runtime.residency import WeightResidency
+from agile_rag.runtime.system import ActorSystem
+
+PROMPTS = [" ".join(WORDS[i:i + 4]) for i in range(8)]
+
+
+def chat(prompt: str) -> Chat:
+    return Chat(messages=[{"role": "user", "content": prompt}], max_tokens=12)
+
+
+async def spawn(folder: str, device: str, params: dict | None = None):
+    system = ActorSystem()
+    system.spawn(VRAMArbiter(2 << 30))
+    llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, device=device, max_tokens=512),
+                   params)
+    llm.residency_factory = WeightResidency
+    system.spawn(llm)
+    state = await llm.ask(Describe(), timeout=300)
+    assert state.state == "ready", state
+    return system, llm
+
+
+async def burst(llm) -> list[str]:
+    outs = await asyncio.gather(*(llm.ask(chat(p), timeout=120) for p in PROMPTS))
+    while llm._loop is not None:             # until the loop (and any warm-up) ended
+        await asyncio.sleep(0.01)
+    return [o.text for o in outs]
+
+
+def test_a_pinned_llm_warms_its_graphs_at_load_and_the_first_burst_captures_none(tmp_path):
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go():
+        system, eager = await spawn(folder, "cuda", {"cuda_graphs": False})
+        want = await burst(eager)
+        await system.stop_all()
+        system, llm = await spawn(folder, "cuda")
+        runner = llm.engine.runner
+        assert runner.graphs is not None                   # warmed before "ready"
+        assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
+        assert runner.last_warm["graphs"] == len(runner.warm_buckets()) >= 4
+        got = await burst(llm)
+        stats = llm.engine.run_stats
+        await system.stop_all()
+        return want, got, stats, runner.last_warm
+
+    want, got, stats, warm = asyncio.run(go())
+    print("warm-up at load:", warm)
+    assert got == want                     # graphs replay the words eager decoding says
+    assert stats["captures"] == 0, stats   # nothing captured on the request path
+    assert stats["steps"] > 0
+
+
+def test_after_an_evict_and_admit_the_chats_come_first_and_the_graphs_are_warmed_again(tmp_path):
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go():
+        system, llm = await spawn(folder, "flex")
+        first = await burst(llm)
+        runner = llm.engine.runner
+        assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
+        sets = runner.graph_sets
+        await llm.ask(Revoke(model="tiny"), timeout=60)      # evicted: graphs dropped
+        assert not llm.lease.on_gpu and runner.graphs is None
+        again = await burst(llm)                              # admitted again
+        stats = llm.engine.run_stats
+        assert llm.lease.on_gpu
+        assert runner.graph_sets == sets + 1
+        assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
+        await system.stop_all()
+        return first, again, stats
+
+    first, again, stats = asyncio.run(go())
+    assert again == first
+    assert stats.get("warm_captures", 0) > 0, stats
