@@ -28,7 +28,7 @@ from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_generate import eos_ids, generate
 from .llm_int8 import quantize_int8
-from .llm_loading import gguf_location, llm_dtype, load_gguf, weight_quant
+from .llm_loading import free_idle_cache, gguf_location, llm_dtype, load_gguf, weight_quant
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
 from .torch_util import is_oom, module_bytes
@@ -354,7 +354,7 @@ class LLMActor(ModelActor):
         elif self.lease is None and self.engine.cache is not None:
             # CPU only: nobody asks for the cache back, so an idle batch frees it now (a
             # 16-stream burst leaves 100-400 MB; a new one for the next chat costs ~1 ms)
-            await self.system.executor.run(self.engine.release)
+            await self.system.executor.run(free_idle_cache, self.engine)
 
     async def _quiesce(self, env: Envelope | None) -> None:
         """Let the running batch finish (admitting nobody), then free its KV cache and graphs."""

@@ -61,7 +61,15 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
             log.warning("%s: could not cache the dequantised model: %s", name, exc)
     if dtype and dtype["dtype"] not in ("auto", torch.float32):
         model = model.to(dtype["dtype"])    # in place: no float32 copy stays beside it
+    trim_heap()                             # dequantising left ~0.5 GB of freed heap
     return model
+
+
+def trim_heap() -> None:
+    """Give the heap's freed pages back to the OS after a load (glibc keeps them: RSS stays
+    at the load's peak otherwise)."""
+    from .model_base import _malloc_trim
+    _malloc_trim()
 
 
 # ---- precision on the CPU ----------------------------------------------------------------------
@@ -115,3 +123,19 @@ def weight_quant(params: dict, *, entry_dtype: str | None, gguf: bool, cpu_only:
     if mode == "auto":
         return "int8" if gguf and cpu_only and not entry_dtype and cpu_has_bf16() else "none"
     return mode
+
+
+def free_idle_cache(engine: Any) -> int:
+    """(executor thread) A CPU-only LLM's batch went idle: drop its KV cache and give the
+    memory back to the OS. The cache's tensors sit in a reference cycle (its layers point back
+    at it), so they are freed at the next full collection only; a collection of what is not
+    frozen (see model_base.freeze_heap) takes ~1 ms here. Measured after two 16-stream bursts:
+    RSS 887 MB, 675 MB after this (592 MB after load). Returns the bytes the cache held."""
+    import gc
+
+    nbytes = int(engine.cache_bytes())
+    engine.release()
+    if nbytes >= 16 * 2**20:
+        gc.collect()
+        trim_heap()
+    return nbytes
