@@ -205,3 +205,37 @@ async def test_concurrent_work_over_two_cards(tmp_path, monkeypatch):
             await asyncio.sleep(0.05)
         assert not st.busy and not st.waiting, st
         assert all(d["used"] <= d["budget"] for d in st.devices.values())
+
+
+async def test_four_cards_and_a_flip_by_editing_the_file(tmp_path, monkeypatch):
+    """Four cards: pinned models where the file says; then the file itself is edited (as a
+    person would, the watcher applies it) to move the embedder from cuda:3 to cuda:1."""
+    cards = [f"cuda:{i}" for i in range(4)]
+    config = encoders("cuda:3", "cuda:2")
+    app = await start(tmp_path, monkeypatch, config, {c: 1 << 40 for c in cards})
+    async with TestServer(app) as srv, aiohttp.ClientSession() as session:
+        server = app[SERVER]
+        await ready(server)
+        arbiter = server.system.actors["vram-arbiter"]
+        assert arbiter.state().placement == {"minilm": "cuda:3", "minilm-rerank": "cuda:2"}
+        want_vec = await embed(session, srv, TEXTS[1])
+        want_rank = await rerank(session, srv, TEXTS[0])
+
+        config["embedders"]["minilm"]["device"] = "cuda:1"
+        (tmp_path / "liveconfigs.json").write_text(json.dumps(config))
+        for _ in range(300):
+            if arbiter.state().placement.get("minilm") == "cuda:1":
+                break
+            await asyncio.sleep(0.05)
+        st = arbiter.state()
+        assert st.placement == {"minilm": "cuda:1", "minilm-rerank": "cuda:2"}
+        assert st.devices["cuda:3"]["used"] == 0 and st.devices["cuda:0"]["used"] == 0
+        emb = server.registry.resolve("embedder", "minilm")
+        assert emb.describe().gpu == "cuda:1"
+        assert np.allclose(await embed(session, srv, TEXTS[1]), want_vec, atol=1e-5)
+        assert await rerank(session, srv, TEXTS[0]) == want_rank
+        async with session.get(srv.make_url("/health")) as r:
+            health = await r.json()
+        assert sorted(health["gpus"]) == cards
+        assert {m: v["gpu"] for m, v in health["models"].items()} == {
+            "minilm": "cuda:1", "minilm-rerank": "cuda:2"}
