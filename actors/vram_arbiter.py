@@ -363,7 +363,8 @@ class VRAMArbiter(CardLedgers, Actor):
             return self._make_room(w, room, env)
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
             self._ask_to_yield(idle, later, short, req.model, env)
-            w.committed = any(h.yield_sent for h in later)     # a chat pauses for it here
+            # a chat pauses for it here: it stays (closing an encoder's job binds nothing)
+            w.committed = any(h.yield_sent and h.preemptible for h in later)
             return False                # wait for busy holders to finish, then evict by LRU
         # the rest is pinned by holders that are themselves waiting (behind w): refuse the
         # youngest of them so they become evictable, instead of waiting for each other forever
