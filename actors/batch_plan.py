@@ -149,6 +149,7 @@ class BatchPlanner:
         self.active: list[SeqRequest] = []
         self.partial: Partial | None = None
         self.cache: tuple[int, int] | None = None        # (slots, length) the runner holds
+        self.parked: tuple[int, int] | None = None       # a shape the runner can take back
 
     # ---- queue -------------------------------------------------------------------------------
     def accept(self, req: SeqRequest) -> None:
@@ -193,8 +194,11 @@ class BatchPlanner:
         self.waiting.clear()
         return out
 
-    def cache_dropped(self) -> None:
+    def cache_dropped(self, parked: tuple[int, int] | None = None) -> None:
+        """The runner gave its cache back; ``parked``: the shape it can take back at the old
+        addresses (its CUDA graphs still good), which the next cache reuses when it fits."""
         self.cache = None
+        self.parked = parked
 
     # ---- cache shape ---------------------------------------------------------------------------
     def _grow(self, slots: int, length: int) -> tuple[int, int] | None:
@@ -204,6 +208,11 @@ class BatchPlanner:
         c = self.cache
         if c is not None and c[0] >= slots and c[1] >= length:
             return None
+        p = self.parked
+        if c is None and p is not None and p[0] >= slots and p[1] >= length and \
+                p[0] * p[1] <= max(s.kv_tokens, p[1]):
+            self.cache, self.parked = p, None
+            return p
         length = round_up(max(length, c[1] if c is not None else 0), LEN_BUCKET)
         fit = max(1, s.kv_tokens // length)
         want = max(slots, c[0] if c is not None and c[0] * length <= s.kv_tokens else 0)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import weakref
 from typing import Any
 
 import torch
 
+from ..runtime import stable_memory
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
 from .torch_util import is_oom
 
@@ -119,7 +121,11 @@ class _SlotLayer:
 
 
 def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
-                    dtype: torch.dtype, device: torch.device) -> Any:
+                    dtype: torch.dtype, device: torch.device, *, stable: bool = False) -> Any:
+    """The KV rectangle: per layer keys and values of ``slots`` rows x ``length`` positions,
+    zeroed. ``stable`` (CUDA): in one :class:`~agile_rag.runtime.stable_memory.StableBuffer`,
+    whose pages can be given back and taken again at the same addresses (``park`` /
+    ``unpark``), so the decode graphs captured over it stay valid across a trim."""
     from transformers.cache_utils import Cache
 
     class _SlotCache(Cache):
@@ -131,8 +137,22 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
                 self.layers = layers
             self.slots, self.length = slots, length
             shape = (slots, kv_heads, length, head_dim)
-            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.stable: stable_memory.StableBuffer | None = None
+            if stable:
+                one = slots * kv_heads * length * head_dim * torch.empty((), dtype=dtype) \
+                    .element_size()
+                step = -(-one // 256) * 256
+                buf = stable_memory.StableBuffer(2 * n_layers * step, device.index or 0)
+                weakref.finalize(self, buf.close)       # the pages and the address range
+                self.stable = buf
+                views = [buf.view(dtype, shape, offset=i * step) for i in range(2 * n_layers)]
+                self.keys, self.values = views[:n_layers], views[n_layers:]
+                self.zero()
+            else:
+                self.keys = [torch.zeros(shape, dtype=dtype, device=device)
+                             for _ in range(n_layers)]
+                self.values = [torch.zeros(shape, dtype=dtype, device=device)
+                               for _ in range(n_layers)]
             self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
             self.rows: torch.Tensor | None = None   # [B] slot of each row of the step
             self.pos: torch.Tensor | None = None    # [B] where each row writes its new token
@@ -163,6 +183,21 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
         def nbytes(self) -> int:
             return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+        def zero(self) -> None:
+            for t in self.keys + self.values:    # masked positions must not hold NaN bits
+                t.zero_()
+
+        def park(self) -> None:
+            """Give the pages back; the tensors keep their addresses (never touch them
+            until :meth:`unpark`)."""
+            assert self.stable is not None
+            self.stable.unmap()
+
+        def unpark(self) -> None:
+            assert self.stable is not None
+            self.stable.map()
+            self.zero()
+
     return _SlotCache()
 
 
@@ -189,6 +224,11 @@ class BatchRunner:
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         self.capture_s = 0.0               # seconds spent capturing graphs, all sets
         self.graph_sets = 0                # graph sets started (one per cache / admit)
+        # a stable KV cache (runtime/stable_memory.py) given back with its graphs: taken
+        # again when the next cache has its shape, graphs and all
+        self.parked: tuple[Any, _Graphs | None] | None = None
+        self.unparks = 0                   # caches taken back at their old addresses
+        self._stable: bool | None = None   # stable buffers work here (decided once)
         self.warm_keys: list[tuple[int, int]] = []   # warm-up captures still to do
         self.last_warm: dict = {}          # the last finished warm-up: graphs, seconds
         self._warm_t0 = 0.0
@@ -230,8 +270,19 @@ class BatchRunner:
     def _ensure_cache(self, slots: int, length: int, *, keep: int) -> None:
         p = next(self.model.parameters())
         c = self.cache
+        if c is None and self.parked is not None:
+            pc, pg = self.parked
+            self.parked = None
+            if (pc.slots, pc.length) == (slots, length) and pc.keys[0].device == p.device \
+                    and pc.keys[0].dtype == p.dtype:
+                pc.unpark()                  # same addresses: its graphs are still good
+                self.cache, self.unparks = pc, self.unparks + 1
+                self.graphs = pg if pg is not None and pg.valid_for(self.model, pc) else None
+                log.debug("KV cache taken back at its addresses (%d slots x %d tokens)",
+                          slots, length)
+                return
         new = make_slot_cache(self.n_layers, slots, self.kv_heads, length, self.head_dim,
-                              p.dtype, p.device)
+                              p.dtype, p.device, stable=self._stable_here(p.device))
         if c is not None:
             for i in range(self.n_layers):
                 new.keys[i][:keep, :, :c.length].copy_(c.keys[i][:keep])
@@ -463,11 +514,32 @@ class BatchRunner:
 
     # ---- memory ------------------------------------------------------------------------------
     def release(self) -> None:
-        """Drop the KV cache, a half-read context and the CUDA graphs."""
+        """Drop the KV cache, a half-read context and the CUDA graphs. A stable cache gives
+        its pages back and is parked with its graphs (see :meth:`_ensure_cache`)."""
+        c = self.cache
+        if c is not None and getattr(c, "stable", None) is not None:
+            c.park()
+            self.parked = (c, self.graphs)
         self.graphs = None
         self.warm_keys = []
         self.cache = None
         self.partial_kv = None
+
+    def _stable_here(self, device: torch.device) -> bool:
+        if device.type != "cuda" or not self.cuda_graphs:
+            return False
+        if self._stable is None:
+            self._stable = stable_memory.available(device.index or 0)
+        return self._stable
+
+    def parked_shape(self) -> tuple[int, int] | None:
+        """(slots, length) of the parked cache, if any."""
+        return (self.parked[0].slots, self.parked[0].length) if self.parked else None
+
+    @property
+    def keeps_graphs(self) -> bool:
+        """Giving the cache back (a trim) keeps the decode graphs good: the cache is stable."""
+        return bool(self._stable)
 
     def cache_bytes(self) -> int:
         return int(self.cache.nbytes()) if self.cache is not None else 0

@@ -130,10 +130,11 @@ class EncoderActor(EncoderJobs):
             tokens = min(tokens, max(items * max_len, self._recent_demand()))
         return max(tokens, MIN_BATCH_TOKENS)
 
-    def working_bytes(self, items: int) -> int:
-        """GPU memory beyond the weights: the forwards in flight at the job's token budget."""
+    def working_bytes(self, items: int, depth: int = GPU_DEPTH) -> int:
+        """GPU memory beyond the weights: the forwards in flight at the job's token budget
+        (``depth`` of them: one when the job runs layer-streamed)."""
         per = self._per_token or 32 * 1024
-        return _BASE_WORKING + GPU_DEPTH * self.job_tokens(items) * per
+        return _BASE_WORKING + depth * self.job_tokens(items) * per
 
     def _recent_demand(self) -> int:
         """The largest forward recent jobs wanted (tokens), halving every DEMAND_HALF_LIFE_S."""
@@ -254,10 +255,13 @@ class EncoderActor(EncoderJobs):
                 # the arbiter (no round trip per job)
                 job.device, job.pinned = lease.device, True
             else:
-                job.device = await lease.acquire(job.items, working, job.env0)
+                job.device = await lease.acquire(
+                    job.items, working, job.env0,
+                    stream_working=self.working_bytes(job.items, depth=1))
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
-        job.depth = GPU_DEPTH if gpu else 1
+        # streamed: one forward in flight (the grant holds one forward's working memory)
+        job.depth = GPU_DEPTH if gpu and lease is not None and not lease.streamed else 1
         if lease is not None and lease.on_gpu:
             # forwards within what the working memory was asked for (the CPU has no such limit)
             job.budget = min(job.budget, self.job_tokens(job.items))

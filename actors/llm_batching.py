@@ -247,7 +247,7 @@ class BatchEngine:
         try:
             with torch.inference_mode():
                 if runner.check_device():
-                    planner.cache_dropped()
+                    planner.cache_dropped(runner.parked_shape())
                 planner.whole_budget = runner.on_gpu()
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:
@@ -435,7 +435,7 @@ class BatchEngine:
         """Drop the KV cache and the CUDA graphs (never while the loop runs)."""
         self.warming = False
         self.runner.release()
-        self.planner.cache_dropped()
+        self.planner.cache_dropped(self.runner.parked_shape())
 
     def cache_bytes(self) -> int:
         return self.runner.cache_bytes()

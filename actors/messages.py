@@ -203,6 +203,17 @@ class Revoke:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FinishJob:
+    """The arbiter asks a busy holder whose job ends on its own (an encoder's batch) to take
+    no more requests into that job: another model waits for its memory. Its arrival in the
+    mailbox closes the running job (a message of another kind ends it); the job finishes
+    what it took in, answers JobFinished, and the requests that came after start a new job,
+    which asks for the GPU again behind the waiter. Handled afterwards, it does nothing."""
+    model: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Yield:
     """The arbiter asks a busy, preemptible holder (the LLM's batch loop, which would otherwise
     hold the GPU as long as chats keep coming) to pause its job soon and give its memory back:

@@ -16,9 +16,19 @@ from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
-from .messages import Describe, Drain, ModelState, Released, Revoke, Trim, Trimmed, UpdateModel
+from .messages import (
+    Describe,
+    Drain,
+    FinishJob,
+    ModelState,
+    Released,
+    Revoke,
+    Trim,
+    Trimmed,
+    UpdateModel,
+)
 from .states import Device, DeviceMode, ModelStatus
-from .torch_util import empty_cache, is_oom, torch_dtype
+from .torch_util import empty_cache, empty_host_cache, is_oom, torch_dtype
 
 log = logging.getLogger("agile_rag.model")
 
@@ -280,6 +290,7 @@ class ModelActor(Actor):
             gc.unfreeze()                   # frozen objects (freeze_heap) are never collected
             gc.collect()                    # cycles the libraries keep, a failed load's frames
             gc.freeze()
+        empty_host_cache()                  # the pinned master copy's blocks, now
         _malloc_trim()
 
     def drop_weight_refs(self) -> None:
@@ -302,6 +313,8 @@ class ModelActor(Actor):
             return self.describe()
         if isinstance(msg, Drain):
             return True
+        if isinstance(msg, FinishJob):      # its arrival closed the job it was sent to
+            return None
         if isinstance(msg, UpdateModel):
             return await self._update(msg.spec, msg.params, env)
         if isinstance(msg, Revoke):

@@ -41,6 +41,7 @@ from ..runtime.errors import ActorStopped, DeadlineExceeded
 from .messages import (
     ArbiterState,
     Describe,
+    FinishJob,
     Granted,
     JobFinished,
     JobStarted,
@@ -358,6 +359,7 @@ class VRAMArbiter(CardLedgers, Actor):
                 return self._make_room(w, s_room, env)
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
+                self._finish_soon([h for h in later if not h.preemptible], req.model, env)
                 return False            # busy encoders end on their own: no chat pauses
         if room is not None:
             return self._make_room(w, room, env)
@@ -406,8 +408,10 @@ class VRAMArbiter(CardLedgers, Actor):
 
     def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
                       model: str, env: Envelope) -> None:
-        """Busy holders that end on their own go first; if they and the idle ones are not
-        enough, the preemptible busy ones (least recently granted first) are asked to yield."""
+        """Busy holders that end on their own go first (asked to take no more requests into
+        their job); if they and the idle ones are not enough, the preemptible busy ones (least
+        recently granted first) are asked to yield."""
+        self._finish_soon([h for h in later if not h.preemptible], model, env)
         have = sum(h.nbytes for h in idle) + sum(h.nbytes for h in later if not h.preemptible)
         for h in sorted((h for h in later if h.preemptible), key=lambda h: h.granted_at):
             if have >= short:
@@ -484,6 +488,20 @@ class VRAMArbiter(CardLedgers, Actor):
         env.detail.setdefault("trimmed", []).append(h.model)
         target.tell(Trim(model=h.model, keep=h.weights, reason=reason), priority=CONTROL,
                     sender=self.name, request_id=env.request_id)
+
+    def _finish_soon(self, busy: list[Holder], model: str, env: Envelope) -> None:
+        """Ask busy holders whose jobs end on their own to close their job to new requests
+        (once a grant): an encoder that keeps taking requests in would hold the GPU for as
+        long as they keep coming (FLEX_JOB_SLICE_S at most) while ``model`` waits."""
+        for h in busy:
+            if h.yield_sent:
+                continue
+            h.yield_sent = True
+            env.detail.setdefault("finish_asked", []).append(h.model)
+            target = self._holder_actor(h)
+            if target is not None:
+                target.tell(FinishJob(model=h.model, reason=f"{model!r} waits for GPU memory"),
+                            priority=CONTROL, sender=self.name, request_id=env.request_id)
 
     def _holder_actor(self, h: Holder) -> Actor | None:
         """The running actor behind holder ``h`` (None: stopped or gone)."""

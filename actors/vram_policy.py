@@ -9,14 +9,19 @@ A holder's grant has two parts that cost very differently to give back:
   its measured ``restore_s``: the copy, plus what else it loses, e.g. an LLM's CUDA graphs),
   so the arbiter asks for them with ``Revoke`` only when trims cannot make the room.
 
-The rule (:func:`choose_room`): to free ``short`` bytes from idle holders, take the set of
-whole-model evictions with the least expected cost such that, with every other idle holder's
-working memory trimmed, the room is made; then trim only as much working memory as is still
-needed, cheapest first. The expected cost of evicting a model is what bringing it back costs
-(``restore_s``) times how soon it is likely needed: its recent grant rate (an exponentially
-decayed count of grants, time constant ``RATE_TAU_S``), never its age alone. Ties go to moving
-fewer bytes. With up to ``EXACT_MAX`` idle holders the best set is found exactly; beyond that,
-greedily by cost per byte.
+The rule (:func:`choose_room`): to free ``short`` bytes from idle holders, take the evictions
+plus trims with the least expected cost that make the room (for each set of evictions, the
+cheapest trims of the others that cover the rest). The expected cost of evicting a model is
+what bringing it back costs (``restore_s``) times how soon it is likely needed: its recent grant
+rate (an exponentially decayed count of grants, time constant ``RATE_TAU_S``), never its age
+alone. A trim costs what the holder says it loses (``trim_s``: an LLM whose KV cache is not at
+a stable address captures its CUDA graphs again), at least ``TRIM_SHARE`` of its restore cost,
+times the same rate. Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idle holders the
+best set is found exactly; beyond that, evictions are chosen greedily by cost per byte.
+
+A layer-streamed grant (an encoder's few layers' worth) is weighed against this room by the
+arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds) plus the room it
+needs in turn.
 """
 from __future__ import annotations
 

@@ -257,3 +257,21 @@ def test_a_prefill_that_failed_puts_its_rows_back_at_the_head_of_the_queue():
     assert plan.rows == [a, b, c]
     p.unadmit(plan.rows)
     assert p.take_all() == [a, b, c]
+
+
+def test_a_parked_cache_shape_is_taken_back_when_it_fits():
+    """After a trim the runner parks a stable cache (same addresses, same graphs): the next
+    cache that fits in it is that shape, so the graphs stay good; a longer chat grows as
+    before."""
+    p = planner(max_batch=8, kv_tokens=4096)
+    p.whole_budget = True
+    p.cache_dropped(parked=(8, 512))
+    p.accept(seq(100, 20))
+    plan, _ = p.admit()
+    assert plan is not None and plan.cache == (8, 512) and p.parked is None
+    q = planner(max_batch=8, kv_tokens=8192, prefill_chunk=0)
+    q.whole_budget = True
+    q.cache_dropped(parked=(8, 512))
+    q.accept(seq(900, 20))
+    plan, _ = q.admit()
+    assert plan is not None and plan.cache is not None and plan.cache[1] > 512

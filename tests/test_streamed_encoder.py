@@ -37,7 +37,7 @@ async def test_an_embedder_that_only_fits_streamed_runs_streamed_with_the_same_v
     assert (await e.ask(Describe(), timeout=120)).state == "ready"
     res = e.lease.residency
     assert 0 < res.stream_bytes < res.weight_bytes
-    e.working_bytes = lambda items: 64 << 20          # a fixed job size, whatever the batch
+    e.working_bytes = lambda items, depth=2: 64 << 20         # a fixed job size, whatever the batch
     # the whole model does not fit; its streamed mode does
     arbiter.budget = res.stream_bytes + (64 << 20) + (res.weight_bytes - res.stream_bytes) // 2
     try:

@@ -217,3 +217,34 @@ async def test_an_encoder_streams_rather_than_trim_an_llm_whose_graphs_a_trim_co
                      stream_s=5.0), sender="rr"), 5)
     assert not g.streamed and llm.trims == 1
     await system.stop_all()
+
+
+class Releasing(Recorder):
+    """Records every message, answers Trim and Revoke as a model actor does."""
+
+    async def handle(self, msg, env):
+        if isinstance(msg, Revoke):
+            self.got.append("Revoke")
+            self.system.actors["vram-arbiter"].tell(Released(model=self.name, nbytes=400))
+            return None
+        return await super().handle(msg, env)
+
+
+async def test_a_busy_encoder_is_asked_to_close_its_job_when_another_model_waits():
+    """An encoder whose job keeps taking requests in would hold the GPU while another model
+    waits (seen: embeds waiting ~0.6 s behind a reranker's job at 32 clients): the arbiter
+    asks it once to close the job (FinishJob), then evicts it at JobFinished."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    rr = system.spawn(Releasing("rr"))
+    system.spawn(Releasing("emb"))
+    await arb.ask(RequestGrant(model="rr", nbytes=400, weights=300), sender="rr")   # busy
+    arb.tell(RequestGrant(model="llm", nbytes=500, pinned=True), sender="llm")
+    waiter = asyncio.ensure_future(arb.ask(RequestGrant(model="emb", nbytes=400, weights=350),
+                                           sender="emb"))
+    await asyncio.sleep(0.1)
+    assert rr.got.count("FinishJob") == 1 and not waiter.done()
+    arb.tell(JobFinished(model="rr"))
+    g = await asyncio.wait_for(waiter, 5)
+    assert g.evicted == ("rr",) and rr.got.count("FinishJob") == 1
+    await system.stop_all()

@@ -43,7 +43,7 @@ def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
         for a in (e, r, llm):
             assert (await a.ask(Describe(), timeout=120)).state == "ready"
         for a in (e, r):
-            a.working_bytes = lambda items: WORK
+            a.working_bytes = lambda items, depth=2: WORK
             assert 0 < a.lease.residency.stream_bytes < a.lease.residency.weight_bytes
 
         def chat():
