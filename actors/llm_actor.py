@@ -206,8 +206,7 @@ class LLMActor(ModelActor):
         request warms the decode graphs before the model says it is ready."""
         await super()._attach_gpu()
         eng = self.engine
-        if eng is None or self.lease is None or not self.lease.on_gpu or \
-                not eng.settings.warm_graphs or not eng.runner.graphs_wanted():
+        if eng is None or not self._warm_due():
             return
         await self._start_loop(None)
         loop = self._loop
@@ -218,6 +217,14 @@ class LLMActor(ModelActor):
             log.warning("%s: warming the decode graphs failed", self.name, exc_info=True)
         await self._loop_ended(None)
         log.info("%s: decode graphs warmed: %s", self.name, eng.runner.last_warm)
+
+    def _warm_due(self) -> bool:
+        """The weights are on the GPU, no loop runs and the decode graphs are not captured:
+        a loop with no request would warm them (requests that come meanwhile join it)."""
+        eng = self.engine
+        return eng is not None and self._loop is None and self.lease is not None and \
+            self.lease.on_gpu and eng.settings.warm_graphs and eng.runner.graphs_wanted() and \
+            eng.runner.graphs is None
 
     # ---- messages ---------------------------------------------------------------------------
     async def on_start(self) -> None:
@@ -249,6 +256,8 @@ class LLMActor(ModelActor):
             result = await super().handle(msg, env)
             if self.engine is not None and self._loop is None and self.engine.pending:
                 await self._start_loop(env)              # requests the quiesce held back
+            elif self._warm_due():
+                await self._start_loop(env)   # pinned again (cpu -> cuda): warm the graphs
             return result
         return await super().handle(msg, env)
 

