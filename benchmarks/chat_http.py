@@ -100,7 +100,7 @@ def import_project() -> None:
         import agile_rag  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"cannot import agile_rag ({e}): put a folder holding an `agile_rag` "
-                         "link to the repository root on PYTHONPATH")
+                         "link to the repository root on PYTHONPATH") from e
 
 
 # ---- the model (a child process) ----------------------------------------------------------------
@@ -142,7 +142,7 @@ def prompt_text(tok, n_tokens: int, i: int) -> str:
     return f"({i}) " + tok.decode(ids)
 
 
-# ---- the engine alone (a child process) -------------------------------------------------------------
+# ---- the engine alone (a child process) ----------------------------------------------------------
 class Sink:
     """A TextTail's stream: when the first and the last pieces came."""
 
@@ -172,8 +172,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import_project()
-    from agile_rag.actors.llm_batching import BatchEngine, SeqRequest, TextTail
     from chat_batching import copy_bandwidth
+
+    from agile_rag.actors.llm_batching import BatchEngine, SeqRequest, TextTail
 
     a = argparse.Namespace(**a_dict)
     cuda = torch.cuda.is_available() and not a.tiny
@@ -222,7 +223,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
                 "ttft_p50_s": statistics.median((s.first or t0) - t0 for s in sinks)
                 if sinks else None,
                 "decode_tok_s_per_chat_p50": statistics.median(decode) if decode else None,
-                "captures": stats.get("captures", 0), "warm_captures": stats.get("warm_captures", 0),
+                "captures": stats.get("captures", 0),
+                "warm_captures": stats.get("warm_captures", 0),
                 "max_batch": stats.get("max_batch", 0), "steps": stats.get("steps", 0),
                 "texts": [tok.decode(r.tail.ids[:12]) for r in reqs[:2]]}
 
@@ -369,7 +371,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
     return out
 
 
-# ---- summary --------------------------------------------------------------------------------------
+# ---- summary ------------------------------------------------------------------------------------
 def med(runs: list[dict], *path) -> dict | None:
     vals = []
     for r in runs:
@@ -504,7 +506,7 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> None:
     a = parse_args(argv)
     import_project()
-    import torch           # no CUDA context here: the children and the server use the GPU
+    import torch  # no CUDA context here: the children and the server use the GPU
     cuda = torch.cuda.is_available() and not a.tiny
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
