@@ -136,6 +136,13 @@ class EncoderActor(EncoderJobs):
         per = self._per_token or 32 * 1024
         return _BASE_WORKING + depth * self.job_tokens(items) * per
 
+    def _stream_working_min(self) -> int:
+        """The least working memory a streamed job can run with: one forward of the longest
+        input (smaller forwards, more passes)."""
+        per = self._per_token or 32 * 1024
+        max_len = getattr(self.engine, "max_len", 0) if self.engine is not None else 0
+        return _BASE_WORKING + max(MIN_BATCH_TOKENS, max_len or 512) * per
+
     def _recent_demand(self) -> int:
         """The largest forward recent jobs wanted (tokens), halving every DEMAND_HALF_LIFE_S."""
         tokens, t = self._demand
@@ -257,7 +264,8 @@ class EncoderActor(EncoderJobs):
             else:
                 job.device = await lease.acquire(
                     job.items, working, job.env0,
-                    stream_working=self.working_bytes(job.items, depth=1))
+                    stream_working=self.working_bytes(job.items, depth=1),
+                    stream_working_min=self._stream_working_min())
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
         # streamed: one forward in flight (the grant holds one forward's working memory)
@@ -265,6 +273,10 @@ class EncoderActor(EncoderJobs):
         if lease is not None and lease.on_gpu:
             # forwards within what the working memory was asked for (the CPU has no such limit)
             job.budget = min(job.budget, self.job_tokens(job.items))
+            if lease.streamed and lease.stream_working:
+                # streamed, maybe with less than it asked: forwards within what was granted
+                room = (lease.stream_working - _BASE_WORKING) // (self._per_token or 32 * 1024)
+                job.budget = max(MIN_BATCH_TOKENS, min(job.budget, room))
         job.collecting = job.depth == 1 and self.batch_linger_s > 0
 
     async def _release(self, job: Job) -> None:

@@ -45,6 +45,7 @@ class GpuLease:
         self.busy = False
         self.admit_s = 0.0              # how long our last admit took (the arbiter's cost)
         self.kept = 0                   # the weights part of our grant (what a Trim keeps)
+        self.stream_working = 0         # a streamed grant's bytes for the job's forwards
         self.at: str | None = None      # the card our grant (and our weights) are on
 
     @property
@@ -59,7 +60,8 @@ class GpuLease:
         return await self.owner.system.executor.run(fn)
 
     async def acquire(self, items: int, working_bytes: int, env: Envelope | None, *,
-                      preemptible: bool = False, stream_working: int = 0) -> str:
+                      preemptible: bool = False, stream_working: int = 0,
+                      stream_working_min: int = 0) -> str:
         """Where this job computes: ``self.device`` or ``"cpu"``. ``preemptible``: the job
         pauses when the arbiter sends ``Yield`` (the owner handles it). ``stream_working``:
         the job's working memory if it runs layer-streamed (the arbiter may grant that mode;
@@ -80,7 +82,7 @@ class GpuLease:
                              device=card,
                              preemptible=preemptible, weights=self.residency.weight_bytes,
                              restore_s=self.restore_s(), trim_s=self.trim_s(),
-                             **self._stream_terms(stream_working)),
+                             **self._stream_terms(stream_working, stream_working_min)),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
@@ -94,6 +96,8 @@ class GpuLease:
         self.busy = True
         _note(env, grant_wait_s=round(time.monotonic() - t0, 4), evicted=list(granted.evicted))
         streamed = bool(granted.streamed)
+        # a streamed job's forwards fit what was granted beyond the streamed parts
+        self.stream_working = granted.nbytes - self._stream_bytes() if streamed else 0
         _note(env, gpu_mode="streamed" if streamed else "resident", gpu_device=granted.device)
         moved = self.at is not None and self.at != granted.device
         if not self.on_gpu or moved or \
@@ -146,12 +150,16 @@ class GpuLease:
         """The weights are on the GPU layer-streamed (the grant was for that mode)."""
         return bool(getattr(self.residency, "streamed", False))
 
-    def _stream_terms(self, stream_working: int) -> dict[str, Any]:
-        stream_bytes = int(getattr(self.residency, "stream_bytes", 0) or 0)
+    def _stream_bytes(self) -> int:
+        return int(getattr(self.residency, "stream_bytes", 0) or 0)
+
+    def _stream_terms(self, stream_working: int, stream_working_min: int) -> dict[str, Any]:
+        stream_bytes = self._stream_bytes()
         if not stream_bytes:
             return {}
         stream_s = getattr(self.residency, "stream_s", None)
         return {"stream_bytes": stream_bytes, "stream_working": int(stream_working),
+                "stream_working_min": int(stream_working_min),
                 "stream_s": float(stream_s()) if callable(stream_s) else 0.0}
 
     def trim_s(self) -> float:

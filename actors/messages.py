@@ -181,6 +181,7 @@ class RequestGrant:
     restore_s: float = 0.0
     stream_bytes: int = 0
     stream_working: int = 0
+    stream_working_min: int = 0       # the least it can stream with (smaller forwards); 0: as above
     stream_s: float = 0.0
     trim_s: float = 0.0
 

@@ -67,6 +67,7 @@ from .vram_policy import (
     default_budget,
     fmt,
     stream_need,
+    stream_need_min,
     stream_total,
     weights_only,
 )
@@ -357,6 +358,20 @@ class VRAMArbiter(CardLedgers, Actor):
                 if s_short <= 0:
                     return False        # what the streamed grant needs is on its way
                 return self._make_room(w, s_room, env)
+            # smaller streamed forwards in what is free now: more passes (copies), no wait
+            s_min = stream_need_min(req, mine)
+            if s_min is not None and s_min <= free:
+                working = req.stream_working_min + (free - s_min)
+                full = stream_total(req) - req.stream_bytes
+                passes = -(-full // max(1, working))
+                if room is None or req.stream_s * passes < room.cost(now):
+                    waited = 0.0 if w.env is self._current else time.monotonic() - w.since
+                    self._answer(w, self._grant(req.model, req, w.env, waited=waited,
+                                                evicted=tuple(w.evicted),
+                                                actor=self._actor_name(req.model, w.env),
+                                                streamed=True, device=dev,
+                                                stream_working=min(working, full)))
+                    return True
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
                 self._finish_soon([h for h in later if not h.preemptible], req.model, env)
@@ -432,10 +447,12 @@ class VRAMArbiter(CardLedgers, Actor):
 
     def _grant(self, model: str, req: RequestGrant, env: Envelope, *, waited: float,
                evicted: tuple[str, ...], actor: str, device: str,
-               streamed: bool = False) -> Granted:
+               streamed: bool = False, stream_working: int | None = None) -> Granted:
         nbytes, weights = req.nbytes, req.weights
         if streamed:                # the streamed mode's bytes replace the weights
             nbytes, weights = stream_total(req), req.stream_bytes
+            if stream_working is not None:      # smaller forwards than it asked for
+                nbytes = req.stream_bytes + stream_working
         h = self.holders.get(model)
         if h is None:
             h = self.holders[model] = Holder(model, nbytes, req.pinned, actor, device=device)

@@ -291,6 +291,16 @@ def stream_need(req: RequestGrant, mine: Holder | None) -> int | None:
     return stream_total(req) - (mine.nbytes if mine else 0)
 
 
+def stream_need_min(req: RequestGrant, mine: Holder | None) -> int | None:
+    """Bytes still needed for the smallest streamed grant the asker can run with (smaller
+    forwards: ``stream_working_min``); None: it cannot stream, or not with less."""
+    full = stream_need(req, mine)
+    if full is None or not req.stream_working_min:
+        return None
+    least = full - stream_total(req) + req.stream_bytes + req.stream_working_min
+    return least if least < full else None
+
+
 def stream_total(req: RequestGrant) -> int:
     """A streamed grant's bytes: the streamed mode's parts plus the job's streamed working
     memory (``stream_working``, or the resident job's when it gave none)."""

@@ -248,3 +248,25 @@ async def test_a_busy_encoder_is_asked_to_close_its_job_when_another_model_waits
     g = await asyncio.wait_for(waiter, 5)
     assert g.evicted == ("rr",) and rr.got.count("FinishJob") == 1
     await system.stop_all()
+
+
+async def test_a_streamed_job_takes_smaller_forwards_when_only_that_fits():
+    """A 6 GiB card with the LLM's weights and cache: the streamed reranker's full forward does
+    not fit beside them, its smallest one does; it streams with what is free (more passes)
+    rather than evict the LLM (whose return costs far more)."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Releasing("llm"))
+    system.spawn(Releasing("rr"))
+    for _ in range(3):
+        await arb.ask(RequestGrant(model="llm", nbytes=880, weights=800, restore_s=0.5),
+                      sender="llm")
+        arb.tell(JobFinished(model="llm"))
+    llm.trims = 0
+    g = await asyncio.wait_for(arb.ask(
+        RequestGrant(model="rr", nbytes=500, weights=300, stream_bytes=60, stream_working=150,
+                     stream_working_min=20, stream_s=0.01), sender="rr"), 5)
+    assert g.streamed and g.evicted == ()
+    assert g.nbytes <= 1000 - 800 and "Revoke" not in llm.got
+    assert (await arb.ask(Describe())).holders["llm"] >= 800
+    await system.stop_all()
