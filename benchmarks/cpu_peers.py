@@ -8,7 +8,8 @@ machine whose load changes during the run shifts all of them alike:
 * chat tokens/s, streamed, temperature 0, ``--max-tokens`` each, at 1, 4 and 16 concurrent
   streams (``--streams``), and 1 stream while another process keeps one core busy (``--busy``);
 * embeddings: ``--embed-requests`` one-sentence requests, ``--embed-concurrency`` in flight;
-* resident memory (RSS) of each server after load and after the load test (``--peer-pid``).
+* resident memory (RSS) of each server after load, after the first round's chats (the chat
+  load test) and after everything (``--peer-pid``; ours is its process), and after each run.
 
 Before every measurement a quiet-machine check samples /proc/stat for ``--quiet-s`` seconds:
 a run is clean when the rest of the machine used less than ``--quiet-cores`` cores then (a
@@ -239,6 +240,8 @@ async def main_async(args) -> dict:
     runs: dict[str, dict[str, list[dict]]] = {w: {} for w, _, _ in workloads}
     for rnd in range(args.rounds):
         for label, kind, n in workloads:
+            if kind == "embed" and "after_chat_load_test" not in rss:
+                rss["after_chat_load_test"] = {k: rss_mb(p) for k, p in pids.items()}
             servers = embed_servers if kind == "embed" else chat_servers
             order = list(servers.items())
             if rnd % 2:
@@ -258,11 +261,12 @@ async def main_async(args) -> dict:
                         spinner.kill()
                         spinner.wait()
                 res.update(round=rnd, quiet=quiet, load_cores_before=round(load, 2),
-                           loadavg=os.getloadavg()[0])
+                           loadavg=os.getloadavg()[0], rss_mb=rss_mb(pids.get(name)))
                 runs[label].setdefault(name, []).append(res)
                 print(f"round {rnd} {label:28s} {name:10s} {res['value']:8.1f}  "
                       f"(machine busy {load:.2f} cores before{'' if quiet else ', NOT QUIET'})",
                       flush=True)
+    rss.setdefault("after_chat_load_test", {k: rss_mb(p) for k, p in pids.items()})
     rss["after_load_test"] = {k: rss_mb(p) for k, p in pids.items()}
     if proc is not None:
         stop_servers([proc])
@@ -312,7 +316,11 @@ def write_outputs(result: dict, out: str) -> None:
         ours = f"{r['ours']:.1f}" if r["ours"] else ""
         lines.append(f"| {r['workload']} | {r['unit']} | {ours} | " + " | ".join(cells) +
                      f" | {r['ours_clean_runs']}{'' if r['quiet'] else ' (not quiet)'} |")
-    lines += ["", "RSS (MB): " + json.dumps(result["rss_mb"])]
+    lines += ["", "| RSS (MB) | " + " | ".join(result["rss_mb"]["after_load"]) + " |",
+              "| --- | " + " | ".join("---" for _ in result["rss_mb"]["after_load"]) + " |"]
+    for when, vals in result["rss_mb"].items():
+        lines.append(f"| {when.replace('_', ' ')} | " +
+                     " | ".join(f"{v:.0f}" if v else "" for v in vals.values()) + " |")
     if result.get("busy_over_quiet_ours"):
         lines.append(f"Ours, 1 stream with a core busy / quiet: "
                      f"{result['busy_over_quiet_ours']:.2f}")
