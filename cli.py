@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads of the pool that runs model work (SERVICE_NUM_WORKERS, "
                              "default 4)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1 or \
+            args.torch_threads is not None and args.torch_threads < 0:
+        parser.error("--workers must be at least 1 and --torch-threads at least 0")
 
     import os
     # Before CUDA starts: models move in and out of the GPU under a budget, and the default

@@ -69,6 +69,14 @@ def test_settings_and_flags_carry_it(tmp_path):
     assert load_settings().TORCH_THREADS == 0
 
 
+@pytest.mark.parametrize("flag", [["--workers", "0"], ["--torch-threads", "-1"]])
+def test_bad_thread_flags_are_refused(flag, capsys):
+    from agile_rag.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(flag)
+    assert exc.value.code == 2 and "--workers must be at least 1" in capsys.readouterr().err
+
+
 def test_a_server_started_with_the_flag_computes_with_it(tmp_path):
     """``python -m agile_rag --config`` with TORCH_THREADS = 1 and SERVICE_NUM_WORKERS = 2 and
     no models: the server says what it applied."""
