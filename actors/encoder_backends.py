@@ -41,6 +41,10 @@ class Backend:
         #: the tokenizer is used by one thread at a time (fast tokenizers refuse concurrent
         #: use while their truncation settings change); only the slow path needs it
         self.lock = threading.Lock()
+        #: one forward's kernels are queued at a time: two forward threads (a GPU job's two
+        #: forwards in flight) would otherwise interleave their launches on the one stream,
+        #: and the first forward would end only when most of the second had run
+        self.launch = threading.Lock()
 
     # -- the parts a subclass writes
     def features(self, inputs: list) -> dict:
@@ -168,12 +172,13 @@ class Backend:
         arrays, consts = collate(pieces, self.pads, self.left)
         dev = self.device()
         cuda = dev.type == "cuda"
-        feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
-                                 for k, v in arrays.items()}
-        feats.update(consts)
+        with self.launch, torch.inference_mode():   # queue this forward's work, then wait
+            feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
+                                     for k, v in arrays.items()}
+            feats.update(consts)
+            out = self.run(feats).float()
         with torch.inference_mode():
-            out = self.run(feats)
-            return out.float().cpu().numpy()
+            return out.cpu().numpy()
 
     def self_check(self, probe: list) -> bool:
         """Compare the fast path with the library's own call on ``probe`` (where the weights

@@ -58,6 +58,11 @@ TOKENIZE_CHUNK_INPUTS = 2048
 #: a flex model's job stops taking new requests after this long, so that the arbiter can lend
 #: the GPU to another model between jobs
 FLEX_JOB_SLICE_S = 1.0
+#: default ``split_burst_rows`` (embedder_params / reranker_params): on a GPU, a burst of at
+#: least this many inputs that finds no forward in flight and fits one forward runs as two
+#: forwards queued back to back, so that the first half's answers go out (and its clients'
+#: next requests come in) while the second half computes; 0 = one forward
+SPLIT_BURST_ROWS = 64
 
 
 class Pending:
@@ -124,6 +129,7 @@ class Job:
         self.items = 0
         self.seq = itertools.count()
         self.forwards = 0
+        self.split = False                      # the pool holds the second half of a burst
 
     def poke(self, _fut: Any = None) -> None:
         self.wake.set()
@@ -307,12 +313,14 @@ class EncoderJobs(ModelActor):
                 batch = job.ready.popleft()
             else:
                 if not len(job.pool):
+                    job.split = False
                     return
                 want = job.pool.padded()
                 self._note_demand(min(want, self.batch_tokens()))
-                if job.running and want < min(job.budget // 4, self._running_tokens(job)):
+                if job.running and not job.split and \
+                        want < min(job.budget // 4, self._running_tokens(job)):
                     return              # a slot is free but little waits: let it gather
-                pieces = job.pool.take(job.budget, job.max_rows)
+                pieces = job.pool.take(job.budget, self._wave_rows(job, want))
                 batch = Batch(pieces)
             live = [p for p in batch.pieces if not p.owner.env.abandoned]
             if len(live) < len(batch.pieces):
@@ -329,6 +337,19 @@ class EncoderJobs(ModelActor):
             fut.add_done_callback(job.poke)
             job.running[fut] = batch
             job.forwards += 1
+
+    def _wave_rows(self, job: Job, want: int) -> int:
+        """Rows the next forward may take: ``max_rows``; half of a burst that finds a GPU job
+        with nothing in flight and fits one forward (``split_burst_rows``, see
+        SPLIT_BURST_ROWS); its other half goes next, without waiting to gather."""
+        n = len(job.pool)
+        split = self.params.get("split_burst_rows", SPLIT_BURST_ROWS)
+        job.split = False
+        if job.running or job.depth < 2 or not isinstance(split, int) or split <= 0 or \
+                n < max(split, 2) or want > job.budget or n > job.max_rows:
+            return job.max_rows
+        job.split = True
+        return (n + 1) // 2
 
     @staticmethod
     def _running_tokens(job: Job) -> int:

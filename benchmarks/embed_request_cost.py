@@ -34,6 +34,7 @@ from embed_gpu import (  # noqa: E402
     MINILM,
     Clients,
     find_tokenizer,
+    get_json,
     run_build,
     server_cpu_s,
     wait_healthy,
@@ -43,7 +44,9 @@ from embed_throughput import sentences  # noqa: E402
 #: started in the server process by --cprofile: profiles its main thread (the event loop) once
 #: the server answers (the warm-up round resets it), writes the stats at exit
 _SITECUSTOMIZE = """
-import atexit, cProfile, os, signal
+import atexit, cProfile, os, signal, sys
+if os.environ.get("AGILE_RAG_SWITCH_INTERVAL"):
+    sys.setswitchinterval(float(os.environ["AGILE_RAG_SWITCH_INTERVAL"]))
 if os.environ.get("AGILE_RAG_UVLOOP"):
     import asyncio, uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -58,6 +61,74 @@ if os.environ.get("AGILE_RAG_CPROFILE"):
 
 def body(text: str, fmt: str) -> bytes:
     return json.dumps({"model": "e", "input": text, "encoding_format": fmt}).encode()
+
+
+def request_phases(base: str, since_s: float) -> dict:
+    """Where the last round's requests spent their time, from the server's trace: each
+    request's HTTP span and its Embed event give ``parse`` (middleware and handler up to the
+    ask), ``mailbox`` (until the job took it), ``job`` (tokenized, waiting for and in its
+    forward), ``reply`` (from the answer to the response's last byte: the handler's turn on the
+    loop, building and writing it). Medians in ms; ``flushes``: distinct answer times (about one
+    per forward), and the mean requests answered per flush."""
+    try:
+        data = get_json(f"{base}/debug/traces?since={since_s:.3f}", 120)
+    except OSError as exc:
+        return {"error": str(exc)}
+    http: dict = {}
+    work: dict = {}
+    for e in data.get("events", []):
+        rid = e.get("request_id")
+        if e["actor"] == "http" and e["msg"].startswith("POST"):
+            http[rid] = e
+        elif e["msg"] == "Embed":
+            work[rid] = e
+    rows = []
+    for rid, w in work.items():
+        h = http.get(rid)
+        if h is None:
+            continue
+        rows.append({"parse": w["enqueued"] - h["enqueued"],
+                     "mailbox": w["started"] - w["enqueued"],
+                     "job": w["ended"] - w["started"], "reply": h["ended"] - w["ended"],
+                     "total": h["ended"] - h["enqueued"]})
+    if not rows:
+        return {"requests": 0}
+    out = {k: round(1000 * statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+    rows_in = [w.get("detail", {}).get("batch_texts", 0) for w in work.values()]
+    out.update(requests=len(rows), forward_rows_mean=round(statistics.fmean(rows_in), 1),
+               forward_rows_max=max(rows_in))
+    return out
+
+
+def http_stack() -> dict:
+    """Versions, and whether the C speedups of the HTTP stack are in use (a pure-Python
+    aiohttp parser, multidict or yarl costs several times more per request)."""
+    import platform
+
+    import aiohttp
+    import multidict
+    from aiohttp import http_parser, http_writer
+    out: dict = {"python": platform.python_version(), "aiohttp": aiohttp.__version__,
+                 "aiohttp_c_parser": http_parser.HttpRequestParser.__module__ ==
+                 "aiohttp._http_parser",
+                 "aiohttp_c_writer": getattr(http_writer, "_serialize_headers", None) is not
+                 getattr(http_writer, "_py_serialize_headers", None),
+                 "multidict": multidict.__version__,
+                 "multidict_c": multidict.MultiDict.__module__ == "multidict._multidict",
+                 "AIOHTTP_NO_EXTENSIONS": os.environ.get("AIOHTTP_NO_EXTENSIONS", "")}
+    try:
+        import yarl
+        from yarl import _quoting
+        out["yarl"] = yarl.__version__
+        out["yarl_c"] = _quoting._Quoter.__module__ == "yarl._quoting_c"
+    except (ImportError, AttributeError):
+        pass
+    for name in ("orjson", "uvloop", "prometheus_client"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
 
 
 def build_tiny(work: str, layers: int, tokenizer: str | None) -> str:
@@ -138,9 +209,13 @@ def main() -> int:
     ap.add_argument("--cprofile", default="",
                     help="write the server's cProfile stats (event loop thread) to this file")
     ap.add_argument("--uvloop", action="store_true", help="the server on uvloop's event loop")
+    ap.add_argument("--switch-interval", type=float, default=0.0,
+                    help="the server's sys.setswitchinterval (seconds; Python's default 0.005)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
+    stack = http_stack()
+    print("HTTP stack:", json.dumps(stack), flush=True)
     work = tempfile.mkdtemp(prefix="embed-cost-")
     procs = []
     clients = None
@@ -159,9 +234,10 @@ def main() -> int:
                 "embedder_params": {}, "reranker_params": {}}
         configs = ("LOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"
                    "MAX_QUEUED_PER_MODEL = 100000\nUSE_LLM = False\nUSE_RERANKER = False\n"
+                   "TRACE_BUFFER = 100000\n"
                    f"TRACE_ENABLED = {args.trace == 'on'}\n")
         env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-        if args.cprofile or args.uvloop:
+        if args.cprofile or args.uvloop or args.switch_interval:
             site = os.path.join(work, "site")
             os.makedirs(site)
             with open(os.path.join(site, "sitecustomize.py"), "w") as f:
@@ -170,6 +246,8 @@ def main() -> int:
                 env["AGILE_RAG_CPROFILE"] = os.path.abspath(args.cprofile)
             if args.uvloop:
                 env["AGILE_RAG_UVLOOP"] = "1"
+            if args.switch_interval:
+                env["AGILE_RAG_SWITCH_INTERVAL"] = str(args.switch_interval)
             env["PYTHONPATH"] = os.pathsep.join(
                 [site] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
         proc, base, log_path = start_server(os.path.join(work, "server"), live, configs,
@@ -205,12 +283,16 @@ def main() -> int:
                 with open(args.profile, "w") as f:
                     f.write(top)
                 print(top)
+            phases = request_phases(base, out["wall_s"] + 1.0) if args.trace == "on" else {}
             row = {"per_s": out["per_s"], "server_cpu_ms_per_request":
                    1000 * (c1 - c0) / len(bodies) if c0 is not None else None,
                    "server_cores": (c1 - c0) / out["wall_s"] if c0 is not None else None,
                    "client_cpu": out["client_cpu_max"], "p50_ms": 1000 * out["p50_s"],
                    "event_loop_cpu_ms_per_request": per_thread.get("event loop", 0.0)}
             rows.append(row)
+            if phases:
+                print(f"  where the time went (median ms per request, from the trace): "
+                      f"{json.dumps(phases)}", flush=True)
             print(f"round {r + 1}: {row['per_s']:,.0f} requests/s, server "
                   f"{row['server_cpu_ms_per_request']:.3f} ms CPU per request "
                   f"({row['server_cores']:.2f} cores), client {row['client_cpu']:.2f} core, "
@@ -229,7 +311,8 @@ def main() -> int:
               "on the event loop")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rounds": rows, "median": med}, f, indent=1)
+                json.dump({"args": vars(args), "http_stack": stack, "rounds": rows,
+                           "median": med}, f, indent=1)
     finally:
         if clients is not None:
             clients.close()

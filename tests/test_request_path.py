@@ -108,3 +108,58 @@ async def test_errors_keys_and_ids_come_from_one_middleware(base, v1):
             assert (await r.json())["error"]["code"] == "unknown_url"
         async with s.get(base + "/health") as r:
             assert r.status == 200 and r.headers["x-request-id"].startswith("req-")
+
+
+# ---- a burst on an idle GPU runs as two waves ----------------------------------------------------
+@pytest.fixture(scope="module")
+def reference():
+    from sentence_transformers import SentenceTransformer
+
+    from support import minilm_dir
+    return SentenceTransformer(minilm_dir(), device="cpu", local_files_only=True)
+
+
+@pytest.mark.parametrize("split", [8, 0])
+async def test_a_burst_on_an_idle_gpu_runs_as_two_forwards_back_to_back(reference, split):
+    """32 one-text requests that reach an idle (simulated) GPU together: with split_burst_rows
+    8 the first forward takes half and the second half is queued behind it at once (two in
+    flight), so the first half is answered while the second computes; with 0, one forward.
+    Vectors equal encode's either way."""
+    from test_encoder_batching import encode_alone, record_forwards, spec, started
+
+    from agile_rag.actors.embedder_actor import EmbedderActor
+    from agile_rag.actors.messages import Embed
+
+    emb = EmbedderActor(spec("embedder", "emb", device="cuda"), {"split_burst_rows": split})
+    system = await started(emb, arbiter_mb=4000, gpu="cuda")
+    try:
+        await emb.ask(Embed(texts=["warm up"]), timeout=60)
+        forwards = record_forwards(emb)
+        spied = emb._encode
+        inflight = {"now": 0, "max": 0}
+
+        def slow(batch):
+            inflight["now"] += 1
+            inflight["max"] = max(inflight["max"], inflight["now"])
+            try:
+                import time
+                time.sleep(0.05)
+                return spied(batch)
+            finally:
+                inflight["now"] -= 1
+        emb._encode = slow
+        texts = [f"query number {i} about the river" for i in range(32)]
+        got = await asyncio.gather(*(emb.ask(Embed(texts=[t]), timeout=60) for t in texts))
+        np.testing.assert_allclose(np.concatenate([g.vectors for g in got]),
+                                   encode_alone(reference, texts), atol=2e-5)
+        if split:
+            assert [f["rows"] for f in forwards] == [16, 16], forwards
+            assert inflight["max"] == 2
+        else:
+            assert [f["rows"] for f in forwards] == [32], forwards
+        # a lone request still runs alone and at once
+        forwards.clear()
+        await emb.ask(Embed(texts=["alone"]), timeout=60)
+        assert [f["rows"] for f in forwards] == [1]
+    finally:
+        await system.stop_all()
