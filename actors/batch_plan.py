@@ -76,10 +76,25 @@ class SeqRequest:
     prefill_s: float = 0.0
     prefill_chunks: int = 0
     preempted: int = 0
+    _greedy: bool | None = field(default=None, repr=False)
 
     @property
     def cancelled(self) -> bool:
         return bool(self.msg.cancel.is_set())
+
+    def plain_greedy(self) -> bool:
+        """Sampling is a plain argmax: temperature 0, no penalty, no grammar, no logprobs
+        (fixed once the engine prepared the request; asked per row per step)."""
+        g = self._greedy
+        if g is None:
+            if self.prompt is None:
+                return False
+            m = self.msg
+            g = self._greedy = m.temperature <= 0 and \
+                not getattr(m, "presence_penalty", 0.0) and \
+                not getattr(m, "frequency_penalty", 0.0) and \
+                self.constraint is None and self.logprobs is None
+        return g
 
     def context(self) -> list[int]:
         """What a (re-)prefill feeds: the prompt and every token sampled so far."""

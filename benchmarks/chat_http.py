@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--mixed-kv-tokens", type=int, default=16384)
     p.add_argument("--mixed-chats", type=int, default=24)
     p.add_argument("--skip", default="", help="parts to skip: engine,server")
+    p.add_argument("--profile", action="store_true", help="torch profiler over a burst of "
+                   "--burst chats in the engine alone (first run): the top operators by CPU "
+                   "and device time, in the json and md")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
     if a.tiny:
@@ -238,6 +241,17 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     for n in chats:
         run(eng, prompts[:n], 4)                # the same shapes once (allocator, caches)
         out["bursts"][n] = run(eng, prompts[:n], a.new_tokens)
+    if a.profile:                              # what a decode step spends, by operator
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            prof_run = run(eng, prompts[:a.burst], min(32, a.new_tokens))
+        keys = prof.key_averages()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        out["profile"] = {"steps": prof_run["steps"], "chats": a.burst,
+                          "table": keys.table(sort_by=sort, row_limit=25, max_name_column_width=60),
+                          "table_cpu": keys.table(sort_by="self_cpu_time_total", row_limit=25,
+                                                  max_name_column_width=60)}
     # what an evict does to the engine (cache and graphs gone): the next burst right away
     eng.release()
     out["first_burst_after_drop"] = run(eng, prompts[:a.burst], a.new_tokens)
@@ -498,6 +512,11 @@ def markdown(r: dict) -> str:
               f"{fmt(s.get('engine_mixed_max_rows'))} rows decoding together, "
               f"{fmt(s.get('engine_mixed_mean_rows'))} per step on average, "
               f"{fmt(s.get('engine_mixed_tok_s'))} tok/s.", ""]
+    prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
+    if prof:
+        lines += [f"Profile of a burst of {prof['chats']} chats ({prof['steps']} decode steps), "
+                  "engine alone, by device time then by CPU time:", "", "```", prof["table"],
+                  "```", "", "```", prof["table_cpu"], "```", ""]
     if r.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(lines)
