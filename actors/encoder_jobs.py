@@ -346,7 +346,8 @@ class EncoderJobs(ModelActor):
         split = self.params.get("split_burst_rows", SPLIT_BURST_ROWS)
         job.split = False
         if job.running or job.depth < 2 or not isinstance(split, int) or split <= 0 or \
-                n < max(split, 2) or want > job.budget or n > job.max_rows:
+                n < max(split, 2) or want > job.budget or n > job.max_rows or \
+                len(job.live) < 2:          # one request's answer needs both halves anyway
             return job.max_rows
         job.split = True
         return (n + 1) // 2

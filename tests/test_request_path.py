@@ -157,9 +157,13 @@ async def test_a_burst_on_an_idle_gpu_runs_as_two_forwards_back_to_back(referenc
             assert inflight["max"] == 2
         else:
             assert [f["rows"] for f in forwards] == [32], forwards
-        # a lone request still runs alone and at once
+        # a lone request still runs alone and at once; one request of many texts is not split
         forwards.clear()
         await emb.ask(Embed(texts=["alone"]), timeout=60)
         assert [f["rows"] for f in forwards] == [1]
+        forwards.clear()
+        res = await emb.ask(Embed(texts=texts), timeout=60)
+        assert [f["rows"] for f in forwards] == [32]
+        np.testing.assert_allclose(res.vectors, encode_alone(reference, texts), atol=2e-5)
     finally:
         await system.stop_all()
