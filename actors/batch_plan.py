@@ -42,6 +42,7 @@ class BatchSettings:
     min_slice_s: float = 0.5
     cuda_graphs: bool = True
     warm_graphs: bool = True          # capture the common graphs after a load / an admit
+    prefix_cache_tokens: int = 4096   # prompt prefixes kept for reuse (actors/kv_prefix.py)
 
 
 @dataclass(eq=False)
@@ -76,6 +77,7 @@ class SeqRequest:
     prefill_s: float = 0.0
     prefill_chunks: int = 0
     preempted: int = 0
+    prefix_hit: int = 0           # prompt tokens read from a stored prefix (not computed)
     _greedy: bool | None = field(default=None, repr=False)
 
     @property
@@ -116,6 +118,8 @@ class SeqRequest:
             d["preempted"] = self.preempted
         if self.prefill_chunks:
             d["prefill_chunks"] = self.prefill_chunks
+        if self.prefix_hit:
+            d["prefix_hit_tokens"] = self.prefix_hit
         return d
 
 

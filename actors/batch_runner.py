@@ -24,6 +24,7 @@ import torch
 
 from ..runtime import stable_memory
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .kv_prefix import PrefixStore
 from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
@@ -222,6 +223,10 @@ class BatchRunner:
         self.cache: Any = None
         self.graphs: _Graphs | None = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
+        #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
+        #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
+        self.prefixes = PrefixStore()
+        self._prefix_device: torch.device | None = None
         self.capture_s = 0.0               # seconds spent capturing graphs, all sets
         self.graph_sets = 0                # graph sets started (one per cache / admit)
         # a stable KV cache (runtime/stable_memory.py) given back with its graphs: taken
@@ -250,6 +255,8 @@ class BatchRunner:
             dropped = True
         if self.graphs is not None and not self.graphs.valid_for(self.model, self.cache):
             self.graphs = None
+        if self.prefixes.entries and self._prefix_device != self.device:
+            self.prefixes.clear()
         return dropped
 
     # ---- what comes before a forward ------------------------------------------------------------
@@ -352,7 +359,29 @@ class BatchRunner:
             k, v = _dynamic_layer(kv, layer)
             self.cache.keys[layer][slot, :, :n] = k[0]
             self.cache.values[layer][slot, :, :n] = v[0]
+        if self.prefixes.budget_tokens and req.prompt is not None:
+            def prefix_kv(m: int) -> list:
+                return [tuple(t[:, :, :m].clone() for t in _dynamic_layer(kv, layer))
+                        for layer in range(self.n_layers)]
+            if self.prefixes.insert(req.prompt, prefix_kv) is not None:
+                self._prefix_device = dev
         return out.logits[:, -1, :]
+
+    def start_from_prefix(self, req: SeqRequest) -> int:
+        """A chunked prefill is about to start: begin it after the longest stored prefix of
+        the request's context (those tokens' keys and values are copied, not computed); how
+        many tokens that covers (0: none stored)."""
+        entry, n = self.prefixes.lookup(req.context())
+        if entry is None or not n:
+            return 0
+        kv = _new_dynamic_cache()
+        for layer, (k, v) in enumerate(entry.kv):
+            kv.update(k[:, :, :n], v[:, :, :n], layer)      # copies: the entry stays as it is
+        self.partial_kv = kv
+        self.prefixes.acquire(entry)
+        self.prefixes.release(entry)
+        self.prefixes.count_hit(n)
+        return n
 
     def capture_s_per_set(self) -> float:
         """What capturing a set of decode graphs has cost on average (0: never captured)."""
@@ -518,14 +547,16 @@ class BatchRunner:
 
     # ---- memory ------------------------------------------------------------------------------
     def release(self) -> None:
-        """Drop the KV cache, a half-read context and the CUDA graphs. A stable cache gives
-        its pages back and is parked with its graphs (see :meth:`_ensure_cache`)."""
+        """Drop the KV cache, a half-read context, the stored prefixes and the CUDA graphs. A
+        stable cache gives its pages back and is parked with its graphs (see
+        :meth:`_ensure_cache`)."""
         c = self.cache
         if c is not None and getattr(c, "stable", None) is not None:
             c.park()
             self.parked = (c, self.graphs)
         self.graphs = None
         self.warm_keys = []
+        self.prefixes.clear()
         self.cache = None
         self.partial_kv = None
 

@@ -111,6 +111,9 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long
     #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
     #                               the other chats decoding between chunks (0: all at once)
+    #   prefix_cache_tokens (4096)  long prompts' leading 64-token blocks kept for reuse by the
+    #                               next prompts that start the same way (0: off); counted in
+    #                               the GPU grant
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -123,6 +126,7 @@ class LLMActor(ModelActor):
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
+                "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
                 "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
@@ -173,7 +177,8 @@ class LLMActor(ModelActor):
             return per_token * self.context_length + 128 * 2**20
         inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
         act = self.engine.prefill_tokens * (3 * inter + 4 * cfg.hidden_size) * size
-        return per_token * self.engine.kv_tokens + act + 128 * 2**20
+        prefixes = per_token * self.engine.settings.prefix_cache_tokens   # kv_prefix.py
+        return per_token * self.engine.kv_tokens + prefixes + act + 128 * 2**20
 
     def _engine_changes(self, params: dict) -> bool:
         """Would these params turn continuous batching on or off?"""
@@ -468,6 +473,10 @@ class LLMActor(ModelActor):
 
 def _no_callback(req: SeqRequest, res: Any) -> None:
     """A request's ``on_done`` until an engine takes it."""
+
+
+def _nonneg_int(v: Any, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
 
 
 def _pos_int(v: Any, default: int) -> int:

@@ -89,6 +89,7 @@ class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
+                 prefix_cache_tokens: int = 4096,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -98,7 +99,7 @@ class BatchEngine:
         self.settings = _settings(BatchSettings(), dict(
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
-            warm_graphs=warm_graphs))
+            warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens))
         eos = set(as_list(getattr(tokenizer, "eos_token_id", None)))
         gen_cfg = getattr(model, "generation_config", None)
         eos |= set(as_list(getattr(gen_cfg, "eos_token_id", None)))
@@ -107,6 +108,7 @@ class BatchEngine:
         self.planner = BatchPlanner(self.settings)
         self.runner = BatchRunner(model, pad=pad if pad is not None else (min(eos) if eos else 0),
                                   cuda_graphs=self.settings.cuda_graphs)
+        self.runner.prefixes.budget_tokens = self.settings.prefix_cache_tokens
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.running = False          # event loop only: a loop was started and has not ended
@@ -329,6 +331,10 @@ class BatchEngine:
                 self.runner.graphs = None
         if not settings.warm_graphs:
             self.warming = False
+        if "prefix_cache_tokens" in values:
+            self.runner.prefixes.budget_tokens = settings.prefix_cache_tokens
+            if not settings.prefix_cache_tokens:
+                self.runner.prefixes.clear()
 
     def _accept(self, req: SeqRequest) -> None:
         if req.prompt is None and self.prepare is not None:
@@ -345,6 +351,15 @@ class BatchEngine:
         plan, cancelled = self.planner.admit()
         for req in cancelled:
             self._finish(req)
+        part = self.planner.partial
+        if part is not None and part.done == 0 and self.runner.partial_kv is None:
+            # a long prompt starts its chunked prefill: after a stored prefix, if it has one
+            n = self.runner.start_from_prefix(part.req)
+            if n:
+                part.done = part.req.prefix_hit = n
+                self.run_stats["prefix_hits"] = self.run_stats.get("prefix_hits", 0) + 1
+                self.run_stats["prefix_hit_tokens"] = \
+                    self.run_stats.get("prefix_hit_tokens", 0) + n
         if plan is None:
             return
         now = time.monotonic()
@@ -450,6 +465,8 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     kw = {k: v for k, v in values.items() if k in _FIELDS}
     if "max_batch" in kw:
         kw["max_batch"] = max(1, int(kw["max_batch"]))
+    if "prefix_cache_tokens" in kw:
+        kw["prefix_cache_tokens"] = max(0, int(kw["prefix_cache_tokens"]))
     for k in ("kv_tokens", "prefill_tokens"):
         if k in kw:
             kw[k] = max(1, int(kw[k]))

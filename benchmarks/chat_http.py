@@ -265,6 +265,21 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
         out["ratio_burst_vs_one"] = many["tok_s"] / one["tok_s"]
     if one and one["decode_tok_s_per_chat_p50"] and out["bound_tok_s"]:
         out["batch1_decode_vs_bound"] = one["decode_tok_s_per_chat_p50"] / out["bound_tok_s"]
+    # a repeated long prefix (the same retrieved passages, another question): the second
+    # prompt reads its shared blocks from the stored prefix
+    plen = 1000 if not a.tiny else 200
+    shared = prompt_text(tok, plen, 999)
+    pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(3)]
+    eng.runner.prefixes.clear()
+    if a.tiny:                                 # long prompts (chunked) are the ones reused
+        eng.configure(prefill_chunk=64)
+    firsts = [run(eng, [p], 8) for p in pre]
+    out["prefix"] = {"prompt_tokens": len(pre[0]), "ttft_first_s": firsts[0]["ttft_p50_s"],
+                     "ttft_second_s": firsts[1]["ttft_p50_s"],
+                     "ttft_third_s": firsts[2]["ttft_p50_s"],
+                     "hit_tokens": eng.runner.prefixes.hit_tokens}
+    if firsts[0]["ttft_p50_s"]:
+        out["prefix"]["second_vs_first"] = firsts[1]["ttft_p50_s"] / firsts[0]["ttft_p50_s"]
     # mixed lengths under one KV budget: how many decode together
     lo, hi = (200, 3000) if not a.tiny else (20, 300)
     n = a.mixed_chats
@@ -416,6 +431,9 @@ def summarize(runs: list[dict], a) -> dict:
     s["engine_first_after_drop_tok_s"] = med(runs, "engine", "first_burst_after_drop", "tok_s")
     s["engine_first_after_drop_ttft_p50_s"] = med(runs, "engine", "first_burst_after_drop",
                                                   "ttft_p50_s")
+    s["engine_prefix_second_vs_first"] = med(runs, "engine", "prefix", "second_vs_first")
+    s["engine_prefix_ttft_first_s"] = med(runs, "engine", "prefix", "ttft_first_s")
+    s["engine_prefix_ttft_second_s"] = med(runs, "engine", "prefix", "ttft_second_s")
     s["engine_mixed_max_rows"] = med(runs, "engine", "mixed", "max_batch")
     s["engine_mixed_mean_rows"] = med(runs, "engine", "mixed", "mean_rows_per_step")
     s["engine_mixed_tok_s"] = med(runs, "engine", "mixed", "tok_s")
@@ -469,6 +487,8 @@ def targets(s: dict, a) -> list[dict]:
          lambda v: v >= 25),
         ("engine: batch-1 decode / bandwidth bound", m("engine_batch1_decode_vs_bound"),
          ">= 0.40", lambda v: v >= 0.40),
+        ("engine: repeated 1,000-token prefix, 2nd TTFT / 1st",
+         m("engine_prefix_second_vs_first"), "<= 0.3", lambda v: v <= 0.3),
     ]
     return [{"target": t, "measured": v, "goal": g, "pass": (ok(v) if v is not None else None)}
             for t, v, g, ok in rows]
@@ -507,6 +527,9 @@ def markdown(r: dict) -> str:
               f"set after a drop {fmt(s.get('engine_recapture_s'))} s; admit through the admin "
               f"API (weights back, warm-up started) {fmt(s.get('server_admit_s'))} s.",
               f"Bandwidth bound of batch-1 decode: {fmt(s.get('bound_tok_s'))} tok/s.", "",
+              f"Repeated prefix: time to first token {fmt(s.get('engine_prefix_ttft_first_s'))} s "
+              f"for the first prompt, {fmt(s.get('engine_prefix_ttft_second_s'))} s for the "
+              "next one with the same start (engine alone; llm_params.prefix_cache_tokens).",
               f"Mixed lengths ({a.mixed_chats} chats of {'20..300' if a.tiny else '200..3000'} "
               f"prompt tokens, batch_kv_tokens {a.mixed_kv_tokens}): at most "
               f"{fmt(s.get('engine_mixed_max_rows'))} rows decoding together, "

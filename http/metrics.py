@@ -177,6 +177,11 @@ class Metrics:
                              ["model"], registry=r)
         self.trimmed_bytes = Counter("agile_rag_gpu_trimmed_bytes", "Working memory given back "
                                      "on a Trim", ["model"], registry=r)
+        self.prefix_hits = Counter("agile_rag_llm_prefix_hits", "Chats whose prompt began "
+                                   "with a stored prefix (its keys and values copied, not "
+                                   "computed)", ["model"], registry=r)
+        self.prefix_hit_tokens = Counter("agile_rag_llm_prefix_hit_tokens", "Prompt tokens "
+                                         "read from stored prefixes", ["model"], registry=r)
         self.swap_bytes = Counter("agile_rag_swap_in_bytes", "Bytes of weights copied host -> "
                                   "GPU", ["model"], registry=r)
         self.swap_seconds = Histogram("agile_rag_swap_seconds", "Seconds per swap: in = admit "
@@ -220,6 +225,9 @@ class Metrics:
         if e.msg_type == "Trim":
             self.trims.labels(e.actor).inc()
             self.trimmed_bytes.labels(e.actor).inc(_f(d.get("trimmed", 0)))
+        if "prefix_hit_tokens" in d:
+            self.prefix_hits.labels(e.actor).inc()
+            self.prefix_hit_tokens.labels(e.actor).inc(_f(d["prefix_hit_tokens"]))
         if "evict_s" in d:
             self.swap_seconds.labels(e.actor, "out").observe(_f(d["evict_s"]))
             reason = "revoked" if e.msg_type == "Revoke" else \

@@ -1,0 +1,135 @@
+"""Prompt prefixes computed once (issue 15): the keys and values of a long prompt's leading
+blocks, kept after its prefill and shared by the next prompts that start with the same tokens
+(a system prompt, the same retrieved passages).
+
+A prefix is addressed by the hash chain of its ``BLOCK``-token blocks (block i's hash covers
+blocks 0..i), so a prompt finds the longest stored prefix it shares in one dictionary lookup per
+block, whatever entry holds it. An entry holds one prompt's first ``n`` tokens' keys and values
+(opaque here: whatever the runner stores, e.g. per layer ``[1, kv_heads, n, head_dim]``); any
+block-aligned part of it serves. Entries in use (``acquire`` .. ``release``: a chunked prefill
+that starts from it) are never dropped; the others go least recently used first when the
+store's token budget is spent, and ``clear`` drops them all (the weights left the GPU). When an
+entry goes, the store lets go of its tensors: the memory is freed as soon as no prefill holds
+them any more. No torch here.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK = 64                  # tokens per block: a prefix is reused in whole blocks
+
+
+def chain_hashes(tokens: list[int], block: int = BLOCK) -> list[int]:
+    """Hash of each whole block of ``tokens`` chained with the blocks before it."""
+    out: list[int] = []
+    h = 0
+    for i in range(0, len(tokens) - block + 1, block):
+        h = hash((h, tuple(tokens[i:i + block])))
+        out.append(h)
+    return out
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    hashes: list[int]
+    kv: Any                       # the runner's keys and values of the first ``tokens`` tokens
+    users: int = 0                # prefills started from it and not finished
+    last_used: int = 0
+    hits: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.hashes) * BLOCK
+
+
+@dataclass
+class PrefixStore:
+    budget_tokens: int = 4096     # 0: off
+    #: chain hash -> (the entry that holds that prefix, its length in blocks)
+    index: dict[int, tuple[PrefixEntry, int]] = field(default_factory=dict)
+    entries: list[PrefixEntry] = field(default_factory=list)
+    hits: int = 0
+    hit_tokens: int = 0
+    _clock: Any = field(default_factory=itertools.count)
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.tokens for e in self.entries)
+
+    def lookup(self, tokens: list[int], *, keep: int = 1) -> tuple[PrefixEntry | None, int]:
+        """The entry holding the longest stored prefix of ``tokens`` and its length in tokens
+        (at least ``keep`` tokens are left over: the forward that follows needs one)."""
+        if not self.budget_tokens or not self.entries:
+            return None, 0
+        best: tuple[PrefixEntry | None, int] = (None, 0)
+        for i, h in enumerate(chain_hashes(tokens[:max(0, len(tokens) - keep)])):
+            hit = self.index.get(h)
+            if hit is None:
+                break
+            best = (hit[0], (i + 1) * BLOCK)
+        return best
+
+    def acquire(self, entry: PrefixEntry) -> None:
+        entry.users += 1
+        entry.hits += 1
+        entry.last_used = next(self._clock)
+
+    def release(self, entry: PrefixEntry) -> None:
+        entry.users = max(0, entry.users - 1)
+        self._fit()
+
+    def count_hit(self, n: int) -> None:
+        self.hits += 1
+        self.hit_tokens += n
+
+    def insert(self, tokens: list[int], make_kv: Callable[[int], Any], *, keep: int = 1) -> \
+            PrefixEntry | None:
+        """Store the whole-block prefix of ``tokens`` (leaving ``keep``), unless a stored entry
+        already covers it; ``make_kv(n)`` gives the keys and values of its first ``n`` tokens
+        (called only when something is stored). The entry, or None."""
+        if not self.budget_tokens:
+            return None
+        hashes = chain_hashes(tokens[:max(0, len(tokens) - keep)])
+        if not hashes or len(hashes) * BLOCK > self.budget_tokens:
+            return None
+        have = self.index.get(hashes[-1])
+        if have is not None:                     # already there (as a whole or a part)
+            have[0].last_used = next(self._clock)
+            return None
+        entry = PrefixEntry(hashes, make_kv(len(hashes) * BLOCK),
+                            last_used=next(self._clock))
+        self.entries.append(entry)
+        for i, h in enumerate(hashes):
+            self.index[h] = (entry, i + 1)
+        self._fit()
+        return entry
+
+    def clear(self) -> None:
+        """Drop every entry nobody uses (all of them when the weights leave the GPU: the
+        runner has no prefill running then)."""
+        for e in list(self.entries):
+            if not e.users:
+                self._drop(e)
+
+    def _fit(self) -> None:
+        while self.tokens > self.budget_tokens:
+            idle = [e for e in self.entries if not e.users]
+            if not idle:
+                return
+            self._drop(min(idle, key=lambda e: e.last_used))
+
+    def _drop(self, entry: PrefixEntry) -> None:
+        self.entries.remove(entry)
+        for i, h in enumerate(entry.hashes):
+            if self.index.get(h, (None, 0))[0] is entry:
+                # a shorter part another entry also holds stays findable through it
+                other = next((e for e in self.entries if len(e.hashes) > i and
+                              e.hashes[i] == h), None)
+                if other is None:
+                    del self.index[h]
+                else:
+                    self.index[h] = (other, i + 1)
+        entry.kv = None

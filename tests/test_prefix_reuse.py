@@ -1,0 +1,128 @@
+"""Prompt prefixes computed once (issue 15): a long prompt's leading 64-token blocks are kept
+after its chunked prefill, and the next prompt that starts with the same tokens reads only the
+rest; the words are those of a prompt computed whole. The store finds the longest shared
+prefix by hash chain, keeps what a prefill uses, drops the least recently used idle entries
+past its budget, and lets go of every tensor when cleared."""
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+
+from test_chat_batching import chat, start_llm
+
+from agile_rag.actors.kv_prefix import BLOCK, PrefixStore, chain_hashes
+from agile_rag.actors.messages import UpdateModel
+
+
+class KV:
+    """Stands for a prefix's tensors (weakref-able)."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def test_the_longest_shared_prefix_is_found_in_whole_blocks():
+    a = list(range(1000, 1000 + 5 * BLOCK + 10))
+    assert len(chain_hashes(a)) == 5
+    assert chain_hashes(a)[:3] == chain_hashes(a[:3 * BLOCK])
+    store = PrefixStore(budget_tokens=16 * BLOCK)
+    made = []
+    entry = store.insert(a, lambda n: made.append(n) or KV(n))
+    assert made == [5 * BLOCK] and entry.tokens == 5 * BLOCK
+    assert store.insert(a[:4 * BLOCK + 3], KV) is None          # already held, as a part
+    b = a[:3 * BLOCK] + [7] * (2 * BLOCK)                         # shares three blocks
+    got, n = store.lookup(b)
+    assert got is entry and n == 3 * BLOCK
+    assert store.lookup(a)[1] == 5 * BLOCK
+    assert store.lookup(a[:5 * BLOCK])[1] == 4 * BLOCK            # one token is always left
+    assert store.lookup([9] + a)[1] == 0                          # a prefix, not a substring
+    assert PrefixStore(budget_tokens=0).insert(a, KV) is None     # off
+
+
+def test_idle_entries_go_least_recently_used_first_and_used_ones_stay():
+    store = PrefixStore(budget_tokens=4 * BLOCK)
+    p = [[i * 100_000 + j for j in range(2 * BLOCK + 1)] for i in range(3)]
+    e0 = store.insert(p[0], KV)
+    e1 = store.insert(p[1], KV)
+    store.acquire(e0)                         # a prefill reads from e0
+    store.release(e0)
+    store.acquire(e0)                         # ... and another one still does
+    e2 = store.insert(p[2], KV)               # over budget: e1 (idle, oldest) goes
+    assert e1 not in store.entries and e1.kv is None
+    assert store.lookup(p[1])[0] is None
+    assert {id(e) for e in store.entries} == {id(e0), id(e2)}
+    store.clear()                             # e0 is in use: it stays until released
+    assert store.entries == [e0]
+    ref = weakref.ref(e0.kv)
+    store.release(e0)
+    store.clear()
+    gc.collect()
+    assert store.entries == [] and store.index == {} and ref() is None
+
+
+def test_a_shorter_part_stays_findable_when_the_longer_entry_goes():
+    store = PrefixStore(budget_tokens=6 * BLOCK)
+    base = list(range(5000, 5000 + 2 * BLOCK))
+    short = store.insert(base + [1], KV)                          # 2 blocks
+    long = store.insert(base + list(range(9000, 9000 + 3 * BLOCK)), KV)   # 5 blocks
+    assert store.lookup(base + [2])[0] is long                    # the newest holds it too
+    store.acquire(short)
+    store.insert(list(range(20000, 20000 + 3 * BLOCK + 1)), KV)   # over budget: long goes
+    assert long not in store.entries
+    assert store.lookup(base + [2]) == (short, 2 * BLOCK)
+
+
+SHARED = ("You answer questions about the notes below. Notes: rivers flow to the sea, lakes "
+          "hold fresh water, the tide rises twice a day, and salt marshes shelter birds. " * 6)
+
+
+async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_the_same():
+    actor, _, system = await start_llm({"prefill_chunk_tokens": 48, "prefix_cache_tokens": 0})
+    try:
+        questions = ["What do rivers do?", "Which birds live in marshes?"]
+        whole = [await actor.ask(chat(SHARED + q, 10), timeout=300) for q in questions]
+        assert not actor.engine.runner.prefixes.entries                  # off: nothing kept
+        await actor.ask(UpdateModel(spec=actor.spec, params={"prefill_chunk_tokens": 48}),
+                        timeout=60)                                       # on (4096 tokens)
+        first = await actor.ask(chat(SHARED + questions[0], 10), timeout=300)
+        store = actor.engine.runner.prefixes
+        assert len(store.entries) == 1 and store.hits == 0
+        t0 = time.monotonic()
+        second = await actor.ask(chat(SHARED + questions[1], 10), timeout=300)
+        events = [e for e in system.tracer.events if e.msg_type == "Chat" and
+                  e.started >= t0]
+        hit = events[-1].detail.get("prefix_hit_tokens", 0)
+        assert hit >= 2 * 64 and hit % 64 == 0 and store.hits == 1
+        # the same words as the prompts computed whole
+        assert (first.text, second.text) == (whole[0].text, whole[1].text)
+        again = await actor.ask(chat(SHARED + questions[0], 10), timeout=300)
+        assert again.text == whole[0].text and store.hits == 2
+        # prefix_cache_tokens 0 drops what is kept
+        await actor.ask(UpdateModel(spec=actor.spec, params={"prefill_chunk_tokens": 48,
+                                                             "prefix_cache_tokens": 0}),
+                        timeout=60)
+        for _ in range(100):
+            if not store.entries:
+                break
+            await actor.ask(chat("Hi.", 1), timeout=60)               # a loop applies it
+        assert store.entries == [] and store.index == {}
+    finally:
+        await system.stop_all()
+
+
+def test_metrics_count_prefix_hits_from_the_chats_trace_events():
+    from agile_rag.configs import Settings
+    from agile_rag.http.app import build_app
+    from agile_rag.http.metrics import METRICS
+    from agile_rag.runtime.tracing import TraceEvent
+    from agile_rag.server import Server
+
+    m = build_app(Server(Settings()))[METRICS]
+    for n in (128, 0, 192):
+        detail = {"prompt_tokens": 300, **({"prefix_hit_tokens": n} if n else {})}
+        m.server.system.tracer.record(TraceEvent("llm", "Chat", "r", "http", 1.0, 1.0, 2.0,
+                                                 "ok", detail))
+    get = m.registry.get_sample_value
+    assert get("agile_rag_llm_prefix_hits_total", {"model": "llm"}) == 2
+    assert get("agile_rag_llm_prefix_hit_tokens_total", {"model": "llm"}) == 320
