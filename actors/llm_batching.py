@@ -114,6 +114,7 @@ class BatchEngine:
         self.running = False          # event loop only: a loop was started and has not ended
         self.yielded = False          # the last loop paused for a waiting model
         self.warming = False          # (the loop's) the graphs of this grant are being warmed
+        self._warm_planned = False    # (the loop's) the warm-up's captures are queued
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
@@ -254,6 +255,7 @@ class BatchEngine:
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:
                     self.warming = True           # fresh weights or cache: warm the graphs
+                    self._warm_planned = False
                 while True:
                     stop: BaseException | None = None
                     for cmd in self._drain_queue():
@@ -307,8 +309,10 @@ class BatchEngine:
         if runner.cache is None:           # a cache of the planner's first shape to warm
             shape = self.planner.warm_shape()
             runner._ensure_cache(*shape, keep=0)
-        if not runner.warm_keys and (runner.graphs is None or not runner.graphs.graphs):
+        if not self._warm_planned or runner.graphs is None:
+            # (again after a cache that grew dropped the graphs): what this set lacks
             runner.plan_warmup()
+            self._warm_planned = True
         if runner.warm_one(self.planner.active, stats):
             return True
         self.warming = False

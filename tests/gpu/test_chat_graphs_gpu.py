@@ -81,11 +81,14 @@ def test_after_an_evict_and_admit_the_chats_come_first_and_the_graphs_are_warmed
         again = await burst(llm)                              # admitted again
         stats = llm.engine.run_stats
         assert llm.lease.on_gpu
-        assert runner.graph_sets == sets + 1
+        # either a new set, warmed when idle, or (the weights came back at the same
+        # addresses and the stable KV cache was taken back) the old set, still good
+        restored = runner.graph_sets == sets
+        assert restored or stats.get("warm_captures", 0) > 0, stats
         assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
         await system.stop_all()
-        return first, again, stats
+        return first, again, restored
 
-    first, again, stats = asyncio.run(go())
+    first, again, restored = asyncio.run(go())
+    print("graphs restored at the same addresses:", restored)
     assert again == first
-    assert stats.get("warm_captures", 0) > 0, stats
