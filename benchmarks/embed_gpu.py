@@ -574,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="encoding_format of the embedding requests (default float)")
     ap.add_argument("--embed-batch-tokens", type=int, default=0,
                     help="embedder_params.max_batch_tokens for the server (0: its default)")
+    ap.add_argument("--split-burst-rows", type=int, default=None,
+                    help="embedder_params / reranker_params.split_burst_rows for the server "
+                    "(default: the server's, 64; 0: a burst runs as one forward)")
     ap.add_argument("--rerank-batch-tokens", type=int, default=0,
                     help="reranker_params.max_batch_tokens for the server (0: its default)")
     ap.add_argument("--tokenizer", default=None, help="MiniLM tokenizer folder (default: the "
@@ -657,6 +660,9 @@ def run(args, argv) -> int:
                 "embedder_params": {"token_estimation": "len"}, "reranker_params": {}}
         if args.embed_batch_tokens:
             live["embedder_params"]["max_batch_tokens"] = args.embed_batch_tokens
+        if args.split_burst_rows is not None:
+            live["embedder_params"]["split_burst_rows"] = args.split_burst_rows
+            live["reranker_params"]["split_burst_rows"] = args.split_burst_rows
         if args.rerank_batch_tokens:
             live["reranker_params"]["max_batch_tokens"] = args.rerank_batch_tokens
         configs = ("SERVICE_NUM_WORKERS = 4\nLOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"

@@ -199,10 +199,15 @@ def main() -> int:
     ap.add_argument("--direct", action="store_true",
                     help="also time a direct encode of the same texts (batch --concurrency)")
     ap.add_argument("--clients", type=int, default=1, help="client processes")
+    ap.add_argument("--split-burst-rows", type=int, default=None,
+                    help="embedder_params.split_burst_rows (default: the server's)")
+    ap.add_argument("--py-spy", default="", help="the py-spy binary (default: on PATH or "
+                    "beside this Python)")
     ap.add_argument("--requests", type=int, default=4096)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--format", choices=("float", "base64"), default="float")
+    ap.add_argument("--format", choices=("float", "base64"), default="float",
+                    help="encoding_format of the requests")
     ap.add_argument("--trace", choices=("on", "off"), default="on")
     ap.add_argument("--profile", default="")
     ap.add_argument("--gil", action="store_true", help="profile only samples holding the GIL")
@@ -232,6 +237,8 @@ def main() -> int:
                 "embedders": {"e": {"path": path, "device": device, "dtype": dtype,
                                     "max_tokens": 512}},
                 "embedder_params": {}, "reranker_params": {}}
+        if args.split_burst_rows is not None:
+            live["embedder_params"]["split_burst_rows"] = args.split_burst_rows
         configs = ("LOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"
                    "MAX_QUEUED_PER_MODEL = 100000\nUSE_LLM = False\nUSE_RERANKER = False\n"
                    "TRACE_BUFFER = 100000\n"
@@ -265,7 +272,7 @@ def main() -> int:
             spy = None
             if args.profile and r == args.rounds - 1:
                 spy_out = args.profile + ".raw"
-                spy = subprocess.Popen([shutil.which("py-spy") or os.path.join(
+                spy = subprocess.Popen([args.py_spy or shutil.which("py-spy") or os.path.join(
                     os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(proc.pid),
                     "-f", "raw", "-o", spy_out, "-r", "500", "--nonblocking", "-t",
                     *(["--gil"] if args.gil else [])],
