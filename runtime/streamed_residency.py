@@ -25,6 +25,17 @@ STREAM_WORTH = 0.8
 
 
 STREAM_GBPS_GUESS = 25.0    # host -> GPU pinned copy rate before one was measured
+HOST_EMBED_SHARE = 0.25     # embedding tables above this share of the weights stay on the host
+
+
+def _big_embeddings(module: nn.Module, weight_bytes: int) -> bool:
+    """Streamed, an XLM-R's 250k-token word embeddings (~46% of the model) would be most of
+    what stays on the GPU: above ``HOST_EMBED_SHARE`` they are looked up on the host instead
+    (runtime/layer_stream.py, ``host_embeddings``), so a streamed XLM-R-large holds ~54 MB,
+    not ~565 MB. A BERT's 30k-token table (~9%) stays on the GPU."""
+    tables = sum(m.weight.numel() * m.weight.element_size()
+                 for m in module.modules() if isinstance(m, nn.Embedding))
+    return weight_bytes > 0 and tables > HOST_EMBED_SHARE * weight_bytes
 
 class StreamableResidency:
     def __init__(self, module: nn.Module, pin: bool = True, *, slots: int = 2,
@@ -34,7 +45,8 @@ class StreamableResidency:
         try:
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 raise RuntimeError("no CUDA")
-            stream = LayerStream(module, device, slots=slots)
+            stream = LayerStream(module, device, slots=slots,
+                                 host_embeddings=_big_embeddings(module, self.full.weight_bytes))
         except Exception as exc:  # noqa: BLE001 - no stack of layers, no CUDA: resident only
             log.info("%s cannot be layer-streamed (%s): resident only",
                      type(module).__name__, exc)

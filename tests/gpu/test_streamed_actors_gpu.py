@@ -66,15 +66,21 @@ def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
         long_ref = await llm.ask(Chat(messages=[{"role": "user", "content": "the city"}],
                                       max_tokens=400), timeout=120)
         since = len(system.tracer.events)
-        for _ in range(2):
+        # only jobs that ran while the chat was still decoding count (a fast chat may end
+        # before an encoder asks: then the idle LLM's cache is trimmed instead, also right)
+        beside: list[str] = []
+        for _ in range(6):
             busy = asyncio.ensure_future(llm.ask(Chat(
                 messages=[{"role": "user", "content": "the city"}], max_tokens=400),
                 timeout=120))
             while not (llm.lease.busy and llm.engine is not None and llm.engine.running):
                 await asyncio.sleep(0.001)
+            mark = len(system.tracer.events)
             v = (await e.ask(Embed(texts=TEXTS))).vectors
+            held_e = not busy.done()
             s = np.asarray((await r.ask(Rerank(query="capital of france",
                                                  documents=DOCS))).scores)
+            held_r = not busy.done()
             assert np.allclose(v, want[1], atol=1e-3), (v, want[1])
             assert np.allclose(s, want[2], atol=1e-3), (s, want[2])
             got = await busy
@@ -82,10 +88,14 @@ def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
             c = await chat()
             assert c.text == want[0].text
             assert llm.lease.residency.on_gpu
+            for ev in list(system.tracer.events)[mark:]:
+                mode = ev.detail.get("gpu_mode")
+                if mode and (ev.actor == e.name and held_e or ev.actor == r.name and held_r):
+                    beside.append(mode)
+            if len(beside) >= 2:
+                break
         events = list(system.tracer.events)[since:]
-        modes = [ev.detail.get("gpu_mode") for ev in events
-                 if ev.actor in (e.name, r.name) and ev.detail.get("gpu_mode")]
-        assert modes and set(modes) == {"streamed"}, modes
+        assert beside and set(beside) == {"streamed"}, beside
         assert not [ev for ev in events if ev.actor == llm.name and
                     ev.msg_type in ("Revoke", "Yield")], "the LLM was evicted or paused"
         assert arbiter.peak_used <= arbiter.budget
