@@ -10,6 +10,7 @@ legacy route also takes ``logprobs`` (an int) and ``echo``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -28,6 +29,8 @@ from .common import ask_model, resolve_model
 from .errors import json_response
 from .keys import REQUEST_ID, SERVER
 from .parsing import Fields, read_json
+
+log = logging.getLogger("agile_rag.http")
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 PING_EVERY_S = 15.0
@@ -423,8 +426,13 @@ async def _stream(request, server, actor, choices: list[_Choice], queue: asyncio
                     await resp.write(b"data: [DONE]\n\n")
                     break
             else:
-                err = item if isinstance(item, ServiceError) else \
-                    ServiceError(f"generation failed: {item!r}")
+                if isinstance(item, ServiceError):
+                    err = item
+                else:       # the log gets the exception, the client never its text
+                    log.error("chat %s failed mid-stream", request[REQUEST_ID],
+                              exc_info=item if isinstance(item, BaseException) else None)
+                    err = ServiceError(f"generation failed on this request (request id "
+                                       f"{request[REQUEST_ID]}); the server log has the details")
                 await resp.write(b"data: " + orjson.dumps(err.to_dict()) + b"\n\n")
                 break
             try:
@@ -434,8 +442,13 @@ async def _stream(request, server, actor, choices: list[_Choice], queue: asyncio
                 index, item = 0, ""
         await resp.write_eof()
         return resp
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
+    except ConnectionResetError:
+        # the client hung up mid-stream (aiohttp's ClientConnectionResetError is one): its
+        # chats are cancelled below; nothing to answer, and not a server error to log
+        log.debug("chat %s: the client went away", request[REQUEST_ID])
+        if resp is None:
+            raise
+        return resp
     finally:
         for c in choices:
             c.msg.cancel.set()

@@ -1,6 +1,8 @@
 """Chat and legacy completions over real HTTP against the real SmolLM2 model."""
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from openai import OpenAI
@@ -114,3 +116,31 @@ async def test_content_parts_are_joined(v1, content):
                 "max_tokens": 20, "stop": None, "user": "x", "drop_params": True}) as r:
             assert r.status == 200
             assert "Paris" in (await r.json())["choices"][0]["message"]["content"]
+
+
+async def test_a_client_that_hangs_up_mid_stream_leaves_no_traceback(server, v1):
+    """A streaming client that goes away: its chat is cancelled, the server logs no error
+    (aiohttp's ClientConnectionResetError used to escape the handler as a traceback) and
+    serves the next request."""
+    with open(server["log"], "rb") as f:
+        start = len(f.read())
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(v1 + "/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "temperature": 0, "max_tokens": 400, "stream": True})
+        assert resp.status == 200
+        got = 0
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                got += 1
+                if got >= 3:
+                    break
+        resp.close()                                   # hang up mid-stream
+        await asyncio.sleep(1.5)
+        async with s.post(v1 + "/chat/completions", json={
+                "messages": QUESTION, "temperature": 0, "max_tokens": 20}) as r:
+            assert r.status == 200
+            assert "Paris" in (await r.json())["choices"][0]["message"]["content"]
+    with open(server["log"], "rb") as f:
+        new = f.read()[start:].decode(errors="replace")
+    assert "Traceback" not in new and "Error handling request" not in new, new[-2000:]
