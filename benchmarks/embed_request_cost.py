@@ -286,7 +286,8 @@ def main() -> int:
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(30)
-                top = summarise_spy(spy_out)
+                top = summarise_spy(spy_out) if os.path.exists(spy_out) else \
+                    f"py-spy wrote nothing (exit code {spy.returncode}; it needs ptrace)\n"
                 with open(args.profile, "w") as f:
                     f.write(top)
                 print(top)
