@@ -64,7 +64,8 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Servic
     if isinstance(exc, web.HTTPNotFound):
         return InvalidRequest(f"Unknown route {request.method} {request.path}. This server "
                               "serves /v1/chat/completions, /v1/completions, /v1/embeddings, "
-                              "/v1/rerank, /rerank, /v1/models and /health.", status=404,
+                              "/v1/rerank, /rerank, /v2/rerank, /v1/models, /health and /metrics "
+                              "(each /v1 route also without /v1).", status=404,
                               code="unknown_url")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return InvalidRequest(f"Method {request.method} is not allowed on {request.path}.",

@@ -66,4 +66,5 @@ async def health(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     return json_response({"name": "AgileRagServer", "endpoints": [
         "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings",
-        "POST /v1/rerank", "POST /rerank", "GET /v1/models", "GET /health"]}, request=request)
+        "POST /v1/rerank", "POST /rerank", "POST /v2/rerank", "GET /v1/models", "GET /health",
+        "GET /metrics"]}, request=request)

@@ -114,3 +114,19 @@ async def test_server_keeps_serving_after_bad_input(v1):
                 assert r.status == 400
         async with s.post(v1 + "/embeddings", json={"input": "still here"}) as r:
             assert r.status == 200 and len((await r.json())["data"][0]["embedding"]) == 384
+
+
+async def test_an_unknown_route_names_every_route_served(base):
+    """The 404 lists what the server serves, /v2/rerank (Cohere v2, LiteLLM) included, and
+    the index page lists the same routes."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base + "/v1/rerankx", json={}) as r:
+            body, status = await r.json(), r.status
+        async with s.get(base + "/") as r:
+            index = await r.json()
+    assert_openai_error(body, status, 404)
+    msg = body["error"]["message"]
+    for route in ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank", "/v2/rerank",
+                  "/v1/models", "/health", "/metrics"):
+        assert route in msg, (route, msg)
+    assert "POST /v2/rerank" in index["endpoints"] and "GET /metrics" in index["endpoints"]
