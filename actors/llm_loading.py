@@ -135,7 +135,6 @@ def free_idle_cache(engine: Any) -> int:
 
     nbytes = int(engine.cache_bytes())
     engine.release()
-    if nbytes >= 16 * 2**20:
-        gc.collect()
-        trim_heap()
+    gc.collect()            # every time: one chat's small caches, left to pile up, add up too
+    trim_heap()
     return nbytes

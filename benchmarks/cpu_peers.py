@@ -9,7 +9,8 @@ machine whose load changes during the run shifts all of them alike:
   streams (``--streams``), and 1 stream while another process keeps one core busy (``--busy``);
 * embeddings: ``--embed-requests`` one-sentence requests, ``--embed-concurrency`` in flight;
 * resident memory (RSS) of each server after load, after the first round's chats (the chat
-  load test) and after everything (``--peer-pid``; ours is its process), and after each run.
+  load test) and after everything, each after ``--settle-s`` idle seconds (``--peer-pid``;
+  ours is its process), and right after each run.
 
 Before every measurement a quiet-machine check samples /proc/stat for ``--quiet-s`` seconds:
 a run is clean when the rest of the machine used less than ``--quiet-cores`` cores then (a
@@ -247,6 +248,7 @@ async def main_async(args) -> dict:
     for rnd in range(args.rounds):
         for label, kind, n in workloads:
             if kind == "embed" and "after_chat_load_test" not in rss:
+                await asyncio.sleep(args.settle_s)
                 rss["after_chat_load_test"] = {k: rss_mb(p) for k, p in pids.items()}
             servers = embed_servers if kind == "embed" else chat_servers
             order = list(servers.items())
@@ -272,6 +274,7 @@ async def main_async(args) -> dict:
                 print(f"round {rnd} {label:28s} {name:10s} {res['value']:8.1f}  "
                       f"(machine busy {load:.2f} cores before{'' if quiet else ', NOT QUIET'})",
                       flush=True)
+    await asyncio.sleep(args.settle_s)
     rss.setdefault("after_chat_load_test", {k: rss_mb(p) for k, p in pids.items()})
     rss["after_load_test"] = {k: rss_mb(p) for k, p in pids.items()}
     if proc is not None:
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-s", type=float, default=1.0)
     p.add_argument("--quiet-cores", type=float, default=0.25,
                    help="a run is clean when the machine used less than this before it")
+    p.add_argument("--settle-s", type=float, default=2.0,
+                   help="idle seconds before an RSS snapshot (an idle LLM frees its KV cache)")
     p.add_argument("--torch-threads", type=int, help="our server's TORCH_THREADS")
     p.add_argument("--workers", type=int, default=4, help="our server's SERVICE_NUM_WORKERS")
     p.add_argument("--dtype", help="our LLM entry's dtype (default: none, the CPU default)")
