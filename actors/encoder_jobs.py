@@ -59,9 +59,10 @@ TOKENIZE_CHUNK_INPUTS = 2048
 #: the GPU to another model between jobs
 FLEX_JOB_SLICE_S = 1.0
 #: default ``split_burst_rows`` (embedder_params / reranker_params): on a GPU, a burst of at
-#: least this many inputs that finds no forward in flight and fits one forward runs as two
-#: forwards queued back to back, so that the first half's answers go out (and its clients'
-#: next requests come in) while the second half computes; 0 = one forward
+#: least this many inputs from several requests that starts a job (an idle model) and fits
+#: one forward runs as two forwards queued back to back, so that the first half's answers go
+#: out (and its clients' next requests come in) while the second half computes; 0 = one
+#: forward
 SPLIT_BURST_ROWS = 64
 
 
@@ -339,14 +340,16 @@ class EncoderJobs(ModelActor):
             job.forwards += 1
 
     def _wave_rows(self, job: Job, want: int) -> int:
-        """Rows the next forward may take: ``max_rows``; half of a burst that finds a GPU job
-        with nothing in flight and fits one forward (``split_burst_rows``, see
-        SPLIT_BURST_ROWS); its other half goes next, without waiting to gather."""
+        """Rows the next forward may take: ``max_rows``; half of a burst that starts a GPU job
+        and fits one forward (``split_burst_rows``, see SPLIT_BURST_ROWS); its other half goes
+        next, without waiting to gather."""
         n = len(job.pool)
         split = self.params.get("split_burst_rows", SPLIT_BURST_ROWS)
         job.split = False
-        if job.running or job.depth < 2 or not isinstance(split, int) or split <= 0 or \
-                n < max(split, 2) or want > job.budget or n > job.max_rows or \
+        # only a job's first forward: later, the waves it started keep themselves apart (each
+        # gathers while the other computes); splitting again would only make them smaller
+        if job.running or job.forwards or job.depth < 2 or not isinstance(split, int) or \
+                split <= 0 or n < max(split, 2) or want > job.budget or n > job.max_rows or \
                 len(job.live) < 2:          # one request's answer needs both halves anyway
             return job.max_rows
         job.split = True
