@@ -43,6 +43,9 @@ class BatchSettings:
     cuda_graphs: bool = True
     warm_graphs: bool = True          # capture the common graphs after a load / an admit
     prefix_cache_tokens: int = 4096   # prompt prefixes kept for reuse (actors/kv_prefix.py)
+    #: 0: the KV cache is one rectangle; else blocks of this many tokens (actors/kv_paged.py):
+    #: admission counts the blocks each chat fills, the cache never changes shape
+    kv_block: int = 0
 
 
 @dataclass(eq=False)
@@ -219,12 +222,41 @@ class BatchPlanner:
         self.cache = None
         self.parked = parked
 
+    # ---- paged cache: blocks ------------------------------------------------------------------
+    @property
+    def paged(self) -> bool:
+        return self.settings.kv_block > 0
+
+    def pool_blocks(self) -> int:
+        b = self.settings.kv_block
+        return -(-self.settings.kv_tokens // b)
+
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.settings.kv_block)
+
+    def _blocks_held(self, rows: list[SeqRequest]) -> int:
+        """Blocks ``rows`` fill now (active rows) or will (their reservations)."""
+        return sum(self._blocks(max(r.reserve(), r.pos + 1)) for r in rows)
+
+    def _over_budget(self, rows: list[SeqRequest], n: int, longest: int) -> bool:
+        """Would ``n`` rows (``rows`` among them), the longest ``longest``, exceed the KV
+        budget? Paged: the blocks they fill; a rectangle: ``n x longest``."""
+        if self.paged:
+            return self._blocks_held(rows) > self.pool_blocks()
+        return n * longest > self.settings.kv_tokens
+
     # ---- cache shape ---------------------------------------------------------------------------
     def _grow(self, slots: int, length: int) -> tuple[int, int] | None:
         """The cache shape to allocate so that ``slots`` rows of ``length`` fit, or None when
-        the current one does."""
+        the current one does (paged: one shape, made once: every row of the batch x the whole
+        pool)."""
         s = self.settings
         c = self.cache
+        if self.paged:
+            if c is not None:
+                return None
+            self.cache = (s.max_batch, self.pool_blocks() * s.kv_block)
+            return self.cache
         if c is not None and c[0] >= slots and c[1] >= length:
             return None
         p = self.parked
@@ -265,6 +297,7 @@ class BatchPlanner:
         limit = s.prefill_tokens
         if held and s.prefill_chunk:
             limit = min(limit, s.prefill_chunk)
+        holders = list(self.active) + ([self.partial.req] if self.partial is not None else [])
         while self.waiting and held + len(take) < s.max_batch:
             req = self.waiting[0]
             if req.cancelled:
@@ -277,14 +310,15 @@ class BatchPlanner:
             if s.prefill_chunk and len(req.context()) > s.prefill_chunk:
                 # a long context: prefilled alone, a chunk per loop turn (one at a time)
                 if not take and self.partial is None and \
-                        not (self.active and n * lng > s.kv_tokens):
+                        not (self.active and self._over_budget(holders + [req], n, lng)):
                     self.waiting.popleft()
                     req.admitted = req.admitted or time.monotonic()
                     req.prefill_batch = max(req.prefill_batch, 1)
                     self.partial = Partial(req)
                 break
             plen = max(pad_len, len(req.context()))
-            if (held or take) and (n * lng > s.kv_tokens or plen * (len(take) + 1) > limit):
+            if (held or take) and (self._over_budget(holders + take + [req], n, lng) or
+                                   plen * (len(take) + 1) > limit):
                 break
             self.waiting.popleft()
             take.append(req)
@@ -358,7 +392,18 @@ class BatchPlanner:
             return None, gone
         shape = None
         need = max(r.pos for r in self.active) + 1
-        if self.cache is None or need > self.cache[1]:
+        if self.paged:
+            # every row's next token needs its block: the newest rows leave while the pool
+            # cannot hold them all (and what a prompt being read in chunks will fill)
+            pending = self._blocks(self.partial.req.reserve()) if self.partial else 0
+            while len(self.active) > 1 and pending + sum(
+                    self._blocks(r.pos + 1) for r in self.active) > self.pool_blocks():
+                newest = max(self.active, key=lambda r: (r.admitted, r.slot))
+                gone.moves += self._leave(newest)
+                newest.preempted += 1
+                self.waiting.appendleft(newest)
+            shape = self._grow(len(self.active), need)
+        elif self.cache is None or need > self.cache[1]:
             length = round_up(need, LEN_BUCKET)
             while len(self.active) > 1 and len(self.active) * length > self.settings.kv_tokens:
                 newest = max(self.active, key=lambda r: (r.admitted, r.slot))

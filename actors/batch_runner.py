@@ -24,6 +24,7 @@ import torch
 
 from ..runtime import stable_memory
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .kv_paged import make_paged_cache
 from .kv_prefix import PrefixStore
 from .torch_util import is_oom
 
@@ -204,8 +205,9 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
 
 # ---- the runner ---------------------------------------------------------------------------------
 class BatchRunner:
-    def __init__(self, model: Any, *, pad: int, cuda_graphs: bool = True):
+    def __init__(self, model: Any, *, pad: int, cuda_graphs: bool = True, kv_block: int = 0):
         self.model = model
+        self.kv_block = kv_block           # > 0: the cache is a pool of blocks (kv_paged.py)
         self.pad = pad
         self.cuda_graphs = cuda_graphs
         cfg = model.config
@@ -262,12 +264,20 @@ class BatchRunner:
     # ---- what comes before a forward ------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> None:
         """Apply ``plan``'s row moves, then make its cache shape."""
-        self.apply_moves(plan.moves)
+        self.apply_moves(plan.moves, len(plan.rows) if plan.kind is StepKind.DECODE else None)
         if plan.cache is not None:
             self._ensure_cache(*plan.cache, keep=plan.keep)
 
-    def apply_moves(self, moves: list[tuple[int, int]]) -> None:
+    def apply_moves(self, moves: list[tuple[int, int]], active: int | None = None) -> None:
+        """Rows leave: the last row moves into each freed slot (``src -> dst``); a paged
+        cache also gives back the blocks of the rows from ``active`` on (the rows left)."""
         if self.cache is None:
+            return
+        if getattr(self.cache, "paged", False):
+            for src, dst in moves:
+                self.cache.move(src, dst)
+            if active is not None:
+                self.cache.free_from(active)
             return
         for src, dst in moves:
             for layer in range(self.n_layers):
@@ -277,6 +287,16 @@ class BatchRunner:
     def _ensure_cache(self, slots: int, length: int, *, keep: int) -> None:
         p = next(self.model.parameters())
         c = self.cache
+        if self.kv_block:
+            if c is None or not getattr(c, "paged", False):
+                self.cache = make_paged_cache(self.n_layers, slots, self.kv_heads,
+                                              length // self.kv_block, self.kv_block,
+                                              self.head_dim, p.dtype, p.device)
+                self.graphs = None
+                log.debug("KV cache: %d rows over %d blocks of %d tokens (%.1f MB)", slots,
+                          length // self.kv_block, self.kv_block,
+                          self.cache.nbytes() / 2**20)
+            return
         if c is None and self.parked is not None:
             pc, pg = self.parked
             self.parked = None
@@ -332,6 +352,10 @@ class BatchRunner:
         lens = torch.tensor([len(c) for c in contexts], device=dev)
         # row i's tokens sit at the right end: shift them to the start of its slot
         src = (torch.arange(lp, device=dev)[None, :] + (lp - lens)[:, None]).clamp(max=lp - 1)
+        if getattr(self.cache, "paged", False):
+            self._prefill_paged(kv, plan.first_slot, [len(c) for c in contexts], src)
+            del kv, out
+            return logits
         for layer in range(self.n_layers):
             k, v = _dynamic_layer(kv, layer)
             idx = src[:, None, :, None].expand(n, k.shape[1], lp, k.shape[3])
@@ -339,6 +363,21 @@ class BatchRunner:
             self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
         del kv, out
         return logits
+
+    def _prefill_paged(self, kv: Any, first: int, lens: list[int], src: torch.Tensor) -> None:
+        """A batched prefill's keys and values (left-padded rows) into the rows' blocks."""
+        cache = self.cache
+        cache.ensure([(first + i, n) for i, n in enumerate(lens)])
+        dest = torch.cat([cache.dest(first + i, n) for i, n in enumerate(lens)])
+        n, lp = src.shape
+        valid = (torch.arange(lp, device=src.device)[None, :] <
+                 torch.tensor(lens, device=src.device)[:, None])            # [n, lp]
+        for layer in range(self.n_layers):
+            k, v = _dynamic_layer(kv, layer)
+            idx = src[:, None, :, None].expand(n, k.shape[1], lp, k.shape[3])
+            kk = k.gather(2, idx).transpose(1, 2)[valid]                       # [tokens, kv, D]
+            vv = v.gather(2, idx).transpose(1, 2)[valid]
+            cache.write(layer, dest, kk, vv)
 
     def _chunk(self, plan: StepPlan) -> torch.Tensor:
         req = plan.rows[0]
@@ -355,10 +394,17 @@ class BatchRunner:
             return out.logits[:, :0, :].reshape(0, out.logits.shape[-1])
         kv, self.partial_kv = self.partial_kv, None
         slot, n = plan.first_slot, plan.end
-        for layer in range(self.n_layers):
-            k, v = _dynamic_layer(kv, layer)
-            self.cache.keys[layer][slot, :, :n] = k[0]
-            self.cache.values[layer][slot, :, :n] = v[0]
+        if getattr(self.cache, "paged", False):
+            self.cache.ensure([(slot, n)])
+            dest = self.cache.dest(slot, n)
+            for layer in range(self.n_layers):
+                k, v = _dynamic_layer(kv, layer)
+                self.cache.write(layer, dest, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        else:
+            for layer in range(self.n_layers):
+                k, v = _dynamic_layer(kv, layer)
+                self.cache.keys[layer][slot, :, :n] = k[0]
+                self.cache.values[layer][slot, :, :n] = v[0]
         if self.prefixes.budget_tokens and req.prompt is not None:
             def prefix_kv(m: int) -> list:
                 return [tuple(t[:, :, :m].clone() for t in _dynamic_layer(kv, layer))
@@ -396,6 +442,8 @@ class BatchRunner:
         dev = self.cache.keys[0].device
         ids = torch.tensor([r.last for r in rows], dtype=torch.long)
         pos = torch.tensor([r.pos for r in rows], dtype=torch.long)
+        if getattr(self.cache, "paged", False):            # each row's next token's block
+            self.cache.ensure([(i, r.pos + 1) for i, r in enumerate(rows)])
         if dev.type == "cuda" and self.cuda_graphs:
             self._graph_set()
             assert self.graphs is not None

@@ -111,6 +111,9 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long
     #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
     #                               the other chats decoding between chunks (0: all at once)
+    #   kv_block_tokens (0)         0: the KV cache is one rectangle (rows x the longest
+    #                               reservation); 16, 32...: blocks of this many tokens, each
+    #                               chat holding the blocks its tokens fill (a new engine)
     #   prefix_cache_tokens (4096)  long prompts' leading 64-token blocks kept for reuse by the
     #                               next prompts that start the same way (0: off); counted in
     #                               the GPU grant
@@ -127,6 +130,7 @@ class LLMActor(ModelActor):
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
+                "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
                 "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
@@ -181,9 +185,14 @@ class LLMActor(ModelActor):
         return per_token * self.engine.kv_tokens + prefixes + act + 128 * 2**20
 
     def _engine_changes(self, params: dict) -> bool:
-        """Would these params turn continuous batching on or off?"""
-        return self.model is not None and \
-            (self._batching_off_reason(params) is None) != (self.engine is not None)
+        """Would these params turn continuous batching on or off, or change the KV cache's
+        layout (a rectangle or blocks: a new engine)?"""
+        if self.model is None:
+            return False
+        if (self._batching_off_reason(params) is None) != (self.engine is not None):
+            return True
+        return self.engine is not None and \
+            self.engine.settings.kv_block != _nonneg_int(params.get("kv_block_tokens"), 0)
 
     def update(self, spec, params) -> bool:
         super().update(spec, params)

@@ -89,7 +89,7 @@ class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
-                 prefix_cache_tokens: int = 4096,
+                 prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -99,7 +99,8 @@ class BatchEngine:
         self.settings = _settings(BatchSettings(), dict(
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
-            warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens))
+            warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
+            kv_block=kv_block))
         eos = set(as_list(getattr(tokenizer, "eos_token_id", None)))
         gen_cfg = getattr(model, "generation_config", None)
         eos |= set(as_list(getattr(gen_cfg, "eos_token_id", None)))
@@ -107,7 +108,8 @@ class BatchEngine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.planner = BatchPlanner(self.settings)
         self.runner = BatchRunner(model, pad=pad if pad is not None else (min(eos) if eos else 0),
-                                  cuda_graphs=self.settings.cuda_graphs)
+                                  cuda_graphs=self.settings.cuda_graphs,
+                                  kv_block=self.settings.kv_block)
         self.runner.prefixes.budget_tokens = self.settings.prefix_cache_tokens
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
@@ -401,7 +403,7 @@ class BatchEngine:
     def _decode(self, stats: dict) -> None:
         plan, gone = self.planner.decode()
         if plan is None:
-            self.runner.apply_moves(gone.moves)
+            self.runner.apply_moves(gone.moves, 0)
         for req in gone.finished:
             self._finish(req)
         if plan is None:
@@ -438,7 +440,7 @@ class BatchEngine:
                 elif req.generated >= req.max_new:
                     req.reason = FinishReason.LENGTH
         gone = self.planner.retire()
-        self.runner.apply_moves(gone.moves)
+        self.runner.apply_moves(gone.moves, len(self.planner.active))
         for req in gone.finished:
             self._finish(req)
 
@@ -469,6 +471,8 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     kw = {k: v for k, v in values.items() if k in _FIELDS}
     if "max_batch" in kw:
         kw["max_batch"] = max(1, int(kw["max_batch"]))
+    if "kv_block" in kw:
+        kw["kv_block"] = max(0, int(kw["kv_block"]))
     if "prefix_cache_tokens" in kw:
         kw["prefix_cache_tokens"] = max(0, int(kw["prefix_cache_tokens"]))
     for k in ("kv_tokens", "prefill_tokens"):

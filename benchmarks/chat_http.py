@@ -197,8 +197,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     prompts = [ids_of(prompt_text(tok, a.prompt_tokens, i)) for i in range(max(64, a.burst))]
     out["prompt_tokens"] = statistics.median(len(p) for p in prompts)
 
-    def engine(kv_tokens: int) -> BatchEngine:
-        eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens)
+    def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
+        eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block)
         eng.eos = set()                        # every chat runs to max_new
         return eng
 
@@ -293,6 +293,14 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     m["kv_tokens"] = a.mixed_kv_tokens
     m["prompt_lengths"] = [len(p) for p in mixed_prompts]
     out["mixed"] = m
+    del eng                                    # the same with the cache by the block
+    eng = engine(a.mixed_kv_tokens, kv_block=16)
+    mp = run(eng, mixed_prompts, min(64, a.new_tokens))
+    mp["mean_rows_per_step"] = (mp["tokens"] - len(mixed_prompts)) / max(1, mp["steps"])
+    mp["same_text_as_rectangle"] = mp["texts"] == m["texts"]
+    out["mixed_paged"] = mp
+    if m["max_batch"]:
+        out["mixed_paged_vs_rectangle"] = mp["max_batch"] / m["max_batch"]
     with open(out_path, "w") as f:
         json.dump(out, f, default=str)
 
@@ -437,6 +445,10 @@ def summarize(runs: list[dict], a) -> dict:
     s["engine_mixed_max_rows"] = med(runs, "engine", "mixed", "max_batch")
     s["engine_mixed_mean_rows"] = med(runs, "engine", "mixed", "mean_rows_per_step")
     s["engine_mixed_tok_s"] = med(runs, "engine", "mixed", "tok_s")
+    s["engine_mixed_paged_max_rows"] = med(runs, "engine", "mixed_paged", "max_batch")
+    s["engine_mixed_paged_mean_rows"] = med(runs, "engine", "mixed_paged", "mean_rows_per_step")
+    s["engine_mixed_paged_tok_s"] = med(runs, "engine", "mixed_paged", "tok_s")
+    s["engine_mixed_paged_vs_rectangle"] = med(runs, "engine", "mixed_paged_vs_rectangle")
     for k in ("first_burst_after_start", "first_burst_after_admit", "warm_burst_after_admit"):
         s[f"server_{k}_tok_s"] = med(runs, "server", k, "tok_s")
         s[f"server_{k}_ttft_p50_s"] = med(runs, "server", k, "ttft_p50_s")
@@ -487,6 +499,8 @@ def targets(s: dict, a) -> list[dict]:
          lambda v: v >= 25),
         ("engine: batch-1 decode / bandwidth bound", m("engine_batch1_decode_vs_bound"),
          ">= 0.40", lambda v: v >= 0.40),
+        ("engine: mixed 200..3000 prompts, rows together, blocks / rectangle",
+         m("engine_mixed_paged_vs_rectangle"), ">= 2", lambda v: v >= 2),
         ("engine: repeated 1,000-token prefix, 2nd TTFT / 1st",
          m("engine_prefix_second_vs_first"), "<= 0.3", lambda v: v <= 0.3),
     ]
@@ -534,7 +548,10 @@ def markdown(r: dict) -> str:
               f"prompt tokens, batch_kv_tokens {a.mixed_kv_tokens}): at most "
               f"{fmt(s.get('engine_mixed_max_rows'))} rows decoding together, "
               f"{fmt(s.get('engine_mixed_mean_rows'))} per step on average, "
-              f"{fmt(s.get('engine_mixed_tok_s'))} tok/s.", ""]
+              f"{fmt(s.get('engine_mixed_tok_s'))} tok/s with the rectangle cache; with 16-token "
+              f"blocks (kv_block_tokens 16) {fmt(s.get('engine_mixed_paged_max_rows'))} rows, "
+              f"{fmt(s.get('engine_mixed_paged_mean_rows'))} per step, "
+              f"{fmt(s.get('engine_mixed_paged_tok_s'))} tok/s.", ""]
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:
         lines += [f"Profile of a burst of {prof['chats']} chats ({prof['steps']} decode steps), "

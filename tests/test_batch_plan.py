@@ -275,3 +275,41 @@ def test_a_parked_cache_shape_is_taken_back_when_it_fits():
     q.accept(seq(900, 20))
     plan, _ = q.admit()
     assert plan is not None and plan.cache is not None and plan.cache[1] > 512
+
+
+def test_paged_admission_counts_the_blocks_each_chat_fills():
+    """kv_block > 0: one cache shape for good (every row x the whole pool), and admission
+    counts blocks: one long prompt no longer shrinks the batch for the short ones."""
+    rect = planner(max_batch=16, kv_tokens=1024, prefill_chunk=0, prefill_tokens=8192)
+    paged = planner(max_batch=16, kv_tokens=1024, prefill_chunk=0, prefill_tokens=8192,
+                    kv_block=16)
+    for p in (rect, paged):
+        p.whole_budget = True
+        p.accept(seq(400, 20))                            # 420 tokens: 512 / 27 blocks
+        for _ in range(10):
+            p.accept(seq(20, 20))                         # 40 tokens: 256 / 3 blocks
+    r_plan, _ = rect.admit()
+    p_plan, _ = paged.admit()
+    assert len(r_plan.rows) == 2                          # 2 rows x 512 = 1024
+    assert p_plan.cache == (16, 1024) and len(p_plan.rows) == 11     # 27 + 10 x 3 = 57 of 64
+    run_prefill(paged, p_plan)
+    assert paged.admit() == (None, [])                    # nobody waits; no new shape
+    assert paged._grow(16, 1024) is None
+
+
+def test_paged_decode_preempts_the_newest_when_the_pool_is_full(monkeypatch):
+    monkeypatch.setattr(batch_plan, "RESERVE_NEW", 8)      # admission counts 48 tokens each
+    p = planner(max_batch=8, kv_tokens=128, prefill_chunk=0, kv_block=16)   # 8 blocks
+    p.whole_budget = True
+    a, b = seq(40, 200), seq(40, 200)
+    p.accept(a)
+    p.accept(b)
+    plan, _ = p.admit()
+    assert plan is not None and plan.rows == [a, b]        # 3 + 3 blocks of 8
+    run_prefill(p, plan)
+    for _ in range(24):                                    # to 64 tokens each: all 8 blocks
+        decode_once(p)
+    assert [r.pos for r in p.active] == [64, 64]
+    step, _ = p.decode()                                   # a 65th token needs a 9th block
+    assert step is not None and step.rows == [a] and step.moves == []
+    assert list(p.waiting) == [b] and b.preempted == 1

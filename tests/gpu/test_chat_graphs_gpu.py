@@ -92,3 +92,26 @@ def test_after_an_evict_and_admit_the_chats_come_first_and_the_graphs_are_warmed
     first, again, restored = asyncio.run(go())
     print("graphs restored at the same addresses:", restored)
     assert again == first
+
+
+def test_a_paged_cache_replays_warm_graphs_and_says_what_the_rectangle_says(tmp_path):
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go():
+        system, rect = await spawn(folder, "cuda")
+        want = await burst(rect)
+        await system.stop_all()
+        system, llm = await spawn(folder, "cuda", {"kv_block_tokens": 16})
+        cache = llm.engine.cache
+        assert getattr(cache, "paged", False)
+        got = await burst(llm)
+        stats = llm.engine.run_stats
+        used = llm.engine.cache.used_blocks()
+        await system.stop_all()
+        return want, got, stats, used
+
+    want, got, stats, used = asyncio.run(go())
+    assert got == want
+    assert stats["captures"] == 0, stats        # warmed at load, over the block table
+    assert used == 0                            # every block back
