@@ -345,6 +345,8 @@ class EncoderJobs(ModelActor):
         next, without waiting to gather."""
         n = len(job.pool)
         split = self.params.get("split_burst_rows", SPLIT_BURST_ROWS)
+        if isinstance(split, bool):
+            split = 0
         job.split = False
         # only a job's first forward: later, the waves it started keep themselves apart (each
         # gathers while the other computes); splitting again would only make them smaller
