@@ -347,8 +347,9 @@ def write_outputs(result: dict, out: str) -> None:
     names = ["ours"] + peers
     fig, axes = plt.subplots(1, len(result["table"]), figsize=(3.2 * len(result["table"]), 3.6))
     for ax, r in zip(axes if len(result["table"]) > 1 else [axes], result["table"]):
-        vals = [r.get(n) or 0 for n in names]
-        ax.bar(names, vals, color=["tab:blue"] + ["tab:gray"] * len(peers))
+        shown = [n for n in names if r.get(n)]
+        ax.bar(shown, [r[n] for n in shown],
+               color=["tab:blue" if n == "ours" else "tab:gray" for n in shown])
         ax.set_title(r["workload"], fontsize=9)
         ax.set_ylabel(r["unit"], fontsize=8)
         ax.tick_params(labelsize=7)
