@@ -370,14 +370,14 @@ class BatchRunner:
         cache.ensure([(first + i, n) for i, n in enumerate(lens)])
         dest = torch.cat([cache.dest(first + i, n) for i, n in enumerate(lens)])
         n, lp = src.shape
-        valid = (torch.arange(lp, device=src.device)[None, :] <
-                 torch.tensor(lens, device=src.device)[:, None])            # [n, lp]
+        # (row, position) pairs that hold tokens, as flat indices: found once, on the host
+        sel = torch.cat([torch.arange(m) + i * lp for i, m in enumerate(lens)]).to(src.device)
         for layer in range(self.n_layers):
             k, v = _dynamic_layer(kv, layer)
             idx = src[:, None, :, None].expand(n, k.shape[1], lp, k.shape[3])
-            kk = k.gather(2, idx).transpose(1, 2)[valid]                       # [tokens, kv, D]
-            vv = v.gather(2, idx).transpose(1, 2)[valid]
-            cache.write(layer, dest, kk, vv)
+            kk = k.gather(2, idx).transpose(1, 2).reshape(n * lp, k.shape[1], k.shape[3])
+            vv = v.gather(2, idx).transpose(1, 2).reshape(n * lp, v.shape[1], v.shape[3])
+            cache.write(layer, dest, kk.index_select(0, sel), vv.index_select(0, sel))
 
     def _chunk(self, plan: StepPlan) -> torch.Tensor:
         req = plan.rows[0]
