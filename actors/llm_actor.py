@@ -180,7 +180,9 @@ class LLMActor(ModelActor):
         if self.engine is None:
             return per_token * self.context_length + 128 * 2**20
         inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-        act = self.engine.prefill_tokens * (3 * inter + 4 * cfg.hidden_size) * size
+        # a forward never reads more tokens than the KV budget holds
+        forward = min(self.engine.prefill_tokens, self.engine.kv_tokens)
+        act = forward * (3 * inter + 4 * cfg.hidden_size) * size
         prefixes = per_token * self.engine.settings.prefix_cache_tokens   # kv_prefix.py
         return per_token * self.engine.kv_tokens + prefixes + act + 128 * 2**20
 
@@ -411,6 +413,15 @@ class LLMActor(ModelActor):
     def restore_extra_s(self) -> float:
         """Besides the weights' copy, an evicted LLM captures its decode graphs again."""
         return self.engine.runner.capture_s_per_set() if self.engine is not None else 0.0
+
+    @property
+    def trim_extra_s(self) -> float:
+        """A trimmed LLM (KV cache freed, weights kept) captures its decode graphs again too:
+        they were captured against the cache's addresses (the arbiter's trim cost); not
+        when the cache is stable (runtime/stable_memory.py): it comes back at its addresses."""
+        if self.engine is None or self.engine.runner.keeps_graphs:
+            return 0.0
+        return self.restore_extra_s
 
     def _seq_done(self, env: Envelope, req: SeqRequest, res: Any) -> None:
         self._unanswered -= 1
