@@ -615,6 +615,11 @@ class BatchRunner:
             self._stable = stable_memory.available(device.index or 0)
         return self._stable
 
+    def forget_parked(self) -> None:
+        """Drop a parked cache and its graphs (the buffer's finalizer frees the address
+        range)."""
+        self.parked = None
+
     def parked_shape(self) -> tuple[int, int] | None:
         """(slots, length) of the parked cache, if any."""
         return (self.parked[0].slots, self.parked[0].length) if self.parked else None

@@ -148,7 +148,7 @@ class LLMActor(ModelActor):
         old, self.engine = self.engine, None
         leftovers = old.take_unanswered() if old is not None else []
         if old is not None:
-            old.release()
+            old.close()
         why = self._batching_off_reason(self.params)
         if why is not None:
             if self.batching_off != why:
@@ -212,7 +212,7 @@ class LLMActor(ModelActor):
 
     def unload_blocking(self) -> None:
         if self.engine is not None:
-            self.engine.release()
+            self.engine.close()
         self.engine = None
         self.model = None
         self.tokenizer = None
@@ -461,7 +461,7 @@ class LLMActor(ModelActor):
             self.reply_to(req.owner, stopped)
         self._handed.clear()
         if self.engine is not None and self.system is not None:
-            await self.system.executor.run(self.engine.release)
+            await self.system.executor.run(self.engine.close)
         if self.lease is not None and self.lease.busy:
             await self.lease.finish()                 # the last loop's job, then give it back
         if self._loop_thread is not None:

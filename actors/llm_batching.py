@@ -458,6 +458,14 @@ class BatchEngine:
         self.runner.release()
         self.planner.cache_dropped(self.runner.parked_shape())
 
+    def close(self) -> None:
+        """The engine is done for good (unload, replaced): drop the cache and graphs, a parked
+        stable cache included (its graphs and the runner refer to each other: left parked,
+        the model would live until a full garbage collection)."""
+        self.release()
+        self.runner.forget_parked()
+        self.planner.cache_dropped()
+
     def cache_bytes(self) -> int:
         return self.runner.cache_bytes()
 

@@ -31,7 +31,9 @@ def empty_cache() -> None:
 def empty_host_cache() -> None:
     """Give torch's cached pinned host blocks back (no-op without CUDA). A pinned block whose
     last asynchronous copy was not yet seen to complete stays counted as in use until the host
-    allocator looks at its events: this makes it look (seen: 34 MB left after an unload)."""
+    allocator looks at its events: this makes it look (seen: 34 MB left after an unload).
+    Never ``torch.cuda.synchronize()`` here: a device-wide sync from this thread invalidates a
+    CUDA graph another thread is capturing (seen: an LLM's warm-up during an encoder's unload)."""
     import torch
     if not torch.cuda.is_available():
         return
@@ -39,8 +41,7 @@ def empty_host_cache() -> None:
                getattr(torch._C, "_host_emptyCache", None)):
         if fn is not None:
             try:
-                torch.cuda.synchronize()
-                fn()
+                fn()        # no device-wide sync: it would break a graph capture elsewhere
             except Exception:  # noqa: BLE001 - an optimisation only
                 log.debug("emptying the pinned host cache failed", exc_info=True)
             return

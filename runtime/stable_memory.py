@@ -213,11 +213,13 @@ class StableBuffer:
         self.maps += 1
 
     def unmap(self) -> None:
-        """Give the pages back (waits for the card's work first). Idempotent."""
+        """Give the pages back (waits for the calling thread's stream first: the owner's work
+        on the buffer; never a device-wide sync, which would invalidate a CUDA graph another
+        thread is capturing). Idempotent."""
         if self._handle is None:
             return
         import torch
-        torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).synchronize()
         drv = _driver()
         _current_context(self.device_index)
         _check(drv.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
