@@ -122,6 +122,31 @@ class _SlotLayer:
         return int(self.cache.length)
 
 
+class ViewCache:
+    """What transformers asks of our caches (the KV rectangle, the block pool): a step attends
+    over ``view_len`` keys of at most ``length``; ``keys`` / ``values`` are the per-layer
+    tensors. Mixed in before transformers' ``Cache``, whose import stays lazy."""
+    view_len: int
+    length: int
+    keys: list
+    values: list
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.view_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
+        return self.view_len, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
 def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
                     dtype: torch.dtype, device: torch.device, *, stable: bool = False) -> Any:
     """The KV rectangle: per layer keys and values of ``slots`` rows x ``length`` positions,
@@ -130,7 +155,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
     ``unpark``), so the decode graphs captured over it stay valid across a trim."""
     from transformers.cache_utils import Cache
 
-    class _SlotCache(Cache):
+    class _SlotCache(ViewCache, Cache):
         def __init__(self) -> None:
             layers: list = []
             try:
@@ -169,21 +194,6 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             k[self.rows, :, self.pos] = key_states[:, :, 0]
             v[self.rows, :, self.pos] = value_states[:, :, 0]
             return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
-
-        def get_seq_length(self, layer_idx: int = 0) -> int:
-            return self.view_len
-
-        def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
-            return self.view_len, 0
-
-        def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-            return self.length
-
-        def get_max_length(self, layer_idx: int | None = None) -> int:
-            return self.length
-
-        def nbytes(self) -> int:
-            return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
         def zero(self) -> None:
             for t in self.keys + self.values:    # masked positions must not hold NaN bits

@@ -23,9 +23,9 @@ def make_paged_cache(n_layers: int, slots: int, kv_heads: int, blocks: int, bloc
                      head_dim: int, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers.cache_utils import Cache
 
-    from .batch_runner import _SlotLayer
+    from .batch_runner import ViewCache, _SlotLayer
 
-    class _PagedCache(Cache):
+    class _PagedCache(ViewCache, Cache):
         paged = True
 
         def __init__(self) -> None:
@@ -112,20 +112,5 @@ def make_paged_cache(n_layers: int, slots: int, kv_heads: int, blocks: int, bloc
             nb = -(-view // blk)
             idx = (self.table[rows[:b], :nb, None] * blk + self.offsets).reshape(b, -1)[:, :view]
             return kf[idx].transpose(1, 2), vf[idx].transpose(1, 2)   # [B, kv, view, D]
-
-        def get_seq_length(self, layer_idx: int = 0) -> int:
-            return self.view_len
-
-        def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
-            return self.view_len, 0
-
-        def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-            return self.length
-
-        def get_max_length(self, layer_idx: int | None = None) -> int:
-            return self.length
-
-        def nbytes(self) -> int:
-            return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     return _PagedCache()
