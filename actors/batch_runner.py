@@ -1,11 +1,10 @@
 """The batch runner: executes the planner's :class:`~.batch_plan.StepPlan` on the model.
 
-It owns everything torch: the KV cache (one rectangle per layer, ``[slots, kv_heads, length,
-head_dim]``; rows of different lengths share a decode step through a per-row write position and
-an additive ``[B, 1, 1, L]`` attention mask), the left-padded batched prefill, the chunked
+It owns everything torch: the KV cache (the rectangle of actors/kv_slots.py, or the block pool
+of actors/kv_paged.py; a parked stable cache), the left-padded batched prefill, the chunked
 prefill of one long context, the decode step (on CUDA captured once per (batch bucket, length
-bucket) as a CUDA graph: static input buffers, the KV rectangle at fixed addresses), and
-sampling. Graphs are keyed on the address of the weights and on the cache allocation: after
+bucket) as a CUDA graph, actors/decode_graphs.py: static input buffers, the KV cache at fixed
+addresses), and sampling. Graphs are keyed on the address of the weights and on the cache allocation: after
 the weights left the GPU and came back (evict / admit), or after the cache grew, they are
 dropped. The engine captures the common buckets again while it has nothing else to do
 (:meth:`BatchRunner.warm_one`, one graph per loop turn, right after a load or an admit), so a
@@ -17,15 +16,20 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-import weakref
 from typing import Any
 
 import torch
 
 from ..runtime import stable_memory
-from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2
+from .decode_graphs import _Graphs
 from .kv_paged import make_paged_cache
 from .kv_prefix import PrefixStore
+from .kv_slots import (
+    DECODE_ATTN,
+    _register_decode_attention,
+    make_slot_cache,
+)
 from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
@@ -53,164 +57,6 @@ def batching_supported(model: Any) -> str | None:
 #: view lengths the warm-up captures (every batch bucket at 256 and 512 keys): what chats of a
 #: few hundred tokens decode over; longer views are captured on first use
 WARM_VIEW = 512
-
-
-# ---- attention for the decode step -------------------------------------------------------------
-DECODE_ATTN = "agile_grouped_decode"
-_registered: bool | None = None
-
-
-def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None,
-                             dropout=0.0, **kwargs):
-    """One new token per row against its rows' keys, without ``repeat_kv``: the query heads of
-    each KV head attend as one group, so grouped-query models read each key once instead of
-    materialising ``heads / kv_heads`` copies per layer per step. Anything else (prefill, no
-    4D mask) goes to transformers' SDPA path."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    b, h, _, d = query.shape
-    hkv = key.shape[1]
-    q = query.reshape(b, hkv, h // hkv, d)            # head i uses KV head i // (h / hkv)
-    scale = scaling if scaling is not None else d ** -0.5
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + attention_mask.float()
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)                    # [B, kv_heads, group, D]
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
-
-
-def _register_decode_attention() -> bool:
-    global _registered
-    if _registered is None:
-        try:
-            from transformers import AttentionInterface
-            AttentionInterface.register(DECODE_ATTN, grouped_decode_attention)
-            try:
-                from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-                AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
-            except ImportError:
-                pass
-            _registered = True
-        except Exception as exc:  # noqa: BLE001 - older transformers: keep SDPA
-            log.info("grouped decode attention unavailable: %s", exc)
-            _registered = False
-    return _registered
-
-
-# ---- the KV cache the model writes into -------------------------------------------------------
-class _SlotLayer:
-    """Duck-typed cache layer (no transformers base class: its abstract API moves between
-    versions); the model only calls ``update`` on the cache."""
-    is_sliding = False
-    is_compileable = True
-    is_croppable = False
-    supports_early_init = False
-    is_initialized = True
-
-    def __init__(self, cache: Any, idx: int):
-        self.cache, self.idx = cache, idx
-
-    def get_seq_length(self) -> int:
-        return int(self.cache.view_len)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.view_len, 0
-
-    def get_max_length(self) -> int:
-        return int(self.cache.length)
-
-
-class ViewCache:
-    """What transformers asks of our caches (the KV rectangle, the block pool): a step attends
-    over ``view_len`` keys of at most ``length``; ``keys`` / ``values`` are the per-layer
-    tensors. Mixed in before transformers' ``Cache``, whose import stays lazy."""
-    view_len: int
-    length: int
-    keys: list
-    values: list
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.view_len
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
-        return self.view_len, 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.length
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
-                    dtype: torch.dtype, device: torch.device, *, stable: bool = False) -> Any:
-    """The KV rectangle: per layer keys and values of ``slots`` rows x ``length`` positions,
-    zeroed. ``stable`` (CUDA): in one :class:`~agile_rag.runtime.stable_memory.StableBuffer`,
-    whose pages can be given back and taken again at the same addresses (``park`` /
-    ``unpark``), so the decode graphs captured over it stay valid across a trim."""
-    from transformers.cache_utils import Cache
-
-    class _SlotCache(ViewCache, Cache):
-        def __init__(self) -> None:
-            layers: list = []
-            try:
-                Cache.__init__(self, layers=layers)
-            except TypeError:                                  # other transformers versions
-                self.layers = layers
-            self.slots, self.length = slots, length
-            shape = (slots, kv_heads, length, head_dim)
-            self.stable: stable_memory.StableBuffer | None = None
-            if stable:
-                one = slots * kv_heads * length * head_dim * torch.empty((), dtype=dtype) \
-                    .element_size()
-                step = -(-one // 256) * 256
-                buf = stable_memory.StableBuffer(2 * n_layers * step, device.index or 0)
-                weakref.finalize(self, buf.close)       # the pages and the address range
-                self.stable = buf
-                views = [buf.view(dtype, shape, offset=i * step) for i in range(2 * n_layers)]
-                self.keys, self.values = views[:n_layers], views[n_layers:]
-                self.zero()
-            else:
-                self.keys = [torch.zeros(shape, dtype=dtype, device=device)
-                             for _ in range(n_layers)]
-                self.values = [torch.zeros(shape, dtype=dtype, device=device)
-                               for _ in range(n_layers)]
-            self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
-            self.rows: torch.Tensor | None = None   # [B] slot of each row of the step
-            self.pos: torch.Tensor | None = None    # [B] where each row writes its new token
-            self.view_len = 0                       # keys/values the step attends over
-
-        def bind(self, rows: torch.Tensor, pos: torch.Tensor, view_len: int) -> None:
-            self.rows, self.pos, self.view_len = rows, pos, view_len
-
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *a, **kw):
-            k, v = self.keys[layer_idx], self.values[layer_idx]
-            b = key_states.shape[0]
-            k[self.rows, :, self.pos] = key_states[:, :, 0]
-            v[self.rows, :, self.pos] = value_states[:, :, 0]
-            return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
-
-        def zero(self) -> None:
-            for t in self.keys + self.values:    # masked positions must not hold NaN bits
-                t.zero_()
-
-        def park(self) -> None:
-            """Give the pages back; the tensors keep their addresses (never touch them
-            until :meth:`unpark`)."""
-            assert self.stable is not None
-            self.stable.unmap()
-
-        def unpark(self) -> None:
-            assert self.stable is not None
-            self.stable.map()
-            self.zero()
-
-    return _SlotCache()
 
 
 # ---- the runner ---------------------------------------------------------------------------------
@@ -641,95 +487,6 @@ class BatchRunner:
 
     def cache_bytes(self) -> int:
         return int(self.cache.nbytes()) if self.cache is not None else 0
-
-
-_captured_before = False      # some graph was captured in this process
-
-
-class _Graphs:
-    """CUDA graphs of the decode step, one per (batch bucket, view-length bucket), sharing one
-    memory pool; inputs go through static buffers, logits come out in one static buffer."""
-
-    def __init__(self, runner: BatchRunner):
-        self.runner = runner
-        cache = runner.cache
-        self.cache_id = id(cache)
-        self.weights_ptr = next(runner.model.parameters()).data_ptr()
-        dev = cache.keys[0].device
-        s = cache.slots
-        self.ids = torch.zeros((s, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros((s,), dtype=torch.long, device=dev)
-        self.rows = torch.arange(s, device=dev)
-        self.logits: torch.Tensor | None = None
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.pool: Any = None
-
-    def valid_for(self, model: Any, cache: Any) -> bool:
-        return cache is not None and id(cache) == self.cache_id and \
-            next(model.parameters()).data_ptr() == self.weights_ptr
-
-    def run(self, ids: torch.Tensor, pos: torch.Tensor, view: int, stats: dict) -> torch.Tensor:
-        cache = self.runner.cache
-        b = ids.shape[0]
-        bb = min(pow2(b), cache.slots)
-        vv = min(round_up(view, LEN_BUCKET), cache.length)
-        self.ids[:b, 0].copy_(ids, non_blocking=True)
-        self.pos[:b].copy_(pos, non_blocking=True)
-        if bb > b:
-            self.ids[b:bb].zero_()
-            self.pos[b:bb].zero_()          # spare rows write into free slots only
-        key = (bb, vv)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._capture(bb, vv)
-            stats["captures"] += 1
-        graph.replay()
-        assert self.logits is not None
-        return self.logits[:b]
-
-    def capture_at(self, key: tuple[int, int], active: list[SeqRequest]) -> None:
-        """Capture ``key`` ahead of use: inputs are the active rows' next tokens at their
-        next positions (see :meth:`BatchRunner.warm_one`), zeros for the free slots."""
-        cache = self.runner.cache
-        b = min(len(active), cache.slots)
-        self.ids.zero_()
-        self.pos.zero_()
-        if b:
-            self.ids[:b, 0].copy_(torch.tensor([r.last for r in active[:b]], dtype=torch.long))
-            self.pos[:b].copy_(torch.tensor([r.pos for r in active[:b]], dtype=torch.long))
-        self._capture(*key)
-
-    def _body(self, bb: int, vv: int) -> torch.Tensor:
-        return self.runner.forward(self.ids[:bb], self.pos[:bb], self.rows[:bb], vv)
-
-    def _capture(self, bb: int, vv: int) -> torch.cuda.CUDAGraph:
-        t0 = time.monotonic()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        global _captured_before
-        with torch.cuda.stream(side):
-            # warm up kernels and the allocator: twice the first time in this process, once
-            # after that (the kernels are loaded; only this shape's buffers are new)
-            for _ in range(1 if _captured_before else 2):
-                out = self._body(bb, vv)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.logits is None:
-            self.logits = torch.empty((self.runner.cache.slots, out.shape[-1]), dtype=out.dtype,
-                                      device=out.device)
-        del out
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._body(bb, vv)
-            self.logits[:bb].copy_(out)
-        del out
-        if self.pool is None:
-            self.pool = graph.pool()
-        self.graphs[(bb, vv)] = graph
-        _captured_before = True
-        took = time.monotonic() - t0
-        self.runner.capture_s += took
-        log.debug("captured decode graph batch=%d len=%d in %.3fs", bb, vv, took)
-        return graph
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def make_paged_cache(n_layers: int, slots: int, kv_heads: int, blocks: int, bloc
                      head_dim: int, dtype: torch.dtype, device: torch.device) -> Any:
     from transformers.cache_utils import Cache
 
-    from .batch_runner import ViewCache, _SlotLayer
+    from .kv_slots import ViewCache, _SlotLayer
 
     class _PagedCache(ViewCache, Cache):
         paged = True

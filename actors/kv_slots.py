@@ -1,0 +1,174 @@
+"""The KV rectangle the batch runner's decode step writes into and reads over: per layer keys and
+values ``[slots, kv_heads, length, head_dim]`` (rows of different lengths share a step through a
+per-row write position and an additive ``[B, 1, 1, L]`` mask), optionally in one stable GPU
+buffer (runtime/stable_memory.py), and the grouped-query attention the decode step runs over
+it. The block cache (actors/kv_paged.py) speaks the same protocol (:class:`ViewCache`)."""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+
+from ..runtime import stable_memory
+
+log = logging.getLogger("agile_rag.llm")
+
+
+# ---- attention for the decode step -------------------------------------------------------------
+DECODE_ATTN = "agile_grouped_decode"
+_registered: bool | None = None
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, scaling=None,
+                             dropout=0.0, **kwargs):
+    """One new token per row against its rows' keys, without ``repeat_kv``: the query heads of
+    each KV head attend as one group, so grouped-query models read each key once instead of
+    materialising ``heads / kv_heads`` copies per layer per step. Anything else (prefill, no
+    4D mask) goes to transformers' SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, d)            # head i uses KV head i // (h / hkv)
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + attention_mask.float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)                    # [B, kv_heads, group, D]
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_decode_attention() -> bool:
+    global _registered
+    if _registered is None:
+        try:
+            from transformers import AttentionInterface
+            AttentionInterface.register(DECODE_ATTN, grouped_decode_attention)
+            try:
+                from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+                AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
+            except ImportError:
+                pass
+            _registered = True
+        except Exception as exc:  # noqa: BLE001 - older transformers: keep SDPA
+            log.info("grouped decode attention unavailable: %s", exc)
+            _registered = False
+    return _registered
+
+
+# ---- the KV cache the model writes into -------------------------------------------------------
+class _SlotLayer:
+    """Duck-typed cache layer (no transformers base class: its abstract API moves between
+    versions); the model only calls ``update`` on the cache."""
+    is_sliding = False
+    is_compileable = True
+    is_croppable = False
+    supports_early_init = False
+    is_initialized = True
+
+    def __init__(self, cache: Any, idx: int):
+        self.cache, self.idx = cache, idx
+
+    def get_seq_length(self) -> int:
+        return int(self.cache.view_len)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.view_len, 0
+
+    def get_max_length(self) -> int:
+        return int(self.cache.length)
+
+
+class ViewCache:
+    """What transformers asks of our caches (the KV rectangle, the block pool): a step attends
+    over ``view_len`` keys of at most ``length``; ``keys`` / ``values`` are the per-layer
+    tensors. Mixed in before transformers' ``Cache``, whose import stays lazy."""
+    view_len: int
+    length: int
+    keys: list
+    values: list
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.view_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *a) -> tuple[int, int]:
+        return self.view_len, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device, *, stable: bool = False) -> Any:
+    """The KV rectangle: per layer keys and values of ``slots`` rows x ``length`` positions,
+    zeroed. ``stable`` (CUDA): in one :class:`~agile_rag.runtime.stable_memory.StableBuffer`,
+    whose pages can be given back and taken again at the same addresses (``park`` /
+    ``unpark``), so the decode graphs captured over it stay valid across a trim."""
+    from transformers.cache_utils import Cache
+
+    class _SlotCache(ViewCache, Cache):
+        def __init__(self) -> None:
+            layers: list = []
+            try:
+                Cache.__init__(self, layers=layers)
+            except TypeError:                                  # other transformers versions
+                self.layers = layers
+            self.slots, self.length = slots, length
+            shape = (slots, kv_heads, length, head_dim)
+            self.stable: stable_memory.StableBuffer | None = None
+            if stable:
+                one = slots * kv_heads * length * head_dim * torch.empty((), dtype=dtype) \
+                    .element_size()
+                step = -(-one // 256) * 256
+                buf = stable_memory.StableBuffer(2 * n_layers * step, device.index or 0)
+                weakref.finalize(self, buf.close)       # the pages and the address range
+                self.stable = buf
+                views = [buf.view(dtype, shape, offset=i * step) for i in range(2 * n_layers)]
+                self.keys, self.values = views[:n_layers], views[n_layers:]
+                self.zero()
+            else:
+                self.keys = [torch.zeros(shape, dtype=dtype, device=device)
+                             for _ in range(n_layers)]
+                self.values = [torch.zeros(shape, dtype=dtype, device=device)
+                               for _ in range(n_layers)]
+            self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
+            self.rows: torch.Tensor | None = None   # [B] slot of each row of the step
+            self.pos: torch.Tensor | None = None    # [B] where each row writes its new token
+            self.view_len = 0                       # keys/values the step attends over
+
+        def bind(self, rows: torch.Tensor, pos: torch.Tensor, view_len: int) -> None:
+            self.rows, self.pos, self.view_len = rows, pos, view_len
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *a, **kw):
+            k, v = self.keys[layer_idx], self.values[layer_idx]
+            b = key_states.shape[0]
+            k[self.rows, :, self.pos] = key_states[:, :, 0]
+            v[self.rows, :, self.pos] = value_states[:, :, 0]
+            return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
+
+        def zero(self) -> None:
+            for t in self.keys + self.values:    # masked positions must not hold NaN bits
+                t.zero_()
+
+        def park(self) -> None:
+            """Give the pages back; the tensors keep their addresses (never touch them
+            until :meth:`unpark`)."""
+            assert self.stable is not None
+            self.stable.unmap()
+
+        def unpark(self) -> None:
+            assert self.stable is not None
+            self.stable.map()
+            self.zero()
+
+    return _SlotCache()
