@@ -3,13 +3,13 @@
 It owns everything torch: the KV cache (the rectangle of actors/kv_slots.py, or the block pool
 of actors/kv_paged.py; a parked stable cache), the left-padded batched prefill, the chunked
 prefill of one long context, the decode step (on CUDA captured once per (batch bucket,
-length bucket) as a CUDA graph, actors/decode_graphs.py: static input buffers, the KV cache at
-fixed addresses), and sampling. Graphs are keyed on the address of the weights and on the
+length bucket) as a CUDA graph, actors/decode_graphs.py: static input buffers, the KV cache
+at fixed addresses), and sampling. Graphs are keyed on the address of the weights and on the
 cache allocation: after the weights left the GPU and came back (evict / admit), or after the
-cache grew, they are dropped. The engine captures the common buckets again while it has nothing else to do
-(:meth:`BatchRunner.warm_one`, one graph per loop turn, right after a load or an admit), so a
-burst finds them ready; a bucket nobody warmed is captured on first use. Only the engine's loop
-thread calls it.
+cache grew, they are dropped. The engine captures the common buckets again while it has
+nothing else to do (:meth:`BatchRunner.warm_one`, one graph per loop turn, right after a load
+or an admit), so a burst finds them ready; a bucket nobody warmed is captured on first use.
+Only the engine's loop thread calls it.
 """
 from __future__ import annotations
 
