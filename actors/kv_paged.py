@@ -29,11 +29,7 @@ def make_paged_cache(n_layers: int, slots: int, kv_heads: int, blocks: int, bloc
         paged = True
 
         def __init__(self) -> None:
-            layers: list = []
-            try:
-                Cache.__init__(self, layers=layers)
-            except TypeError:                                  # other transformers versions
-                self.layers = layers
+            self._start(Cache)
             self.slots, self.block, self.blocks = slots, block, blocks
             self.length = blocks * block               # the most one row can hold
             shape = (blocks + 1, block, kv_heads, head_dim)

@@ -107,6 +107,14 @@ class ViewCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def _start(self, cache_cls: Any) -> None:
+        """transformers' ``Cache.__init__`` with an empty layer list (filled by the subclass)."""
+        layers: list = []
+        try:
+            cache_cls.__init__(self, layers=layers)
+        except TypeError:                                  # other transformers versions
+            self.layers = layers
+
 
 def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
                     dtype: torch.dtype, device: torch.device, *, stable: bool = False) -> Any:
@@ -118,11 +126,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
 
     class _SlotCache(ViewCache, Cache):
         def __init__(self) -> None:
-            layers: list = []
-            try:
-                Cache.__init__(self, layers=layers)
-            except TypeError:                                  # other transformers versions
-                self.layers = layers
+            self._start(Cache)
             self.slots, self.length = slots, length
             shape = (slots, kv_heads, length, head_dim)
             self.stable: stable_memory.StableBuffer | None = None
