@@ -130,18 +130,21 @@ class EncoderActor(EncoderJobs):
             tokens = min(tokens, max(items * max_len, self._recent_demand()))
         return max(tokens, MIN_BATCH_TOKENS)
 
+    @property
+    def _token_bytes(self) -> int:
+        """Working memory of one token in a forward (measured at load; a guess before)."""
+        return self._per_token or 32 * 1024
+
     def working_bytes(self, items: int, depth: int = GPU_DEPTH) -> int:
         """GPU memory beyond the weights: the forwards in flight at the job's token budget
         (``depth`` of them: one when the job runs layer-streamed)."""
-        per = self._per_token or 32 * 1024
-        return _BASE_WORKING + depth * self.job_tokens(items) * per
+        return _BASE_WORKING + depth * self.job_tokens(items) * self._token_bytes
 
     def _stream_working_min(self) -> int:
         """The least working memory a streamed job can run with: one forward of the longest
         input (smaller forwards, more passes)."""
-        per = self._per_token or 32 * 1024
         max_len = getattr(self.engine, "max_len", 0) if self.engine is not None else 0
-        return _BASE_WORKING + max(MIN_BATCH_TOKENS, max_len or 512) * per
+        return _BASE_WORKING + max(MIN_BATCH_TOKENS, max_len or 512) * self._token_bytes
 
     def _recent_demand(self) -> int:
         """The largest forward recent jobs wanted (tokens), halving every DEMAND_HALF_LIFE_S."""
@@ -275,7 +278,7 @@ class EncoderActor(EncoderJobs):
             job.budget = min(job.budget, self.job_tokens(job.items))
             if lease.streamed and lease.stream_working:
                 # streamed, maybe with less than it asked: forwards within what was granted
-                room = (lease.stream_working - _BASE_WORKING) // (self._per_token or 32 * 1024)
+                room = (lease.stream_working - _BASE_WORKING) // self._token_bytes
                 job.budget = max(MIN_BATCH_TOKENS, min(job.budget, room))
         job.collecting = job.depth == 1 and self.batch_linger_s > 0
 

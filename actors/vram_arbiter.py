@@ -305,10 +305,7 @@ class VRAMArbiter(CardLedgers, Actor):
         need = req.nbytes - (mine.nbytes if mine else 0)
         free = self.free_on(dev)
         if need <= free:
-            h_actor = mine.actor if mine else self._actor_name(req.model, w.env)
-            waited = 0.0 if w.env is self._current else time.monotonic() - w.since
-            self._answer(w, self._grant(req.model, req, w.env, waited=waited,
-                                        evicted=tuple(w.evicted), actor=h_actor, device=dev))
+            self._serve(w, dev, mine.actor if mine else self._actor_name(req.model, w.env))
             return True
         blocked = {x.req.model for x in order}
         pending: list[Holder] = []
@@ -349,11 +346,7 @@ class VRAMArbiter(CardLedgers, Actor):
             if s_room is not None and (room is None or
                                        s_room.cost(now) + req.stream_s < room.cost(now)):
                 if s_need <= free:
-                    waited = 0.0 if w.env is self._current else time.monotonic() - w.since
-                    self._answer(w, self._grant(req.model, req, w.env, waited=waited,
-                                                evicted=tuple(w.evicted),
-                                                actor=self._actor_name(req.model, w.env),
-                                                streamed=True, device=dev))
+                    self._serve(w, dev, self._actor_name(req.model, w.env), streamed=True)
                     return True
                 if s_short <= 0:
                     return False        # what the streamed grant needs is on its way
@@ -365,12 +358,8 @@ class VRAMArbiter(CardLedgers, Actor):
                 full = stream_total(req) - req.stream_bytes
                 passes = -(-full // max(1, working))
                 if room is None or req.stream_s * passes < room.cost(now):
-                    waited = 0.0 if w.env is self._current else time.monotonic() - w.since
-                    self._answer(w, self._grant(req.model, req, w.env, waited=waited,
-                                                evicted=tuple(w.evicted),
-                                                actor=self._actor_name(req.model, w.env),
-                                                streamed=True, device=dev,
-                                                stream_working=min(working, full)))
+                    self._serve(w, dev, self._actor_name(req.model, w.env), streamed=True,
+                                stream_working=min(working, full))
                     return True
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
@@ -408,6 +397,12 @@ class VRAMArbiter(CardLedgers, Actor):
             log.error("%s: no way to make %s for %r", self.name, fmt(short), req.model)
             return False
         return True
+
+    def _serve(self, w: Waiter, dev: str, actor: str, **grant: Any) -> None:
+        """Answer waiter ``w`` with a grant on card ``dev`` (``grant``: the streamed mode)."""
+        waited = 0.0 if w.env is self._current else time.monotonic() - w.since
+        self._answer(w, self._grant(w.req.model, w.req, w.env, waited=waited,
+                                    evicted=tuple(w.evicted), actor=actor, device=dev, **grant))
 
     def _make_room(self, w: Waiter, room: Room, env: Envelope) -> bool:
         """Send the trims and revokes ``room`` says; True when bytes came free at once."""
