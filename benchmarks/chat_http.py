@@ -110,26 +110,13 @@ def import_project() -> None:
 def build_model(folder: str, toks: str, tiny: bool, info_path: str) -> None:
     import torch
     import transformers
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from _server import save_random_qwen
 
     transformers.utils.logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(os.path.join(toks, "tok-smol"))
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(Qwen2Config(
-            **(TINY if tiny else REAL), max_position_embeddings=32768, tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id)).to(dtype)
-    with torch.no_grad():          # ids the tokenizer cannot print never win the argmax
-        emb = model.get_input_embeddings().weight
-        emb[len(tok):] = 0
-        emb[sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder))] = 0
-    model.save_pretrained(folder)
-    for f in os.listdir(os.path.join(toks, "tok-smol")):
-        shutil.copy(os.path.join(toks, "tok-smol", f), folder)
-    info = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    _params, weight_bytes = save_random_qwen(folder, toks, TINY if tiny else REAL, device, dtype)
+    info = {"weight_bytes": weight_bytes,
             "dtype": str(dtype), "cuda": cuda,
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -75,7 +75,7 @@ import tempfile
 import time
 import urllib.request
 
-from _server import free_port  # (this script's folder is on sys.path)
+from _server import free_port, save_random_qwen  # (this script's folder is on sys.path)
 
 ADMIN_KEY = "k"
 RESERVE_S = 30.0          # kept free at the end of --time-budget-s: stop the server, write files
@@ -146,9 +146,6 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
     import transformers
     transformers.utils.logging.disable_progress_bar()
     from transformers import (
-        AutoTokenizer,
-        Qwen2Config,
-        Qwen2ForCausalLM,
         XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
         XLMRobertaModel,
@@ -157,25 +154,10 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
     shape = SHAPES[shapes]
     device = "cuda" if shapes == "real" and torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, shape["dtype"])
-    tok = AutoTokenizer.from_pretrained(os.path.join(toks, "tok-smol"))
-    torch.manual_seed(0)
     info = {"paths": {}, "params": {}, "device_built": device}
 
-    with torch.device(device):
-        llm = Qwen2ForCausalLM(Qwen2Config(
-            **shape["llm"], max_position_embeddings=32768, tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id)).to(dtype)
-    with torch.no_grad():        # ids the tokenizer cannot print never win the argmax
-        emb = llm.get_input_embeddings().weight
-        emb[len(tok):] = 0
-        emb[sorted(set(tok.all_special_ids) | set(tok.added_tokens_decoder))] = 0
-    info["params"]["llm"] = sum(p.numel() for p in llm.parameters())
     info["paths"]["llm"] = path = os.path.join(work, "llm")
-    llm.save_pretrained(path)
-    del llm
-    for f in os.listdir(os.path.join(toks, "tok-smol")):
-        shutil.copy(os.path.join(toks, "tok-smol", f), path)
+    info["params"]["llm"], _ = save_random_qwen(path, toks, shape["llm"], device, dtype)
 
     xcfg = dict(**shape["xlmr"], max_position_embeddings=514, pad_token_id=0)
     for name, cls, extra in (("embedder", XLMRobertaModel, {}),
