@@ -32,6 +32,8 @@ USE_RERANKER = True
 SERVICE_NUM_WORKERS = 4       # threads in the executor pool that runs model work
 TORCH_THREADS = 0             # torch's intra-op threads; 0 = OMP_NUM_THREADS if set, else one
                               # less than the cores (README, "Threads": why, and how to choose)
+IDLE_TRIM_S = 1.0             # the model pool idle this long: free heap pages go back to the OS
+                              # (0 = never; RSS then stays at the busiest moment's mark)
 REQUEST_TIMEOUT = 600.0       # seconds a request may wait for its model (queue + compute)
 SHUTDOWN_TIMEOUT = 30.0       # on SIGTERM/Ctrl-C: seconds in-flight requests get to finish
 MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 503 + Retry-After
@@ -74,6 +76,7 @@ class Settings:
     USE_RERANKER: bool = USE_RERANKER
     SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
     TORCH_THREADS: int = TORCH_THREADS
+    IDLE_TRIM_S: float = IDLE_TRIM_S
     REQUEST_TIMEOUT: float = REQUEST_TIMEOUT
     SHUTDOWN_TIMEOUT: float = SHUTDOWN_TIMEOUT
     MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL

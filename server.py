@@ -27,8 +27,9 @@ log = logging.getLogger("agile_rag.server")
 class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.system = ActorSystem(executor=ModelExecutor(settings.SERVICE_NUM_WORKERS,
-                                                         torch_threads(settings.TORCH_THREADS)),
+        self.system = ActorSystem(executor=ModelExecutor(
+            settings.SERVICE_NUM_WORKERS, torch_threads(settings.TORCH_THREADS),
+            idle_trim_s=settings.IDLE_TRIM_S if settings.IDLE_TRIM_S > 0 else None),
                                   tracer=Tracer.from_settings(settings))
         self.registry = ModelRegistry()
         self.live: LiveConfig | None = None

@@ -93,7 +93,7 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype, *, lm_head: bool = True)
     if head is not None and lm_head and getattr(model.config, "tie_word_embeddings", False):
         # the head is no longer tied: a later tie_weights() must not put the float one back
         model.config.tie_word_embeddings = False
-    from .llm_loading import trim_heap
+    from ..runtime.heap import trim_heap
     trim_heap()                             # the float layers just freed
     return n
 

@@ -9,6 +9,8 @@ import os
 import shutil
 from typing import Any
 
+from ..runtime.heap import trim_heap
+
 log = logging.getLogger("agile_rag.llm")
 
 
@@ -63,13 +65,6 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
         model = model.to(dtype["dtype"])    # in place: no float32 copy stays beside it
     trim_heap()                             # dequantising left ~0.5 GB of freed heap
     return model
-
-
-def trim_heap() -> None:
-    """Give the heap's freed pages back to the OS after a load (glibc keeps them: RSS stays
-    at the load's peak otherwise)."""
-    from .model_base import _malloc_trim
-    _malloc_trim()
 
 
 # ---- precision on the CPU ----------------------------------------------------------------------

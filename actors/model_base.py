@@ -1,19 +1,20 @@
 """What every model actor shares: loading off the loop, state, Describe, failure after load."""
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import functools
 import gc
 import itertools
 import logging
-import sys
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
+from ..runtime.heap import collect, trim_heap
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
 from .messages import (
@@ -34,6 +35,8 @@ log = logging.getLogger("agile_rag.model")
 
 
 ARBITER = "vram-arbiter"
+#: how long a stopped model's weights are looked for again, should a job still hold them
+LATE_UNLOAD_S = 30.0
 BATCH_LINGER_S = 0.05      # see ModelActor.batch_linger_s
 
 
@@ -79,6 +82,27 @@ def live_weights(owner: str | None = None) -> list[dict]:
             if r() is not None and (owner is None or o == owner)]
 
 
+def weight_holders(owner: str, limit: int = 6) -> str:
+    """What still refers to ``owner``'s watched weights, for the log: the referrers' types
+    (a frame by its function and line), without the watch's own weak references."""
+    out = []
+    for o, w, r in list(_watched.values()):
+        obj = r() if o == owner else None
+        if obj is None:
+            continue
+        names = []
+        for ref in gc.get_referrers(obj)[:limit]:
+            if isinstance(ref, types.FrameType):
+                names.append(f"frame {ref.f_code.co_name}:{ref.f_lineno}")
+            elif isinstance(ref, dict):
+                names.append("dict")            # an instance's __dict__ or a namespace
+            else:
+                names.append(type(ref).__name__)
+        del obj
+        out.append(f"{w} <- {', '.join(names) or 'nothing visible'}")
+    return "; ".join(out)
+
+
 def break_cycles(model: Any) -> None:
     """Cut the reference cycles a model object is known to keep, so that dropping the last
     outside reference frees it at once instead of at the next full garbage collection.
@@ -90,27 +114,6 @@ def break_cycles(model: Any) -> None:
             card.model = None
         except Exception:  # noqa: BLE001 - best effort: gc.collect() catches the cycle anyway
             pass
-
-
-def freeze_heap() -> None:
-    """Take every object alive now (the models, and the ~10^6 objects torch and transformers
-    keep) out of the cyclic garbage collector's sight. A full collection otherwise walks them
-    all, ~0.3 s with the GIL held, every few thousand requests: it stalled the event loop and
-    the threads that feed the GPU (issue 14: gen-2 collections were ~70 us per request of a
-    one-sentence embedding burst). Blocking: run it off the loop, after a model loads. Objects
-    made later are collected as usual; an unload that needs a collection thaws first."""
-    gc.collect()
-    gc.freeze()
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays high)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ModelActor(Actor):
@@ -170,7 +173,7 @@ class ModelActor(Actor):
         self.load_seconds = time.monotonic() - t0
         watch_weights(self.name, "module", self.torch_module())
         await self._attach_gpu()
-        await self.system.executor.run_load(freeze_heap)
+        self.system.executor.freeze_when_idle()     # see runtime.heap.collect
         self.state = ModelStatus.READY
         log.info("%s %s ready in %.1fs (%.0f MB)", self.kind, self.name, self.load_seconds,
                  self.weight_bytes / 2**20)
@@ -273,10 +276,33 @@ class ModelActor(Actor):
             await self.system.executor.run(self._unload_all)
         except RuntimeError:                # the pool is already shut down (server exit)
             self._unload_all()
+        self.system.executor.freeze_when_idle()     # the unload thawed the heap
+        if live_weights(self.name):
+            # a job that was still running (a generation thread the stop aborted, a request's
+            # traceback) may hold them a while longer, and a heap freeze in between would hide
+            # them from every later collection (issue 11: a removed LLM stayed alive for
+            # good): look again until it let go
+            self.system.background(self._collect_late(), f"{self.name}-unload")
+
+    async def _collect_late(self) -> None:
+        """Collect again, at growing intervals for ``LATE_UNLOAD_S``, until this actor's
+        weights are gone; if they outlive that, log what still holds them."""
+        waited, delay = 0.0, 0.1
+        while live_weights(self.name) and waited < LATE_UNLOAD_S:
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(2 * delay, 2.0)
+            try:
+                await self.system.executor.run(collect)
+            except RuntimeError:            # the pool is shut down (server exit)
+                return
         alive = live_weights(self.name)
         if alive:
-            log.warning("%s %s: weights still referenced after unload: %s", self.kind,
-                        self.name, ", ".join(a["what"] for a in alive))
+            log.warning("%s %s: weights still referenced %.0fs after unload: %s", self.kind,
+                        self.name, waited, weight_holders(self.name))
+        else:
+            log.info("%s %s: weights freed %.1fs after unload (a job held them)", self.kind,
+                     self.name, waited)
 
     def _unload_all(self) -> None:
         """Blocking (executor thread): drop the weights and free their memory."""
@@ -287,11 +313,9 @@ class ModelActor(Actor):
             log.exception("%s %s: unload failed", self.kind, self.name)
         self.drop_weight_refs()
         if live_weights(self.name) or self.error:
-            gc.unfreeze()                   # frozen objects (freeze_heap) are never collected
-            gc.collect()                    # cycles the libraries keep, a failed load's frames
-            gc.freeze()
+            collect()           # cycles the libraries keep, a failed load's frames: frozen
         empty_host_cache()                  # the pinned master copy's blocks, now
-        _malloc_trim()
+        trim_heap()
 
     def drop_weight_refs(self) -> None:
         """Set every instance attribute that holds weights to None: the ones named in

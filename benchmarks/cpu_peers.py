@@ -215,6 +215,8 @@ async def main_async(args) -> dict:
         cfg = f"SERVICE_NUM_WORKERS = {args.workers}\n"
         if args.torch_threads is not None:
             cfg += f"TORCH_THREADS = {args.torch_threads}\n"
+        if args.idle_trim_s is not None:
+            cfg += f"IDLE_TRIM_S = {args.idle_trim_s}\n"
         proc, base, log = start_server(work, our_live(args), cfg)
         print(f"our server: {base} (log {log})", flush=True)
         wait_ready(base, proc, timeout=600)
@@ -379,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-s", type=float, default=1.0)
     p.add_argument("--quiet-cores", type=float, default=0.25,
                    help="a run is clean when the machine used less than this before it")
+    p.add_argument("--idle-trim-s", type=float, default=None,
+                   help="our server's IDLE_TRIM_S (0 = never trim the heap when idle; "
+                        "default: the server's own, 1.0)")
     p.add_argument("--settle-s", type=float, default=2.0,
                    help="idle seconds before an RSS snapshot (an idle LLM frees its KV cache)")
     p.add_argument("--torch-threads", type=int, help="our server's TORCH_THREADS")

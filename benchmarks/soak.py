@@ -657,6 +657,7 @@ class Soak:
         rt = b["runtime"]
         point = {"t": round(time.monotonic() - self.t0, 2),
                  "rss_mb": round((rt.get("rss_bytes") or 0) / 2**20, 1),
+                 "rss_file_mb": round((rt.get("rss_file_bytes") or 0) / 2**20, 1),
                  "fds": rt.get("open_fds"), "threads": rt["threads"],
                  "models": len(b["models"]),
                  "weights_alive": len({w["actor"] for w in rt.get("weights_alive", [])}),
@@ -743,6 +744,7 @@ class Soak:
                 "config_error": b["config_error"],
                 "weights_alive": sorted({w["actor"] for w in rt.get("weights_alive", [])}),
                 "rss_mb": round((rt.get("rss_bytes") or 0) / 2**20, 1),
+                "rss_file_mb": round((rt.get("rss_file_bytes") or 0) / 2**20, 1),
                 "fds": rt.get("open_fds")}
 
     async def settle(self, s, before: dict, timeout: float = 60.0) -> dict:

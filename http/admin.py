@@ -81,13 +81,16 @@ def _find(data: dict, name: str) -> str:
                          code="model_not_found")
 
 
-def _rss_bytes() -> int | None:
-    """This process's resident memory (Linux; None elsewhere)."""
+def _rss_bytes() -> tuple[int | None, int | None]:
+    """This process's resident memory, and the part of it that maps files (shared libraries,
+    memory-mapped weights) rather than the heap (Linux; None elsewhere)."""
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = f.read().split()
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * page, int(fields[2]) * page
     except (OSError, ValueError, IndexError):
-        return None
+        return None, None
 
 
 def _open_fds() -> int | None:
@@ -114,10 +117,11 @@ async def list_models(request: web.Request) -> web.Response:
         gpu = {"budget": st.budget, "used": st.used, "holders": st.holders,
                "busy": list(st.busy), "waiting": list(st.waiting),
                "devices": st.devices, "placement": st.placement}
+    rss, rss_file = _rss_bytes()
     runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count(),
                # the loaded models' weights still alive, by actor (a removed model's must go)
                "weights_alive": live_weights(),
-               "rss_bytes": _rss_bytes(), "open_fds": _open_fds()}
+               "rss_bytes": rss, "rss_file_bytes": rss_file, "open_fds": _open_fds()}
     return json_response({"models": models, "gpu": gpu, "config_error": server.config_error,
                           "runtime": runtime,
                           "live_config": os.path.abspath(server.settings.LIVECONFIGS_PATH)},

@@ -10,7 +10,23 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .heap import collect, trim_heap
+
 log = logging.getLogger("agile_rag.executor")
+
+#: seconds the pool stays idle before the heap is trimmed (see ModelExecutor)
+IDLE_TRIM_S = 1.0
+
+
+def _idle_work(freeze: bool) -> float:
+    if freeze:
+        collect(freeze=True)
+    return trim_heap()
+
+
+def _log_trim(fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        log.debug("idle: heap trimmed in %.1f ms", 1000 * fut.result())
 
 
 def usable_cores() -> int:
@@ -51,11 +67,25 @@ class ModelExecutor:
 
     ``torch_threads`` (None: leave torch as it is) is applied at construction and again in
     each pool thread as it starts.
+
+    When no job has run for ``idle_trim_s`` (None: never) after some did, the heap's free
+    pages go back to the OS (:func:`runtime.heap.trim_heap`): a burst's forward passes leave
+    hundreds of MB in glibc's arenas otherwise, and RSS stays at the burst's high-water mark.
+    A heap freeze asked for (:meth:`freeze_when_idle`, after a model loads or unloads) runs
+    at that moment too, first.
     """
 
-    def __init__(self, max_workers: int = 4, torch_threads: int | None = None):
+    def __init__(self, max_workers: int = 4, torch_threads: int | None = None,
+                 idle_trim_s: float | None = IDLE_TRIM_S):
         self.max_workers = max_workers
         self.torch_threads = torch_threads
+        self.idle_trim_s = idle_trim_s
+        self._busy = 0              # jobs under way (counted on the event loop only)
+        self._ran = 0               # jobs ended: a trim is due when this moved since the last
+        self._trimmed_at = 0
+        self.trims = 0
+        self._freeze_due = False
+        self.freezes = 0
         init: Callable[[], None] | None = None
         if torch_threads is not None:
             apply_torch_threads(torch_threads)
@@ -68,12 +98,46 @@ class ModelExecutor:
             max_workers=1, thread_name_prefix="model-load", initializer=init)
 
     async def run_load(self, fn: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._loader, functools.partial(fn, *args))
+        return await self._counted(self._loader, functools.partial(fn, *args))
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self._counted(self._pool, functools.partial(fn, *args, **kwargs))
+
+    async def _counted(self, pool: concurrent.futures.Executor, job: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        self._busy += 1
+        try:
+            return await loop.run_in_executor(pool, job)
+        finally:
+            self._busy -= 1
+            self._ran += 1
+            if not self._busy and self.idle_trim_s is not None:
+                loop.call_later(self.idle_trim_s, self._trim_if_idle, self._ran)
+
+    def freeze_when_idle(self) -> None:
+        """(event loop) Collect and freeze the heap (:func:`runtime.heap.collect`) the next time
+        the pool is idle ``idle_trim_s`` (at once when it is idle now; never when None)."""
+        if self.idle_trim_s is None:
+            return
+        self._freeze_due = True
+        if not self._busy:
+            asyncio.get_running_loop().call_later(self.idle_trim_s, self._trim_if_idle,
+                                                  self._ran)
+
+    def _trim_if_idle(self, ran: int) -> None:
+        """(event loop) Nothing ran since the job that scheduled this: trim (freeze first when
+        asked), in the pool."""
+        if self._busy or ran != self._ran or (self._trimmed_at == ran and not self._freeze_due):
+            return
+        self._trimmed_at = ran
+        freeze, self._freeze_due = self._freeze_due, False
+        self.trims += 1
+        self.freezes += freeze
+        try:
+            fut = self._pool.submit(_idle_work, freeze)
+        except RuntimeError:        # shut down
+            return
+        fut.add_done_callback(_log_trim)
 
     def shutdown(self, wait: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -22,6 +22,16 @@ class ActorSystem:
         self.actors: dict[str, Actor] = {}
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
+        self._background: set[asyncio.Task] = set()
+
+    def background(self, coro, name: str) -> asyncio.Task:
+        """Run ``coro`` beside the actors (work a stopped actor leaves behind, such as freeing
+        weights that an in-flight job still held). The task is kept until it ends and cancelled
+        by :meth:`stop_all`."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def spawn(self, actor: Actor) -> Actor:
         if actor.name in self.actors and not self.actors[actor.name].stopped:
@@ -77,4 +87,7 @@ class ActorSystem:
         # newest first: models (which give GPU grants back on stop) before the arbiter
         for name in reversed(list(self.actors)):
             await self.stop(name)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown()

@@ -177,6 +177,34 @@ async def test_a_removed_llm_frees_its_weights(server):
     assert not [w for w in live_weights() if w["actor"].startswith("smollm2")]
 
 
+async def test_weights_a_job_still_held_at_unload_are_freed_when_it_lets_go(server):
+    """The chaos run's leak (seed 1): a removed LLM's module was still held by a job when the
+    unload ran; the unload's collection froze it with the rest of the heap (freeze_heap), so
+    when the job let go, its reference cycle was never collected and the weights stayed."""
+    srv, live, cfg = server
+    cfg["standby_embedders"] = ["minilm", "extra"]
+    cfg["embedders"]["extra"] = {"path": MINILM, "device": "cpu"}
+    assert "added embedder extra" in await apply(srv, live, cfg)
+    extra = srv.registry.actors["embedder"]["extra"]
+    name = extra.name
+    assert (await extra.ask(Embed(texts=["a sentence"]))).vectors.shape == (1, 384)
+    job = {"model": extra.torch_module()}       # what a running job's frames hold...
+    job["self"] = job                           # ...in a cycle, as tracebacks and frames are
+    refs = watch(extra)
+    del extra
+    cfg["standby_embedders"] = ["minilm"]
+    del cfg["embedders"]["extra"]
+    assert "removed embedder extra" in await apply(srv, live, cfg)
+    assert alive(refs) == len(refs) and [w for w in live_weights() if w["actor"] == name]
+    del job                                     # the job ends: only the cycle holds them now
+    for _ in range(100):
+        if not alive(refs):
+            break
+        await asyncio.sleep(0.1)
+    assert alive(refs) == 0, "weights a job held at unload were never freed"
+    assert not [w for w in live_weights() if w["actor"] == name]
+
+
 def test_a_released_residency_holds_nothing():
     import torch
 
