@@ -124,7 +124,7 @@ def free_idle_cache(engine: Any) -> int:
     """(executor thread) A CPU-only LLM's batch went idle: drop its KV cache and give the
     memory back to the OS. The cache's tensors sit in a reference cycle (its layers point back
     at it), so they are freed at the next full collection only; a collection of what is not
-    frozen (see model_base.freeze_heap) takes ~1 ms here. Measured after two 16-stream bursts:
+    frozen (see runtime.heap.collect) takes ~1 ms here. Measured after two 16-stream bursts:
     RSS 887 MB, 675 MB after this (592 MB after load). Returns the bytes the cache held."""
     import gc
 

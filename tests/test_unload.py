@@ -179,7 +179,7 @@ async def test_a_removed_llm_frees_its_weights(server):
 
 async def test_weights_a_job_still_held_at_unload_are_freed_when_it_lets_go(server):
     """The chaos run's leak (seed 1): a removed LLM's module was still held by a job when the
-    unload ran; the unload's collection froze it with the rest of the heap (freeze_heap), so
+    unload ran; the unload's collection froze it with the rest of the heap (gc.freeze), so
     when the job let go, its reference cycle was never collected and the weights stayed."""
     srv, live, cfg = server
     cfg["standby_embedders"] = ["minilm", "extra"]
