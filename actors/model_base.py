@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import itertools
 import logging
 import time
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 from ..runtime.actor import CONTROL, Actor, Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
 from ..runtime.heap import collect, trim_heap
+from ..runtime.holders import holder_chains
 from ..runtime.liveconfig import ModelSpec
 from .gpu_lease import GpuLease
 from .messages import (
@@ -82,25 +81,15 @@ def live_weights(owner: str | None = None) -> list[dict]:
             if r() is not None and (owner is None or o == owner)]
 
 
-def weight_holders(owner: str, limit: int = 6) -> str:
-    """What still refers to ``owner``'s watched weights, for the log: the referrers' types
-    (a frame by its function and line), without the watch's own weak references."""
-    out = []
+def weight_holders(owner: str) -> str:
+    """What still refers to ``owner``'s watched weights, for the log (runtime.holders)."""
+    lines = []
     for o, w, r in list(_watched.values()):
         obj = r() if o == owner else None
-        if obj is None:
-            continue
-        names = []
-        for ref in gc.get_referrers(obj)[:limit]:
-            if isinstance(ref, types.FrameType):
-                names.append(f"frame {ref.f_code.co_name}:{ref.f_lineno}")
-            elif isinstance(ref, dict):
-                names.append("dict")            # an instance's __dict__ or a namespace
-            else:
-                names.append(type(ref).__name__)
+        if obj is not None:
+            lines.append(f"{w} <- " + "; ".join(holder_chains(obj) or ["nothing visible"]))
         del obj
-        out.append(f"{w} <- {', '.join(names) or 'nothing visible'}")
-    return "; ".join(out)
+    return " | ".join(lines)
 
 
 def break_cycles(model: Any) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import functools
 import logging
 import time
+import traceback
 
 from .actor import Actor
 from .errors import ActorStopped
@@ -12,6 +13,22 @@ from .executor import ModelExecutor
 from .tracing import Tracer
 
 log = logging.getLogger("agile_rag.system")
+
+
+def _drop_frames(task: asyncio.Task) -> None:
+    """A stopped actor's task keeps the exception it ended with (CancelledError: asyncio keeps
+    it to re-raise), and its traceback keeps the frames it ran through, with their locals:
+    whatever a handler held when the stop came (an LLM's batch engine, and through it the
+    model's weights: seen in the chaos run, a removed LLM alive for good). Clear them."""
+    if not task.done():
+        return
+    try:
+        exc = task.exception()
+    except asyncio.CancelledError as cancelled:
+        exc = cancelled
+    if exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
 
 
 class ActorSystem:
@@ -77,6 +94,7 @@ class ActorSystem:
                                        timeout)
             except asyncio.TimeoutError:
                 log.warning("actor %s did not stop within %ss", name, timeout)
+            _drop_frames(actor._task)
         actor._fail_all(ActorStopped(f"{name} was stopped"))
         try:
             await actor.on_stop()

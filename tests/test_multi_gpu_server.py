@@ -223,14 +223,17 @@ async def test_four_cards_and_a_flip_by_editing_the_file(tmp_path, monkeypatch):
 
         config["embedders"]["minilm"]["device"] = "cuda:1"
         (tmp_path / "liveconfigs.json").write_text(json.dumps(config))
+        # the arbiter places the new version first; the version says so once its grant came
+        # (CI, a loaded machine: a check in between saw gpu None)
         for _ in range(300):
-            if arbiter.state().placement.get("minilm") == "cuda:1":
+            emb = server.registry.resolve("embedder", "minilm")
+            if arbiter.state().placement.get("minilm") == "cuda:1" and \
+                    emb.describe().gpu == "cuda:1":
                 break
             await asyncio.sleep(0.05)
         st = arbiter.state()
         assert st.placement == {"minilm": "cuda:1", "minilm-rerank": "cuda:2"}
         assert st.devices["cuda:3"]["used"] == 0 and st.devices["cuda:0"]["used"] == 0
-        emb = server.registry.resolve("embedder", "minilm")
         assert emb.describe().gpu == "cuda:1"
         assert np.allclose(await embed(session, srv, TEXTS[1]), want_vec, atol=1e-5)
         assert await rerank(session, srv, TEXTS[0]) == want_rank

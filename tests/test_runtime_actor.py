@@ -163,3 +163,47 @@ async def test_traces_carry_request_ids_and_times():
     assert ev.actor == "echo" and ev.msg_type == "str" and ev.sender == "test"
     assert ev.enqueued <= ev.started <= ev.ended
     await system.stop_all()
+
+
+class Holder(Actor):
+    """Its handler holds a big object across an await, as the LLM's held its batch engine
+    (and through it the model's weights) while it freed an idle KV cache."""
+    def __init__(self):
+        super().__init__("holder")
+        self.started = asyncio.Event()
+
+    async def handle(self, msg, env):
+        engine = msg()                          # only this frame refers to it
+        self.started.set()
+        await asyncio.sleep(60)
+        return engine
+
+
+async def test_a_stopped_actor_keeps_nothing_its_handler_held():
+    """Stopping cancels the actor's task; asyncio keeps the CancelledError on the task and its
+    traceback the handler's frames, locals and all. The chaos run lost a removed LLM's 513 MB
+    that way, for good (the stopped actor was still referenced). The system clears them."""
+    import gc
+    import weakref
+
+    class Engine:
+        pass
+    system = ActorSystem()
+    actor = system.spawn(Holder())
+    refs = []
+
+    def make():
+        e = Engine()
+        refs.append(weakref.ref(e))
+        return e
+    actor.tell(make)
+    await asyncio.wait_for(actor.started.wait(), 5)
+    assert refs[0]() is not None
+    gc.disable()                                # freed by reference counts, not a collection
+    try:
+        await system.stop("holder")
+        assert actor._task.done()               # the stopped actor is still referenced here
+        assert refs[0]() is None, "the stopped actor's task still holds its handler's locals"
+    finally:
+        gc.enable()
+        await system.stop_all()
