@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overload
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_generate import eos_ids, generate
+from .llm_int4 import gguf_four_bit, quantize_int4
 from .llm_int8 import quantize_int8
 from .llm_loading import free_idle_cache, gguf_location, llm_dtype, load_gguf, weight_quant
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
@@ -91,10 +93,17 @@ class LLMActor(ModelActor):
         else:
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path, **common)
         model.eval()
-        if quant is None and weight_quant(self.params, entry_dtype=spec.dtype,
-                                          gguf=gguf is not None, cpu_only=cpu_only) == "int8":
-            n = quantize_int8(model, model.get_input_embeddings().weight.dtype)
-            log.info("%s: %d linear layers as int8 weights (llm_params.weight_quant)", self.name, n)
+        mode = weight_quant(self.params, entry_dtype=spec.dtype, gguf=gguf is not None,
+                            cpu_only=cpu_only)
+        if quant is None and mode != "none":
+            n4 = 0
+            if mode in ("int4", "file"):
+                only = None if mode == "int4" else \
+                    gguf_four_bit(os.path.join(*gguf)) if gguf is not None else set()
+                n4 = quantize_int4(model, only=only)
+            n8 = quantize_int8(model, model.get_input_embeddings().weight.dtype)
+            log.info("%s: %d linear layers as int4 weights, %d as int8 (llm_params.weight_quant "
+                     "%s)", self.name, n4, n8, self.params.get("weight_quant", "auto"))
         self.model, self.tokenizer = model, tokenizer
         self.weight_bytes = module_bytes(model)
         self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048

@@ -70,7 +70,7 @@ def load_gguf(name: str, cache_dir: str | None, folder: str, fname: str, *, dtyp
 # ---- precision on the CPU ----------------------------------------------------------------------
 #: CPU flags that mean native bfloat16 arithmetic (x86: AVX512-BF16 / AMX; Arm: the BF16 extension)
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
-WEIGHT_QUANT = ("auto", "int8", "none")     # llm_params.weight_quant
+WEIGHT_QUANT = ("auto", "int4", "int8", "none")     # llm_params.weight_quant
 
 
 def cpu_has_bf16() -> bool:
@@ -106,17 +106,19 @@ def llm_dtype(entry_dtype: str | None, *, gguf: bool, cpu_only: bool) -> str | N
 
 
 def weight_quant(params: dict, *, entry_dtype: str | None, gguf: bool, cpu_only: bool) -> str:
-    """``llm_params.weight_quant``: "int8" (weight-only int8 linear layers, on any device),
-    "none", or "auto" (the default): int8 for a GGUF file (already quantized at the source)
-    computing on the CPU only, on a CPU with native bfloat16 (int8's kernel is fast in
-    bfloat16 only), when the entry names no ``dtype``; none otherwise."""
+    """``llm_params.weight_quant``: "int4" (weight-only int4 decoder layers where they fit,
+    int8 for the rest), "int8" (weight-only int8 linear layers, on any device), "none", or
+    "auto" (the default). Auto gives "file" for a GGUF file (already quantized at the source)
+    computing on the CPU only, on a CPU with native bfloat16 (the kernels are fast in bfloat16
+    only), when the entry names no ``dtype``: int4 for the layers the file keeps in 4 bits,
+    int8 for the others (llm_int4); "none" otherwise."""
     mode = params.get("weight_quant", "auto")
     if mode not in WEIGHT_QUANT:
         log.warning("llm_params.weight_quant %r is not one of %s: using auto", mode,
                     ", ".join(WEIGHT_QUANT))
         mode = "auto"
     if mode == "auto":
-        return "int8" if gguf and cpu_only and not entry_dtype and cpu_has_bf16() else "none"
+        return "file" if gguf and cpu_only and not entry_dtype and cpu_has_bf16() else "none"
     return mode
 
 

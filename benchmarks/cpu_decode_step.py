@@ -4,6 +4,9 @@ removes the per-token Python of transformers' forward). If compiling does not he
 bound by its kernels (reading the weights), not by Python.
 
     .venv/bin/python benchmarks/cpu_decode_step.py [--dtype bfloat16] [--threads 2] [--tokens 48]
+        [--weights none|int8|int4] [--repeat 3] [--no-compile]
+``--weights`` as the server's llm_params.weight_quant makes them: int8 every linear layer;
+int4 the layers the GGUF keeps in 4 bits, int8 the head (the server's CPU default).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--weights", default="none", choices=("none", "int8", "int4"))
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs (eager)")
+    ap.add_argument("--no-compile", action="store_true")
     a = ap.parse_args()
 
     import torch
@@ -36,6 +42,12 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     model = load_gguf("smollm2", MODEL_CACHE_DIR, *where, dtype={"dtype": dtype},
                       common={}).eval()
+    if a.weights != "none":
+        from agile_rag.actors.llm_int4 import gguf_four_bit, quantize_int4
+        from agile_rag.actors.llm_int8 import quantize_int8
+        n4 = quantize_int4(model, only=gguf_four_bit(path)) if a.weights == "int4" else 0
+        n8 = quantize_int8(model, dtype)
+        print(f"{n4} int4 layers, {n8} int8 layers")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     cache = StaticCache(config=model.config, max_cache_len=256, max_batch_size=1)
 
@@ -54,8 +66,13 @@ def main() -> None:
                 tok = fn(tok, torch.tensor([8 + i]))[:, -1:].argmax(-1)
             return n / (time.perf_counter() - t0)
 
-    print(f"SmolLM2-135M, {a.dtype}, {a.threads} threads, one stream, {a.tokens} tokens")
-    print(f"eager: {run(step, a.tokens):.1f} tokens/s", flush=True)
+    print(f"SmolLM2-135M, {a.dtype}, {a.weights} weights, {a.threads} threads, one stream, "
+          f"{a.tokens} tokens")
+    run(step, 4)
+    rates = [run(step, a.tokens) for _ in range(a.repeat)]
+    print("eager: " + ", ".join(f"{r:.1f}" for r in rates) + " tokens/s", flush=True)
+    if a.no_compile:
+        return
     t0 = time.perf_counter()
     compiled = torch.compile(step, dynamic=False)
     run(compiled, 4)

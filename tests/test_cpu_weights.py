@@ -1,6 +1,7 @@
 """Low-precision LLM weights on the CPU (issue 17): a GGUF LLM computing on the CPU loads in
-bfloat16 where the CPU computes it natively, with int8 weight-only linear layers by default
-(llm_params.weight_quant); an entry's dtype wins; the answers stay right (SmolLM2, greedy)."""
+bfloat16 where the CPU computes it natively, with int4 weight-only layers where the file is
+4-bit and int8 for the rest by default (llm_params.weight_quant); an entry's dtype wins; the
+answers stay right (SmolLM2, greedy)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ import torch
 
 from agile_rag.actors import llm_loading
 from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.llm_int4 import int4_layers
 from agile_rag.actors.llm_int8 import INT8_ROWS, Int8Linear, int8_layers, quantize_int8
 from agile_rag.actors.messages import Chat, Describe, TokenStream
 from agile_rag.actors.vram_arbiter import VRAMArbiter
@@ -62,13 +64,14 @@ def test_dtype_choice(monkeypatch):
     assert llm_loading.llm_dtype(None, gguf=False, cpu_only=True) is None
     assert q({}, entry_dtype=None, gguf=True, cpu_only=True) == "none"   # int8 is slow in fp32
     monkeypatch.setattr(llm_loading, "_BF16", True)
-    assert q({}, entry_dtype=None, gguf=True, cpu_only=True) == "int8"
+    assert q({}, entry_dtype=None, gguf=True, cpu_only=True) == "file"     # int4 where 4-bit
     assert q({}, entry_dtype=None, gguf=True, cpu_only=False) == "none"     # may go to a GPU
     assert q({}, entry_dtype="float32", gguf=True, cpu_only=True) == "none"   # dtype wins
     assert q({}, entry_dtype=None, gguf=False, cpu_only=True) == "none"
     assert q({"weight_quant": "int8"}, entry_dtype=None, gguf=False, cpu_only=False) == "int8"
     assert q({"weight_quant": "none"}, entry_dtype=None, gguf=True, cpu_only=True) == "none"
-    assert q({"weight_quant": "int4?"}, entry_dtype=None, gguf=True, cpu_only=True) == "int8"
+    assert q({"weight_quant": "int4"}, entry_dtype=None, gguf=False, cpu_only=False) == "int4"
+    assert q({"weight_quant": "int4?"}, entry_dtype=None, gguf=True, cpu_only=True) == "file"
 
 
 # ---- the int8 layers --------------------------------------------------------------------------
@@ -114,14 +117,15 @@ def test_quantize_int8_replaces_every_linear_and_unties_the_head():
 
 
 # ---- SmolLM2 through the actor ----------------------------------------------------------------
-async def test_gguf_on_the_cpu_defaults_to_bf16_and_int8_and_says_paris():
+async def test_gguf_on_the_cpu_defaults_to_bf16_int4_and_int8_and_says_paris():
     actor, system = await start({})          # no GPU (no residency): the CPU default
     try:
         model = actor.model
         want = torch.bfloat16 if NATIVE_BF16 else torch.float32
         assert float_dtypes(model) == {want}                   # no float32 copy beside it
-        layers = int8_layers(model)
-        assert len(layers) == (211 if NATIVE_BF16 else 0)      # 30 x 7 and the head
+        # the file keeps the 30 x 7 decoder layers in Q4_1 (int4 here), the head in Q8_0 (int8)
+        assert len(int4_layers(model)) == (210 if NATIVE_BF16 else 0)
+        assert len(int8_layers(model)) == (1 if NATIVE_BF16 else 0)
         assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
         res = await actor.ask(paris(), timeout=300)
         assert "Paris" in res.text, res.text
