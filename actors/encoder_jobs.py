@@ -25,6 +25,7 @@ settings.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -254,7 +255,8 @@ class EncoderJobs(ModelActor):
             return
         tok_pool, _ = self._pools()
         job.tok_batch = take
-        fut = loop.run_in_executor(tok_pool, self._tokenize_blocking, take, job.seq)
+        fut = self.system.executor.run_in(      # counted: no heap trim while it runs
+            tok_pool, functools.partial(self._tokenize_blocking, take, job.seq))
         fut.add_done_callback(job.poke)
         job.tok_fut = fut
 
@@ -334,7 +336,8 @@ class EncoderJobs(ModelActor):
                     continue
                 batch.keep(live)
             batch.padded = len(batch.pieces) * max(p.length for p in batch.pieces)
-            fut = loop.run_in_executor(fwd_pool, self._forward_blocking, batch)
+            fut = self.system.executor.run_in(
+                fwd_pool, functools.partial(self._forward_blocking, batch))
             fut.add_done_callback(job.poke)
             job.running[fut] = batch
             job.forwards += 1

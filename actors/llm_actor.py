@@ -337,7 +337,8 @@ class LLMActor(ModelActor):
         if self._loop_thread is None:            # (never started through on_start)
             self._loop_thread = concurrent.futures.ThreadPoolExecutor(1)
         run = self.lease.bound(engine.run) if self.lease is not None else engine.run   # its card
-        fut = asyncio.get_running_loop().run_in_executor(self._loop_thread, run)
+        # counted as model work: no heap trim or freeze while the batch runs (runtime.heap)
+        fut = self.system.executor.run_in(self._loop_thread, run)
         self._loop = fut
         fut.add_done_callback(self._loop_done)
 

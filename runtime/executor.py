@@ -104,15 +104,23 @@ class ModelExecutor:
         return await self._counted(self._pool, functools.partial(fn, *args, **kwargs))
 
     async def _counted(self, pool: concurrent.futures.Executor, job: Callable[[], Any]) -> Any:
+        return await self.run_in(pool, job)
+
+    def run_in(self, pool: concurrent.futures.Executor, job: Callable[[], Any]) -> asyncio.Future:
+        """(event loop) Run ``job`` in ``pool`` (this one's or another, such as an LLM's own
+        batch thread) and count it as work: no heap trim or freeze runs while it does."""
         loop = asyncio.get_running_loop()
         self._busy += 1
-        try:
-            return await loop.run_in_executor(pool, job)
-        finally:
-            self._busy -= 1
-            self._ran += 1
-            if not self._busy and self.idle_trim_s is not None:
-                loop.call_later(self.idle_trim_s, self._trim_if_idle, self._ran)
+        fut = loop.run_in_executor(pool, job)
+        fut.add_done_callback(self._job_done)
+        return fut
+
+    def _job_done(self, _fut: asyncio.Future) -> None:
+        self._busy -= 1
+        self._ran += 1
+        if not self._busy and self.idle_trim_s is not None:
+            asyncio.get_running_loop().call_later(self.idle_trim_s, self._trim_if_idle,
+                                                  self._ran)
 
     def freeze_when_idle(self) -> None:
         """(event loop) Collect and freeze the heap (:func:`runtime.heap.collect`) the next time

@@ -103,3 +103,24 @@ def test_a_heap_freeze_waits_until_no_job_holds_anything():
     out = subprocess.run([sys.executable, "-c", FREEZE_SCENARIO], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_work_in_another_pool_counts_too():
+    """An LLM's batch runs in its own thread (run_in): no trim or freeze while it decodes."""
+    import concurrent.futures
+    pool = ModelExecutor(1, idle_trim_s=0.2)
+    own = concurrent.futures.ThreadPoolExecutor(1)
+
+    async def go():
+        await pool.run(_work)
+        batch = pool.run_in(own, lambda: _work(0.6))
+        await asyncio.sleep(0.5)
+        assert pool.trims == 0                          # the batch thread is working
+        await batch
+        await asyncio.sleep(0.4)
+        assert pool.trims == 1
+    try:
+        asyncio.run(go())
+    finally:
+        pool.shutdown(wait=True)
+        own.shutdown(wait=True)
