@@ -97,10 +97,10 @@ class LLMActor(ModelActor):
                             cpu_only=cpu_only)
         if quant is None and mode != "none":
             n4 = 0
-            if mode in ("int4", "file"):
-                only = None if mode == "int4" else \
-                    gguf_four_bit(os.path.join(*gguf)) if gguf is not None else set()
-                n4 = quantize_int4(model, only=only)
+            if mode == "int4":                  # every decoder layer that fits
+                n4 = quantize_int4(model)
+            elif mode == "file" and gguf is not None:   # those the file keeps in 4 bits
+                n4 = quantize_int4(model, only=gguf_four_bit(os.path.join(*gguf)))
             n8 = quantize_int8(model, model.get_input_embeddings().weight.dtype)
             log.info("%s: %d linear layers as int4 weights, %d as int8 (llm_params.weight_quant "
                      "%s)", self.name, n4, n8, self.params.get("weight_quant", "auto"))

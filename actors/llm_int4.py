@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .llm_int8 import output_head, replace_linears
+
 log = logging.getLogger("agile_rag.llm")
 
 __all__ = ["Int4Linear", "quantize_int4", "int4_layers", "unpack", "GROUP", "INT4_ROWS",
@@ -50,7 +52,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     """The 4-bit values [out, in] (uint8, 0..15) of a CPU-kernel packed uint8 [out, in/2]
     buffer, on its own device."""
     n, half = packed.shape
-    b = packed.reshape(n // BLOCK_N, half * 2, 32)
+    b = packed.reshape(n // BLOCK_N, half * 2, BLOCK_N // 2)
     q = torch.cat([b & 0xF, b >> 4], dim=2)              # [n/64, in, 64]
     return q.permute(0, 2, 1).reshape(n, half * 2)
 
@@ -115,21 +117,13 @@ class Int4Linear(nn.Module):
 
 def quantize_int4(model: nn.Module, *, only: set[str] | None = None) -> int:
     """Replace the nn.Linear layers of ``model`` that fit the kernel by :class:`Int4Linear`,
-    never the output head; with ``only``, just those whose qualified name ends with one of
-    ``only``'s parts (see :func:`gguf_four_bit`). Each layer is replaced as it is quantized.
+    never the output head; with ``only``, just those whose attribute name (q_proj, up_proj,
+    ...) is in ``only`` (see :func:`gguf_four_bit`). Each layer is replaced as it is quantized.
     Returns the number of layers replaced."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    n = 0
-    with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear) or child is head or not Int4Linear.fits(child):
-                    continue
-                if only is not None and name not in only:
-                    continue
-                setattr(parent, name, Int4Linear.from_linear(child))
-                n += 1
-    return n
+    head = output_head(model)
+    return replace_linears(
+        model, lambda name, lin: lin is not head and Int4Linear.fits(lin) and
+        (only is None or name in only), Int4Linear.from_linear)
 
 
 #: GGUF tensor name parts -> the transformers module names they load into (llama-style models)

@@ -20,14 +20,18 @@ bfloat16 only: its float32 path is ~15x slower than its bfloat16 one (0.73 ms vs
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..runtime.heap import trim_heap
+
 log = logging.getLogger("agile_rag.llm")
 
-__all__ = ["Int8Linear", "quantize_int8", "int8_layers", "INT8_ROWS"]
+__all__ = ["Int8Linear", "quantize_int8", "int8_layers", "INT8_ROWS", "output_head",
+           "replace_linears"]
 
 #: at most this many rows go through the int8 kernel on the CPU; more are dequantised + GEMM
 INT8_ROWS = 32
@@ -81,20 +85,32 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype, *, lm_head: bool = True)
     embeddings gets its own int8 copy, the embeddings stay in ``dtype``). Each layer is
     replaced as it is quantized, so the float copy of one layer at most lives beside the int8
     ones. Returns the number of layers replaced."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
+    n = replace_linears(model, lambda name, lin: lin is not head or lm_head,
+                        lambda lin: Int8Linear.from_linear(lin, dtype))
+    if head is not None and lm_head and getattr(model.config, "tie_word_embeddings", False):
+        # the head is no longer tied: a later tie_weights() must not put the float one back
+        model.config.tie_word_embeddings = False
+    trim_heap()                             # the float layers just freed
+    return n
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def replace_linears(model: nn.Module, want: Callable[[str, nn.Linear], bool],
+                    build: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace each nn.Linear of ``model`` for which ``want(attribute name, layer)`` by
+    ``build(layer)``, one at a time (the float copy of one layer at most lives beside the
+    quantized ones). Returns the number replaced."""
     n = 0
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear) or (child is head and not lm_head):
-                    continue
-                setattr(parent, name, Int8Linear.from_linear(child, dtype))
-                n += 1
-    if head is not None and lm_head and getattr(model.config, "tie_word_embeddings", False):
-        # the head is no longer tied: a later tie_weights() must not put the float one back
-        model.config.tie_word_embeddings = False
-    from ..runtime.heap import trim_heap
-    trim_heap()                             # the float layers just freed
+                if isinstance(child, nn.Linear) and want(name, child):
+                    setattr(parent, name, build(child))
+                    n += 1
     return n
 
 

@@ -98,13 +98,10 @@ class ModelExecutor:
             max_workers=1, thread_name_prefix="model-load", initializer=init)
 
     async def run_load(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self._counted(self._loader, functools.partial(fn, *args))
+        return await self.run_in(self._loader, functools.partial(fn, *args))
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await self._counted(self._pool, functools.partial(fn, *args, **kwargs))
-
-    async def _counted(self, pool: concurrent.futures.Executor, job: Callable[[], Any]) -> Any:
-        return await self.run_in(pool, job)
+        return await self.run_in(self._pool, functools.partial(fn, *args, **kwargs))
 
     def run_in(self, pool: concurrent.futures.Executor, job: Callable[[], Any]) -> asyncio.Future:
         """(event loop) Run ``job`` in ``pool`` (this one's or another, such as an LLM's own
@@ -118,17 +115,19 @@ class ModelExecutor:
     def _job_done(self, _fut: asyncio.Future) -> None:
         self._busy -= 1
         self._ran += 1
-        if not self._busy and self.idle_trim_s is not None:
-            asyncio.get_running_loop().call_later(self.idle_trim_s, self._trim_if_idle,
-                                                  self._ran)
+        self._check_when_idle()
 
     def freeze_when_idle(self) -> None:
-        """(event loop) Collect and freeze the heap (:func:`runtime.heap.collect`) the next time
-        the pool is idle ``idle_trim_s`` (at once when it is idle now; never when None)."""
+        """(event loop) Collect and freeze the heap (:func:`runtime.heap.collect`) once no job
+        has run for ``idle_trim_s`` (counted from now when none runs now; never when None)."""
         if self.idle_trim_s is None:
             return
         self._freeze_due = True
-        if not self._busy:
+        self._check_when_idle()
+
+    def _check_when_idle(self) -> None:
+        """(event loop) Nothing runs now: look again in ``idle_trim_s``."""
+        if not self._busy and self.idle_trim_s is not None:
             asyncio.get_running_loop().call_later(self.idle_trim_s, self._trim_if_idle,
                                                   self._ran)
 

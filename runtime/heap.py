@@ -3,7 +3,8 @@
 glibc keeps what Python and torch free in its arenas (the CPU tensors of a forward pass, a KV
 cache, a load's temporaries) and reuses it, but RSS stays at the high-water mark until
 ``malloc_trim`` hands the free pages back. The server trims after a load, an unload, an idle
-LLM batch, and whenever the model pool has been idle a moment (:class:`IdleTrim`)."""
+LLM batch, and whenever no model work has run for a moment
+(:class:`runtime.executor.ModelExecutor`)."""
 from __future__ import annotations
 
 import ctypes

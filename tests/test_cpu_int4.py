@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cpu_weights import NATIVE_BF16, paris, start
+from test_cpu_weights import NATIVE_BF16, layer_bytes, paris, start, through_a_residency
 
 from agile_rag.actors.llm_int4 import (
     GROUP,
@@ -20,7 +20,7 @@ from agile_rag.actors.llm_int4 import (
 from agile_rag.actors.llm_int8 import int8_layers
 from agile_rag.runtime.liveconfig import resolve_path
 
-from support import ROOT, SMOLLM, FakeResidency, tiny_llama
+from support import ROOT, SMOLLM, tiny_llama
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (128, 96), (1536, 576), (576, 1536)])
@@ -82,26 +82,8 @@ def test_the_shipped_gguf_keeps_its_decoder_layers_in_four_bits():
 async def test_int4_weights_go_through_a_residency_and_answer_the_same():
     """weight_quant int4 on a model that may move (a residency: the double that keeps them on
     the CPU): the packed layers are buffers the residency moves; Paris, twice the same."""
-    actor, system = await start({"weight_quant": "int4"}, residency=FakeResidency)
-    try:
-        res = actor.lease.residency
-        fours = int4_layers(actor.model)
-        assert len(fours) == 210 and len(int8_layers(actor.model)) == 1
-        n_bytes = sum(t.numel() * t.element_size() for lay in fours
-                      for t in (lay.packed, lay.scale_zero))
-        assert res.weight_bytes >= n_bytes
-        names = {k for k, _ in actor.model.named_buffers()}
-        assert "model.layers.0.mlp.up_proj.packed" in names
-        first = await actor.ask(paris(), timeout=300)
-        assert res.admits >= 1 and "Paris" in first.text, first.text
-        again = await actor.ask(paris(), timeout=300)
-        assert again.text == first.text
-    finally:
-        await system.stop_all()
-
-
-def layer_bytes(layers) -> int:
-    return sum(t.numel() * t.element_size() for lay in layers for t in lay.buffers())
+    names = await through_a_residency("int4", int4=210, int8=1)
+    assert "model.layers.0.mlp.up_proj.packed" in names
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="the default is int4 only with native bfloat16")

@@ -176,15 +176,30 @@ async def test_int8_weights_go_through_a_residency_and_answer_the_same():
     """A flex model that may move (a residency: here the double that keeps them on the CPU)
     with weight_quant int8: the int8 layers and their scales are what the residency moves,
     and it answers the same as before the admit (the GPU test does it with real moves)."""
-    actor, system = await start({"weight_quant": "int8"}, residency=FakeResidency)
+    await through_a_residency("int8", int4=0, int8=211)
+
+
+def layer_bytes(layers) -> int:
+    """The bytes of quantized layers' buffers (int8: qweight and scales; int4: packed and
+    scale_zero)."""
+    return sum(t.numel() * t.element_size() for lay in layers for t in lay.buffers())
+
+
+async def through_a_residency(mode: str, *, int4: int, int8: int) -> set[str]:
+    """SmolLM2 with ``weight_quant: mode`` behind a residency (the double that keeps the
+    weights on the CPU): ``int4`` / ``int8`` layers of each kind, their buffers counted in what
+    the residency moves, Paris, and the same answer twice. Returns the model's buffer names."""
+    actor, system = await start({"weight_quant": mode}, residency=FakeResidency)
     try:
         res = actor.lease.residency
-        n_bytes = sum(t.numel() * t.element_size() for lay in int8_layers(actor.model)
-                      for t in (lay.qweight, lay.scales))
-        assert res.weight_bytes >= n_bytes and len(int8_layers(actor.model)) == 211
+        fours, eights = int4_layers(actor.model), int8_layers(actor.model)
+        assert (len(fours), len(eights)) == (int4, int8)
+        assert res.weight_bytes >= layer_bytes(fours + eights)
+        names = {k for k, _ in actor.model.named_buffers()}
         first = await actor.ask(paris(), timeout=300)
         assert res.admits >= 1 and "Paris" in first.text, first.text
         again = await actor.ask(paris(), timeout=300)
         assert again.text == first.text
+        return names
     finally:
         await system.stop_all()
