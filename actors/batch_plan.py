@@ -40,6 +40,9 @@ class BatchSettings:
     prefill_tokens: int = 4096
     prefill_chunk: int = 512          # 0: a long context is read in one forward
     min_slice_s: float = 0.5
+    #: > 0: a yield also waits until the batch has run this many times what its last pause
+    #: cost (from the pause to its next decode step), at most MAX_SLICE_S; 0: min_slice_s only
+    slice_cost_ratio: float = 0.0
     cuda_graphs: bool = True
     warm_graphs: bool = True          # capture the common graphs after a load / an admit
     prefix_cache_tokens: int = 4096   # prompt prefixes kept for reuse (actors/kv_prefix.py)

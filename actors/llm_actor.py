@@ -37,6 +37,11 @@ from .torch_util import is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
 
+#: While chats keep the LLM busy on a shared GPU, a waiting model makes them pause only after
+#: they have run this many times what a pause costs them (the GPU given back and taken again,
+#: graphs, the text re-read; measured): pausing then takes at most 1/7 of their GPU time.
+YIELD_COST_RATIO = 6.0
+
 
 @dataclass
 class BatchIdle:
@@ -117,7 +122,9 @@ class LLMActor(ModelActor):
     #                               the GPU grant counts it
     #   cuda_graphs (true)          capture the decode step as CUDA graphs on the GPU
     #   gpu_min_slice_ms (500)      when another model waits for the GPU, the batch pauses
-    #                               (and gives the GPU back) once it has run this long
+    #                               (and gives the GPU back) once it has run this long; unset,
+    #                               also not before YIELD_COST_RATIO times what its last
+    #                               pauses cost (at most 5 s)
     #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
     #                               the other chats decoding between chunks (0: all at once)
     #   kv_block_tokens (0)         0: the KV cache is one rectangle (rows x the longest
@@ -141,6 +148,7 @@ class LLMActor(ModelActor):
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
+                "slice_cost_ratio": YIELD_COST_RATIO if slice_ms is None else 0.0,
                 "prefill_chunk": 512 if chunk is None else max(0, chunk)}
 
     def _batching_off_reason(self, params: dict) -> str | None:

@@ -52,6 +52,12 @@ __all__ = ["BatchEngine", "BatchSettings", "SeqRequest", "TextTail", "batching_s
 log = logging.getLogger("agile_rag.llm")
 
 
+#: the longest slice a cost-aware yield waits for (``slice_cost_ratio``)
+MAX_SLICE_S = 5.0
+#: a pause longer than this is not a yield's cost (the chats left and others came later)
+PAUSE_SAMPLE_MAX_S = 30.0
+
+
 # ---- commands (event loop -> loop thread) ----------------------------------------------------
 @dataclass(frozen=True)
 class Submit:
@@ -60,8 +66,8 @@ class Submit:
 
 @dataclass(frozen=True)
 class YieldGpu:
-    """Another model waits for the GPU: once the loop has run ``min_slice_s``, every active
-    sequence goes back to the queue and the loop ends with ``yielded`` set."""
+    """Another model waits for the GPU: once the loop has run its slice (``yield_after_s``),
+    every active sequence goes back to the queue and the loop ends with ``yielded`` set."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class BatchEngine:
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prefix_cache_tokens: int = 4096, kv_block: int = 0,
+                 slice_cost_ratio: float = 0.0,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -100,7 +107,11 @@ class BatchEngine:
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
-            kv_block=kv_block))
+            kv_block=kv_block, slice_cost_ratio=slice_cost_ratio))
+        #: what a yield cost the chats: from the pause to the next loop's first decode step
+        #: (the GPU given back and taken again, graphs, the paused text read again), averaged
+        self.pause_s = 0.0
+        self._paused_at: float | None = None
         eos = set(as_list(getattr(tokenizer, "eos_token_id", None)))
         gen_cfg = getattr(model, "generation_config", None)
         eos |= set(as_list(getattr(gen_cfg, "eos_token_id", None)))
@@ -153,6 +164,14 @@ class BatchEngine:
     @property
     def min_slice_s(self) -> float:
         return self.settings.min_slice_s
+
+    def yield_after_s(self) -> float:
+        """How long a loop runs before it pauses for a waiting model: ``min_slice_s``, or,
+        with ``slice_cost_ratio``, that many times what the last pauses cost (at most
+        MAX_SLICE_S), so that pausing never takes more than 1 / (1 + ratio) of the chats'
+        GPU time however often other models want the card."""
+        s = self.settings
+        return max(s.min_slice_s, min(MAX_SLICE_S, s.slice_cost_ratio * self.pause_s))
 
     # ---- called from the event loop ------------------------------------------------------
     def submit(self, req: SeqRequest) -> bool:
@@ -281,7 +300,8 @@ class BatchEngine:
                                 self._warm_step(stats):
                             continue                  # one graph, then look at the queue
                         break
-                    if yield_asked and time.monotonic() - t0 >= planner.settings.min_slice_s:
+                    if yield_asked and time.monotonic() - t0 >= self.yield_after_s():
+                        self._paused_at = time.monotonic()
                         runner.drop_partial()
                         stats["yielded_seqs"] = planner.pause_all()
                         stats["yielded"] = True
@@ -409,6 +429,12 @@ class BatchEngine:
         if plan is None:
             return
         logits = self.runner.run(plan, stats)
+        if self._paused_at is not None:      # the first step since a pause: what it cost
+            cost = time.monotonic() - self._paused_at
+            self._paused_at = None
+            if cost <= PAUSE_SAMPLE_MAX_S:   # (not chats that came back much later)
+                self.pause_s = cost if not self.pause_s else 0.5 * (self.pause_s + cost)
+                stats["pause_s"] = round(cost, 4)
         self.planner.stepped(plan.rows)
         b = len(plan.rows)
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
@@ -488,8 +514,9 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
             kw[k] = max(1, int(kw[k]))
     if "prefill_chunk" in kw:
         kw["prefill_chunk"] = max(0, int(kw["prefill_chunk"]))
-    if "min_slice_s" in kw:
-        kw["min_slice_s"] = max(0.0, float(kw["min_slice_s"]))
+    for k in ("min_slice_s", "slice_cost_ratio"):
+        if k in kw:
+            kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs"):
         if k in kw:
             kw[k] = bool(kw[k])

@@ -26,9 +26,13 @@ from .messages import (
     Trim,
     Trimmed,
     UpdateModel,
+    Yield,
 )
 from .states import Device, DeviceMode, ModelStatus
 from .torch_util import empty_cache, empty_host_cache, is_oom, torch_dtype
+
+#: Messages that never join a batch of requests (see ModelActor.joinable).
+CONTROL_MESSAGES = (Describe, Drain, UpdateModel, Revoke, Trim, FinishJob, Yield)
 
 log = logging.getLogger("agile_rag.model")
 
@@ -318,15 +322,18 @@ class ModelActor(Actor):
         self.__dict__.pop("residency_factory", None)
 
     def joinable(self, msg: Any) -> bool:
+        """A request that may join a running batch: never a control message (an arbiter's
+        FinishJob, Yield, Revoke or Trim, a Describe, Drain or UpdateModel), which ends the
+        job and is handled after it."""
         return self.batching and self.state == ModelStatus.READY and \
-            not isinstance(msg, (Describe, Drain, UpdateModel, Revoke, Trim))
+            not isinstance(msg, CONTROL_MESSAGES)
 
     async def handle(self, msg: Any, env: Envelope) -> Any:
         if isinstance(msg, Describe):
             return self.describe()
         if isinstance(msg, Drain):
             return True
-        if isinstance(msg, FinishJob):      # its arrival closed the job it was sent to
+        if isinstance(msg, (FinishJob, Yield)):  # its arrival closed the job it was sent to
             return None
         if isinstance(msg, UpdateModel):
             return await self._update(msg.spec, msg.params, env)

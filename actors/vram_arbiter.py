@@ -200,7 +200,7 @@ class VRAMArbiter(CardLedgers, Actor):
             log.info("%s: %s from %r, which holds no grant: ignored", self.name, how, model)
             env.detail["ignored"] = True
             return None
-        if h.busy:
+        if h.busy and not h.yield_sent:     # (a yielding batch gives it back mid-job)
             log.warning("%s: %r gave its GPU memory back while busy (%s)", self.name, model, how)
         env.detail.update(freed=h.nbytes, was_revoked=h.revoking)
         if reported is not None and reported != h.nbytes:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agile_rag.actors import batch_plan
-from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.llm_actor import YIELD_COST_RATIO, LLMActor
 from agile_rag.actors.messages import (
     Chat,
     ChatResult,
@@ -292,6 +292,45 @@ async def test_a_busy_batch_yields_the_gpu_to_a_waiting_model_and_resumes(cache_
         assert any(e.detail.get("yielded") and
                    e.detail.get("kept_weights") == cache_is_enough for e in idle)
         assert [e.msg_type for e in system.tracer.events if e.msg_type == "Yield"]
+    finally:
+        await system.stop_all()
+
+
+async def test_a_yield_waits_for_a_slice_worth_its_measured_pause():
+    """With ``gpu_min_slice_ms`` unset, the batch measures what each pause cost it (from the
+    pause to its next decode step) and pauses again only after YIELD_COST_RATIO times that
+    (at least 0.5 s, at most MAX_SLICE_S): pausing never eats more than 1/7 of the chats' GPU
+    time, however often other models want the card. An explicit gpu_min_slice_ms is the
+    slice as it was (no cost factor)."""
+    from agile_rag.actors.llm_batching import MAX_SLICE_S
+    actor, arbiter, system = await start_llm({}, grant_timeout=60)
+    try:
+        engine = actor.engine
+        assert engine.settings.slice_cost_ratio == YIELD_COST_RATIO
+        assert engine.pause_s == 0 and engine.yield_after_s() == 0.5
+        arbiter.budget = actor.lease.residency.weight_bytes + actor.working_bytes(1) + (64 << 20)
+        await actor.ask(Revoke(model="smollm2", reason="start from the CPU"), timeout=30)
+        msgs = [chat("Write a long story about a dragon.", 60, stream=True)]
+        tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+        await asyncio.wait_for(msgs[0].stream.get(), 120)
+        t0 = time.monotonic()
+        await arbiter.ask(RequestGrant(model="other-model", nbytes=128 << 20), timeout=30,
+                          sender="test")
+        assert time.monotonic() - t0 < 10
+        await asyncio.sleep(0.2)                       # the other model's job
+        arbiter.tell(JobFinished(model="other-model"), sender="test")
+        await asyncio.gather(*tasks)
+        assert engine.pause_s >= 0.2, engine.pause_s   # measured: the pause and the resume
+        assert engine.yield_after_s() == pytest.approx(
+            max(0.5, min(MAX_SLICE_S, YIELD_COST_RATIO * engine.pause_s)))
+        assert engine.yield_after_s() >= YIELD_COST_RATIO * 0.2
+        idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
+        assert any("pause_s" in e.detail for e in idle), [e.detail for e in idle]
+        actor.tell(UpdateModel(spec=actor.spec, params={"gpu_min_slice_ms": 200}))
+        state = await actor.ask(Describe(), timeout=60)
+        assert state.state == "ready"
+        assert actor.engine.settings.slice_cost_ratio == 0
+        assert actor.engine.yield_after_s() == pytest.approx(0.2)
     finally:
         await system.stop_all()
 

@@ -19,7 +19,7 @@ import tiktoken
 
 from agile_rag.actors.embedder_actor import EmbedderActor
 from agile_rag.actors.encoder_engine import MIN_FILL, Piece, TokenPool
-from agile_rag.actors.messages import Describe, Embed, Rerank
+from agile_rag.actors.messages import Describe, Embed, FinishJob, Rerank, Yield
 from agile_rag.actors.reranker_actor import RerankerActor
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.runtime.liveconfig import LiveConfigError, ModelSpec, parse_text
@@ -217,6 +217,41 @@ async def test_on_a_gpu_two_forwards_overlap_and_a_pinned_model_asks_once(refere
         assert inflight["max"] == 2, inflight                # the next batch was queued
         assert max(f["padded"] for f in forwards) <= 128
         assert sum(1 for e in system.tracer.events if e.msg_type == "RequestGrant") == grants
+    finally:
+        await system.stop_all()
+
+
+async def test_an_arbiters_finish_job_closes_the_running_job_and_is_never_a_request(reference):
+    """An arbiter's FinishJob (or a stray Yield) that reaches an encoder while its job takes
+    requests in ends the job; it is not admitted as a request. (Found on the GPU: the job took
+    it in and answered "embedder cannot handle FinishJob", so the job never closed and the
+    waiting model waited for the whole slice.)"""
+    emb = EmbedderActor(spec("embedder", "emb"), {"max_batch_tokens": 64})
+    system = await started(emb)
+    try:
+        real = emb._encode
+
+        def slow(batch):
+            time.sleep(0.03)
+            return real(batch)
+        emb._encode = slow
+        rng = random.Random(3)
+        first = [[text_of(rng, i, f"a{i}")] for i in range(12)]
+        running = [asyncio.ensure_future(emb.ask(Embed(texts=t), timeout=60)) for t in first]
+        await asyncio.sleep(0.05)
+        assert emb._job is not None and emb._job.open
+        job = emb._job
+        control = [asyncio.ensure_future(emb.ask(m, timeout=60))
+                   for m in (FinishJob(model="emb", reason="test"), Yield(model="emb"))]
+        later = [[text_of(rng, i, f"b{i}")] for i in range(6)]
+        after = [asyncio.ensure_future(emb.ask(Embed(texts=t), timeout=60)) for t in later]
+        assert await asyncio.gather(*control) == [None, None]
+        assert not job.open
+        for texts, res in zip(first + later, await asyncio.gather(*running, *after)):
+            np.testing.assert_allclose(res.vectors, encode_alone(reference, texts), atol=2e-5)
+        errors = [e for e in system.tracer.events if e.msg_type in ("FinishJob", "Yield")
+                  and e.outcome != "ok"]
+        assert not errors, errors
     finally:
         await system.stop_all()
 
