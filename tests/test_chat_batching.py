@@ -324,7 +324,11 @@ async def test_a_yield_waits_for_a_slice_worth_its_measured_pause():
         assert engine.yield_after_s() == pytest.approx(
             max(0.5, min(MAX_SLICE_S, YIELD_COST_RATIO * engine.pause_s)))
         assert engine.yield_after_s() >= YIELD_COST_RATIO * 0.2
-        idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
+        for _ in range(100):                           # the loop ends after its answers
+            idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
+            if any("pause_s" in e.detail for e in idle):
+                break
+            await asyncio.sleep(0.1)
         assert any("pause_s" in e.detail for e in idle), [e.detail for e in idle]
         actor.tell(UpdateModel(spec=actor.spec, params={"gpu_min_slice_ms": 200}))
         state = await actor.ask(Describe(), timeout=60)
