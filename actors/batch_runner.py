@@ -57,6 +57,9 @@ def batching_supported(model: Any) -> str | None:
 #: view lengths the warm-up captures (every batch bucket at 256 and 512 keys): what chats of a
 #: few hundred tokens decode over; longer views are captured on first use
 WARM_VIEW = 512
+#: without CUDA graphs, decode steps attend over the keys up to the next multiple of this
+#: (LEN_BUCKET with graphs): a few matmul shapes per chat, each built once by oneDNN
+VIEW_BUCKET = 64
 
 
 # ---- the runner ---------------------------------------------------------------------------------
@@ -313,8 +316,13 @@ class BatchRunner:
                 self.cuda_graphs = False
                 self.graphs = None
                 stats["graph_error"] = repr(exc)[:300]
+        view = plan.view
+        if not getattr(self.cache, "paged", False):
+            # a handful of attention shapes, not one per step: each new shape of the bf16
+            # matmuls makes oneDNN build (and keep) a kernel; masked keys cost little
+            view = min(self.cache.length, -(-view // VIEW_BUCKET) * VIEW_BUCKET)
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
-                            plan.view)
+                            view)
 
     def _graph_set(self) -> _Graphs:
         if self.graphs is None:

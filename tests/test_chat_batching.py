@@ -161,6 +161,38 @@ async def test_describe_is_answered_while_a_batch_runs(llm):
         assert (await t).finish_reason in ("cancelled", "length", "stop")
 
 
+async def test_cpu_decode_steps_attend_over_a_few_bucketed_lengths(llm):
+    """Without CUDA graphs each decode step used to attend over exactly its longest row's
+    keys: a new matmul shape every step, for which oneDNN built and kept a kernel (the heap
+    grew ~35 MB for every new batch size and stayed: 925 MB after the CPU chat load test). The
+    steps now attend over multiples of VIEW_BUCKET (masked keys), so a chat of 60 tokens uses
+    one or two shapes, and the words are those of an unbucketed run."""
+    from agile_rag.actors import batch_runner
+    actor = llm[0]
+    runner = actor.engine.runner
+    views: list[int] = []
+    real = runner.forward
+
+    def spy(ids, pos, rows, view):
+        views.append(view)
+        return real(ids, pos, rows, view)
+    prompts = ["Write a long essay about rivers.", "Tell me about mountains."]
+    runner.forward = spy
+    bucket = batch_runner.VIEW_BUCKET
+    try:
+        got = await asyncio.gather(*(actor.ask(chat(p, 60), timeout=300) for p in prompts))
+        bucketed, views[:] = list(views), []
+        batch_runner.VIEW_BUCKET = 1                   # every step its own length, as before
+        exact = await asyncio.gather(*(actor.ask(chat(p, 60), timeout=300) for p in prompts))
+    finally:
+        batch_runner.VIEW_BUCKET = bucket
+        runner.forward = real
+    assert len(bucketed) >= 59 and len(set(bucketed)) <= 2, sorted(set(bucketed))
+    assert all(v % bucket == 0 for v in set(bucketed) - {max(bucketed)}), set(bucketed)
+    assert len(set(views)) > 10, sorted(set(views))    # the unbucketed run, for contrast
+    assert [g.text for g in got] == [e.text for e in exact]
+
+
 async def test_seeded_sampling_repeats_alone_and_in_a_batch(llm):
     actor = llm[0]
     req = dict(temperature=1.2, top_p=0.9, seed=11)
