@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..runtime import stable_memory
-from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2
+from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
 from .decode_graphs import _Graphs
 from .kv_paged import make_paged_cache
 from .kv_prefix import PrefixStore
@@ -301,7 +301,8 @@ class BatchRunner:
         dev = self.cache.keys[0].device
         ids = torch.tensor([r.last for r in rows], dtype=torch.long)
         pos = torch.tensor([r.pos for r in rows], dtype=torch.long)
-        if getattr(self.cache, "paged", False):            # each row's next token's block
+        paged = getattr(self.cache, "paged", False)
+        if paged:                                          # each row's next token's block
             self.cache.ensure([(i, r.pos + 1) for i, r in enumerate(rows)])
         if dev.type == "cuda" and self.cuda_graphs:
             self._graph_set()
@@ -317,10 +318,10 @@ class BatchRunner:
                 self.graphs = None
                 stats["graph_error"] = repr(exc)[:300]
         view = plan.view
-        if not getattr(self.cache, "paged", False):
+        if not paged:
             # a handful of attention shapes, not one per step: each new shape of the bf16
             # matmuls makes oneDNN build (and keep) a kernel; masked keys cost little
-            view = min(self.cache.length, -(-view // VIEW_BUCKET) * VIEW_BUCKET)
+            view = min(self.cache.length, round_up(view, VIEW_BUCKET))
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
                             view)
 
