@@ -10,6 +10,7 @@ copy of the fast tokenizer's Rust core (:meth:`Backend.enable_rust`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -179,6 +180,54 @@ class Backend:
             out = self.run(feats).float()
         with torch.inference_mode():
             return out.cpu().numpy()
+
+    def forward_group(self, batches: list[list[Piece]], run_group: Any) -> list[Any]:
+        """Several forwards as one layer-streamed group (runtime/layer_group.py):
+        ``run_group(fns)`` runs the fns (one forward each) layer-major, sharing each layer's
+        copy. Returns each batch's outputs, or the exception its forward raised. The slow path
+        (the library's own call) runs the batches one after another."""
+        import torch
+
+        if not self.fast:
+            out: list[Any] = []
+            for pieces in batches:
+                try:
+                    out.append(self.forward(pieces))
+                except Exception as exc:  # noqa: BLE001 - that batch's own failure
+                    out.append(exc)
+            return out
+        dev = self.device()
+        cuda = dev.type == "cuda"
+        prepared = [collate(pieces, self.pads, self.left) for pieces in batches]
+
+        def one(arrays: dict, consts: dict) -> Any:
+            with torch.inference_mode():
+                feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
+                                         for k, v in arrays.items()}
+                feats.update(consts)
+                return self.run(feats).float()
+        with self.launch:                     # the group is one launch (its members interleave)
+            outs = run_group([functools.partial(one, a, c) for a, c in prepared])
+        with torch.inference_mode():
+            return [o if isinstance(o, BaseException) else o.cpu().numpy() for o in outs]
+
+    def keep_bytes_per_token(self) -> int:
+        """GPU memory one token of a grouped forward holds between layers (its hidden states,
+        twice for the residual, and a row of the attention mask), in the weights' dtype."""
+        hidden = self._config_int("hidden_size", 1024)
+        return self._elem() * (2 * hidden + min(self.max_len, 1024))
+
+    def _config_int(self, name: str, default: int) -> int:
+        for m in self.module().modules():
+            c = getattr(m, "config", None)
+            if c is not None and getattr(c, "hidden_size", None):
+                return int(getattr(c, name, default) or default)
+        return default
+
+    def _elem(self) -> int:
+        for p in self.module().parameters():
+            return p.element_size()
+        return 4
 
     def self_check(self, probe: list) -> bool:
         """Compare the fast path with the library's own call on ``probe`` (where the weights

@@ -53,6 +53,8 @@ MIN_BATCH_TOKENS = 64
 #: forwards in flight on a GPU (the next one queued while the current one computes)
 GPU_DEPTH = 2
 _BASE_WORKING = 64 * 2**20
+#: most forwards in one layer-streamed group (see _plan_groups)
+MAX_GROUP = 32
 #: how fast a flex model forgets how big its recent forwards wanted to be (see job_tokens)
 DEMAND_HALF_LIFE_S = 60.0
 
@@ -277,10 +279,30 @@ class EncoderActor(EncoderJobs):
             # forwards within what the working memory was asked for (the CPU has no such limit)
             job.budget = min(job.budget, self.job_tokens(job.items))
             if lease.streamed and lease.stream_working:
-                # streamed, maybe with less than it asked: forwards within what was granted
-                room = (lease.stream_working - _BASE_WORKING) // self._token_bytes
-                job.budget = max(MIN_BATCH_TOKENS, min(job.budget, room))
+                self._plan_groups(job, lease.stream_working - _BASE_WORKING)
         job.collecting = job.depth == 1 and self.batch_linger_s > 0
+
+    def _plan_groups(self, job: Job, room: int) -> None:
+        """A streamed job, maybe granted less than it asked: its forwards fit ``room`` bytes.
+        They run in layer-major groups (runtime/layer_group.py: the layers are copied once per
+        group, not once per forward): half the room for one forward's working memory, the
+        other half for the hidden states the group's forwards keep between layers.
+        ``stream_groups: false`` (embedder_params / reranker_params): one forward per pass."""
+        per = self._token_bytes
+        alone = max(MIN_BATCH_TOKENS, min(job.budget, room // per))
+        engine = self.engine
+        keep = engine.keep_bytes_per_token() if engine is not None and engine.fast else 0
+        job.group, job.group_tokens = 1, alone
+        if keep <= 0 or self.params.get("stream_groups", True) is False:
+            job.budget = alone
+            return
+        fwd = max(MIN_BATCH_TOKENS, min(job.budget, room // (2 * per)))
+        span = max(fwd, (room - fwd * per) // keep)
+        members = min(MAX_GROUP, span // fwd)
+        if members < 2:
+            job.budget = alone
+            return
+        job.budget, job.group, job.group_tokens = fwd, members, span
 
     async def _release(self, job: Job) -> None:
         lease = self.lease

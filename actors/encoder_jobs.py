@@ -70,7 +70,7 @@ SPLIT_BURST_ROWS = 64
 class Pending:
     """One request inside a job: its inputs, the outputs filled in as forwards finish."""
     __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "padded",
-                 "failed", "extra")
+                 "grouped", "failed", "extra")
 
     def __init__(self, env: Envelope, inputs: list, extra: Any = None):
         self.env = env
@@ -81,6 +81,7 @@ class Pending:
         self.batches = 0
         self.widest = 0                 # largest forward (rows) its inputs ran in
         self.padded = 0                 # largest forward (rows x longest row) it ran in
+        self.grouped = 0                # largest layer-streamed group its forwards ran in
         self.failed: BaseException | None = None
         self.extra = extra
 
@@ -101,6 +102,25 @@ class Batch(list):
         self[:] = [p.raw for p in pieces]
 
 
+class Group(list):
+    """Forwards run as one layer-streamed group (a list of :class:`Batch`)."""
+
+    @property
+    def padded(self) -> int:
+        return sum(b.padded for b in self)
+
+
+def _one_by_one(fns: list) -> list:
+    """A group runner without a layer stream: the forwards one after another."""
+    out: list = []
+    for fn in fns:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - that forward's own failure
+            out.append(exc)
+    return out
+
+
 class Job:
     """One job's state: the requests it took in, what waits to be tokenized and to run, the
     forwards in flight, the answers ready to send."""
@@ -116,7 +136,7 @@ class Job:
         self.tok_batch: list[tuple[Pending, int, int]] = []
         self.pool = TokenPool()
         self.ready: deque[Batch] = deque()     # batches to run before the pool (retries)
-        self.running: dict[asyncio.Future, Batch] = {}
+        self.running: dict[asyncio.Future, Batch | Group] = {}
         self.out: list[tuple[Envelope, Any]] = []    # answers ready to send
         self.oom: list[Batch] = []
         self.give_up = False                    # out of GPU memory twice: back to the CPU
@@ -131,6 +151,9 @@ class Job:
         self.items = 0
         self.seq = itertools.count()
         self.forwards = 0
+        self.group = 1                          # streamed: forwards per layer-major group
+        self.group_tokens = 0                   # ... and the tokens such a group may hold
+        self.groups = 0                         # groups run (passes shared by >1 forward)
         self.split = False                      # the pool holds the second half of a burst
 
     def poke(self, _fut: Any = None) -> None:
@@ -228,7 +251,7 @@ class EncoderJobs(ModelActor):
             return
         take: list[tuple[Pending, int, int]] = []
         chars = inputs = 0
-        limit = max(TOKENIZE_CHUNK_CHARS, 4 * job.budget)
+        limit = max(TOKENIZE_CHUNK_CHARS, 4 * max(job.budget, job.group_tokens))
         queue = job.untokenized
         while queue and (not take or (chars < limit and inputs < TOKENIZE_CHUNK_INPUTS)):
             seg = queue[0]
@@ -323,24 +346,57 @@ class EncoderJobs(ModelActor):
                 if job.running and not job.split and \
                         want < min(job.budget // 4, self._running_tokens(job)):
                     return              # a slot is free but little waits: let it gather
+                if job.group > 1:
+                    if self._launch_group(job, fwd_pool):
+                        continue
+                    return
                 pieces = job.pool.take(job.budget, self._wave_rows(job, want))
                 batch = Batch(pieces)
-            live = [p for p in batch.pieces if not p.owner.env.abandoned]
-            if len(live) < len(batch.pieces):
-                for p in batch.pieces:
-                    if p.owner.env.abandoned:
-                        p.owner.left -= 1
-                        if p.owner.left == 0:
-                            self._drop(job, p.owner)
-                if not live:
-                    continue
-                batch.keep(live)
-            batch.padded = len(batch.pieces) * max(p.length for p in batch.pieces)
+            if not self._live_only(job, batch):
+                continue
             fut = self.system.executor.run_in(
                 fwd_pool, functools.partial(self._forward_blocking, batch))
             fut.add_done_callback(job.poke)
             job.running[fut] = batch
             job.forwards += 1
+
+    def _live_only(self, job: Job, batch: Batch) -> bool:
+        """Drop the pieces of requests whose askers went away; False: none is left."""
+        live = [p for p in batch.pieces if not p.owner.env.abandoned]
+        if len(live) < len(batch.pieces):
+            for p in batch.pieces:
+                if p.owner.env.abandoned:
+                    p.owner.left -= 1
+                    if p.owner.left == 0:
+                        self._drop(job, p.owner)
+            if not live:
+                return False
+            batch.keep(live)
+        batch.padded = len(batch.pieces) * max(p.length for p in batch.pieces)
+        return True
+
+    def _launch_group(self, job: Job, fwd_pool: Any) -> bool:
+        """Layer-streamed: what waits, up to ``job.group`` forwards of ``job.budget`` tokens
+        and ``job.group_tokens`` in all, as one layer-major group (one copy of each layer for
+        all of them). False: nothing was left to run."""
+        batches: list[Batch] = []
+        total = 0
+        while len(job.pool) and len(batches) < job.group and total < job.group_tokens:
+            batch = Batch(job.pool.take(min(job.budget, job.group_tokens - total),
+                                        job.max_rows))
+            if self._live_only(job, batch):
+                batches.append(batch)
+                total += batch.padded
+        if not batches:
+            return False
+        group = Group(batches)
+        fut = self.system.executor.run_in(
+            fwd_pool, functools.partial(self._forward_group_blocking, group))
+        fut.add_done_callback(job.poke)
+        job.running[fut] = group
+        job.forwards += len(batches)
+        job.groups += len(batches) > 1
+        return True
 
     def _wave_rows(self, job: Job, want: int) -> int:
         """Rows the next forward may take: ``max_rows``; half of a burst that starts a GPU job
@@ -367,7 +423,29 @@ class EncoderJobs(ModelActor):
     def _forward_blocking(self, batch: Batch) -> None:
         """Forward thread: one forward, its outputs written into each request's array (rows
         of one request may come from two forward threads: each writes only its own)."""
-        out = self._encode(batch)
+        self._write(batch, self._encode(batch))
+
+    def _forward_group_blocking(self, group: Group) -> list[BaseException | None]:
+        """Forward thread: a group's forwards, layer-major (its members on their own
+        threads); each batch's outputs written as in :meth:`_forward_blocking`. Returns each
+        batch's error (None: done)."""
+        engine = self.engine
+        assert engine is not None
+        lease = self.lease
+        runner = getattr(lease.residency, "run_group", None) if lease is not None else None
+        if runner is None:
+            runner = _one_by_one
+        outs = engine.forward_group([b.pieces for b in group], runner)
+        errors: list[BaseException | None] = []
+        for batch, out in zip(group, outs):
+            if isinstance(out, BaseException):
+                errors.append(out)
+                continue
+            self._write(batch, out)
+            errors.append(None)
+        return errors
+
+    def _write(self, batch: Batch, out: np.ndarray) -> None:
         for j, piece in enumerate(batch.pieces):
             p = piece.owner
             if p.out is None:
@@ -398,28 +476,43 @@ class EncoderJobs(ModelActor):
                 if p.failed is not None:
                     self._done(job, p)
         for fut in [f for f in job.running if f.done()]:
-            batch = job.running.pop(fut)
+            entry = job.running.pop(fut)
             error = fut.exception()
-            if error is None:
-                rows = self.batch_units(batch.pieces)
-                per: dict[int, list] = {}
-                for pc in batch.pieces:
-                    e = per.get(id(pc.owner))
-                    if e is None:
-                        per[id(pc.owner)] = [pc.owner, 1]
-                    else:
-                        e[1] += 1
-                for p, k in per.values():
-                    p.left -= k
-                    p.batches += 1
-                    if p.widest < rows:
-                        p.widest = rows
-                    if p.padded < batch.padded:
-                        p.padded = batch.padded
-                    if p.left == 0:
-                        self._done(job, p)
+            if isinstance(entry, Group):
+                if error is not None:
+                    errors: list = [error] * len(entry)
+                else:
+                    errors = fut.result()
+                for batch, err in zip(entry, errors):
+                    self._batch_done(job, batch, err, len(entry))
             else:
-                self._failed(job, batch, error)
+                self._batch_done(job, entry, error)
+
+    def _batch_done(self, job: Job, batch: Batch, error: BaseException | None,
+                    group: int = 1) -> None:
+        """A forward (alone or in a group) ended: count its rows into their requests."""
+        if error is None:
+            rows = self.batch_units(batch.pieces)
+            per: dict[int, list] = {}
+            for pc in batch.pieces:
+                e = per.get(id(pc.owner))
+                if e is None:
+                    per[id(pc.owner)] = [pc.owner, 1]
+                else:
+                    e[1] += 1
+            for p, k in per.values():
+                p.left -= k
+                p.batches += 1
+                if p.widest < rows:
+                    p.widest = rows
+                if p.padded < batch.padded:
+                    p.padded = batch.padded
+                if p.grouped < group:
+                    p.grouped = group
+                if p.left == 0:
+                    self._done(job, p)
+        else:
+            self._failed(job, batch, error)
 
     def _failed(self, job: Job, batch: Batch, exc: BaseException) -> None:
         """A forward raised: out of GPU memory -> give back, ask for more, retry once; other
@@ -499,6 +592,8 @@ class EncoderJobs(ModelActor):
         d[self.batch_detail] = p.widest
         d["batch_tokens"] = p.padded
         d["forwards"] = p.batches
+        if p.grouped > 1:               # its forwards shared their layer copies with others
+            d["layer_group"] = p.grouped
         try:
             result = self.finish(p)
         except Exception as exc:  # noqa: BLE001 - delivered to its asker

@@ -463,8 +463,38 @@ async def run_level(base: str, n: int, duration: float, hard_deadline: float, ct
         after = await asyncio.to_thread(scrape, base)
         admin = await asyncio.to_thread(get_json, base + "/admin/models", 10,
                                         {"Authorization": f"Bearer {ADMIN_KEY}"})
+        since = time.monotonic() - t0 + 1.0
+        try:
+            traces = await asyncio.to_thread(get_json, f"{base}/debug/traces?since={since:.1f}",
+                                             30)
+        except Exception as exc:  # noqa: BLE001 - the summary is extra, never the figure
+            traces = {"events": [], "error": str(exc)}
     return {"n": n, "t0": t0, "warmup": warm, "cycles": cycles, "cut": cut, "t_cut": t_cut,
-            "metrics": metrics_delta(before, after), "admin_models": admin}
+            "metrics": metrics_delta(before, after), "admin_models": admin,
+            "encoders": encoder_jobs(traces.get("events") or [])}
+
+
+def encoder_jobs(events: list[dict]) -> dict:
+    """Per encoder (from the server's trace events of the window): requests, the jobs that
+    ran on the GPU resident or layer-streamed, forwards per request, and how many requests ran
+    in a layer-major group of forwards (one copy of the layers for the group)."""
+    out: dict = {}
+    for e in events:
+        if e.get("msg") not in ("Embed", "Rerank") or e.get("outcome") != "ok":
+            continue
+        d = e.get("detail") or {}
+        s = out.setdefault(e.get("actor"), {"requests": 0, "resident_jobs": 0,
+                                            "streamed_jobs": 0, "forwards": 0, "grouped": 0,
+                                            "group_sum": 0})
+        s["requests"] += 1
+        mode = d.get("gpu_mode")
+        if mode in ("resident", "streamed"):
+            s[mode + "_jobs"] += 1
+        s["forwards"] += d.get("forwards", 0) or 0
+        if d.get("layer_group"):
+            s["grouped"] += 1
+            s["group_sum"] += d["layer_group"]
+    return out
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -640,6 +670,18 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                          f"{m['evictions']:.0f} | {m['grants']:.0f} | "
                          f"{m['grant_refusals']:.0f} | {m['grant_wait_s']:.2f} | "
                          f"{m['http_errors']:.0f} |")
+    lines += ["", "## Encoder jobs per level (window only, from /debug/traces)", "",
+              "| mode | N | model | requests | GPU jobs resident | GPU jobs streamed | "
+              "forwards per request | requests in a layer group | mean group |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for mode, mres in result["modes"].items():
+        for s, lv in zip(mres["levels"], mres["raw_levels"]):
+            for model, e in sorted((lv.get("encoders") or {}).items()):
+                group = f"{e['group_sum'] / e['grouped']:.1f}" if e["grouped"] else "-"
+                lines.append(f"| {mode} | {s['n']} | {model} | {e['requests']} | "
+                             f"{e['resident_jobs']} | {e['streamed_jobs']} | "
+                             f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
+                             f"{group} |")
     errors = [(mode, s["n"], e) for mode, mres in result["modes"].items()
               for s in mres["levels"] for e in s["errors"]]
     if errors:

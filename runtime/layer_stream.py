@@ -63,11 +63,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .layer_group import LayerTurns
 
 __all__ = ["LayerStream", "find_blocks", "ALIGN"]
 
@@ -361,11 +364,13 @@ class LayerStream:
         self._pass_owner: int | None = None
         self._pass_root: nn.Module | None = None
         self._pass_done: Any = None
+        self._group: LayerTurns | None = None   # a grouped pass (run_group) is running
         self._t_pass: list[tuple[Any, Any]] = []          # this pass's (start, end) copy events
         self._t_pending: list[list[tuple[Any, Any]]] = []  # finished passes not yet read
         self._stats: dict[str, Any] = {
             "passes": 0, "layer_copies": 0, "bytes_copied": 0, "aborted_passes": 0,
-            "attaches": 0, "detaches": 0, "attach_seconds": 0.0, "last_copy_seconds": None,
+            "group_passes": 0, "group_forwards": 0, "attaches": 0, "detaches": 0,
+            "attach_seconds": 0.0, "last_copy_seconds": None,
             "copy_seconds": 0.0, "timed_passes": 0, "host_lookups": 0,
         }
 
@@ -683,11 +688,17 @@ class LayerStream:
         return self._pass_owner == threading.get_ident()
 
     def _outer_pre(self, module, args) -> None:
+        g = self._group
+        if g is not None and g.member() is not None:
+            return                           # a grouped pass: started by run_group
         if self._owner() and self._active and self._cursor == 0:
             return                           # an inner module of the pass already started
         self._start_pass(module)
 
     def _outer_post(self, module, args, output) -> None:
+        g = self._group
+        if g is not None and g.member() is not None:
+            return
         if self._owner() and self._pass_root is module:
             self._end_pass(aborted=True)     # it returned or raised without running the layers
 
@@ -753,12 +764,21 @@ class LayerStream:
         _copy_ranges(dst, lay, non_blocking=non_blocking)
 
     def _layer_pre(self, i: int) -> None:
+        g = self._group
+        if g is not None and (k := g.member()) is not None:
+            g.enter(k, i)                    # its turn; the first one in starts the layer
+            return
         if i == 0 and (not self._owner() or self._cursor != 0):
             self._start_pass(None)
         elif not self._owner() or i != self._cursor:
             raise RuntimeError(f"LayerStream: layer {i} ran out of order (expected "
                                f"{self._cursor if self._owner() else 0}); streamed blocks must "
                                "run once each, in order, per forward")
+        self._begin_layer(i)
+
+    def _begin_layer(self, i: int) -> None:
+        """Layer i is about to run: the compute stream waits for its copy, its tensors point at
+        its slot, and the copy of layer i+K-1 starts into the slot layer i-1 used."""
         s = i % self.slots
         if self._cuda:
             _cuda.current_stream(self.device).wait_event(self._ready[s])
@@ -769,22 +789,112 @@ class LayerStream:
             # slot j % K == (i - 1) % K: the one layer i-1 used (none yet when i == 0)
             self._copy(j, wait_freed=i > 0)
 
+    def _end_layer(self, i: int) -> None:
+        """Layer i's work is queued: its slot may be overwritten after it."""
+        if self._cuda:
+            self._freed[i % self.slots].record(_cuda.current_stream(self.device))
+
     def _layer_post(self, i: int, output: Any) -> None:
+        g = self._group
+        if g is not None and (k := g.member()) is not None:
+            if output is not None:           # raised: the member leaves the group instead
+                g.exit(k, i)
+            return
         if not self._owner():
             return                           # a layer called out of order raised
         if output is None:
             self._end_pass(aborted=True)     # the layer raised
             return
-        if self._cuda:
-            self._freed[i % self.slots].record(_cuda.current_stream(self.device))
+        self._end_layer(i)
         self._cursor = i + 1
         if i == self.num_layers - 1:
             self._stats["passes"] += 1
-            if self._t_pass:
-                with self._timing_lock:
-                    self._t_pending.append(self._t_pass)
-                self._t_pass = []
+            self._keep_timing()
             self._end_pass(aborted=False)
+
+    def _keep_timing(self) -> None:
+        if self._t_pass:
+            with self._timing_lock:
+                self._t_pending.append(self._t_pass)
+            self._t_pass = []
+
+    # ------------------------------------------------------------------ grouped passes
+    def run_group(self, fns: list[Callable[[], Any]], *,
+                  timeout_s: float = 600.0) -> list[Any]:
+        """Run forwards (each ``fn()`` calls the module once) layer-major, sharing one copy of
+        each layer: every forward runs layer 0, then every one runs layer 1, ... (see
+        runtime/layer_group.py). Each forward runs on its own thread (this one runs the first)
+        under the caller's current CUDA stream; the caller waits for all of them. Returns each
+        fn's result, or the exception it raised (one failing forward fails only itself).
+
+        The group is one pass: its layers are copied once, whatever the number of forwards.
+        Between layers each forward keeps only its hidden states, and the forwards' layers run
+        one after another, so the working memory is one forward's plus every forward's hidden
+        states. Detached, or a single fn: the fns run one after another, as plain forwards."""
+        n = len(fns)
+        out: list[Any] = [None] * n
+        if n <= 1 or not self._attached:
+            for k, fn in enumerate(fns):
+                try:
+                    out[k] = fn()
+                except Exception as exc:  # noqa: BLE001 - returned to the caller
+                    out[k] = exc
+            return out
+        self._pass_lock.acquire()
+        stream = _cuda.current_stream(self.device) if self._cuda else None
+        last = self.num_layers - 1
+        ended = [False]
+
+        def on_end(i: int) -> None:
+            self._end_layer(i)
+            if i == last:
+                ended[0] = True
+
+        turns = LayerTurns(n, self.num_layers, self._begin_layer, on_end, timeout_s=timeout_s)
+
+        def member(k: int) -> None:
+            turns.join(k)
+            try:
+                if stream is not None:
+                    with _cuda.stream(stream):
+                        out[k] = fns[k]()
+                else:
+                    out[k] = fns[k]()
+            except BaseException as exc:  # noqa: BLE001 - returned to the caller
+                out[k] = exc
+            finally:
+                turns.leave(k)
+
+        try:
+            if self._cuda:
+                cs = self._copy_stream
+                cs.wait_stream(stream)
+                cs.wait_event(self._pass_done)
+                self._t_pass = []
+            for j in range(min(self.slots - 1, self.num_layers)):
+                self._copy(j, wait_freed=False)
+            self._group = turns
+            threads = [threading.Thread(target=member, args=(k,), daemon=True,
+                                        name=f"layer-group-{k}") for k in range(1, n)]
+            for t in threads:
+                t.start()
+            member(0)
+            for t in threads:
+                t.join()
+        finally:
+            self._group = None
+            if self._cuda:
+                self._pass_done.record(stream)
+            if ended[0]:
+                self._stats["passes"] += 1
+                self._stats["group_passes"] += 1
+                self._stats["group_forwards"] += n
+                self._keep_timing()
+            else:
+                self._stats["aborted_passes"] += 1
+                self._t_pass = []
+            self._pass_lock.release()
+        return out
 
     def _collect_timing(self) -> None:
         """With `timing`: the summed durations of a finished pass's layer copies (pure copy time,

@@ -90,6 +90,21 @@ class StreamableResidency:
     def stats(self) -> dict[str, Any]:
         return self.stream.stats() if self.stream is not None else {}
 
+    def run_group(self, fns: list) -> list:
+        """Forwards as one layer-major group when streamed (each layer copied once for all of
+        them: :meth:`LayerStream.run_group`); resident, one after another. Each fn's result or
+        the exception it raised."""
+        if self.streamed:
+            assert self.stream is not None
+            return self.stream.run_group(fns)
+        out: list = []
+        for fn in fns:
+            try:
+                out.append(fn())
+            except Exception as exc:  # noqa: BLE001 - that forward's own failure
+                out.append(exc)
+        return out
+
     # ---- moves -----------------------------------------------------------------------------
     def admit(self, device: str = "cuda", *, streamed: bool = False) -> dict:
         """Take the GPU in the given mode (switching modes if needed)."""

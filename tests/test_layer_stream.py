@@ -502,9 +502,18 @@ class _Event:
 
 class _FakeCuda:
     def __init__(self):
+        import threading
         self.compute = _Stream("compute")
-        self.current = self.compute
+        self._local = threading.local()      # the current stream is per thread, as in CUDA
         self.streams = [self.compute]
+
+    @property
+    def current(self):
+        return getattr(self._local, "stream", self.compute)
+
+    @current.setter
+    def current(self, s):
+        self._local.stream = s
 
     def install(self, monkeypatch):
         import contextlib
@@ -616,3 +625,157 @@ def test_cuda_ordering_protocol(monkeypatch, slots):
     copy = fake.streams[1]
     firsts = [op[1] for op in copy.ops if op[0] == "copy"][:slots]
     assert firsts == list(range(slots))
+
+
+# ---- grouped passes (run_group) ---------------------------------------------------------------
+def test_a_group_of_forwards_runs_layer_major_and_copies_each_layer_once():
+    """run_group: several forwards (one thread each) share one copy of every layer: all of
+    them run layer 0, then all of them layer 1, ...; each gets exactly its plain output."""
+    import threading
+
+    model = xlmr_cls()
+    n = 5
+    with torch.inference_mode():
+        refs = [_out(model, _inputs(i, batch=2 + i % 3, seq=9 + 3 * i)) for i in range(n)]
+    ls = LayerStream(model, "cpu", slots=2)
+    ls.attach()
+    order = []
+    lock = threading.Lock()
+    layers = model.roberta.encoder.layer
+
+    def seen(i):
+        def hook(m, a):
+            with lock:
+                order.append(i)
+        return hook
+    hooks = [layer.register_forward_pre_hook(seen(i)) for i, layer in enumerate(layers)]
+
+    def fwd(i):
+        with torch.inference_mode():
+            return _out(model, _inputs(i, batch=2 + i % 3, seq=9 + 3 * i))
+    outs = ls.run_group([lambda i=i: fwd(i) for i in range(n)])
+    for h in hooks:
+        h.remove()
+    for i in range(n):
+        assert torch.equal(outs[i], refs[i]), i
+    assert order == [i for i in range(ls.num_layers) for _ in range(n)]
+    st = ls.stats()
+    assert st["passes"] == 1 and st["group_passes"] == 1 and st["group_forwards"] == n
+    assert st["layer_copies"] == ls.num_layers and st["aborted_passes"] == 0
+    # plain forwards still work after a group, and so does another group
+    with torch.inference_mode():
+        assert torch.equal(_out(model, _inputs(1, batch=3, seq=12)), refs[1])
+    outs = ls.run_group([lambda i=i: fwd(i) for i in (3, 0)])
+    assert torch.equal(outs[0], refs[3]) and torch.equal(outs[1], refs[0])
+    assert ls.stats()["passes"] == 3
+    ls.detach()
+
+
+def test_a_failing_forward_in_a_group_fails_alone():
+    """A forward that raises before the layers (bad input), or inside a layer, leaves the
+    group: the others finish with their right outputs; the stream keeps working."""
+    model = bert_cls()
+    with torch.inference_mode():
+        refs = [_out(model, _inputs(i)) for i in range(4)]
+    ls = LayerStream(model, "cpu", slots=3)
+    ls.attach()
+    calls = {"n": 0}
+
+    def boom(m, a):
+        calls["n"] += 1
+        if calls["n"] == 2:                   # the second forward to reach layer 2
+            raise RuntimeError("inside a layer")
+    h = model.bert.encoder.layer[2].register_forward_pre_hook(boom)
+
+    def fwd(i):
+        with torch.inference_mode():
+            if i == 1:
+                return _out(model, {"input_ids": torch.full((1, 3), VOCAB + 5)})  # bad ids
+            return _out(model, _inputs(i))
+    outs = ls.run_group([lambda i=i: fwd(i) for i in range(4)])
+    h.remove()
+    assert isinstance(outs[1], IndexError)
+    assert isinstance(outs[2], RuntimeError) and "inside a layer" in str(outs[2])
+    assert torch.equal(outs[0], refs[0]) and torch.equal(outs[3], refs[3])
+    assert ls.stats()["group_passes"] == 1
+    outs = ls.run_group([lambda i=i: fwd(i) for i in (2, 3)])
+    assert torch.equal(outs[0], refs[2]) and torch.equal(outs[1], refs[3])
+    ls.detach()
+
+
+def test_layer_turns_never_wait_for_a_member_that_left():
+    """LayerTurns alone: members that leave early (before any layer, mid-way) never hold the
+    others; on_start / on_end run once per layer, in order."""
+    import threading
+
+    from agile_rag.runtime.layer_group import LayerTurns
+
+    events = []
+    turns = LayerTurns(4, 3, lambda i: events.append(("start", i)),
+                       lambda i: events.append(("end", i)), timeout_s=30)
+    ran = []
+    lock = threading.Lock()
+
+    def member(k):
+        turns.join(k)
+        try:
+            for i in range(3):
+                if (k, i) in ((1, 0), (3, 2)):
+                    return                     # leaves before layer 0 / before layer 2
+                turns.enter(k, i)
+                with lock:
+                    ran.append((i, k))
+                turns.exit(k, i)
+        finally:
+            turns.leave(k)
+    threads = [threading.Thread(target=member, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert ran == [(0, 0), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3), (2, 0), (2, 2)]
+    assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2),
+                      ("end", 2)]
+    with pytest.raises(RuntimeError, match="out of order"):
+        LayerTurns(1, 3, lambda i: None, lambda i: None).enter(0, 1)
+
+
+def test_cuda_ordering_protocol_of_a_group(monkeypatch):
+    """The CUDA path of run_group on fake streams: under hundreds of random interleavings of
+    the copy and compute streams, every member's layer i finds layer i in its slot, the layers
+    are copied once for the group, and a plain pass after the group is still ordered."""
+    import random
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    model = bert_model()
+    slots, n = 2, 3
+    with torch.inference_mode():
+        refs = [_out(model, _inputs(i)) for i in range(n)]
+        ls = LayerStream(model, "cpu", slots=slots)
+        ls._cuda = True
+        real_copy = ls._copy_into
+
+        def logged_copy(j, dst, *, non_blocking):
+            fake.current.ops.append(("copy", j, j % slots))
+            real_copy(j, dst, non_blocking=non_blocking)
+        ls._copy_into = logged_copy
+        ls.attach()
+        for i, layer in enumerate(model.encoder.layer):
+            layer.register_forward_pre_hook(
+                lambda m, a, i=i: fake.current.ops.append(("compute", i, i % slots)))
+
+    def fwd(i):
+        with torch.inference_mode():
+            return _out(model, _inputs(i))
+    outs = ls.run_group([lambda i=i: fwd(i) for i in range(n)])
+    assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+    with torch.inference_mode():
+        assert torch.equal(_out(model, _inputs(0)), refs[0])
+    assert ls.stats()["layer_copies"] == 2 * ls.num_layers
+    ls.detach()
+    want = [i for i in range(ls.num_layers) for _ in range(n)] + list(range(ls.num_layers))
+    rng = random.Random(1)
+    for _ in range(300):
+        assert _simulate(fake.streams, rng, slots) == want

@@ -53,3 +53,50 @@ async def test_an_embedder_that_only_fits_streamed_runs_streamed_with_the_same_v
         assert np.allclose(got, want, atol=1e-5)
     finally:
         await system.stop_all()
+
+
+async def test_a_streamed_job_of_many_forwards_runs_them_in_layer_major_groups():
+    """A streamed grant with room for small forwards only: a burst of requests still has its
+    layers copied once per group of forwards (LayerStream.run_group), not once per forward,
+    and every vector is the CPU model's."""
+    import asyncio
+
+    path = minilm_dir()
+    texts = [[f"Request {r}, text {i}: the river carries {r * i} stones to the sea."
+              for i in range(8)] for r in range(12)]
+    ref_sys = ActorSystem()
+    ref = ref_sys.spawn(EmbedderActor(ModelSpec("embedder", "ref", path, path, device="cpu")))
+    want = [(await ref.ask(Embed(texts=t), timeout=120)).vectors for t in texts]
+    await ref_sys.stop_all()
+
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(1 << 40, grant_timeout=10))
+    e = EmbedderActor(ModelSpec("embedder", "emb", path, path, device="flex"))
+    e.residency_factory = cpu_streamable
+    e.gpu_device = "cpu"
+    system.spawn(e)
+    assert (await e.ask(Describe(), timeout=120)).state == "ready"
+    res = e.lease.residency
+    # room for forwards of 64 tokens (twice: one forward's working memory, and the hidden
+    # states the group keeps between layers)
+    e.working_bytes = lambda items, depth=2: (64 << 20) + 2 * 64 * e._token_bytes
+    arbiter.budget = res.stream_bytes + e.working_bytes(1) + \
+        (res.weight_bytes - res.stream_bytes) // 2
+    try:
+        got = await asyncio.gather(*(e.ask(Embed(texts=t), timeout=120) for t in texts))
+        for g, w in zip(got, want):
+            assert np.allclose(g.vectors, w, atol=1e-5)
+        st = res.stats()
+        forwards = sum(ev.detail.get("forwards", 0) for ev in system.tracer.events
+                       if ev.msg_type == "Embed")
+        assert st["group_passes"] >= 1 and st["group_forwards"] >= 2 * st["group_passes"]
+        assert st["passes"] < st["group_forwards"], st       # fewer copies than forwards
+        assert forwards >= st["group_forwards"]
+        assert st["aborted_passes"] == 0
+        jobs = [ev.detail for ev in system.tracer.events if ev.detail.get("gpu_mode")]
+        assert jobs and all(j["gpu_mode"] == "streamed" for j in jobs), jobs
+        groups = [ev.detail.get("layer_group", 1) for ev in system.tracer.events
+                  if ev.msg_type == "Embed"]
+        assert max(groups) >= 2 and max(groups) <= 32       # traced: how it ran
+    finally:
+        await system.stop_all()

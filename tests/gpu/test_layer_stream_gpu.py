@@ -255,3 +255,49 @@ def test_streamed_bert_embedder_equals_resident():
         assert _settle() == base0
         assert not any(t.is_cuda for t in list(host.parameters()) + list(host.buffers()))
     ls.release()
+
+
+def test_grouped_passes_copy_the_layers_once_for_many_small_forwards(reranker):
+    """run_group on the GPU: 100 pairs as 25 forwards of 4 rows (what a small streamed grant
+    gives) run layer-major share one copy of each layer: scores equal the resident model's,
+    the layers are copied once per group, and the extra memory is the members' hidden states.
+    Times (printed): resident, streamed one pass per forward, streamed in groups."""
+    m, res, ids, mask = (reranker[k] for k in ("model", "res", "ids", "mask"))
+    small = 4
+
+    def group_run(ls, size):
+        outs = []
+        for g in range(0, PAIRS, small * size):
+            fns = [lambda s=s: m(input_ids=ids[s:s + small].cuda(),
+                                 attention_mask=mask[s:s + small].cuda()).logits
+                   for s in range(g, min(g + small * size, PAIRS), small)]
+            got = ls.run_group(fns)
+            for o in got:
+                assert not isinstance(o, BaseException), o
+            outs += got
+        return torch.cat(outs)
+
+    with torch.inference_mode():
+        res.admit("cuda")
+        t_res = _time(lambda: _run(m, ids, mask, small))
+        res.evict()
+        base0 = _settle()
+        ls = LayerStream(m, "cuda", slots=2, host_embeddings=True)
+        ls.attach()
+        _assert_close(group_run(ls, PAIRS // small), reranker["ref"],
+                      f"rerank {PAIRS}x{SEQ} as {PAIRS // small} grouped forwards of {small}")
+        st = ls.stats()
+        assert st["group_passes"] == 1 and st["layer_copies"] == ls.num_layers
+        one = _peak(lambda: _run(m, ids[:small], mask[:small], small))
+        grouped = _peak(lambda: group_run(ls, PAIRS // small))
+        hidden = PAIRS * SEQ * (2 * 1024 + SEQ) * 2          # keep_bytes_per_token, every row
+        print(f"GPU memory: one forward of {small} rows {one / 1e6:.1f} MB; a group of "
+              f"{PAIRS // small} {grouped / 1e6:.1f} MB (bound {(one + hidden) / 1e6:.1f} MB)")
+        assert grouped <= one + hidden + SLACK
+        t_plain = _time(lambda: _run(m, ids, mask, small))
+        times = {size: _time(lambda size=size: group_run(ls, size)) for size in (5, 25)}
+        print(f"rerank {PAIRS}x{SEQ} in forwards of {small}: resident {t_res * 1e3:.1f} ms, "
+              f"streamed one pass each {t_plain * 1e3:.1f} ms, grouped by 5 "
+              f"{times[5] * 1e3:.1f} ms, by 25 {times[25] * 1e3:.1f} ms")
+        ls.detach()
+        assert _settle() == base0
