@@ -1,123 +1,168 @@
-"""Turn-taking for a group of forwards run layer-major through one LayerStream (issue 13).
+"""Forwards run layer-major through one LayerStream: each layer copied once for a group (issue 13).
 
 A layer-streamed encoder copies every layer from host memory once per pass. A job split into
 many small forwards (a small working grant, many concurrent requests) would copy the whole model
-once per forward. Run as a *group*, the forwards of a job share each copy: every member runs
-layer 0, then every member runs layer 1, and so on, so the layers are copied once per group.
+once per forward. Run as a *group*, the forwards share each copy: every member runs layer 0,
+then every member runs layer 1, and so on. All on the calling thread, in three phases, using only
+the module's own code:
 
-Each member is one forward on its own thread (the model's code is called as usual; the group only
-decides when each member may enter a layer). :class:`LayerTurns` keeps the turns:
+1. **capture**: each member's forward runs up to its first block; the block's pre-hook records
+   the arguments the model passes it (the hidden states, the attention mask, ...) and stops
+   the forward there (:class:`_Captured`). The embeddings and the mask are the model's own.
+2. **layers**: for each layer, its weights made ready in a slot once; then each member's hidden
+   states go through it (the block called with the member's captured arguments, its hidden
+   states replaced by the previous block's output).
+3. **replay**: each member's forward runs again with every block replaced by one that returns
+   that member's last block output, so the model's own tail (pooler, classifier head, sentence-
+   transformers' pooling and normalisation) makes the member's result.
 
-- member ``k`` may run layer ``i`` once every live member before it has run layer ``i`` and
-  every live member has run layer ``i - 1`` (members take each layer in index order);
-- the first member to enter layer ``i`` runs ``on_start(i)`` (the stream makes the layer's copy
-  ready in its slot, points the layer at it and starts the copy of a later layer); when the last
-  live member has run layer ``i``, ``on_end(i)`` runs (the slot may be overwritten after what
-  was queued so far);
-- a member that ends (its forward returned or raised, anywhere) leaves the group: nobody waits
-  for it again. So a failing member never blocks the others.
+This assumes the model calls its blocks one after another with the same arguments except the
+hidden states (true of BERT, RoBERTa, XLM-R and their kin). It is checked on the first group a
+stream runs: the first member's result is compared with a plain pass of the same forward; if
+they differ, the stream runs later groups as plain passes (logged once).
 
-Between layers each member holds only its hidden states (a few KB a token), so a group holds
-many more tokens than one forward's working memory allows, and its layers' transient memory is
-one member's at a time (the members' layers run one after another on one stream).
-
-Waits are bounded (``timeout_s``): a member that waits that long raises instead of hanging.
+Between layers each member holds only its hidden states and mask (a few KB a token), and the
+members' layers run one after another on one stream: the working memory is one member's forward
+plus every member's hidden states. No thread switches: the members' kernels are launched back to
+back.
 """
 from __future__ import annotations
 
-import threading
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["LayerTurns"]
+import torch
+
+if TYPE_CHECKING:
+    from .layer_stream import LayerStream
+
+__all__ = ["run_layer_major"]
+
+log = logging.getLogger(__name__)
+
+# tolerance of the first group's check: the same kernels on the same weights, usually identical
+CHECK_RTOL = CHECK_ATOL = 2e-3
 
 
-class LayerTurns:
-    """The turns of ``n`` members over ``layers`` layers (see the module docstring)."""
+class _Captured(Exception):
+    """Raised by the first block's pre-hook in the capture phase: the forward stops there."""
 
-    def __init__(self, n: int, layers: int, on_start: Callable[[int], None],
-                 on_end: Callable[[int], None], *, timeout_s: float = 600.0):
-        self.n = n
-        self.layers = layers
-        self._on_start = on_start
-        self._on_end = on_end
-        self.timeout_s = timeout_s
-        self._cond = threading.Condition()
-        self._live = list(range(n))          # members still running, in index order
-        self._done = [-1] * n                # the last layer each member has run
-        self.layer = 0                       # the layer the group is on
-        self._turn: int | None = 0 if n else None
-        self._started = -1                   # the last layer on_start ran for
-        self._members: dict[int, int] = {}   # thread id -> member index
-        self.failed: BaseException | None = None   # a callback raised: the group is broken
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("captured")
+        self.args = args
+        self.kwargs = kwargs
+        # the forward's autograd modes, for its layers run outside it
+        self.modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
 
-    # -- membership
-    def join(self, k: int) -> None:
-        """The calling thread is member ``k`` from now on."""
-        with self._cond:
-            self._members[threading.get_ident()] = k
 
-    def member(self) -> int | None:
-        """The calling thread's member index, or None (not a member)."""
-        return self._members.get(threading.get_ident())
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
-    def leave(self, k: int) -> None:
-        """Member ``k`` ended (returned or raised): the others stop waiting for it."""
-        with self._cond:
-            self._members = {t: m for t, m in self._members.items() if m != k}
-            if k not in self._live:
-                return
-            self._live.remove(k)
-            if self._turn == k:
-                self._advance(k)
-            self._cond.notify_all()
 
-    # -- layers
-    def enter(self, k: int, i: int) -> None:
-        """Member ``k`` is about to run layer ``i``: wait for its turn (RuntimeError if layers
-        come out of order, the wait times out, or the group broke)."""
-        with self._cond:
-            if self._done[k] != i - 1:
-                raise RuntimeError(f"layer {i} ran out of order in a grouped pass (member {k} "
-                                   f"last ran layer {self._done[k]})")
-            ok = self._cond.wait_for(
-                lambda: self.failed is not None or (self.layer == i and self._turn == k),
-                timeout=self.timeout_s)
-            if self.failed is not None:
-                raise RuntimeError("the grouped pass broke") from self.failed
-            if not ok:
-                raise RuntimeError(f"member {k} waited {self.timeout_s:g}s for layer {i}")
-            if self._started < i:
-                self._started = i
-                self._call(self._on_start, i)
-                if self.failed is not None:
-                    raise RuntimeError("the grouped pass broke") from self.failed
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
-    def exit(self, k: int, i: int) -> None:
-        """Member ``k`` has run (launched) layer ``i``: the turn passes on."""
-        with self._cond:
-            self._done[k] = i
-            if self._turn == k:
-                self._advance(k)
-            self._cond.notify_all()
 
-    def _advance(self, k: int) -> None:
-        """The turn after member ``k``: the next live member on this layer, else the layer
-        ends and the first live member starts the next one."""
-        nxt = next((m for m in self._live if m > k and self._done[m] < self.layer), None)
-        if nxt is not None:
-            self._turn = nxt
-            return
-        # every live member has run this layer (or none is left)
-        if self._started >= self.layer:      # somebody ran it: its slot may be reused
-            self._call(self._on_end, self.layer)
-        self.layer += 1
-        self._turn = self._live[0] if self._live and self.layer < self.layers else None
+def _first(out: Any) -> torch.Tensor:
+    """A block's output as the next block's hidden states (a tensor, or its first element)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    got = getattr(out, "last_hidden_state", None)
+    if got is None:
+        got = out[0]
+    return got
 
-    def _call(self, fn: Callable[[int], None], i: int) -> None:
-        """A callback; if it raises, the group is broken: every member's next `enter` raises
-        (never here: `leave` runs in a member's `finally`)."""
+
+class _Replay:
+    """Instance forwards for every block in the replay phase: return the member's last block
+    output, whatever the block is given."""
+
+    def __init__(self, blocks: Any):
+        self.blocks = blocks
+        self.out: Any = None
+
+    def __enter__(self) -> _Replay:
+        for b in self.blocks:
+            b.forward = self._forward
+        return self
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.out
+
+    def __exit__(self, *exc: Any) -> None:
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+
+
+def run_layer_major(stream: LayerStream, fns: list[Callable[[], Any]]) -> list[Any]:
+    """The three phases (module docstring) for ``fns``, on the calling thread, which holds the
+    stream's pass lock and is its group thread (the stream's hooks stand aside for it).
+    Returns each fn's result or the exception it raised."""
+    n = len(fns)
+    out: list[Any] = [None] * n
+    captured: dict[int, tuple[tuple, dict]] = {}
+    modes: dict[int, tuple[bool, bool]] = {}
+    # 1. capture: the model's own code up to the first block
+    stream._group_mode = "capture"
+    for k, fn in enumerate(fns):
         try:
-            fn(i)
-        except BaseException as exc:  # noqa: BLE001 - reported by enter
-            self.failed = exc
-            self._cond.notify_all()
+            out[k] = fn()                    # returned without reaching a block: its result
+        except _Captured as cap:
+            captured[k] = (cap.args, cap.kwargs)
+            modes[k] = cap.modes
+        except Exception as exc:  # noqa: BLE001 - that member's own failure
+            out[k] = exc
+    # 2. layers: each layer made ready once, every member through it
+    stream._group_mode = "layers"
+    last: dict[int, Any] = {}
+    if captured:
+        stream._start_group_copies()
+        for i, block in enumerate(stream.blocks):
+            stream._begin_layer(i)
+            for k in list(captured):
+                args, kwargs = captured[k]
+                inference, grad = modes[k]
+                try:
+                    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                        got = block(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - that member's own failure
+                    out[k] = exc
+                    del captured[k]
+                    continue
+                if i == len(stream.blocks) - 1:
+                    last[k] = got
+                    del captured[k]
+                else:
+                    captured[k] = _with_hidden(args, kwargs, _first(got))
+            stream._end_layer(i)
+    # 3. replay: the model's own tail on each member's last block output
+    stream._group_mode = "replay"
+    with _Replay(stream.blocks) as replay:
+        for k, got in last.items():
+            replay.out = got
+            try:
+                out[k] = fns[k]()
+            except Exception as exc:  # noqa: BLE001
+                out[k] = exc
+    return out
+
+
+def same_result(a: Any, b: Any) -> bool:
+    """Whether a grouped member's result matches a plain pass's (tensors within tolerance;
+    anything else: equal)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            torch.allclose(a.float(), b.float(), rtol=CHECK_RTOL, atol=CHECK_ATOL))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_result(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_result(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer_group import LayerTurns
+from .layer_group import _Captured, run_layer_major, same_result
 
 __all__ = ["LayerStream", "find_blocks", "ALIGN"]
 
@@ -364,7 +364,9 @@ class LayerStream:
         self._pass_owner: int | None = None
         self._pass_root: nn.Module | None = None
         self._pass_done: Any = None
-        self._group: LayerTurns | None = None   # a grouped pass (run_group) is running
+        self._group_thread: int | None = None  # the thread running a group (run_group)
+        self._group_mode = ""                  # its phase: capture | layers | replay
+        self._group_ok: bool | None = None     # grouped results checked (None: not yet)
         self._t_pass: list[tuple[Any, Any]] = []          # this pass's (start, end) copy events
         self._t_pending: list[list[tuple[Any, Any]]] = []  # finished passes not yet read
         self._stats: dict[str, Any] = {
@@ -648,7 +650,8 @@ class LayerStream:
             self._hooks.append(m.register_forward_pre_hook(self._outer_pre))
             self._hooks.append(m.register_forward_hook(self._outer_post, always_call=True))
         for i, layer in enumerate(self.blocks):
-            self._hooks.append(layer.register_forward_pre_hook(self._make_pre(i)))
+            self._hooks.append(layer.register_forward_pre_hook(self._make_pre(i),
+                                                               with_kwargs=True))
             # always_call: runs (with output None) when the layer raised, to end the pass
             self._hooks.append(layer.register_forward_hook(self._make_post(i), always_call=True))
 
@@ -671,8 +674,13 @@ class LayerStream:
         return lookup
 
     def _make_pre(self, i: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
+            if self._grouping():
+                if self._group_mode == "capture":
+                    raise _Captured(args, kwargs)     # the member's forward stops here
+                return None                  # run_group drives the layers itself
             self._layer_pre(i)
+            return None
         return hook
 
     def _make_post(self, i: int):
@@ -687,17 +695,18 @@ class LayerStream:
     def _owner(self) -> bool:
         return self._pass_owner == threading.get_ident()
 
+    def _grouping(self) -> bool:
+        return self._group_thread is not None and self._group_thread == threading.get_ident()
+
     def _outer_pre(self, module, args) -> None:
-        g = self._group
-        if g is not None and g.member() is not None:
-            return                           # a grouped pass: started by run_group
+        if self._grouping():
+            return                           # run_group drives the pass itself
         if self._owner() and self._active and self._cursor == 0:
             return                           # an inner module of the pass already started
         self._start_pass(module)
 
     def _outer_post(self, module, args, output) -> None:
-        g = self._group
-        if g is not None and g.member() is not None:
+        if self._grouping():
             return
         if self._owner() and self._pass_root is module:
             self._end_pass(aborted=True)     # it returned or raised without running the layers
@@ -764,10 +773,6 @@ class LayerStream:
         _copy_ranges(dst, lay, non_blocking=non_blocking)
 
     def _layer_pre(self, i: int) -> None:
-        g = self._group
-        if g is not None and (k := g.member()) is not None:
-            g.enter(k, i)                    # its turn; the first one in starts the layer
-            return
         if i == 0 and (not self._owner() or self._cursor != 0):
             self._start_pass(None)
         elif not self._owner() or i != self._cursor:
@@ -795,10 +800,7 @@ class LayerStream:
             self._freed[i % self.slots].record(_cuda.current_stream(self.device))
 
     def _layer_post(self, i: int, output: Any) -> None:
-        g = self._group
-        if g is not None and (k := g.member()) is not None:
-            if output is not None:           # raised: the member leaves the group instead
-                g.exit(k, i)
+        if self._grouping():
             return
         if not self._owner():
             return                           # a layer called out of order raised
@@ -819,82 +821,71 @@ class LayerStream:
             self._t_pass = []
 
     # ------------------------------------------------------------------ grouped passes
-    def run_group(self, fns: list[Callable[[], Any]], *,
-                  timeout_s: float = 600.0) -> list[Any]:
-        """Run forwards (each ``fn()`` calls the module once) layer-major, sharing one copy of
-        each layer: every forward runs layer 0, then every one runs layer 1, ... (see
-        runtime/layer_group.py). Each forward runs on its own thread (this one runs the first)
-        under the caller's current CUDA stream; the caller waits for all of them. Returns each
-        fn's result, or the exception it raised (one failing forward fails only itself).
+    def run_group(self, fns: list[Callable[[], Any]]) -> list[Any]:
+        """Run forwards (each ``fn()`` calls the module once) layer-major on this thread,
+        sharing one copy of each layer: every forward runs layer 0, then every one runs layer
+        1, ... (runtime/layer_group.py). Returns each fn's result, or the exception it raised
+        (one failing forward fails only itself).
 
         The group is one pass: its layers are copied once, whatever the number of forwards.
         Between layers each forward keeps only its hidden states, and the forwards' layers run
         one after another, so the working memory is one forward's plus every forward's hidden
-        states. Detached, or a single fn: the fns run one after another, as plain forwards."""
-        n = len(fns)
-        out: list[Any] = [None] * n
-        if n <= 1 or not self._attached:
-            for k, fn in enumerate(fns):
-                try:
-                    out[k] = fn()
-                except Exception as exc:  # noqa: BLE001 - returned to the caller
-                    out[k] = exc
-            return out
-        self._pass_lock.acquire()
-        stream = _cuda.current_stream(self.device) if self._cuda else None
-        last = self.num_layers - 1
-        ended = [False]
-
-        def on_end(i: int) -> None:
-            self._end_layer(i)
-            if i == last:
-                ended[0] = True
-
-        turns = LayerTurns(n, self.num_layers, self._begin_layer, on_end, timeout_s=timeout_s)
-
-        def member(k: int) -> None:
-            turns.join(k)
+        states. The first group is checked against a plain pass of its first forward; if they
+        differ (a model that calls its blocks in a way the group cannot reproduce), that group
+        and every later one run as plain passes. Detached, or a single fn: plain passes."""
+        if len(fns) <= 1 or not self._attached or self._group_ok is False:
+            return self._plain(fns)
+        with self._pass_lock:
+            self._group_thread = threading.get_ident()
+            ok = False
             try:
-                if stream is not None:
-                    with _cuda.stream(stream):
-                        out[k] = fns[k]()
-                else:
-                    out[k] = fns[k]()
-            except BaseException as exc:  # noqa: BLE001 - returned to the caller
-                out[k] = exc
+                out = run_layer_major(self, fns)
+                ok = True
             finally:
-                turns.leave(k)
-
-        try:
-            if self._cuda:
-                cs = self._copy_stream
-                cs.wait_stream(stream)
-                cs.wait_event(self._pass_done)
-                self._t_pass = []
-            for j in range(min(self.slots - 1, self.num_layers)):
-                self._copy(j, wait_freed=False)
-            self._group = turns
-            threads = [threading.Thread(target=member, args=(k,), daemon=True,
-                                        name=f"layer-group-{k}") for k in range(1, n)]
-            for t in threads:
-                t.start()
-            member(0)
-            for t in threads:
-                t.join()
-        finally:
-            self._group = None
-            if self._cuda:
-                self._pass_done.record(stream)
-            if ended[0]:
-                self._stats["passes"] += 1
-                self._stats["group_passes"] += 1
-                self._stats["group_forwards"] += n
-                self._keep_timing()
-            else:
-                self._stats["aborted_passes"] += 1
-                self._t_pass = []
-            self._pass_lock.release()
+                self._group_thread = None
+                self._group_mode = ""
+                if self._cuda:
+                    self._pass_done.record(_cuda.current_stream(self.device))
+                if ok:
+                    self._stats["passes"] += 1
+                    self._stats["group_passes"] += 1
+                    self._stats["group_forwards"] += len(fns)
+                    self._keep_timing()
+                else:
+                    self._stats["aborted_passes"] += 1
+                    self._t_pass = []
+        if self._group_ok is None:
+            k = next((k for k, o in enumerate(out) if not isinstance(o, BaseException)), None)
+            if k is not None:
+                plain = self._plain([fns[k]])[0]
+                self._group_ok = same_result(out[k], plain)
+                if not self._group_ok:
+                    log.warning("%s: forwards run layer-major differ from a plain pass: "
+                                "grouped passes are off for this model",
+                                type(self.module).__name__)
+                    return self._plain(fns)
         return out
+
+    @staticmethod
+    def _plain(fns: list[Callable[[], Any]]) -> list[Any]:
+        out: list[Any] = []
+        for fn in fns:
+            try:
+                out.append(fn())
+            except Exception as exc:  # noqa: BLE001 - returned to the caller
+                out.append(exc)
+        return out
+
+    def _start_group_copies(self) -> None:
+        """A group's pass begins (run_layer_major): its copies go after the work queued so
+        far and after the previous pass's layers; the first K-1 layers start copying."""
+        if self._cuda:
+            cs = self._copy_stream
+            cs.wait_stream(_cuda.current_stream(self.device))
+            cs.wait_event(self._pass_done)
+            self._t_pass = []
+        for j in range(min(self.slots - 1, self.num_layers)):
+            self._copy(j, wait_freed=False)
 
     def _collect_timing(self) -> None:
         """With `timing`: the summed durations of a finished pass's layer copies (pure copy time,
