@@ -4,6 +4,7 @@ in one static buffer. Keyed on the address of the weights and on the cache alloc
 parked at stable addresses keeps them good across a trim)."""
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -93,9 +94,17 @@ class _Graphs:
                                       device=out.device)
         del out
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._body(bb, vv)
-            self.logits[:bb].copy_(out)
+        # no garbage collection on this thread while it captures: a finalizer it would run
+        # (a dropped cache's buffer waits for its stream) would invalidate the capture
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self._body(bb, vv)
+                self.logits[:bb].copy_(out)
+        finally:
+            if collecting:
+                gc.enable()
         del out
         if self.pool is None:
             self.pool = graph.pool()

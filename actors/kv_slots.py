@@ -135,7 +135,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
                     .element_size()
                 step = -(-one // 256) * 256
                 buf = stable_memory.StableBuffer(2 * n_layers * step, device.index or 0)
-                weakref.finalize(self, buf.close)       # the pages and the address range
+                weakref.finalize(self, buf.close_soon)  # the pages and the address range
                 self.stable = buf
                 views = [buf.view(dtype, shape, offset=i * step) for i in range(2 * n_layers)]
                 self.keys, self.values = views[:n_layers], views[n_layers:]

@@ -237,6 +237,21 @@ class StableBuffer:
             raise ValueError(f"{size} bytes at {offset} do not fit {self.nbytes}")
         return self._bytes[offset:offset + size].view(dtype).view(shape)
 
+    def close_soon(self) -> None:
+        """:meth:`close` for a finalizer, which runs on whichever thread drops the last
+        reference or runs the garbage collector: on a thread that is capturing a CUDA graph now,
+        the close (it waits for the thread's stream) would invalidate the capture, so it runs on
+        a thread of its own instead."""
+        import torch
+        try:
+            capturing = torch.cuda.is_current_stream_capturing()
+        except Exception:  # noqa: BLE001 - no CUDA state to ask: close here
+            capturing = False
+        if capturing:
+            threading.Thread(target=self.close, name="stable-buffer-close", daemon=True).start()
+            return
+        self.close()
+
     def close(self) -> None:
         """Unmap and free the address range: no tensor over it may be used afterwards."""
         try:

@@ -42,3 +42,33 @@ def test_release_keeps_the_parked_shape_and_close_forgets_the_cache():
         assert ref() is None                        # freed now, not at a full collection
     finally:
         gc.enable()
+
+
+def test_a_stable_buffer_dropped_while_its_thread_captures_a_graph_closes_on_another_thread(
+        monkeypatch):
+    """Found on the H200: a dropped KV cache's finalizer ran on the LLM's thread while it
+    captured a decode graph; its close waits for the thread's stream, which invalidated the
+    capture (the LLM then decoded without graphs). While capturing, the close runs on a thread
+    of its own; otherwise right here."""
+    import threading
+
+    import torch
+
+    from agile_rag.runtime import stable_memory
+
+    class Fake:
+        closed_on: list = []
+
+        def close(self):
+            self.closed_on.append(threading.current_thread())
+    fake = Fake()
+    for capturing in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing: c)
+        stable_memory.StableBuffer.close_soon(fake)     # type: ignore[arg-type]
+    for _ in range(200):
+        if len(Fake.closed_on) == 2:
+            break
+        threading.Event().wait(0.01)
+    assert len(Fake.closed_on) == 2
+    assert {Fake.closed_on[0].name, Fake.closed_on[1].name} == \
+        {"stable-buffer-close", threading.current_thread().name}
