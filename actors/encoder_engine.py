@@ -55,6 +55,11 @@ GPU_DEPTH = 2
 _BASE_WORKING = 64 * 2**20
 #: most forwards in one layer-streamed group (see _plan_groups)
 MAX_GROUP = 32
+#: a streamed job groups its forwards only when one forward would hold fewer tokens than this:
+#: a bigger forward's compute hides its pass's copies (XLM-R large on the H200: ~11 ms of
+#: copies a pass; 100 pairs x 512 tokens in forwards of 4 rows took 380 ms one pass each,
+#: 303 ms in groups, 225 ms resident), and a group's forwards answer only when all are done
+GROUP_BELOW_TOKENS = 4096
 #: how fast a flex model forgets how big its recent forwards wanted to be (see job_tokens)
 DEMAND_HALF_LIFE_S = 60.0
 
@@ -284,17 +289,19 @@ class EncoderActor(EncoderJobs):
 
     def _plan_groups(self, job: Job, room: int) -> None:
         """A streamed job, maybe granted less than it asked: its forwards fit ``room`` bytes.
-        They run in layer-major groups (runtime/layer_group.py: the layers are copied once per
-        group, not once per forward): half the room for one forward's working memory, the
-        other half for the hidden states the group's forwards keep between layers.
+        When that makes them small (under ``GROUP_BELOW_TOKENS``), they run in layer-major
+        groups (runtime/layer_group.py: the layers are copied once per group, not once per
+        forward): half the room for one forward's working memory, the other half for the
+        hidden states the group's forwards keep between layers.
         ``stream_groups: false`` (embedder_params / reranker_params): one forward per pass."""
         per = self._token_bytes
         alone = max(MIN_BATCH_TOKENS, min(job.budget, room // per))
         engine = self.engine
         keep = engine.keep_bytes_per_token() if engine is not None and engine.fast else 0
         job.group, job.group_tokens = 1, alone
-        if keep <= 0 or self.params.get("stream_groups", True) is False:
-            job.budget = alone
+        if keep <= 0 or alone >= GROUP_BELOW_TOKENS or \
+                self.params.get("stream_groups", True) is False:
+            job.budget = alone           # forwards big enough to hide their pass's copies
             return
         fwd = max(MIN_BATCH_TOKENS, min(job.budget, room // (2 * per)))
         span = max(fwd, (room - fwd * per) // keep)
