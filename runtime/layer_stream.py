@@ -34,6 +34,9 @@ lookup reads the token ids back to the host, which synchronises the CPU with the
 once per forward (the GPU idles while the CPU gathers the rows), so it is for budgets where even
 the resident parts do not fit.
 
+`run_group(fns)` runs several forwards as one pass, layer-major, each layer copied once for all
+of them (runtime/layer_group.py): for jobs whose forwards are too small to hide their copies.
+
 On a CPU "device" (the tests) the same hooks and slots run, the copies are plain `copy_` with no
 streams or events.
 
