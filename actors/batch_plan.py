@@ -44,6 +44,7 @@ class BatchSettings:
     #: cost (from the pause to its next decode step), at most MAX_SLICE_S; 0: min_slice_s only
     slice_cost_ratio: float = 0.0
     cuda_graphs: bool = True
+    lean_decode: bool = True          # the CPU's lean decode step (actors/llm_lean_decode.py)
     warm_graphs: bool = True          # capture the common graphs after a load / an admit
     prefix_cache_tokens: int = 4096   # prompt prefixes kept for reuse (actors/kv_prefix.py)
     #: 0: the KV cache is one rectangle; else blocks of this many tokens (actors/kv_paged.py):

@@ -30,6 +30,7 @@ from .kv_slots import (
     _register_decode_attention,
     make_slot_cache,
 )
+from .llm_lean_decode import LeanDecoder, agrees, lean_decoder
 from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
@@ -82,6 +83,9 @@ class BatchRunner:
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else \
             ("num_logits_to_keep" if "num_logits_to_keep" in params else None)
         self.cache: Any = None
+        #: the CPU's lean decode step (actors/llm_lean_decode.py): None until the first CPU
+        #: step tries it, False where it does not fit or did not agree with transformers'
+        self.lean: LeanDecoder | None | bool = None
         self.graphs: _Graphs | None = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
@@ -322,8 +326,48 @@ class BatchRunner:
             # a handful of attention shapes, not one per step: each new shape of the bf16
             # matmuls makes oneDNN build (and keep) a kernel; masked keys cost little
             view = min(self.cache.length, round_up(view, VIEW_BUCKET))
+            if dev.type == "cpu" and self.lean is not False:
+                return self._lean_step(ids, pos, view, stats)
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
                             view)
+
+    def _lean_step(self, ids: torch.Tensor, pos: torch.Tensor, view: int,
+                   stats: dict) -> torch.Tensor:
+        """A CPU decode step through the lean decoder (actors/llm_lean_decode.py). The first
+        one also runs transformers' step on the same input and keeps the lean decoder only if
+        both agree; a model it does not fit decodes through transformers."""
+        rows = torch.arange(len(ids))
+        if self.lean is None:
+            self.lean = lean_decoder(self.model) or False
+            if self.lean is False:
+                return self.forward(ids[:, None], pos, rows, view)
+            full = self.forward(ids[:, None], pos, rows, view)
+            lean = self._lean_run(ids, pos, rows, view)
+            if not agrees(lean, full):
+                log.warning("the lean decode step differs from transformers' for %s: decoding "
+                            "through transformers", type(self.model).__name__)
+                self.lean = False
+                stats["lean_decode"] = "off"
+                return full
+            stats["lean_decode"] = "on"
+            return lean
+        return self._lean_run(ids, pos, rows, view)
+
+    def _lean_run(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                  view: int) -> torch.Tensor:
+        lean = self.lean
+        assert isinstance(lean, LeanDecoder)
+        cache = self.cache
+        cache.bind(rows, pos, view)
+        return lean(ids[:, None], pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+
+    @staticmethod
+    def _mask(pos: torch.Tensor, view: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive [B, 1, 1, view] mask: each row attends up to its own position."""
+        allowed = torch.arange(view, device=pos.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None, None, :]
 
     def _graph_set(self) -> _Graphs:
         if self.graphs is None:
@@ -396,17 +440,14 @@ class BatchRunner:
         """One decode step of rows ``rows`` (ids [B, 1], pos [B]) -> logits [B, vocab]."""
         cache = self.cache
         cache.bind(rows, pos, view)
-        dtype = cache.keys[0].dtype
-        allowed = torch.arange(view, device=pos.device)[None, :] <= pos[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = self._mask(pos, view, cache.keys[0].dtype)
         cfg = self.model.config
         prev = cfg._attn_implementation
         if self.decode_attn:
             cfg._attn_implementation = self.decode_attn
         try:
             out = self.model(input_ids=ids, position_ids=pos[:, None],
-                             attention_mask=mask[:, None, None, :], past_key_values=cache,
+                             attention_mask=mask, past_key_values=cache,
                              use_cache=True, **self._keep())
         finally:
             if self.decode_attn:

@@ -121,6 +121,8 @@ class LLMActor(ModelActor):
     #   batch_kv_tokens (16384)     KV cache budget of the batch in tokens (at least one context);
     #                               the GPU grant counts it
     #   cuda_graphs (true)          capture the decode step as CUDA graphs on the GPU
+    #   lean_decode (true)          on the CPU, Llama-family models decode through a lean step
+    #                               (actors/llm_lean_decode.py), checked against transformers'
     #   gpu_min_slice_ms (500)      when another model waits for the GPU, the batch pauses
     #                               (and gives the GPU back) once it has run this long; unset,
     #                               also not before YIELD_COST_RATIO times what its last
@@ -144,6 +146,7 @@ class LLMActor(ModelActor):
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
+                "lean_decode": p.get("lean_decode", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -96,7 +96,7 @@ class BatchEngine:
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prefix_cache_tokens: int = 4096, kv_block: int = 0,
-                 slice_cost_ratio: float = 0.0,
+                 slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -107,7 +107,7 @@ class BatchEngine:
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
-            kv_block=kv_block, slice_cost_ratio=slice_cost_ratio))
+            kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -122,6 +122,8 @@ class BatchEngine:
                                   cuda_graphs=self.settings.cuda_graphs,
                                   kv_block=self.settings.kv_block)
         self.runner.prefixes.budget_tokens = self.settings.prefix_cache_tokens
+        if not self.settings.lean_decode:
+            self.runner.lean = False
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.running = False          # event loop only: a loop was started and has not ended
@@ -355,6 +357,8 @@ class BatchEngine:
             self.runner.cuda_graphs = settings.cuda_graphs
             if not settings.cuda_graphs:
                 self.runner.graphs = None
+        if "lean_decode" in values:
+            self.runner.lean = None if settings.lean_decode else False   # None: try it again
         if not settings.warm_graphs:
             self.warming = False
         if "prefix_cache_tokens" in values:
@@ -517,7 +521,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
-    for k in ("cuda_graphs", "warm_graphs"):
+    for k in ("cuda_graphs", "warm_graphs", "lean_decode"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

@@ -171,13 +171,13 @@ async def test_cpu_decode_steps_attend_over_a_few_bucketed_lengths(llm):
     actor = llm[0]
     runner = actor.engine.runner
     views: list[int] = []
-    real = runner.forward
+    real = runner._mask
 
-    def spy(ids, pos, rows, view):
+    def spy(pos, view, dtype):                      # every decode step builds its mask
         views.append(view)
-        return real(ids, pos, rows, view)
+        return real(pos, view, dtype)
     prompts = ["Write a long essay about rivers.", "Tell me about mountains."]
-    runner.forward = spy
+    runner._mask = spy
     bucket = batch_runner.VIEW_BUCKET
     try:
         got = await asyncio.gather(*(actor.ask(chat(p, 60), timeout=300) for p in prompts))
@@ -186,7 +186,7 @@ async def test_cpu_decode_steps_attend_over_a_few_bucketed_lengths(llm):
         exact = await asyncio.gather(*(actor.ask(chat(p, 60), timeout=300) for p in prompts))
     finally:
         batch_runner.VIEW_BUCKET = bucket
-        runner.forward = real
+        runner._mask = real
     assert len(bucketed) >= 59 and len(set(bucketed)) <= 2, sorted(set(bucketed))
     assert all(v % bucket == 0 for v in set(bucketed) - {max(bucketed)}), set(bucketed)
     assert len(set(views)) > 10, sorted(set(views))    # the unbucketed run, for contrast

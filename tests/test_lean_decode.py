@@ -1,0 +1,118 @@
+"""actors/llm_lean_decode.py: the CPU's lean decode step computes what transformers' step
+computes over the batch runner's KV cache (Llama with grouped-query attention, Qwen2 with q/k/v
+biases), several rows at different positions, step after step; models whose layers are not
+exactly that get no lean step; the batch runner keeps it only when its first step agrees."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agile_rag.actors.batch_runner import BatchRunner
+from agile_rag.actors.kv_slots import make_slot_cache
+from agile_rag.actors.llm_lean_decode import LeanDecoder, agrees, lean_decoder
+
+
+def _tiny(arch: str):
+    import transformers
+    kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = getattr(transformers, arch + "Config")(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = getattr(transformers, arch + "ForCausalLM")(cfg).eval()
+    if arch == "Qwen2":                        # biases on q/k/v: make them matter
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(p.bias, std=0.5)
+    return model
+
+
+def _runner(model):
+    r = BatchRunner(model, pad=0)
+    r.cache = make_slot_cache(model.config.num_hidden_layers, 4, r.kv_heads, 64, r.head_dim,
+                              torch.float32, torch.device("cpu"))
+    return r
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_the_lean_step_computes_transformers_step(arch):
+    model = _tiny(arch)
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder)
+    full, mine = _runner(model), _runner(model)
+    mine.lean = lean
+    g = torch.Generator().manual_seed(1)
+    start = torch.tensor([3, 9, 0])              # three rows at different positions
+    with torch.inference_mode():
+        for step in range(12):
+            ids = torch.randint(0, 300, (3,), generator=g)
+            pos = start + step
+            rows = torch.arange(3)
+            view = int(pos.max()) + 1
+            want = full.forward(ids[:, None], pos, rows, view)
+            got = mine._lean_run(ids, pos, rows, view)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert agrees(got, want)
+        # the caches hold the same keys and values
+        for a, b in zip(full.cache.keys + full.cache.values, mine.cache.keys + mine.cache.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_models_whose_layers_differ_get_no_lean_step():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8)).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
+    assert lean_decoder(qwen3) is None           # q_norm / k_norm in its attention
+    assert lean_decoder(gpt2) is None
+    llama = _tiny("Llama")
+    llama.model.layers[1].mlp.extra = torch.nn.Identity()   # a module the step would skip
+    assert lean_decoder(llama) is None
+
+
+def test_agrees_needs_the_same_choice_or_a_tie():
+    a = torch.tensor([[1.0, 5.0, 2.0]], dtype=torch.bfloat16)
+    assert agrees(a, a.clone())
+    assert not agrees(torch.tensor([[1.0, 2.0, 5.0]], dtype=torch.bfloat16), a)
+    assert agrees(torch.tensor([[1.0, 5.0, 5.06]], dtype=torch.bfloat16),
+                  torch.tensor([[1.0, 5.06, 5.0]], dtype=torch.bfloat16))   # a near tie
+
+
+def test_the_runner_drops_a_lean_step_that_disagrees(caplog):
+    """The first CPU step runs both; a lean step that differs (here: a broken one) is
+    dropped for transformers' step, which gives that step's logits."""
+    model = _tiny("Llama")
+    r = _runner(model)
+    real = lean_decoder
+    from agile_rag.actors import batch_runner
+
+    class Broken(LeanDecoder):
+        def __call__(self, *a, **k):
+            return super().__call__(*a, **k) * 1.5
+    batch_runner.lean_decoder = lambda m: Broken(m, real(m).rope)
+    try:
+        with torch.inference_mode():
+            ids, pos = torch.tensor([7]), torch.tensor([0])
+            stats: dict = {}
+            got = r._lean_step(ids, pos, 64, stats)
+            want = _runner(model).forward(ids[:, None], pos, torch.arange(1), 64)
+    finally:
+        batch_runner.lean_decoder = real
+    assert r.lean is False and stats["lean_decode"] == "off"
+    torch.testing.assert_close(got, want)
+    assert "differs" in caplog.text
+
+
+def test_llm_params_lean_decode_false_keeps_transformers_step():
+    """``llm_params.lean_decode: false`` (a setting, changed live like the others)."""
+    from types import SimpleNamespace
+
+    from agile_rag.actors.llm_batching import BatchEngine, _settings
+
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    engine = BatchEngine(_tiny("Llama"), tok, lean_decode=False)
+    assert engine.runner.lean is False
+    engine._apply({"lean_decode": True})
+    assert engine.runner.lean is None            # tried again at the next CPU step
+    assert _settings(engine.planner.settings, {"lean_decode": 0}).lean_decode is False
