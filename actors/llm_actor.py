@@ -25,6 +25,7 @@ import torch
 
 from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
+from ..runtime.loop_calls import call_threadsafe
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_generate import eos_ids, generate
@@ -313,7 +314,9 @@ class LLMActor(ModelActor):
         if req is None:
             req = SeqRequest(msg, None, 0, _no_callback,
                              TextTail(self.tokenizer, msg.stop, msg.stream), owner=env)
-        req.on_done = lambda r, res: loop.call_soon_threadsafe(self._seq_done, env, r, res)
+        # through call_threadsafe: after the text pieces the same step held (runtime/loop_calls)
+        req.on_done = lambda r, res: call_threadsafe(
+            loop, lambda a: self._seq_done(*a), (env, r, res))
         self._unanswered += 1
         if not self.engine.submit(req):               # no loop runs: take the GPU, start one
             await self._start_loop(env)

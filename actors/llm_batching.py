@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.loop_calls import held_calls
 from .batch_plan import BatchPlanner, BatchSettings, SeqRequest
 from .batch_runner import BatchRunner, batching_supported
 from .messages import ChatResult
@@ -309,13 +310,15 @@ class BatchEngine:
                         stats["yielded"] = True
                         self.yielded = True
                         break
-                    if draining:                          # finish the active rows only
-                        if planner.requeue_partial() is not None:
-                            runner.drop_partial()
-                    else:
-                        self._admit(stats)
-                    self._chunk(stats)
-                    self._decode(stats)
+                    # every row's new text reaches the event loop in one wake-up a step
+                    with held_calls():
+                        if draining:                      # finish the active rows only
+                            if planner.requeue_partial() is not None:
+                                runner.drop_partial()
+                        else:
+                            self._admit(stats)
+                        self._chunk(stats)
+                        self._decode(stats)
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
             self._fail(exc, new)
             self.release()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..runtime.loop_calls import call_threadsafe
 from .states import DeviceMode, FinishReason, ModelStatus
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class TokenStream:
         self.queue: asyncio.Queue[StreamItem] = asyncio.Queue()
 
     def push_threadsafe(self, item: StreamItem) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        call_threadsafe(self.loop, self.queue.put_nowait, item)
 
     def push(self, item: StreamItem) -> None:
         self.queue.put_nowait(item)

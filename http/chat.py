@@ -24,6 +24,7 @@ from agile_rag.actors import llm_grammar
 from agile_rag.actors.llm_tools import ToolCallDelta, ToolCallParser
 from agile_rag.actors.messages import Chat, ChatResult, TokenStream
 from agile_rag.runtime.errors import InvalidRequest, ServiceError
+from agile_rag.runtime.loop_calls import call_threadsafe
 
 from .common import ask_model, resolve_model
 from .errors import json_response
@@ -366,7 +367,7 @@ class _ChoiceStream(TokenStream):
         self.shared = queue
 
     def push_threadsafe(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.shared.put_nowait, (self.index, item))
+        call_threadsafe(self.loop, self.shared.put_nowait, (self.index, item))
 
     def push(self, item) -> None:
         self.shared.put_nowait((self.index, item))
