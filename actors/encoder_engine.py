@@ -53,6 +53,8 @@ MIN_BATCH_TOKENS = 64
 #: forwards in flight on a GPU (the next one queued while the current one computes)
 GPU_DEPTH = 2
 _BASE_WORKING = 64 * 2**20
+#: a GPU job counts toward the measured speed of its mode from this many padded tokens
+RATE_MIN_TOKENS = 2048
 #: most forwards in one layer-streamed group (see _plan_groups)
 MAX_GROUP = 32
 #: a streamed job groups its forwards only when one forward would hold fewer tokens than this:
@@ -89,6 +91,9 @@ class EncoderActor(EncoderJobs):
         self._per_token = 0
         self._out_lock = threading.Lock()
         self._demand: tuple[int, float] = (0, 0.0)      # (tokens, when): see job_tokens
+        #: seconds per padded token of GPU jobs by mode (resident / streamed): _note_speed
+        self._rates: dict[str, float] = {}
+        self._tokens_per_input = 0.0
 
     # -- what subclasses write
     def admit(self, env: Envelope) -> Pending | BaseException:
@@ -275,9 +280,12 @@ class EncoderActor(EncoderJobs):
                 job.device = await lease.acquire(
                     job.items, working, job.env0,
                     stream_working=self.working_bytes(job.items, depth=1),
-                    stream_working_min=self._stream_working_min())
+                    stream_working_min=self._stream_working_min(),
+                    stream_s=self.stream_extra_s(job.items))
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
+        job.gpu_mode = ("streamed" if lease is not None and lease.streamed else "resident") \
+            if gpu else ""
         # streamed: one forward in flight (the grant holds one forward's working memory)
         job.depth = GPU_DEPTH if gpu and lease is not None and not lease.streamed else 1
         if lease is not None and lease.on_gpu:
@@ -311,7 +319,32 @@ class EncoderActor(EncoderJobs):
             return
         job.budget, job.group, job.group_tokens = fwd, members, span
 
+    # -- measured speed of GPU jobs, resident and layer-streamed
+    def _note_speed(self, job: Job) -> None:
+        """A GPU job's seconds per padded token (the time any of its forwards ran), averaged per
+        mode; and the padded tokens per input. Jobs of fewer than RATE_MIN_TOKENS tokens are
+        mostly overhead: not counted."""
+        if not job.gpu_mode or job.tokens_run < RATE_MIN_TOKENS or job.busy_s <= 0:
+            return
+        rate = job.busy_s / job.tokens_run
+        old = self._rates.get(job.gpu_mode)
+        self._rates[job.gpu_mode] = rate if old is None else 0.7 * old + 0.3 * rate
+        per = job.tokens_run / max(1, job.rows_run)
+        self._tokens_per_input = per if not self._tokens_per_input else \
+            0.7 * self._tokens_per_input + 0.3 * per
+
+    def stream_extra_s(self, items: int) -> float:
+        """How much longer a job of ``items`` inputs is measured to take layer-streamed than
+        resident (0 until both modes have run big enough jobs: the arbiter then uses the copy
+        estimate). Measured under real load it includes what the copies' estimate does not:
+        the streamed pass's own overheads and the host embedding lookups."""
+        streamed, resident = self._rates.get("streamed"), self._rates.get("resident")
+        if streamed is None or resident is None or not self._tokens_per_input:
+            return 0.0
+        return max(0.0, items * self._tokens_per_input * (streamed - resident))
+
     async def _release(self, job: Job) -> None:
+        self._note_speed(job)
         lease = self.lease
         if lease is not None:
             if not job.pinned:

@@ -154,6 +154,12 @@ class Job:
         self.group = 1                          # streamed: forwards per layer-major group
         self.group_tokens = 0                   # ... and the tokens such a group may hold
         self.groups = 0                         # groups run (passes shared by >1 forward)
+        # how fast the forwards ran: padded tokens and rows, and the time any forward ran
+        self.tokens_run = 0
+        self.rows_run = 0
+        self.busy_s = 0.0
+        self.busy_since: float | None = None
+        self.gpu_mode = ""                      # resident | streamed: a GPU job's mode
         self.split = False                      # the pool holds the second half of a burst
 
     def poke(self, _fut: Any = None) -> None:
@@ -357,8 +363,16 @@ class EncoderJobs(ModelActor):
             fut = self.system.executor.run_in(
                 fwd_pool, functools.partial(self._forward_blocking, batch))
             fut.add_done_callback(job.poke)
+            self._started(job, batch.padded, len(batch.pieces))
             job.running[fut] = batch
             job.forwards += 1
+
+    @staticmethod
+    def _started(job: Job, tokens: int, rows: int) -> None:
+        if not job.running:
+            job.busy_since = time.monotonic()
+        job.tokens_run += tokens
+        job.rows_run += rows
 
     def _live_only(self, job: Job, batch: Batch) -> bool:
         """Drop the pieces of requests whose askers went away; False: none is left."""
@@ -393,6 +407,7 @@ class EncoderJobs(ModelActor):
         fut = self.system.executor.run_in(
             fwd_pool, functools.partial(self._forward_group_blocking, group))
         fut.add_done_callback(job.poke)
+        self._started(job, group.padded, sum(len(b.pieces) for b in batches))
         job.running[fut] = group
         job.forwards += len(batches)
         job.groups += len(batches) > 1
@@ -487,6 +502,9 @@ class EncoderJobs(ModelActor):
                     self._batch_done(job, batch, err, len(entry))
             else:
                 self._batch_done(job, entry, error)
+        if not job.running and job.busy_since is not None:
+            job.busy_s += time.monotonic() - job.busy_since
+            job.busy_since = None
 
     def _batch_done(self, job: Job, batch: Batch, error: BaseException | None,
                     group: int = 1) -> None:
@@ -547,6 +565,7 @@ class EncoderJobs(ModelActor):
         twice the working memory (the arbiter evicts others), retry the batches once."""
         lease = self.lease
         assert lease is not None
+        job.gpu_mode = ""                   # not a measure of either GPU mode
         batches, job.oom = job.oom, []
         env = job.env0
         job.pinned = False                  # asked again below: finish() at the end
@@ -569,6 +588,7 @@ class EncoderJobs(ModelActor):
     async def _give_up_gpu(self, job: Job) -> None:
         """Out of GPU memory twice: give the GPU back; the job goes on on the CPU."""
         job.give_up = False
+        job.gpu_mode = ""                   # not a measure of either GPU mode
         lease = self.lease
         if lease is not None and lease.on_gpu:
             await lease.give_back(job.env0)

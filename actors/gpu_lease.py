@@ -61,11 +61,12 @@ class GpuLease:
 
     async def acquire(self, items: int, working_bytes: int, env: Envelope | None, *,
                       preemptible: bool = False, stream_working: int = 0,
-                      stream_working_min: int = 0) -> str:
+                      stream_working_min: int = 0, stream_s: float = 0.0) -> str:
         """Where this job computes: ``self.device`` or ``"cpu"``. ``preemptible``: the job
         pauses when the arbiter sends ``Yield`` (the owner handles it). ``stream_working``:
         the job's working memory if it runs layer-streamed (the arbiter may grant that mode;
-        ``streamed`` says afterwards)."""
+        ``streamed`` says afterwards); ``stream_s``: the owner's measure of how much longer
+        the job takes streamed (the copies' estimate when that is more)."""
         mode = self.spec.device
         if mode == DeviceMode.CPU:
             return "cpu"
@@ -82,7 +83,8 @@ class GpuLease:
                              device=card,
                              preemptible=preemptible, weights=self.residency.weight_bytes,
                              restore_s=self.restore_s(), trim_s=self.trim_s(),
-                             **self._stream_terms(stream_working, stream_working_min)),
+                             **self._stream_terms(stream_working, stream_working_min,
+                                                  stream_s)),
                 timeout=GRANT_WAIT_S, sender=self.owner.name,
                 request_id=env.request_id if env else None)
         except ServiceError as exc:
@@ -153,14 +155,16 @@ class GpuLease:
     def _stream_bytes(self) -> int:
         return int(getattr(self.residency, "stream_bytes", 0) or 0)
 
-    def _stream_terms(self, stream_working: int, stream_working_min: int) -> dict[str, Any]:
+    def _stream_terms(self, stream_working: int, stream_working_min: int,
+                      measured_s: float = 0.0) -> dict[str, Any]:
         stream_bytes = self._stream_bytes()
         if not stream_bytes:
             return {}
-        stream_s = getattr(self.residency, "stream_s", None)
+        copies_s = getattr(self.residency, "stream_s", None)
+        estimate = float(copies_s()) if callable(copies_s) else 0.0
         return {"stream_bytes": stream_bytes, "stream_working": int(stream_working),
                 "stream_working_min": int(stream_working_min),
-                "stream_s": float(stream_s()) if callable(stream_s) else 0.0}
+                "stream_s": max(estimate, float(measured_s))}
 
     def trim_s(self) -> float:
         """What giving back our working memory costs us when the next job comes (an LLM

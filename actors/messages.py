@@ -169,9 +169,10 @@ class RequestGrant:
     layers' slots) that replaces ``weights`` in a streamed grant; 0: it cannot stream.
     ``stream_working``: the job's working memory when it runs streamed (one forward in flight;
     0: as resident); ``stream_s``: how much longer the job takes streamed than resident (the
-    layers' copies the compute does not hide). ``trim_s``: what giving back the working memory
-    costs the holder when its next job comes (an LLM captures its CUDA graphs again); 0: next
-    to nothing."""
+    layers' copies the compute does not hide; more when the encoder measured its jobs of both
+    modes further apart: EncoderActor.stream_extra_s). ``trim_s``: what giving back the
+    working memory costs the holder when its next job comes (an LLM captures its CUDA graphs
+    again); 0: next to nothing."""
     model: str
     nbytes: int
     priority: int = 1                 # lower = more urgent

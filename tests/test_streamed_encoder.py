@@ -4,6 +4,7 @@ model does not fit: the same vectors as on the CPU, and /health-style state says
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from agile_rag.actors.embedder_actor import EmbedderActor
 from agile_rag.actors.messages import Describe, Embed
@@ -100,3 +101,31 @@ async def test_a_streamed_job_of_many_forwards_runs_them_in_layer_major_groups()
         assert max(groups) >= 2 and max(groups) <= 32       # traced: how it ran
     finally:
         await system.stop_all()
+
+
+def test_measured_speed_per_mode_is_what_a_streamed_job_is_said_to_cost():
+    """An encoder times its GPU jobs per mode (seconds per padded token, jobs of at least
+    RATE_MIN_TOKENS); once both modes ran, a grant request says how much longer the job would
+    take streamed from those measures when that is more than the copies' estimate."""
+    from types import SimpleNamespace
+
+    from agile_rag.actors.encoder_engine import RATE_MIN_TOKENS
+    from agile_rag.actors.gpu_lease import GpuLease
+
+    path = minilm_dir()
+    e = EmbedderActor(ModelSpec("embedder", "emb", path, path, device="flex"))
+    assert e.stream_extra_s(100) == 0.0                      # nothing measured yet
+
+    def job(mode, tokens, seconds, rows):
+        return SimpleNamespace(gpu_mode=mode, tokens_run=tokens, busy_s=seconds, rows_run=rows)
+    e._note_speed(job("streamed", RATE_MIN_TOKENS - 1, 9.0, 10))      # too small: not counted
+    e._note_speed(job("streamed", 4000, 0.4, 200))                     # 1e-4 s a token
+    assert e.stream_extra_s(100) == 0.0                      # the resident mode not yet
+    e._note_speed(job("resident", 4000, 0.1, 200))                     # 2.5e-5 s a token
+    e._note_speed(job("", 4000, 50.0, 200))                            # a CPU job: not counted
+    assert e.stream_extra_s(100) == pytest.approx(100 * 20 * 7.5e-5)
+    # what the lease sends: the measure when it is more than the copies' estimate
+    lease = GpuLease.__new__(GpuLease)
+    lease.residency = SimpleNamespace(stream_bytes=1 << 20, stream_s=lambda: 0.02)
+    assert lease._stream_terms(1, 1, 0.15)["stream_s"] == pytest.approx(0.15)
+    assert lease._stream_terms(1, 1, 0.0)["stream_s"] == pytest.approx(0.02)
