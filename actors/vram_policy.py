@@ -20,8 +20,9 @@ times the same rate. Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idl
 best set is found exactly; beyond that, evictions are chosen greedily by cost per byte.
 
 A layer-streamed grant (an encoder's few layers' worth) is weighed against this room by the
-arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds) plus the room it
-needs in turn.
+arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds, or, once the
+encoder has timed jobs of both modes, how much longer its streamed jobs measured) plus the room
+it needs in turn.
 """
 from __future__ import annotations
 
