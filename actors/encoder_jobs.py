@@ -37,6 +37,7 @@ import numpy as np
 
 from ..runtime.actor import Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
+from ..runtime.layer_group import one_by_one
 from .encoder_tokens import Piece, TokenPool, Tokens, input_chars
 from .model_base import ARBITER, ModelActor
 from .states import Device, DeviceMode
@@ -108,17 +109,6 @@ class Group(list):
     @property
     def padded(self) -> int:
         return sum(b.padded for b in self)
-
-
-def _one_by_one(fns: list) -> list:
-    """A group runner without a layer stream: the forwards one after another."""
-    out: list = []
-    for fn in fns:
-        try:
-            out.append(fn())
-        except Exception as exc:  # noqa: BLE001 - that forward's own failure
-            out.append(exc)
-    return out
 
 
 class Job:
@@ -449,7 +439,7 @@ class EncoderJobs(ModelActor):
         lease = self.lease
         runner = getattr(lease.residency, "run_group", None) if lease is not None else None
         if runner is None:
-            runner = _one_by_one
+            runner = one_by_one
         outs = engine.forward_group([b.pieces for b in group], runner)
         errors: list[BaseException | None] = []
         for batch, out in zip(group, outs):

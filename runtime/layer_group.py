@@ -37,7 +37,7 @@ import torch
 if TYPE_CHECKING:
     from .layer_stream import LayerStream
 
-__all__ = ["run_layer_major"]
+__all__ = ["run_layer_major", "one_by_one"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,18 @@ def run_layer_major(stream: LayerStream, fns: list[Callable[[], Any]]) -> list[A
                 out[k] = fns[k]()
             except Exception as exc:  # noqa: BLE001
                 out[k] = exc
+    return out
+
+
+def one_by_one(fns: list[Callable[[], Any]]) -> list[Any]:
+    """The fns run one after another (plain passes): each one's result, or the exception it
+    raised."""
+    out: list[Any] = []
+    for fn in fns:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - that forward's own failure
+            out.append(exc)
     return out
 
 

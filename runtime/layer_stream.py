@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer_group import _Captured, run_layer_major, same_result
+from .layer_group import _Captured, one_by_one, run_layer_major, same_result
 
 __all__ = ["LayerStream", "find_blocks", "ALIGN"]
 
@@ -841,7 +841,7 @@ class LayerStream:
         differ (a model that calls its blocks in a way the group cannot reproduce), that group
         and every later one run as plain passes. Detached, or a single fn: plain passes."""
         if len(fns) <= 1 or not self._attached or self._group_ok is False:
-            return self._plain(fns)
+            return one_by_one(fns)
         with self._pass_lock:
             self._group_thread = threading.get_ident()
             ok = False
@@ -864,23 +864,13 @@ class LayerStream:
         if self._group_ok is None:
             k = next((k for k, o in enumerate(out) if not isinstance(o, BaseException)), None)
             if k is not None:
-                plain = self._plain([fns[k]])[0]
+                plain = one_by_one([fns[k]])[0]
                 self._group_ok = same_result(out[k], plain)
                 if not self._group_ok:
                     log.warning("%s: forwards run layer-major differ from a plain pass: "
                                 "grouped passes are off for this model",
                                 type(self.module).__name__)
-                    return self._plain(fns)
-        return out
-
-    @staticmethod
-    def _plain(fns: list[Callable[[], Any]]) -> list[Any]:
-        out: list[Any] = []
-        for fn in fns:
-            try:
-                out.append(fn())
-            except Exception as exc:  # noqa: BLE001 - returned to the caller
-                out.append(exc)
+                    return one_by_one(fns)
         return out
 
     def _start_group_copies(self) -> None:

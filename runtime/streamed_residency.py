@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer_group import one_by_one
 from .layer_stream import LayerStream
 from .residency import WeightResidency
 
@@ -97,13 +98,7 @@ class StreamableResidency:
         if self.streamed:
             assert self.stream is not None
             return self.stream.run_group(fns)
-        out: list = []
-        for fn in fns:
-            try:
-                out.append(fn())
-            except Exception as exc:  # noqa: BLE001 - that forward's own failure
-                out.append(exc)
-        return out
+        return one_by_one(fns)
 
     # ---- moves -----------------------------------------------------------------------------
     def admit(self, device: str = "cuda", *, streamed: bool = False) -> dict:
