@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.layer_group import one_by_one
 from .encoder_tokens import Piece, Tokens, collate, split_features
 
 log = logging.getLogger("agile_rag.encoder")
@@ -171,15 +172,21 @@ class Backend:
             with self.lock:
                 return self.reference([p.raw for p in pieces])
         arrays, consts = collate(pieces, self.pads, self.left)
-        dev = self.device()
+        with self.launch:                     # queue this forward's work, then wait
+            out = self._run_arrays(arrays, consts, self.device())
+        with torch.inference_mode():
+            return out.cpu().numpy()
+
+    def _run_arrays(self, arrays: dict, consts: dict, dev: Any) -> Any:
+        """The model on a collated batch: its arrays moved to ``dev``, float outputs."""
+        import torch
+
         cuda = dev.type == "cuda"
-        with self.launch, torch.inference_mode():   # queue this forward's work, then wait
+        with torch.inference_mode():
             feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
                                      for k, v in arrays.items()}
             feats.update(consts)
-            out = self.run(feats).float()
-        with torch.inference_mode():
-            return out.cpu().numpy()
+            return self.run(feats).float()
 
     def forward_group(self, batches: list[list[Piece]], run_group: Any) -> list[Any]:
         """Several forwards as one layer-streamed group (runtime/layer_group.py):
@@ -189,25 +196,12 @@ class Backend:
         import torch
 
         if not self.fast:
-            out: list[Any] = []
-            for pieces in batches:
-                try:
-                    out.append(self.forward(pieces))
-                except Exception as exc:  # noqa: BLE001 - that batch's own failure
-                    out.append(exc)
-            return out
+            return one_by_one([functools.partial(self.forward, pieces) for pieces in batches])
         dev = self.device()
-        cuda = dev.type == "cuda"
         prepared = [collate(pieces, self.pads, self.left) for pieces in batches]
-
-        def one(arrays: dict, consts: dict) -> Any:
-            with torch.inference_mode():
-                feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
-                                         for k, v in arrays.items()}
-                feats.update(consts)
-                return self.run(feats).float()
         with self.launch:                     # the group is one launch (its members interleave)
-            outs = run_group([functools.partial(one, a, c) for a, c in prepared])
+            outs = run_group([functools.partial(self._run_arrays, a, c, dev)
+                              for a, c in prepared])
         with torch.inference_mode():
             return [o if isinstance(o, BaseException) else o.cpu().numpy() for o in outs]
 
@@ -218,6 +212,8 @@ class Backend:
         return self._elem() * (2 * hidden + min(self.max_len, 1024))
 
     def _config_int(self, name: str, default: int) -> int:
+        """An int setting of the model's config (the first module config with a hidden
+        size), or ``default``."""
         for m in self.module().modules():
             c = getattr(m, "config", None)
             if c is not None and getattr(c, "hidden_size", None):
@@ -267,20 +263,10 @@ class Backend:
         """GPU working memory one token of a batch needs, from the model's config: hidden
         states and the feed-forward's intermediate (in the weights' dtype) and one row of
         attention scores per head."""
-        cfg = None
-        for m in self.module().modules():
-            c = getattr(m, "config", None)
-            if c is not None and getattr(c, "hidden_size", None):
-                cfg = c
-                break
-        elem = 4
-        for p in self.module().parameters():
-            elem = p.element_size()
-            break
-        hidden = int(getattr(cfg, "hidden_size", 1024) or 1024)
-        inter = int(getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden)
-        heads = int(getattr(cfg, "num_attention_heads", 16) or 16)
-        return elem * (10 * hidden + 2 * inter + heads * min(self.max_len, 1024))
+        hidden = self._config_int("hidden_size", 1024)
+        inter = self._config_int("intermediate_size", 4 * hidden)
+        heads = self._config_int("num_attention_heads", 16)
+        return self._elem() * (10 * hidden + 2 * inter + heads * min(self.max_len, 1024))
 
 
 class SentenceTransformerBackend(Backend):

@@ -121,7 +121,7 @@ def run_layer_major(stream: LayerStream, fns: list[Callable[[], Any]]) -> list[A
     stream._group_mode = "layers"
     last: dict[int, Any] = {}
     if captured:
-        stream._start_group_copies()
+        stream._start_copies()
         for i, block in enumerate(stream.blocks):
             stream._begin_layer(i)
             for k in list(captured):

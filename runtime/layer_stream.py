@@ -727,16 +727,7 @@ class LayerStream:
         self._active = True
         self._cursor = 0
         self._pass_root = root
-        if self._cuda:
-            # Copies of this pass go after everything queued so far on this compute stream and
-            # after the previous pass's layers (on whichever stream they ran): they read the
-            # slots.
-            cs = self._copy_stream
-            cs.wait_stream(_cuda.current_stream(self.device))
-            cs.wait_event(self._pass_done)
-            self._t_pass = []
-        for j in range(min(self.slots - 1, self.num_layers)):
-            self._copy(j, wait_freed=False)
+        self._start_copies()
 
     def _end_pass(self, *, aborted: bool) -> None:
         if self._cuda:
@@ -873,9 +864,11 @@ class LayerStream:
                     return one_by_one(fns)
         return out
 
-    def _start_group_copies(self) -> None:
-        """A group's pass begins (run_layer_major): its copies go after the work queued so
-        far and after the previous pass's layers; the first K-1 layers start copying."""
+    def _start_copies(self) -> None:
+        """A pass begins (a forward's, or a group's: run_layer_major): its copies go after
+        everything queued so far on this compute stream and after the previous pass's layers
+        (on whichever stream they ran: they read the slots); the first K-1 layers start
+        copying."""
         if self._cuda:
             cs = self._copy_stream
             cs.wait_stream(_cuda.current_stream(self.device))

@@ -22,13 +22,19 @@ def cpu_streamable(module):
     return StreamableResidency(module, pin=False, device="cpu")
 
 
-async def test_an_embedder_that_only_fits_streamed_runs_streamed_with_the_same_vectors():
-    path = minilm_dir()
-    ref_sys = ActorSystem()
-    ref = ref_sys.spawn(EmbedderActor(ModelSpec("embedder", "ref", path, path, device="cpu")))
-    want = (await ref.ask(Embed(texts=TEXTS), timeout=120)).vectors
-    await ref_sys.stop_all()
+async def cpu_vectors(path, texts_per_request):
+    """The plain CPU model's vectors for each request's texts (what streaming must give)."""
+    system = ActorSystem()
+    ref = system.spawn(EmbedderActor(ModelSpec("embedder", "ref", path, path, device="cpu")))
+    try:
+        return [(await ref.ask(Embed(texts=t), timeout=120)).vectors for t in texts_per_request]
+    finally:
+        await system.stop_all()
 
+
+async def streamable_embedder(path):
+    """A flex embedder whose residency can stream (on a CPU 'device'), loaded, behind a real
+    arbiter with a budget the caller sets: (system, arbiter, embedder, residency)."""
     system = ActorSystem()
     arbiter = system.spawn(VRAMArbiter(1 << 40, grant_timeout=10))
     e = EmbedderActor(ModelSpec("embedder", "emb", path, path, device="flex"))
@@ -36,7 +42,13 @@ async def test_an_embedder_that_only_fits_streamed_runs_streamed_with_the_same_v
     e.gpu_device = "cpu"
     system.spawn(e)
     assert (await e.ask(Describe(), timeout=120)).state == "ready"
-    res = e.lease.residency
+    return system, arbiter, e, e.lease.residency
+
+
+async def test_an_embedder_that_only_fits_streamed_runs_streamed_with_the_same_vectors():
+    path = minilm_dir()
+    want = (await cpu_vectors(path, [TEXTS]))[0]
+    system, arbiter, e, res = await streamable_embedder(path)
     assert 0 < res.stream_bytes < res.weight_bytes
     e.working_bytes = lambda items, depth=2: 64 << 20         # a fixed job size, whatever the batch
     # the whole model does not fit; its streamed mode does
@@ -65,19 +77,8 @@ async def test_a_streamed_job_of_many_forwards_runs_them_in_layer_major_groups()
     path = minilm_dir()
     texts = [[f"Request {r}, text {i}: the river carries {r * i} stones to the sea."
               for i in range(8)] for r in range(12)]
-    ref_sys = ActorSystem()
-    ref = ref_sys.spawn(EmbedderActor(ModelSpec("embedder", "ref", path, path, device="cpu")))
-    want = [(await ref.ask(Embed(texts=t), timeout=120)).vectors for t in texts]
-    await ref_sys.stop_all()
-
-    system = ActorSystem()
-    arbiter = system.spawn(VRAMArbiter(1 << 40, grant_timeout=10))
-    e = EmbedderActor(ModelSpec("embedder", "emb", path, path, device="flex"))
-    e.residency_factory = cpu_streamable
-    e.gpu_device = "cpu"
-    system.spawn(e)
-    assert (await e.ask(Describe(), timeout=120)).state == "ready"
-    res = e.lease.residency
+    want = await cpu_vectors(path, texts)
+    system, arbiter, e, res = await streamable_embedder(path)
     # room for forwards of 64 tokens (twice: one forward's working memory, and the hidden
     # states the group keeps between layers)
     e.working_bytes = lambda items, depth=2: (64 << 20) + 2 * 64 * e._token_bytes
