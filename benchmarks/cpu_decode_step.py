@@ -7,6 +7,8 @@ bound by its kernels (reading the weights), not by Python.
         [--weights none|int8|int4] [--repeat 3] [--no-compile]
 ``--weights`` as the server's llm_params.weight_quant makes them: int8 every linear layer;
 int4 the layers the GGUF keeps in 4 bits, int8 the head (the server's CPU default).
+It also times the server's own decode step (actors/batch_runner.py over its KV rectangle, one
+row): through transformers' forward against the lean step (actors/llm_lean_decode.py).
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ def main() -> None:
     run(step, 4)
     rates = [run(step, a.tokens) for _ in range(a.repeat)]
     print("eager: " + ", ".join(f"{r:.1f}" for r in rates) + " tokens/s", flush=True)
+    runner_steps(model, dtype, a.repeat)
     if a.no_compile:
         return
     t0 = time.perf_counter()
@@ -78,6 +81,39 @@ def main() -> None:
     run(compiled, 4)
     print(f"torch.compile: first steps {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"compiled: {run(compiled, a.tokens):.1f} tokens/s")
+
+
+def runner_steps(model, dtype, repeat: int, steps: int = 60) -> None:
+    """The server's decode step of one row at position 40 over a 64-key view: transformers'
+    forward (BatchRunner.forward) against the lean step, interleaved, ms per step."""
+    import torch
+
+    from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors.kv_slots import make_slot_cache
+    from agile_rag.actors.llm_lean_decode import lean_decoder
+
+    r = BatchRunner(model, pad=0)
+    r.cache = make_slot_cache(model.config.num_hidden_layers, 4, r.kv_heads, 512, r.head_dim,
+                              dtype, torch.device("cpu"))
+    r.lean = lean_decoder(model)
+    if r.lean is None:
+        print("no lean step for this model")
+        return
+    ids, pos, rows = torch.tensor([5]), torch.tensor([40]), torch.arange(1)
+    ways = {"transformers": lambda: r.forward(ids[:, None], pos, rows, 64),
+            "lean": lambda: r._lean_run(ids, pos, rows, 64)}
+    times: dict = {k: [] for k in ways}
+    with torch.inference_mode():
+        for _ in range(max(1, repeat)):
+            for name, fn in ways.items():
+                for _ in range(5):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    for name, ms in times.items():
+        print(f"runner step, {name}: " + ", ".join(f"{m:.2f}" for m in ms) + " ms", flush=True)
 
 
 if __name__ == "__main__":
