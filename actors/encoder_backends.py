@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.layer_group import one_by_one
+from ..runtime.layer_stream import host_twins
 from .encoder_tokens import Piece, Tokens, collate, split_features
 
 log = logging.getLogger("agile_rag.encoder")
@@ -183,10 +184,14 @@ class Backend:
 
         cuda = dev.type == "cuda"
         with torch.inference_mode():
-            feats: dict[str, Any] = {k: torch.from_numpy(v).to(dev, non_blocking=cuda)
-                                     for k, v in arrays.items()}
+            hosts = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            feats: dict[str, Any] = {k: h.to(dev, non_blocking=cuda) for k, h in hosts.items()}
+            # a layer-streamed model's host embedding lookup reads its ids from the host
+            # arrays, not back from the device (no sync with the forward queued before)
+            twins = host_twins([(feats[k], h) for k, h in hosts.items()])
             feats.update(consts)
-            return self.run(feats).float()
+            with twins:
+                return self.run(feats).float()
 
     def forward_group(self, batches: list[list[Piece]], run_group: Any) -> list[Any]:
         """Several forwards as one layer-streamed group (runtime/layer_group.py):

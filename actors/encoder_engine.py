@@ -247,7 +247,9 @@ class EncoderActor(EncoderJobs):
         self._tokenize(job, loop)
         job.items = sum(len(p.inputs) for p in job.live.values())
         try:
+            t_acq = time.monotonic()
             await self._acquire(job)
+            job.acquire_s = time.monotonic() - t_acq
             await self._loop(job, loop)
         except asyncio.CancelledError:
             self._job = None
@@ -279,14 +281,14 @@ class EncoderActor(EncoderJobs):
             else:
                 job.device = await lease.acquire(
                     job.items, working, job.env0,
-                    stream_working=self.working_bytes(job.items, depth=1),
+                    stream_working=self.working_bytes(job.items),
                     stream_working_min=self._stream_working_min(),
                     stream_s=self.stream_extra_s(job.items))
             self.device = job.device
         gpu = lease is not None and lease.on_gpu and str(job.device).startswith("cuda")
         job.gpu_mode = ("streamed" if lease is not None and lease.streamed else "resident") \
             if gpu else ""
-        # streamed: one forward in flight (the grant holds one forward's working memory)
+        # streamed: one forward in flight unless the grant holds two big ones (_plan_groups)
         job.depth = GPU_DEPTH if gpu and lease is not None and not lease.streamed else 1
         if lease is not None and lease.on_gpu:
             # forwards within what the working memory was asked for (the CPU has no such limit)
@@ -297,12 +299,20 @@ class EncoderActor(EncoderJobs):
 
     def _plan_groups(self, job: Job, room: int) -> None:
         """A streamed job, maybe granted less than it asked: its forwards fit ``room`` bytes.
+        When two forwards of at least ``GROUP_BELOW_TOKENS`` fit, two run in flight.
         When that makes them small (under ``GROUP_BELOW_TOKENS``), they run in layer-major
         groups (runtime/layer_group.py: the layers are copied once per group, not once per
         forward): half the room for one forward's working memory, the other half for the
         hidden states the group's forwards keep between layers.
         ``stream_groups: false`` (embedder_params / reranker_params): one forward per pass."""
         per = self._token_bytes
+        two = min(job.budget, room // (GPU_DEPTH * per))
+        if two >= GROUP_BELOW_TOKENS:
+            # room for two big forwards: two in flight, as a resident job runs (the next
+            # forward's host work and launches overlap the running one's compute; its layer
+            # copies queue behind the running pass)
+            job.depth, job.budget = GPU_DEPTH, two
+            return
         alone = max(MIN_BATCH_TOKENS, min(job.budget, room // per))
         engine = self.engine
         keep = engine.keep_bytes_per_token() if engine is not None and engine.fast else 0
@@ -345,6 +355,13 @@ class EncoderActor(EncoderJobs):
 
     async def _release(self, job: Job) -> None:
         self._note_speed(job)
+        if job.gpu_mode:
+            # one line per GPU job: where a slow job's time went (server log, INFO)
+            log.info("%s job: mode=%s requests=%d items=%d forwards=%d groups=%d tokens=%d "
+                     "budget=%d group=%d busy_s=%.3f acquire_s=%.3f wall_s=%.3f",
+                     self.spec.name, job.gpu_mode, job.requests, job.items, job.forwards,
+                     job.groups, job.tokens_run, job.budget, job.group, job.busy_s,
+                     job.acquire_s, time.monotonic() - job.t0)
         lease = self.lease
         if lease is not None:
             if not job.pinned:

@@ -150,6 +150,8 @@ class Job:
         self.busy_s = 0.0
         self.busy_since: float | None = None
         self.gpu_mode = ""                      # resident | streamed: a GPU job's mode
+        self.requests = 0                       # requests taken in (the job summary's count)
+        self.acquire_s = 0.0                    # waiting for the GPU grant
         self.split = False                      # the pool holds the second half of a burst
 
     def poke(self, _fut: Any = None) -> None:
@@ -236,6 +238,7 @@ class EncoderJobs(ModelActor):
             self._deliver(env, p)
             return
         job.live[env] = p
+        job.requests += 1
         if p.left == 0:
             self._done(job, p)
             return

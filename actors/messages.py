@@ -167,7 +167,8 @@ class RequestGrant:
     loses, e.g. CUDA graphs); 0: the arbiter estimates it from the bytes. ``stream_bytes``:
     the GPU bytes of the holder's layer-streamed mode (an encoder's small parts plus a few
     layers' slots) that replaces ``weights`` in a streamed grant; 0: it cannot stream.
-    ``stream_working``: the job's working memory when it runs streamed (one forward in flight;
+    ``stream_working``: the job's working memory when it runs streamed (as resident, two
+    forwards in flight; a grant of less runs one, or smaller ones: EncoderActor._plan_groups;
     0: as resident); ``stream_s``: how much longer the job takes streamed than resident (the
     layers' copies the compute does not hide; more when the encoder measured its jobs of both
     modes further apart: EncoderActor.stream_extra_s). ``trim_s``: what giving back the

@@ -75,7 +75,7 @@ from torch import nn
 
 from .layer_group import _Captured, one_by_one, run_layer_major, same_result
 
-__all__ = ["LayerStream", "find_blocks", "ALIGN"]
+__all__ = ["LayerStream", "find_blocks", "ALIGN", "host_twins"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,44 @@ ALIGN = 256
 # The CUDA API the hooks call (Stream, Event, stream, current_stream, is_available): a seam the
 # CPU tests replace with fakes that log each stream's queue, to check the ordering protocol.
 _cuda: Any = torch.cuda
+
+
+# The host tensors a forward's device inputs were copied from (this thread's forward only):
+# a host embedding lookup reads its ids from here instead of back from the device, which
+# would synchronise the CPU with everything queued on the compute stream (the forward before).
+_twins = threading.local()
+
+
+class host_twins:
+    """``with host_twins([(device_tensor, host_tensor), ...]):`` around a forward whose
+    inputs were copied to the device from those host tensors (same values): the host
+    embedding lookups of that forward take their ids from the host tensor, with no sync."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = {(d.data_ptr(), tuple(d.shape), d.stride()): h for d, h in pairs
+                      if d.device.type != "cpu"}
+
+    def __enter__(self) -> host_twins:
+        self.prev = getattr(_twins, "pairs", None)
+        _twins.pairs = self.pairs
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _twins.pairs = self.prev
+
+
+def _host_ids(ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(ids on the host, whether reading them synchronised): the host twin of this device
+    tensor when the forward named one (no sync), else a copy back from the device (which
+    waits for the stream that made them)."""
+    if ids.device.type == "cpu":
+        return ids, False
+    pairs = getattr(_twins, "pairs", None)
+    if pairs:
+        twin = pairs.get((ids.data_ptr(), tuple(ids.shape), ids.stride()))
+        if twin is not None and twin.dtype == ids.dtype:
+            return twin, False
+    return ids.to("cpu"), True
 
 
 def _align(n: int) -> int:
@@ -376,7 +414,7 @@ class LayerStream:
             "passes": 0, "layer_copies": 0, "bytes_copied": 0, "aborted_passes": 0,
             "group_passes": 0, "group_forwards": 0, "attaches": 0, "detaches": 0,
             "attach_seconds": 0.0, "last_copy_seconds": None,
-            "copy_seconds": 0.0, "timed_passes": 0, "host_lookups": 0,
+            "copy_seconds": 0.0, "timed_passes": 0, "host_lookups": 0, "host_lookup_syncs": 0,
         }
 
     # ------------------------------------------------------------------ sizes
@@ -663,13 +701,16 @@ class LayerStream:
 
         def lookup(ids: torch.Tensor) -> torch.Tensor:
             """The embedding lookup on the CPU, from the host table; the rows go to the device.
-            Reading the ids back synchronises the CPU with the stream that made them."""
+            The ids come from their host twin (`host_twins`) when the caller named one;
+            otherwise reading them back synchronises the CPU with the stream that made them."""
             if self._grouping() and self._group_mode == "replay":
                 # the blocks ignore their input in a group's replay: no gather, no sync
                 return torch.empty((*ids.shape, weight.shape[1]), dtype=weight.dtype,
                                    device=dev)
             self._stats["host_lookups"] += 1
-            cpu_ids = ids.to("cpu")
+            cpu_ids, synced = _host_ids(ids)
+            if synced:
+                self._stats["host_lookup_syncs"] += 1
             if mod.max_norm is not None or dev.type == "cpu":
                 out = nn.functional.embedding(cpu_ids, weight, mod.padding_idx, mod.max_norm,
                                               mod.norm_type, mod.scale_grad_by_freq, mod.sparse)

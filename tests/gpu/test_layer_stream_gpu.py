@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from agile_rag.runtime.layer_stream import LayerStream
+from agile_rag.runtime.layer_stream import LayerStream, host_twins
 from agile_rag.runtime.residency import WeightResidency
 
 pytestmark = [pytest.mark.gpu,
@@ -207,6 +207,17 @@ def test_streamed_reranker_host_embeddings(reranker):
               f"{reranker['t32'] * 1e3:.1f} ms, streamed {t32 * 1e3:.1f} ms, ratio "
               f"{t32 / reranker['t32']:.3f}")
         assert ls.stats()["host_lookups"] >= 4
+        # ids read back from the device synchronise; named host twins do not, same scores
+        syncs = ls.stats()["host_lookup_syncs"]
+        assert syncs == ls.stats()["host_lookups"]
+        outs = []
+        for s in range(0, ids.shape[0], RR_BATCH):
+            hid, hmask = ids[s:s + RR_BATCH], mask[s:s + RR_BATCH]
+            did, dmask = hid.cuda(), hmask.cuda()
+            with host_twins([(did, hid), (dmask, hmask)]):
+                outs.append(m(input_ids=did, attention_mask=dmask).logits)
+        assert ls.stats()["host_lookup_syncs"] == syncs
+        assert torch.equal(torch.cat(outs), _run(m, ids, mask, RR_BATCH))
         ls.detach()
         assert _settle() == base0
         assert "forward" not in m.roberta.embeddings.word_embeddings.__dict__
