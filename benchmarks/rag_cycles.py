@@ -35,6 +35,9 @@ the cycle it is in when it closes. Only cycles that started inside the window co
 elapsed time runs from the window's start to the end of its last counted cycle, so
 cycles/s = counted successful cycles / elapsed and tokens/s = their completion tokens / elapsed.
 A cycle with any failed step is a failure (never counted as completed, never hidden).
+A second rate, N / mean cycle seconds (Little's law for N clients that each run one cycle at a
+time), is reported beside it: when a cycle takes about as long as the window, the counted rate
+jumps with whether the clients fit one or two cycles into it.
 
 Time: the whole run stays under --time-budget-s (default 540 s; the GPU machine kills commands
 at 600 s). Before each level (and each server start) the time it needs is estimated from what
@@ -531,6 +534,8 @@ def summarize(level: dict) -> dict:
         "warmup_error": level["warmup"].get("error"),
         "elapsed_s": elapsed,
         "cycles_per_s": len(ok) / elapsed if elapsed else 0.0,
+        # the closed loop's rate by Little's law: N clients, each one cycle at a time
+        "little_cycles_per_s": (level["n"] / mean([c["total_s"] for c in ok])) if ok else 0.0,
         "llm_tokens_per_s": tokens / elapsed if elapsed else 0.0,
         "p50_s": pct([c["total_s"] for c in ok], 50),
         "p99_s": pct([c["total_s"] for c in ok], 99),
@@ -559,6 +564,9 @@ def median_of(runs: list[dict]) -> dict:
     mid = sorted(runs, key=lambda r: r["cycles_per_s"])[(len(runs) - 1) // 2]
     out = dict(mid)
     out["runs_cycles_per_s"] = [r["cycles_per_s"] for r in runs]
+    out["runs_little_cycles_per_s"] = [r["little_cycles_per_s"] for r in runs]
+    little = sorted(out["runs_little_cycles_per_s"])
+    out["little_cycles_per_s"] = little[(len(little) - 1) // 2]
     med = rates[(len(rates) - 1) // 2]
     out["spread"] = (rates[-1] - rates[0]) / med if med else None
     return out
@@ -575,7 +583,7 @@ def fmt(v, digits: int = 2) -> str:
 
 COLUMNS = ("mode", "N", "cycles", "cyc/s", "spread", "tok/s", "p50 s", "p99 s", "ttft p50",
            "chat1", "embed", "rerank", "chat2", "fail", "admits/cyc", "GB in/cyc", "yields/cyc",
-           "trims/cyc", "llm evict", "xN=1", "cap/uncap")
+           "trims/cyc", "llm evict", "xN=1", "cap/uncap", "N/mean cyc/s", "cap/uncap N/mean")
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -592,7 +600,9 @@ def table_rows(result: dict) -> list[list[str]]:
                          fmt(s["admits_per_cycle"]), fmt(s.get("swap_in_gb_per_cycle")),
                          fmt(s.get("yields_per_cycle")), fmt(s.get("trims_per_cycle")),
                          fmt(s.get("llm_evictions"), 0), fmt(s.get("vs_n1")),
-                         fmt(s.get("capped_vs_uncapped"))])
+                         fmt(s.get("capped_vs_uncapped")),
+                         fmt(s.get("little_cycles_per_s"), 3),
+                         fmt(s.get("capped_vs_uncapped_little"))])
     return rows
 
 
@@ -620,6 +630,9 @@ def add_ratios(result: dict) -> None:
             u = unc.get(s["n"])
             s["capped_vs_uncapped"] = (s["cycles_per_s"] / u["cycles_per_s"]
                                        if u and u["cycles_per_s"] else None)
+            s["capped_vs_uncapped_little"] = (
+                s.get("little_cycles_per_s", 0) / u["little_cycles_per_s"]
+                if u and u.get("little_cycles_per_s") else None)
             runs, uruns = s.get("runs_cycles_per_s"), (u or {}).get("runs_cycles_per_s")
             if runs and uruns and len(runs) == len(uruns):      # ratio of each repeat pair
                 ratios = sorted(c / v for c, v in zip(runs, uruns) if v)
@@ -659,7 +672,10 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
               "chats; fail counts failed, cut and failed warm-up cycles; admits/cyc = GPU "
               "admits (host -> GPU weight copies) in the window / completed cycles; xN=1 = "
               "cycles/s over the same mode's N=1; cap/uncap = capped over uncapped cycles/s "
-              "at the same N.", "", "## Server metrics per level (window only)", "",
+              "at the same N. N/mean cyc/s = N / the mean seconds of a counted cycle (the "
+              "closed loop's rate by Little's law; median of the repeats), less sensitive than "
+              "the counted rate to where the window closes when a cycle takes about as long "
+              "as the window; cap/uncap N/mean = the ratio of those.", "", "## Server metrics per level (window only)", "",
               "| mode | N | admits | GB in | admit s | evictions | grants | refusals | "
               "grant wait s | http errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, mres in result["modes"].items():
