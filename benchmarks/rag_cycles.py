@@ -675,7 +675,8 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
               "at the same N. N/mean cyc/s = N / the mean seconds of a counted cycle (the "
               "closed loop's rate by Little's law; median of the repeats), less sensitive than "
               "the counted rate to where the window closes when a cycle takes about as long "
-              "as the window; cap/uncap N/mean = the ratio of those.", "", "## Server metrics per level (window only)", "",
+              "as the window; cap/uncap N/mean = the ratio of those.", "",
+              "## Server metrics per level (window only)", "",
               "| mode | N | admits | GB in | admit s | evictions | grants | refusals | "
               "grant wait s | http errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, mres in result["modes"].items():
