@@ -149,7 +149,7 @@ class EncoderActor(EncoderJobs):
 
     def working_bytes(self, items: int, depth: int = GPU_DEPTH) -> int:
         """GPU memory beyond the weights: the forwards in flight at the job's token budget
-        (``depth`` of them: one when the job runs layer-streamed)."""
+        (``depth`` of them; a streamed grant may hold fewer: _plan_groups)."""
         return _BASE_WORKING + depth * self.job_tokens(items) * self._token_bytes
 
     def _stream_working_min(self) -> int:

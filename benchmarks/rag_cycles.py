@@ -488,11 +488,14 @@ def encoder_jobs(events: list[dict]) -> dict:
         d = e.get("detail") or {}
         s = out.setdefault(e.get("actor"), {"requests": 0, "resident_jobs": 0,
                                             "streamed_jobs": 0, "forwards": 0, "grouped": 0,
-                                            "group_sum": 0})
+                                            "group_sum": 0, "grant_wait_s": 0.0,
+                                            "evicting_jobs": 0})
         s["requests"] += 1
         mode = d.get("gpu_mode")
         if mode in ("resident", "streamed"):
             s[mode + "_jobs"] += 1
+            s["grant_wait_s"] += d.get("grant_wait_s", 0) or 0
+            s["evicting_jobs"] += bool(d.get("evicted"))
         s["forwards"] += d.get("forwards", 0) or 0
         if d.get("layer_group"):
             s["grouped"] += 1
@@ -689,16 +692,19 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                          f"{m['http_errors']:.0f} |")
     lines += ["", "## Encoder jobs per level (window only, from /debug/traces)", "",
               "| mode | N | model | requests | GPU jobs resident | GPU jobs streamed | "
-              "forwards per request | requests in a layer group | mean group |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "forwards per request | requests in a layer group | mean group | "
+              "grant wait s per GPU job | GPU jobs that evicted a model |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, mres in result["modes"].items():
         for s, lv in zip(mres["levels"], mres["raw_levels"]):
             for model, e in sorted((lv.get("encoders") or {}).items()):
                 group = f"{e['group_sum'] / e['grouped']:.1f}" if e["grouped"] else "-"
+                jobs = e["resident_jobs"] + e["streamed_jobs"]
+                wait = e.get("grant_wait_s", 0) / jobs if jobs else None
                 lines.append(f"| {mode} | {s['n']} | {model} | {e['requests']} | "
                              f"{e['resident_jobs']} | {e['streamed_jobs']} | "
                              f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
-                             f"{group} |")
+                             f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
     errors = [(mode, s["n"], e) for mode, mres in result["modes"].items()
               for s in mres["levels"] for e in s["errors"]]
     if errors:

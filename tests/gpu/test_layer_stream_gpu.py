@@ -220,6 +220,7 @@ def test_streamed_reranker_host_embeddings(reranker):
         st = ls.stats()
         assert st["host_lookups"] > lookups and st["host_lookup_syncs"] == syncs, st
         _assert_close(torch.cat(outs), reranker["ref"], "rerank with host twins of the ids")
+        del outs, did, dmask
         ls.detach()
         assert _settle() == base0
         assert "forward" not in m.roberta.embeddings.word_embeddings.__dict__
