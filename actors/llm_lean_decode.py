@@ -9,7 +9,11 @@ attend over): embed, then per layer RMSNorm, q/k/v projections, rotary embedding
 own ``rotary_emb`` and ``apply_rotary_pos_emb``), grouped-query attention over the cache
 (:func:`~.kv_slots.grouped_decode_attention`), output projection, RMSNorm, the gated MLP (its
 own activation); the final norm and the head. The projections are the model's own modules
-(int4 / int8 / bf16).
+(int4 / int8 / bf16). Int4 projections that read the same input (q, k and v; gate and up) run
+as one call of the int4 kernel over their weights laid end to end (:class:`Int4Calls`: the
+layers' own packed weights become views of that buffer, so nothing is held twice), and every
+int4 projection calls the kernel directly: on 2 cores a kernel call on one row takes ~14 us
+and the module's reshapes and casts around it another ~12 us, 210 times a step.
 
 Only for the architectures whose decoder layer is exactly that (Llama, Mistral without a sliding
 window, Qwen2; :func:`lean_decoder` checks the modules and their attributes, else None). The
@@ -26,12 +30,73 @@ import torch
 import torch.nn.functional as F
 
 from .kv_slots import grouped_decode_attention
+from .llm_int4 import GROUP, INT4_ROWS, Int4Linear
 
 log = logging.getLogger("agile_rag.llm")
 
+#: views of at most this many keys attend through torch's SDPA kernel, longer ones through
+#: two matmuls (on 2 cores, one row, 3 KV heads of 3 query heads: 18 against 45 us at 64
+#: keys, 64 against 60 at 512, 250 against 121 at 2,048)
+SDPA_KEYS = 256
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+class Int4Calls:
+    """Int4 projections of one input as one kernel call: ``calls(x2 [rows, in] bfloat16)
+    -> one [rows, out_i] per layer``. Their packed weights are laid end to end (the kernel packs
+    each output row on its own: a layer's rows are a slice) and each layer's ``packed`` buffer
+    becomes its slice, a view (nothing is held twice); their scales and offsets and their
+    biases are concatenated (small)."""
+
+    def __init__(self, layers: list[Int4Linear]):
+        self.sizes = [lin.out_features for lin in layers]
+        first = layers[0].packed
+        if len(layers) == 1:
+            self.packed = first
+        elif _laid_end_to_end([lin.packed for lin in layers]):
+            # already views of one buffer (another lean decoder of this model made it)
+            self.packed = first.as_strided((sum(self.sizes), first.shape[1]), first.stride())
+        else:
+            self.packed = torch.cat([lin.packed for lin in layers], 0)
+            start = 0
+            for lin in layers:
+                lin.packed = self.packed[start:start + lin.out_features]
+                start += lin.out_features
+        self.scale_zero = torch.cat([lin.scale_zero for lin in layers], 1).contiguous()
+        biases = [lin.bias for lin in layers]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach().to(torch.bfloat16) if b is not None else
+             torch.zeros(n, dtype=torch.bfloat16) for b, n in zip(biases, self.sizes)])
+
+    def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scale_zero)
+        if self.bias is not None:
+            y = y + self.bias
+        return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]
+
+    @staticmethod
+    def of(layers: list[Any]) -> Int4Calls | None:
+        """For int4 projections on the CPU with bfloat16 scales; None otherwise."""
+        if not all(isinstance(lin, Int4Linear) and lin.packed.device.type == "cpu" and
+                   lin.scale_zero.dtype == torch.bfloat16 for lin in layers):
+            return None
+        if len({lin.in_features for lin in layers}) != 1:
+            return None
+        return Int4Calls(layers)
+
+
+def _laid_end_to_end(parts: list[torch.Tensor]) -> bool:
+    """The tensors are consecutive row ranges of one contiguous buffer."""
+    first = parts[0]
+    end = first.data_ptr()
+    for t in parts:
+        if not t.is_contiguous() or t.data_ptr() != end or t.shape[1:] != first.shape[1:] or \
+                t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return False
+        end += t.numel() * t.element_size()
+    return True
 
 
 def _rms_parts(norm: Any) -> tuple[torch.Tensor, float] | None:
@@ -62,11 +127,16 @@ class LeanDecoder:
         self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self.final = _rms_parts(inner.norm)
         self.layers = []
+        # per layer, the int4 kernel calls (None: the modules): q/k/v, o, gate/up, down
+        self.int4: list[tuple[Int4Calls, Int4Calls, Int4Calls, Int4Calls] | None] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((_rms_parts(layer.input_layernorm), a.q_proj, a.k_proj,
                                 a.v_proj, a.o_proj, _rms_parts(layer.post_attention_layernorm),
                                 m.gate_proj, m.up_proj, m.down_proj, m.act_fn))
+            calls = (Int4Calls.of([a.q_proj, a.k_proj, a.v_proj]), Int4Calls.of([a.o_proj]),
+                     Int4Calls.of([m.gate_proj, m.up_proj]), Int4Calls.of([m.down_proj]))
+            self.int4.append(calls if all(c is not None for c in calls) else None)  # type: ignore[misc]
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
                  mask: torch.Tensor) -> torch.Tensor:
@@ -75,17 +145,38 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos[:, None])
         dtype = x.dtype
+        direct = dtype == torch.bfloat16 and b <= INT4_ROWS
         for i, (n1, q_p, k_p, v_p, o_p, n2, gate, up, down, act) in enumerate(self.layers):
+            calls = self.int4[i] if direct else None
             h = _rms(x, n1, dtype)
-            q = q_p(h).view(b, 1, h_n, d).transpose(1, 2)
-            k = k_p(h).view(b, 1, kv_n, d).transpose(1, 2)
-            v = v_p(h).view(b, 1, kv_n, d).transpose(1, 2)
+            if calls is not None:
+                qkv, o_c, gate_up, down_c = calls
+                q, k, v = qkv(h.view(b, -1))
+                q = q.view(b, 1, h_n, d).transpose(1, 2)
+                k = k.view(b, 1, kv_n, d).transpose(1, 2)
+                v = v.view(b, 1, kv_n, d).transpose(1, 2)
+            else:
+                q = q_p(h).view(b, 1, h_n, d).transpose(1, 2)
+                k = k_p(h).view(b, 1, kv_n, d).transpose(1, 2)
+                v = v_p(h).view(b, 1, kv_n, d).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             keys, values = cache.update(k, v, i)
-            o, _ = grouped_decode_attention(None, q, keys, values, mask, scaling=self.scaling)
-            x = x + o_p(o.reshape(b, 1, h_n * d))
-            h = _rms(x, n2, dtype)
-            x = x + down(act(gate(h)) * up(h))
+            if mask.shape[-1] <= SDPA_KEYS:
+                # each KV head's query heads as one group of queries: [B, kv heads, group, D]
+                o = F.scaled_dot_product_attention(q.reshape(b, kv_n, h_n // kv_n, d), keys,
+                                                   values, attn_mask=mask, scale=self.scaling)
+            else:
+                o, _ = grouped_decode_attention(None, q, keys, values, mask,
+                                                scaling=self.scaling)
+            if calls is not None:
+                x = x + o_c(o.reshape(b, h_n * d))[0].view(b, 1, -1)
+                h = _rms(x, n2, dtype)
+                g, u = gate_up(h.view(b, -1))
+                x = x + down_c((act(g) * u).contiguous())[0].view(b, 1, -1)
+            else:
+                x = x + o_p(o.reshape(b, 1, h_n * d))
+                h = _rms(x, n2, dtype)
+                x = x + down(act(gate(h)) * up(h))
         return self.head(_rms(x, self.final, dtype))[:, -1, :]
 
 

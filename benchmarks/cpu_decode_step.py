@@ -8,7 +8,8 @@ bound by its kernels (reading the weights), not by Python.
 ``--weights`` as the server's llm_params.weight_quant makes them: int8 every linear layer;
 int4 the layers the GGUF keeps in 4 bits, int8 the head (the server's CPU default).
 It also times the server's own decode step (actors/batch_runner.py over its KV rectangle, one
-row): through transformers' forward against the lean step (actors/llm_lean_decode.py).
+row): through transformers' forward against the lean step (actors/llm_lean_decode.py), and the
+lean step with its int4 projections called as modules against one kernel call per input.
 """
 from __future__ import annotations
 
@@ -100,8 +101,18 @@ def runner_steps(model, dtype, repeat: int, steps: int = 60) -> None:
         print("no lean step for this model")
         return
     ids, pos, rows = torch.tensor([5]), torch.tensor([40]), torch.arange(1)
+    calls = r.lean
+    modules = lean_decoder(model)                  # the same step through the int4 modules
+    assert modules is not None
+    modules.int4 = [None] * len(modules.int4)
+
+    def lean(decoder):
+        r.lean = decoder
+        return r._lean_run(ids, pos, rows, 64)
+
     ways = {"transformers": lambda: r.forward(ids[:, None], pos, rows, 64),
-            "lean": lambda: r._lean_run(ids, pos, rows, 64)}
+            "lean, int4 modules": lambda: lean(modules),
+            "lean": lambda: lean(calls)}
     times: dict = {k: [] for k in ways}
     with torch.inference_mode():
         for _ in range(max(1, repeat)):

@@ -34,8 +34,11 @@ def _runner(model):
     return r
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-def test_the_lean_step_computes_transformers_step(arch):
+@pytest.mark.parametrize("arch,sdpa_keys", [("Llama", 256), ("Qwen2", 256), ("Llama", 0)])
+def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
+    """(sdpa_keys 0: every view attends through the two-matmul path, as long views do)"""
+    import agile_rag.actors.llm_lean_decode as lean_mod
+    monkeypatch.setattr(lean_mod, "SDPA_KEYS", sdpa_keys)
     model = _tiny(arch)
     lean = lean_decoder(model)
     assert isinstance(lean, LeanDecoder)
@@ -116,3 +119,57 @@ def test_llm_params_lean_decode_false_keeps_transformers_step():
     engine._apply({"lean_decode": True})
     assert engine.runner.lean is None            # tried again at the next CPU step
     assert _settings(engine.planner.settings, {"lean_decode": 0}).lean_decode is False
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch):
+    """bfloat16 with int4 projections (the server's CPU default): q/k/v and gate/up run as one
+    kernel call each, over the layers' own packed weights (now views of one buffer), and give
+    exactly what the modules give, step after step; the step still agrees with transformers'."""
+    import transformers
+
+    from agile_rag.actors.llm_int4 import Int4Linear, quantize_int4
+    from agile_rag.actors.llm_lean_decode import Int4Calls
+
+    kw = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
+    cfg = getattr(transformers, arch + "Config")(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = getattr(transformers, arch + "ForCausalLM")(cfg).eval()
+    if arch == "Qwen2":
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(p.bias, std=0.5)
+    model = model.to(torch.bfloat16)
+    assert quantize_int4(model) == 2 * 7
+    fused = lean_decoder(model)
+    plain = lean_decoder(model)
+    assert isinstance(fused, LeanDecoder) and isinstance(plain, LeanDecoder)
+    assert all(c is not None for c in fused.int4)
+    attn = model.model.layers[0].self_attn
+    qkv = fused.int4[0][0]
+    assert isinstance(qkv, Int4Calls) and isinstance(attn.k_proj, Int4Linear)
+    for lean in (fused, plain):                        # a second decoder made no new buffer
+        assert attn.k_proj.packed.untyped_storage().data_ptr() == \
+            lean.int4[0][0].packed.untyped_storage().data_ptr()   # views: held once
+    plain.int4 = [None] * len(plain.int4)          # the modules' own forward
+
+    def runner(lean):
+        r = BatchRunner(model, pad=0)
+        r.cache = make_slot_cache(cfg.num_hidden_layers, 4, r.kv_heads, 64, r.head_dim,
+                                  torch.bfloat16, torch.device("cpu"))
+        r.lean = lean
+        return r
+
+    a, b, full = runner(fused), runner(plain), runner(None)
+    g = torch.Generator().manual_seed(1)
+    start = torch.tensor([3, 9, 0])
+    with torch.inference_mode():
+        for step in range(8):
+            ids = torch.randint(0, 300, (3,), generator=g)
+            pos, rows = start + step, torch.arange(3)
+            view = int(pos.max()) + 1
+            got = a._lean_run(ids, pos, rows, view)
+            assert torch.equal(got, b._lean_run(ids, pos, rows, view))
+            assert agrees(got, full.forward(ids[:, None], pos, rows, view))
