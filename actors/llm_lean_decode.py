@@ -134,9 +134,13 @@ class LeanDecoder:
             self.layers.append((_rms_parts(layer.input_layernorm), a.q_proj, a.k_proj,
                                 a.v_proj, a.o_proj, _rms_parts(layer.post_attention_layernorm),
                                 m.gate_proj, m.up_proj, m.down_proj, m.act_fn))
-            calls = (Int4Calls.of([a.q_proj, a.k_proj, a.v_proj]), Int4Calls.of([a.o_proj]),
-                     Int4Calls.of([m.gate_proj, m.up_proj]), Int4Calls.of([m.down_proj]))
-            self.int4.append(calls if all(c is not None for c in calls) else None)  # type: ignore[misc]
+            qkv, o_c = Int4Calls.of([a.q_proj, a.k_proj, a.v_proj]), Int4Calls.of([a.o_proj])
+            gate_up, down_c = Int4Calls.of([m.gate_proj, m.up_proj]), Int4Calls.of([m.down_proj])
+            if qkv is not None and o_c is not None and gate_up is not None and \
+                    down_c is not None:
+                self.int4.append((qkv, o_c, gate_up, down_c))
+            else:
+                self.int4.append(None)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
                  mask: torch.Tensor) -> torch.Tensor:
