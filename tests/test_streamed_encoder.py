@@ -130,3 +130,27 @@ def test_measured_speed_per_mode_is_what_a_streamed_job_is_said_to_cost():
     lease.residency = SimpleNamespace(stream_bytes=1 << 20, stream_s=lambda: 0.02)
     assert lease._stream_terms(1, 1, 0.15)["stream_s"] == pytest.approx(0.15)
     assert lease._stream_terms(1, 1, 0.0)["stream_s"] == pytest.approx(0.02)
+
+
+def test_a_streamed_grant_with_room_for_two_big_forwards_runs_two_in_flight():
+    """As a resident job does: with room for two forwards of at least GROUP_BELOW_TOKENS, two
+    run in flight (the next one's host work overlaps the running one's compute); with room for
+    one big forward, one; with room for small ones only, one at a time (or groups, below)."""
+    from types import SimpleNamespace
+
+    from agile_rag.actors.encoder_engine import GPU_DEPTH, GROUP_BELOW_TOKENS
+
+    path = minilm_dir()
+    e = EmbedderActor(ModelSpec("embedder", "emb", path, path, device="flex"))
+    per = e._token_bytes
+
+    def plan(budget, room_tokens):
+        job = SimpleNamespace(budget=budget, depth=1, group=1, group_tokens=0)
+        e._plan_groups(job, room_tokens * per)
+        return job.depth, job.budget, job.group
+
+    assert plan(8192, 2 * 8192) == (GPU_DEPTH, 8192, 1)
+    assert plan(8192, 4 * 8192) == (GPU_DEPTH, 8192, 1)          # never past the budget
+    assert plan(8192, 2 * GROUP_BELOW_TOKENS) == (GPU_DEPTH, GROUP_BELOW_TOKENS, 1)
+    assert plan(8192, 6000) == (1, 6000, 1)                       # one big forward
+    assert plan(8192, 1000)[:2] == (1, 1000)                      # small: one (no engine here)
