@@ -15,7 +15,7 @@ from .actors.llm_actor import LLMActor
 from .actors.model_base import ModelActor
 from .actors.reranker_actor import RerankerActor
 from .configs import Settings
-from .runtime.executor import ModelExecutor, torch_threads
+from .runtime.executor import ModelExecutor, decode_thread_range, torch_threads
 from .runtime.liveconfig import LiveConfig, ModelSpec, parse_text
 from .runtime.registry import ModelRegistry
 from .runtime.system import ActorSystem
@@ -29,7 +29,8 @@ class Server:
         self.settings = settings
         self.system = ActorSystem(executor=ModelExecutor(
             settings.SERVICE_NUM_WORKERS, torch_threads(settings.TORCH_THREADS),
-            idle_trim_s=settings.IDLE_TRIM_S if settings.IDLE_TRIM_S > 0 else None),
+            idle_trim_s=settings.IDLE_TRIM_S if settings.IDLE_TRIM_S > 0 else None,
+            decode_threads=decode_thread_range(settings.TORCH_THREADS)),
                                   tracer=Tracer.from_settings(settings))
         self.registry = ModelRegistry()
         self.live: LiveConfig | None = None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..runtime import stable_memory
+from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
 from .decode_graphs import _Graphs
 from .kv_paged import make_paged_cache
@@ -86,6 +87,9 @@ class BatchRunner:
         #: the CPU's lean decode step (actors/llm_lean_decode.py): None until the first CPU
         #: step tries it, False where it does not fit or did not agree with transformers'
         self.lean: LeanDecoder | None | bool = None
+        #: the CPU decode step's torch thread count, chosen by timing (runtime/thread_tuner.py);
+        #: None: whatever torch has
+        self.tuner: ThreadTuner | None = None
         self.graphs: _Graphs | None = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
@@ -190,7 +194,18 @@ class BatchRunner:
             return self._prefill(plan)
         if plan.kind is StepKind.CHUNK:
             return self._chunk(plan)
-        return self._decode(plan, stats)
+        tuner = self.tuner
+        if tuner is None or self.cache is None or self.cache.keys[0].device.type != "cpu":
+            return self._decode(plan, stats)
+        # a CPU decode step: with the thread count its timings favour now
+        rows = len(plan.rows)
+        n = tuner.threads(rows)
+        tuner.apply(n)
+        t0 = time.perf_counter()
+        out = self._decode(plan, stats)
+        tuner.observe(rows, time.perf_counter() - t0)
+        stats["decode_threads"] = n
+        return out
 
     def _prefill(self, plan: StepPlan) -> torch.Tensor:
         from transformers import DynamicCache

@@ -26,6 +26,7 @@ import torch
 from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
 from ..runtime.loop_calls import call_threadsafe
+from ..runtime.thread_tuner import ThreadTuner
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_generate import eos_ids, generate
@@ -186,6 +187,10 @@ class LLMActor(ModelActor):
         self.batching_off = None
         self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
                                   **self._batch_settings())
+        threads = getattr(self.system.executor, "decode_threads", None) \
+            if self.system is not None else None
+        if threads:                     # TORCH_THREADS auto: CPU decode steps time both counts
+            self.engine.runner.tuner = ThreadTuner(*threads)
         self.engine.adopt(leftovers)
 
     def working_bytes(self, items: int) -> int:

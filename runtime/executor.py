@@ -51,6 +51,20 @@ def torch_threads(setting: int | None) -> int:
     return max(1, usable_cores() - 1)
 
 
+def decode_thread_range(setting: int | None) -> tuple[int, int] | None:
+    """(the default count, every core) for the LLM's CPU decode loop to choose between by
+    timing (runtime/thread_tuner.py), when ``TORCH_THREADS`` is auto (0), ``OMP_NUM_THREADS``
+    is not set and there is a core more than the default uses; None otherwise (a count
+    given is kept as given)."""
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+        return None
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return None
+    low, high = torch_threads(setting), usable_cores()
+    return (low, high) if high > low else None
+
+
 def apply_torch_threads(n: int) -> None:
     """Set torch's intra-op thread count (process-wide: every thread's ops use it)."""
     import torch
@@ -76,9 +90,13 @@ class ModelExecutor:
     """
 
     def __init__(self, max_workers: int = 4, torch_threads: int | None = None,
-                 idle_trim_s: float | None = IDLE_TRIM_S):
+                 idle_trim_s: float | None = IDLE_TRIM_S,
+                 decode_threads: tuple[int, int] | None = None):
         self.max_workers = max_workers
         self.torch_threads = torch_threads
+        #: (low, high): the LLM's CPU decode loop picks between them by timing; None: it
+        #: keeps torch_threads (see decode_thread_range)
+        self.decode_threads = decode_threads
         self.idle_trim_s = idle_trim_s
         self._busy = 0              # jobs under way (counted on the event loop only)
         self._ran = 0               # jobs ended: a trim is due when this moved since the last

@@ -1,0 +1,109 @@
+"""How many torch threads the CPU decode step runs with, chosen by timing (issue 17).
+
+On a 2-core machine one decode stream is ~1.4x faster with 2 torch threads than with 1 while
+the machine is quiet, and ~2x slower as soon as another process takes a core (each operation's
+threads wait for each other). The server's default (``TORCH_THREADS`` 0) is one less than the
+cores, safe on a shared machine. With that default, the LLM's decode loop runs a
+:class:`ThreadTuner` between ``low`` (the default) and ``high`` (every core) and keeps
+whichever count its steps measure faster now:
+
+- it starts at ``low``; every ``probe_every`` steps it runs ``probe_steps`` with the other
+  count (the first of them not counted: the threads wake up) and switches when their mean is
+  under ``margin`` times the mean of the current count's steps just before;
+- a step of the current count that takes over ``jump`` times its recent mean, twice in a row
+  (something else took a core), starts a probe at once;
+- steps are compared only at the same batch size (rows), which sets most of their cost.
+
+It is plain bookkeeping, called from the one thread that decodes; :meth:`apply` sets torch's
+count for that thread (OpenMP's count is per thread: the embedders' pool keeps its own).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["ThreadTuner"]
+
+
+class ThreadTuner:
+    def __init__(self, low: int, high: int, *, probe_every: int = 48, probe_steps: int = 4,
+                 margin: float = 0.92, jump: float = 1.6, window: int = 6):
+        if not 0 < low < high:
+            raise ValueError(f"ThreadTuner needs 0 < low < high, got {low}, {high}")
+        self.low, self.high = low, high
+        self.current = low
+        self.probe_every, self.probe_steps = probe_every, probe_steps
+        self.margin, self.jump = margin, jump
+        self._recent: deque[float] = deque(maxlen=window)   # current count, rows _rows
+        self._rows = -1
+        self._since_probe = 0
+        self._probing = 0                  # steps left in a probe (0: none)
+        self._probe: list[float] = []
+        self._slow = 0                     # consecutive slow steps of the current count
+        self.switches = 0
+        self.probes = 0
+
+    @property
+    def other(self) -> int:
+        return self.high if self.current == self.low else self.low
+
+    def threads(self, rows: int) -> int:
+        """The count the next step (of ``rows`` rows) runs with."""
+        if rows != self._rows:                 # a new batch size: measure it afresh
+            self._rows = rows
+            self._recent.clear()
+            self._probing = 0
+            self._probe = []
+            self._since_probe = 0
+        if self._probing == 0 and len(self._recent) >= 2 and \
+                self._since_probe >= self.probe_every:
+            self._start_probe()
+        return self.other if self._probing else self.current
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A step of ``rows`` rows took ``seconds`` with the count :meth:`threads` gave."""
+        if rows != self._rows:
+            return
+        if self._probing:
+            self._probing -= 1
+            if self._probing < self.probe_steps - 1:      # the first probe step: warm-up
+                self._probe.append(seconds)
+            if self._probing == 0:
+                self._end_probe()
+            return
+        self._since_probe += 1
+        if len(self._recent) >= 2:
+            mean = sum(self._recent) / len(self._recent)
+            self._slow = self._slow + 1 if seconds > self.jump * mean else 0
+            if self._slow >= 2:             # something else took a core: look now
+                self._slow = 0
+                self._recent.append(seconds)
+                self._start_probe()
+                return
+        self._recent.append(seconds)
+
+    def _start_probe(self) -> None:
+        self._probing = self.probe_steps
+        self._probe = []
+        self._since_probe = 0
+        self.probes += 1
+
+    def _end_probe(self) -> None:
+        if not self._probe or not self._recent:
+            return
+        probe = sum(self._probe) / len(self._probe)
+        # the current count's latest steps (a jump's slow steps count: they are the news)
+        recent = list(self._recent)[-3:]
+        now = sum(recent) / len(recent)
+        if probe < self.margin * now:
+            self.current = self.other
+            self.switches += 1
+            self._recent.clear()
+            self._recent.extend(self._probe)
+        self._slow = 0
+
+    @staticmethod
+    def apply(n: int) -> None:
+        """Set torch's thread count for the calling thread's next operations."""
+        import torch
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)

@@ -1,0 +1,96 @@
+"""runtime/thread_tuner.py: the CPU decode loop keeps the torch thread count its steps measure
+faster (every core on a quiet machine, one less when another process takes a core), compares
+steps of the same batch size only, and is on only when TORCH_THREADS is auto."""
+from __future__ import annotations
+
+import pytest
+
+from agile_rag.runtime import executor
+from agile_rag.runtime.thread_tuner import ThreadTuner
+
+
+def run(tuner: ThreadTuner, steps: int, cost: dict[int, float], rows: int = 1) -> list[int]:
+    """``steps`` decode steps whose seconds depend on the thread count; the counts used."""
+    used = []
+    for _ in range(steps):
+        n = tuner.threads(rows)
+        used.append(n)
+        tuner.observe(rows, cost[n])
+    return used
+
+
+def test_a_quiet_machine_gets_every_core_and_a_busy_one_one_less_within_a_few_steps():
+    t = ThreadTuner(1, 2)
+    assert run(t, 3, {1: 0.015, 2: 0.010})[0] == 1          # starts at the safe count
+    used = run(t, 120, {1: 0.015, 2: 0.010})
+    assert t.current == 2 and used[-40:].count(2) >= 36       # probes of 1 now and then
+    # another process takes a core: 2 threads wait for each other, 1 thread barely notices
+    used = run(t, 12, {1: 0.016, 2: 0.030})
+    assert t.current == 1, used                               # seen at once, not at the next probe
+    assert used[-3:] == [1, 1, 1]
+    # the core comes back: the next probe finds it
+    run(t, 200, {1: 0.015, 2: 0.010})
+    assert t.current == 2 and t.switches == 3
+
+
+def test_equal_counts_keep_the_safe_one_and_a_new_batch_size_is_measured_afresh():
+    t = ThreadTuner(1, 2)
+    run(t, 300, {1: 0.010, 2: 0.0098})                        # within the margin: no switch
+    assert t.current == 1 and t.switches == 0 and t.probes >= 4
+    # 16 rows: 2 threads twice as fast; the 1-row history does not count against it
+    run(t, 120, {1: 0.040, 2: 0.020}, rows=16)
+    assert t.current == 2
+    t.observe(3, 99.0)                                        # not the rows asked for: ignored
+    assert t.current == 2
+
+
+def test_bad_ranges_are_refused():
+    with pytest.raises(ValueError):
+        ThreadTuner(2, 2)
+    with pytest.raises(ValueError):
+        ThreadTuner(0, 2)
+
+
+def test_the_range_is_chosen_only_when_torch_threads_is_auto(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(executor, "usable_cores", lambda: 2)
+    assert executor.decode_thread_range(0) == (1, 2)
+    assert executor.decode_thread_range(None) == (1, 2)
+    assert executor.decode_thread_range(2) is None            # a count given is kept
+    assert executor.decode_thread_range(1) is None
+    monkeypatch.setattr(executor, "usable_cores", lambda: 1)
+    assert executor.decode_thread_range(0) is None            # nothing to choose between
+    monkeypatch.setattr(executor, "usable_cores", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert executor.decode_thread_range(0) is None
+
+
+def test_a_runner_with_a_tuner_decodes_what_one_without_does():
+    """The real runner's CPU decode step under the tuner (counts switching between steps):
+    the same logits' choices as without it."""
+    import torch
+
+    from test_lean_decode import _runner, _tiny
+
+    from agile_rag.actors.llm_lean_decode import agrees, lean_decoder
+
+    model = _tiny("Llama")
+    plain, tuned = _runner(model), _runner(model)
+    plain.lean = tuned.lean = lean_decoder(model)
+    tuned.tuner = ThreadTuner(1, 2, probe_every=2, probe_steps=2)
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(1)
+    try:
+        with torch.inference_mode():
+            for step in range(10):
+                ids = torch.randint(0, 300, (2,), generator=g)
+                pos, rows = torch.tensor([4, 7]) + step, torch.arange(2)
+                view = int(pos.max()) + 1
+                n = tuned.tuner.threads(2)
+                tuned.tuner.apply(n)
+                got = tuned._lean_run(ids, pos, rows, view)
+                tuned.tuner.observe(2, 0.01 if n == 2 else 0.02)
+                assert agrees(got, plain._lean_run(ids, pos, rows, view))
+        assert tuned.tuner.probes >= 1
+    finally:
+        torch.set_num_threads(before)
