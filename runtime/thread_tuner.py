@@ -7,8 +7,8 @@ cores, safe on a shared machine. With that default, the LLM's decode loop runs a
 :class:`ThreadTuner` between ``low`` (the default) and ``high`` (every core) and keeps
 whichever count its steps measure faster now:
 
-- it starts at ``low``; every ``probe_every`` steps it runs ``probe_steps`` with the other
-  count (the first of them not counted: the threads wake up) and switches when their mean is
+- it starts at ``low``; after the first two steps at a batch size, and then every
+  ``probe_every`` steps, it runs ``probe_steps`` with the other count (the first of them not counted: the threads wake up) and switches when their mean is
   under ``margin`` times the mean of the current count's steps just before;
 - a step of the current count that takes over ``jump`` times its recent mean, twice in a row
   (something else took a core), starts a probe at once;
@@ -48,12 +48,12 @@ class ThreadTuner:
 
     def threads(self, rows: int) -> int:
         """The count the next step (of ``rows`` rows) runs with."""
-        if rows != self._rows:                 # a new batch size: measure it afresh
-            self._rows = rows
+        if rows != self._rows:                 # a new batch size: measure it afresh,
+            self._rows = rows                  # and compare the counts after two steps
             self._recent.clear()
             self._probing = 0
             self._probe = []
-            self._since_probe = 0
+            self._since_probe = self.probe_every
         if self._probing == 0 and len(self._recent) >= 2 and \
                 self._since_probe >= self.probe_every:
             self._start_probe()

@@ -44,6 +44,17 @@ def test_equal_counts_keep_the_safe_one_and_a_new_batch_size_is_measured_afresh(
     assert t.current == 2
 
 
+def test_a_new_batch_size_compares_the_counts_after_two_steps():
+    """A stream that starts while another process holds a core: settled within a few steps,
+    not at the next periodic probe."""
+    t = ThreadTuner(1, 2)
+    run(t, 100, {1: 0.015, 2: 0.010})
+    run(t, 20, {1: 0.060, 2: 0.040}, rows=16)
+    assert t.current == 2
+    used = run(t, 8, {1: 0.016, 2: 0.030})                    # 1 row again, now busy
+    assert used[:2] == [2, 2] and t.current == 1 and used[-2:] == [1, 1], used
+
+
 def test_bad_ranges_are_refused():
     with pytest.raises(ValueError):
         ThreadTuner(2, 2)
