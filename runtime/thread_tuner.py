@@ -12,13 +12,16 @@ whichever count its steps measure faster now:
   under ``margin`` times the mean of the current count's steps just before;
 - a step of the current count that takes over ``jump`` times its recent mean, twice in a row
   (something else took a core), starts a probe at once;
-- steps are compared only at the same batch size (rows), which sets most of their cost.
+- steps are compared only at the same batch size (rows), which sets most of their cost;
+  a new batch size, or steps again after a pause of over ``idle_s`` (the machine may be
+  busier or quieter now), starts the comparison afresh.
 
 It is plain bookkeeping, called from the one thread that decodes; :meth:`apply` sets torch's
 count for that thread (OpenMP's count is per thread: the embedders' pool keeps its own).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 __all__ = ["ThreadTuner"]
@@ -26,13 +29,16 @@ __all__ = ["ThreadTuner"]
 
 class ThreadTuner:
     def __init__(self, low: int, high: int, *, probe_every: int = 48, probe_steps: int = 4,
-                 margin: float = 0.92, jump: float = 1.6, window: int = 6):
+                 margin: float = 0.92, jump: float = 1.6, window: int = 6,
+                 idle_s: float = 0.5):
         if not 0 < low < high:
             raise ValueError(f"ThreadTuner needs 0 < low < high, got {low}, {high}")
         self.low, self.high = low, high
         self.current = low
         self.probe_every, self.probe_steps = probe_every, probe_steps
         self.margin, self.jump = margin, jump
+        self.idle_s = idle_s
+        self._last = -1e18                 # when the last step ended (monotonic seconds)
         self._recent: deque[float] = deque(maxlen=window)   # current count, rows _rows
         self._rows = -1
         self._since_probe = 0
@@ -46,10 +52,13 @@ class ThreadTuner:
     def other(self) -> int:
         return self.high if self.current == self.low else self.low
 
-    def threads(self, rows: int) -> int:
+    def threads(self, rows: int, now: float | None = None) -> int:
         """The count the next step (of ``rows`` rows) runs with."""
-        if rows != self._rows:                 # a new batch size: measure it afresh,
-            self._rows = rows                  # and compare the counts after two steps
+        now = time.monotonic() if now is None else now
+        if rows != self._rows or now - self._last > self.idle_s:
+            # a new batch size, or the first step after a pause: measure afresh, and
+            # compare the counts after two steps
+            self._rows = rows
             self._recent.clear()
             self._probing = 0
             self._probe = []
@@ -59,8 +68,9 @@ class ThreadTuner:
             self._start_probe()
         return self.other if self._probing else self.current
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, now: float | None = None) -> None:
         """A step of ``rows`` rows took ``seconds`` with the count :meth:`threads` gave."""
+        self._last = time.monotonic() if now is None else now
         if rows != self._rows:
             return
         if self._probing:

@@ -9,13 +9,20 @@ from agile_rag.runtime import executor
 from agile_rag.runtime.thread_tuner import ThreadTuner
 
 
-def run(tuner: ThreadTuner, steps: int, cost: dict[int, float], rows: int = 1) -> list[int]:
-    """``steps`` decode steps whose seconds depend on the thread count; the counts used."""
+CLOCK = [0.0]
+
+
+def run(tuner: ThreadTuner, steps: int, cost: dict[int, float], rows: int = 1,
+        pause: float = 0.0) -> list[int]:
+    """``steps`` back-to-back decode steps (after ``pause`` seconds idle) whose seconds depend
+    on the thread count; the counts used."""
+    CLOCK[0] += pause
     used = []
     for _ in range(steps):
-        n = tuner.threads(rows)
+        n = tuner.threads(rows, CLOCK[0])
         used.append(n)
-        tuner.observe(rows, cost[n])
+        CLOCK[0] += cost[n]
+        tuner.observe(rows, cost[n], CLOCK[0])
     return used
 
 
@@ -53,6 +60,20 @@ def test_a_new_batch_size_compares_the_counts_after_two_steps():
     assert t.current == 2
     used = run(t, 8, {1: 0.016, 2: 0.030})                    # 1 row again, now busy
     assert used[:2] == [2, 2] and t.current == 1 and used[-2:] == [1, 1], used
+
+
+def test_a_stream_after_a_pause_compares_the_counts_again():
+    """Streams of one row, one after another: the one that starts while a core is taken goes
+    to one thread in a few steps, and the next, on a quiet machine again, back to two."""
+    t = ThreadTuner(1, 2)
+    run(t, 64, {1: 0.015, 2: 0.010})
+    assert t.current == 2
+    used = run(t, 64, {1: 0.016, 2: 0.030}, pause=2.0)         # a spinner took a core
+    assert used[:2] == [2, 2] and used[6:].count(1) >= 50 and t.current == 1
+    used = run(t, 64, {1: 0.015, 2: 0.010}, pause=2.0)         # it is gone
+    assert used[:2] == [1, 1] and used[6:].count(2) >= 50 and t.current == 2
+    used = run(t, 6, {1: 0.015, 2: 0.010}, pause=0.01)         # no pause: no new comparison
+    assert used == [2] * 6
 
 
 def test_bad_ranges_are_refused():
