@@ -8,8 +8,9 @@ cores, safe on a shared machine. With that default, the LLM's decode loop runs a
 whichever count its steps measure faster now:
 
 - it starts at ``low``; after the first two steps at a batch size, and then every
-  ``probe_every`` steps, it runs ``probe_steps`` with the other count (the first of them not counted: the threads wake up) and switches when their mean is
-  under ``margin`` times the mean of the current count's steps just before;
+  ``probe_every`` steps, it runs ``probe_steps`` with the other count (the first of them
+  not counted: the threads wake up) and switches when their mean is under ``margin`` times
+  the mean of the current count's steps just before;
 - a step of the current count that takes over ``jump`` times its recent mean, twice in a row
   (something else took a core), starts a probe at once;
 - steps are compared only at the same batch size (rows), which sets most of their cost;

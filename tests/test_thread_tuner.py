@@ -8,7 +8,6 @@ import pytest
 from agile_rag.runtime import executor
 from agile_rag.runtime.thread_tuner import ThreadTuner
 
-
 CLOCK = [0.0]
 
 
@@ -101,7 +100,6 @@ def test_a_runner_with_a_tuner_decodes_what_one_without_does():
     """The real runner's CPU decode step under the tuner (counts switching between steps):
     the same logits' choices as without it."""
     import torch
-
     from test_lean_decode import _runner, _tiny
 
     from agile_rag.actors.llm_lean_decode import agrees, lean_decoder
