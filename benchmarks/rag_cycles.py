@@ -801,7 +801,10 @@ def main() -> None:
     ap.add_argument("--llm-max-tokens", type=int, default=4096,
                     help="the LLM entry's max_tokens (its context; the KV cache holds at "
                          "least one): lower it with batch_kv_tokens for a small cap")
-    ap.add_argument("--duration-s", type=float, default=60.0)
+    ap.add_argument("--duration-s", default="60",
+                    help="window per level in seconds; a list (e.g. 8,8,16) gives each level of "
+                         "--concurrency its own: at 32 clients a cycle takes about 8 s, and a "
+                         "window not well over a cycle counts one or two cycles per client")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--time-budget-s", type=float, default=540.0)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "rag-cycles"),
@@ -814,6 +817,10 @@ def main() -> None:
     levels = [int(x) for x in (a.concurrency or ("1,4,16" if shapes == "real" else "1,2,4"))
               .split(",") if x.strip()]
     caps = [int(x) for x in str(a.cap_mb).split(",") if x.strip()]
+    windows = [float(x) for x in str(a.duration_s).split(",") if x.strip()]
+    if len(windows) not in (1, len(levels)):
+        ap.error(f"--duration-s: one value or one per level ({len(levels)}), got {a.duration_s}")
+    window = dict(zip(levels, windows * len(levels) if len(windows) == 1 else windows))
     try:
         llm_params = json.loads(a.llm_params)
         assert isinstance(llm_params, dict)
@@ -863,7 +870,8 @@ def main() -> None:
         "command": shlex.join([sys.executable] + sys.argv), "gpu": info["gpu"],
         "gpu_total_mb": info["gpu_total_mb"], "cuda": info["cuda"],
         "versions": info["versions"], "shapes": shapes, "dtype": SHAPES[shapes]["dtype"],
-        "params": info["params"], "cap_mb": a.cap_mb, "duration_s": a.duration_s,
+        "params": info["params"], "cap_mb": a.cap_mb,
+        "duration_s": windows[0] if len(windows) == 1 else [window[n] for n in levels],
         "embed_cuda_thres": a.embed_cuda_thres, "llm_params": llm_params,
         "llm_max_tokens": a.llm_max_tokens,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
@@ -877,7 +885,7 @@ def main() -> None:
     last = None                # (n, p99 or warm-up seconds, warm-up seconds) of the last level
     for mode in modes:
         mres: dict = {"levels": [], "raw_levels": []}
-        first_est = a.duration_s + (last[1] * levels[0] / last[0] + last[2] if last else 0)
+        first_est = window[levels[0]] + (last[1] * levels[0] / last[0] + last[2] if last else 0)
         if time.monotonic() + startup_est + first_est > deadline:
             result["skipped"].append(f"mode {mode}: no time left for a server start and a level")
             say(f"skip mode {mode}: no time left")
@@ -907,23 +915,23 @@ def main() -> None:
             say(f"{mode}: ready in {mres['startup_s']:.1f} s, GPU budget "
                 f"{fmt(mres['budget_mb'], 0)} MB")
             for n in levels:
-                est = a.duration_s + (last[1] * n / last[0] + last[2] if last else 0)
+                est = window[n] + (last[1] * n / last[0] + last[2] if last else 0)
                 if time.monotonic() + est > deadline:
                     result["skipped"].append(
                         f"{mode} N={n}: needs about {est:.0f} s, "
                         f"{max(deadline - time.monotonic(), 0):.0f} s left")
                     say(f"{mode} N={n}: skipped (needs ~{est:.0f} s)")
                     continue
-                say(f"{mode} N={n}: warm-up cycle, then {a.repeat} x {a.duration_s:.0f} s "
+                say(f"{mode} N={n}: warm-up cycle, then {a.repeat} x {window[n]:.0f} s "
                     f"of {n} client(s)")
                 runs, raws = [], []
                 try:
                     for _ in range(max(1, a.repeat)):
-                        if runs and time.monotonic() + a.duration_s + 5 > deadline:
+                        if runs and time.monotonic() + window[n] + 5 > deadline:
                             notes.append(f"{mode} N={n}: {len(runs)} of {a.repeat} repeats "
                                          "(time budget)")
                             break
-                        level = asyncio.run(run_level(server.base, n, a.duration_s, deadline,
+                        level = asyncio.run(run_level(server.base, n, window[n], deadline,
                                                       ctx))
                         runs.append(summarize(level))
                         raws.append(level)
