@@ -70,10 +70,13 @@ class Int4Calls:
             [b.detach().to(torch.bfloat16) if b is not None else
              torch.zeros(n, dtype=torch.bfloat16) for b, n in zip(biases, self.sizes)])
 
-    def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
+    def whole(self, x2: torch.Tensor) -> torch.Tensor:
+        """All the layers' outputs side by side: [rows, sum of out_i]."""
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scale_zero)
-        if self.bias is not None:
-            y = y + self.bias
+        return y + self.bias if self.bias is not None else y
+
+    def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        y = self.whole(x2)
         return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]
 
     @staticmethod
@@ -126,6 +129,7 @@ class LeanDecoder:
         self.head_dim = int(attn0.head_dim)
         self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self.final = _rms_parts(inner.norm)
+        self.joint_rope = _rope_is_rotate_half(rope, self.head_dim)
         self.layers = []
         # per layer, the int4 kernel calls (None: the modules): q/k/v, o, gate/up, down
         self.int4: list[tuple[Int4Calls, Int4Calls, Int4Calls, Int4Calls] | None] = []
@@ -155,15 +159,21 @@ class LeanDecoder:
             h = _rms(x, n1, dtype)
             if calls is not None:
                 qkv, o_c, gate_up, down_c = calls
-                q, k, v = qkv(h.view(b, -1))
-                q = q.view(b, 1, h_n, d).transpose(1, 2)
-                k = k.view(b, 1, kv_n, d).transpose(1, 2)
-                v = v.view(b, 1, kv_n, d).transpose(1, 2)
+                y = qkv.whole(h.view(b, -1))
+                v = y[:, (h_n + kv_n) * d:].view(b, 1, kv_n, d).transpose(1, 2)
+                if self.joint_rope:
+                    # q's and k's heads side by side, rotated as one: [B, heads + kv heads, D]
+                    qk = _rotate(y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d), cos, sin)
+                    q, k = qk[:, :h_n].unsqueeze(2), qk[:, h_n:].unsqueeze(2)
+                else:
+                    q = y[:, :h_n * d].view(b, 1, h_n, d).transpose(1, 2)
+                    k = y[:, h_n * d:(h_n + kv_n) * d].view(b, 1, kv_n, d).transpose(1, 2)
+                    q, k = self.rope(q, k, cos, sin)
             else:
                 q = q_p(h).view(b, 1, h_n, d).transpose(1, 2)
                 k = k_p(h).view(b, 1, kv_n, d).transpose(1, 2)
                 v = v_p(h).view(b, 1, kv_n, d).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+                q, k = self.rope(q, k, cos, sin)
             keys, values = cache.update(k, v, i)
             if mask.shape[-1] <= SDPA_KEYS:
                 # each KV head's query heads as one group of queries: [B, kv heads, group, D]
@@ -182,6 +192,30 @@ class LeanDecoder:
                 h = _rms(x, n2, dtype)
                 x = x + down(act(gate(h)) * up(h))
         return self.head(_rms(x, self.final, dtype))[:, -1, :]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding (``x * cos + rotate_half(x) * sin``) of x [B, H, D],
+    cos and sin [B, 1, D]: the same operations in the same order as apply_rotary_pos_emb."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rope_is_rotate_half(rope: Any, head_dim: int) -> bool:
+    """The model's apply_rotary_pos_emb computes what :func:`_rotate` does (checked on
+    random values): then q and k are rotated in one go."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 3, 1, head_dim, generator=g)
+        k = torch.randn(2, 1, 1, head_dim, generator=g)
+        cos = torch.randn(2, 1, head_dim, generator=g)
+        sin = torch.randn(2, 1, head_dim, generator=g)
+        want_q, want_k = rope(q, k, cos, sin)
+        both = _rotate(torch.cat([q, k], 1).squeeze(2), cos, sin)
+        return torch.equal(both[:, :3], want_q.squeeze(2)) and \
+            torch.equal(both[:, 3:], want_k.squeeze(2))
+    except Exception:  # noqa: BLE001 - another signature or layout: the model's own function
+        return False
 
 
 def _rms(x: torch.Tensor, parts: Any, dtype: torch.dtype) -> torch.Tensor:

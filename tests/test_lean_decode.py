@@ -121,11 +121,12 @@ def test_llm_params_lean_decode_false_keeps_transformers_step():
     assert _settings(engine.planner.settings, {"lean_decode": 0}).lean_decode is False
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch):
+@pytest.mark.parametrize("arch,joint", [("Llama", True), ("Qwen2", True), ("Llama", False)])
+def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch, joint):
     """bfloat16 with int4 projections (the server's CPU default): q/k/v and gate/up run as one
     kernel call each, over the layers' own packed weights (now views of one buffer), and give
-    exactly what the modules give, step after step; the step still agrees with transformers'."""
+    exactly what the modules give, step after step; the step still agrees with transformers'.
+    (joint: q's and k's heads rotated in one go, as the model's rotary function does them.)"""
     import transformers
 
     from agile_rag.actors.llm_int4 import Int4Linear, quantize_int4
@@ -147,6 +148,8 @@ def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch)
     plain = lean_decoder(model)
     assert isinstance(fused, LeanDecoder) and isinstance(plain, LeanDecoder)
     assert all(c is not None for c in fused.int4)
+    assert fused.joint_rope                           # Llama's and Qwen2's rotary: rotate_half
+    fused.joint_rope = joint
     attn = model.model.layers[0].self_attn
     qkv = fused.int4[0][0]
     assert isinstance(qkv, Int4Calls) and isinstance(attn.k_proj, Int4Linear)
