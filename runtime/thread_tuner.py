@@ -9,8 +9,9 @@ whichever count its steps measure faster now:
 
 - it starts at ``low``; after the first two steps at a batch size, and then every
   ``probe_every`` steps, it runs ``probe_steps`` with the other count (the first of them
-  not counted: the threads wake up) and switches when their mean is under ``margin`` times
-  the mean of the current count's steps just before;
+  not counted: the threads wake up) and switches when their median is under ``margin`` times
+  the median of the current count's steps just before (a step slowed by something else on
+  the machine decides nothing);
 - a step of the current count that takes over ``jump`` times its recent mean, twice in a row
   (something else took a core), starts a probe at once;
 - steps are compared only at the same batch size (rows), which sets most of their cost;
@@ -22,6 +23,7 @@ count for that thread (OpenMP's count is per thread: the embedders' pool keeps i
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 
@@ -29,7 +31,7 @@ __all__ = ["ThreadTuner"]
 
 
 class ThreadTuner:
-    def __init__(self, low: int, high: int, *, probe_every: int = 48, probe_steps: int = 4,
+    def __init__(self, low: int, high: int, *, probe_every: int = 48, probe_steps: int = 6,
                  margin: float = 0.92, jump: float = 1.6, window: int = 6,
                  idle_s: float = 0.5):
         if not 0 < low < high:
@@ -85,9 +87,11 @@ class ThreadTuner:
         if len(self._recent) >= 2:
             mean = sum(self._recent) / len(self._recent)
             self._slow = self._slow + 1 if seconds > self.jump * mean else 0
-            if self._slow >= 2:             # something else took a core: look now
-                self._slow = 0
-                self._recent.append(seconds)
+            if self._slow >= 2:             # something else took a core: look now,
+                self._slow = 0              # against the slow steps (they are the news)
+                first = self._recent[-1]
+                self._recent.clear()
+                self._recent.extend([first, seconds])
                 self._start_probe()
                 return
         self._recent.append(seconds)
@@ -101,10 +105,10 @@ class ThreadTuner:
     def _end_probe(self) -> None:
         if not self._probe or not self._recent:
             return
-        probe = sum(self._probe) / len(self._probe)
-        # the current count's latest steps (a jump's slow steps count: they are the news)
-        recent = list(self._recent)[-3:]
-        now = sum(recent) / len(recent)
+        # medians: one step slowed by something else on the machine decides nothing
+        probe = statistics.median(self._probe)
+        # the current count's latest steps (after a jump: its slow steps only)
+        now = statistics.median(list(self._recent)[-5:])
         if probe < self.margin * now:
             self.current = self.other
             self.switches += 1

@@ -29,7 +29,7 @@ def test_a_quiet_machine_gets_every_core_and_a_busy_one_one_less_within_a_few_st
     t = ThreadTuner(1, 2)
     assert run(t, 3, {1: 0.015, 2: 0.010})[0] == 1          # starts at the safe count
     used = run(t, 120, {1: 0.015, 2: 0.010})
-    assert t.current == 2 and used[-40:].count(2) >= 36       # probes of 1 now and then
+    assert t.current == 2 and used[-40:].count(2) >= 33       # probes of 1 now and then
     # another process takes a core: 2 threads wait for each other, 1 thread barely notices
     used = run(t, 12, {1: 0.016, 2: 0.030})
     assert t.current == 1, used                               # seen at once, not at the next probe
@@ -124,3 +124,16 @@ def test_a_runner_with_a_tuner_decodes_what_one_without_does():
         assert tuned.tuner.probes >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_noisy_step_does_not_decide_a_probe():
+    """Another process on the machine slows a single step now and then: medians, not means,
+    so one 5x step in a probe of the faster count does not keep the slower one."""
+    t = ThreadTuner(1, 2)
+    noisy = iter([0.015, 0.015, 0.010, 0.050, 0.010, 0.010, 0.010, 0.010] + [0.010] * 100)
+    for _ in range(8):
+        n = t.threads(1, CLOCK[0])
+        c = next(noisy) if n == 2 else 0.015
+        CLOCK[0] += c
+        t.observe(1, c, CLOCK[0])
+    assert t.current == 2
