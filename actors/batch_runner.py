@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..runtime import stable_memory
+from ..runtime.executor import apply_torch_threads
 from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
 from .decode_graphs import _Graphs
@@ -200,7 +201,7 @@ class BatchRunner:
         # a CPU decode step: with the thread count its timings favour now
         rows = len(plan.rows)
         n = tuner.threads(rows)
-        tuner.apply(n)
+        apply_torch_threads(n)
         t0 = time.perf_counter()
         out = self._decode(plan, stats)
         tuner.observe(rows, time.perf_counter() - t0)

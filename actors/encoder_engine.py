@@ -300,7 +300,8 @@ class EncoderActor(EncoderJobs):
     def _plan_groups(self, job: Job, room: int) -> None:
         """A streamed job, maybe granted less than it asked: its forwards fit ``room`` bytes.
         When two forwards of at least ``GROUP_BELOW_TOKENS`` fit, two run in flight.
-        When that makes them small (under ``GROUP_BELOW_TOKENS``), they run in layer-major
+        Otherwise one runs at a time; when even one must be small (under
+        ``GROUP_BELOW_TOKENS``), the small ones run in layer-major
         groups (runtime/layer_group.py: the layers are copied once per group, not once per
         forward): half the room for one forward's working memory, the other half for the
         hidden states the group's forwards keep between layers.

@@ -64,7 +64,8 @@ class Int4Calls:
             for lin in layers:
                 lin.packed = self.packed[start:start + lin.out_features]
                 start += lin.out_features
-        self.scale_zero = torch.cat([lin.scale_zero for lin in layers], 1).contiguous()
+        self.scale_zero = layers[0].scale_zero.contiguous() if len(layers) == 1 else \
+            torch.cat([lin.scale_zero for lin in layers], 1)
         biases = [lin.bias for lin in layers]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach().to(torch.bfloat16) if b is not None else

@@ -37,18 +37,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _given_threads(setting: int | None) -> int | None:
+    """A thread count the user gave: ``TORCH_THREADS`` > 0, else ``OMP_NUM_THREADS`` when
+    the environment sets it; None: auto."""
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return None
+
+
 def torch_threads(setting: int | None) -> int:
     """Torch intra-op threads for a ``TORCH_THREADS`` setting: a positive number as given;
     0 (auto): ``OMP_NUM_THREADS`` when the environment sets it, else one less than the usable
     cores (at least 1). Torch's own default, one per core, falls ~3x when another process
     takes a core (its threads wait for each other at every op); one core left free keeps
     ~0.7 of the quiet speed (2-core figures in the README, "Threads")."""
-    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
-        return setting
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, usable_cores() - 1)
+    return _given_threads(setting) or max(1, usable_cores() - 1)
 
 
 def decode_thread_range(setting: int | None) -> tuple[int, int] | None:
@@ -56,17 +62,15 @@ def decode_thread_range(setting: int | None) -> tuple[int, int] | None:
     timing (runtime/thread_tuner.py), when ``TORCH_THREADS`` is auto (0), ``OMP_NUM_THREADS``
     is not set and there is a core more than the default uses; None otherwise (a count
     given is kept as given)."""
-    if isinstance(setting, int) and not isinstance(setting, bool) and setting > 0:
-        return None
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
+    if _given_threads(setting) is not None:
         return None
     low, high = torch_threads(setting), usable_cores()
     return (low, high) if high > low else None
 
 
 def apply_torch_threads(n: int) -> None:
-    """Set torch's intra-op thread count (process-wide: every thread's ops use it)."""
+    """Set torch's intra-op thread count for the calling thread (OpenMP keeps one per thread)
+    and for threads that start computing later."""
     import torch
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -18,8 +18,9 @@ whichever count its steps measure faster now:
   a new batch size, or steps again after a pause of over ``idle_s`` (the machine may be
   busier or quieter now), starts the comparison afresh.
 
-It is plain bookkeeping, called from the one thread that decodes; :meth:`apply` sets torch's
-count for that thread (OpenMP's count is per thread: the embedders' pool keeps its own).
+It is plain bookkeeping, called from the one thread that decodes, which sets the count it
+gives with ``runtime.executor.apply_torch_threads`` (OpenMP's count is per thread: the
+embedders' pool keeps its own).
 """
 from __future__ import annotations
 
@@ -115,10 +116,3 @@ class ThreadTuner:
             self._recent.clear()
             self._recent.extend(self._probe)
         self._slow = 0
-
-    @staticmethod
-    def apply(n: int) -> None:
-        """Set torch's thread count for the calling thread's next operations."""
-        import torch
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)

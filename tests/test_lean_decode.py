@@ -12,10 +12,12 @@ from agile_rag.actors.kv_slots import make_slot_cache
 from agile_rag.actors.llm_lean_decode import LeanDecoder, agrees, lean_decoder
 
 
-def _tiny(arch: str):
+def _tiny(arch: str, **shape):
+    """A tiny random ``arch`` model (``shape``: config fields over the defaults below)."""
     import transformers
     kw = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    kw.update(shape)
     cfg = getattr(transformers, arch + "Config")(**kw)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -127,22 +129,13 @@ def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch,
     kernel call each, over the layers' own packed weights (now views of one buffer), and give
     exactly what the modules give, step after step; the step still agrees with transformers'.
     (joint: q's and k's heads rotated in one go, as the model's rotary function does them.)"""
-    import transformers
-
     from agile_rag.actors.llm_int4 import Int4Linear, quantize_int4
     from agile_rag.actors.llm_lean_decode import Int4Calls
 
-    kw = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
-    cfg = getattr(transformers, arch + "Config")(**kw)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = getattr(transformers, arch + "ForCausalLM")(cfg).eval()
-    if arch == "Qwen2":
-        for layer in model.model.layers:
-            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(p.bias, std=0.5)
-    model = model.to(torch.bfloat16)
+    # shapes the int4 kernel takes (outputs in blocks of 64, inputs in groups of 32)
+    model = _tiny(arch, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1).to(torch.bfloat16)
+    cfg = model.config
     assert quantize_int4(model) == 2 * 7
     fused = lean_decoder(model)
     plain = lean_decoder(model)

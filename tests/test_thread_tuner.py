@@ -117,7 +117,7 @@ def test_a_runner_with_a_tuner_decodes_what_one_without_does():
                 pos, rows = torch.tensor([4, 7]) + step, torch.arange(2)
                 view = int(pos.max()) + 1
                 n = tuned.tuner.threads(2)
-                tuned.tuner.apply(n)
+                executor.apply_torch_threads(n)
                 got = tuned._lean_run(ids, pos, rows, view)
                 tuned.tuner.observe(2, 0.01 if n == 2 else 0.02)
                 assert agrees(got, plain._lean_run(ids, pos, rows, view))
