@@ -92,6 +92,10 @@ class BatchRunner:
         #: None: whatever torch has
         self.tuner: ThreadTuner | None = None
         self.graphs: _Graphs | None = None
+        #: where decode graphs warm up and are captured: this runner's alone (runtime/
+        #: cuda_streams.py: a pool stream may be another thread's too, and that thread's work
+        #: would be taken into the graph or fail the capture)
+        self.capture_stream: Any = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])

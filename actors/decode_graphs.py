@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..runtime.cuda_streams import new_stream
 from .batch_plan import LEN_BUCKET, SeqRequest, pow2, round_up
 
 if TYPE_CHECKING:
@@ -80,7 +81,9 @@ class _Graphs:
 
     def _capture(self, bb: int, vv: int) -> torch.cuda.CUDAGraph:
         t0 = time.monotonic()
-        side = torch.cuda.Stream()
+        side = self.runner.capture_stream
+        if side is None:
+            side = self.runner.capture_stream = new_stream(self.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         global _captured_before
         with torch.cuda.stream(side):
@@ -99,7 +102,8 @@ class _Graphs:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=side,
+                                  capture_error_mode="thread_local"):
                 out = self._body(bb, vv)
                 self.logits[:bb].copy_(out)
         finally:

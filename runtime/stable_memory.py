@@ -81,6 +81,7 @@ def _driver() -> Any:
                 "cuMemUnmap": [u64, size_t],
                 "cuMemSetAccess": [u64, size_t, ctypes.POINTER(_AccessDesc), size_t],
                 "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+                "cuStreamCreate": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint],
             }.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, ctypes.c_int

@@ -1,0 +1,60 @@
+"""Streams of our own (runtime/cuda_streams.py): torch's pool hands the same 32 streams out
+round-robin, so a decode graph captured on a pool stream could take in another thread's copies
+queued on the same stream (an admit's, a layer stream's) or fail on them. A stream from
+``new_stream`` is no pool stream, never waits for the legacy default stream, and is where the
+LLM's decode graphs warm up and are captured."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from test_chat_graphs_gpu import burst, spawn
+from test_model_actors_gpu import build_tiny_llm
+
+from agile_rag.runtime.cuda_streams import new_stream
+
+# ~0.5 s of one GPU thread spinning (torch.cuda._sleep counts clock cycles; ~2 GHz)
+HOLD_CYCLES = 1_000_000_000
+
+
+def _pool_streams() -> set[int]:
+    return {torch.cuda.Stream().cuda_stream for _ in range(70)}    # every pool stream, twice
+
+
+def test_a_new_stream_is_no_pool_stream_and_does_not_wait_for_the_default_stream():
+    own = [new_stream("cuda:0"), new_stream(0)]
+    pool = _pool_streams()
+    assert len({s.cuda_stream for s in own}) == 2
+    assert not {s.cuda_stream for s in own} & pool
+    x = torch.ones(4, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(HOLD_CYCLES)              # the legacy default stream, busy ~0.5 s
+    t0 = time.perf_counter()
+    with torch.cuda.stream(own[0]):
+        y = (x + 1).sum()
+    own[0].synchronize()                        # waits for own[0] only
+    took = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    held = time.perf_counter() - t0
+    assert y.item() == 8.0
+    assert took < 0.15 < held, (took, held)
+
+
+def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+    pool = _pool_streams()
+
+    async def go():
+        system, llm = await spawn(folder, "cuda")
+        runner = llm.engine.runner
+        assert runner.graphs is not None and runner.graphs.graphs      # warmed at load
+        side = runner.capture_stream
+        got = await burst(llm)
+        await system.stop_all()
+        return side, got
+
+    side, got = asyncio.run(go())
+    assert side is not None and side.cuda_stream not in pool
+    assert all(isinstance(t, str) for t in got) and any(got)
