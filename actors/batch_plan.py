@@ -24,6 +24,8 @@ from typing import Any
 from .states import FinishReason, StrEnum
 
 LEN_BUCKET = 256          # cache lengths grow in these steps
+#: a lone request starts from a stored prefix when it covers at least this many tokens
+PREFIX_MIN_HIT = 16
 RESERVE_NEW = 512         # new tokens admission reserves for a request without a smaller max_tokens
 
 
@@ -176,6 +178,9 @@ class BatchPlanner:
         self.partial: Partial | None = None
         self.cache: tuple[int, int] | None = None        # (slots, length) the runner holds
         self.parked: tuple[int, int] | None = None       # a shape the runner can take back
+        #: tokens of a request's context a stored prefix covers (the runner's prefix store;
+        #: None: no store): a lone request with one is read from it (see :meth:`admit`)
+        self.prefix_hit: Callable[[SeqRequest], int] | None = None
 
     # ---- queue -------------------------------------------------------------------------------
     def accept(self, req: SeqRequest) -> None:
@@ -311,8 +316,10 @@ class BatchPlanner:
                 continue
             n = held + len(take) + 1
             lng = max(longest, req.reserve())
-            if s.prefill_chunk and len(req.context()) > s.prefill_chunk:
-                # a long context: prefilled alone, a chunk per loop turn (one at a time)
+            if s.prefill_chunk and len(req.context()) > s.prefill_chunk or \
+                    self._from_prefix(req, take):
+                # a long context: prefilled alone, a chunk per loop turn (one at a time); a
+                # lone request a stored prefix serves: from there, in one chunk
                 if not take and self.partial is None and \
                         not (self.active and self._over_budget(holders + [req], n, lng)):
                     self.waiting.popleft()
@@ -337,6 +344,14 @@ class BatchPlanner:
         shape = self._grow(first + len(take), longest)
         return StepPlan(kind=StepKind.PREFILL, rows=take, cache=shape, keep=first,
                         first_slot=first), cancelled
+
+    def _from_prefix(self, req: SeqRequest, take: list[SeqRequest]) -> bool:
+        """``req`` waits alone (a burst is prefilled together, as before) and a stored prefix
+        covers at least PREFIX_MIN_HIT of its tokens: it goes the chunked way, which starts
+        from the prefix and reads only the rest (issue 17: one chat asked again, or one that
+        shares a system prompt, skips most of its prefill)."""
+        return self.prefix_hit is not None and not take and self.partial is None and \
+            len(self.waiting) == 1 and self.prefix_hit(req) >= PREFIX_MIN_HIT
 
     def unadmit(self, rows: list[SeqRequest]) -> None:
         """A PREFILL that did not happen: its rows wait again at the head of the queue."""

@@ -245,7 +245,23 @@ class BatchRunner:
             self.cache.keys[layer][slots, :, :lp] = k.gather(2, idx)
             self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
         del kv, out
+        for i, req in enumerate(reqs):      # the prompts' prefixes, from their slots
+            self._keep_prefix(req, plan.first_slot + i, dev)
         return logits
+
+    def _keep_prefix(self, req: SeqRequest, slot: int, dev: torch.device) -> None:
+        """A prompt read by a batched prefill leaves its leading blocks in the prefix store,
+        copied from its slot of the (rectangle) cache, as a chunked prefill leaves them."""
+        if not self.prefixes.budget_tokens or req.prompt is None:
+            return
+        cache = self.cache
+
+        def prefix_kv(m: int) -> list:
+            return [(cache.keys[layer][slot:slot + 1, :, :m].clone(),
+                     cache.values[layer][slot:slot + 1, :, :m].clone())
+                    for layer in range(self.n_layers)]
+        if self.prefixes.insert(req.prompt, prefix_kv) is not None:
+            self._prefix_device = dev
 
     def _prefill_paged(self, kv: Any, first: int, lens: list[int], src: torch.Tensor) -> None:
         """A batched prefill's keys and values (left-padded rows) into the rows' blocks."""

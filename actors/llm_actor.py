@@ -134,7 +134,7 @@ class LLMActor(ModelActor):
     #   kv_block_tokens (0)         0: the KV cache is one rectangle (rows x the longest
     #                               reservation); 16, 32...: blocks of this many tokens, each
     #                               chat holding the blocks its tokens fill (a new engine)
-    #   prefix_cache_tokens (4096)  long prompts' leading 64-token blocks kept for reuse by the
+    #   prefix_cache_tokens (4096)  prompts' leading 16-token blocks kept for reuse by the
     #                               next prompts that start the same way (0: off); counted in
     #                               the GPU grant
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs

@@ -123,6 +123,8 @@ class BatchEngine:
                                   cuda_graphs=self.settings.cuda_graphs,
                                   kv_block=self.settings.kv_block)
         self.runner.prefixes.budget_tokens = self.settings.prefix_cache_tokens
+        prefixes = self.runner.prefixes
+        self.planner.prefix_hit = lambda req: prefixes.lookup(req.context())[1]
         if not self.settings.lean_decode:
             self.runner.lean = False
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()

@@ -1,20 +1,20 @@
 """CUDA streams that belong to one user.
 
-``torch.cuda.Stream()`` hands out one of a fixed pool of 32 streams per device and priority,
-round-robin: the 33rd caller gets the 1st caller's stream. Two threads given the same pool
-stream serialise their work, and a CUDA graph captured on a pool stream takes in (or fails on)
-whatever another thread queues on it meanwhile: seen as "Cannot copy between CPU and CUDA tensors
-during CUDA graph capture" in an encoder's forward while the LLM captured a decode graph, in an
-experiment where the encoders computed on pool streams of their own (issue 13). The LLM's decode
-graphs are captured on such a stream of their own (actors/decode_graphs.py): torch's default
-capture stream is a pool stream too, which an admit's or a layer stream's copies could share.
+``torch.cuda.Stream()`` hands out one of a fixed pool of 32 streams per device and priority, round-
+robin: the 33rd caller gets the 1st caller's stream. Two threads given the same pool stream
+serialise their work, and a CUDA graph captured on a pool stream takes in (or fails on) whatever
+another thread queues on it meanwhile: seen as "Cannot copy between CPU and CUDA tensors during
+CUDA graph capture" in an encoder's forward while the LLM captured a decode graph, in an experiment
+where the encoders computed on pool streams of their own (issue 13). The LLM's decode graphs are
+captured on such a stream of their own (actors/decode_graphs.py): torch's default capture stream is
+a pool stream too, which an admit's or a layer stream's copies could share.
 
 :func:`new_stream` makes a stream nobody else is given: created through the driver
-(``cuStreamCreate``, reached as runtime/stable_memory.py reaches it), non-blocking (it never
-waits for the legacy default stream, nor that stream for it), wrapped as a
-``torch.cuda.ExternalStream``. It is never destroyed (a stream costs the driver little, and each
-user makes one for its lifetime: an LLM engine one); a GPU test run whose streams were destroyed
-by finalizers ended in a segmentation fault at exit (cause not isolated). Where the driver cannot be reached it falls back
+(``cuStreamCreate``, reached as runtime/stable_memory.py reaches it), non-blocking (it never waits
+for the legacy default stream, nor that stream for it), wrapped as a ``torch.cuda.ExternalStream``.
+It is never destroyed (a stream costs the driver little, and each user makes one for its lifetime:
+an LLM engine one); a GPU test run whose streams were destroyed by finalizers ended in a
+segmentation fault at exit (cause not isolated). Where the driver cannot be reached it falls back
 to a pool stream, with a warning.
 """
 from __future__ import annotations

@@ -143,6 +143,30 @@ def test_a_long_prompt_is_read_in_chunks_then_lands_in_a_slot():
     assert short.steps == 3 and long.prefill_chunks == 3
 
 
+def test_a_lone_request_a_stored_prefix_serves_goes_the_chunked_way_a_burst_does_not():
+    p = planner(max_batch=8, kv_tokens=8192, prefill_chunk=512)
+    p.prefix_hit = lambda req: 32 if len(req.prompt) == 45 else 0
+    a, b = seq(45, 10), seq(45, 10)
+    p.accept(a)
+    p.accept(b)
+    plan, _ = p.admit()                       # a burst: one batched prefill, as before
+    assert plan is not None and plan.rows == [a, b] and p.partial is None
+    run_prefill(p, plan)
+    c = seq(45, 10)
+    p.accept(c)
+    plan, _ = p.admit()                       # alone, with a prefix: read from it, in a chunk
+    assert plan is None and p.partial is not None and p.partial.req is c
+    p.partial.done = 32                       # what the runner's start_from_prefix sets
+    chunk, _ = p.chunk()
+    assert (chunk.start, chunk.end, chunk.lands) == (32, 45, True)
+    p.chunk_done(chunk)
+    assert c in p.active and c.pos == 45
+    d = seq(30, 10)                           # alone, no prefix stored: a plain prefill
+    p.accept(d)
+    plan, _ = p.admit()
+    assert plan is not None and plan.rows == [d] and p.partial is None
+
+
 def test_prefill_chunk_set_to_zero_mid_prefill_finishes_the_prompt_in_one_forward():
     """Issue 11, defect 2: the running engine took the new value and read an empty chunk."""
     p = planner(prefill_chunk=64)

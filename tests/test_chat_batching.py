@@ -383,6 +383,7 @@ async def test_a_long_prompt_prefilled_in_chunks_gives_the_same_words(llm):
         engine.configure(prefill_chunk=0)                         # one forward
         whole = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
         engine.configure(prefill_chunk=48)
+        engine.runner.prefixes.clear()      # read in chunks, not from the prompt kept above
         chunked = await actor.ask(chat(LONG_PROMPT, 16), timeout=300)
     finally:
         engine.configure(prefill_chunk=old)

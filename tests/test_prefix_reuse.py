@@ -1,8 +1,8 @@
-"""Prompt prefixes computed once (issue 15): a long prompt's leading 64-token blocks are kept
-after its chunked prefill, and the next prompt that starts with the same tokens reads only the
-rest; the words are those of a prompt computed whole. The store finds the longest shared
-prefix by hash chain, keeps what a prefill uses, drops the least recently used idle entries
-past its budget, and lets go of every tensor when cleared."""
+"""Prompt prefixes computed once (issues 15, 17): a prompt's leading 16-token blocks are kept after
+its prefill (chunked or batched), and the next prompt that starts with the same tokens reads only
+the rest; the words are those of a prompt computed whole. The store finds the longest shared prefix
+by hash chain, keeps what a prefill uses, drops the least recently used idle entries past its
+budget, and lets go of every tensor when cleared."""
 from __future__ import annotations
 
 import gc
@@ -93,7 +93,7 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
         events = [e for e in system.tracer.events if e.msg_type == "Chat" and
                   e.started >= t0]
         hit = events[-1].detail.get("prefix_hit_tokens", 0)
-        assert hit >= 2 * 64 and hit % 64 == 0 and store.hits == 1
+        assert hit >= 2 * 64 and hit % BLOCK == 0 and store.hits == 1
         # the same words as the prompts computed whole
         assert (first.text, second.text) == (whole[0].text, whole[1].text)
         again = await actor.ask(chat(SHARED + questions[0], 10), timeout=300)
@@ -107,6 +107,30 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
                 break
             await actor.ask(chat("Hi.", 1), timeout=60)               # a loop applies it
         assert store.entries == [] and store.index == {}
+    finally:
+        await system.stop_all()
+
+
+async def test_a_short_prompt_asked_again_reads_only_its_last_block_and_says_the_same():
+    """(issue 17) A prompt shorter than a chunk, read in a batched prefill, leaves its leading
+    blocks too; asked again alone, it starts from them and computes at most a block and a
+    token (llama.cpp's server reuses a repeated prompt's keys the same way)."""
+    actor, _, system = await start_llm({"prefix_cache_tokens": 0})
+    try:
+        q = "What is the capital of France?"
+        want = await actor.ask(chat(q, 12), timeout=300)
+        await actor.ask(UpdateModel(spec=actor.spec, params={}), timeout=60)    # on (4096)
+        first = await actor.ask(chat(q, 12), timeout=300)
+        store = actor.engine.runner.prefixes
+        assert len(store.entries) == 1 and store.hits == 0
+        t0 = time.monotonic()
+        second = await actor.ask(chat(q, 12), timeout=300)
+        ev = [e for e in system.tracer.events if e.msg_type == "Chat" and e.started >= t0][-1]
+        hit, prompt = ev.detail.get("prefix_hit_tokens", 0), ev.detail["prompt_tokens"]
+        assert hit % BLOCK == 0 and prompt - BLOCK - 1 <= hit < prompt, (hit, prompt)
+        assert store.hits == 1
+        assert first.text == second.text == want.text, (want.text, first.text, second.text)
+        assert "Paris" in want.text
     finally:
         await system.stop_all()
 
