@@ -536,17 +536,17 @@ class BatchRunner:
         return tokens
 
     # ---- memory ------------------------------------------------------------------------------
-    def release(self) -> None:
-        """Drop the KV cache, a half-read context, the stored prefixes and the CUDA graphs. A
-        stable cache gives its pages back and is parked with its graphs (see
-        :meth:`_ensure_cache`)."""
+    def release(self, keep_prefix_tokens: int = 0) -> None:
+        """Drop the KV cache, a half-read context, the stored prefixes (but for the most
+        recently used ``keep_prefix_tokens`` of them) and the CUDA graphs. A stable cache gives
+        its pages back and is parked with its graphs (see :meth:`_ensure_cache`)."""
         c = self.cache
         if c is not None and getattr(c, "stable", None) is not None:
             c.park()
             self.parked = (c, self.graphs)
         self.graphs = None
         self.warm_keys = []
-        self.prefixes.clear()
+        self.prefixes.shrink(keep_prefix_tokens)
         self.cache = None
         self.partial_kv = None
 

@@ -117,8 +117,17 @@ class PrefixStore:
             if not e.users:
                 self._drop(e)
 
-    def _fit(self) -> None:
-        while self.tokens > self.budget_tokens:
+    def shrink(self, tokens: int) -> None:
+        """Keep at most ``tokens`` (the most recently used entries nobody uses; 0: as
+        :meth:`clear`)."""
+        if not tokens:
+            self.clear()
+            return
+        self._fit(tokens)
+
+    def _fit(self, limit: int | None = None) -> None:
+        limit = self.budget_tokens if limit is None else min(limit, self.budget_tokens)
+        while self.tokens > limit:
             idle = [e for e in self.entries if not e.users]
             if not idle:
                 return

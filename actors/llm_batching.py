@@ -487,10 +487,11 @@ class BatchEngine:
                                    completion_tokens=req.generated))
 
     # ---- memory ------------------------------------------------------------------------------
-    def release(self) -> None:
-        """Drop the KV cache and the CUDA graphs (never while the loop runs)."""
+    def release(self, keep_prefix_tokens: int = 0) -> None:
+        """Drop the KV cache and the CUDA graphs (never while the loop runs); the stored
+        prompt prefixes too, but for the most recent ``keep_prefix_tokens`` of them."""
         self.warming = False
-        self.runner.release()
+        self.runner.release(keep_prefix_tokens)
         self.planner.cache_dropped(self.runner.parked_shape())
 
     def close(self) -> None:

@@ -122,6 +122,10 @@ def weight_quant(params: dict, *, entry_dtype: str | None, gguf: bool, cpu_only:
     return mode
 
 
+#: prompt-prefix tokens an idle CPU-only LLM keeps when it frees its KV cache
+IDLE_PREFIX_TOKENS = 1024
+
+
 def free_idle_cache(engine: Any) -> int:
     """(executor thread) A CPU-only LLM's batch went idle: drop its KV cache and give the
     memory back to the OS. The cache's tensors sit in a reference cycle (its layers point back
@@ -131,7 +135,9 @@ def free_idle_cache(engine: Any) -> int:
     import gc
 
     nbytes = int(engine.cache_bytes())
-    engine.release()
+    # the most recent prompts' prefixes stay (a chat asked again, a shared system prompt:
+    # issue 17); at most IDLE_PREFIX_TOKENS of them (SmolLM2: ~23 KB a token)
+    engine.release(keep_prefix_tokens=IDLE_PREFIX_TOKENS)
     gc.collect()            # every time: one chat's small caches, left to pile up, add up too
     trim_heap()
     return nbytes

@@ -5,10 +5,12 @@ by hash chain, keeps what a prefill uses, drops the least recently used idle ent
 budget, and lets go of every tensor when cleared."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 import weakref
 
+import pytest
 from test_chat_batching import chat, start_llm
 
 from agile_rag.actors.kv_prefix import BLOCK, PrefixStore, chain_hashes
@@ -111,11 +113,14 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
         await system.stop_all()
 
 
-async def test_a_short_prompt_asked_again_reads_only_its_last_block_and_says_the_same():
+@pytest.mark.parametrize("arbiter", [True, False], ids=["flex", "cpu-only"])
+async def test_a_short_prompt_asked_again_reads_only_its_last_block_and_says_the_same(arbiter):
     """(issue 17) A prompt shorter than a chunk, read in a batched prefill, leaves its leading
     blocks too; asked again alone, it starts from them and computes at most a block and a
-    token (llama.cpp's server reuses a repeated prompt's keys the same way)."""
-    actor, _, system = await start_llm({"prefix_cache_tokens": 0})
+    token (llama.cpp's server reuses a repeated prompt's keys the same way). A CPU-only LLM
+    frees its idle KV cache after each batch and keeps the recent prefixes."""
+    actor, _, system = await start_llm({"prefix_cache_tokens": 0},
+                                       grant_timeout=10 if arbiter else None)
     try:
         q = "What is the capital of France?"
         want = await actor.ask(chat(q, 12), timeout=300)
@@ -130,6 +135,12 @@ async def test_a_short_prompt_asked_again_reads_only_its_last_block_and_says_the
         assert hit % BLOCK == 0 and prompt - BLOCK - 1 <= hit < prompt, (hit, prompt)
         assert store.hits == 1
         assert first.text == second.text == want.text, (want.text, first.text, second.text)
+        if not arbiter:                     # the idle cache goes; the prefix stays
+            for _ in range(100):
+                if actor.engine.cache_bytes() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert actor.engine.cache_bytes() == 0 and len(store.entries) == 1
         assert "Paris" in want.text
     finally:
         await system.stop_all()
