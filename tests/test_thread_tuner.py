@@ -42,7 +42,7 @@ def test_a_quiet_machine_gets_every_core_and_a_busy_one_one_less_within_a_few_st
 def test_equal_counts_keep_the_safe_one_and_a_new_batch_size_is_measured_afresh():
     t = ThreadTuner(1, 2)
     run(t, 300, {1: 0.010, 2: 0.0098})                        # within the margin: no switch
-    assert t.current == 1 and t.switches == 0 and t.probes >= 4
+    assert t.current == 1 and t.switches == 0 and t.probes >= 2
     # 16 rows: 2 threads twice as fast; the 1-row history does not count against it
     run(t, 120, {1: 0.040, 2: 0.020}, rows=16)
     assert t.current == 2
@@ -73,6 +73,20 @@ def test_a_stream_after_a_pause_compares_the_counts_again():
     assert used[:2] == [1, 1] and used[6:].count(2) >= 50 and t.current == 2
     used = run(t, 6, {1: 0.015, 2: 0.010}, pause=0.01)         # no pause: no new comparison
     assert used == [2] * 6
+
+
+def test_probes_that_confirm_the_count_come_less_often_and_a_busy_core_is_still_seen_at_once():
+    t = ThreadTuner(1, 2)
+    used = run(t, 3000, {1: 0.015, 2: 0.010})
+    # probes after 2 steps, then 48, 96, 192, 384, 384... steps apart: ~11 in 3000 steps
+    # (every 48: ~55); each costs its 6 steps at the slower count
+    assert t.current == 2 and t.probes <= 12 and used.count(1) <= 12 * 6 + 3, t.probes
+    used = run(t, 8, {1: 0.016, 2: 0.030})                    # a core taken: seen at once
+    assert t.current == 1 and used[-3:] == [1, 1, 1], used
+    t.threads(1, CLOCK[0])
+    assert t._every == t.probe_every                           # and probes are frequent again
+    run(t, 100, {1: 0.015, 2: 0.010})                         # the core back: found soon
+    assert t.current == 2
 
 
 def test_bad_ranges_are_refused():
