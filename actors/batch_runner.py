@@ -37,6 +37,10 @@ from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
 
+#: a batched prefill of at most this many rows leaves their prompts' prefixes (two copies per
+#: layer per row: a 32-row burst on the GPU would queue ~2,300 small copies on its path)
+KEEP_PREFIX_ROWS = 4
+
 #: model families whose decoder takes per-row position_ids, a ready 4D mask and any Cache
 #: (full attention everywhere); others keep the plain ``generate`` path.
 BATCHABLE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -245,8 +249,9 @@ class BatchRunner:
             self.cache.keys[layer][slots, :, :lp] = k.gather(2, idx)
             self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
         del kv, out
-        for i, req in enumerate(reqs):      # the prompts' prefixes, from their slots
-            self._keep_prefix(req, plan.first_slot + i, dev)
+        if n <= KEEP_PREFIX_ROWS:           # the prompts' prefixes, from their slots
+            for i, req in enumerate(reqs):
+                self._keep_prefix(req, plan.first_slot + i, dev)
         return logits
 
     def _keep_prefix(self, req: SeqRequest, slot: int, dev: torch.device) -> None:
