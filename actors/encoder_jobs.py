@@ -37,9 +37,7 @@ import numpy as np
 
 from ..runtime.actor import Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
-from ..runtime.executor import apply_torch_threads
 from ..runtime.layer_group import one_by_one
-from ..runtime.thread_tuner import ThreadTuner
 from .encoder_tokens import Piece, TokenPool, Tokens, input_chars
 from .model_base import ARBITER, ModelActor
 from .states import Device, DeviceMode
@@ -163,9 +161,6 @@ class Job:
 class EncoderJobs(ModelActor):
     """The steps of a job's loop (see the module docstring), for
     :class:`~.encoder_engine.EncoderActor`, which writes what is declared here."""
-    #: the torch thread count of CPU forwards, chosen by timing (issue 17; see
-    #: _forward_blocking): made at the first CPU forward when TORCH_THREADS is auto, else False
-    cpu_tuner: Any = None
     engine: Backend | None
     batch_detail: str
     _out_lock: threading.Lock
@@ -435,39 +430,8 @@ class EncoderJobs(ModelActor):
 
     def _forward_blocking(self, batch: Batch) -> None:
         """Forward thread: one forward, its outputs written into each request's array (rows
-        of one request may come from two forward threads: each writes only its own).
-
-        On the CPU, with ``TORCH_THREADS`` auto, the forward runs with the torch thread count
-        a :class:`~..runtime.thread_tuner.ThreadTuner` finds faster now, as the LLM's decode
-        steps do: every core on a quiet machine (MiniLM, 256 one-sentence requests, 2 cores:
-        ~380 sentences/s against ~240 with one thread), one less once another process takes
-        a core. Forwards are compared by their seconds per padded token, whatever their size
-        (per size, as decode steps are compared per batch size, a burst's forwards of
-        changing sizes would never finish a comparison). A CPU job runs one forward at a
-        time, so one thread uses the tuner at once."""
-        tuner = self._cpu_tuner()
-        if tuner is None:
-            self._write(batch, self._encode(batch))
-            return
-        apply_torch_threads(tuner.threads(1))
-        t0 = time.perf_counter()
-        out = self._encode(batch)
-        tuner.observe(1, (time.perf_counter() - t0) / max(1, batch.padded))
-        self._write(batch, out)
-
-    def _cpu_tuner(self) -> Any:
-        """The CPU forwards' ThreadTuner, or None (a GPU forward; TORCH_THREADS set)."""
-        tuner = self.cpu_tuner
-        if tuner is False:
-            return None
-        engine = self.engine
-        if engine is None or engine.device().type != "cpu":
-            return None
-        if tuner is None:
-            threads = getattr(self.system.executor, "decode_threads", None) \
-                if self.system is not None else None
-            tuner = self.cpu_tuner = ThreadTuner(*threads) if threads else False
-        return tuner or None
+        of one request may come from two forward threads: each writes only its own)."""
+        self._write(batch, self._encode(batch))
 
     def _forward_group_blocking(self, group: Group) -> list[BaseException | None]:
         """Forward thread: a group's forwards, layer-major (its members on their own
