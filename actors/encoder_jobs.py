@@ -37,7 +37,10 @@ import numpy as np
 
 from ..runtime.actor import Envelope
 from ..runtime.errors import ModelFailed, Overloaded, ServiceError
+from ..runtime.executor import apply_torch_threads
 from ..runtime.layer_group import one_by_one
+from ..runtime.thread_tuner import ThreadTuner
+from .batch_plan import pow2
 from .encoder_tokens import Piece, TokenPool, Tokens, input_chars
 from .model_base import ARBITER, ModelActor
 from .states import Device, DeviceMode
@@ -161,6 +164,10 @@ class Job:
 class EncoderJobs(ModelActor):
     """The steps of a job's loop (see the module docstring), for
     :class:`~.encoder_engine.EncoderActor`, which writes what is declared here."""
+    #: the torch thread count of CPU forwards, chosen by timing (issue 17; see
+    #: _forward_blocking): made at the first CPU forward when TORCH_THREADS is auto, else False
+    cpu_tuner: Any = None
+    _cpu_threads: tuple = ()
     engine: Backend | None
     batch_detail: str
     _out_lock: threading.Lock
@@ -430,8 +437,48 @@ class EncoderJobs(ModelActor):
 
     def _forward_blocking(self, batch: Batch) -> None:
         """Forward thread: one forward, its outputs written into each request's array (rows
-        of one request may come from two forward threads: each writes only its own)."""
-        self._write(batch, self._encode(batch))
+        of one request may come from two forward threads: each writes only its own).
+
+        On the CPU, with ``TORCH_THREADS`` auto, the forward runs with the torch thread count
+        a :class:`~..runtime.thread_tuner.ThreadTuner` finds faster now, as the LLM's decode
+        steps do: every core on a quiet machine, one less once another process takes a core.
+        One tuner per power-of-two bucket of padded tokens (forwards of a size are compared
+        with each other); a forward with more than one thread runs on a short-lived thread
+        of its own (see :func:`_on_a_thread_of_its_own`). A CPU job runs one forward at a
+        time, so one thread uses the tuners at once. Measured in
+        benchmarks/results/cpu-peers-s3.md."""
+        tuners = self._cpu_tuners()
+        if tuners is None:
+            self._write(batch, self._encode(batch))
+            return
+        key = pow2(max(1, batch.padded))
+        tuner = tuners.get(key)
+        if tuner is None:
+            tuner = tuners[key] = ThreadTuner(*self._cpu_threads)
+        n = tuner.threads(1)
+        t0 = time.perf_counter()
+        if n > 1:
+            out = _on_a_thread_of_its_own(n, self._encode, batch)
+        else:
+            apply_torch_threads(n)
+            out = self._encode(batch)
+        tuner.observe(1, time.perf_counter() - t0)
+        self._write(batch, out)
+
+    def _cpu_tuners(self) -> dict | None:
+        """The CPU forwards' ThreadTuners by padded-token bucket, or None (a GPU forward;
+        TORCH_THREADS set)."""
+        if self.cpu_tuner is False:
+            return None
+        engine = self.engine
+        if engine is None or engine.device().type != "cpu":
+            return None
+        if self.cpu_tuner is None:
+            threads = getattr(self.system.executor, "decode_threads", None) \
+                if self.system is not None else None
+            self._cpu_threads = tuple(threads) if threads else ()
+            self.cpu_tuner = {} if threads else False
+        return self.cpu_tuner if self.cpu_tuner is not False else None
 
     def _forward_group_blocking(self, group: Group) -> list[BaseException | None]:
         """Forward thread: a group's forwards, layer-major (its members on their own
@@ -617,3 +664,26 @@ class EncoderJobs(ModelActor):
         out, job.out = job.out, []
         for env, result in out:
             self._deliver(env, result)
+
+
+def _on_a_thread_of_its_own(threads: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with ``threads`` torch threads, on a thread that ends with it. OpenMP
+    (GNU libgomp) keeps a team of worker threads for every thread that ran a parallel region
+    with more than one, for that thread's life; with more of them than cores it shortens the
+    spin-waits of every team, and the LLM's decode step (hundreds of parallel regions) slows
+    by ~20%. A forward's own short-lived thread takes its team with it."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            apply_torch_threads(threads)
+            box["out"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="encoder-forward", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]

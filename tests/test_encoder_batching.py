@@ -301,6 +301,53 @@ async def test_the_librarys_own_call_serves_when_the_fast_path_is_off(reference)
         await system.stop_all()
 
 
+async def test_cpu_forwards_choose_their_thread_count_by_timing_and_say_the_same(reference):
+    """(issue 17) With TORCH_THREADS auto (the executor's decode_threads range), an encoder's
+    CPU forwards run with the count a ThreadTuner finds faster (one per power-of-two bucket
+    of padded tokens; a forward with more threads on a short-lived thread of its own); the
+    vectors are those of encode()."""
+    from agile_rag.runtime.executor import ModelExecutor
+    from agile_rag.runtime.thread_tuner import ThreadTuner
+
+    emb = EmbedderActor(spec("embedder", "emb"), {"max_batch_tokens": 64})
+    system = ActorSystem(executor=ModelExecutor(decode_threads=(1, 2)))
+    system.spawn(emb)
+    try:
+        assert (await emb.ask(Describe(), timeout=120)).state == "ready"
+        rng = random.Random(3)
+        texts = [text_of(rng, k, "t") for k in range(24)]
+        got = []
+        for _ in range(4):                  # bursts of forwards of changing sizes
+            outs = await asyncio.gather(*(emb.ask(Embed(texts=[t]), timeout=120)
+                                          for t in texts))
+            got = np.concatenate([o.vectors for o in outs])
+        tuners = emb.cpu_tuner
+        assert tuners and all(isinstance(t, ThreadTuner) for t in tuners.values()), tuners
+        assert sum(t.probes for t in tuners.values()) >= 1
+        np.testing.assert_allclose(got, encode_alone(reference, texts), atol=2e-5)
+    finally:
+        await system.stop_all()
+    fixed = EmbedderActor(spec("embedder", "emb"), {})      # a set TORCH_THREADS: no tuner
+    system = await started(fixed)
+    try:
+        await fixed.ask(Embed(texts=texts[:2]), timeout=120)
+        assert fixed.cpu_tuner is False
+    finally:
+        await system.stop_all()
+
+
+def test_a_forward_on_a_thread_of_its_own_returns_or_raises_what_it_did():
+    import torch
+
+    from agile_rag.actors.encoder_jobs import _on_a_thread_of_its_own
+    assert _on_a_thread_of_its_own(2, lambda x: (x, torch.get_num_threads()), 5) == (5, 2)
+
+    def bad():
+        raise ValueError("no")
+    with pytest.raises(ValueError, match="no"):
+        _on_a_thread_of_its_own(2, bad)
+
+
 async def test_a_live_max_tokens_edit_truncates_where_encode_does(reference):
     import dataclasses
 
