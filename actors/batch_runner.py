@@ -250,20 +250,22 @@ class BatchRunner:
             self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
         del kv, out
         if n <= KEEP_PREFIX_ROWS:           # the prompts' prefixes, from their slots
+            cache = self.cache
             for i, req in enumerate(reqs):
-                self._keep_prefix(req, plan.first_slot + i, dev)
+                slot = slice(plan.first_slot + i, plan.first_slot + i + 1)
+                self._keep_prefix(req, lambda layer, s=slot: (cache.keys[layer][s],
+                                                              cache.values[layer][s]), dev)
         return logits
 
-    def _keep_prefix(self, req: SeqRequest, slot: int, dev: torch.device) -> None:
-        """A prompt read by a batched prefill leaves its leading blocks in the prefix store,
-        copied from its slot of the (rectangle) cache, as a chunked prefill leaves them."""
+    def _keep_prefix(self, req: SeqRequest, layer_kv: Any, dev: torch.device) -> None:
+        """A prompt just read leaves its leading blocks in the prefix store (unless one there
+        covers them already); ``layer_kv(layer)``: its keys and values,
+        ``[1, kv_heads, >= its length, head_dim]`` each (copied, for the tokens stored)."""
         if not self.prefixes.budget_tokens or req.prompt is None:
             return
-        cache = self.cache
 
         def prefix_kv(m: int) -> list:
-            return [(cache.keys[layer][slot:slot + 1, :, :m].clone(),
-                     cache.values[layer][slot:slot + 1, :, :m].clone())
+            return [tuple(t[:, :, :m].clone() for t in layer_kv(layer))
                     for layer in range(self.n_layers)]
         if self.prefixes.insert(req.prompt, prefix_kv) is not None:
             self._prefix_device = dev
@@ -309,12 +311,7 @@ class BatchRunner:
                 k, v = _dynamic_layer(kv, layer)
                 self.cache.keys[layer][slot, :, :n] = k[0]
                 self.cache.values[layer][slot, :, :n] = v[0]
-        if self.prefixes.budget_tokens and req.prompt is not None:
-            def prefix_kv(m: int) -> list:
-                return [tuple(t[:, :, :m].clone() for t in _dynamic_layer(kv, layer))
-                        for layer in range(self.n_layers)]
-            if self.prefixes.insert(req.prompt, prefix_kv) is not None:
-                self._prefix_device = dev
+        self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev)
         return out.logits[:, -1, :]
 
     def start_from_prefix(self, req: SeqRequest) -> int:

@@ -25,6 +25,7 @@ settings.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
@@ -165,9 +166,9 @@ class EncoderJobs(ModelActor):
     """The steps of a job's loop (see the module docstring), for
     :class:`~.encoder_engine.EncoderActor`, which writes what is declared here."""
     #: the torch thread count of CPU forwards, chosen by timing (issue 17; see
-    #: _forward_blocking): made at the first CPU forward when TORCH_THREADS is auto, else False
+    #: _forward_blocking): a ThreadTuner per forward size, made at the first CPU forward when
+    #: TORCH_THREADS is auto, else False
     cpu_tuner: Any = None
-    _cpu_threads: tuple = ()
     engine: Backend | None
     batch_detail: str
     _out_lock: threading.Lock
@@ -451,10 +452,7 @@ class EncoderJobs(ModelActor):
         if tuners is None:
             self._write(batch, self._encode(batch))
             return
-        key = pow2(max(1, batch.padded))
-        tuner = tuners.get(key)
-        if tuner is None:
-            tuner = tuners[key] = ThreadTuner(*self._cpu_threads)
+        tuner = tuners[pow2(max(1, batch.padded))]
         n = tuner.threads(1)
         t0 = time.perf_counter()
         if n > 1:
@@ -474,10 +472,9 @@ class EncoderJobs(ModelActor):
         if engine is None or engine.device().type != "cpu":
             return None
         if self.cpu_tuner is None:
-            threads = getattr(self.system.executor, "decode_threads", None) \
-                if self.system is not None else None
-            self._cpu_threads = tuple(threads) if threads else ()
-            self.cpu_tuner = {} if threads else False
+            threads = self.cpu_thread_range()
+            self.cpu_tuner = collections.defaultdict(
+                functools.partial(ThreadTuner, *threads)) if threads else False
         return self.cpu_tuner if self.cpu_tuner is not False else None
 
     def _forward_group_blocking(self, group: Group) -> list[BaseException | None]:

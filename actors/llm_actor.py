@@ -187,8 +187,7 @@ class LLMActor(ModelActor):
         self.batching_off = None
         self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
                                   **self._batch_settings())
-        threads = getattr(self.system.executor, "decode_threads", None) \
-            if self.system is not None else None
+        threads = self.cpu_thread_range()
         if threads:                     # TORCH_THREADS auto: CPU decode steps time both counts
             self.engine.runner.tuner = ThreadTuner(*threads)
         self.engine.adopt(leftovers)

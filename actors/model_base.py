@@ -138,6 +138,13 @@ class ModelActor(Actor):
         the window) measured 0.76 s -> 0.63 s for 256 concurrent one-sentence embeddings."""
         return linger_seconds(self.params)
 
+    def cpu_thread_range(self) -> tuple[int, int] | None:
+        """(low, high) torch thread counts CPU work chooses between by timing
+        (runtime/thread_tuner.py) when TORCH_THREADS is auto; None: the count set."""
+        threads = getattr(self.system.executor, "decode_threads", None) \
+            if self.system is not None else None
+        return tuple(threads) if threads else None
+
     def torch_module(self):
         """The nn.Module whose weights move between host and GPU."""
         return self.model

@@ -1,4 +1,5 @@
-"""How many torch threads the CPU decode step runs with, chosen by timing (issue 17).
+"""How many torch threads CPU work runs with, chosen by timing (issue 17): the LLM's decode
+steps, and the encoders' forwards (one tuner per size of forward, actors/encoder_jobs.py).
 
 On a 2-core machine one decode stream is ~1.4x faster with 2 torch threads than with 1 while
 the machine is quiet, and ~2x slower as soon as another process takes a core (each operation's
@@ -23,8 +24,7 @@ whichever count its steps measure faster now:
   busier or quieter now), starts the comparison afresh.
 
 It is plain bookkeeping, called from the one thread that decodes, which sets the count it
-gives with ``runtime.executor.apply_torch_threads`` (OpenMP's count is per thread: the
-embedders' pool keeps its own).
+gives with ``runtime.executor.apply_torch_threads`` (OpenMP's count is per thread).
 """
 from __future__ import annotations
 
