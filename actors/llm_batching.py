@@ -326,6 +326,9 @@ class BatchEngine:
             self.release()
             raise
         stats["seconds"] = round(time.monotonic() - t0, 4)
+        for key in ("admit_s", "chunk_s", "decode_s"):
+            if key in stats:
+                stats[key] = round(stats[key], 4)
         if runner.graphs is not None:
             stats["graphs"] = len(runner.graphs.graphs)
         if runner.cache is not None:
@@ -406,8 +409,10 @@ class BatchEngine:
         self.planner.seat(plan.rows, plan.first_slot, [len(r.context()) for r in plan.rows])
         stats["prefills"] += 1
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
+        took = time.monotonic() - now
+        _add_time(stats, "admit_s", took)
         for req in plan.rows:
-            req.prefill_s += time.monotonic() - now
+            req.prefill_s += took
 
     def _chunk(self, stats: dict) -> None:
         plan, cancelled = self.planner.chunk()
@@ -428,6 +433,7 @@ class BatchEngine:
             self._take_tokens([req], tokens)
         else:
             req.prefill_s += time.monotonic() - t0
+        _add_time(stats, "chunk_s", time.monotonic() - t0)
 
     def _decode(self, stats: dict) -> None:
         plan, gone = self.planner.decode()
@@ -437,6 +443,7 @@ class BatchEngine:
             self._finish(req)
         if plan is None:
             return
+        t0 = time.monotonic()
         logits = self.runner.run(plan, stats)
         if self._paused_at is not None:      # the first step since a pause: what it cost
             cost = time.monotonic() - self._paused_at
@@ -448,6 +455,8 @@ class BatchEngine:
         b = len(plan.rows)
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
         stats["steps"] += 1
+        stats["step_rows"] = stats.get("step_rows", 0) + b
+        _add_time(stats, "decode_s", time.monotonic() - t0)
         stats["max_batch"] = max(stats["max_batch"], b)
         self.total_steps += 1
 
@@ -539,3 +548,9 @@ def _safe_done(req: SeqRequest, res: Any) -> None:
     except Exception:  # noqa: BLE001 - one bad callback must not stop the batch
         log.exception("reply callback failed")
 
+
+
+def _add_time(stats: dict, key: str, seconds: float) -> None:
+    """Time the loop spent in one kind of work (admits, prefill chunks, decode steps: each
+    measured to its sampled tokens on the host), summed for the BatchIdle trace detail."""
+    stats[key] = stats.get(key, 0.0) + seconds

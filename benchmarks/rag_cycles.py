@@ -474,7 +474,30 @@ async def run_level(base: str, n: int, duration: float, hard_deadline: float, ct
             traces = {"events": [], "error": str(exc)}
     return {"n": n, "t0": t0, "warmup": warm, "cycles": cycles, "cut": cut, "t_cut": t_cut,
             "metrics": metrics_delta(before, after), "admin_models": admin,
-            "encoders": encoder_jobs(traces.get("events") or [])}
+            "encoders": encoder_jobs(traces.get("events") or []),
+            "llm_batches": llm_batches(traces.get("events") or [])}
+
+
+LLM_SUMS = ("steps", "step_rows", "decode_s", "admit_s", "chunk_s", "seconds", "prefills",
+            "prefill_chunks", "captures", "tokens")
+
+
+def llm_batches(events: list[dict]) -> dict:
+    """Per LLM (from the BatchIdle trace events of the window): the batch loop's time in
+    decode steps, admits (prefills) and prefill chunks, its steps and the rows they held."""
+    out: dict = {}
+    for e in events:
+        if e.get("msg") != "BatchIdle":
+            continue
+        d = e.get("detail") or {}
+        s = out.setdefault(e.get("actor"), {k: 0 for k in LLM_SUMS} | {"loops": 0})
+        s["loops"] += 1
+        for k in LLM_SUMS:
+            s[k] += d.get(k, 0) or 0
+    for s in out.values():
+        s["ms_per_step"] = 1e3 * s["decode_s"] / s["steps"] if s["steps"] else None
+        s["rows_per_step"] = s["step_rows"] / s["steps"] if s["steps"] else None
+    return out
 
 
 def encoder_jobs(events: list[dict]) -> dict:
@@ -705,6 +728,17 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                              f"{e['resident_jobs']} | {e['streamed_jobs']} | "
                              f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
                              f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
+    lines += ["", "## LLM batch loop per level (window only, BatchIdle in /debug/traces)", "",
+              "| mode | N | model | loop s | decode steps | ms per step | rows per step | "
+              "admit (prefill) s | prefill chunk s | graph captures |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, mres in result["modes"].items():
+        for s, lv in zip(mres["levels"], mres["raw_levels"]):
+            for model, b in sorted((lv.get("llm_batches") or {}).items()):
+                lines.append(f"| {mode} | {s['n']} | {model} | {b['seconds']:.2f} | "
+                             f"{b['steps']} | {fmt(b['ms_per_step'])} | "
+                             f"{fmt(b['rows_per_step'], 1)} | {b['admit_s']:.2f} | "
+                             f"{b['chunk_s']:.2f} | {b['captures']} |")
     errors = [(mode, s["n"], e) for mode, mres in result["modes"].items()
               for s in mres["levels"] for e in s["errors"]]
     if errors:
