@@ -274,7 +274,7 @@ class BatchEngine:
         self.yielded = False
         new: list[SeqRequest] = []
         try:
-            with torch.inference_mode(), runner.on_own_stream():
+            with torch.inference_mode():
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
                 planner.whole_budget = runner.on_gpu()

@@ -16,12 +16,6 @@ It is never destroyed (a stream costs the driver little, and each user makes one
 an LLM engine one); a GPU test run whose streams were destroyed by finalizers ended in a
 segmentation fault at exit (cause not isolated). Where the driver cannot be reached it falls back
 to a pool stream, with a warning.
-
-``new_stream(device, high=True)`` makes it at the card's greatest priority: the LLM's batch loop
-computes on such a stream (actors/llm_batching.py), so that its decode steps and prefills neither
-queue behind an encoder's forward on the legacy default stream (a layer-streamed forward there
-waits for its layers' copies) nor wait for SMs that an encoder's pending blocks would take: the
-GPU's block scheduler starts a higher-priority stream's blocks first.
 """
 from __future__ import annotations
 
@@ -36,9 +30,9 @@ CU_STREAM_NON_BLOCKING = 1
 __all__ = ["new_stream"]
 
 
-def new_stream(device: Any, *, high: bool = False) -> Any:
+def new_stream(device: Any) -> Any:
     """A non-blocking CUDA stream on ``device`` (a torch device, index or "cuda:N") that no
-    other caller shares; ``high``: at the greatest priority the card has."""
+    other caller shares."""
     import torch
 
     dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
@@ -50,18 +44,8 @@ def new_stream(device: Any, *, high: bool = False) -> Any:
         with torch.cuda.device(index):          # that card's primary context, current here
             torch.cuda.init()
             _current_context(index)
-            drv = _driver()
-            if high:
-                least, greatest = ctypes.c_int(), ctypes.c_int()
-                _check(drv.cuCtxGetStreamPriorityRange(ctypes.byref(least),
-                                                       ctypes.byref(greatest)),
-                       "cuCtxGetStreamPriorityRange")
-                _check(drv.cuStreamCreateWithPriority(ctypes.byref(handle),
-                                                      CU_STREAM_NON_BLOCKING, greatest.value),
-                       "cuStreamCreateWithPriority")
-            else:
-                _check(drv.cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING),
-                       "cuStreamCreate")
+            _check(_driver().cuStreamCreate(ctypes.byref(handle), CU_STREAM_NON_BLOCKING),
+                   "cuStreamCreate")
         if not handle.value:
             raise RuntimeError("cuStreamCreate gave no stream")
         ptr = int(handle.value)
@@ -69,7 +53,5 @@ def new_stream(device: Any, *, high: bool = False) -> Any:
     except Exception as exc:  # noqa: BLE001 - a shared pool stream still works, only slower
         log.warning("a CUDA stream of its own could not be made (%s): using one of torch's "
                     "pool streams", exc)
-        if high:
-            return torch.cuda.Stream(index, priority=-1)      # torch: -1 is its high priority
         return torch.cuda.Stream(index)
     return stream

@@ -82,10 +82,6 @@ def _driver() -> Any:
                 "cuMemSetAccess": [u64, size_t, ctypes.POINTER(_AccessDesc), size_t],
                 "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
                 "cuStreamCreate": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint],
-                "cuStreamCreateWithPriority": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint,
-                                               ctypes.c_int],
-                "cuCtxGetStreamPriorityRange": [ctypes.POINTER(ctypes.c_int),
-                                                ctypes.POINTER(ctypes.c_int)],
             }.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, ctypes.c_int
