@@ -28,6 +28,9 @@ def test_a_new_stream_is_no_pool_stream_and_does_not_wait_for_the_default_stream
     assert len({s.cuda_stream for s in own}) == 2
     assert not {s.cuda_stream for s in own} & pool
     x = torch.ones(4, device="cuda")
+    with torch.cuda.stream(own[0]):             # the allocator's blocks for own[0]: a first
+        warm = (x + 1).sum()                    # cudaMalloc may wait for the whole device
+    del warm
     torch.cuda.synchronize()
     torch.cuda._sleep(HOLD_CYCLES)              # the legacy default stream, busy ~0.5 s
     t0 = time.perf_counter()
@@ -58,3 +61,4 @@ def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
     side, got = asyncio.run(go())
     assert side is not None and side.cuda_stream not in pool
     assert all(isinstance(t, str) for t in got) and any(got)
+
