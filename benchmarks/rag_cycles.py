@@ -457,6 +457,9 @@ async def run_level(base: str, n: int, duration: float, hard_deadline: float, ct
                     await asyncio.sleep(0.2)       # a failing server: do not spin
 
         tasks = [asyncio.create_task(client(k)) for k in range(n)]
+        stacks = None
+        if ctx.get("stacks") and duration > 3:        # the window's middle, sampled in-process
+            stacks = asyncio.create_task(get_stacks(session, base, duration - 2))
         _, pending = await asyncio.wait(tasks, timeout=max(hard_deadline - time.monotonic(), 1))
         for t in pending:
             t.cancel()
@@ -472,10 +475,32 @@ async def run_level(base: str, n: int, duration: float, hard_deadline: float, ct
                                              30)
         except Exception as exc:  # noqa: BLE001 - the summary is extra, never the figure
             traces = {"events": [], "error": str(exc)}
+    stacks_out = None
+    if stacks is not None:
+        try:
+            stacks_out = await asyncio.wait_for(stacks, 30)
+        except Exception as exc:  # noqa: BLE001 - extra, never the figure
+            stacks_out = {"error": repr(exc)}
     return {"n": n, "t0": t0, "warmup": warm, "cycles": cycles, "cut": cut, "t_cut": t_cut,
+            "stacks": stacks_out,
             "metrics": metrics_delta(before, after), "admin_models": admin,
             "encoders": encoder_jobs(traces.get("events") or []),
             "llm_batches": llm_batches(traces.get("events") or [])}
+
+
+async def get_stacks(session, base: str, seconds: float) -> dict:
+    """GET /debug/stacks over ``seconds`` (runtime/stack_sampler.py): per thread its CPU
+    fraction and top stacks, trimmed to what the report shows."""
+    async with session.get(f"{base}/debug/stacks", params={"seconds": f"{seconds:.1f}",
+                                                             "hz": "100"},
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        body = await r.json()
+    if r.status != 200:
+        return {"error": str(body)[:300]}
+    return {"seconds": body["seconds"], "threads": {
+        name: {"cpu_fraction": t["cpu_fraction"], "samples": t["samples"],
+               "stacks": t["stacks"][:8], "lines": t["lines"][:8]}
+        for name, t in body["threads"].items()}}
 
 
 LLM_SUMS = ("steps", "step_rows", "decode_s", "admit_s", "chunk_s", "seconds", "prefills",
@@ -739,6 +764,20 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                              f"{b['steps']} | {fmt(b['ms_per_step'])} | "
                              f"{fmt(b['rows_per_step'], 1)} | {b['admit_s']:.2f} | "
                              f"{b['chunk_s']:.2f} | {b['captures']} |")
+    for mode, mres in result["modes"].items():
+        for s, lv in zip(mres["levels"], mres["raw_levels"]):
+            st = lv.get("stacks")
+            if not st or "threads" not in st:
+                continue
+            lines += ["", f"## Threads, {mode} N={s['n']} (GET /debug/stacks over "
+                      f"{st['seconds']:.0f} s of the window)", "",
+                      "| thread | CPU (cores) | top stacks (innermost first; share of samples) |",
+                      "|---|---|---|"]
+            busy = sorted(st["threads"].items(), key=lambda kv: -(kv[1]["cpu_fraction"] or 0))
+            for name, t in busy[:10]:
+                top = "<br>".join(f"{k / max(t['samples'], 1):.0%} `{stack[:160]}`"
+                                  for stack, k in t["stacks"][:4])
+                lines.append(f"| {name} | {fmt(t['cpu_fraction'])} | {top} |")
     errors = [(mode, s["n"], e) for mode, mres in result["modes"].items()
               for s in mres["levels"] for e in s["errors"]]
     if errors:
@@ -841,6 +880,9 @@ def main() -> None:
                          "window not well over a cycle counts one or two cycles per client")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--time-budget-s", type=float, default=540.0)
+    ap.add_argument("--stacks", action="store_true",
+                    help="sample the server's threads over each window (GET /debug/stacks): "
+                         "CPU per thread and top stacks in the json and md")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "rag-cycles"),
                     help="where the models and configs are written (emptied first)")
     a = ap.parse_args()
@@ -899,7 +941,8 @@ def main() -> None:
         f"{k} {p / 1e6:.1f} M params" for k, p in info["params"].items())
         + f"; GPU: {info['gpu'] or 'none'}")
 
-    ctx = {"new_tokens": a.new_tokens, "dim": info["embed_dim"], "passages": make_passages()}
+    ctx = {"new_tokens": a.new_tokens, "dim": info["embed_dim"], "passages": make_passages(),
+           "stacks": a.stacks}
     result = {
         "command": shlex.join([sys.executable] + sys.argv), "gpu": info["gpu"],
         "gpu_total_mb": info["gpu_total_mb"], "cuda": info["cuda"],

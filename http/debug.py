@@ -1,4 +1,5 @@
-"""GET /debug/traces: read the actors' trace events.
+"""GET /debug/traces: read the actors' trace events. GET /debug/stacks: sample the server's
+threads (runtime/stack_sampler.py).
 
 - ``?request_id=ID``: one request's events in order, each with readable times (offset from the
   request's start, queue wait, run time, phases), and a ``timeline`` that says where the time
@@ -16,6 +17,7 @@ import math
 import orjson
 from aiohttp import web
 
+from agile_rag.runtime import stack_sampler
 from agile_rag.runtime.errors import InvalidRequest
 from agile_rag.runtime.tracing import chrome_trace, event_view, request_timeline
 
@@ -84,5 +86,31 @@ async def traces(request: web.Request) -> web.Response:
                          request=request)
 
 
+def _number(q, name: str, default: float, lo: float, hi: float) -> float:
+    raw = q.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        v = math.nan
+    if not (lo <= v <= hi):
+        raise InvalidRequest(f"'{name}' must be a number between {lo:g} and {hi:g}; got "
+                             f"{raw!r}.", param=name, code="invalid_value")
+    return v
+
+
+async def stacks(request: web.Request) -> web.Response:
+    """``?seconds=S`` (default 5) at ``?hz=H`` (default 200): per thread, its CPU seconds and
+    most frequent Python stacks over the window (runtime/stack_sampler.py); answers when the
+    window ends."""
+    q = request.query
+    seconds = _number(q, "seconds", 5.0, 0.1, stack_sampler.MAX_SECONDS)
+    hz = _number(q, "hz", 200.0, 1.0, stack_sampler.MAX_HZ)
+    data = await asyncio.to_thread(stack_sampler.sample, seconds, hz)
+    return json_response({"object": "stacks", **data}, request=request)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/debug/traces", traces)
+    app.router.add_get("/debug/stacks", stacks)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import aiohttp
@@ -204,6 +205,43 @@ async def test_debug_traces_refusals_and_plain_window(base, v1):
         assert r.status == 200 and body["count"] == len(body["events"]) > 0
         # reading traces does not trace itself
         assert not any(e["actor"] == "http" and "/debug" in e["msg"] for e in body["events"])
+
+
+async def test_debug_stacks_samples_the_threads_that_work(base, v1):
+    """GET /debug/stacks: per thread its CPU seconds and most frequent stacks; the encoder's
+    threads are seen while embeddings run."""
+    async with aiohttp.ClientSession() as s:
+        for bad in ({"seconds": "-1"}, {"seconds": "abc"}, {"hz": "0"}, {"seconds": "9999"}):
+            async with s.get(base + "/debug/stacks", params=bad) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["param"] in bad, (bad, body)
+
+        async def embed_for(seconds: float) -> int:
+            n, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                async with s.post(v1 + "/embeddings", json={"model": "minilm", "input": [
+                        f"sentence {n} about rivers and the sea"] * 16}) as r:
+                    assert r.status == 200
+                n += 1
+            return n
+
+        async with s.get(base + "/debug/stacks", params={"seconds": "0.01"}):
+            pass
+        stacks_task = asyncio.ensure_future(s.get(base + "/debug/stacks",
+                                                  params={"seconds": "1.5", "hz": "300"}))
+        done = await embed_for(1.5)
+        r = await stacks_task
+        body = await r.json()
+    assert r.status == 200 and body["object"] == "stacks" and done > 0
+    assert 1.4 <= body["seconds"] < 3 and body["samples"] > 50
+    threads = body["threads"]
+    main = threads["MainThread"]
+    assert main["samples"] == body["samples"] and main["stacks"] and main["lines"]
+    assert main["cpu_s"] is None or main["cpu_s"] >= 0
+    # the model's threads (tokenizer, forwards: whichever the encoder ran on) were seen working
+    work = [name for name, t in threads.items() if any(
+        "encoder" in st or "forward" in st or "tokeni" in st for st, _ in t["stacks"])]
+    assert work, {n: t["stacks"][:2] for n, t in threads.items()}
 
 
 def test_trace_command_prints_a_timeline_and_exports(base, v1, tmp_path):
@@ -436,7 +474,7 @@ async def test_metrics_and_traces_need_a_key_when_api_keys_are_set():
 
     server = Server(Settings(API_KEYS=["sk-right"]))
     async with TestClient(TestServer(build_app(server))) as client:
-        for path in ("/metrics", "/debug/traces?since=5"):
+        for path in ("/metrics", "/debug/traces?since=5", "/debug/stacks?seconds=0.1"):
             r = await client.get(path)
             assert r.status == 401 and r.headers["x-request-id"], path
             r = await client.get(path, headers={"Authorization": "Bearer sk-right"})
