@@ -34,6 +34,8 @@ TORCH_THREADS = 0             # torch's intra-op threads; 0 = OMP_NUM_THREADS if
                               # less than the cores (README, "Threads": why, and how to choose)
 IDLE_TRIM_S = 1.0             # the model pool idle this long: free heap pages go back to the OS
                               # (0 = never; RSS then stays at the busiest moment's mark)
+SWITCH_INTERVAL_S = 0.0       # sys.setswitchinterval: how long a thread keeps the GIL while
+                              # another waits; 0 = Python's own (0.005)
 REQUEST_TIMEOUT = 600.0       # seconds a request may wait for its model (queue + compute)
 SHUTDOWN_TIMEOUT = 30.0       # on SIGTERM/Ctrl-C: seconds in-flight requests get to finish
 MAX_QUEUED_PER_MODEL = 1024   # requests waiting for one model beyond this get 503 + Retry-After
@@ -77,6 +79,7 @@ class Settings:
     SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
     TORCH_THREADS: int = TORCH_THREADS
     IDLE_TRIM_S: float = IDLE_TRIM_S
+    SWITCH_INTERVAL_S: float = SWITCH_INTERVAL_S
     REQUEST_TIMEOUT: float = REQUEST_TIMEOUT
     SHUTDOWN_TIMEOUT: float = SHUTDOWN_TIMEOUT
     MAX_QUEUED_PER_MODEL: int = MAX_QUEUED_PER_MODEL

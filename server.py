@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 
 import aiofiles
@@ -27,6 +28,8 @@ log = logging.getLogger("agile_rag.server")
 class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
+        if settings.SWITCH_INTERVAL_S > 0:
+            sys.setswitchinterval(settings.SWITCH_INTERVAL_S)
         self.system = ActorSystem(executor=ModelExecutor(
             settings.SERVICE_NUM_WORKERS, torch_threads(settings.TORCH_THREADS),
             idle_trim_s=settings.IDLE_TRIM_S if settings.IDLE_TRIM_S > 0 else None,

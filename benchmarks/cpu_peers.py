@@ -217,6 +217,8 @@ async def main_async(args) -> dict:
             cfg += f"TORCH_THREADS = {args.torch_threads}\n"
         if args.idle_trim_s is not None:
             cfg += f"IDLE_TRIM_S = {args.idle_trim_s}\n"
+        if args.switch_interval is not None:
+            cfg += f"SWITCH_INTERVAL_S = {args.switch_interval}\n"
         proc, base, log = start_server(work, our_live(args), cfg)
         print(f"our server: {base} (log {log})", flush=True)
         wait_ready(base, proc, timeout=600)
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=2.0,
                    help="idle seconds before an RSS snapshot (an idle LLM frees its KV cache)")
     p.add_argument("--torch-threads", type=int, help="our server's TORCH_THREADS")
+    p.add_argument("--switch-interval", type=float, help="our server's SWITCH_INTERVAL_S")
     p.add_argument("--workers", type=int, default=4, help="our server's SERVICE_NUM_WORKERS")
     p.add_argument("--dtype", help="our LLM entry's dtype (default: none, the CPU default)")
     p.add_argument("--weight-quant", help="our llm_params.weight_quant (default: auto)")

@@ -61,4 +61,3 @@ def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
     side, got = asyncio.run(go())
     assert side is not None and side.cuda_stream not in pool
     assert all(isinstance(t, str) for t in got) and any(got)
-
