@@ -43,6 +43,7 @@ import torch
 from ..runtime.loop_calls import held_calls
 from .batch_plan import BatchPlanner, BatchSettings, SeqRequest
 from .batch_runner import BatchRunner, batching_supported
+from .loop_timing import LoopTiming
 from .messages import ChatResult
 from .states import FinishReason
 from .text_stream import TextTail, advance
@@ -129,6 +130,7 @@ class BatchEngine:
             self.runner.lean = False
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
+        self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
         self.running = False          # event loop only: a loop was started and has not ended
         self.yielded = False          # the last loop paused for a waiting model
         self.warming = False          # (the loop's) the graphs of this grant are being warmed
@@ -278,6 +280,7 @@ class BatchEngine:
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
                 planner.whole_budget = runner.on_gpu()
+                self.timing = LoopTiming(runner.on_gpu())
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:
                     self.warming = True           # fresh weights or cache: warm the graphs
@@ -326,9 +329,7 @@ class BatchEngine:
             self.release()
             raise
         stats["seconds"] = round(time.monotonic() - t0, 4)
-        for key in ("admit_s", "chunk_s", "decode_s"):
-            if key in stats:
-                stats[key] = round(stats[key], 4)
+        self.timing.finish(stats)
         if runner.graphs is not None:
             stats["graphs"] = len(runner.graphs.graphs)
         if runner.cache is not None:
@@ -400,17 +401,17 @@ class BatchEngine:
                     self.run_stats.get("prefix_hit_tokens", 0) + n
         if plan is None:
             return
-        now = time.monotonic()
+        mark = self.timing.start()
         try:
             logits = self.runner.run(plan, stats)
         except BaseException:
             self.planner.unadmit(plan.rows)        # answered with the error, not lost
             raise
+        self.timing.launched(stats, "admit", mark)
         self.planner.seat(plan.rows, plan.first_slot, [len(r.context()) for r in plan.rows])
         stats["prefills"] += 1
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
-        took = time.monotonic() - now
-        _add_time(stats, "admit_s", took)
+        took = self.timing.done(stats, "admit", mark)
         for req in plan.rows:
             req.prefill_s += took
 
@@ -421,9 +422,11 @@ class BatchEngine:
             self._finish(cancelled)
         if plan is None:
             return
-        t0 = time.monotonic()
+        mark = self.timing.start()
+        t0 = mark[0]
         req = plan.rows[0]
         logits = self.runner.run(plan, stats)
+        self.timing.launched(stats, "chunk", mark)
         self.planner.chunk_done(plan)
         stats["prefill_chunks"] = stats.get("prefill_chunks", 0) + 1
         if plan.lands:
@@ -433,7 +436,7 @@ class BatchEngine:
             self._take_tokens([req], tokens)
         else:
             req.prefill_s += time.monotonic() - t0
-        _add_time(stats, "chunk_s", time.monotonic() - t0)
+        self.timing.done(stats, "chunk", mark)
 
     def _decode(self, stats: dict) -> None:
         plan, gone = self.planner.decode()
@@ -443,8 +446,9 @@ class BatchEngine:
             self._finish(req)
         if plan is None:
             return
-        t0 = time.monotonic()
+        mark = self.timing.start()
         logits = self.runner.run(plan, stats)
+        self.timing.launched(stats, "decode", mark)
         if self._paused_at is not None:      # the first step since a pause: what it cost
             cost = time.monotonic() - self._paused_at
             self._paused_at = None
@@ -456,7 +460,7 @@ class BatchEngine:
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
         stats["steps"] += 1
         stats["step_rows"] = stats.get("step_rows", 0) + b
-        _add_time(stats, "decode_s", time.monotonic() - t0)
+        self.timing.done(stats, "decode", mark)
         stats["max_batch"] = max(stats["max_batch"], b)
         self.total_steps += 1
 
@@ -549,8 +553,3 @@ def _safe_done(req: SeqRequest, res: Any) -> None:
         log.exception("reply callback failed")
 
 
-
-def _add_time(stats: dict, key: str, seconds: float) -> None:
-    """Time the loop spent in one kind of work (admits, prefill chunks, decode steps: each
-    measured to its sampled tokens on the host), summed for the BatchIdle trace detail."""
-    stats[key] = stats.get(key, 0.0) + seconds

@@ -504,7 +504,13 @@ async def get_stacks(session, base: str, seconds: float) -> dict:
 
 
 LLM_SUMS = ("steps", "step_rows", "decode_s", "admit_s", "chunk_s", "seconds", "prefills",
-            "prefill_chunks", "captures", "tokens")
+            "prefill_chunks", "captures", "tokens", "decode_launch_s", "admit_launch_s",
+            "chunk_launch_s", "decode_gpu_s", "admit_gpu_s", "chunk_gpu_s")
+
+
+def _three(b: dict, kind: str) -> str:
+    """host / launch / GPU seconds of one kind of the LLM loop's work (actors/loop_timing.py)"""
+    return " / ".join(f"{b.get(kind + k, 0):.2f}" for k in ("_s", "_launch_s", "_gpu_s"))
 
 
 def llm_batches(events: list[dict]) -> dict:
@@ -755,15 +761,17 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                              f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
     lines += ["", "## LLM batch loop per level (window only, BatchIdle in /debug/traces)", "",
               "| mode | N | model | loop s | decode steps | ms per step | rows per step | "
-              "admit (prefill) s | prefill chunk s | graph captures |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "admit (prefill) s: host / launch / GPU | prefill chunk s: host / launch / GPU | "
+              "decode s: host / launch / GPU | graph captures |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, mres in result["modes"].items():
         for s, lv in zip(mres["levels"], mres["raw_levels"]):
             for model, b in sorted((lv.get("llm_batches") or {}).items()):
                 lines.append(f"| {mode} | {s['n']} | {model} | {b['seconds']:.2f} | "
                              f"{b['steps']} | {fmt(b['ms_per_step'])} | "
-                             f"{fmt(b['rows_per_step'], 1)} | {b['admit_s']:.2f} | "
-                             f"{b['chunk_s']:.2f} | {b['captures']} |")
+                             f"{fmt(b['rows_per_step'], 1)} | {_three(b, 'admit')} | "
+                             f"{_three(b, 'chunk')} | {_three(b, 'decode')} | "
+                             f"{b['captures']} |")
     for mode, mres in result["modes"].items():
         for s, lv in zip(mres["levels"], mres["raw_levels"]):
             st = lv.get("stacks")

@@ -1,0 +1,75 @@
+"""Where the batch loop's time goes, by kind of work (admits, prefill chunks, decode steps),
+for the ``BatchIdle`` trace detail (actors/llm_batching.py):
+
+- ``<kind>_s``: host seconds from the forward's start to its sampled tokens (a chunk that does
+  not land yet: to its last launch);
+- ``<kind>_launch_s``: host seconds until the forward's kernels were queued;
+- ``<kind>_gpu_s`` (on a GPU): seconds between two CUDA events recorded around the forward on
+  its stream. Read once the end event is done, never by a sync of its own.
+
+Read together: launch close to the total means the host's Python sets the pace; GPU time close
+to the total with a short launch means the GPU does (the model's compute, or kernels that share
+the card); a total well above both means the forward waited for work queued before it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+
+def add_time(stats: dict, key: str, seconds: float) -> None:
+    stats[key] = stats.get(key, 0.0) + seconds
+
+
+class LoopTiming:
+    """One loop's timers (its thread only)."""
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    def start(self) -> tuple[float, Any]:
+        ev = None
+        if self.on_gpu:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+        return time.monotonic(), ev
+
+    def launched(self, stats: dict, kind: str, mark: tuple[float, Any]) -> None:
+        """The forward's kernels are queued (``runner.run`` returned)."""
+        add_time(stats, kind + "_launch_s", time.monotonic() - mark[0])
+        if mark[1] is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((kind, mark[1], end))
+
+    def done(self, stats: dict, kind: str, mark: tuple[float, Any]) -> float:
+        """The forward's tokens are on the host (or, for a chunk, its work is queued):
+        adds and returns its host seconds; reads the GPU times that are ready."""
+        took = time.monotonic() - mark[0]
+        add_time(stats, kind + "_s", took)
+        self.collect(stats)
+        return took
+
+    def collect(self, stats: dict, wait: bool = False) -> None:
+        keep = []
+        for kind, a, b in self._pending:
+            if wait or b.query():
+                if wait:
+                    b.synchronize()
+                add_time(stats, kind + "_gpu_s", a.elapsed_time(b) / 1e3)
+            else:
+                keep.append((kind, a, b))
+        self._pending = keep
+
+    def finish(self, stats: dict) -> None:
+        """The loop ended: the GPU times still out, then every total rounded."""
+        try:
+            self.collect(stats, wait=bool(self._pending))
+        except Exception:  # noqa: BLE001 - a failed loop's events may never complete
+            self._pending = []
+        for key, v in list(stats.items()):
+            if key.endswith("_s") and isinstance(v, float):
+                stats[key] = round(v, 4)
