@@ -230,13 +230,13 @@ class BatchRunner:
             ids[i, lp - len(c):] = torch.tensor(c, dtype=torch.long)
             mask[i, lp - len(c):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+        ids, mask, positions = _h2d(ids, dev), _h2d(mask, dev), _h2d(positions, dev)
         kv = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=kv, use_cache=True, **self._keep())
         logits = out.logits[:, -1, :]
         slots = torch.arange(plan.first_slot, plan.first_slot + n, device=dev)
-        lens = torch.tensor([len(c) for c in contexts], device=dev)
+        lens = _h2d(torch.tensor([len(c) for c in contexts]), dev)
         # row i's tokens sit at the right end: shift them to the start of its slot
         src = (torch.arange(lp, device=dev)[None, :] + (lp - lens)[:, None]).clamp(max=lp - 1)
         if getattr(self.cache, "paged", False):
@@ -291,10 +291,12 @@ class BatchRunner:
             self.partial_kv = _new_dynamic_cache()
         ctx = req.context()
         dev = self.device
-        ids = torch.tensor([ctx[plan.start:plan.end]], dtype=torch.long, device=dev)
-        mask = torch.ones((1, plan.end), dtype=torch.long, device=dev)
+        ids = _h2d(torch.tensor([ctx[plan.start:plan.end]], dtype=torch.long), dev)
         positions = torch.arange(plan.start, plan.end, dtype=torch.long, device=dev)[None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+        # no attention mask: one row without padding is plain causal attention, and a mask of
+        # ones would make transformers check it on the host (a sync in the middle of the
+        # forward, waiting for everything queued on the stream before it)
+        out = self.model(input_ids=ids, attention_mask=None, position_ids=positions,
                          past_key_values=self.partial_kv, use_cache=True, **self._keep())
         if not plan.lands:
             return out.logits[:, :0, :].reshape(0, out.logits.shape[-1])
@@ -578,6 +580,16 @@ class BatchRunner:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _h2d(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host tensor on ``dev`` without a host sync: a GPU gets it from pinned memory,
+    copied asynchronously on the current stream (a pageable ``.to(dev)`` waits for the stream
+    to drain first: on the legacy default stream, for every model's queued work). The pinned
+    block is not reused before its copy ends (torch's host allocator records the copy)."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def _new_dynamic_cache() -> Any:
     from transformers import DynamicCache
     return DynamicCache()
