@@ -337,8 +337,13 @@ class BatchEngine:
         return stats
 
     def _warm_step(self, stats: dict) -> bool:
-        """(idle) Capture one warm-up graph; False once the warm-up is over."""
+        """(idle) Capture one warm-up graph; False once the warm-up is over. The first one
+        on a GPU also warms the prefill shapes (:meth:`BatchRunner.warm_prefill`)."""
         runner = self.runner
+        if not runner.prefill_warmed and runner.on_gpu():
+            settings = self.planner.settings
+            runner.warm_prefill(settings.prefill_tokens, settings.prefill_chunk, stats)
+            return True
         if runner.cache is None:           # a cache of the planner's first shape to warm
             shape = self.planner.warm_shape()
             runner._ensure_cache(*shape, keep=0)

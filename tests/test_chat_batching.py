@@ -375,6 +375,32 @@ LONG_PROMPT = ("Here are my notes about rivers, lakes and the sea. " * 30 +
                "Summarise them in one sentence.")
 
 
+async def test_the_prefill_warm_up_keeps_nothing(llm, alone):
+    """BatchRunner.warm_prefill (once, on a GPU, before the first chats): throwaway forwards
+    of a first burst's shapes. The cache and the stored prefixes are untouched, and the same
+    prompt gives the same words after it. (Run here on the CPU, as a GPU runner would.)"""
+    actor = llm[0]
+    runner = actor.engine.runner
+    while actor._loop is not None:
+        await asyncio.sleep(0.01)
+    cache, prefixes = runner.cache, len(runner.prefixes.entries)
+    stats: dict = {}
+    runner.on_gpu = lambda: True
+    try:
+        runner.prefill_warmed = False
+        await asyncio.to_thread(runner.warm_prefill, 96, 32, stats)
+    finally:
+        del runner.on_gpu
+    assert runner.prefill_warmed and stats.get("warm_prefill_s", 0) > 0, stats
+    assert runner.cache is cache and len(runner.prefixes.entries) == prefixes
+    stats = {}
+    await asyncio.to_thread(runner.warm_prefill, 96, 32, stats)      # once per runner
+    assert stats == {}
+    prompt, n, stop = CASES[0]
+    again = await actor.ask(chat(prompt, n, stop), timeout=300)
+    assert again.text == alone[0].text
+
+
 async def test_a_long_prompt_prefilled_in_chunks_gives_the_same_words(llm):
     actor = llm[0]
     engine = actor.engine

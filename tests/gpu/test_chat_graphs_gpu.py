@@ -54,6 +54,7 @@ def test_a_pinned_llm_warms_its_graphs_at_load_and_the_first_burst_captures_none
         assert runner.graphs is not None                   # warmed before "ready"
         assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
         assert runner.last_warm["graphs"] == len(runner.warm_buckets()) >= 4
+        assert runner.prefill_warmed and not eager.engine.runner.prefill_warmed
         got = await burst(llm)
         stats = llm.engine.run_stats
         await system.stop_all()
