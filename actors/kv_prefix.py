@@ -6,7 +6,11 @@ A prefix is addressed by the hash chain of its ``BLOCK``-token blocks (block i's
 blocks 0..i), so a prompt finds the longest stored prefix it shares in one dictionary lookup per
 block, whatever entry holds it. An entry holds one prompt's first ``n`` tokens' keys and values
 (opaque here: whatever the runner stores, e.g. per layer ``[1, kv_heads, n, head_dim]``); any
-block-aligned part of it serves. Entries in use (``acquire`` .. ``release``: a chunked prefill
+block-aligned part of it serves. An entry also keeps the tokens after its last whole block (its
+``tail``, up to the prompt's last token but one): a prompt that shares all of the entry's blocks
+reuses as much of the tail as it shares too, token by token (the same prompt asked again
+recomputes one token, not up to a block; llama.cpp's server reuses a repeated prompt so).
+Entries in use (``acquire`` .. ``release``: a chunked prefill
 that starts from it) are never dropped; the others go least recently used first when the
 store's token budget is spent, and ``clear`` drops them all (the weights left the GPU). When an
 entry goes, the store lets go of its tensors: the memory is freed as soon as no prefill holds
@@ -42,10 +46,11 @@ class PrefixEntry:
     users: int = 0                # prefills started from it and not finished
     last_used: int = 0
     hits: int = 0
+    tail: tuple[int, ...] = ()    # the tokens after the whole blocks that ``kv`` holds too
 
     @property
     def tokens(self) -> int:
-        return len(self.hashes) * BLOCK
+        return len(self.hashes) * BLOCK + len(self.tail)
 
 
 @dataclass
@@ -67,13 +72,17 @@ class PrefixStore:
         (at least ``keep`` tokens are left over: the forward that follows needs one)."""
         if not self.budget_tokens or not self.entries:
             return None, 0
+        usable = tokens[:max(0, len(tokens) - keep)]
         best: tuple[PrefixEntry | None, int] = (None, 0)
-        for i, h in enumerate(chain_hashes(tokens[:max(0, len(tokens) - keep)])):
+        for i, h in enumerate(chain_hashes(usable)):
             hit = self.index.get(h)
             if hit is None:
                 break
             best = (hit[0], (i + 1) * BLOCK)
-        return best
+        entry, n = best
+        if entry is not None and entry.tail and n == len(entry.hashes) * BLOCK:
+            n += _common(entry.tail, usable[n:])          # its tail, as far as both agree
+        return entry, n
 
     def acquire(self, entry: PrefixEntry) -> None:
         entry.users += 1
@@ -90,20 +99,29 @@ class PrefixStore:
 
     def insert(self, tokens: list[int], make_kv: Callable[[int], Any], *, keep: int = 1) -> \
             PrefixEntry | None:
-        """Store the whole-block prefix of ``tokens`` (leaving ``keep``), unless a stored entry
-        already covers it; ``make_kv(n)`` gives the keys and values of its first ``n`` tokens
-        (called only when something is stored). The entry, or None."""
+        """Store ``tokens`` but the last ``keep`` (its whole blocks and the tail after them),
+        unless a stored entry already covers it. An entry of the same blocks whose tail this
+        one extends further (and that no prefill uses now) is replaced. ``make_kv(n)`` gives
+        the keys and values of the first ``n`` tokens (called only when something is stored).
+        The entry, or None."""
         if not self.budget_tokens:
             return None
-        hashes = chain_hashes(tokens[:max(0, len(tokens) - keep)])
-        if not hashes or len(hashes) * BLOCK > self.budget_tokens:
+        usable = tokens[:max(0, len(tokens) - keep)]
+        hashes = chain_hashes(usable)
+        tail = tuple(usable[len(hashes) * BLOCK:])
+        if not hashes or len(usable) > self.budget_tokens:
             return None
         have = self.index.get(hashes[-1])
         if have is not None:                     # already there (as a whole or a part)
-            have[0].last_used = next(self._clock)
-            return None
-        entry = PrefixEntry(hashes, make_kv(len(hashes) * BLOCK),
-                            last_used=next(self._clock))
+            old, blocks = have
+            old.last_used = next(self._clock)
+            if blocks < len(old.hashes) or old.users or \
+                    _common(old.tail, tail) >= len(tail):
+                return None
+            # the same blocks, a tail this prompt extends further: it replaces the old one
+            self._drop(old)
+        entry = PrefixEntry(hashes, make_kv(len(usable)), last_used=next(self._clock),
+                            tail=tail)
         self.entries.append(entry)
         for i, h in enumerate(hashes):
             self.index[h] = (entry, i + 1)
@@ -145,3 +163,13 @@ class PrefixStore:
                 else:
                     self.index[h] = (other, i + 1)
         entry.kv = None
+
+
+def _common(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
