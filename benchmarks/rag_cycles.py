@@ -698,6 +698,20 @@ def add_ratios(result: dict) -> None:
                     s["ratio_spread"] = ratios[-1] - ratios[0]
 
 
+def table_head(title: str, columns: list[str]) -> list[str]:
+    """A markdown section title and a table's header rows."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def per_model(result: dict, key: str):
+    """(mode, N, model, summary) for each level's per-model summary ``key`` ("encoders",
+    "llm_batches"), in the order the levels ran."""
+    for mode, mres in result["modes"].items():
+        for s, lv in zip(mres["levels"], mres["raw_levels"]):
+            for model, data in sorted((lv.get(key) or {}).items()):
+                yield mode, s["n"], model, data
+
+
 def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
     v = result["versions"]
     lines = [f"# RAG cycles under concurrency ({result['gpu'] or 'CPU only, no CUDA'})", "",
@@ -744,34 +758,27 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                          f"{m['evictions']:.0f} | {m['grants']:.0f} | "
                          f"{m['grant_refusals']:.0f} | {m['grant_wait_s']:.2f} | "
                          f"{m['http_errors']:.0f} |")
-    lines += ["", "## Encoder jobs per level (window only, from /debug/traces)", "",
-              "| mode | N | model | requests | GPU jobs resident | GPU jobs streamed | "
-              "forwards per request | requests in a layer group | mean group | "
-              "grant wait s per GPU job | GPU jobs that evicted a model |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, mres in result["modes"].items():
-        for s, lv in zip(mres["levels"], mres["raw_levels"]):
-            for model, e in sorted((lv.get("encoders") or {}).items()):
-                group = f"{e['group_sum'] / e['grouped']:.1f}" if e["grouped"] else "-"
-                jobs = e["resident_jobs"] + e["streamed_jobs"]
-                wait = e.get("grant_wait_s", 0) / jobs if jobs else None
-                lines.append(f"| {mode} | {s['n']} | {model} | {e['requests']} | "
-                             f"{e['resident_jobs']} | {e['streamed_jobs']} | "
-                             f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
-                             f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
-    lines += ["", "## LLM batch loop per level (window only, BatchIdle in /debug/traces)", "",
-              "| mode | N | model | loop s | decode steps | ms per step | rows per step | "
-              "admit (prefill) s: host / launch / GPU | prefill chunk s: host / launch / GPU | "
-              "decode s: host / launch / GPU | graph captures |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for mode, mres in result["modes"].items():
-        for s, lv in zip(mres["levels"], mres["raw_levels"]):
-            for model, b in sorted((lv.get("llm_batches") or {}).items()):
-                lines.append(f"| {mode} | {s['n']} | {model} | {b['seconds']:.2f} | "
-                             f"{b['steps']} | {fmt(b['ms_per_step'])} | "
-                             f"{fmt(b['rows_per_step'], 1)} | {_three(b, 'admit')} | "
-                             f"{_three(b, 'chunk')} | {_three(b, 'decode')} | "
-                             f"{b['captures']} |")
+    lines += table_head("## Encoder jobs per level (window only, from /debug/traces)", [
+        "mode", "N", "model", "requests", "GPU jobs resident", "GPU jobs streamed",
+        "forwards per request", "requests in a layer group", "mean group",
+        "grant wait s per GPU job", "GPU jobs that evicted a model"])
+    for mode, n, model, e in per_model(result, "encoders"):
+        group = f"{e['group_sum'] / e['grouped']:.1f}" if e["grouped"] else "-"
+        jobs = e["resident_jobs"] + e["streamed_jobs"]
+        wait = e.get("grant_wait_s", 0) / jobs if jobs else None
+        lines.append(f"| {mode} | {n} | {model} | {e['requests']} | "
+                     f"{e['resident_jobs']} | {e['streamed_jobs']} | "
+                     f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
+                     f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
+    lines += table_head("## LLM batch loop per level (window only, BatchIdle in /debug/traces)", [
+        "mode", "N", "model", "loop s", "decode steps", "ms per step", "rows per step",
+        "admit (prefill) s: host / launch / GPU", "prefill chunk s: host / launch / GPU",
+        "decode s: host / launch / GPU", "graph captures"])
+    for mode, n, model, b in per_model(result, "llm_batches"):
+        lines.append(f"| {mode} | {n} | {model} | {b['seconds']:.2f} | "
+                     f"{b['steps']} | {fmt(b['ms_per_step'])} | "
+                     f"{fmt(b['rows_per_step'], 1)} | {_three(b, 'admit')} | "
+                     f"{_three(b, 'chunk')} | {_three(b, 'decode')} | {b['captures']} |")
     for mode, mres in result["modes"].items():
         for s, lv in zip(mres["levels"], mres["raw_levels"]):
             st = lv.get("stacks")
