@@ -234,8 +234,9 @@ class BatchRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = _h2d(ids, dev), _h2d(mask, dev), _h2d(positions, dev)
         kv = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=kv, use_cache=True, **self._keep())
+        out = self.model(input_ids=ids, attention_mask=self._prefill_mask(mask),
+                         position_ids=positions, past_key_values=kv, use_cache=True,
+                         **self._keep())
         logits = out.logits[:, -1, :]
         slots = torch.arange(plan.first_slot, plan.first_slot + n, device=dev)
         lens = _h2d(torch.tensor([len(c) for c in contexts]), dev)
@@ -402,6 +403,22 @@ class BatchRunner:
         cache = self.cache
         cache.bind(rows, pos, view)
         return lean(ids[:, None], pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+
+    def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """The additive ``[n, 1, lp, lp]`` mask of a batched prefill of left-padded rows
+        (``valid`` ``[n, lp]``: 1 where a token is), built on the rows' device: each token
+        attends to the row's tokens up to itself; a padding position attends to itself only
+        (a row with nothing to attend would give NaNs that its keys would carry into the
+        real tokens' attention). Given 4D, transformers takes it as it is: its own mask
+        building would check the padding on the host (a sync mid-forward on a GPU)."""
+        dtype = self.cache.keys[0].dtype
+        lp = valid.shape[1]
+        q = torch.arange(lp, device=valid.device)
+        allowed = (q[None, :] <= q[:, None])[None] & valid.bool()[:, None, :]
+        allowed |= (q[None, :] == q[:, None])[None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
 
     @staticmethod
     def _mask(pos: torch.Tensor, view: int, dtype: torch.dtype) -> torch.Tensor:
