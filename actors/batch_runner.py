@@ -234,9 +234,11 @@ class BatchRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = _h2d(ids, dev), _h2d(mask, dev), _h2d(positions, dev)
         kv = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=self._prefill_mask(mask),
-                         position_ids=positions, past_key_values=kv, use_cache=True,
-                         **self._keep())
+        # rows of one length need no mask (plain causal attention); padded rows get ours
+        padded = any(len(c) != lp for c in contexts)
+        out = self.model(input_ids=ids, attention_mask=self._prefill_mask(mask) if padded
+                         else None, position_ids=positions, past_key_values=kv,
+                         use_cache=True, **self._keep())
         logits = out.logits[:, -1, :]
         slots = torch.arange(plan.first_slot, plan.first_slot + n, device=dev)
         lens = _h2d(torch.tensor([len(c) for c in contexts]), dev)
