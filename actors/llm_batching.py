@@ -280,7 +280,7 @@ class BatchEngine:
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
                 planner.whole_budget = runner.on_gpu()
-                self.timing = LoopTiming(runner.on_gpu())
+                self.timing = LoopTiming(runner.device.type == "cuda")
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:
                     self.warming = True           # fresh weights or cache: warm the graphs
@@ -340,7 +340,7 @@ class BatchEngine:
         """(idle) Capture one warm-up graph; False once the warm-up is over. The first one
         on a GPU also warms the prefill shapes (:meth:`BatchRunner.warm_prefill`)."""
         runner = self.runner
-        if not runner.prefill_warmed and runner.on_gpu():
+        if not runner.prefill_warmed and runner.device.type == "cuda":
             settings = self.planner.settings
             runner.warm_prefill(settings.prefill_tokens, settings.prefill_chunk, stats)
             return True
