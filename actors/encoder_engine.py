@@ -305,10 +305,14 @@ class EncoderActor(EncoderJobs):
         groups (runtime/layer_group.py: the layers are copied once per group, not once per
         forward): half the room for one forward's working memory, the other half for the
         hidden states the group's forwards keep between layers.
-        ``stream_groups: false`` (embedder_params / reranker_params): one forward per pass."""
+        ``stream_groups: false`` (embedder_params / reranker_params): one forward per pass;
+        ``stream_group_below_tokens`` (default ``GROUP_BELOW_TOKENS``) moves the line between
+        forwards big enough to run alone and those grouped (a huge value groups every
+        streamed job's forwards: one copy of each layer per group)."""
         per = self._token_bytes
+        below = self.params.get("stream_group_below_tokens", GROUP_BELOW_TOKENS)
         two = min(job.budget, room // (GPU_DEPTH * per))
-        if two >= GROUP_BELOW_TOKENS:
+        if two >= below:
             # room for two big forwards: two in flight, as a resident job runs (the next
             # forward's host work and launches overlap the running one's compute; its layer
             # copies queue behind the running pass)
@@ -318,7 +322,7 @@ class EncoderActor(EncoderJobs):
         engine = self.engine
         keep = engine.keep_bytes_per_token() if engine is not None and engine.fast else 0
         job.group, job.group_tokens = 1, alone
-        if keep <= 0 or alone >= GROUP_BELOW_TOKENS or \
+        if keep <= 0 or alone >= below or \
                 self.params.get("stream_groups", True) is False:
             job.budget = alone           # forwards big enough to hide their pass's copies
             return

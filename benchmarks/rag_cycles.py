@@ -197,9 +197,11 @@ def build_models(work: str, toks: str, shapes: str, info_path: str) -> None:
 
 def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
                   embed_cuda_thres: int = 0, llm_params: dict | None = None,
-                  llm_max_tokens: int = 4096) -> tuple[str, str]:
+                  llm_max_tokens: int = 4096,
+                  encoder_params: dict | None = None) -> tuple[str, str]:
     """``mode`` is ``uncapped`` or ``capped-<MB>`` (the cap in MB). ``llm_params`` are added
-    to both modes' llm_params (e.g. a smaller batch_kv_tokens for a 6 GiB card)."""
+    to both modes' llm_params (e.g. a smaller batch_kv_tokens for a 6 GiB card),
+    ``encoder_params`` to both embedder_params and reranker_params."""
     paths = info["paths"]
     live = {"standby_llms": ["llm"], "standby_embedders": ["emb"], "standby_rerankers": ["rr"],
             "llms": {"llm": {"llm_path": paths["llm"], "device": "flex",
@@ -210,8 +212,8 @@ def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
                                  "kind": "cross-encoder", "dtype": dtype}},
             "llm_params": {"default_temp": 0, **(llm_params or {})},
             # a forward's token budget that fits beside the LLM on an 8 GiB card
-            "embedder_params": {"max_batch_tokens": 8192},
-            "reranker_params": {"max_batch_tokens": 8192}}
+            "embedder_params": {"max_batch_tokens": 8192, **(encoder_params or {})},
+            "reranker_params": {"max_batch_tokens": 8192, **(encoder_params or {})}}
     live_path = os.path.join(work, f"live-{mode}.json")
     with open(live_path, "w") as f:
         json.dump(live, f, indent=1)
@@ -223,6 +225,16 @@ def write_configs(work: str, info: dict, mode: str, cap_mb: int, dtype: str,
 
 
 # ---- the server process -----------------------------------------------------------------------
+def json_object(ap, flag: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        ap.error(f"{flag} must be a JSON object, not {text!r}")
+    return value
+
+
 def get_json(url: str, timeout: float = 10, headers: dict | None = None) -> dict:
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -730,7 +742,8 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
              "streamed chat with the top passages",
              f"- the embedder's cuda_thres: {result.get('embed_cuda_thres', 0)}; the LLM's "
              f"max_tokens {result.get('llm_max_tokens', 4096)}, llm_params added: "
-             f"{json.dumps(result.get('llm_params') or {})}",
+             f"{json.dumps(result.get('llm_params') or {})}; encoder params added: "
+             f"{json.dumps(result.get('encoder_params') or {})}",
              f"- window per level: {result['duration_s']} s; {result['counting_rule']}", ""]
     for mode, mres in result["modes"].items():
         budget = mres.get("budget_mb")
@@ -886,6 +899,10 @@ def main() -> None:
                     help='JSON added to llm_params in every mode, e.g. '
                          '\'{"batch_kv_tokens": 2048, "prefill_chunk_tokens": 512}\' so that '
                          'the LLM with its cache fits a 6 GiB cap')
+    ap.add_argument("--encoder-params", default="{}",
+                    help='JSON added to embedder_params and reranker_params in every mode, '
+                         'e.g. \'{"stream_group_below_tokens": 1000000000}\' (every '
+                         'layer-streamed job in groups)')
     ap.add_argument("--llm-max-tokens", type=int, default=4096,
                     help="the LLM entry's max_tokens (its context; the KV cache holds at "
                          "least one): lower it with batch_kv_tokens for a small cap")
@@ -912,11 +929,8 @@ def main() -> None:
     if len(windows) not in (1, len(levels)):
         ap.error(f"--duration-s: one value or one per level ({len(levels)}), got {a.duration_s}")
     window = dict(zip(levels, windows * len(levels) if len(windows) == 1 else windows))
-    try:
-        llm_params = json.loads(a.llm_params)
-        assert isinstance(llm_params, dict)
-    except (ValueError, AssertionError):
-        ap.error(f"--llm-params must be a JSON object, not {a.llm_params!r}")
+    llm_params = json_object(ap, "--llm-params", a.llm_params)
+    encoder_params = json_object(ap, "--encoder-params", a.encoder_params)
     modes = []
     for m in (m.strip() for m in a.modes.split(",") if m.strip()):
         if m not in ("capped", "uncapped"):
@@ -965,6 +979,7 @@ def main() -> None:
         "params": info["params"], "cap_mb": a.cap_mb,
         "duration_s": windows[0] if len(windows) == 1 else [window[n] for n in levels],
         "embed_cuda_thres": a.embed_cuda_thres, "llm_params": llm_params,
+        "encoder_params": encoder_params,
         "llm_max_tokens": a.llm_max_tokens,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
         "counting_rule": "cycles that started inside the window count (each client finishes "
@@ -984,7 +999,8 @@ def main() -> None:
             continue
         cap = int(mode.split("-")[1]) if mode.startswith("capped") else 0
         live, cfg = write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
-                                  a.embed_cuda_thres, llm_params, a.llm_max_tokens)
+                                  a.embed_cuda_thres, llm_params, a.llm_max_tokens,
+                                  encoder_params)
         say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = {cap})")
         t0 = time.monotonic()
         server = ServerProcess(live, cfg, os.path.join(a.out, f"server-{mode}.log"))

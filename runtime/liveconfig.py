@@ -181,9 +181,9 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
     if "batch_size" in rp and (not _is_int(rp["batch_size"]) or rp["batch_size"] < 1):
         problems.append("reranker_params.batch_size must be a positive integer")
     for name, kp in (("embedder_params", ep), ("reranker_params", rp)):
-        if "max_batch_tokens" in kp and (not _is_int(kp["max_batch_tokens"]) or
-                                         kp["max_batch_tokens"] < 1):
-            problems.append(f"{name}.max_batch_tokens must be a positive integer")
+        for key in ("max_batch_tokens", "stream_group_below_tokens"):
+            if key in kp and (not _is_int(kp[key]) or kp[key] < 1):
+                problems.append(f"{name}.{key} must be a positive integer")
 
     if problems:
         raise LiveConfigError(path, problems)

@@ -64,6 +64,8 @@ def base():
     (lambda c: c.update(llm_params={"gpu_min_slice_ms": -5}), "gpu_min_slice_ms"),
     (lambda c: c.update(embedder_params={"token_estimation": "words"}), "token_estimation"),
     (lambda c: c.update(reranker_params={"top_n": 0}), "top_n"),
+    (lambda c: c.update(reranker_params={"stream_group_below_tokens": 0}),
+     "reranker_params.stream_group_below_tokens"),
     (lambda c: c.update(standby_llms="a"), "standby_llms must be a list"),
 ])
 def test_every_problem_is_reported(mutate, needle):

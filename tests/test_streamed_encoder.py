@@ -154,3 +154,5 @@ def test_a_streamed_grant_with_room_for_two_big_forwards_runs_two_in_flight():
     assert plan(8192, 2 * GROUP_BELOW_TOKENS) == (GPU_DEPTH, GROUP_BELOW_TOKENS, 1)
     assert plan(8192, 6000) == (1, 6000, 1)                       # one big forward
     assert plan(8192, 1000)[:2] == (1, 1000)                      # small: one (no engine here)
+    e.params = {**e.params, "stream_group_below_tokens": 1 << 30}  # every forward "small"
+    assert plan(8192, 2 * 8192)[:2] == (1, 8192)                  # no two big ones in flight
