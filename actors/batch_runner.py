@@ -413,22 +413,18 @@ class BatchRunner:
         (a row with nothing to attend would give NaNs that its keys would carry into the
         real tokens' attention). Given 4D, transformers takes it as it is: its own mask
         building would check the padding on the host (a sync mid-forward on a GPU)."""
-        dtype = self.cache.keys[0].dtype
         lp = valid.shape[1]
         q = torch.arange(lp, device=valid.device)
         allowed = (q[None, :] <= q[:, None])[None] & valid.bool()[:, None, :]
         allowed |= (q[None, :] == q[:, None])[None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+        # the cache's dtype (made from the weights', _ensure_cache): a warm-up has no cache yet
+        return _additive(allowed, next(self.model.parameters()).dtype)[:, None]
 
     @staticmethod
     def _mask(pos: torch.Tensor, view: int, dtype: torch.dtype) -> torch.Tensor:
         """The additive [B, 1, 1, view] mask: each row attends up to its own position."""
         allowed = torch.arange(view, device=pos.device)[None, :] <= pos[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None, None, :]
+        return _additive(allowed, dtype)[:, None, None, :]
 
     def _graph_set(self) -> _Graphs:
         if self.graphs is None:
@@ -506,7 +502,7 @@ class BatchRunner:
             rows = ids[:, :chunk].expand(2, chunk).contiguous()
             mask = torch.ones_like(rows)
             mask[1, :chunk // 2] = 0                      # the second row is left-padded
-            self.model(input_ids=rows, attention_mask=mask,
+            self.model(input_ids=rows, attention_mask=self._prefill_mask(mask),
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=DynamicCache(), use_cache=True, **self._keep())
             if dev.type == "cuda":
@@ -651,6 +647,13 @@ class BatchRunner:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask to add to the scores: 0 where ``allowed``, the dtype's lowest value
+    elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _h2d(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """A small host tensor on ``dev`` without a host sync: a GPU gets it from pinned memory,
     copied asynchronously on the current stream (a pageable ``.to(dev)`` waits for the stream

@@ -556,5 +556,3 @@ def _safe_done(req: SeqRequest, res: Any) -> None:
         req.on_done(req, res)
     except Exception:  # noqa: BLE001 - one bad callback must not stop the batch
         log.exception("reply callback failed")
-
-

@@ -27,17 +27,22 @@ from .keys import REQUEST_ID, SERVER
 MAX_SINCE_S = 7 * 24 * 3600.0
 
 
-def _since(value: str | None) -> float:
-    if value is None or value == "":
-        return 60.0
+def _number(q, name: str, default: float, lo: float, hi: float, *,
+            above: bool = False) -> float:
+    """Query parameter ``name`` as a number in ``[lo, hi]`` (``(lo, hi]`` with ``above``);
+    ``default`` when absent; a 400 in OpenAI's format otherwise."""
+    raw = q.get(name)
+    if raw is None or raw == "":
+        return default
     try:
-        since = float(value)
+        v = float(raw)
     except ValueError:
-        since = math.nan
-    if not (0 < since <= MAX_SINCE_S):
-        raise InvalidRequest(f"'since' must be a number of seconds between 0 and {MAX_SINCE_S:g};"
-                             f" got {value!r}.", param="since", code="invalid_value")
-    return since
+        v = math.nan
+    if not ((lo < v if above else lo <= v) and v <= hi):
+        raise InvalidRequest(f"'{name}' must be a number {'above' if above else 'from'} "
+                             f"{lo:g} up to {hi:g}; got {raw!r}.", param=name,
+                             code="invalid_value")
+    return v
 
 
 def _chrome_response(data: dict, request: web.Request) -> web.Response:
@@ -75,7 +80,7 @@ async def traces(request: web.Request) -> web.Response:
                               "timeline": request_timeline(events),
                               "events": [event_view(e, t0, tracer.wall_offset) for e in events]},
                              request=request)
-    since = _since(q.get("since"))
+    since = _number(q, "since", 60.0, 0.0, MAX_SINCE_S, above=True)     # seconds
     events = tracer.window(since)            # a copy, taken on the loop
     if fmt == "chrome":
         data = await asyncio.to_thread(chrome_trace, events, tracer.wall_offset)
@@ -84,20 +89,6 @@ async def traces(request: web.Request) -> web.Response:
     return json_response({"object": "list", "since_s": since, "count": len(events),
                           "events": [event_view(e, t0, tracer.wall_offset) for e in events]},
                          request=request)
-
-
-def _number(q, name: str, default: float, lo: float, hi: float) -> float:
-    raw = q.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        v = math.nan
-    if not (lo <= v <= hi):
-        raise InvalidRequest(f"'{name}' must be a number between {lo:g} and {hi:g}; got "
-                             f"{raw!r}.", param=name, code="invalid_value")
-    return v
 
 
 async def stacks(request: web.Request) -> web.Response:
