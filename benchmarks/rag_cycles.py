@@ -759,10 +759,10 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
               "at the same N. N/mean cyc/s = N / the mean seconds of a counted cycle (the "
               "closed loop's rate by Little's law; median of the repeats), less sensitive than "
               "the counted rate to where the window closes when a cycle takes about as long "
-              "as the window; cap/uncap N/mean = the ratio of those.", "",
-              "## Server metrics per level (window only)", "",
-              "| mode | N | admits | GB in | admit s | evictions | grants | refusals | "
-              "grant wait s | http errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "as the window; cap/uncap N/mean = the ratio of those."]
+    lines += table_head("## Server metrics per level (window only)", [
+        "mode", "N", "admits", "GB in", "admit s", "evictions", "grants", "refusals",
+        "grant wait s", "http errors"])
     for mode, mres in result["modes"].items():
         for s, lv in zip(mres["levels"], mres["raw_levels"]):
             m = lv["metrics"]
@@ -797,10 +797,10 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
             st = lv.get("stacks")
             if not st or "threads" not in st:
                 continue
-            lines += ["", f"## Threads, {mode} N={s['n']} (GET /debug/stacks over "
-                      f"{st['seconds']:.0f} s of the window)", "",
-                      "| thread | CPU (cores) | top stacks (innermost first; share of samples) |",
-                      "|---|---|---|"]
+            lines += table_head(f"## Threads, {mode} N={s['n']} (GET /debug/stacks over "
+                                f"{st['seconds']:.0f} s of the window)", [
+                                    "thread", "CPU (cores)",
+                                    "top stacks (innermost first; share of samples)"])
             busy = sorted(st["threads"].items(), key=lambda kv: -(kv[1]["cpu_fraction"] or 0))
             for name, t in busy[:10]:
                 top = "<br>".join(f"{k / max(t['samples'], 1):.0%} `{stack[:160]}`"
