@@ -48,13 +48,14 @@ def test_a_pinned_llm_warms_its_graphs_at_load_and_the_first_burst_captures_none
     async def go():
         system, eager = await spawn(folder, "cuda", {"cuda_graphs": False})
         want = await burst(eager)
+        eager_warmed = eager.engine.runner.prefill_warmed   # the engine goes at stop
         await system.stop_all()
         system, llm = await spawn(folder, "cuda")
         runner = llm.engine.runner
         assert runner.graphs is not None                   # warmed before "ready"
         assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
         assert runner.last_warm["graphs"] == len(runner.warm_buckets()) >= 4
-        assert runner.prefill_warmed and not eager.engine.runner.prefill_warmed
+        assert runner.prefill_warmed and not eager_warmed
         got = await burst(llm)
         stats = llm.engine.run_stats
         await system.stop_all()
