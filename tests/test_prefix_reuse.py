@@ -160,6 +160,9 @@ def test_metrics_count_prefix_hits_from_the_chats_trace_events():
         detail = {"prompt_tokens": 300, **({"prefix_hit_tokens": n} if n else {})}
         m.server.system.tracer.record(TraceEvent("llm", "Chat", "r", "http", 1.0, 1.0, 2.0,
                                                  "ok", detail))
+    # the batch loop's own event sums the same hits: not counted again
+    m.server.system.tracer.record(TraceEvent("llm", "BatchIdle", "r", "llm", 1.0, 1.0, 2.0, "ok",
+                                             {"prefix_hits": 2, "prefix_hit_tokens": 320}))
     get = m.registry.get_sample_value
     assert get("agile_rag_llm_prefix_hits_total", {"model": "llm"}) == 2
     assert get("agile_rag_llm_prefix_hit_tokens_total", {"model": "llm"}) == 320
