@@ -166,3 +166,34 @@ def test_metrics_count_prefix_hits_from_the_chats_trace_events():
     get = m.registry.get_sample_value
     assert get("agile_rag_llm_prefix_hits_total", {"model": "llm"}) == 2
     assert get("agile_rag_llm_prefix_hit_tokens_total", {"model": "llm"}) == 320
+
+
+async def test_the_warm_up_chats_take_a_first_bursts_path_and_leave_nothing_behind():
+    """(issue 15) The throwaway chats a CUDA load runs before "ready" (here called on the CPU,
+    where a load skips them): a padded batch of two prompts, then one that starts from the
+    prefix they left; nobody is answered, no chat is traced or counted, the prefixes go, and
+    the next chat says what it said before."""
+    actor, _, system = await start_llm({}, grant_timeout=None)
+    try:
+        q = "What is the capital of France?"
+        want = await actor.ask(chat(q, 12), timeout=300)
+        while actor._loop is not None:       # as at load: no batch loop runs
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        await actor._warm_chats()
+        for _ in range(500):                  # the loops' BatchIdle reach the actor's mailbox
+            events = [e for e in system.tracer.events if e.started >= t0]
+            loops = [e.detail for e in events if e.msg_type == "BatchIdle"]
+            if len(loops) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [e for e in events if e.msg_type == "Chat"] == []
+        assert len(loops) == 2, loops
+        assert loops[0]["prefills"] == 1 and loops[0]["max_batch"] == 2, loops[0]  # together
+        assert loops[1].get("prefix_hits") == 1, loops[1]     # from the first round's prefix
+        assert actor.engine.runner.prefixes.entries == [] and actor.queue_length() == 0
+        assert actor.warm_chats_s is not None
+        again = await actor.ask(chat(q, 12), timeout=300)
+        assert again.text == want.text
+    finally:
+        await system.stop_all()

@@ -56,6 +56,8 @@ def test_a_pinned_llm_warms_its_graphs_at_load_and_the_first_burst_captures_none
         assert sorted(runner.graphs.graphs) == sorted(runner.warm_buckets())
         assert runner.last_warm["graphs"] == len(runner.warm_buckets()) >= 4
         assert runner.prefill_warmed and not eager_warmed
+        # and the throwaway chats down the first burst's path, which left no prefix
+        assert llm.warm_chats_s is not None and not runner.prefixes.entries
         got = await burst(llm)
         stats = llm.engine.run_stats
         await system.stop_all()
