@@ -17,8 +17,9 @@ What it reports, each as the median of ``--repeat`` runs with the spread (min..m
   copy bandwidth and the memory-bandwidth bound of batch-1 decode (read+write bytes/s / weight
   bytes); the graphs' warm-up (seconds, graphs) and what re-capturing them costs after the
   cache and graphs were dropped (an evict's effect); bursts of 1, 8, 32 and 64 chats (tokens/s,
-  time to first token p50), 32 streams / 1 stream, 1-stream decode vs the bound; the first
-  burst of 32 right after the drop (captures on the request path, if any); a mixed-length run
+  time to first token p50: the first *token*, as the engine sampled it, since a random-weight
+  model's first tokens may make no text yet), 32 streams / 1 stream, 1-stream decode (tokens
+  per second per chat) vs the bound; the first burst of 32 right after the drop (captures on the request path, if any); a mixed-length run
   (prompts of 200..3000 tokens under ``--mixed-kv-tokens``: most rows decoding together, mean
   rows per step, tokens/s);
 - served (``python -m agile_rag`` on loopback, the LLM ``device: cuda``, uncapped): the first
@@ -176,6 +177,17 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     bw = out["bandwidth"].get("gbps_read_write")
     out["bound_tok_s"] = bw * 1e9 / weight_bytes if bw else None
 
+    class TimedTail(TextTail):
+        """A TextTail that notes when its first and last tokens came (a random-weight model's
+        first tokens may make no text yet: the time to the first token is the prefill's)."""
+        first_token: float | None = None
+        last_token: float | None = None
+
+        def update(self, prev: str, new: str) -> bool:
+            self.last_token = time.perf_counter()
+            self.first_token = self.first_token or self.last_token
+            return super().update(prev, new)
+
     def ids_of(text: str) -> list[int]:
         r = tok.apply_chat_template([{"role": "user", "content": text}],
                                     add_generation_prompt=True, return_dict=True)
@@ -195,7 +207,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
             s = Sink()
             sinks.append(s)
             reqs.append(SeqRequest(Msg(), list(p), new, lambda r, res: None,
-                                   TextTail(tok, [], s)))
+                                   TimedTail(tok, [], s)))
         t0 = time.perf_counter()
         eng.start()
         for r in reqs:
@@ -206,11 +218,14 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         tokens = sum(r.generated for r in reqs)
-        decode = [(s.pieces - 1) / (s.last - s.first) for s in sinks
-                  if s.pieces > 1 and s.last and s.first and s.last > s.first]
+        tails = [r.tail for r in reqs]
+        decode = [(len(t.ids) - 1) / (t.last_token - t.first_token) for t in tails
+                  if len(t.ids) > 1 and t.first_token and t.last_token > t.first_token]
         return {"chats": len(reqs), "tokens": tokens, "wall_s": round(wall, 4),
                 "tok_s": tokens / wall,
-                "ttft_p50_s": statistics.median((s.first or t0) - t0 for s in sinks)
+                "ttft_p50_s": statistics.median((t.first_token or t0) - t0 for t in tails)
+                if tails else None,
+                "first_text_p50_s": statistics.median((s.first or t0) - t0 for s in sinks)
                 if sinks else None,
                 "decode_tok_s_per_chat_p50": statistics.median(decode) if decode else None,
                 "captures": stats.get("captures", 0),
@@ -269,6 +284,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     out["prefix"] = {"prompt_tokens": len(pre[0]), "ttft_first_s": firsts[0]["ttft_p50_s"],
                      "ttft_second_s": firsts[1]["ttft_p50_s"],
                      "ttft_third_s": firsts[2]["ttft_p50_s"],
+                     "first_text_s": [f["first_text_p50_s"] for f in firsts],
                      "hit_tokens": eng.runner.prefixes.hit_tokens}
     if firsts[0]["ttft_p50_s"]:
         out["prefix"]["second_vs_first"] = firsts[1]["ttft_p50_s"] / firsts[0]["ttft_p50_s"]
