@@ -71,7 +71,11 @@ class _SlotLayer:
     is_initialized = True
 
     def __init__(self, cache: Any, idx: int):
-        self.cache, self.idx = cache, idx
+        # a proxy, not a reference: a cache whose layers pointed back at it would be a cycle,
+        # freed only by a full collection (~0.3 s with the GIL held on a heap not yet frozen:
+        # a CPU-only LLM's idle cleanup stalled the next chat that long). Dropped, the cache
+        # and its tensors now go at once
+        self.cache, self.idx = weakref.proxy(cache), idx
 
     def get_seq_length(self) -> int:
         return int(self.cache.view_len)

@@ -128,16 +128,15 @@ IDLE_PREFIX_TOKENS = 1024
 
 def free_idle_cache(engine: Any) -> int:
     """(executor thread) A CPU-only LLM's batch went idle: drop its KV cache and give the
-    memory back to the OS. The cache's tensors sit in a reference cycle (its layers point back
-    at it), so they are freed at the next full collection only; a collection of what is not
-    frozen (see runtime.heap.collect) takes ~1 ms here. Measured after two 16-stream bursts:
-    RSS 887 MB, 675 MB after this (592 MB after load). Returns the bytes the cache held."""
-    import gc
-
+    memory back to the OS. The cache's tensors go as soon as it is dropped (its layers hold
+    only a proxy of it: no cycle). No collection here: until the heap is frozen (the model
+    pool idle for IDLE_TRIM_S, runtime.heap.collect) a full one walks every object the models
+    keep, ~0.3 s with the GIL held, and one chat after another never let the pool idle: each
+    next chat's tokens stalled that long. Measured after two 16-stream bursts: RSS 887 MB,
+    675 MB after this (592 MB after load). Returns the bytes the cache held."""
     nbytes = int(engine.cache_bytes())
     # the most recent prompts' prefixes stay (a chat asked again, a shared system prompt:
     # issue 17); at most IDLE_PREFIX_TOKENS of them (SmolLM2: ~23 KB a token)
     engine.release(keep_prefix_tokens=IDLE_PREFIX_TOKENS)
-    gc.collect()            # every time: one chat's small caches, left to pile up, add up too
     trim_heap()
     return nbytes

@@ -71,3 +71,63 @@ async def test_cancel_and_chunked_prefill_with_blocks():
         assert actor.engine.cache.used_blocks() == 0
     finally:
         await system.stop_all()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["rectangle", "blocks"])
+def test_a_dropped_kv_cache_is_freed_at_once_without_a_collection(paged):
+    """The cache's layers hold a proxy of it, not a reference: no cycle, so its tensors go
+    when it is dropped. A cycle waited for a full collection, which a CPU-only LLM ran after
+    every batch: ~0.3 s with the GIL held, the next chat's tokens stalled behind it."""
+    import gc
+    import weakref
+
+    import torch
+
+    from agile_rag.actors.kv_paged import make_paged_cache
+    from agile_rag.actors.kv_slots import make_slot_cache
+
+    gc.disable()
+    try:
+        if paged:
+            cache = make_paged_cache(2, 4, 2, 8, 16, 8, torch.float32, torch.device("cpu"))
+        else:
+            cache = make_slot_cache(2, 4, 2, 64, 8, torch.float32, torch.device("cpu"))
+        assert cache.layers[1].get_max_length() == cache.length   # the layers read the cache
+        dead = weakref.ref(cache)
+        del cache
+        assert dead() is None
+    finally:
+        gc.enable()
+
+
+async def test_an_idle_cpu_llm_frees_its_kv_cache_without_a_collection():
+    """A CPU-only LLM drops its idle batch's cache (actors.llm_loading.free_idle_cache) and
+    runs no full collection for it; with the collector off, nothing of it is left alive."""
+    import gc
+
+    def caches() -> set[int]:
+        return {id(o) for o in gc.get_objects()
+                if type(o).__name__ in ("_SlotCache", "_PagedCache")}
+
+    actor, _, system = await start_llm({}, grant_timeout=None)
+    gc.collect()
+    gc.disable()
+    before = caches()                       # other tests' (a fixture may hold one)
+    full: list[dict] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(info)
+    gc.callbacks.append(note)
+    try:
+        await actor.ask(chat("Say hello.", 8), timeout=300)
+        for _ in range(500):
+            if actor._loop is None and actor.engine.cache is None:
+                break
+            await asyncio.sleep(0.01)
+        assert actor.engine.cache is None
+        assert caches() - before == set() and full == []
+    finally:
+        gc.callbacks.remove(note)
+        gc.enable()
+        await system.stop_all()
