@@ -59,6 +59,14 @@ Smoke test (CPU, tiny models, about two minutes on 2 cores):
 GPU run:
 
     python3 benchmarks/rag_cycles.py --tokenizers .gpucarry --out $OUT
+
+Two encoder settings in one server (``--ab-encoder-params``): each level's windows alternate
+A and B, the live config switched by POST /admin/reload before each window; B is reported as
+the mode ``<mode> B``, with B/A of each pair of neighbouring windows:
+
+    python3 benchmarks/rag_cycles.py --tokenizers .gpucarry --out $OUT --modes capped \
+        --concurrency 8,32 --duration-s 8,16 --repeat 3 \
+        --ab-encoder-params '{"stream_group_below_tokens": 1000000000}'
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -238,6 +247,15 @@ def json_object(ap, flag: str, text: str) -> dict:
 def get_json(url: str, timeout: float = 10, headers: dict | None = None) -> dict:
     req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def reload_config(base: str) -> dict:
+    """POST /admin/reload: the server applies its liveconfigs.json now (the A/B's switch)."""
+    req = urllib.request.Request(base + "/admin/reload", data=b"{}", method="POST",
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
         return json.load(r)
 
 
@@ -691,10 +709,12 @@ def add_ratios(result: dict) -> None:
                           if one and one["cycles_per_s"] else None)
     if "uncapped" not in modes:
         return
-    unc = {s["n"]: s for s in modes["uncapped"]["levels"]}
     for name, mres in modes.items():
         if not name.startswith("capped"):
             continue
+        # a B variant against the uncapped server's B when it ran one
+        ref = "uncapped B" if name.endswith(" B") and "uncapped B" in modes else "uncapped"
+        unc = {s["n"]: s for s in modes[ref]["levels"]}
         for s in mres["levels"]:
             u = unc.get(s["n"])
             s["capped_vs_uncapped"] = (s["cycles_per_s"] / u["cycles_per_s"]
@@ -760,6 +780,23 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
               "closed loop's rate by Little's law; median of the repeats), less sensitive than "
               "the counted rate to where the window closes when a cycle takes about as long "
               "as the window; cap/uncap N/mean = the ratio of those."]
+    if result.get("ab_encoder_params") is not None:
+        lines += ["", "## A/B in the same server (windows alternating A, B, A, B...)", "",
+                  f"B = A with {json.dumps(result['ab_encoder_params'])} added to "
+                  "embedder_params and reranker_params (liveconfigs.json, then POST "
+                  "/admin/reload before each window)."]
+        lines += table_head("", ["mode", "N", "A cyc/s (each window)", "B cyc/s (each window)",
+                                 "B / A, median of the pairs", "B / A, each pair"])[2:]
+        for mode, mres in result["modes"].items():
+            b = {s["n"]: s for s in result["modes"].get(f"{mode} B", {}).get("levels", [])}
+            for s in mres["levels"]:
+                if s["n"] in b:
+                    sb = b[s["n"]]
+                    lines.append(f"| {mode} | {s['n']} | "
+                                 f"{', '.join(fmt(r, 3) for r in s['runs_cycles_per_s'])} | "
+                                 f"{', '.join(fmt(r, 3) for r in sb['runs_cycles_per_s'])} | "
+                                 f"{fmt(sb.get('b_vs_a'))} | "
+                                 f"{', '.join(fmt(r) for r in sb.get('b_vs_a_runs', []))} |")
     lines += table_head("## Server metrics per level (window only)", [
         "mode", "N", "admits", "GB in", "admit s", "evictions", "grants", "refusals",
         "grant wait s", "http errors"])
@@ -903,6 +940,13 @@ def main() -> None:
                     help='JSON added to embedder_params and reranker_params in every mode, '
                          'e.g. \'{"stream_group_below_tokens": 1000000000}\' (every '
                          'layer-streamed job in groups)')
+    ap.add_argument("--ab-encoder-params", default=None,
+                    help="JSON: an A/B in the same server. Each level's --repeat windows run "
+                         "twice, alternating A (the mode as configured) and B (these added to "
+                         "embedder_params and reranker_params, applied through liveconfigs.json "
+                         "and POST /admin/reload); B is reported as the mode '<mode> B', with "
+                         "B/A of each pair of windows: calls on the lent GPU differ by 20%%, "
+                         "windows next to each other far less")
     ap.add_argument("--llm-max-tokens", type=int, default=4096,
                     help="the LLM entry's max_tokens (its context; the KV cache holds at "
                          "least one): lower it with batch_kv_tokens for a small cap")
@@ -931,6 +975,9 @@ def main() -> None:
     window = dict(zip(levels, windows * len(levels) if len(windows) == 1 else windows))
     llm_params = json_object(ap, "--llm-params", a.llm_params)
     encoder_params = json_object(ap, "--encoder-params", a.encoder_params)
+    ab_params = None if a.ab_encoder_params is None else \
+        json_object(ap, "--ab-encoder-params", a.ab_encoder_params)
+    variants = ["A"] + (["B"] if ab_params is not None else [])
     modes = []
     for m in (m.strip() for m in a.modes.split(",") if m.strip()):
         if m not in ("capped", "uncapped"):
@@ -979,7 +1026,7 @@ def main() -> None:
         "params": info["params"], "cap_mb": a.cap_mb,
         "duration_s": windows[0] if len(windows) == 1 else [window[n] for n in levels],
         "embed_cuda_thres": a.embed_cuda_thres, "llm_params": llm_params,
-        "encoder_params": encoder_params,
+        "encoder_params": encoder_params, "ab_encoder_params": ab_params,
         "llm_max_tokens": a.llm_max_tokens,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
         "counting_rule": "cycles that started inside the window count (each client finishes "
@@ -992,6 +1039,7 @@ def main() -> None:
     last = None                # (n, p99 or warm-up seconds, warm-up seconds) of the last level
     for mode in modes:
         mres: dict = {"levels": [], "raw_levels": []}
+        bres: dict = {"levels": [], "raw_levels": []}        # --ab-encoder-params' B
         first_est = window[levels[0]] + (last[1] * levels[0] / last[0] + last[2] if last else 0)
         if time.monotonic() + startup_est + first_est > deadline:
             result["skipped"].append(f"mode {mode}: no time left for a server start and a level")
@@ -1031,43 +1079,67 @@ def main() -> None:
                     say(f"{mode} N={n}: skipped (needs ~{est:.0f} s)")
                     continue
                 say(f"{mode} N={n}: warm-up cycle, then {a.repeat} x {window[n]:.0f} s "
-                    f"of {n} client(s)")
-                runs, raws = [], []
+                    f"of {n} client(s)" + (", A and B alternating" if ab_params else ""))
+                runs: dict = {v: [] for v in variants}
+                raws: dict = {v: [] for v in variants}
                 try:
                     for _ in range(max(1, a.repeat)):
-                        if runs and time.monotonic() + window[n] + 5 > deadline:
-                            notes.append(f"{mode} N={n}: {len(runs)} of {a.repeat} repeats "
-                                         "(time budget)")
+                        if runs["A"] and time.monotonic() + len(variants) * (window[n] + 5) \
+                                > deadline:
+                            notes.append(f"{mode} N={n}: {len(runs['A'])} of {a.repeat} "
+                                         "repeats (time budget)")
                             break
-                        level = asyncio.run(run_level(server.base, n, window[n], deadline,
-                                                      ctx))
-                        runs.append(summarize(level))
-                        raws.append(level)
+                        for v in variants:
+                            if ab_params is not None:     # A, B, A, B...: switch the config
+                                write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
+                                              a.embed_cuda_thres, llm_params, a.llm_max_tokens,
+                                              {**encoder_params,
+                                               **(ab_params if v == "B" else {})})
+                                reload_config(server.base)
+                            level = asyncio.run(run_level(server.base, n, window[n], deadline,
+                                                          ctx))
+                            runs[v].append(summarize(level))
+                            raws[v].append(level)
                 except Exception as exc:  # noqa: BLE001 - e.g. the server died: report it
                     mres["error"] = f"N={n}: {type(exc).__name__}: {exc}"
                     say(f"{mode} N={n}: level failed, no more levels in this mode: {exc}")
                     break
-                s = median_of(runs)
-                mres["levels"].append(s)
-                mres["raw_levels"].append(raws[runs.index(next(
-                    r for r in runs if r["cycles_per_s"] == s["cycles_per_s"]))])
-                last = (n, s["p99_s"] or s["warmup_s"], s["warmup_s"])
-                if s["cut"]:
-                    notes.append(f"{mode} N={n}: cut at the time budget with {s['cut']} "
-                                 "cycle(s) in flight")
-                say(f"{mode} N={n}: {s['cycles']} cycles, {s['cycles_per_s']:.3f} cycles/s, "
-                    f"p50 {fmt(s['p50_s'])} s, p99 {fmt(s['p99_s'])} s, "
-                    f"{s['failures']} failed, {s['cut']} cut, warm-up "
-                    f"{'ok' if s['warmup_ok'] else 'FAILED'} {s['warmup_s']:.1f} s, admits/cycle "
-                    f"{fmt(s['admits_per_cycle'])}, GB in/cycle {fmt(s['swap_in_gb_per_cycle'])}, "
-                    f"yields/cycle {fmt(s['yields_per_cycle'])}, runs "
-                    f"{[round(r, 3) for r in s['runs_cycles_per_s']]}")
-                for e in s["errors"]:
-                    say(f"    error: {e}")
+                for v in variants:
+                    name = mode if v == "A" else f"{mode} B"
+                    vres = bres if v == "B" else mres
+                    s = median_of(runs[v])
+                    vres["levels"].append(s)
+                    vres["raw_levels"].append(raws[v][runs[v].index(next(
+                        r for r in runs[v] if r["cycles_per_s"] == s["cycles_per_s"]))])
+                    if v == "B":
+                        pairs = [b["cycles_per_s"] / x["cycles_per_s"]
+                                 for x, b in zip(runs["A"], runs["B"]) if x["cycles_per_s"]]
+                        s["b_vs_a_runs"] = sorted(pairs)
+                        s["b_vs_a"] = statistics.median(pairs) if pairs else None
+                    last = (n, s["p99_s"] or s["warmup_s"], s["warmup_s"])
+                    if s["cut"]:
+                        notes.append(f"{name} N={n}: cut at the time budget with {s['cut']} "
+                                     "cycle(s) in flight")
+                    say(f"{name} N={n}: {s['cycles']} cycles, {s['cycles_per_s']:.3f} "
+                        f"cycles/s, p50 {fmt(s['p50_s'])} s, p99 {fmt(s['p99_s'])} s, "
+                        f"{s['failures']} failed, {s['cut']} cut, warm-up "
+                        f"{'ok' if s['warmup_ok'] else 'FAILED'} {s['warmup_s']:.1f} s, "
+                        f"admits/cycle {fmt(s['admits_per_cycle'])}, GB in/cycle "
+                        f"{fmt(s['swap_in_gb_per_cycle'])}, yields/cycle "
+                        f"{fmt(s['yields_per_cycle'])}, runs "
+                        f"{[round(r, 3) for r in s['runs_cycles_per_s']]}"
+                        + (f", B/A each pair {[round(r, 2) for r in s['b_vs_a_runs']]}"
+                           if v == "B" else ""))
+                    for e in s["errors"]:
+                        say(f"    error: {e}")
         finally:
             stop_s = server.stop()
             mres["stop_s"] = stop_s
             result["modes"][mode] = mres
+            if bres["levels"]:
+                bres.update({k: mres[k] for k in ("health", "budget_mb", "startup_s", "stop_s")
+                             if k in mres})
+                result["modes"][f"{mode} B"] = bres
             say(f"{mode}: server stopped in {stop_s:.1f} s (log: server-{mode}.log)")
 
     add_ratios(result)
