@@ -376,13 +376,23 @@ class LLMActor(ModelActor):
 
     def _prepare(self, req: SeqRequest) -> None:
         """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
-        req.prompt = self.encode_prompt(req.msg)[0].tolist()
+        req.prompt = self.encode_prompt(req.msg)[0].tolist() or self._empty_prompt()
         req.max_new = self._max_new(len(req.prompt), req.msg)
         req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
                                                     eos_ids(self.model, self.tokenizer))
         req.logprobs = req.msg.logprobs
         if req.msg.stream is not None:
             req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
+
+    def _empty_prompt(self) -> list[int]:
+        """What an empty completions prompt (``"prompt": ""``, no tokens) starts from: the
+        text's first token, as OpenAI's legacy completions start such a prompt from
+        <|endoftext|>: the tokenizer's BOS, else its EOS."""
+        for tid in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(tid, int):
+                return [tid]
+        raise InvalidRequest("The prompt is empty and this model's tokenizer has no token to "
+                             "start a text from; send some text.", param="prompt")
 
     def _max_new(self, n_prompt: int, msg: Chat) -> int:
         room = self.context_length - n_prompt

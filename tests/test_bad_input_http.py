@@ -65,6 +65,18 @@ async def test_missing_fields_and_wrong_types(v1, route, body, param):
             assert_openai_error(await r.json(), r.status, 400, param)
 
 
+async def test_an_empty_completions_prompt_starts_from_the_first_token(v1):
+    """(found by the fuzz test) ``"prompt": ""`` encodes to no token; the model starts from
+    the tokenizer's BOS (or EOS), as OpenAI's completions start from <|endoftext|>."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(v1 + "/completions", json={"prompt": "", "max_tokens": 3}) as r:
+            body = await r.json()
+            assert r.status == 200, body
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("length", "stop")
+    assert body["usage"]["prompt_tokens"] == 1
+
+
 async def test_not_an_object_and_empty_body(v1):
     status, body, _ = await raw_post(v1 + "/embeddings", b"[1, 2, 3]")
     assert_openai_error(body, status, 400)
