@@ -271,7 +271,8 @@ class LLMActor(ModelActor):
         """(at load, on a CUDA device; no loop runs) Throwaway chats down the path a first
         burst takes: the chat template and the tokenizer, two prompts of different lengths
         admitted together (a padded prefill written into the KV cache), greedy and sampled
-        tokens, the text; then a prompt that starts from the prefix they left. A process
+        tokens, the text; then a prompt that starts from the prefix they left; then eight
+        prompts of a few hundred tokens at once (a burst's batch shapes). A process
         pays once for each first use (the template's compile, kernels loaded at their first
         launch, sampling's kernels, allocator segments): without this the first burst after
         start paid it on its requests (issue 15: 0.27 s to the first token against 0.12 s
@@ -283,9 +284,14 @@ class LLMActor(ModelActor):
         loop = asyncio.get_running_loop()
         shared = "Warm-up: these words only take the path the first chats take. " * 2
         rounds = [[(shared + "Say one word.", 0.0), ("Say two words, please.", 0.7)],
-                  [(shared + "Say three words.", 0.0)]]     # from the first round's prefix
+                  [(shared + "Say three words.", 0.0)],     # from the first round's prefix
+                  # a burst's shape: eight prompts of a few hundred tokens admitted together
+                  [(f"({i}) " + "Passage words to read before a question. " * (18 + 3 * i)
+                    + "Which words?", 0.0) for i in range(8)]]
         try:
-            for chats in rounds:
+            for k, chats in enumerate(rounds):
+                if k == 2:                # the burst as after start: nothing stored yet
+                    eng.runner.prefixes.clear()
                 done = []
                 for text, temperature in chats:
                     fut = loop.create_future()
