@@ -171,8 +171,8 @@ def test_metrics_count_prefix_hits_from_the_chats_trace_events():
 async def test_the_warm_up_chats_take_a_first_bursts_path_and_leave_nothing_behind():
     """(issue 15) The throwaway chats a CUDA load runs before "ready" (here called on the CPU,
     where a load skips them): a padded batch of two prompts, then one that starts from the
-    prefix they left, then eight longer prompts at once; nobody is answered, no chat is traced or counted, the prefixes go, and
-    the next chat says what it said before."""
+    prefix they left, then eight longer prompts at once; nobody is answered, no chat is
+    traced or counted, the prefixes go, and the next chat says what it said before."""
     actor, _, system = await start_llm({}, grant_timeout=None)
     try:
         q = "What is the capital of France?"
