@@ -283,14 +283,14 @@ class LLMActor(ModelActor):
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         shared = "Warm-up: these words only take the path the first chats take. " * 2
-        rounds = [[(shared + "Say one word.", 0.0), ("Say two words, please.", 0.7)],
-                  [(shared + "Say three words.", 0.0)],     # from the first round's prefix
-                  # a burst's shape: eight prompts of a few hundred tokens admitted together
-                  [(f"({i}) " + "Passage words to read before a question. " * (18 + 3 * i)
-                    + "Which words?", 0.0) for i in range(8)]]
+        pair = [(shared + "Say one word.", 0.0), ("Say two words, please.", 0.7)]
+        from_prefix = [(shared + "Say three words.", 0.0)]
+        # a burst's shape: eight prompts of a few hundred tokens admitted together
+        burst = [(f"({i}) " + "Passage words to read before a question. " * (18 + 3 * i)
+                  + "Which words?", 0.0) for i in range(8)]
         try:
-            for k, chats in enumerate(rounds):
-                if k == 2:                # the burst as after start: nothing stored yet
+            for chats in (pair, from_prefix, burst):
+                if chats is burst:        # read as after start: nothing stored yet
                     eng.runner.prefixes.clear()
                 done = []
                 for text, temperature in chats:
