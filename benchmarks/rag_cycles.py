@@ -60,9 +60,9 @@ GPU run:
 
     python3 benchmarks/rag_cycles.py --tokenizers .gpucarry --out $OUT
 
-Two encoder settings in one server (``--ab-encoder-params``): each level's windows alternate
-A and B, the live config switched by POST /admin/reload before each window; B is reported as
-the mode ``<mode> B``, with B/A of each pair of neighbouring windows:
+Two settings in one server (``--ab-encoder-params``, ``--ab-llm-params``): each level's
+windows alternate A and B, the live config switched by POST /admin/reload before each window;
+B is reported as the mode ``<mode> B``, with B/A of each pair of neighbouring windows:
 
     python3 benchmarks/rag_cycles.py --tokenizers .gpucarry --out $OUT --modes capped \
         --concurrency 8,32 --duration-s 8,16 --repeat 3 \
@@ -780,10 +780,12 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
               "closed loop's rate by Little's law; median of the repeats), less sensitive than "
               "the counted rate to where the window closes when a cycle takes about as long "
               "as the window; cap/uncap N/mean = the ratio of those."]
-    if result.get("ab_encoder_params") is not None:
+    if result.get("ab_encoder_params") is not None or result.get("ab_llm_params") is not None:
+        added = [f"{json.dumps(result[k])} added to {where}" for k, where in (
+            ("ab_encoder_params", "embedder_params and reranker_params"),
+            ("ab_llm_params", "llm_params")) if result.get(k) is not None]
         lines += ["", "## A/B in the same server (windows alternating A, B, A, B...)", "",
-                  f"B = A with {json.dumps(result['ab_encoder_params'])} added to "
-                  "embedder_params and reranker_params (liveconfigs.json, then POST "
+                  f"B = A with {' and '.join(added)} (liveconfigs.json, then POST "
                   "/admin/reload before each window)."]
         lines += table_head("", ["mode", "N", "A cyc/s (each window)", "B cyc/s (each window)",
                                  "B / A, median of the pairs", "B / A, each pair"])[2:]
@@ -947,6 +949,9 @@ def main() -> None:
                          "and POST /admin/reload); B is reported as the mode '<mode> B', with "
                          "B/A of each pair of windows: calls on the lent GPU differ by 20%%, "
                          "windows next to each other far less")
+    ap.add_argument("--ab-llm-params", default=None,
+                    help="JSON: as --ab-encoder-params, for llm_params (both may be given: B "
+                         "has both)")
     ap.add_argument("--llm-max-tokens", type=int, default=4096,
                     help="the LLM entry's max_tokens (its context; the KV cache holds at "
                          "least one): lower it with batch_kv_tokens for a small cap")
@@ -977,7 +982,10 @@ def main() -> None:
     encoder_params = json_object(ap, "--encoder-params", a.encoder_params)
     ab_params = None if a.ab_encoder_params is None else \
         json_object(ap, "--ab-encoder-params", a.ab_encoder_params)
-    variants = ["A"] + (["B"] if ab_params is not None else [])
+    ab_llm = None if a.ab_llm_params is None else \
+        json_object(ap, "--ab-llm-params", a.ab_llm_params)
+    ab = ab_params is not None or ab_llm is not None
+    variants = ["A"] + (["B"] if ab else [])
     modes = []
     for m in (m.strip() for m in a.modes.split(",") if m.strip()):
         if m not in ("capped", "uncapped"):
@@ -1027,6 +1035,7 @@ def main() -> None:
         "duration_s": windows[0] if len(windows) == 1 else [window[n] for n in levels],
         "embed_cuda_thres": a.embed_cuda_thres, "llm_params": llm_params,
         "encoder_params": encoder_params, "ab_encoder_params": ab_params,
+        "ab_llm_params": ab_llm,
         "llm_max_tokens": a.llm_max_tokens,
         "new_tokens": a.new_tokens, "concurrency": levels, "time_budget_s": a.time_budget_s,
         "counting_rule": "cycles that started inside the window count (each client finishes "
@@ -1039,7 +1048,7 @@ def main() -> None:
     last = None                # (n, p99 or warm-up seconds, warm-up seconds) of the last level
     for mode in modes:
         mres: dict = {"levels": [], "raw_levels": []}
-        bres: dict = {"levels": [], "raw_levels": []}        # --ab-encoder-params' B
+        bres: dict = {"levels": [], "raw_levels": []}        # the A/B's B
         first_est = window[levels[0]] + (last[1] * levels[0] / last[0] + last[2] if last else 0)
         if time.monotonic() + startup_est + first_est > deadline:
             result["skipped"].append(f"mode {mode}: no time left for a server start and a level")
@@ -1079,7 +1088,7 @@ def main() -> None:
                     say(f"{mode} N={n}: skipped (needs ~{est:.0f} s)")
                     continue
                 say(f"{mode} N={n}: warm-up cycle, then {a.repeat} x {window[n]:.0f} s "
-                    f"of {n} client(s)" + (", A and B alternating" if ab_params else ""))
+                    f"of {n} client(s)" + (", A and B alternating" if ab else ""))
                 runs: dict = {v: [] for v in variants}
                 raws: dict = {v: [] for v in variants}
                 try:
@@ -1090,11 +1099,14 @@ def main() -> None:
                                          "repeats (time budget)")
                             break
                         for v in variants:
-                            if ab_params is not None:     # A, B, A, B...: switch the config
+                            if ab:                        # A, B, A, B...: switch the config
+                                b = v == "B"
                                 write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
-                                              a.embed_cuda_thres, llm_params, a.llm_max_tokens,
+                                              a.embed_cuda_thres,
+                                              {**llm_params, **((ab_llm or {}) if b else {})},
+                                              a.llm_max_tokens,
                                               {**encoder_params,
-                                               **(ab_params if v == "B" else {})})
+                                               **((ab_params or {}) if b else {})})
                                 reload_config(server.base)
                             level = asyncio.run(run_level(server.base, n, window[n], deadline,
                                                           ctx))
