@@ -20,8 +20,8 @@ What it reports, each as the median of ``--repeat`` runs with the spread (min..m
   time to first token p50: the first *token*, as the engine sampled it, since a random-weight
   model's first tokens may make no text yet), 32 streams / 1 stream, 1-stream decode (tokens
   per second per chat) vs the bound; the first burst of 32 right after the drop (captures on
-  the request path, if any); a mixed-length run (prompts of 200..3000 tokens under ``--mixed-kv-tokens``: most rows decoding together, mean
-  rows per step, tokens/s);
+  the request path, if any); a mixed-length run (prompts of 200..3000 tokens under
+  ``--mixed-kv-tokens``: most rows decoding together, mean rows per step, tokens/s);
 - served (``python -m agile_rag`` on loopback, the LLM ``device: cuda``, uncapped): the first
   burst of 32 after start (the server says ready only after the graphs' warm-up), warm bursts
   of 1, 8, 32 and 64, and the first burst of 32 after an evict + admit forced through the
