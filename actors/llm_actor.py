@@ -253,7 +253,7 @@ class LLMActor(ModelActor):
             return
         await self._run_loop_once("warming the decode graphs")
         log.info("%s: decode graphs warmed: %s", self.name, eng.runner.last_warm)
-        if eng.runner.device.type == "cuda" and eng.settings.warm_graphs:
+        if eng.runner.device.type == "cuda":       # (_warm_due: warm_graphs is on)
             await self._warm_chats()
 
     async def _run_loop_once(self, what: str) -> None:

@@ -784,11 +784,9 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
         added = [f"{json.dumps(result[k])} added to {where}" for k, where in (
             ("ab_encoder_params", "embedder_params and reranker_params"),
             ("ab_llm_params", "llm_params")) if result.get(k) is not None]
-        lines += ["", "## A/B in the same server (windows alternating A, B, A, B...)", "",
-                  f"B = A with {' and '.join(added)} (liveconfigs.json, then POST "
-                  "/admin/reload before each window)."]
-        lines += table_head("", ["mode", "N", "A cyc/s (each window)", "B cyc/s (each window)",
-                                 "B / A, median of the pairs", "B / A, each pair"])[2:]
+        lines += table_head("## A/B in the same server (windows alternating A, B, A, B...)",
+                            ["mode", "N", "A cyc/s (each window)", "B cyc/s (each window)",
+                             "B / A, median of the pairs", "B / A, each pair"])
         for mode, mres in result["modes"].items():
             b = {s["n"]: s for s in result["modes"].get(f"{mode} B", {}).get("levels", [])}
             for s in mres["levels"]:
@@ -799,6 +797,8 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                                  f"{', '.join(fmt(r, 3) for r in sb['runs_cycles_per_s'])} | "
                                  f"{fmt(sb.get('b_vs_a'))} | "
                                  f"{', '.join(fmt(r) for r in sb.get('b_vs_a_runs', []))} |")
+        lines += ["", f"B = A with {' and '.join(added)} (liveconfigs.json, then POST "
+                  "/admin/reload before each window)."]
     lines += table_head("## Server metrics per level (window only)", [
         "mode", "N", "admits", "GB in", "admit s", "evictions", "grants", "refusals",
         "grant wait s", "http errors"])
@@ -1055,9 +1055,16 @@ def main() -> None:
             say(f"skip mode {mode}: no time left")
             continue
         cap = int(mode.split("-")[1]) if mode.startswith("capped") else 0
-        live, cfg = write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
-                                  a.embed_cuda_thres, llm_params, a.llm_max_tokens,
-                                  encoder_params)
+
+        def configs(variant: str = "A", mode: str = mode, cap: int = cap) -> tuple[str, str]:
+            """This mode's config files; B adds the A/B's params (the same paths)."""
+            b = variant == "B"
+            return write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
+                                 a.embed_cuda_thres,
+                                 {**llm_params, **((ab_llm or {}) if b else {})},
+                                 a.llm_max_tokens,
+                                 {**encoder_params, **((ab_params or {}) if b else {})})
+        live, cfg = configs()
         say(f"{mode}: starting the server (TOTAL_CUDA_MEMORY = {cap})")
         t0 = time.monotonic()
         server = ServerProcess(live, cfg, os.path.join(a.out, f"server-{mode}.log"))
@@ -1100,13 +1107,7 @@ def main() -> None:
                             break
                         for v in variants:
                             if ab:                        # A, B, A, B...: switch the config
-                                b = v == "B"
-                                write_configs(a.work, info, mode, cap, SHAPES[shapes]["dtype"],
-                                              a.embed_cuda_thres,
-                                              {**llm_params, **((ab_llm or {}) if b else {})},
-                                              a.llm_max_tokens,
-                                              {**encoder_params,
-                                               **((ab_params or {}) if b else {})})
+                                configs(v)
                                 reload_config(server.base)
                             level = asyncio.run(run_level(server.base, n, window[n], deadline,
                                                           ctx))

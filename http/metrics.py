@@ -225,8 +225,8 @@ class Metrics:
         if e.msg_type == "Trim":
             self.trims.labels(e.actor).inc()
             self.trimmed_bytes.labels(e.actor).inc(_f(d.get("trimmed", 0)))
-        if "prefix_hit_tokens" in d and e.msg_type != "BatchIdle":
-            # per chat; a batch loop's BatchIdle sums the same hits again
+        if e.msg_type == "Chat" and "prefix_hit_tokens" in d:
+            # per chat (a batch loop's BatchIdle sums the same hits again)
             self.prefix_hits.labels(e.actor).inc()
             self.prefix_hit_tokens.labels(e.actor).inc(_f(d["prefix_hit_tokens"]))
         if "evict_s" in d:
