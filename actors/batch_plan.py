@@ -52,6 +52,8 @@ class BatchSettings:
     #: 0: the KV cache is one rectangle; else blocks of this many tokens (actors/kv_paged.py):
     #: admission counts the blocks each chat fills, the cache never changes shape
     kv_block: int = 0
+    #: the batch loop computes on a CUDA stream of its own (BatchRunner.on_own_stream)
+    own_stream: bool = False
 
 
 @dataclass(eq=False)

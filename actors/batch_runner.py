@@ -13,14 +13,17 @@ Only the engine's loop thread calls it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..runtime import stable_memory
+from ..runtime.cuda_streams import new_stream
 from ..runtime.executor import apply_torch_threads
 from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
@@ -100,6 +103,9 @@ class BatchRunner:
         #: cuda_streams.py: a pool stream may be another thread's too, and that thread's work
         #: would be taken into the graph or fail the capture)
         self.capture_stream: Any = None
+        #: where the batch loop computes when ``llm_params.own_stream`` is on: a stream of this
+        #: runner's own (see :meth:`on_own_stream`)
+        self.loop_stream: Any = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
@@ -138,6 +144,34 @@ class BatchRunner:
         if self.prefixes.entries and self._prefix_device != self.device:
             self.prefixes.clear()
         return dropped
+
+    @contextlib.contextmanager
+    def on_own_stream(self, wanted: bool = True) -> Iterator[None]:
+        """(the loop's thread) The batch loop's GPU work on a stream of this runner's own, at
+        normal priority (runtime/cuda_streams.py), when ``wanted`` (``llm_params.own_stream``).
+        The encoders compute on the legacy default stream; a decode step or prefill queued there
+        waits for every forward queued before it (a layer-streamed one for its layers' copies),
+        while on a stream of its own the LLM's kernels and the encoders' run side by side. (At
+        the card's greatest priority the encoders starved: issue 13, fourth session.) The
+        stream starts after whatever the legacy stream holds now (an admit's writes) and is
+        synchronised when the loop ends, so whatever frees or moves the cache or the weights
+        afterwards, on any thread, finds the loop's work done. Off, or on the CPU: nothing."""
+        if not wanted or not self.on_gpu():
+            yield
+            return
+        dev = self.device
+        if self.loop_stream is None:
+            self.loop_stream = new_stream(dev)
+        stream = self.loop_stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            try:
+                stream.synchronize()
+            except Exception as exc:  # noqa: BLE001 - the loop's own error is the one to raise
+                log.warning("the batch loop's stream failed to synchronise: %s", exc)
 
     # ---- what comes before a forward ------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> None:

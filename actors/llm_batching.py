@@ -99,6 +99,7 @@ class BatchEngine:
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
+                 own_stream: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -109,7 +110,8 @@ class BatchEngine:
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
-            kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode))
+            kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
+            own_stream=own_stream))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -276,7 +278,7 @@ class BatchEngine:
         self.yielded = False
         new: list[SeqRequest] = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), runner.on_own_stream(planner.settings.own_stream):
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
                 planner.whole_budget = runner.on_gpu()
@@ -545,7 +547,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
-    for k in ("cuda_graphs", "warm_graphs", "lean_decode"):
+    for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

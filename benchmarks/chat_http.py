@@ -231,6 +231,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
                 "captures": stats.get("captures", 0),
                 "warm_captures": stats.get("warm_captures", 0),
                 "max_batch": stats.get("max_batch", 0), "steps": stats.get("steps", 0),
+                "loop": {k: round(v, 5) if isinstance(v, float) else v
+                         for k, v in stats.items() if isinstance(v, (int, float))},
                 "texts": [tok.decode(r.tail.ids[:12]) for r in reqs[:2]]}
 
     eng = engine(a.kv_tokens)
@@ -271,7 +273,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     # prompt reads its shared blocks from the stored prefix
     plen = 1000 if not a.tiny else 200
     shared = prompt_text(tok, plen, 999)
-    pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(3)]
+    pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(5)]
     # the prefix path's first use (a few tokens read after a stored prefix), not timed: the
     # server's warm-up chats at load take it the same way (LLMActor._warm_chats)
     other = prompt_text(tok, 64, 998)
@@ -280,11 +282,18 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     eng.runner.prefixes.clear()
     if a.tiny:                                 # long prompts (chunked) are the ones reused
         eng.configure(prefill_chunk=64)
-    firsts = [run(eng, [p], 8) for p in pre]
+    firsts, allocs = [], []
+    for p in pre:                              # five: is the 2nd one's cost its own?
+        before = torch.cuda.memory_stats().get("num_device_alloc", 0) if cuda else 0
+        firsts.append(run(eng, [p], 8))
+        allocs.append((torch.cuda.memory_stats().get("num_device_alloc", 0) if cuda else 0)
+                      - before)
     out["prefix"] = {"prompt_tokens": len(pre[0]), "ttft_first_s": firsts[0]["ttft_p50_s"],
                      "ttft_second_s": firsts[1]["ttft_p50_s"],
                      "ttft_third_s": firsts[2]["ttft_p50_s"],
                      "first_text_s": [f["first_text_p50_s"] for f in firsts],
+                     "ttft_s": [f["ttft_p50_s"] for f in firsts],
+                     "device_allocs": allocs, "loops": [f["loop"] for f in firsts],
                      "hit_tokens": eng.runner.prefixes.hit_tokens}
     if firsts[0]["ttft_p50_s"]:
         out["prefix"]["second_vs_first"] = firsts[1]["ttft_p50_s"] / firsts[0]["ttft_p50_s"]

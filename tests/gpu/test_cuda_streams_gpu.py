@@ -61,3 +61,35 @@ def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
     side, got = asyncio.run(go())
     assert side is not None and side.cuda_stream not in pool
     assert all(isinstance(t, str) for t in got) and any(got)
+
+
+def test_llm_params_own_stream_runs_the_batch_loop_on_a_stream_of_its_own(tmp_path):
+    """``own_stream``: every prefill and decode step is queued on the runner's own stream (not
+    the legacy default stream the encoders use, nor a pool stream), at normal priority, and the
+    text is the default stream's."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+    pool = _pool_streams()
+
+    async def go(params):
+        system, llm = await spawn(folder, "cuda", params)
+        runner = llm.engine.runner
+        step = runner.run
+        seen: list[int] = []
+
+        def spy(*a, **kw):                      # every prefill and decode step
+            seen.append(torch.cuda.current_stream().cuda_stream)
+            return step(*a, **kw)
+
+        runner.run = spy
+        got = await burst(llm)
+        await system.stop_all()
+        return runner.loop_stream, seen, got
+
+    loop_stream, seen, got = asyncio.run(go({"own_stream": True}))
+    assert loop_stream is not None and loop_stream.cuda_stream not in pool
+    assert loop_stream.priority == 0
+    assert seen and set(seen) == {loop_stream.cuda_stream}
+    none, seen_default, ref = asyncio.run(go(None))
+    assert none is None and set(seen_default) == {0}        # off: the legacy default stream
+    assert got == ref and any(got)
