@@ -53,7 +53,7 @@ class BatchSettings:
     #: admission counts the blocks each chat fills, the cache never changes shape
     kv_block: int = 0
     #: the batch loop computes on a CUDA stream of its own (BatchRunner.on_own_stream)
-    own_stream: bool = False
+    own_stream: bool = True
 
 
 @dataclass(eq=False)

@@ -139,7 +139,7 @@ class LLMActor(ModelActor):
     #   prefix_cache_tokens (4096)  prompts' leading 16-token blocks kept for reuse by the
     #                               next prompts that start the same way (0: off); counted in
     #                               the GPU grant
-    #   own_stream (false)          on a GPU, the batch loop computes on a CUDA stream of its
+    #   own_stream (true)           on a GPU, the batch loop computes on a CUDA stream of its
     #                               own, beside the encoders' default stream (not after it)
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
@@ -153,7 +153,7 @@ class LLMActor(ModelActor):
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "lean_decode": p.get("lean_decode", True) is not False,
-                "own_stream": p.get("own_stream", False) is True,
+                "own_stream": p.get("own_stream", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -99,7 +99,7 @@ class BatchEngine:
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
-                 own_stream: bool = False,
+                 own_stream: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer

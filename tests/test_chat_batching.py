@@ -520,16 +520,17 @@ async def test_while_a_chat_streams_new_prompts_are_prefilled_a_chunk_at_a_time(
 
 
 async def test_llm_params_own_stream_is_read_and_changes_nothing_on_the_cpu():
-    """``own_stream`` (default false) reaches the engine's settings, a live edit turns it on,
-    and on the CPU the loop runs as before (the stream is a GPU's; tests/gpu checks it there)."""
+    """``own_stream`` (default true) reaches the engine's settings, a live edit turns it off,
+    and on the CPU the loop runs the same either way (the stream is a GPU's; tests/gpu checks
+    it there)."""
     actor, _, system = await start_llm({}, grant_timeout=None)
     try:
-        assert actor.engine.settings.own_stream is False
+        assert actor.engine.settings.own_stream is True
         before = await actor.ask(chat("What is the capital of France?", 8), timeout=120)
-        actor.tell(UpdateModel(spec=actor.spec, params={"own_stream": True}))
+        actor.tell(UpdateModel(spec=actor.spec, params={"own_stream": False}))
         state = await actor.ask(Describe(), timeout=60)
         assert state.state == "ready"
-        assert actor.engine.settings.own_stream is True
+        assert actor.engine.settings.own_stream is False
         after = await actor.ask(chat("What is the capital of France?", 8), timeout=120)
         assert after.text == before.text and "Paris" in after.text
         assert actor.engine.runner.loop_stream is None

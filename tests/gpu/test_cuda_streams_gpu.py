@@ -64,7 +64,7 @@ def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
 
 
 def test_llm_params_own_stream_runs_the_batch_loop_on_a_stream_of_its_own(tmp_path):
-    """``own_stream``: every prefill and decode step is queued on the runner's own stream (not
+    """``own_stream`` (on by default): every prefill and decode step is queued on the runner's own stream (not
     the legacy default stream the encoders use, nor a pool stream), at normal priority, and the
     text is the default stream's."""
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
@@ -86,10 +86,10 @@ def test_llm_params_own_stream_runs_the_batch_loop_on_a_stream_of_its_own(tmp_pa
         await system.stop_all()
         return runner.loop_stream, seen, got
 
-    loop_stream, seen, got = asyncio.run(go({"own_stream": True}))
+    loop_stream, seen, got = asyncio.run(go(None))              # the default
     assert loop_stream is not None and loop_stream.cuda_stream not in pool
     assert loop_stream.priority == 0
     assert seen and set(seen) == {loop_stream.cuda_stream}
-    none, seen_default, ref = asyncio.run(go(None))
+    none, seen_default, ref = asyncio.run(go({"own_stream": False}))
     assert none is None and set(seen_default) == {0}        # off: the legacy default stream
     assert got == ref and any(got)
