@@ -64,9 +64,9 @@ def test_the_llm_captures_its_decode_graphs_on_a_stream_of_its_own(tmp_path):
 
 
 def test_llm_params_own_stream_runs_the_batch_loop_on_a_stream_of_its_own(tmp_path):
-    """``own_stream`` (on by default): every prefill and decode step is queued on the runner's own stream (not
-    the legacy default stream the encoders use, nor a pool stream), at normal priority, and the
-    text is the default stream's."""
+    """``own_stream`` (on by default): every prefill and decode step is queued on the runner's
+    own stream (not the legacy default stream the encoders use, nor a pool stream), at normal
+    priority, and the text is the default stream's."""
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
                             words_only=True)
     pool = _pool_streams()
