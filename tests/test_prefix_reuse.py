@@ -11,6 +11,7 @@ import time
 import weakref
 
 import pytest
+import torch
 from test_chat_batching import chat, start_llm
 
 from agile_rag.actors.kv_prefix import BLOCK, PrefixStore, chain_hashes
@@ -91,8 +92,24 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
         first = await actor.ask(chat(SHARED + questions[0], 10), timeout=300)
         store = actor.engine.runner.prefixes
         assert len(store.entries) == 1 and store.hits == 0
+        stored = store.entries[0].kv           # (its entry may be replaced by a longer tail)
+        kept = [(k.clone(), v.clone()) for k, v in stored]
+        runner = actor.engine.runner
+        start, shared = runner.start_from_prefix, []
+
+        def spy(req):                    # the chunked prefill starts from the entry's tensors
+            n = start(req)
+            shared.append(runner.partial_kv.layers[0].keys.data_ptr() ==
+                          stored[0][0].data_ptr())
+            return n
+
+        runner.start_from_prefix = spy
         t0 = time.monotonic()
         second = await actor.ask(chat(SHARED + questions[1], 10), timeout=300)
+        runner.start_from_prefix = start
+        assert shared == [True]          # read in place, not copied ...
+        assert all(torch.equal(k, k0) and torch.equal(v, v0)   # ... and never written
+                   for (k, v), (k0, v0) in zip(stored, kept))
         events = [e for e in system.tracer.events if e.msg_type == "Chat" and
                   e.started >= t0]
         hit = events[-1].detail.get("prefix_hit_tokens", 0)
