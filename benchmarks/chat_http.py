@@ -387,6 +387,39 @@ async def burst(base: str, texts: list[str], new: int) -> dict:
             "tok_s": tokens / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rs)}
 
 
+#: the batch loop's figures summed over a burst's BatchIdle trace events (actors/llm_batching.py)
+LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "admit_s",
+             "chunk_s", "decode_s", "seconds")
+
+
+def loop_figures(base: str, since_s: float) -> dict:
+    """What the LLM's batch loop did in the last ``since_s`` seconds (from /debug/traces):
+    loops, steps, prefills, graph captures, seconds in admits / chunks / decode steps."""
+    try:
+        events = get_json(f"{base}/debug/traces?since={since_s:.1f}", 30)["events"]
+    except Exception as exc:  # noqa: BLE001 - extra, never the figure
+        return {"error": str(exc)}
+    out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
+    for e in events:
+        if e.get("msg") != "BatchIdle":
+            continue
+        d = e.get("detail") or {}
+        out["loops"] += 1
+        for k in LOOP_SUMS:
+            out[k] += d.get(k, 0) or 0
+    out["ms_per_step"] = round(1e3 * out["decode_s"] / out["steps"], 3) if out["steps"] else None
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def timed_burst(base: str, texts: list[str], new: int) -> dict:
+    """A burst, with what the batch loop did during it."""
+    t = time.monotonic()
+    out = asyncio.run(burst(base, texts, new))
+    time.sleep(0.2)                             # the loop's BatchIdle after the last answer
+    out["loop"] = loop_figures(base, time.monotonic() - t + 0.5)
+    return out
+
+
 def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
     from _server import start_server, stop_servers, wait_ready
 
@@ -402,10 +435,10 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
     try:
         wait_ready(base, proc, timeout=400)
         out["start_s"] = round(time.monotonic() - t0, 2)
-        out["first_burst_after_start"] = asyncio.run(burst(base, texts[:a.burst], a.new_tokens))
+        out["first_burst_after_start"] = timed_burst(base, texts[:a.burst], a.new_tokens)
         out["bursts"] = {}
         for n in [int(x) for x in a.chats.split(",") if x.strip()]:
-            out["bursts"][n] = asyncio.run(burst(base, texts[:n], a.new_tokens))
+            out["bursts"][n] = timed_burst(base, texts[:n], a.new_tokens)
         if cuda:       # evict + admit through the admin API, then the burst at once
             t = time.monotonic()
             post_json(base + "/admin/models/llm/device", {"device": "cpu"})
@@ -416,10 +449,8 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             wait_for(lambda: llm_state(base)["device"] == "cuda", poll=0.01)
             out["evict_admit"] = {"evict_s": round(evicted_s, 3),
                                   "admit_s": round(time.monotonic() - t, 3)}
-            out["first_burst_after_admit"] = asyncio.run(
-                burst(base, texts[:a.burst], a.new_tokens))
-            out["warm_burst_after_admit"] = asyncio.run(
-                burst(base, texts[:a.burst], a.new_tokens))
+            out["first_burst_after_admit"] = timed_burst(base, texts[:a.burst], a.new_tokens)
+            out["warm_burst_after_admit"] = timed_burst(base, texts[:a.burst], a.new_tokens)
     finally:
         stop_servers([proc])
     return out
@@ -569,6 +600,22 @@ def markdown(r: dict) -> str:
               f"blocks (kv_block_tokens 16) {fmt(s.get('engine_mixed_paged_max_rows'))} rows, "
               f"{fmt(s.get('engine_mixed_paged_mean_rows'))} per step, "
               f"{fmt(s.get('engine_mixed_paged_tok_s'))} tok/s.", ""]
+    loop_rows = [("first burst after start", ("first_burst_after_start",)),
+                 ("first burst after evict + admit", ("first_burst_after_admit",)),
+                 ("the same burst again", ("warm_burst_after_admit",))]
+    if any(med(r["runs"], "server", *path, "loop", "loops") for _, path in loop_rows):
+        lines += [f"The served server's batch loop during the bursts of {a.burst} (BatchIdle trace "
+                  "events; median of runs):", "",
+                  "| burst | loops | prefills | prefill chunks | graph captures | admit s | "
+                  "decode steps | ms per step |", "|" + " --- |" * 8]
+        for name, path in loop_rows:
+            def lm(k, path=path):
+                v = med(r["runs"], "server", *path, "loop", k)
+                return fmt(v["median"]) if v else "-"
+            lines.append(f"| {name} | {lm('loops')} | {lm('prefills')} | {lm('prefill_chunks')} "
+                         f"| {lm('captures')} | {lm('admit_s')} | {lm('steps')} | "
+                         f"{lm('ms_per_step')} |")
+        lines.append("")
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:
         lines += [f"Profile of a burst of {prof['chats']} chats ({prof['steps']} decode steps), "
