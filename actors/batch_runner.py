@@ -296,14 +296,20 @@ class BatchRunner:
                                                               cache.values[layer][s]), dev)
         return logits
 
-    def _keep_prefix(self, req: SeqRequest, layer_kv: Any, dev: torch.device) -> None:
+    def _keep_prefix(self, req: SeqRequest, layer_kv: Any, dev: torch.device, *,
+                     owned: bool = False) -> None:
         """A prompt just read leaves its leading blocks in the prefix store (unless one there
         covers them already); ``layer_kv(layer)``: its keys and values,
-        ``[1, kv_heads, >= its length, head_dim]`` each (copied, for the tokens stored)."""
+        ``[1, kv_heads, >= its length, head_dim]`` each: copied for the tokens stored, or, when
+        ``owned`` (tensors nobody else keeps or writes: a chunked prefill's finished cache),
+        kept as views of them (no allocation, no copy)."""
         if not self.prefixes.budget_tokens or req.prompt is None:
             return
 
         def prefix_kv(m: int) -> list:
+            if owned:
+                return [tuple(t[:, :, :m] for t in layer_kv(layer))
+                        for layer in range(self.n_layers)]
             return [tuple(t[:, :, :m].clone() for t in layer_kv(layer))
                     for layer in range(self.n_layers)]
         if self.prefixes.insert(req.prompt, prefix_kv) is not None:
@@ -352,7 +358,8 @@ class BatchRunner:
                 k, v = _dynamic_layer(kv, layer)
                 self.cache.keys[layer][slot, :, :n] = k[0]
                 self.cache.values[layer][slot, :, :n] = v[0]
-        self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev)
+        # the chunks' cache goes now: the store keeps views of its tensors
+        self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev, owned=True)
         return out.logits[:, -1, :]
 
     def start_from_prefix(self, req: SeqRequest) -> int:

@@ -93,6 +93,9 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
         store = actor.engine.runner.prefixes
         assert len(store.entries) == 1 and store.hits == 0
         stored = store.entries[0].kv           # (its entry may be replaced by a longer tail)
+        # the chunked prefill's own tensors (the whole prompt's), not a copy of the part kept
+        assert all(t.untyped_storage().nbytes() > t.numel() * t.element_size()
+                   for pair in stored for t in pair)
         kept = [(k.clone(), v.clone()) for k, v in stored]
         runner = actor.engine.runner
         start, shared = runner.start_from_prefix, []
