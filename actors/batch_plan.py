@@ -54,6 +54,8 @@ class BatchSettings:
     kv_block: int = 0
     #: the batch loop computes on a CUDA stream of its own (BatchRunner.on_own_stream)
     own_stream: bool = True
+    #: the GPU's decode graphs capture the lean step (BatchRunner.decode_body)
+    gpu_lean: bool = False
 
 
 @dataclass(eq=False)

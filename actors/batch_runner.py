@@ -95,6 +95,11 @@ class BatchRunner:
         #: the CPU's lean decode step (actors/llm_lean_decode.py): None until the first CPU
         #: step tries it, False where it does not fit or did not agree with transformers'
         self.lean: LeanDecoder | None | bool = None
+        #: the lean step captured in the GPU's decode graphs (llm_params.gpu_lean_decode):
+        #: False: transformers' forward; None: tried at the next capture, kept only if its
+        #: first step agrees with transformers'; a decoder: in use (made again for each new set
+        #: of graphs, after the weights moved)
+        self.gpu_lean: LeanDecoder | None | bool = False
         #: the CPU decode step's torch thread count, chosen by timing (runtime/thread_tuner.py);
         #: None: whatever torch has
         self.tuner: ThreadTuner | None = None
@@ -471,7 +476,45 @@ class BatchRunner:
         if self.graphs is None:
             self.graphs = _Graphs(self)
             self.graph_sets += 1
+            if isinstance(self.gpu_lean, LeanDecoder):    # the weights may have moved
+                self.gpu_lean = lean_decoder(self.model) or False
         return self.graphs
+
+    def decode_body(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                    view: int) -> torch.Tensor:
+        """(a decode graph's body: ids [B, 1], pos [B]) One decode step of ``rows``: the lean
+        step's (:attr:`gpu_lean`) or transformers' forward. The first call with the lean step
+        wanted runs both, eagerly (a capture's warm-up, never inside the capture), and keeps
+        the lean one only when they agree."""
+        if self.gpu_lean is None:
+            self.gpu_lean = self._try_gpu_lean(ids, pos, rows, view)
+        lean = self.gpu_lean
+        if isinstance(lean, LeanDecoder):
+            cache = self.cache
+            cache.bind(rows, pos, view)
+            return lean(ids, pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+        return self.forward(ids, pos, rows, view)
+
+    def _try_gpu_lean(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                      view: int) -> LeanDecoder | bool:
+        name = type(self.model).__name__
+        lean = lean_decoder(self.model)
+        if lean is None:
+            log.info("no lean decode step for %s: its GPU decode graphs capture transformers' "
+                     "forward", name)
+            return False
+        full = self.forward(ids, pos, rows, view)
+        cache = self.cache
+        cache.bind(rows, pos, view)
+        got = lean(ids, pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+        if not agrees(got, full):
+            log.warning("the lean decode step differs from transformers' for %s on the GPU: "
+                        "its decode graphs capture transformers' forward", name)
+            return False
+        fused = sum(c is not None for c in lean.linear)
+        log.info("%s: the GPU decode graphs capture the lean step (%d of %d layers' projections "
+                 "as one matmul per input)", name, fused, len(lean.linear))
+        return lean
 
     # ---- warm-up: graphs captured while nothing else runs -------------------------------------
     def graphs_wanted(self) -> bool:

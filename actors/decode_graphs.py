@@ -77,7 +77,7 @@ class _Graphs:
         self._capture(*key)
 
     def _body(self, bb: int, vv: int) -> torch.Tensor:
-        return self.runner.forward(self.ids[:bb], self.pos[:bb], self.rows[:bb], vv)
+        return self.runner.decode_body(self.ids[:bb], self.pos[:bb], self.rows[:bb], vv)
 
     def _capture(self, bb: int, vv: int) -> torch.cuda.CUDAGraph:
         t0 = time.monotonic()

@@ -30,6 +30,7 @@ from ..runtime.loop_calls import call_threadsafe
 from ..runtime.thread_tuner import ThreadTuner
 from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
+from .llm_fused import lay_end_to_end
 from .llm_generate import eos_ids, generate
 from .llm_int4 import gguf_four_bit, quantize_int4
 from .llm_int8 import quantize_int8
@@ -113,6 +114,10 @@ class LLMActor(ModelActor):
             n8 = quantize_int8(model, model.get_input_embeddings().weight.dtype)
             log.info("%s: %d linear layers as int4 weights, %d as int8 (llm_params.weight_quant "
                      "%s)", self.name, n4, n8, self.params.get("weight_quant", "auto"))
+        if not cpu_only and self.params.get("gpu_lean_decode") is True:
+            # before the weights' residency adopts them: it keeps the shared storages
+            log.info("%s: %d projection groups laid end to end (llm_params.gpu_lean_decode)",
+                     self.name, lay_end_to_end(model))
         self.model, self.tokenizer = model, tokenizer
         self.weight_bytes = module_bytes(model)
         self.model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -141,6 +146,10 @@ class LLMActor(ModelActor):
     #                               the GPU grant
     #   own_stream (true)           on a GPU, the batch loop computes on a CUDA stream of its
     #                               own, beside the encoders' default stream (not after it)
+    #   gpu_lean_decode (false)     on a GPU, the decode graphs capture the lean step
+    #                               (actors/llm_lean_decode.py; q/k/v and gate/up laid end to
+    #                               end at load, actors/llm_fused.py) if it agrees with
+    #                               transformers' step
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -154,6 +163,7 @@ class LLMActor(ModelActor):
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "lean_decode": p.get("lean_decode", True) is not False,
                 "own_stream": p.get("own_stream", True) is not False,
+                "gpu_lean": p.get("gpu_lean_decode", False) is True,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

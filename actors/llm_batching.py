@@ -99,7 +99,7 @@ class BatchEngine:
                  min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
                  prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
-                 own_stream: bool = True,
+                 own_stream: bool = True, gpu_lean: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -111,7 +111,7 @@ class BatchEngine:
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
-            own_stream=own_stream))
+            own_stream=own_stream, gpu_lean=gpu_lean))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -130,6 +130,8 @@ class BatchEngine:
         self.planner.prefix_hit = lambda req: prefixes.lookup(req.context())[1]
         if not self.settings.lean_decode:
             self.runner.lean = False
+        if self.settings.gpu_lean:
+            self.runner.gpu_lean = None               # tried at the first capture
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
@@ -368,7 +370,11 @@ class BatchEngine:
 
     def _apply(self, values: dict) -> None:
         """(the loop's side) New settings reach the planner and the runner."""
-        settings = self.planner.settings = _settings(self.planner.settings, values)
+        before = self.planner.settings
+        settings = self.planner.settings = _settings(before, values)
+        if settings.gpu_lean != before.gpu_lean:      # the graphs capture the other step
+            self.runner.gpu_lean = None if settings.gpu_lean else False
+            self.runner.graphs = None
         if "cuda_graphs" in values:
             self.runner.cuda_graphs = settings.cuda_graphs
             if not settings.cuda_graphs:
@@ -547,7 +553,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
-    for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream"):
+    for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

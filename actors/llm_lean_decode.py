@@ -1,4 +1,4 @@
-"""A lean decode step for Llama-family LLMs on the CPU (issue 17).
+"""A lean decode step for Llama-family LLMs on the CPU (issue 17), and optionally a GPU's.
 
 On a CPU a one-stream decode step of a small model (SmolLM2-135M: 30 layers) is dominated by
 Python, not by reading the weights: transformers' forward makes ~12,000 tensor calls a step
@@ -9,11 +9,19 @@ attend over): embed, then per layer RMSNorm, q/k/v projections, rotary embedding
 own ``rotary_emb`` and ``apply_rotary_pos_emb``), grouped-query attention over the cache
 (:func:`~.kv_slots.grouped_decode_attention`), output projection, RMSNorm, the gated MLP (its
 own activation); the final norm and the head. The projections are the model's own modules
-(int4 / int8 / bf16). Int4 projections that read the same input (q, k and v; gate and up) run
-as one call of the int4 kernel over their weights laid end to end (:class:`Int4Calls`: the
-layers' own packed weights become views of that buffer, so nothing is held twice), and every
-int4 projection calls the kernel directly: on 2 cores a kernel call on one row takes ~14 us
-and the module's reshapes and casts around it another ~12 us, 210 times a step.
+(int4 / int8 / bf16); plain ones laid end to end (actors/llm_fused.py) run as one matmul per
+input, as the int4 ones do. Int4 projections that read the same input (q, k and v; gate and
+up) run as one call of the int4 kernel over their weights laid end to end
+(:class:`Int4Calls`: the layers' own packed weights become views of that buffer, so nothing is
+held twice), and every int4 projection calls the kernel directly: on 2 cores a kernel call on
+one row takes ~14 us and the module's reshapes and casts around it another ~12 us, 210 times a
+step.
+
+On a GPU (``llm_params.gpu_lean_decode``) the batch runner captures this step in its decode
+graphs instead of transformers' forward: fewer kernels a layer (one RMSNorm kernel, q and k
+rotated together, one matmul for q/k/v and one for gate/up when laid end to end), where the
+graph of transformers' step spends ~2 of its ~5 ms at batch 1 on ~1,400 small kernels (a 3B
+Qwen on the H200, benchmarks/results/chat-http-h200-s6.md).
 
 Only for the architectures whose decoder layer is exactly that (Llama, Mistral without a sliding
 window, Qwen2; :func:`lean_decoder` checks the modules and their attributes, else None). The
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_slots import grouped_decode_attention
+from .llm_fused import LinearCalls
 from .llm_int4 import GROUP, INT4_ROWS, Int4Linear
 
 log = logging.getLogger("agile_rag.llm")
@@ -134,6 +143,9 @@ class LeanDecoder:
         self.layers = []
         # per layer, the int4 kernel calls (None: the modules): q/k/v, o, gate/up, down
         self.int4: list[tuple[Int4Calls, Int4Calls, Int4Calls, Int4Calls] | None] = []
+        # per layer, plain linear layers laid end to end (actors/llm_fused.py; a GPU's fp16
+        # weights): q/k/v, o, gate/up, down as one matmul per input (None: the modules)
+        self.linear: list[tuple[LinearCalls, LinearCalls, LinearCalls, LinearCalls] | None] = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((_rms_parts(layer.input_layernorm), a.q_proj, a.k_proj,
@@ -146,6 +158,9 @@ class LeanDecoder:
                 self.int4.append((qkv, o_c, gate_up, down_c))
             else:
                 self.int4.append(None)
+            lin = (LinearCalls.of([a.q_proj, a.k_proj, a.v_proj]), LinearCalls.of([a.o_proj]),
+                   LinearCalls.of([m.gate_proj, m.up_proj]), LinearCalls.of([m.down_proj]))
+            self.linear.append(lin if all(c is not None for c in lin) else None)  # type: ignore
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
                  mask: torch.Tensor) -> torch.Tensor:
@@ -156,7 +171,9 @@ class LeanDecoder:
         dtype = x.dtype
         direct = dtype == torch.bfloat16 and b <= INT4_ROWS
         for i, (n1, q_p, k_p, v_p, o_p, n2, gate, up, down, act) in enumerate(self.layers):
-            calls = self.int4[i] if direct else None
+            calls: Any = self.int4[i] if direct else None
+            if calls is None:
+                calls = self.linear[i]
             h = _rms(x, n1, dtype)
             if calls is not None:
                 qkv, o_c, gate_up, down_c = calls
