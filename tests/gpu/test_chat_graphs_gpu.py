@@ -119,3 +119,35 @@ def test_a_paged_cache_replays_warm_graphs_and_says_what_the_rectangle_says(tmp_
     assert got == want
     assert stats["captures"] == 0, stats        # warmed at load, over the block table
     assert used == 0                            # every block back
+
+
+def test_gpu_lean_decode_captures_the_lean_step_with_fused_projections_and_says_the_same(
+        tmp_path):
+    """llm_params.gpu_lean_decode: q/k/v and gate/up laid end to end at load, the decode graphs
+    capture the lean step (it agreed with transformers'), the layout survives an evict and an
+    admit, and the words are those of transformers' graphs."""
+    from agile_rag.actors.llm_lean_decode import LeanDecoder
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go():
+        system, plain = await spawn(folder, "flex")
+        want = await burst(plain)
+        assert plain.engine.runner.gpu_lean is False
+        await system.stop_all()
+        system, llm = await spawn(folder, "flex", {"gpu_lean_decode": True})
+        got = await burst(llm)
+        runner = llm.engine.runner
+        lean = runner.gpu_lean
+        assert isinstance(lean, LeanDecoder), lean
+        assert all(c is not None for c in lean.linear)          # every layer fused
+        await llm.ask(Revoke(model="tiny"), timeout=60)          # evicted, then admitted
+        again = await burst(llm)
+        lean2 = runner.gpu_lean
+        assert llm.lease.on_gpu and isinstance(lean2, LeanDecoder)
+        assert all(c is not None for c in lean2.linear)          # still laid end to end
+        await system.stop_all()
+        return want, got, again
+
+    want, got, again = asyncio.run(go())
+    assert got == want and again == want

@@ -1,0 +1,169 @@
+"""The GPU decode step, transformers' forward against the lean step (issue 15: batch-1 decode at
+0.40 of the bandwidth bound).
+
+Builds a Qwen2.5-3B-shaped model (random weights, fp16, no download) on the GPU, lays its
+q/k/v and gate/up weights end to end (actors/llm_fused.py: what ``llm_params.gpu_lean_decode``
+does at load; transformers' forward computes the same on them), and gives two batch runners
+(actors/batch_runner.py) the same weights: one captures transformers' forward in its decode
+graphs, the other the lean step (actors/llm_lean_decode.py), tried and checked against
+transformers' first step as the server does. Each (batch, view) graph is replayed ``--steps``
+times per window, the two runners' windows interleaved, ``--repeat`` windows each; the table
+gives ms per step (median and range), tokens/s per stream, the share of the batch-1 bandwidth
+bound (weight bytes / the card's measured copy rate), and how far the two steps' logits are
+apart. ``--tiny``: a small model on the CPU, eager, to check the script.
+
+    python3 benchmarks/gpu_decode_step.py --out benchmarks/results/gpu-decode-step
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+REAL = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+            rope_theta=1000000.0)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--view", type=int, default=256, help="keys attended (a graph's bucket)")
+    ap.add_argument("--steps", type=int, default=100, help="replays per window")
+    ap.add_argument("--repeat", type=int, default=3, help="windows per runner")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=None, help="path prefix for .json and .md")
+    a = ap.parse_args(argv)
+
+    import torch
+    from chat_batching import copy_bandwidth
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    try:
+        import agile_rag  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"cannot import agile_rag ({e}): put a folder holding an `agile_rag` "
+                         "link to the repository root on PYTHONPATH") from e
+    from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors.kv_slots import make_slot_cache
+    from agile_rag.actors.llm_fused import lay_end_to_end
+    from agile_rag.actors.llm_lean_decode import LeanDecoder
+
+    cuda = torch.cuda.is_available() and not a.tiny
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    shape = TINY if a.tiny else REAL
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=32768,
+                                             tie_word_embeddings=True)).to(dtype).eval()
+    model.config._attn_implementation = "sdpa"
+    laid = lay_end_to_end(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(torch, dev.type)
+    bound = bw["gbps_read_write"] * 1e9 / weight_bytes if bw.get("gbps_read_write") else None
+    batches = [int(x) for x in a.batches.split(",") if x.strip()]
+    slots = max(batches)
+
+    def runner(lean: bool) -> BatchRunner:
+        r = BatchRunner(model, pad=0, cuda_graphs=cuda)
+        r.cache = make_slot_cache(model.config.num_hidden_layers, slots, r.kv_heads,
+                                  max(512, a.view), r.head_dim, dtype, dev)
+        r.gpu_lean = None if lean else False
+        return r
+
+    ways = {"transformers": runner(False), "lean": runner(True)}
+    g = torch.Generator().manual_seed(1)
+    rows: dict = {}
+    with torch.inference_mode():
+        for b in batches:
+            ids = torch.randint(0, shape["vocab_size"], (b,), generator=g)
+            pos = torch.randint(a.view // 2, a.view - 1, (b,), generator=g)
+            logits, times = {}, {name: [] for name in ways}
+
+            def step(r: BatchRunner, ids=ids, pos=pos, b=b):
+                if cuda:
+                    return r._graph_set().run(ids, pos, a.view, {"captures": 0})
+                return r.decode_body(ids.to(dev)[:, None], pos.to(dev),
+                                     torch.arange(b, device=dev), a.view)
+
+            for name, r in ways.items():         # capture (and the lean step's check)
+                logits[name] = step(r).float().clone()
+            for _ in range(a.repeat):
+                for name, r in ways.items():
+                    for _ in range(3):
+                        step(r)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(a.steps):
+                        step(r)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times[name].append((time.perf_counter() - t0) / a.steps * 1e3)
+            diff = (logits["lean"] - logits["transformers"]).abs().max().item()
+            scale = logits["transformers"].abs().max().item() or 1.0
+            rows[b] = {name: {"ms": sorted(t), "ms_median": statistics.median(t),
+                              "tok_s_per_stream": 1e3 / statistics.median(t)}
+                       for name, t in times.items()}
+            rows[b]["logits_max_diff_rel"] = diff / scale
+            rows[b]["same_argmax"] = bool((logits["lean"].argmax(-1) ==
+                                           logits["transformers"].argmax(-1)).all())
+    lean_r = ways["lean"]
+    out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "shape": shape,
+           "dtype": str(dtype), "weight_bytes": weight_bytes, "bandwidth": bw,
+           "bound_tok_s": bound, "groups_laid": laid,
+           "lean_in_use": isinstance(lean_r.gpu_lean, LeanDecoder),
+           "lean_fused_layers": sum(c is not None for c in lean_r.gpu_lean.linear)
+           if isinstance(lean_r.gpu_lean, LeanDecoder) else 0,
+           "view": a.view, "steps": a.steps, "repeat": a.repeat, "rows": rows,
+           "command": "python3 " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+           "versions": {"torch": torch.__version__}}
+    md = markdown(out)
+    print(md)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write(md)
+
+
+def markdown(r: dict) -> str:
+    bound = r["bound_tok_s"]
+    lines = [f"# The decode step in CUDA graphs: transformers' forward against the lean step "
+             f"({r['device']})", "", "```", r["command"], "```", "",
+             f"Qwen2 shape {r['shape']['hidden_size']} hidden x "
+             f"{r['shape']['num_hidden_layers']} layers, {r['dtype']}, "
+             f"{r['weight_bytes'] / 1e9:.2f} GB of weights; view {r['view']} keys; "
+             f"{r['repeat']} windows of {r['steps']} steps each, interleaved. Lean step in use: "
+             f"{r['lean_in_use']} ({r['lean_fused_layers']} layers with q/k/v and gate/up as "
+             f"one matmul each). Batch-1 bandwidth bound: "
+             f"{f'{bound:.0f} tok/s' if bound else '-'}.", "",
+             "| batch | transformers ms/step (range) | lean ms/step (range) | lean / transformers "
+             "| tok/s per stream, transformers / lean | of the bound, transformers / lean | "
+             "max logit diff (rel.) | same argmax |", "|" + " --- |" * 8]
+    for b, row in r["rows"].items():
+        t, le = row["transformers"], row["lean"]
+
+        def of_bound(x, b=b):
+            return f"{x['tok_s_per_stream'] / bound:.3f}" if bound and int(b) == 1 else "-"
+        lines.append(
+            f"| {b} | {t['ms_median']:.3f} ({t['ms'][0]:.3f}..{t['ms'][-1]:.3f}) | "
+            f"{le['ms_median']:.3f} ({le['ms'][0]:.3f}..{le['ms'][-1]:.3f}) | "
+            f"{le['ms_median'] / t['ms_median']:.3f} | {t['tok_s_per_stream']:.1f} / "
+            f"{le['tok_s_per_stream']:.1f} | {of_bound(t)} / {of_bound(le)} | "
+            f"{row['logits_max_diff_rel']:.2e} | {row['same_argmax']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
