@@ -485,7 +485,10 @@ class BatchRunner:
         """(a decode graph's body: ids [B, 1], pos [B]) One decode step of ``rows``: the lean
         step's (:attr:`gpu_lean`) or transformers' forward. The first call with the lean step
         wanted runs both, eagerly (a capture's warm-up, never inside the capture), and keeps
-        the lean one only when they agree."""
+        the lean one only when they agree. The block cache (kv_block_tokens) keeps
+        transformers' forward, as on the CPU."""
+        if getattr(self.cache, "paged", False):
+            return self.forward(ids, pos, rows, view)
         if self.gpu_lean is None:
             self.gpu_lean = self._try_gpu_lean(ids, pos, rows, view)
         lean = self.gpu_lean
