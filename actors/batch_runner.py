@@ -161,10 +161,10 @@ class BatchRunner:
         stream starts after whatever the legacy stream holds now (an admit's writes) and is
         synchronised when the loop ends, so whatever frees or moves the cache or the weights
         afterwards, on any thread, finds the loop's work done. Off, or on the CPU: nothing."""
-        if not wanted or not self.on_gpu():
+        dev = self.device
+        if not wanted or dev.type != "cuda":
             yield
             return
-        dev = self.device
         if self.loop_stream is None:
             self.loop_stream = new_stream(dev)
         stream = self.loop_stream

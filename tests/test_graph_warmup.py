@@ -95,11 +95,20 @@ def captures(engine) -> list:
     return [e[1] for e in engine.events if e[0] == "capture"]
 
 
+def wait_for_captures(engine, t: threading.Thread, n: int, timeout: float = 30) -> None:
+    """Until the loop has captured ``n`` graphs; fails (never hangs) when the loop ended or
+    stalled first."""
+    deadline = time.monotonic() + timeout
+    while len(captures(engine)) < n:
+        assert t.is_alive(), "the batch loop ended before its warm-up captures"
+        assert time.monotonic() < deadline, f"{len(captures(engine))} of {n} captures"
+        time.sleep(0.005)
+
+
 
 def test_warm_up_after_load_serves_a_request_between_two_captures(engine):
     t, stats = run_loop(engine)              # a loop with no request: the warm-up at load
-    while len(captures(engine)) < 2:
-        time.sleep(0.005)
+    wait_for_captures(engine, t, 2)
     req, done = request(engine, [5, 9, 14, 3, 7], 6)
     assert engine.submit(req)                # the warm-up loop takes it
     assert done.wait(30)
@@ -148,8 +157,7 @@ def test_after_an_evict_the_next_loop_serves_first_and_warms_when_idle(engine):
 
 def test_a_yield_or_a_drain_ends_the_warm_up_and_graphs_off_skips_it(engine):
     t, _ = run_loop(engine)
-    while not captures(engine):
-        time.sleep(0.002)
+    wait_for_captures(engine, t, 1)
     engine.request_yield()                    # another model waits for the GPU
     t.join(30)
     engine.ended()
