@@ -16,14 +16,11 @@ still calls each module on its own views, with the same results.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("agile_rag.llm")
 
 #: (attention or mlp, the projections read from one input), as Llama-family layers name them
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))

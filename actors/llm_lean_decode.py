@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_slots import grouped_decode_attention
-from .llm_fused import LinearCalls
+from .llm_fused import LinearCalls, laid_end_to_end
 from .llm_int4 import GROUP, INT4_ROWS, Int4Linear
 
 log = logging.getLogger("agile_rag.llm")
@@ -64,7 +64,7 @@ class Int4Calls:
         first = layers[0].packed
         if len(layers) == 1:
             self.packed = first
-        elif _laid_end_to_end([lin.packed for lin in layers]):
+        elif laid_end_to_end([lin.packed for lin in layers]):
             # already views of one buffer (another lean decoder of this model made it)
             self.packed = first.as_strided((sum(self.sizes), first.shape[1]), first.stride())
         else:
@@ -98,18 +98,6 @@ class Int4Calls:
         if len({lin.in_features for lin in layers}) != 1:
             return None
         return Int4Calls(layers)
-
-
-def _laid_end_to_end(parts: list[torch.Tensor]) -> bool:
-    """The tensors are consecutive row ranges of one contiguous buffer."""
-    first = parts[0]
-    end = first.data_ptr()
-    for t in parts:
-        if not t.is_contiguous() or t.data_ptr() != end or t.shape[1:] != first.shape[1:] or \
-                t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
-            return False
-        end += t.numel() * t.element_size()
-    return True
 
 
 def _rms_parts(norm: Any) -> tuple[torch.Tensor, float] | None:
