@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lean_decode import _runner, _tiny
+from test_lean_decode import _runner, _tiny, random_steps
 
 from agile_rag.actors.llm_fused import LinearCalls, laid_end_to_end, lay_end_to_end
 from agile_rag.actors.llm_lean_decode import LeanDecoder, lean_decoder
@@ -58,13 +58,8 @@ def test_the_lean_step_runs_each_group_as_one_matmul_and_computes_the_same(arch)
     assert isinstance(fused, LeanDecoder) and all(c is not None for c in fused.linear)
     full, mine = _runner(model), _runner(model)
     mine.lean = fused
-    g = torch.Generator().manual_seed(2)
-    start = torch.tensor([4, 0, 11])
     with torch.inference_mode():
-        for step in range(6):
-            ids = torch.randint(0, 300, (3,), generator=g)
-            pos, rows = start + step, torch.arange(3)
-            view = int(pos.max()) + 1
+        for ids, pos, rows, view in random_steps(6, 2, [4, 0, 11]):
             want = full.forward(ids[:, None], pos, rows, view)
             got = mine._lean_run(ids, pos, rows, view)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -29,6 +29,17 @@ def _tiny(arch: str, **shape):
     return model
 
 
+def random_steps(n: int, seed: int, start: list[int]):
+    """``n`` decode steps of rows that start at different positions: (ids, pos, rows, view)
+    each, random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.tensor(start)
+    for step in range(n):
+        ids = torch.randint(0, 300, (len(start),), generator=g)
+        pos = first + step
+        yield ids, pos, torch.arange(len(start)), int(pos.max()) + 1
+
+
 def _runner(model):
     r = BatchRunner(model, pad=0)
     r.cache = make_slot_cache(model.config.num_hidden_layers, 4, r.kv_heads, 64, r.head_dim,
@@ -46,14 +57,8 @@ def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
     assert isinstance(lean, LeanDecoder)
     full, mine = _runner(model), _runner(model)
     mine.lean = lean
-    g = torch.Generator().manual_seed(1)
-    start = torch.tensor([3, 9, 0])              # three rows at different positions
-    with torch.inference_mode():
-        for step in range(12):
-            ids = torch.randint(0, 300, (3,), generator=g)
-            pos = start + step
-            rows = torch.arange(3)
-            view = int(pos.max()) + 1
+    with torch.inference_mode():                 # three rows at different positions
+        for ids, pos, rows, view in random_steps(12, 1, [3, 9, 0]):
             want = full.forward(ids[:, None], pos, rows, view)
             got = mine._lean_run(ids, pos, rows, view)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -159,13 +164,8 @@ def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch,
         return r
 
     a, b, full = runner(fused), runner(plain), runner(None)
-    g = torch.Generator().manual_seed(1)
-    start = torch.tensor([3, 9, 0])
     with torch.inference_mode():
-        for step in range(8):
-            ids = torch.randint(0, 300, (3,), generator=g)
-            pos, rows = start + step, torch.arange(3)
-            view = int(pos.max()) + 1
+        for ids, pos, rows, view in random_steps(8, 1, [3, 9, 0]):
             got = a._lean_run(ids, pos, rows, view)
             assert torch.equal(got, b._lean_run(ids, pos, rows, view))
             assert agrees(got, full.forward(ids[:, None], pos, rows, view))
