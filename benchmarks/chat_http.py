@@ -479,6 +479,16 @@ def med(runs: list[dict], *path) -> dict | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def prefix_items(runs: list[dict], key: str, i: int) -> list[dict]:
+    """Each run's ``i``-th value of the repeated-prefix list ``key``, as ``{"v": value}``."""
+    out = []
+    for r in runs:
+        vals = ((r.get("engine") or {}).get("prefix") or {}).get(key) or []
+        if len(vals) > i:
+            out.append({"v": vals[i]})
+    return out
+
+
 def summarize(runs: list[dict], a) -> dict:
     b = a.burst
     s: dict = {}
@@ -497,6 +507,9 @@ def summarize(runs: list[dict], a) -> dict:
     s["engine_prefix_second_vs_first"] = med(runs, "engine", "prefix", "second_vs_first")
     s["engine_prefix_ttft_first_s"] = med(runs, "engine", "prefix", "ttft_first_s")
     s["engine_prefix_ttft_second_s"] = med(runs, "engine", "prefix", "ttft_second_s")
+    for i in range(5):                           # each of the five prompts, and its allocations
+        s[f"engine_prefix_ttft_{i + 1}_s"] = med(prefix_items(runs, "ttft_s", i), "v")
+        s[f"engine_prefix_allocs_{i + 1}"] = med(prefix_items(runs, "device_allocs", i), "v")
     s["engine_mixed_max_rows"] = med(runs, "engine", "mixed", "max_batch")
     s["engine_mixed_mean_rows"] = med(runs, "engine", "mixed", "mean_rows_per_step")
     s["engine_mixed_tok_s"] = med(runs, "engine", "mixed", "tok_s")
@@ -598,7 +611,11 @@ def markdown(r: dict) -> str:
               f"Bandwidth bound of batch-1 decode: {fmt(s.get('bound_tok_s'))} tok/s.", "",
               f"Repeated prefix: time to first token {fmt(s.get('engine_prefix_ttft_first_s'))} s "
               f"for the first prompt, {fmt(s.get('engine_prefix_ttft_second_s'))} s for the "
-              "next one with the same start (engine alone; llm_params.prefix_cache_tokens).",
+              "next one with the same start (engine alone; llm_params.prefix_cache_tokens); "
+              "the five prompts: " + ", ".join(
+                  f"{fmt(s.get(f'engine_prefix_ttft_{i}_s'))} s "
+                  f"(new device segments: {fmt(s.get(f'engine_prefix_allocs_{i}'))})"
+                  for i in range(1, 6)) + ".",
               f"Mixed lengths ({a.mixed_chats} chats of {'20..300' if a.tiny else '200..3000'} "
               f"prompt tokens, batch_kv_tokens {a.mixed_kv_tokens}): at most "
               f"{fmt(s.get('engine_mixed_max_rows'))} rows decoding together, "
