@@ -362,6 +362,42 @@ def write_outputs(result: dict, out: str) -> None:
     fig.savefig(out + ".png", dpi=110)
 
 
+def pooled(files: list[str]) -> str:
+    """Several runs' JSON pooled: per workload, the medians of every round of ours and of each
+    peer, their ratio, and the median of the per-round ratios (ours against the peer's figure
+    of the same round of the same run: interleaved, so the machine's phase is shared)."""
+    runs = []
+    for f in files:
+        with open(f) as fh:
+            runs.append(json.load(fh))
+    lines = [f"# cpu_peers, {len(files)} runs pooled", "", "Runs: " +
+             ", ".join(f"`{os.path.basename(f)}`" for f in files), "",
+             "| workload | peer | rounds | ours (median) | peer (median) | ours / peer "
+             "| median of per-round ratios |", "|" + " --- |" * 7]
+    workloads = [w for w in runs[0]["runs"] if all(w in r["runs"] for r in runs)]
+    for w in workloads:
+        peers = sorted({p for r in runs for p in r["runs"][w] if p != "ours"})
+        for peer in peers:
+            ours_all, peer_all, ratios = [], [], []
+            for r in runs:
+                by_round = {x["round"]: x["value"] for x in r["runs"][w].get(peer, [])
+                            if x.get("value")}
+                for x in r["runs"][w].get("ours", []):
+                    if not x.get("value"):
+                        continue
+                    ours_all.append(x["value"])
+                    if x["round"] in by_round:
+                        ratios.append(x["value"] / by_round[x["round"]])
+                peer_all += list(by_round.values())
+            if not ours_all or not peer_all:
+                continue
+            o, q = statistics.median(ours_all), statistics.median(peer_all)
+            lines.append(f"| {w} | {peer} | {len(ratios)} | {o:.1f} | {q:.1f} | {o / q:.2f} | "
+                         f"{statistics.median(ratios):.2f} |" if ratios else
+                         f"| {w} | {peer} | 0 | {o:.1f} | {q:.1f} | {o / q:.2f} | - |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ours", help="base URL of a running server (…/v1); default: start one")
@@ -394,7 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", help="our LLM entry's dtype (default: none, the CPU default)")
     p.add_argument("--weight-quant", help="our llm_params.weight_quant (default: auto)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu-peers"))
+    p.add_argument("--pool", nargs="+", metavar="RUN.json",
+                   help="run nothing: pool these runs' rounds (medians, per-round ratios) and "
+                   "print the table (written to --out.md when --out is given too)")
     args = p.parse_args(argv)
+    if args.pool:
+        md = pooled(args.pool)
+        if "--out" in (argv if argv is not None else sys.argv[1:]):
+            with open(args.out + ".md", "w") as f:
+                f.write(md)
+        print(md)
+        return 0
     result = asyncio.run(main_async(args))
     write_outputs(result, args.out)
     print(open(args.out + ".md").read())

@@ -284,3 +284,30 @@ def test_loadtest_script_writes_json_without_matplotlib(base, tmp_path, monkeypa
         assert lv["errors"] == 0 and lv["cut"] == 0
         assert lv["kinds"]["embed"]["ok"] > 0 and lv["kinds"]["embed"]["p50_s"] > 0
     assert not list(out.glob("*.png"))
+
+
+def test_cpu_peers_pools_runs_round_by_round(tmp_path, capsys):
+    """``cpu_peers.py --pool``: every round of every run, medians and the median of the
+    per-round ratios (each round against the peer's figure of the same round and run)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cpu_peers
+    finally:
+        sys.path.pop(0)
+
+    def run(ours, peer):
+        return {"runs": {"chat x1": {
+            "ours": [{"round": i, "value": v} for i, v in enumerate(ours)],
+            "llama.cpp": [{"round": i, "value": v} for i, v in enumerate(peer)]}}}
+    files = []
+    for i, (ours, peer) in enumerate([([10, 20, 30], [20, 20, 20]), ([40, 50], [40, 100])]):
+        f = tmp_path / f"run{i}.json"
+        f.write_text(json.dumps(run(ours, peer)))
+        files.append(str(f))
+    out = tmp_path / "pooled"
+    assert cpu_peers.main(["--pool", *files, "--out", str(out)]) == 0
+    md = (tmp_path / "pooled.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| chat x1"))
+    # ours 10..50 -> 30; peer 20, 20, 20, 40, 100 -> 20; ratios .5, 1, 1.5, 1, .5 -> 1
+    assert row == "| chat x1 | llama.cpp | 5 | 30.0 | 20.0 | 1.50 | 1.00 |"
+    assert "2 runs pooled" in capsys.readouterr().out
