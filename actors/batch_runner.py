@@ -429,28 +429,40 @@ class BatchRunner:
         both agree; a model it does not fit decodes through transformers."""
         rows = torch.arange(len(ids))
         if self.lean is None:
-            self.lean = lean_decoder(self.model) or False
-            if self.lean is False:
-                return self.forward(ids[:, None], pos, rows, view)
-            full = self.forward(ids[:, None], pos, rows, view)
-            lean = self._lean_run(ids, pos, rows, view)
-            if not agrees(lean, full):
+            lean, out = self._checked_lean(ids[:, None], pos, rows, view)
+            if lean is False:
                 log.warning("the lean decode step differs from transformers' for %s: decoding "
                             "through transformers", type(self.model).__name__)
-                self.lean = False
-                stats["lean_decode"] = "off"
-                return full
-            stats["lean_decode"] = "on"
-            return lean
+            if lean is not None:
+                stats["lean_decode"] = "on" if lean else "off"
+            self.lean = lean or False
+            return out
         return self._lean_run(ids, pos, rows, view)
 
     def _lean_run(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
                   view: int) -> torch.Tensor:
         lean = self.lean
         assert isinstance(lean, LeanDecoder)
+        return self._run_lean(lean, ids[:, None], pos, rows, view)
+
+    def _run_lean(self, lean: LeanDecoder, ids: torch.Tensor, pos: torch.Tensor,
+                  rows: torch.Tensor, view: int) -> torch.Tensor:
+        """One decode step of ``rows`` (ids [B, 1]) through ``lean``, over the KV cache."""
         cache = self.cache
         cache.bind(rows, pos, view)
-        return lean(ids[:, None], pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+        return lean(ids, pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+
+    def _checked_lean(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                      view: int) -> tuple[LeanDecoder | bool | None, torch.Tensor]:
+        """A new lean decoder tried on one step (ids [B, 1]) against transformers' forward on
+        the same input: (the decoder, its logits) when they agree; (False, transformers'
+        logits) when they differ; (None, transformers' logits) for a model it does not fit."""
+        lean = lean_decoder(self.model)
+        full = self.forward(ids, pos, rows, view)
+        if lean is None:
+            return None, full
+        got = self._run_lean(lean, ids, pos, rows, view)
+        return (lean, got) if agrees(got, full) else (False, full)
 
     def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor:
         """The additive ``[n, 1, lp, lp]`` mask of a batched prefill of left-padded rows
@@ -490,34 +502,24 @@ class BatchRunner:
         if getattr(self.cache, "paged", False):
             return self.forward(ids, pos, rows, view)
         if self.gpu_lean is None:
-            self.gpu_lean = self._try_gpu_lean(ids, pos, rows, view)
+            lean, out = self._checked_lean(ids, pos, rows, view)
+            self.gpu_lean = lean or False
+            name = type(self.model).__name__
+            if isinstance(lean, LeanDecoder):
+                log.info("%s: the GPU decode graphs capture the lean step (%d of %d layers' "
+                         "projections as one matmul per input)", name,
+                         sum(c is not None for c in lean.linear), len(lean.linear))
+            elif lean is False:
+                log.warning("the lean decode step differs from transformers' for %s on the "
+                            "GPU: its decode graphs capture transformers' forward", name)
+            else:
+                log.info("no lean decode step for %s: its GPU decode graphs capture "
+                         "transformers' forward", name)
+            return out
         lean = self.gpu_lean
         if isinstance(lean, LeanDecoder):
-            cache = self.cache
-            cache.bind(rows, pos, view)
-            return lean(ids, pos, cache, self._mask(pos, view, cache.keys[0].dtype))
+            return self._run_lean(lean, ids, pos, rows, view)
         return self.forward(ids, pos, rows, view)
-
-    def _try_gpu_lean(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-                      view: int) -> LeanDecoder | bool:
-        name = type(self.model).__name__
-        lean = lean_decoder(self.model)
-        if lean is None:
-            log.info("no lean decode step for %s: its GPU decode graphs capture transformers' "
-                     "forward", name)
-            return False
-        full = self.forward(ids, pos, rows, view)
-        cache = self.cache
-        cache.bind(rows, pos, view)
-        got = lean(ids, pos, cache, self._mask(pos, view, cache.keys[0].dtype))
-        if not agrees(got, full):
-            log.warning("the lean decode step differs from transformers' for %s on the GPU: "
-                        "its decode graphs capture transformers' forward", name)
-            return False
-        fused = sum(c is not None for c in lean.linear)
-        log.info("%s: the GPU decode graphs capture the lean step (%d of %d layers' projections "
-                 "as one matmul per input)", name, fused, len(lean.linear))
-        return lean
 
     # ---- warm-up: graphs captured while nothing else runs -------------------------------------
     def graphs_wanted(self) -> bool:

@@ -26,12 +26,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-REAL = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-            num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-            rope_theta=1000000.0)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000)
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +39,7 @@ def main(argv=None) -> None:
 
     import torch
     from chat_batching import copy_bandwidth
+    from chat_http import REAL, TINY
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     try:
