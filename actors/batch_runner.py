@@ -28,6 +28,7 @@ from ..runtime.executor import apply_torch_threads
 from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
 from .decode_graphs import _Graphs
+from .kv_chunk import chunk_cache
 from .kv_paged import make_paged_cache
 from .kv_prefix import PrefixStore
 from .kv_slots import (
@@ -337,9 +338,9 @@ class BatchRunner:
 
     def _chunk(self, plan: StepPlan) -> torch.Tensor:
         req = plan.rows[0]
-        if plan.start == 0 or self.partial_kv is None:
-            self.partial_kv = _new_dynamic_cache()
         ctx = req.context()
+        if plan.start == 0 or self.partial_kv is None:
+            self.partial_kv = chunk_cache(self.n_layers, len(ctx))
         dev = self.device
         ids = _h2d(torch.tensor([ctx[plan.start:plan.end]], dtype=torch.long), dev)
         positions = torch.arange(plan.start, plan.end, dtype=torch.long, device=dev)[None]
@@ -369,14 +370,15 @@ class BatchRunner:
 
     def start_from_prefix(self, req: SeqRequest) -> int:
         """A chunked prefill is about to start: begin it after the longest stored prefix of
-        the request's context (those tokens' keys and values are copied, not computed); how
-        many tokens that covers (0: none stored)."""
-        entry, n = self.prefixes.lookup(req.context())
+        the request's context (those tokens' keys and values are copied into the prefill's
+        slab, not computed); how many tokens that covers (0: none stored)."""
+        ctx = req.context()
+        entry, n = self.prefixes.lookup(ctx)
         if entry is None or not n:
             return 0
-        kv = _new_dynamic_cache()
+        kv = chunk_cache(self.n_layers, len(ctx))
         for layer, (k, v) in enumerate(entry.kv):
-            _seed_layer(kv, layer, k[:, :, :n], v[:, :, :n])
+            kv.update(k[:, :, :n], v[:, :, :n], layer)
         self.partial_kv = kv
         self.prefixes.acquire(entry)
         self.prefixes.release(entry)
@@ -751,26 +753,6 @@ def _h2d(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type != "cuda":
         return t.to(dev)
     return t.pin_memory().to(dev, non_blocking=True)
-
-
-def _new_dynamic_cache() -> Any:
-    from transformers import DynamicCache
-    return DynamicCache()
-
-
-def _seed_layer(kv: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Layer ``layer`` of a fresh DynamicCache starts from ``k`` and ``v`` themselves, not a
-    copy: transformers' DynamicLayer concatenates each update into a new tensor, so they are
-    read, never written (a stored prefix stays as it is). A copy would cost a second set of
-    per-layer allocations: on a GPU whose allocator had no blocks of that size yet, 17 new
-    segments and ~40 ms for a 1,000-token prefix of a 3B model (chat_http, 2026-12-02).
-    Older transformers (no ``layers``): the cache's own update, a copy."""
-    kv.update(k[:, :, :0], v[:, :, :0], layer)             # the layer, empty
-    layers = getattr(kv, "layers", None)
-    if layers is not None and torch.is_tensor(getattr(layers[layer], "keys", None)):
-        layers[layer].keys, layers[layer].values = k, v
-    else:
-        kv.update(k, v, layer)
 
 
 def _dynamic_layer(kv: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,8 @@ class LLMActor(ModelActor):
             n8 = quantize_int8(model, model.get_input_embeddings().weight.dtype)
             log.info("%s: %d linear layers as int4 weights, %d as int8 (llm_params.weight_quant "
                      "%s)", self.name, n4, n8, self.params.get("weight_quant", "auto"))
-        if not cpu_only and self.params.get("gpu_lean_decode") is True:
+        if not cpu_only and self.params.get("gpu_lean_decode", True) is not False and \
+                torch.cuda.is_available():
             # before the weights' residency adopts them: it keeps the shared storages
             log.info("%s: %d projection groups laid end to end (llm_params.gpu_lean_decode)",
                      self.name, lay_end_to_end(model))
@@ -146,7 +147,7 @@ class LLMActor(ModelActor):
     #                               the GPU grant
     #   own_stream (true)           on a GPU, the batch loop computes on a CUDA stream of its
     #                               own, beside the encoders' default stream (not after it)
-    #   gpu_lean_decode (false)     on a GPU, the decode graphs capture the lean step
+    #   gpu_lean_decode (true)      on a GPU, the decode graphs capture the lean step
     #                               (actors/llm_lean_decode.py; q/k/v and gate/up laid end to
     #                               end at load, actors/llm_fused.py) if it agrees with
     #                               transformers' step
@@ -163,7 +164,7 @@ class LLMActor(ModelActor):
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "lean_decode": p.get("lean_decode", True) is not False,
                 "own_stream": p.get("own_stream", True) is not False,
-                "gpu_lean": p.get("gpu_lean_decode", False) is True,
+                "gpu_lean": p.get("gpu_lean_decode", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

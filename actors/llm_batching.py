@@ -414,7 +414,7 @@ class BatchEngine:
                     self.run_stats.get("prefix_hit_tokens", 0) + n
         if plan is None:
             return
-        mark = self.timing.start()
+        mark = self.timing.start(allocs=True)
         try:
             logits = self.runner.run(plan, stats)
         except BaseException:
@@ -435,7 +435,7 @@ class BatchEngine:
             self._finish(cancelled)
         if plan is None:
             return
-        mark = self.timing.start()
+        mark = self.timing.start(allocs=True)
         t0 = mark[0]
         req = plan.rows[0]
         logits = self.runner.run(plan, stats)

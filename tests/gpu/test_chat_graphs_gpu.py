@@ -123,19 +123,19 @@ def test_a_paged_cache_replays_warm_graphs_and_says_what_the_rectangle_says(tmp_
 
 def test_gpu_lean_decode_captures_the_lean_step_with_fused_projections_and_says_the_same(
         tmp_path):
-    """llm_params.gpu_lean_decode: q/k/v and gate/up laid end to end at load, the decode graphs
-    capture the lean step (it agreed with transformers'), the layout survives an evict and an
-    admit, and the words are those of transformers' graphs."""
+    """llm_params.gpu_lean_decode (on by default): q/k/v and gate/up laid end to end at load,
+    the decode graphs capture the lean step (it agreed with transformers'), the layout survives
+    an evict and an admit, and the words are those of transformers' graphs (the setting off)."""
     from agile_rag.actors.llm_lean_decode import LeanDecoder
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
                             words_only=True)
 
     async def go():
-        system, plain = await spawn(folder, "flex")
+        system, plain = await spawn(folder, "flex", {"gpu_lean_decode": False})
         want = await burst(plain)
         assert plain.engine.runner.gpu_lean is False
         await system.stop_all()
-        system, llm = await spawn(folder, "flex", {"gpu_lean_decode": True})
+        system, llm = await spawn(folder, "flex")
         got = await burst(llm)
         runner = llm.engine.runner
         lean = runner.gpu_lean
@@ -151,3 +151,41 @@ def test_gpu_lean_decode_captures_the_lean_step_with_fused_projections_and_says_
 
     want, got, again = asyncio.run(go())
     assert got == want and again == want
+
+
+def test_a_prompt_after_a_stored_prefix_allocates_one_slab_and_says_the_same(tmp_path):
+    """(issue 15) A long prompt read in chunks after a stored prefix writes every layer's keys
+    and values into one slab on the GPU (transformers' per-layer concatenation took new
+    allocator segments: 18 for a 3B model's 1,000-token prefix), the store keeps views of it,
+    and the words are those of the same prompt computed whole."""
+    import torch
+
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+    shared = " ".join(WORDS * 20)                            # ~320 tokens, chunks of 64
+    questions = [shared + " " + " ".join(WORDS[i:i + 3]) for i in (0, 5)]
+    params = {"prefill_chunk_tokens": 64}
+
+    async def go():
+        system, plain = await spawn(folder, "cuda", params | {"prefix_cache_tokens": 0})
+        want = [(await plain.ask(chat(q), timeout=120)).text for q in questions]
+        await system.stop_all()
+        system, llm = await spawn(folder, "cuda", params)
+        runner = llm.engine.runner
+        got = [(await llm.ask(chat(questions[0]), timeout=120)).text]
+        assert runner.prefixes.entries                        # the first prompt's blocks kept
+        before = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        hits = runner.prefixes.hits
+        got.append((await llm.ask(chat(questions[1]), timeout=120)).text)
+        new = torch.cuda.memory_stats().get("num_device_alloc", 0) - before
+        hit = runner.prefixes.hits - hits
+        newest = max(runner.prefixes.entries, key=lambda e: e.tokens).kv
+        one_slab = newest[0][0].is_cuda and len({t.untyped_storage().data_ptr()
+                                                 for pair in newest for t in pair}) == 1
+        await system.stop_all()
+        return want, got, new, hit, one_slab
+
+    want, got, new, hit, one_slab = asyncio.run(go())
+    print("new allocator segments for the prompt after the prefix:", new)
+    assert hit == 1 and got == want
+    assert one_slab                     # every layer's keys and values: views of one slab
