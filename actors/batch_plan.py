@@ -35,12 +35,25 @@ class StepKind(StrEnum):
     DECODE = "decode"         # one token for every active row
 
 
+#: ``prefill_chunk`` by device when not set: a long prompt is read this many tokens a pass, and
+#: while chats stream new prompts are read at most this many a pass. On a CPU a pass costs
+#: about its tokens (512 of a 135M model: ~0.3 s on 2 cores, the stall streaming chats see);
+#: on a GPU an eager pass costs its ~1,400 kernel launches first (30-40 ms for a 3B model on an
+#: H200, chat_http 2026-12-02) and 512 tokens next to nothing, so 512-token passes read a
+#: burst of 32 short prompts two at a time (9-14 passes): 2048 reads them eight at a time for
+#: about the same stall per pass.
+PREFILL_CHUNK_CPU = 512
+PREFILL_CHUNK_GPU = 2048
+
+
 @dataclass(frozen=True, kw_only=True)
 class BatchSettings:
     max_batch: int = 32
     kv_tokens: int = 16384
     prefill_tokens: int = 4096
-    prefill_chunk: int = 512          # 0: a long context is read in one forward
+    #: None: by device (PREFILL_CHUNK_CPU / PREFILL_CHUNK_GPU); 0: a long context is read in
+    #: one forward
+    prefill_chunk: int | None = None
     min_slice_s: float = 0.5
     #: > 0: a yield also waits until the batch has run this many times what its last pause
     #: cost (from the pause to its next decode step), at most MAX_SLICE_S; 0: min_slice_s only
@@ -177,6 +190,8 @@ class BatchPlanner:
         #: on CUDA the cache takes the whole budget at once (the grant counted it, and fewer
         #: re-allocations mean fewer graph captures); on the CPU rows grow by powers of two
         self.whole_budget = whole_budget
+        #: the loop runs on a GPU now (set at each loop's start): the default chunk follows it
+        self.on_gpu = False
         self.waiting: collections.deque[SeqRequest] = collections.deque()
         self.active: list[SeqRequest] = []
         self.partial: Partial | None = None
@@ -308,8 +323,9 @@ class BatchPlanner:
         # while other chats stream, one prefill forward stays within a chunk (they stall
         # for it); with nobody streaming, up to prefill_tokens at once
         limit = s.prefill_tokens
-        if held and s.prefill_chunk:
-            limit = min(limit, s.prefill_chunk)
+        chunk = self.chunk_tokens()
+        if held and chunk:
+            limit = min(limit, chunk)
         holders = list(self.active) + ([self.partial.req] if self.partial is not None else [])
         while self.waiting and held + len(take) < s.max_batch:
             req = self.waiting[0]
@@ -320,7 +336,7 @@ class BatchPlanner:
                 continue
             n = held + len(take) + 1
             lng = max(longest, req.reserve())
-            if s.prefill_chunk and len(req.context()) > s.prefill_chunk or \
+            if chunk and len(req.context()) > chunk or \
                     self._from_prefix(req, take):
                 # a long context: prefilled alone, a chunk per loop turn (one at a time); a
                 # lone request a stored prefix serves: from there, in one chunk
@@ -368,6 +384,14 @@ class BatchPlanner:
             self.active.append(r)
 
     # ---- chunked prefill -----------------------------------------------------------------------
+    def chunk_tokens(self) -> int:
+        """Tokens a chunked prefill reads a pass (0: a whole context in one): the setting, or by
+        device when it is not set."""
+        c = self.settings.prefill_chunk
+        if c is None:
+            return PREFILL_CHUNK_GPU if self.on_gpu else PREFILL_CHUNK_CPU
+        return c
+
     def chunk(self) -> tuple[StepPlan | None, SeqRequest | None]:
         """The next chunk of the long context being prefilled (or None), and the request
         when it was cancelled instead. A ``prefill_chunk`` set to 0 while a context is
@@ -381,7 +405,7 @@ class BatchPlanner:
             req.reason = FinishReason.CANCELLED
             return None, req
         ctx_len = len(req.context())
-        step = self.settings.prefill_chunk or ctx_len
+        step = self.chunk_tokens() or ctx_len
         start, end = p.done, min(ctx_len, p.done + step)
         plan = StepPlan(kind=StepKind.CHUNK, rows=[req], start=start, end=end)
         if end >= ctx_len:

@@ -137,8 +137,10 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long; unset,
     #                               also not before YIELD_COST_RATIO times what its last
     #                               pauses cost (at most 5 s)
-    #   prefill_chunk_tokens (512)  a longer prompt is prefilled this many tokens at a time,
-    #                               the other chats decoding between chunks (0: all at once)
+    #   prefill_chunk_tokens (512 on a CPU, 2048 on a GPU)  a longer prompt is prefilled
+    #                               this many tokens at a time, the other chats decoding
+    #                               between chunks (0: all at once); while chats stream, new
+    #                               prompts are read at most this many tokens a pass
     #   kv_block_tokens (0)         0: the KV cache is one rectangle (rows x the longest
     #                               reservation); 16, 32...: blocks of this many tokens, each
     #                               chat holding the blocks its tokens fill (a new engine)
@@ -170,7 +172,7 @@ class LLMActor(ModelActor):
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),
                 "min_slice_s": (500 if slice_ms is None else max(0, slice_ms)) / 1000,
                 "slice_cost_ratio": YIELD_COST_RATIO if slice_ms is None else 0.0,
-                "prefill_chunk": 512 if chunk is None else max(0, chunk)}
+                "prefill_chunk": None if chunk is None else max(0, chunk)}
 
     def _batching_off_reason(self, params: dict) -> str | None:
         why = batching_supported(self.model)

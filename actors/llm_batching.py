@@ -96,8 +96,8 @@ Command = Submit | YieldGpu | Drain | Stop | Configure
 class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
-                 min_slice_s: float = 0.5, prefill_chunk: int = 512, warm_graphs: bool = True,
-                 prefix_cache_tokens: int = 4096, kv_block: int = 0,
+                 min_slice_s: float = 0.5, prefill_chunk: int | None = None,
+                 warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
@@ -166,7 +166,7 @@ class BatchEngine:
 
     @property
     def prefill_chunk(self) -> int:
-        return self.settings.prefill_chunk
+        return self.planner.chunk_tokens()
 
     @property
     def prefill_tokens(self) -> int:
@@ -283,7 +283,7 @@ class BatchEngine:
             with torch.inference_mode(), runner.on_own_stream(planner.settings.own_stream):
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
-                planner.whole_budget = runner.on_gpu()
+                planner.whole_budget = planner.on_gpu = runner.on_gpu()
                 self.timing = LoopTiming(runner.device.type == "cuda")
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:
@@ -346,7 +346,7 @@ class BatchEngine:
         runner = self.runner
         if not runner.prefill_warmed and runner.device.type == "cuda":
             settings = self.planner.settings
-            runner.warm_prefill(settings.prefill_tokens, settings.prefill_chunk, stats)
+            runner.warm_prefill(settings.prefill_tokens, self.planner.chunk_tokens(), stats)
             return True
         if runner.cache is None:           # a cache of the planner's first shape to warm
             shape = self.planner.warm_shape()
@@ -548,7 +548,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     for k in ("kv_tokens", "prefill_tokens"):
         if k in kw:
             kw[k] = max(1, int(kw[k]))
-    if "prefill_chunk" in kw:
+    if kw.get("prefill_chunk") is not None:                  # None: by device
         kw["prefill_chunk"] = max(0, int(kw["prefill_chunk"]))
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
