@@ -46,12 +46,6 @@ log = logging.getLogger("agile_rag.llm")
 #: graphs, the text re-read; measured): pausing then takes at most 1/7 of their GPU time.
 YIELD_COST_RATIO = 6.0
 
-#: the warm-up chats at load (LLMActor._warm_chats): passages in the long prompt (about ten
-#: tokens each: a RAG prompt's thousand tokens) and prompts in the burst (a burst's first
-#: admission and the groups read while it streams)
-WARM_PASSAGES = 100
-WARM_BURST = 32
-
 
 @dataclass
 class BatchIdle:
@@ -290,20 +284,16 @@ class LLMActor(ModelActor):
         await self._loop_ended(None)
 
     async def _warm_chats(self) -> None:
-        """(at load, on a CUDA device; no loop runs) Throwaway chats down the paths a first
+        """(at load, on a CUDA device; no loop runs) Throwaway chats down the path a first
         burst takes: the chat template and the tokenizer, two prompts of different lengths
         admitted together (a padded prefill written into the KV cache), greedy and sampled
-        tokens, the text; then a prompt that starts from the prefix they left; then a prompt
-        of about a thousand tokens and another that starts from it (a prefix read back at a
-        RAG prompt's length); then a burst of 32 prompts of a few hundred tokens at once (the
-        first admission, then the ones read while the first rows stream). A process pays
-        once for each first use (the template's compile, kernels loaded at their first
-        launch, sampling's kernels, allocator segments, each of which waits for the GPU's
-        queued work): without this the first burst after start paid it on its requests
-        (issue 15: 0.27 s to the first token against 0.12 s warm, after the graphs' and the
-        prefills' warm-ups; then, with the shorter rounds only, 38 new allocator segments and
-        0.18 s). Nobody is answered, nothing is counted, and the prefixes they left are
-        dropped."""
+        tokens, the text; then a prompt that starts from the prefix they left; then eight
+        prompts of a few hundred tokens at once (a burst's batch shapes). A process
+        pays once for each first use (the template's compile, kernels loaded at their first
+        launch, sampling's kernels, allocator segments): without this the first burst after
+        start paid it on its requests (issue 15: 0.27 s to the first token against 0.12 s
+        warm, after the graphs' and the prefills' warm-ups). Nobody is answered, nothing is
+        counted, and the prefixes they left are dropped."""
         eng = self.engine
         assert eng is not None and self._loop is None
         t0 = time.monotonic()
@@ -311,18 +301,12 @@ class LLMActor(ModelActor):
         shared = "Warm-up: these words only take the path the first chats take. " * 2
         pair = [(shared + "Say one word.", 0.0), ("Say two words, please.", 0.7)]
         from_prefix = [(shared + "Say three words.", 0.0)]
-        # a RAG prompt's length: passages, then a question; then the same passages again
-        passages = " ".join(f"Passage {i}: words to read before the question." for i in
-                            range(WARM_PASSAGES))
-        long_prompt = [(passages + " Which passage?", 0.0)]
-        long_again = [(passages + " Which word?", 0.0)]
-        # a burst's shape: prompts of a few hundred tokens admitted together
-        n = max(1, min(WARM_BURST, eng.planner.settings.max_batch))
-        burst = [(f"({i}) " + "Passage words to read before a question. " * (20 + i % 12)
-                  + "Which words?", 0.0) for i in range(n)]
+        # a burst's shape: eight prompts of a few hundred tokens admitted together
+        burst = [(f"({i}) " + "Passage words to read before a question. " * (18 + 3 * i)
+                  + "Which words?", 0.0) for i in range(8)]
         try:
-            for chats in (pair, from_prefix, long_prompt, long_again, burst):
-                if chats is burst or chats is long_prompt:   # as after start: nothing stored
+            for chats in (pair, from_prefix, burst):
+                if chats is burst:        # read as after start: nothing stored yet
                     eng.runner.prefixes.clear()
                 done = []
                 for text, temperature in chats:
@@ -333,7 +317,7 @@ class LLMActor(ModelActor):
                                           TextTail(self.tokenizer, [], None)))
                     done.append(fut)
                 await self._run_loop_once("the warm-up chats")
-                for res in await asyncio.wait_for(asyncio.gather(*done), 120):
+                for res in await asyncio.wait_for(asyncio.gather(*done), 60):
                     if isinstance(res, BaseException):
                         raise res
         except Exception as exc:  # noqa: BLE001 - a warm-up only: the first chats pay instead

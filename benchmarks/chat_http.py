@@ -282,10 +282,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     plen = 1000 if not a.tiny else 200
     shared = prompt_text(tok, plen, 999)
     pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(5)]
-    # the prefix path's first use (a few tokens read after a stored prefix of another text
-    # about as long), not timed: the server's warm-up chats at load take it the same way
-    # (LLMActor._warm_chats: a thousand-token prompt, then another with its start)
-    other = prompt_text(tok, plen, 998)
+    # the prefix path's first use (a few tokens read after a stored prefix), not timed: the
+    # server's warm-up chats at load take it the same way (LLMActor._warm_chats)
+    other = prompt_text(tok, 64, 998)
     for q in range(2):
         run(eng, [ids_of(other + f" Question {q}: what is the {WORDS[q]}?")], 2)
     eng.runner.prefixes.clear()
