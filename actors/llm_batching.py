@@ -93,6 +93,10 @@ class Configure:
 Command = Submit | YieldGpu | Drain | Stop | Configure
 
 
+#: admits that took new GPU allocator segments, listed in a loop's stats (the first ones)
+ALLOC_SHAPES_KEPT = 8
+
+
 class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
@@ -421,10 +425,15 @@ class BatchEngine:
             self.planner.unadmit(plan.rows)        # answered with the error, not lost
             raise
         self.timing.launched(stats, "admit", mark)
-        self.planner.seat(plan.rows, plan.first_slot, [len(r.context()) for r in plan.rows])
+        lengths = [len(r.context()) for r in plan.rows]
+        self.planner.seat(plan.rows, plan.first_slot, lengths)
         stats["prefills"] += 1
         self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
         took = self.timing.done(stats, "admit", mark)
+        if self.timing.last_allocs:          # which prefill shapes a warm-up missed
+            shapes = stats.setdefault("admit_alloc_shapes", [])
+            if len(shapes) < ALLOC_SHAPES_KEPT:
+                shapes.append([len(plan.rows), max(lengths), self.timing.last_allocs])
         for req in plan.rows:
             req.prefill_s += took
 

@@ -9,7 +9,9 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
 - ``device_allocs`` (on a GPU): new segments the caching allocator took from the driver during
   the loop (each a ``cudaMalloc``, milliseconds on the forward's path), and
   ``<kind>_device_allocs`` those taken from an admit's or a chunk's start to its tokens
-  (decode steps replay graphs and are not counted, to keep the read off every step).
+  (decode steps replay graphs and are not counted, to keep the read off every step);
+  ``admit_alloc_shapes``: ``[rows, longest prompt, new segments]`` of the first admits that
+  took any (which prefill shapes a warm-up missed).
 
 Read together: launch close to the total means the host's Python sets the pace; GPU time close
 to the total with a short launch means the GPU does (the model's compute, or kernels that share
@@ -34,6 +36,8 @@ class LoopTiming:
         self.on_gpu = on_gpu
         self._pending: list[tuple[str, Any, Any]] = []
         self._allocs0 = device_allocs() if on_gpu else None
+        #: new segments the last forward counted by :meth:`done` took (0 when not counted)
+        self.last_allocs = 0
 
     def start(self, allocs: bool = False) -> tuple[float, Any, int | None]:
         """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
@@ -56,9 +60,11 @@ class LoopTiming:
         adds and returns its host seconds; reads the GPU times that are ready."""
         took = time.monotonic() - mark[0]
         add_time(stats, kind + "_s", took)
+        self.last_allocs = 0
         if mark[2] is not None:
             key = kind + "_device_allocs"
-            stats[key] = stats.get(key, 0) + device_allocs() - mark[2]
+            self.last_allocs = device_allocs() - mark[2]
+            stats[key] = stats.get(key, 0) + self.last_allocs
         self.collect(stats)
         return took
 

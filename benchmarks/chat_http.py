@@ -411,6 +411,7 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
     except Exception as exc:  # noqa: BLE001 - extra, never the figure
         return {"error": str(exc)}
     out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
+    shapes: list = []             # [rows, longest prompt, new segments] of admits that took any
     for e in events:
         if e.get("msg") != "BatchIdle" or (t_start is not None and
                                             e.get("enqueued", t_start) < t_start):
@@ -419,8 +420,11 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
         out["loops"] += 1
         for k in LOOP_SUMS:
             out[k] += d.get(k, 0) or 0
+        shapes.extend(d.get("admit_alloc_shapes") or [])
     out["ms_per_step"] = round(1e3 * out["decode_s"] / out["steps"], 3) if out["steps"] else None
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    out["admit_alloc_shapes"] = shapes
+    return out
 
 
 def timed_burst(base: str, texts: list[str], new: int) -> dict:
@@ -646,6 +650,15 @@ def markdown(r: dict) -> str:
                          f"| {lm('captures')} | {lm('admit_s')} | {lm('steps')} | "
                          f"{lm('ms_per_step')} | {lm('device_allocs')} "
                          f"({lm('admit_device_allocs')}) |")
+        lines.append("")
+        for name, path in loop_rows:          # which admits took new segments (first run)
+            first = (r["runs"][0].get("server") or {}) if r["runs"] else {}
+            for p in path:
+                first = first.get(p) or {}
+            shapes = (first.get("loop") or {}).get("admit_alloc_shapes")
+            if shapes:
+                lines.append(f"- {name}, admits that took new allocator segments (rows, longest "
+                             f"prompt, segments; first run): {shapes}")
         lines.append("")
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:
