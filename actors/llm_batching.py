@@ -433,7 +433,8 @@ class BatchEngine:
         if self.timing.last_allocs:          # which prefill shapes a warm-up missed
             shapes = stats.setdefault("admit_alloc_shapes", [])
             if len(shapes) < ALLOC_SHAPES_KEPT:
-                shapes.append([len(plan.rows), max(lengths), self.timing.last_allocs])
+                shapes.append([len(plan.rows), max(lengths), self.timing.last_allocs,
+                               *self.timing.last_alloc_detail])
         for req in plan.rows:
             req.prefill_s += took
 

@@ -10,8 +10,8 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
   the loop (each a ``cudaMalloc``, milliseconds on the forward's path), and
   ``<kind>_device_allocs`` those taken from an admit's or a chunk's start to its tokens
   (decode steps replay graphs and are not counted, to keep the read off every step);
-  ``admit_alloc_shapes``: ``[rows, longest prompt, new segments]`` of the first admits that
-  took any (which prefill shapes a warm-up missed).
+  ``admit_alloc_shapes``: ``[rows, longest prompt, new segments, of them small-pool ones,
+  MB]`` of the first admits that took any (which prefill shapes a warm-up missed).
 
 Read together: launch close to the total means the host's Python sets the pace; GPU time close
 to the total with a short launch means the GPU does (the model's compute, or kernels that share
@@ -36,8 +36,11 @@ class LoopTiming:
         self.on_gpu = on_gpu
         self._pending: list[tuple[str, Any, Any]] = []
         self._allocs0 = device_allocs() if on_gpu else None
-        #: new segments the last forward counted by :meth:`done` took (0 when not counted)
+        #: new segments the last forward counted by :meth:`done` took (0 when not counted),
+        #: and of them (small-pool segments, MB)
         self.last_allocs = 0
+        self.last_alloc_detail = (0, 0.0)
+        self._mark_detail: tuple[int, int] | None = None
 
     def start(self, allocs: bool = False) -> tuple[float, Any, int | None]:
         """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
@@ -45,7 +48,11 @@ class LoopTiming:
         if self.on_gpu:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-        return time.monotonic(), ev, device_allocs() if allocs and self.on_gpu else None
+        counted = None
+        if allocs and self.on_gpu:
+            counted = device_allocs()
+            self._mark_detail = _segment_detail()
+        return time.monotonic(), ev, counted
 
     def launched(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> None:
         """The forward's kernels are queued (``runner.run`` returned)."""
@@ -65,6 +72,10 @@ class LoopTiming:
             key = kind + "_device_allocs"
             self.last_allocs = device_allocs() - mark[2]
             stats[key] = stats.get(key, 0) + self.last_allocs
+            if self.last_allocs and self._mark_detail is not None:
+                small, nbytes = _segment_detail()
+                self.last_alloc_detail = (small - self._mark_detail[0],
+                                          round((nbytes - self._mark_detail[1]) / 2**20, 1))
         self.collect(stats)
         return took
 
@@ -95,3 +106,11 @@ class LoopTiming:
 def device_allocs() -> int:
     """Segments the current CUDA device's caching allocator has taken from the driver so far."""
     return int(torch.cuda.memory_stats_as_nested_dict().get("num_device_alloc", 0))
+
+
+def _segment_detail() -> tuple[int, int]:
+    """(small-pool segments, bytes of segments) the allocator has taken so far."""
+    s = torch.cuda.memory_stats_as_nested_dict()
+    small = (s.get("segment") or {}).get("small_pool") or {}
+    reserved = (s.get("reserved_bytes") or {}).get("all") or {}
+    return int(small.get("allocated", 0)), int(reserved.get("allocated", 0))

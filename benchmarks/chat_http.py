@@ -411,7 +411,7 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
     except Exception as exc:  # noqa: BLE001 - extra, never the figure
         return {"error": str(exc)}
     out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
-    shapes: list = []             # [rows, longest prompt, new segments] of admits that took any
+    shapes: list = []     # [rows, longest prompt, segments, small-pool ones, MB] of such admits
     for e in events:
         if e.get("msg") != "BatchIdle" or (t_start is not None and
                                             e.get("enqueued", t_start) < t_start):
@@ -658,7 +658,8 @@ def markdown(r: dict) -> str:
             shapes = (first.get("loop") or {}).get("admit_alloc_shapes")
             if shapes:
                 lines.append(f"- {name}, admits that took new allocator segments (rows, longest "
-                             f"prompt, segments; first run): {shapes}")
+                             f"prompt, segments, of them small-pool ones, MB; first run): "
+                             f"{shapes}")
         lines.append("")
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:

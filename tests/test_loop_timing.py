@@ -1,0 +1,90 @@
+"""The batch loop's timers (actors/loop_timing.py) on a GPU, with the CUDA calls they make
+replaced by doubles (this machine has no GPU; tests/gpu runs them for real): GPU seconds from
+the events, the caching allocator's new segments per loop and per admit or chunk, and what an
+admit that took some says about them."""
+from __future__ import annotations
+
+import torch
+
+from agile_rag.actors import loop_timing
+from agile_rag.actors.loop_timing import LoopTiming
+
+
+class Event:
+    """torch.cuda.Event's double: the time it was recorded, done at once."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self):
+        Event.clock += 0.004
+        self.t = Event.clock
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+class Allocator:
+    """memory_stats_as_nested_dict's double: segments taken so far, small ones, bytes."""
+
+    def __init__(self):
+        self.segments = self.small = self.nbytes = 0
+
+    def take(self, n: int, small: int, mb: int) -> None:
+        self.segments += n
+        self.small += small
+        self.nbytes += mb * 2**20
+
+    def stats(self, device=None):
+        return {"num_device_alloc": self.segments,
+                "segment": {"small_pool": {"allocated": self.small}},
+                "reserved_bytes": {"all": {"allocated": self.nbytes}}}
+
+
+def test_new_segments_are_counted_per_loop_and_per_admit(monkeypatch):
+    alloc = Allocator()
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", alloc.stats)
+    alloc.take(5, 1, 40)                                # before the loop: not its own
+    timing, stats = LoopTiming(True), {}
+    mark = timing.start(allocs=True)
+    alloc.take(3, 2, 24)                                # the admit's forward takes three
+    timing.launched(stats, "admit", mark)
+    timing.done(stats, "admit", mark)
+    assert timing.last_allocs == 3 and timing.last_alloc_detail == (2, 24.0)
+    mark = timing.start(allocs=True)
+    timing.launched(stats, "admit", mark)
+    timing.done(stats, "admit", mark)                   # the next one takes none
+    assert timing.last_allocs == 0
+    mark = timing.start()                               # a decode step: not counted
+    alloc.take(1, 0, 2)
+    timing.launched(stats, "decode", mark)
+    timing.done(stats, "decode", mark)
+    assert timing.last_allocs == 0
+    timing.finish(stats)
+    assert stats["admit_device_allocs"] == 3 and "decode_device_allocs" not in stats
+    assert stats["device_allocs"] == 4                  # the loop's: admits and the step
+    assert stats["admit_gpu_s"] > 0 and stats["decode_gpu_s"] > 0
+
+
+def test_on_the_cpu_nothing_is_read(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("no CUDA call on the CPU")
+
+    monkeypatch.setattr(loop_timing, "device_allocs", boom)
+    monkeypatch.setattr(loop_timing, "_segment_detail", boom)
+    timing, stats = LoopTiming(False), {}
+    mark = timing.start(allocs=True)
+    timing.launched(stats, "admit", mark)
+    timing.done(stats, "admit", mark)
+    timing.finish(stats)
+    assert "device_allocs" not in stats and "admit_device_allocs" not in stats
+    assert timing.last_allocs == 0 and stats["admit_s"] >= 0
