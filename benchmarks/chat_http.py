@@ -696,7 +696,8 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(max(64, a.burst))]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
-    runs = []
+    runs: list[dict] = []
+    md = ""
     for i in range(a.repeat):
         run: dict = {}
         if "engine" not in skip:
@@ -714,11 +715,20 @@ def main(argv=None) -> None:
             run["server"] = served(folder, a, texts, cuda, os.path.join(a.work, f"server-{i}"))
             print(f"run {i}: server {json.dumps(run['server'], default=str)[:1500]}", flush=True)
         runs.append(json.loads(json.dumps(run, default=str)))     # int keys as strings
+        # written after every run: a call cut at its time limit still leaves the runs it made
+        md = write_results(runs, a, info, cuda, final=i == a.repeat - 1)
+    print(md)
+
+
+def write_results(runs: list[dict], a, info: dict, cuda: bool, *, final: bool) -> str:
+    """The JSON and the markdown of ``runs`` in --out; the markdown's text."""
     summary = summarize(runs, a)
     notes = []
     if not cuda:
         notes.append("CPU run (--tiny or no CUDA): no CUDA graphs, no bandwidth bound and no "
                      "evict + admit; the figures check the script, not the targets")
+    if not final:
+        notes.append(f"{len(runs)} of {a.repeat} runs so far (written after each run)")
     r = {"device": info["gpu"] or "cpu", "model": ("Qwen2.5-3B shape, random weights, fp16"
                                                    if not a.tiny else "tiny Qwen2, fp32"),
          "weight_bytes": info["weight_bytes"], "versions": info["versions"], "args": vars(a),
@@ -733,8 +743,7 @@ def main(argv=None) -> None:
     md = markdown(r)
     with open(os.path.join(a.out, f"chat-http-{slug}.md"), "w") as f:
         f.write(md)
-    print(md)
-
+    return md
 
 if __name__ == "__main__":
     main()
