@@ -306,18 +306,24 @@ class BatchRunner:
                      owned: bool = False) -> None:
         """A prompt just read leaves its leading blocks in the prefix store (unless one there
         covers them already); ``layer_kv(layer)``: its keys and values,
-        ``[1, kv_heads, >= its length, head_dim]`` each: copied for the tokens stored, or, when
-        ``owned`` (tensors nobody else keeps or writes: a chunked prefill's finished cache),
-        kept as views of them (no allocation, no copy)."""
+        ``[1, kv_heads, >= its length, head_dim]`` each: copied for the tokens stored (every
+        layer's into one tensor), or, when ``owned`` (tensors nobody else keeps or writes: a
+        chunked prefill's finished cache), kept as views of them (no allocation, no copy)."""
         if not self.prefixes.budget_tokens or req.prompt is None:
             return
 
         def prefix_kv(m: int) -> list:
+            parts = [t[:, :, :m] for layer in range(self.n_layers) for t in layer_kv(layer)]
             if owned:
-                return [tuple(t[:, :, :m] for t in layer_kv(layer))
-                        for layer in range(self.n_layers)]
-            return [tuple(t[:, :, :m].clone() for t in layer_kv(layer))
-                    for layer in range(self.n_layers)]
+                return [(parts[2 * i], parts[2 * i + 1]) for i in range(self.n_layers)]
+            if any(t.shape != parts[0].shape for t in parts):      # (keys unlike values)
+                return [(parts[2 * i].clone(), parts[2 * i + 1].clone())
+                        for i in range(self.n_layers)]
+            # one copy for every layer, in one allocation: per-layer clones were 2 x layers
+            # small blocks a prompt, which on a GPU took new allocator segments (each waits
+            # for the queued work) whenever a burst kept more prompts than the last one
+            slab = torch.stack(parts)
+            return [(slab[2 * i], slab[2 * i + 1]) for i in range(self.n_layers)]
         if self.prefixes.insert(req.prompt, prefix_kv) is not None:
             self._prefix_device = dev
 

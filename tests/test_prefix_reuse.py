@@ -153,6 +153,13 @@ async def test_a_short_prompt_asked_again_reads_only_its_last_block_and_says_the
         first = await actor.ask(chat(q, 12), timeout=300)
         store = actor.engine.runner.prefixes
         assert len(store.entries) == 1 and store.hits == 0
+        # every layer's keys and values copied into one tensor (one allocation, not two a
+        # layer), not views of the batch's cache
+        kept = store.entries[0].kv
+        storages = {t.untyped_storage().data_ptr() for pair in kept for t in pair}
+        cache = actor.engine.runner.cache
+        assert len(storages) == 1 and (cache is None or
+                                       cache.keys[0].untyped_storage().data_ptr() not in storages)
         t0 = time.monotonic()
         second = await actor.ask(chat(q, 12), timeout=300)
         ev = [e for e in system.tracer.events if e.msg_type == "Chat" and e.started >= t0][-1]
