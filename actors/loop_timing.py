@@ -40,7 +40,7 @@ class LoopTiming:
         #: and of them (small-pool segments, MB)
         self.last_allocs = 0
         self.last_alloc_detail = (0, 0.0)
-        self._mark_detail: tuple[int, int] | None = None
+        self._mark_detail: tuple[int, int] = (0, 0)
 
     def start(self, allocs: bool = False) -> tuple[float, Any, int | None]:
         """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
@@ -50,8 +50,8 @@ class LoopTiming:
             ev.record()
         counted = None
         if allocs and self.on_gpu:
-            counted = device_allocs()
-            self._mark_detail = _segment_detail()
+            counted, *detail = _allocator_counts()
+            self._mark_detail = (detail[0], detail[1])
         return time.monotonic(), ev, counted
 
     def launched(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> None:
@@ -70,12 +70,11 @@ class LoopTiming:
         self.last_allocs = 0
         if mark[2] is not None:
             key = kind + "_device_allocs"
-            self.last_allocs = device_allocs() - mark[2]
+            segments, small, nbytes = _allocator_counts()
+            self.last_allocs = segments - mark[2]
             stats[key] = stats.get(key, 0) + self.last_allocs
-            if self.last_allocs and self._mark_detail is not None:
-                small, nbytes = _segment_detail()
-                self.last_alloc_detail = (small - self._mark_detail[0],
-                                          round((nbytes - self._mark_detail[1]) / 2**20, 1))
+            self.last_alloc_detail = (small - self._mark_detail[0],
+                                      round((nbytes - self._mark_detail[1]) / 2**20, 1))
         self.collect(stats)
         return took
 
@@ -105,12 +104,14 @@ class LoopTiming:
 
 def device_allocs() -> int:
     """Segments the current CUDA device's caching allocator has taken from the driver so far."""
-    return int(torch.cuda.memory_stats_as_nested_dict().get("num_device_alloc", 0))
+    return _allocator_counts()[0]
 
 
-def _segment_detail() -> tuple[int, int]:
-    """(small-pool segments, bytes of segments) the allocator has taken so far."""
+def _allocator_counts() -> tuple[int, int, int]:
+    """(segments, of them small-pool ones, bytes of segments) the current CUDA device's caching
+    allocator has taken from the driver so far: one read of its statistics."""
     s = torch.cuda.memory_stats_as_nested_dict()
     small = (s.get("segment") or {}).get("small_pool") or {}
     reserved = (s.get("reserved_bytes") or {}).get("all") or {}
-    return int(small.get("allocated", 0)), int(reserved.get("allocated", 0))
+    return (int(s.get("num_device_alloc", 0)), int(small.get("allocated", 0)),
+            int(reserved.get("allocated", 0)))

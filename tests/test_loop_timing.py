@@ -80,7 +80,7 @@ def test_on_the_cpu_nothing_is_read(monkeypatch):
         raise AssertionError("no CUDA call on the CPU")
 
     monkeypatch.setattr(loop_timing, "device_allocs", boom)
-    monkeypatch.setattr(loop_timing, "_segment_detail", boom)
+    monkeypatch.setattr(loop_timing, "_allocator_counts", boom)
     timing, stats = LoopTiming(False), {}
     mark = timing.start(allocs=True)
     timing.launched(stats, "admit", mark)
