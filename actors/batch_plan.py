@@ -185,13 +185,13 @@ class Retired:
 
 
 class BatchPlanner:
-    def __init__(self, settings: BatchSettings, *, whole_budget: bool = False):
+    def __init__(self, settings: BatchSettings, *, on_gpu: bool = False):
         self.settings = settings
-        #: on CUDA the cache takes the whole budget at once (the grant counted it, and fewer
-        #: re-allocations mean fewer graph captures); on the CPU rows grow by powers of two
-        self.whole_budget = whole_budget
-        #: the loop runs on a GPU now (set at each loop's start): the default chunk follows it
-        self.on_gpu = False
+        #: the loop runs on a GPU (set at each loop's start). There the cache takes the whole
+        #: budget at once (the grant counted it, and fewer re-allocations mean fewer graph
+        #: captures), where on the CPU rows grow by powers of two; and the default chunk is
+        #: the GPU's (:meth:`chunk_tokens`)
+        self.on_gpu = on_gpu
         self.waiting: collections.deque[SeqRequest] = collections.deque()
         self.active: list[SeqRequest] = []
         self.partial: Partial | None = None
@@ -295,7 +295,7 @@ class BatchPlanner:
         length = round_up(max(length, c[1] if c is not None else 0), LEN_BUCKET)
         fit = max(1, s.kv_tokens // length)
         want = max(slots, c[0] if c is not None and c[0] * length <= s.kv_tokens else 0)
-        spare = fit if self.whole_budget else pow2(want)
+        spare = fit if self.on_gpu else pow2(want)
         shape = (max(want, min(s.max_batch, spare, fit)), length)
         self.cache = shape
         return shape

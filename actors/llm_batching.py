@@ -287,7 +287,7 @@ class BatchEngine:
             with torch.inference_mode(), runner.on_own_stream(planner.settings.own_stream):
                 if runner.check_device():
                     planner.cache_dropped(runner.parked_shape())
-                planner.whole_budget = planner.on_gpu = runner.on_gpu()
+                planner.on_gpu = runner.on_gpu()
                 self.timing = LoopTiming(runner.device.type == "cuda")
                 if planner.settings.warm_graphs and runner.graphs_wanted() and \
                         runner.graphs is None:

@@ -175,7 +175,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     cuda = torch.cuda.is_available() and not a.tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    if a.gpu_lean:                             # what the server does at load for the setting
+    if a.gpu_lean and cuda:                    # what the server does at load (CUDA only)
         from agile_rag.actors.llm_fused import lay_end_to_end
         lay_end_to_end(model)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -262,7 +262,7 @@ def test_take_all_hands_every_request_over_in_order():
 @pytest.mark.parametrize("whole", [False, True])
 def test_cache_shape_grows_by_powers_of_two_on_cpu_and_takes_the_budget_on_gpu(whole):
     p = BatchPlanner(BatchSettings(max_batch=32, kv_tokens=4096, prefill_chunk=0),
-                     whole_budget=whole)
+                     on_gpu=whole)
     for _ in range(3):
         p.accept(seq(100, 50))
     plan, _ = p.admit()
@@ -288,13 +288,13 @@ def test_a_parked_cache_shape_is_taken_back_when_it_fits():
     cache that fits in it is that shape, so the graphs stay good; a longer chat grows as
     before."""
     p = planner(max_batch=8, kv_tokens=4096)
-    p.whole_budget = True
+    p.on_gpu = True
     p.cache_dropped(parked=(8, 512))
     p.accept(seq(100, 20))
     plan, _ = p.admit()
     assert plan is not None and plan.cache == (8, 512) and p.parked is None
     q = planner(max_batch=8, kv_tokens=8192, prefill_chunk=0)
-    q.whole_budget = True
+    q.on_gpu = True
     q.cache_dropped(parked=(8, 512))
     q.accept(seq(900, 20))
     plan, _ = q.admit()
@@ -308,7 +308,7 @@ def test_paged_admission_counts_the_blocks_each_chat_fills():
     paged = planner(max_batch=16, kv_tokens=1024, prefill_chunk=0, prefill_tokens=8192,
                     kv_block=16)
     for p in (rect, paged):
-        p.whole_budget = True
+        p.on_gpu = True
         p.accept(seq(400, 20))                            # 420 tokens: 512 / 27 blocks
         for _ in range(10):
             p.accept(seq(20, 20))                         # 40 tokens: 256 / 3 blocks
@@ -324,7 +324,7 @@ def test_paged_admission_counts_the_blocks_each_chat_fills():
 def test_paged_decode_preempts_the_newest_when_the_pool_is_full(monkeypatch):
     monkeypatch.setattr(batch_plan, "RESERVE_NEW", 8)      # admission counts 48 tokens each
     p = planner(max_batch=8, kv_tokens=128, prefill_chunk=0, kv_block=16)   # 8 blocks
-    p.whole_budget = True
+    p.on_gpu = True
     a, b = seq(40, 200), seq(40, 200)
     p.accept(a)
     p.accept(b)
