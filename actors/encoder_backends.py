@@ -19,6 +19,7 @@ import numpy as np
 
 from ..runtime.layer_group import one_by_one
 from ..runtime.layer_stream import host_twins
+from .encoder_graphs import GRAPH_MAX_TOKENS, EncoderGraphs
 from .encoder_tokens import Piece, Tokens, collate, split_features
 
 log = logging.getLogger("agile_rag.encoder")
@@ -48,6 +49,9 @@ class Backend:
         #: forwards in flight) would otherwise interleave their launches on the one stream,
         #: and the first forward would end only when most of the second had run
         self.launch = threading.Lock()
+        #: CUDA graphs of small forwards (actors/encoder_graphs.py), while the actor wants them
+        self.graphs: EncoderGraphs | None = None
+        self._graphed = threading.local()       # this thread's last forward was replayed
 
     # -- the parts a subclass writes
     def features(self, inputs: list) -> dict:
@@ -173,8 +177,16 @@ class Backend:
             with self.lock:
                 return self.reference([p.raw for p in pieces])
         arrays, consts = collate(pieces, self.pads, self.left)
+        dev = self.device()
+        graphs = self.graphs
+        self._graphed.on = False
+        if graphs is not None and dev.type == "cuda":
+            got = graphs.forward(arrays, consts, dev, self.launch)
+            if got is not None:
+                self._graphed.on = True
+                return got
         with self.launch:                     # queue this forward's work, then wait
-            out = self._run_arrays(arrays, consts, self.device())
+            out = self._run_arrays(arrays, consts, dev)
         with torch.inference_mode():
             return out.cpu().numpy()
 
@@ -192,6 +204,35 @@ class Backend:
             feats.update(consts)
             with twins:
                 return self.run(feats).float()
+
+    def graphed(self) -> bool:
+        """Whether this thread's last :meth:`forward` was replayed from a CUDA graph."""
+        return getattr(self._graphed, "on", False)
+
+    def graphs_wanted(self) -> str:
+        """Why this model's forwards cannot be replayed from CUDA graphs ("" : they can)."""
+        if not self.fast:
+            return "the library's own call runs the batches"
+        if self.left:
+            return "the tokenizer pads on the left"
+        return ""
+
+    def start_graphs(self, max_tokens: int) -> EncoderGraphs:
+        """This model's graphs (made now if it has none), for batches of up to
+        ``max_tokens`` rows x width."""
+        graphs = self.graphs
+        if graphs is None:
+            weight = next(iter(self.module().parameters()))
+            graphs = self.graphs = EncoderGraphs(
+                lambda feats: self.run(feats), self.pads, weight, max_tokens=max_tokens,
+                max_len=self.max_len)
+        graphs.max_tokens = min(GRAPH_MAX_TOKENS, max_tokens)
+        return graphs
+
+    def stop_graphs(self) -> None:
+        graphs, self.graphs = self.graphs, None
+        if graphs is not None:
+            graphs.close()
 
     def forward_group(self, batches: list[list[Piece]], run_group: Any) -> list[Any]:
         """Several forwards as one layer-streamed group (runtime/layer_group.py):

@@ -36,6 +36,7 @@ from .encoder_backends import (
     FlagBackend,
     SentenceTransformerBackend,
 )
+from .encoder_graphs import GRAPH_MAX_TOKENS
 from .encoder_jobs import DEFAULT_BATCH_TOKENS, EncoderJobs, Job, Pending
 from .encoder_tokens import MIN_FILL, Piece, TokenPool, rust_probe
 from .model_base import ARBITER, linger_seconds
@@ -149,8 +150,12 @@ class EncoderActor(EncoderJobs):
 
     def working_bytes(self, items: int, depth: int = GPU_DEPTH) -> int:
         """GPU memory beyond the weights: the forwards in flight at the job's token budget
-        (``depth`` of them; a streamed grant may hold fewer: _plan_groups)."""
-        return _BASE_WORKING + depth * self.job_tokens(items) * self._token_bytes
+        (``depth`` of them; a streamed grant may hold fewer: _plan_groups), and for a model
+        whose small forwards replay CUDA graphs, the graphs' memory pool (one forward of the
+        largest graph)."""
+        tokens = self.job_tokens(items)
+        graphs = min(GRAPH_MAX_TOKENS, tokens) if self._graphs_planned() else 0
+        return _BASE_WORKING + (depth * tokens + graphs) * self._token_bytes
 
     def _stream_working_min(self) -> int:
         """The least working memory a streamed job can run with: one forward of the longest
@@ -296,6 +301,25 @@ class EncoderActor(EncoderJobs):
             if lease.streamed and lease.stream_working:
                 self._plan_groups(job, lease.stream_working - _BASE_WORKING)
         job.collecting = job.depth == 1 and self.batch_linger_s > 0
+        self._graphs_for(job)
+
+    def _graphs_for(self, job: Job) -> None:
+        """CUDA graphs of small forwards (actors/encoder_graphs.py) for a model pinned on the
+        GPU and resident (``cuda_graphs``, default true); dropped when that ends."""
+        engine = self.engine
+        if engine is None:
+            return
+        if self._graphs_planned() and job.gpu_mode == "resident" and \
+                not engine.graphs_wanted():
+            engine.start_graphs(job.budget)
+        elif engine.graphs is not None:
+            engine.stop_graphs()
+
+    def _graphs_planned(self) -> bool:
+        """Whether this model's GPU forwards may replay graphs: pinned (``device: cuda``) and
+        ``cuda_graphs`` not false."""
+        return self.spec.device == DeviceMode.CUDA and \
+            self.params.get("cuda_graphs", True) is not False
 
     def _plan_groups(self, job: Job, room: int) -> None:
         """A streamed job, maybe granted less than it asked: its forwards fit ``room`` bytes.
@@ -363,10 +387,11 @@ class EncoderActor(EncoderJobs):
         if job.gpu_mode:
             # one line per GPU job: where a slow job's time went (server log, INFO)
             log.info("%s job: mode=%s requests=%d items=%d forwards=%d groups=%d tokens=%d "
-                     "budget=%d group=%d busy_s=%.3f acquire_s=%.3f wall_s=%.3f",
-                     self.spec.name, job.gpu_mode, job.requests, job.items, job.forwards,
-                     job.groups, job.tokens_run, job.budget, job.group, job.busy_s,
-                     job.acquire_s, time.monotonic() - job.t0)
+                     "budget=%d group=%d busy_s=%.3f acquire_s=%.3f wall_s=%.3f "
+                     "cuda_graphs=%d", self.spec.name, job.gpu_mode, job.requests, job.items,
+                     job.forwards, job.groups, job.tokens_run, job.budget, job.group,
+                     job.busy_s, job.acquire_s, time.monotonic() - job.t0,
+                     len(self.engine.graphs or ()) if self.engine is not None else 0)
         lease = self.lease
         if lease is not None:
             if not job.pinned:

@@ -75,7 +75,7 @@ SPLIT_BURST_ROWS = 64
 class Pending:
     """One request inside a job: its inputs, the outputs filled in as forwards finish."""
     __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "padded",
-                 "grouped", "failed", "extra")
+                 "grouped", "graphed", "failed", "extra")
 
     def __init__(self, env: Envelope, inputs: list, extra: Any = None):
         self.env = env
@@ -87,6 +87,7 @@ class Pending:
         self.widest = 0                 # largest forward (rows) its inputs ran in
         self.padded = 0                 # largest forward (rows x longest row) it ran in
         self.grouped = 0                # largest layer-streamed group its forwards ran in
+        self.graphed = 0                # forwards of its inputs replayed from a CUDA graph
         self.failed: BaseException | None = None
         self.extra = extra
 
@@ -101,6 +102,7 @@ class Batch(list):
         self.solo = solo                # one request's pieces: a failure fails only it
         self.retry = retry              # already retried after a GPU out-of-memory
         self.padded = 0                 # rows x longest row
+        self.graphed = False            # replayed from a CUDA graph (actors/encoder_graphs.py)
 
     def keep(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
@@ -509,7 +511,9 @@ class EncoderJobs(ModelActor):
     def _encode(self, batch: Batch) -> np.ndarray:
         engine = self.engine
         assert engine is not None
-        return engine.forward(batch.pieces)
+        out = engine.forward(batch.pieces)
+        batch.graphed = engine.graphed()
+        return out
 
     def _harvest(self, job: Job) -> None:
         fut = job.tok_fut
@@ -564,6 +568,7 @@ class EncoderJobs(ModelActor):
                     p.padded = batch.padded
                 if p.grouped < group:
                     p.grouped = group
+                p.graphed += batch.graphed
                 if p.left == 0:
                     self._done(job, p)
         else:
@@ -651,6 +656,8 @@ class EncoderJobs(ModelActor):
         d["forwards"] = p.batches
         if p.grouped > 1:               # its forwards shared their layer copies with others
             d["layer_group"] = p.grouped
+        if p.graphed:                   # forwards replayed from CUDA graphs
+            d["cuda_graph_forwards"] = p.graphed
         try:
             result = self.finish(p)
         except Exception as exc:  # noqa: BLE001 - delivered to its asker

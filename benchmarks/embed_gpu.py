@@ -445,7 +445,7 @@ def trace_batches(base: str, since_s: float, actor: str, key: str) -> dict:
         data = get_json(f"{base}/debug/traces?since={max(since_s, 0.1):.3f}", 60)
     except OSError as exc:
         return {"error": str(exc)}
-    sizes, forwards, queue = [], [], []
+    sizes, forwards, queue, graphed = [], [], [], 0
     for e in data.get("events", []):
         if e.get("actor") != actor:
             continue
@@ -454,12 +454,13 @@ def trace_batches(base: str, since_s: float, actor: str, key: str) -> dict:
             sizes.append(d[key])
             forwards.append(d.get("forwards", 1))
             queue.append(e.get("queue_s", 0.0))
+            graphed += bool(d.get("cuda_graph_forwards"))
     if not sizes:
         return {"requests": 0}
     return {"requests": len(sizes), "largest_forward_mean": statistics.fmean(sizes),
             "largest_forward_max": max(sizes),
             "forwards_per_request_mean": statistics.fmean(forwards),
-            "queue_p50_s": statistics.median(queue)}
+            "queue_p50_s": statistics.median(queue), "cuda_graph_share": graphed / len(sizes)}
 
 
 # ---- the direct side -----------------------------------------------------------------------------
@@ -960,7 +961,9 @@ def write_outputs(result: dict, out_dir: str, slug: str) -> None:
             b = v.get("http", {}).get("batches") if isinstance(v, dict) else None
             if b and b.get("requests"):
                 bat.append(f"{k}: largest forward per request {b['largest_forward_mean']:.0f} "
-                           f"(max {b['largest_forward_max']}), server "
+                           f"(max {b['largest_forward_max']}), "
+                           f"{100 * b.get('cuda_graph_share', 0):.0f}% of requests in CUDA "
+                           f"graphs, server "
                            f"{v['http'].get('server_cores', 0):.2f} cores")
         if bat:
             lines += ["", "Server side (last repeat, from its trace): " + "; ".join(bat) + "."]
