@@ -75,7 +75,8 @@ SPLIT_BURST_ROWS = 64
 class Pending:
     """One request inside a job: its inputs, the outputs filled in as forwards finish."""
     __slots__ = ("env", "inputs", "left", "out", "tokens", "batches", "widest", "padded",
-                 "grouped", "graphed", "failed", "extra")
+                 "grouped", "graphed", "failed", "extra", "tokenized_at", "launched_at",
+                 "forward_end")
 
     def __init__(self, env: Envelope, inputs: list, extra: Any = None):
         self.env = env
@@ -88,6 +89,12 @@ class Pending:
         self.padded = 0                 # largest forward (rows x longest row) it ran in
         self.grouped = 0                # largest layer-streamed group its forwards ran in
         self.graphed = 0                # forwards of its inputs replayed from a CUDA graph
+        # where its time in the job went (monotonic seconds; 0: not yet): its last inputs
+        # tokenized (seen by the job), its last forward launched, that forward's end (on the
+        # forward thread, before the event loop saw it)
+        self.tokenized_at = 0.0
+        self.launched_at = 0.0
+        self.forward_end = 0.0
         self.failed: BaseException | None = None
         self.extra = extra
 
@@ -103,6 +110,8 @@ class Batch(list):
         self.retry = retry              # already retried after a GPU out-of-memory
         self.padded = 0                 # rows x longest row
         self.graphed = False            # replayed from a CUDA graph (actors/encoder_graphs.py)
+        self.launched_at = 0.0          # handed to a forward thread (event loop's clock)
+        self.ended = 0.0                # its outputs written (forward thread's clock)
 
     def keep(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
@@ -363,6 +372,7 @@ class EncoderJobs(ModelActor):
                 batch = Batch(pieces)
             if not self._live_only(job, batch):
                 continue
+            batch.launched_at = time.monotonic()
             fut = self.system.executor.run_in(
                 fwd_pool, functools.partial(self._forward_blocking, batch))
             fut.add_done_callback(job.poke)
@@ -407,6 +417,9 @@ class EncoderJobs(ModelActor):
         if not batches:
             return False
         group = Group(batches)
+        now = time.monotonic()
+        for b in batches:
+            b.launched_at = now
         fut = self.system.executor.run_in(
             fwd_pool, functools.partial(self._forward_group_blocking, group))
         fut.add_done_callback(job.poke)
@@ -453,6 +466,7 @@ class EncoderJobs(ModelActor):
         tuners = self._cpu_tuners()
         if tuners is None:
             self._write(batch, self._encode(batch))
+            batch.ended = time.monotonic()
             return
         tuner = tuners[pow2(max(1, batch.padded))]
         n = tuner.threads(1)
@@ -464,6 +478,7 @@ class EncoderJobs(ModelActor):
             out = self._encode(batch)
         tuner.observe(1, time.perf_counter() - t0)
         self._write(batch, out)
+        batch.ended = time.monotonic()
 
     def _cpu_tuners(self) -> dict | None:
         """The CPU forwards' ThreadTuners by padded-token bucket, or None (a GPU forward;
@@ -496,6 +511,7 @@ class EncoderJobs(ModelActor):
                 errors.append(out)
                 continue
             self._write(batch, out)
+            batch.ended = time.monotonic()
             errors.append(None)
         return errors
 
@@ -528,7 +544,9 @@ class EncoderJobs(ModelActor):
                     p.failed = err
                 pieces = []
             job.pool.add([pc for pc in pieces if pc.owner.failed is None])
+            now = time.monotonic()
             for p, _i, _j in taken:
+                p.tokenized_at = now
                 if p.failed is not None:
                     self._done(job, p)
         for fut in [f for f in job.running if f.done()]:
@@ -569,6 +587,9 @@ class EncoderJobs(ModelActor):
                 if p.grouped < group:
                     p.grouped = group
                 p.graphed += batch.graphed
+                if batch.launched_at > p.launched_at:
+                    p.launched_at = batch.launched_at
+                    p.forward_end = batch.ended
                 if p.left == 0:
                     self._done(job, p)
         else:
@@ -658,6 +679,7 @@ class EncoderJobs(ModelActor):
             d["layer_group"] = p.grouped
         if p.graphed:                   # forwards replayed from CUDA graphs
             d["cuda_graph_forwards"] = p.graphed
+        _job_phases(d, p)
         try:
             result = self.finish(p)
         except Exception as exc:  # noqa: BLE001 - delivered to its asker
@@ -691,3 +713,21 @@ def _on_a_thread_of_its_own(threads: int, fn: Any, *args: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box["out"]
+
+
+def _job_phases(d: dict, p: Pending) -> None:
+    """Where a request's time in the job went, into its trace detail (seconds): ``tokenize_s``
+    (from the job taking it to its last inputs tokenized), ``pool_s`` (then until its last
+    forward was handed to a forward thread), ``forward_s`` (that forward, the wait for the one
+    queued before it included), ``noticed_s`` (from the forward's end on its thread to the
+    event loop answering: the loop's or the GIL's delay). Absent when a step did not happen
+    (a request that failed before it was tokenized or run)."""
+    started = p.env.started
+    if not (started and p.tokenized_at):
+        return
+    d["tokenize_s"] = round(p.tokenized_at - started, 6)
+    if p.launched_at:
+        d["pool_s"] = round(max(0.0, p.launched_at - p.tokenized_at), 6)
+        if p.forward_end:
+            d["forward_s"] = round(p.forward_end - p.launched_at, 6)
+            d["noticed_s"] = round(time.monotonic() - p.forward_end, 6)

@@ -94,6 +94,11 @@ def request_phases(base: str, since_s: float) -> dict:
     if not rows:
         return {"requests": 0}
     out = {k: round(1000 * statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+    # the job's part, split (the encoder job's trace detail: actors/encoder_jobs.py)
+    for k in ("tokenize_s", "pool_s", "forward_s", "noticed_s"):
+        vals = [w["detail"][k] for w in work.values() if k in (w.get("detail") or {})]
+        if vals:
+            out["job_" + k[:-2]] = round(1000 * statistics.median(vals), 3)
     rows_in = [w.get("detail", {}).get("batch_texts", 0) for w in work.values()]
     out.update(requests=len(rows), forward_rows_mean=round(statistics.fmean(rows_in), 1),
                forward_rows_max=max(rows_in))

@@ -156,6 +156,11 @@ async def test_forwards_stay_within_max_batch_tokens_and_give_encodes_vectors(re
         events = [e for e in system.tracer.events if e.msg_type == "Embed"]
         assert all(e.detail["batch_tokens"] <= 160 for e in events)
         assert len(events) == len(jobs) and all(e.outcome == "ok" for e in events)
+        # where each request's time in the job went: its phases, in order, within the job
+        for e in events:
+            phases = [e.detail[k] for k in ("tokenize_s", "pool_s", "forward_s", "noticed_s")]
+            assert all(v >= 0 for v in phases), e.detail
+            assert sum(phases) <= e.ended - e.started + 1e-3, (e.detail, e.ended - e.started)
     finally:
         await system.stop_all()
 
