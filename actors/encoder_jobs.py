@@ -491,7 +491,8 @@ class EncoderJobs(ModelActor):
         if self.cpu_tuner is None:
             threads = self.cpu_thread_range()
             self.cpu_tuner = collections.defaultdict(
-                functools.partial(ThreadTuner, *threads)) if threads else False
+                functools.partial(ThreadTuner, *threads, **ENCODER_TUNING)) \
+                if threads else False
         return self.cpu_tuner if self.cpu_tuner is not False else None
 
     def _forward_group_blocking(self, group: Group) -> list[BaseException | None]:
@@ -713,6 +714,15 @@ def _on_a_thread_of_its_own(threads: int, fn: Any, *args: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box["out"]
+
+
+#: the encoders' ThreadTuner settings (runtime/thread_tuner.py): forwards come in bursts, a
+#: few per size each, with pauses between: a pause of up to ``idle_s`` does not restart the
+#: comparison, and a probe is three forwards (two counted), so the choice is made within a
+#: burst or two (with the LLM decode loop's settings, a probe of six forwards never completed
+#: and one-sentence bursts ran on one thread of two: benchmarks/embed_throughput.py fell
+#: from 0.83 to 0.41 of a direct encode)
+ENCODER_TUNING = {"probe_every": 8, "probe_steps": 3, "idle_s": 10.0}
 
 
 def _job_phases(d: dict, p: Pending) -> None:
