@@ -491,7 +491,8 @@ class EncoderJobs(ModelActor):
         if self.cpu_tuner is None:
             threads = self.cpu_thread_range()
             self.cpu_tuner = collections.defaultdict(
-                functools.partial(ThreadTuner, *threads, **ENCODER_TUNING)) \
+                functools.partial(ThreadTuner, *threads, probe_every=ENCODER_PROBE_EVERY,
+                                  probe_steps=ENCODER_PROBE_STEPS, idle_s=ENCODER_IDLE_S)) \
                 if threads else False
         return self.cpu_tuner if self.cpu_tuner is not False else None
 
@@ -722,7 +723,9 @@ def _on_a_thread_of_its_own(threads: int, fn: Any, *args: Any) -> Any:
 #: burst or two (with the LLM decode loop's settings, a probe of six forwards never completed
 #: and one-sentence bursts ran on one thread of two: benchmarks/embed_throughput.py fell
 #: from 0.83 to 0.41 of a direct encode)
-ENCODER_TUNING = {"probe_every": 8, "probe_steps": 3, "idle_s": 10.0}
+ENCODER_PROBE_EVERY = 8
+ENCODER_PROBE_STEPS = 3
+ENCODER_IDLE_S = 10.0
 
 
 def _job_phases(d: dict, p: Pending) -> None:
