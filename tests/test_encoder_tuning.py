@@ -1,8 +1,8 @@
 """The encoders' CPU forwards choose their torch thread count within bursts of a few forwards
 (actors/encoder_jobs.py: ENCODER_PROBE_EVERY, _STEPS, _IDLE_S). Regression: with the LLM
-decode loop's settings a burst of one-sentence requests (a few forwards, then a pause) never finished a probe, so the
-embedder stayed on one thread of two and benchmarks/embed_throughput.py fell from 0.83 to
-0.41 of a direct encode."""
+decode loop's settings a burst of one-sentence requests (a few forwards, then a pause) never
+finished a probe, so the embedder stayed on one thread of two and
+benchmarks/embed_throughput.py fell from 0.83 to 0.41 of a direct encode."""
 from __future__ import annotations
 
 from agile_rag.actors.encoder_jobs import ENCODER_IDLE_S, ENCODER_PROBE_EVERY, ENCODER_PROBE_STEPS
