@@ -194,7 +194,17 @@ class EncoderActor(EncoderJobs):
         self._per_token = engine.per_token_bytes()
 
     def unload_blocking(self) -> None:
+        if self.engine is not None:
+            self.engine.stop_graphs()
         self.engine = None
+
+    def update(self, spec, params) -> bool:
+        super().update(spec, params)
+        # unpinned, or graphs turned off: their memory goes back now, not at the next job
+        if self.engine is not None and self.engine.graphs is not None and \
+                not self._graphs_planned():
+            self.engine.stop_graphs()
+        return True
 
     async def on_stop(self) -> None:
         await super().on_stop()

@@ -37,3 +37,34 @@ def test_padding_to_a_bucket_masks_the_new_rows_and_columns():
     assert (got_mask[:2, :3] == mask).all() and got_mask[:2, 3:].sum() == 0
     # a padded row attends to its first position only (a fully masked row computes NaNs)
     assert got_mask[2:].tolist() == [[1] + [0] * 15] * 2
+
+
+class _Engine:
+    """A backend double holding graphs (real ones need CUDA)."""
+
+    def __init__(self):
+        self.graphs = object()
+        self.stopped = 0
+
+    def stop_graphs(self):
+        self.graphs = None
+        self.stopped += 1
+
+
+def test_unpinning_or_turning_graphs_off_gives_their_memory_back_at_once():
+    from agile_rag.actors.embedder_actor import EmbedderActor
+    from agile_rag.runtime.liveconfig import ModelSpec
+
+    pinned = ModelSpec("embedder", "e", "/nowhere", "/nowhere", device="cuda")
+    actor = EmbedderActor(pinned)
+    actor.engine = engine = _Engine()
+    actor.update(pinned, {})                              # still pinned: kept
+    assert engine.graphs is not None
+    actor.update(pinned, {"cuda_graphs": False})          # turned off
+    assert engine.graphs is None and engine.stopped == 1
+    engine.graphs = object()
+    actor.update(ModelSpec("embedder", "e", "/nowhere", "/nowhere", device="flex"), {})
+    assert engine.graphs is None and engine.stopped == 2
+    engine.graphs = object()
+    actor.unload_blocking()                               # unloaded
+    assert engine.stopped == 3 and actor.engine is None
