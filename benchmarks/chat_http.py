@@ -88,8 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="torch profiler over a burst of "
                    "--burst chats in the engine alone (first run): the top operators by CPU "
                    "and device time, in the json and md")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the served server (repeatable), e.g. "
+                   "CUDA_MODULE_LOADING=EAGER to see what first kernel launches cost the "
+                   "first burst")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
+    bad = [kv for kv in a.server_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        p.error(f"--server-env takes NAME=VALUE, got {bad[0]!r}")
     if a.tiny:
         a.prompt_tokens = min(a.prompt_tokens, 60)
         a.new_tokens = min(a.new_tokens, 16)
@@ -446,8 +453,9 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
                            "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
     t0 = time.monotonic()
-    proc, base, log = start_server(work, live, cfg)
-    out: dict = {"log": log}
+    env = dict(kv.split("=", 1) for kv in a.server_env)
+    proc, base, log = start_server(work, live, cfg, env=env or None)
+    out: dict = {"log": log, **({"server_env": env} if env else {})}
     try:
         wait_ready(base, proc, timeout=400)
         out["start_s"] = round(time.monotonic() - t0, 2)
