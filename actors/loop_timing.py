@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 
+#: a forward's start: (monotonic seconds, its CUDA start event or None, the allocator's
+#: (segments, small-pool segments, bytes) then, when counted)
+Mark = tuple[float, Any, tuple[int, int, int] | None]
+
 
 def add_time(stats: dict, key: str, seconds: float) -> None:
     stats[key] = stats.get(key, 0.0) + seconds
@@ -40,21 +44,17 @@ class LoopTiming:
         #: and of them (small-pool segments, MB)
         self.last_allocs = 0
         self.last_alloc_detail = (0, 0.0)
-        self._mark_detail: tuple[int, int] = (0, 0)
 
-    def start(self, allocs: bool = False) -> tuple[float, Any, int | None]:
+    def start(self, allocs: bool = False) -> Mark:
         """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
         ev = None
         if self.on_gpu:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-        counted = None
-        if allocs and self.on_gpu:
-            counted, *detail = _allocator_counts()
-            self._mark_detail = (detail[0], detail[1])
+        counted = _allocator_counts() if allocs and self.on_gpu else None
         return time.monotonic(), ev, counted
 
-    def launched(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> None:
+    def launched(self, stats: dict, kind: str, mark: Mark) -> None:
         """The forward's kernels are queued (``runner.run`` returned)."""
         add_time(stats, kind + "_launch_s", time.monotonic() - mark[0])
         if mark[1] is not None:
@@ -62,7 +62,7 @@ class LoopTiming:
             end.record()
             self._pending.append((kind, mark[1], end))
 
-    def done(self, stats: dict, kind: str, mark: tuple[float, Any, int | None]) -> float:
+    def done(self, stats: dict, kind: str, mark: Mark) -> float:
         """The forward's tokens are on the host (or, for a chunk, its work is queued):
         adds and returns its host seconds; reads the GPU times that are ready."""
         took = time.monotonic() - mark[0]
@@ -71,10 +71,10 @@ class LoopTiming:
         if mark[2] is not None:
             key = kind + "_device_allocs"
             segments, small, nbytes = _allocator_counts()
-            self.last_allocs = segments - mark[2]
+            segments0, small0, nbytes0 = mark[2]
+            self.last_allocs = segments - segments0
             stats[key] = stats.get(key, 0) + self.last_allocs
-            self.last_alloc_detail = (small - self._mark_detail[0],
-                                      round((nbytes - self._mark_detail[1]) / 2**20, 1))
+            self.last_alloc_detail = (small - small0, round((nbytes - nbytes0) / 2**20, 1))
         self.collect(stats)
         return took
 
