@@ -466,7 +466,6 @@ class EncoderJobs(ModelActor):
         tuners = self._cpu_tuners()
         if tuners is None:
             self._write(batch, self._encode(batch))
-            batch.ended = time.monotonic()
             return
         tuner = tuners[pow2(max(1, batch.padded))]
         n = tuner.threads(1)
@@ -478,7 +477,6 @@ class EncoderJobs(ModelActor):
             out = self._encode(batch)
         tuner.observe(1, time.perf_counter() - t0)
         self._write(batch, out)
-        batch.ended = time.monotonic()
 
     def _cpu_tuners(self) -> dict | None:
         """The CPU forwards' ThreadTuners by padded-token bucket, or None (a GPU forward;
@@ -513,11 +511,11 @@ class EncoderJobs(ModelActor):
                 errors.append(out)
                 continue
             self._write(batch, out)
-            batch.ended = time.monotonic()
             errors.append(None)
         return errors
 
     def _write(self, batch: Batch, out: np.ndarray) -> None:
+        """(forward thread) A forward's rows into their requests' arrays; the batch ends."""
         for j, piece in enumerate(batch.pieces):
             p = piece.owner
             if p.out is None:
@@ -525,6 +523,7 @@ class EncoderJobs(ModelActor):
                     if p.out is None:
                         p.out = np.empty((len(p.inputs),) + out.shape[1:], dtype=np.float32)
             p.out[piece.index] = out[j]
+        batch.ended = time.monotonic()
 
     def _encode(self, batch: Batch) -> np.ndarray:
         engine = self.engine
