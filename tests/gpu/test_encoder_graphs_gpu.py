@@ -47,22 +47,21 @@ def eager(engine, inputs):
         engine.graphs = graphs
 
 
-async def pinned(system, cls, spec_kw, params=None):
-    actor = cls(ModelSpec(device="cuda", **spec_kw), params)
+async def pinned(cls, kind: str, name: str, folder: str, params=None, **spec_kw):
+    """A new system (the real arbiter) with ``cls`` loaded from ``folder``, pinned on the GPU."""
+    system = ActorSystem()
+    system.spawn(VRAMArbiter(1 << 32))
+    actor = cls(ModelSpec(kind, name, folder, folder, device="cuda", **spec_kw), params)
     actor.residency_factory = WeightResidency
     system.spawn(actor)
     await actor.ask(Describe())
-    return actor
+    return system, actor
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
 def test_embedder_graphs_give_the_eager_vectors(folders, dtype, tol):
     async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 32))
-        e = await pinned(system, EmbedderActor, dict(kind="embedder", name="emb",
-                                                      path=folders[0], tokenizer_path=folders[0],
-                                                      dtype=dtype))
+        system, e = await pinned(EmbedderActor, "embedder", "emb", folders[0], dtype=dtype)
         assert next(e.model.parameters()).is_cuda
         for n in (1, 3, 17, 40, 150):
             texts = TEXTS[:n]
@@ -87,11 +86,8 @@ def test_reranker_graphs_give_the_eager_scores(folders):
     docs = TEXTS[:100]
 
     async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 32))
-        r = await pinned(system, RerankerActor, dict(kind="reranker", name="ce",
-                                                      path=folders[1], tokenizer_path=folders[1],
-                                                      backend="cross-encoder", max_tokens=64))
+        system, r = await pinned(RerankerActor, "reranker", "ce", folders[1],
+                                 backend="cross-encoder", max_tokens=64)
         got = (await r.ask(Rerank(query="capital of france", documents=docs))).scores
         want = eager(r.engine, [["capital of france", d] for d in docs])
         assert np.abs(np.asarray(got) - want).max() <= 1e-5     # input order
@@ -103,10 +99,7 @@ def test_reranker_graphs_give_the_eager_scores(folders):
 def test_padding_of_a_graph_bucket_changes_nothing(folders):
     """Rows and columns the bucket adds are masked: a batch's rows equal each row alone."""
     async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 32))
-        e = await pinned(system, EmbedderActor, dict(kind="embedder", name="emb",
-                                                      path=folders[0], tokenizer_path=folders[0]))
+        system, e = await pinned(EmbedderActor, "embedder", "emb", folders[0])
         engine = e.engine
         engine.start_graphs(8192)
         batch = engine.forward(pieces_of(engine, TEXTS[:5]))     # 5 rows -> the 8-row graph
@@ -119,11 +112,8 @@ def test_padding_of_a_graph_bucket_changes_nothing(folders):
 
 def test_cuda_graphs_false_keeps_forwards_eager(folders):
     async def go():
-        system = ActorSystem()
-        system.spawn(VRAMArbiter(1 << 32))
-        e = await pinned(system, EmbedderActor, dict(kind="embedder", name="emb",
-                                                      path=folders[0], tokenizer_path=folders[0]),
-                         {"cuda_graphs": False})
+        system, e = await pinned(EmbedderActor, "embedder", "emb", folders[0],
+                                 {"cuda_graphs": False})
         await e.ask(Embed(texts=TEXTS[:10]))
         assert e.engine.graphs is None
         await system.stop_all()
