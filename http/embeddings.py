@@ -1,19 +1,20 @@
 """POST /v1/embeddings: strings, arrays of strings, or cl100k token-id arrays (LangChain)."""
 from __future__ import annotations
 
-import binascii
 import functools
 
-import numpy as np
 from aiohttp import web
 
 from agile_rag.actors.messages import Embed, EmbedResult
+from agile_rag.runtime.actor import Actor
 from agile_rag.runtime.errors import InvalidRequest
 
 from .common import ask_model, resolve_model
-from .errors import json_response
-from .keys import SERVER
+from .keys import REQUEST_ID, SERVER
 from .parsing import Fields, read_json
+from .vectors import embeddings_body
+
+__all__ = ["decode_tokens", "embeddings", "parse_input", "prepare_embed"]
 
 MAX_INPUTS = 2048
 
@@ -35,19 +36,6 @@ def decode_tokens(ids: list[int], where: str) -> str:
     except (KeyError, ValueError) as exc:
         raise InvalidRequest(f"{where} has token ids cl100k_base cannot decode ({exc}).",
                              param="input") from None
-
-
-def base64_rows(vecs: np.ndarray) -> list[str]:
-    """Each row as base64 of its little-endian float32 bytes (what the openai client decodes),
-    read straight from the array's memory."""
-    le = np.ascontiguousarray(vecs, dtype="<f4")
-    if le.ndim != 2 or not le.size:
-        return ["" for _ in range(len(le))]
-    raw = memoryview(le).cast("B")
-    row = le.shape[1] * 4
-    b2a = binascii.b2a_base64
-    return [b2a(raw[i:i + row], newline=False).decode("ascii")
-            for i in range(0, len(raw), row)]
 
 
 def _is_int(v) -> bool:
@@ -75,9 +63,10 @@ def parse_input(value) -> list[str]:
                          param="input", code="invalid_type")
 
 
-async def embeddings(request: web.Request) -> web.Response:
-    server = request.app[SERVER]
-    f = Fields(await read_json(request))
+def prepare_embed(server, body: dict) -> tuple[Actor, Embed, str]:
+    """A request body checked: the model that answers it, the message it gets and the
+    encoding format of the answer (an error names what is wrong)."""
+    f = Fields(body)
     actor = resolve_model(server, "embedder", f.string("model"))
     texts = parse_input(f.required("input"))
     fmt = f.string("encoding_format", "float")
@@ -85,17 +74,13 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest(f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}.",
                              param="encoding_format", code="invalid_value")
     dims = f.integer("dimensions", None, lo=1)
-    result: EmbedResult = await ask_model(server, actor, Embed(texts=texts, dimensions=dims),
-                                          request)
-    vecs = result.vectors
-    if fmt == "base64":
-        data = [{"object": "embedding", "index": i, "embedding": b64}
-                for i, b64 in enumerate(base64_rows(vecs))]
-    else:      # rows as numpy views: orjson writes float32 arrays natively (OPT_SERIALIZE_NUMPY)
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    return json_response({"object": "list", "data": data, "model": actor.spec.name, "usage": usage},
-                         request=request)
+    return actor, Embed(texts=texts, dimensions=dims), fmt
 
 
-
+async def embeddings(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    actor, msg, fmt = prepare_embed(server, await read_json(request))
+    result: EmbedResult = await ask_model(server, actor, msg, request)
+    body = embeddings_body(actor.spec.name, fmt, result.vectors, result.prompt_tokens)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"x-request-id": request[REQUEST_ID]})

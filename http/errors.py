@@ -47,13 +47,19 @@ def json_response(data, *, status: int = 200, request: web.Request | None = None
     return web.Response(body=body, status=status, headers=head)
 
 
-def error_response(err: ServiceError, request: web.Request | None = None) -> web.Response:
+def error_headers(err: ServiceError) -> dict[str, str]:
+    """What an error's response says besides its body: whether (and when) to retry."""
     headers = {}
     if not err.retryable:
         headers["x-should-retry"] = "false"
     if isinstance(err, Overloaded) or err.status == 503:     # busy, or a model going away
         headers["Retry-After"] = "1"
-    return json_response(err.to_dict(), status=err.status, request=request, headers=headers)
+    return headers
+
+
+def error_response(err: ServiceError, request: web.Request | None = None) -> web.Response:
+    return json_response(err.to_dict(), status=err.status, request=request,
+                         headers=error_headers(err))
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ServiceError:
@@ -77,14 +83,18 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Servic
 OPEN_PATHS = frozenset({"/", "/health"})
 
 
+def bad_api_key() -> Unauthorized:
+    return Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer "
+                        "<key>'.")
+
+
 def check_api_key(request: web.Request) -> None:
     """Model routes need one of ``API_KEYS`` as a Bearer key, when any is configured (the
     admin API checks its own key)."""
     keys = request.app[SERVER].settings.API_KEYS
     if keys and request.path not in OPEN_PATHS and not request.path.startswith("/admin") \
             and not bearer_matches(request, keys):
-        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer "
-                           "<key>'.")
+        raise bad_api_key()
 
 
 @web.middleware

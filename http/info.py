@@ -58,9 +58,12 @@ async def health(request: web.Request) -> web.Response:
     arbiter = server.system.actors.get("vram-arbiter")
     gpus = arbiter.state().devices if arbiter is not None and hasattr(arbiter, "state") \
         else {}
-    return json_response({"status": status, "uptime_s": round(time.time() - server.started_at, 1),
-                          "models": models, "config_error": server.config_error,
-                          "gpus": gpus}, request=request)
+    body = {"status": status, "uptime_s": round(time.time() - server.started_at, 1),
+            "models": models, "config_error": server.config_error, "gpus": gpus}
+    fronts = getattr(server, "fronts", None)
+    if fronts is not None:          # FRONT_PROCESSES: how many are connected now
+        body["http_fronts"] = {"configured": fronts.count, "running": fronts.connected}
+    return json_response(body, request=request)
 
 
 async def index(request: web.Request) -> web.Response:

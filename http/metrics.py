@@ -366,22 +366,41 @@ async def metrics_middleware(request: web.Request, handler):
         outcome = "ok" if status < 400 else "error"
         raise
     finally:
-        t1 = time.monotonic()
         live[gauge] -= 1
         model = request.get(MODEL_NAME) or metrics.model_of(request, route)
-        code = str(status)
-        tally.count(metrics.requests_of, (route, model, code))
-        if status >= 400:
-            tally.count(metrics.errors_of, (route, model, code))
-        tally.observe(metrics.latency_of, (route, model), t1 - t0)
-        tracer = metrics.server.system.tracer
-        if tracer.enabled and not request.path.startswith(UNTRACED_PREFIXES):
-            detail = {"status": status, "path": request.path}
-            if model:
-                detail["model"] = model
-            tracer.record(TraceEvent(HTTP_ACTOR, f"{request.method} {route}",
-                                     request.get(REQUEST_ID), None, t0, t0, t1, outcome,
-                                     detail))
+        _record(metrics, request.method, route, request.path, model, status, outcome, t0,
+                time.monotonic(), request.get(REQUEST_ID))
+
+
+def record_request(app: web.Application, method: str, route: str, path: str,
+                   model: str | None, status: int, outcome: str, t0: float, t1: float,
+                   request_id: str | None, *, front: bool = False) -> None:
+    """Count a request served outside this app's middleware (an HTTP front process's:
+    http/front_bridge.py) as the middleware counts its own, and trace its HTTP span."""
+    metrics: Metrics | None = app.get(METRICS)
+    if metrics is not None:
+        _record(metrics, method, route, path, model or "", status, outcome, t0, t1,
+                request_id, front)
+
+
+def _record(metrics: Metrics, method: str, route: str, path: str, model: str, status: int,
+            outcome: str, t0: float, t1: float, request_id: str | None,
+            front: bool = False) -> None:
+    tally = metrics.tally
+    code = str(status)
+    tally.count(metrics.requests_of, (route, model, code))
+    if status >= 400:
+        tally.count(metrics.errors_of, (route, model, code))
+    tally.observe(metrics.latency_of, (route, model), t1 - t0)
+    tracer = metrics.server.system.tracer
+    if tracer.enabled and not path.startswith(UNTRACED_PREFIXES):
+        detail: dict = {"status": status, "path": path}
+        if model:
+            detail["model"] = model
+        if front:
+            detail["front"] = True
+        tracer.record(TraceEvent(HTTP_ACTOR, f"{method} {route}", request_id, None, t0, t0, t1,
+                                 outcome, detail))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

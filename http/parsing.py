@@ -16,11 +16,18 @@ _MISSING = object()
 async def read_json(request: web.Request) -> dict:
     # Any content type whose body is JSON is read as JSON (plain `curl -d` sends a form type);
     # multipart uploads cannot be a JSON body at all.
-    ctype = request.content_type or ""
+    check_content_type(request.content_type or "")
+    return parse_json_body(await request.read())
+
+
+def check_content_type(ctype: str) -> None:
     if ctype.startswith("multipart/"):
         raise InvalidRequest(f"Send the request body as JSON (Content-Type: application/json); "
                              f"got {ctype!r}.", status=415, code="unsupported_media_type")
-    raw = await request.read()
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """A request body's bytes as a JSON object, or the 400 that says what is wrong."""
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -36,7 +43,11 @@ async def read_json(request: web.Request) -> dict:
 def bearer_matches(request: web.Request, keys: list[str]) -> bool:
     """Does the request's ``Authorization: Bearer <key>`` match one of ``keys``?
     (constant-time comparison)"""
-    given = request.headers.get("Authorization", "")
+    return bearer_in(request.headers.get("Authorization", ""), keys)
+
+
+def bearer_in(given: str, keys: list[str]) -> bool:
+    """Is ``given`` (an Authorization header) ``Bearer <one of keys>``?"""
     token = given[7:].strip() if given.lower().startswith("bearer ") else ""
     return any(hmac.compare_digest(token.encode(), k.encode()) for k in keys)
 
