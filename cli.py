@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="threads of the pool that runs model work (SERVICE_NUM_WORKERS, "
                              "default 4)")
+    parser.add_argument("--front-processes", metavar="N|auto",
+                        help="HTTP front processes beside the server for many small "
+                             "embeddings requests (FRONT_PROCESSES, default 0; auto: half "
+                             "the cores, at most 8, on a CUDA machine with 8 or more cores)")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1 or \
             args.torch_threads is not None and args.torch_threads < 0:
@@ -59,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     limit_malloc_arenas()
 
-    from .configs import load_settings
+    from .configs import front_processes, load_settings
     try:
         settings = load_settings(args.config, HOST=args.host, PORT=args.port,
                                  LIVECONFIGS_PATH=args.live_config,
                                  TORCH_THREADS=args.torch_threads,
-                                 SERVICE_NUM_WORKERS=args.workers)
+                                 SERVICE_NUM_WORKERS=args.workers,
+                                 FRONT_PROCESSES=args.front_processes)
+        front_processes(settings.FRONT_PROCESSES, cpus=1)       # a bad value fails here
     except (OSError, ValueError, SyntaxError) as exc:
         print(f"agile-rag-server: bad --config: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,11 @@ PORT = 8000
 API_KEYS: list[str] = []      # Bearer keys for the model routes; empty = any key (or none) accepted
 ADMIN_KEY = ""                # key for /admin routes (Bearer); empty = admin routes disabled
 MAX_BODY_BYTES = 16 * 1024 * 1024   # larger request bodies get 413
-FRONT_PROCESSES = 0           # HTTP front processes beside the server (Linux): they share its
-                              # port and write the small /v1/embeddings requests' HTTP on their
-                              # own cores (README, "Many small embeddings requests"); 0 = none
+FRONT_PROCESSES: int | str = 0  # HTTP front processes beside the server (Linux): they share
+                              # its port and write the small /v1/embeddings requests' HTTP on
+                              # their own cores; other requests (chat streams too) pass through
+                              # them (README, "HTTP front processes"); 0 = none; "auto" = half
+                              # the CPU cores, at most 8, with a CUDA GPU and 8+ cores, else none
 
 # --- admin uploads -------------------------------------------------------------------------------
 MODELS_DIR = ""               # where uploaded model folders go; "" = models/ by liveconfigs.json
@@ -73,7 +75,7 @@ class Settings:
     API_KEYS: list = dataclasses.field(default_factory=lambda: list(API_KEYS))
     ADMIN_KEY: str = ADMIN_KEY
     MAX_BODY_BYTES: int = MAX_BODY_BYTES
-    FRONT_PROCESSES: int = FRONT_PROCESSES
+    FRONT_PROCESSES: int | str = FRONT_PROCESSES
     MODELS_DIR: str = MODELS_DIR
     MAX_UPLOAD_BYTES: int = MAX_UPLOAD_BYTES
     ALLOW_PICKLE_UPLOADS: bool = ALLOW_PICKLE_UPLOADS
@@ -115,3 +117,26 @@ def load_settings(path: str | None = None, **overrides) -> Settings:
         if value is not None:
             setattr(settings, key, value)
     return settings
+
+
+def front_processes(setting: int | str, cpus: int | None = None,
+                    cuda: bool | None = None) -> int:
+    """How many HTTP front processes ``FRONT_PROCESSES`` asks for on this machine."""
+    if setting != "auto":
+        try:
+            n = int(setting)
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0 or isinstance(setting, (bool, float)):
+            raise ValueError(f"FRONT_PROCESSES must be 0 or more, or 'auto'; got {setting!r}")
+        return n
+    cpus = os.cpu_count() or 1 if cpus is None else cpus
+    if cpus < 8:
+        return 0
+    if cuda is None:
+        try:
+            import torch
+            cuda = bool(torch.cuda.is_available())
+        except ImportError:
+            cuda = False
+    return min(8, cpus // 2) if cuda else 0

@@ -17,7 +17,7 @@ from .actors.embedder_actor import EmbedderActor
 from .actors.llm_actor import LLMActor
 from .actors.model_base import ModelActor
 from .actors.reranker_actor import RerankerActor
-from .configs import Settings
+from .configs import Settings, front_processes
 from .runtime.executor import ModelExecutor, decode_thread_range, torch_threads
 from .runtime.liveconfig import LiveConfig, ModelSpec, parse_text
 from .runtime.registry import ModelRegistry
@@ -139,13 +139,14 @@ def run(settings: Settings) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock, fronts = None, None
-    if settings.FRONT_PROCESSES > 0:
+    count = front_processes(settings.FRONT_PROCESSES)
+    if count > 0:
         if hasattr(socket, "SO_REUSEPORT"):
             from .http.front_bridge import FrontBridge
             sock = shared_socket(settings.HOST, settings.PORT)
             host, port = sock.getsockname()[:2]
-            fronts = FrontBridge(settings.FRONT_PROCESSES, host, port)
-        else:
+            fronts = FrontBridge(count, host, port)
+        elif settings.FRONT_PROCESSES != "auto":
             log.warning("FRONT_PROCESSES needs SO_REUSEPORT (Linux); serving without fronts")
     app = create_app(settings, fronts)
     log.info("AgileRagServer on http://%s:%s (live config %s)", settings.HOST,

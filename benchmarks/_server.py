@@ -47,14 +47,18 @@ def start_server(workdir: str, live: dict, configs: str,
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0,
                poll: float = 0.5) -> None:
-    """Until /health says ok (not degraded: a benchmark wants every model loaded)."""
+    """Until /health says ok (not degraded: a benchmark wants every model loaded) and every
+    HTTP front process (FRONT_PROCESSES) is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if json.load(r)["status"] == "ok":
+                health = json.load(r)
+                fronts = health.get("http_fronts") or {}
+                if health["status"] == "ok" and \
+                        fronts.get("running", 0) >= fronts.get("configured", 0):
                     return
         except OSError:
             pass

@@ -88,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="torch profiler over a burst of "
                    "--burst chats in the engine alone (first run): the top operators by CPU "
                    "and device time, in the json and md")
+    p.add_argument("--fronts", default=None, help="the served server's FRONT_PROCESSES "
+                   "(a number or auto; default: the server's own default)")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the served server (repeatable), e.g. "
                    "CUDA_MODULE_LOADING=EAGER to see what first kernel launches cost the "
@@ -452,10 +454,13 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             "llm_params": {"default_temp": 0, "max_batch_size": 64,
                            "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
+    if a.fronts is not None:
+        cfg += f"FRONT_PROCESSES = {a.fronts if a.fronts == 'auto' else int(a.fronts)!r}\n"
     t0 = time.monotonic()
     env = dict(kv.split("=", 1) for kv in a.server_env)
     proc, base, log = start_server(work, live, cfg, env=env or None)
-    out: dict = {"log": log, **({"server_env": env} if env else {})}
+    out: dict = {"log": log, **({"server_env": env} if env else {}),
+                 **({"fronts": a.fronts} if a.fronts is not None else {})}
     try:
         wait_ready(base, proc, timeout=400)
         out["start_s"] = round(time.monotonic() - t0, 2)

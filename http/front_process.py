@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import aiohttp
 import orjson
@@ -62,6 +63,9 @@ def error(status: int, message: str, code: str, kind: str = "invalid_request_err
 
 
 _LOCAL_IDS = itertools.count(1)
+#: a passed-through request body up to this size is read whole and sent with its length;
+#: larger ones (uploads) stream through
+SMALL_BODY = 1 << 20
 #: every answer a front writes says so (which process: its pid), for whoever debugs
 FRONT_HEADER = "x-agile-rag-front"
 FRONT_ID = str(os.getpid())
@@ -136,16 +140,19 @@ class Front:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         """Any other request, passed through to the main process and streamed back."""
-        if self.session is None:
-            self.session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.main_http),
-                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+        session = self.upstream()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         if request.remote:
             headers["X-Forwarded-For"] = request.remote
-        data = request.content.iter_chunked(1 << 16) if request.body_exists else None
+        data: Any = None
+        if request.body_exists:
+            size = request.content_length
+            if size is not None and size <= SMALL_BODY:
+                data = await request.read()           # one write upstream, with its length
+            else:                                     # uploads: streamed (chunked)
+                data = request.content.iter_chunked(1 << 16)
         try:
-            async with self.session.request(
+            async with session.request(
                     request.method, URL("http://agile-rag" + request.raw_path, encoded=True),
                     headers=headers, data=data, allow_redirects=False) as up:
                 resp = web.StreamResponse(status=up.status, reason=up.reason)
@@ -166,6 +173,15 @@ class Front:
             return error(503, "The server is restarting or shutting down; retry shortly.",
                          "unavailable", "server_error", retry=True)
 
+    def upstream(self) -> aiohttp.ClientSession:
+        """The session to the main process's HTTP (made at start, so that a front's first
+        passed-through request does not pay for it)."""
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.main_http, limit=0),
+                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+        return self.session
+
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
@@ -174,6 +190,7 @@ class Front:
 async def serve(args: argparse.Namespace) -> None:
     reader, writer = await asyncio.open_unix_connection(args.bridge)
     front = Front(reader, writer, args.main_http, args.max_body)
+    front.upstream()
     app = web.Application(client_max_size=args.max_body)
     for prefix in ("/v1", ""):
         app.router.add_post(prefix + "/embeddings", front.embeddings)

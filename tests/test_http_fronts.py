@@ -200,3 +200,17 @@ async def test_a_front_that_dies_is_started_again(fronted):
     assert victim not in {int(r[1][FRONT]) for r in rows if FRONT in r[1]}
     with open(fronted["log"]) as f:
         assert "exited with" in f.read()
+
+
+def test_how_many_fronts_auto_and_numbers_ask_for():
+    from agile_rag.configs import front_processes
+
+    assert front_processes("auto", cpus=16, cuda=True) == 8
+    assert front_processes("auto", cpus=64, cuda=True) == 8
+    assert front_processes("auto", cpus=8, cuda=True) == 4
+    assert front_processes("auto", cpus=16, cuda=False) == 0      # the CPU computes: no fronts
+    assert front_processes("auto", cpus=4, cuda=True) == 0
+    assert front_processes(3) == 3 and front_processes("2") == 2 and front_processes(0) == 0
+    for bad in (-1, "x", 1.5, True):
+        with pytest.raises(ValueError, match="FRONT_PROCESSES"):
+            front_processes(bad)
