@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -95,7 +96,7 @@ class FrontBridge:
             if proc.returncode is None:
                 proc.terminate()
         if procs:
-            done, pending = await asyncio.wait(
+            await asyncio.wait(
                 [asyncio.ensure_future(p.wait()) for p in procs],
                 timeout=self.server.settings.SHUTDOWN_TIMEOUT + 5)
             for proc in procs:
@@ -118,7 +119,7 @@ class FrontBridge:
             while True:
                 try:
                     frame = await read_frame(reader)
-                except (ConnectionError, ValueError, EOFError) as exc:
+                except (ConnectionError, ValueError, EOFError, pickle.UnpicklingError) as exc:
                     log.warning("an HTTP front process sent a broken frame: %r", exc)
                     break
                 if frame is None:
