@@ -151,6 +151,7 @@ class Front:
                 data = await request.read()           # one write upstream, with its length
             else:                                     # uploads: streamed (chunked)
                 data = request.content.iter_chunked(1 << 16)
+        resp: web.StreamResponse | None = None
         try:
             async with session.request(
                     request.method, URL("http://agile-rag" + request.raw_path, encoded=True),
@@ -170,6 +171,8 @@ class Front:
         except aiohttp.ClientConnectionError as exc:
             log.warning("front %d: the main process did not answer %s %s: %s", os.getpid(),
                         request.method, request.path, exc)
+            if resp is not None and resp.prepared:      # cut mid-answer: the client sees it
+                raise ConnectionResetError("the main process went away mid-answer") from exc
             return error(503, "The server is restarting or shutting down; retry shortly.",
                          "unavailable", "server_error", retry=True)
 
