@@ -45,6 +45,12 @@ def start_server(workdir: str, live: dict, configs: str,
     return proc, f"http://127.0.0.1:{port}", log_path
 
 
+def fronts_up(health: dict) -> bool:
+    """Every HTTP front process the server was asked for (FRONT_PROCESSES) is connected."""
+    fronts = health.get("http_fronts") or {}
+    return fronts.get("running", 0) >= fronts.get("configured", 0)
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0,
                poll: float = 0.5) -> None:
     """Until /health says ok (not degraded: a benchmark wants every model loaded) and every
@@ -56,9 +62,7 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0,
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
                 health = json.load(r)
-                fronts = health.get("http_fronts") or {}
-                if health["status"] == "ok" and \
-                        fronts.get("running", 0) >= fronts.get("configured", 0):
+                if health["status"] == "ok" and fronts_up(health):
                     return
         except OSError:
             pass

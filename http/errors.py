@@ -10,7 +10,7 @@ import re
 import orjson
 from aiohttp import web
 
-from agile_rag.runtime.errors import InvalidRequest, Overloaded, ServiceError, Unauthorized
+from agile_rag.runtime.errors import InvalidRequest, ServiceError, Unauthorized
 
 from .keys import REQUEST_ID, SERVER
 from .parsing import bearer_matches
@@ -47,19 +47,15 @@ def json_response(data, *, status: int = 200, request: web.Request | None = None
     return web.Response(body=body, status=status, headers=head)
 
 
-def error_headers(err: ServiceError) -> dict[str, str]:
-    """What an error's response says besides its body: whether (and when) to retry."""
-    headers = {}
-    if not err.retryable:
-        headers["x-should-retry"] = "false"
-    if isinstance(err, Overloaded) or err.status == 503:     # busy, or a model going away
-        headers["Retry-After"] = "1"
-    return headers
-
-
 def error_response(err: ServiceError, request: web.Request | None = None) -> web.Response:
     return json_response(err.to_dict(), status=err.status, request=request,
-                         headers=error_headers(err))
+                         headers=err.headers())
+
+
+def internal_error(request_id: str | None) -> ServiceError:
+    """What a client sees of an unexpected failure (the log has the stack trace)."""
+    return ServiceError(f"Internal server error; request id {request_id}. The server log has "
+                        "the details.")
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ServiceError:
@@ -117,9 +113,7 @@ async def error_middleware(request: web.Request, handler):
     except Exception:  # noqa: BLE001 - never a stack trace in the body
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path,
                       request[REQUEST_ID])
-        return error_response(ServiceError(
-            f"Internal server error; request id {request[REQUEST_ID]}. The server log has "
-            "the details."), request)
+        return error_response(internal_error(request[REQUEST_ID]), request)
     if not resp.prepared and "x-request-id" not in resp.headers:
         resp.headers["x-request-id"] = request[REQUEST_ID]
     return resp

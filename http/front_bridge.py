@@ -23,7 +23,7 @@ from agile_rag.runtime.errors import ServiceError
 
 from .common import ask_model_for
 from .embeddings import prepare_embed
-from .errors import bad_api_key, error_headers, new_request_id
+from .errors import bad_api_key, internal_error, new_request_id
 from .front_frames import Outbox, read_frame
 from .metrics import record_request
 from .parsing import bearer_in, check_content_type, parse_json_body
@@ -158,16 +158,14 @@ class FrontBridge:
             out.send((cid, 200, rid, ("ok", model, fmt, result.vectors, result.prompt_tokens)))
         except ServiceError as err:
             status = err.status
-            out.send((cid, status, rid, ("error", err.to_dict(), error_headers(err))))
+            out.send((cid, status, rid, ("error", err.to_dict(), err.headers())))
         except asyncio.CancelledError:
             status, outcome = 499, "cancelled"
             raise
         except Exception:  # noqa: BLE001 - never a stack trace in the body
             log.exception("unhandled error on POST %s (request %s, from a front)", path, rid)
-            err = ServiceError(f"Internal server error; request id {rid}. The server log has "
-                               "the details.")
-            out.send((cid, 500, rid, ("error", err.to_dict(), error_headers(err))))
+            err = internal_error(rid)
+            out.send((cid, 500, rid, ("error", err.to_dict(), err.headers())))
         finally:
             record_request(self.app, "POST", path, path, model, status, outcome, t0,
                            time.monotonic(), rid, front=True)
-

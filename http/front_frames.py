@@ -4,8 +4,9 @@ messages, so that one frame carries every message one side had ready in one even
 
 Front to main::
 
-    ("embed", cid, x_request_id, authorization, t0, body)   # a POST /v1/embeddings
-    ("cancel", cid)                                        # its client went away
+    ("embed", cid, path, x_request_id, authorization, content_type, t0, body)
+                                       # a POST /v1/embeddings (or /embeddings)
+    ("cancel", cid)                    # its client went away
 
 Main to front::
 

@@ -40,6 +40,8 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from agile_rag.runtime.errors import InvalidRequest, ServiceError
+
 from .front_frames import Outbox, read_frame
 from .vectors import embeddings_body
 
@@ -51,15 +53,16 @@ HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
                          "content-length"})
 
 
-def error(status: int, message: str, code: str, kind: str = "invalid_request_error",
-          retry: bool = False) -> web.Response:
+def error(err: ServiceError) -> web.Response:
     """An OpenAI-style error this process writes itself (the main process writes the rest)."""
     rid = f"req-front-{os.getpid():x}-{next(_LOCAL_IDS):x}"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    headers = {"x-request-id": rid, FRONT_HEADER: FRONT_ID}
-    headers.update({"Retry-After": "1"} if retry else {"x-should-retry": "false"})
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
-                        headers=headers)
+    headers = {"x-request-id": rid, FRONT_HEADER: FRONT_ID, **err.headers()}
+    return web.Response(body=orjson.dumps(err.to_dict()), status=err.status,
+                        content_type="application/json", headers=headers)
+
+
+def unavailable(message: str) -> ServiceError:
+    return ServiceError(message, code="unavailable", status=503)
 
 
 _LOCAL_IDS = itertools.count(1)
@@ -105,13 +108,13 @@ class Front:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         if self.closed:
-            return error(503, "The server is shutting down; retry shortly.", "unavailable",
-                         "server_error", retry=True)
+            return error(unavailable("The server is shutting down; retry shortly."))
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return error(413, f"The request body is larger than this server's limit of "
-                         f"{self.max_body} bytes.", "request_too_large")
+            return error(InvalidRequest(f"The request body is larger than this server's limit "
+                                        f"of {self.max_body} bytes.", status=413,
+                                        code="request_too_large"))
         cid = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
         self.waiting[cid] = fut
@@ -125,8 +128,7 @@ class Front:
                 self.out.send(("cancel", cid))
             raise
         except ConnectionError:
-            return error(503, "The server is shutting down; retry shortly.", "unavailable",
-                         "server_error", retry=True)
+            return error(unavailable("The server is shutting down; retry shortly."))
         headers = {"x-request-id": rid, FRONT_HEADER: FRONT_ID}
         if payload[0] == "ok":
             _, model, fmt, vectors, tokens = payload
@@ -173,8 +175,8 @@ class Front:
                         request.method, request.path, exc)
             if resp is not None and resp.prepared:      # cut mid-answer: the client sees it
                 raise ConnectionResetError("the main process went away mid-answer") from exc
-            return error(503, "The server is restarting or shutting down; retry shortly.",
-                         "unavailable", "server_error", retry=True)
+            return error(unavailable("The server is restarting or shutting down; retry "
+                                     "shortly."))
 
     def upstream(self) -> aiohttp.ClientSession:
         """The session to the main process's HTTP (made at start, so that a front's first

@@ -26,6 +26,15 @@ class ServiceError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """What its HTTP answer says besides the body: whether (and when) to retry."""
+        headers = {}
+        if not self.retryable:
+            headers["x-should-retry"] = "false"
+        if self.status == 503:              # busy (Overloaded), or a model going away
+            headers["Retry-After"] = "1"
+        return headers
+
 
 class InvalidRequest(ServiceError):
     """The client sent something we cannot serve; retrying the same body will not help."""
