@@ -167,5 +167,5 @@ class FrontBridge:
             err = internal_error(rid)
             out.send((cid, 500, rid, ("error", err.to_dict(), err.headers())))
         finally:
-            record_request(self.app, "POST", path, path, model, status, outcome, t0,
+            record_request(self.app, "POST", path, path, model, body, status, outcome, t0,
                            time.monotonic(), rid, front=True)

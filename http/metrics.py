@@ -239,10 +239,14 @@ class Metrics:
     def model_of(self, request: web.Request, route: str) -> str:
         """The model that served (or would serve) a model route: the body's ``model``
         resolved through the registry, so the label is always a configured name."""
+        # the body, if the handler read it
+        return self.model_in(route, getattr(request, "_read_bytes", None))
+
+    def model_in(self, route: str, raw: bytes | None) -> str:
+        """:meth:`model_of` for a request body's bytes."""
         kind = MODEL_ROUTES.get(route)
         if kind is None:
             return ""
-        raw = getattr(request, "_read_bytes", None)     # the body, if the handler read it
         name = None
         if raw:
             try:
@@ -373,14 +377,16 @@ async def metrics_middleware(request: web.Request, handler):
 
 
 def record_request(app: web.Application, method: str, route: str, path: str,
-                   model: str | None, status: int, outcome: str, t0: float, t1: float,
-                   request_id: str | None, *, front: bool = False) -> None:
+                   model: str | None, body: bytes, status: int, outcome: str, t0: float,
+                   t1: float, request_id: str | None, *, front: bool = False) -> None:
     """Count a request served outside this app's middleware (an HTTP front process's:
-    http/front_bridge.py) as the middleware counts its own, and trace its HTTP span."""
+    http/front_bridge.py) as the middleware counts its own (a request that failed before its
+    model was known is labelled with the model its ``body`` names, as there), and trace its
+    HTTP span."""
     metrics: Metrics | None = app.get(METRICS)
     if metrics is not None:
-        _record(metrics, method, route, path, model or "", status, outcome, t0, t1,
-                request_id, front)
+        _record(metrics, method, route, path, model or metrics.model_in(route, body), status,
+                outcome, t0, t1, request_id, front)
 
 
 def _record(metrics: Metrics, method: str, route: str, path: str, model: str, status: int,

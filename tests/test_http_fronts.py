@@ -164,6 +164,14 @@ async def test_a_front_answers_bad_requests_as_the_main_process_does(fronted):
         if main:
             assert {json.dumps(b, sort_keys=True) for b in bodies if "request id" not in
                     b["error"]["message"]} == {json.dumps(bodies[0], sort_keys=True)}
+    # counted under the model the body names (the default here), as the main process counts
+    # its own, whichever process answered
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/metrics", headers=AUTH) as r:
+            metrics = await r.text()
+    errors = [m for m in metrics.splitlines() if m.startswith("agile_rag_http_errors_total{")
+              and 'route="/v1/embeddings"' in m]
+    assert errors and all('model="minilm"' in m for m in errors), errors
 
 
 async def test_other_routes_pass_through_a_front(fronted):
