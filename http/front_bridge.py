@@ -25,7 +25,7 @@ from .common import ask_model_for
 from .embeddings import prepare_embed
 from .errors import bad_api_key, internal_error, new_request_id
 from .front_frames import Outbox, read_frame
-from .metrics import record_request
+from .metrics import front_request, record_request
 from .parsing import bearer_in, check_content_type, parse_json_body
 
 log = logging.getLogger("agile_rag.front")
@@ -146,6 +146,7 @@ class FrontBridge:
         rid = new_request_id(given_id)
         model: str | None = None
         status, outcome = 500, "error"
+        front_request(self.app, path, +1)
         try:
             keys = server.settings.API_KEYS
             if keys and not bearer_in(auth, keys):
@@ -167,5 +168,6 @@ class FrontBridge:
             err = internal_error(rid)
             out.send((cid, 500, rid, ("error", err.to_dict(), err.headers())))
         finally:
+            front_request(self.app, path, -1)
             record_request(self.app, "POST", path, path, model, body, status, outcome, t0,
                            time.monotonic(), rid, front=True)

@@ -236,6 +236,12 @@ class Metrics:
             self.evictions.labels(e.actor, reason).inc()
 
     # ---- from HTTP requests ----------------------------------------------------------------
+    def in_flight(self, route: str, delta: int) -> None:
+        """A request on ``route`` started (+1) or ended (-1): the in-progress gauge."""
+        live = self.tally.live
+        gauge = (self.in_progress_of, (route,))
+        live[gauge] = live.get(gauge, 0) + delta
+
     def model_of(self, request: web.Request, route: str) -> str:
         """The model that served (or would serve) a model route: the body's ``model``
         resolved through the registry, so the label is always a configured name."""
@@ -352,10 +358,7 @@ async def metrics_middleware(request: web.Request, handler):
         return await handler(request)
     t0 = time.monotonic()
     route = _route_of(request)
-    tally = metrics.tally
-    live = tally.live
-    gauge = (metrics.in_progress_of, (route,))
-    live[gauge] = live.get(gauge, 0) + 1
+    metrics.in_flight(route, +1)
     status, outcome = 500, "error"
     try:
         resp = await handler(request)
@@ -370,10 +373,18 @@ async def metrics_middleware(request: web.Request, handler):
         outcome = "ok" if status < 400 else "error"
         raise
     finally:
-        live[gauge] -= 1
+        metrics.in_flight(route, -1)
         model = request.get(MODEL_NAME) or metrics.model_of(request, route)
         _record(metrics, request.method, route, request.path, model, status, outcome, t0,
                 time.monotonic(), request.get(REQUEST_ID))
+
+
+def front_request(app: web.Application, route: str, delta: int) -> None:
+    """A request forwarded by an HTTP front process started (+1) or ended (-1) on ``route``:
+    the in-progress gauge, as the middleware keeps it for its own."""
+    metrics: Metrics | None = app.get(METRICS)
+    if metrics is not None:
+        metrics.in_flight(route, delta)
 
 
 def record_request(app: web.Application, method: str, route: str, path: str,

@@ -132,6 +132,10 @@ async def test_embeddings_are_the_same_from_a_front_and_from_the_main_process(fr
     count = {route: sum(float(m.rsplit(" ", 1)[1]) for m in lines if f'route="{route}"' in m)
              for route in ("/v1/embeddings", "/embeddings")}     # labelled as the main does
     assert count["/v1/embeddings"] >= TRIES and count["/embeddings"] >= TRIES, lines
+    # and each one's in-progress count went up and back down
+    busy = [m for m in metrics.splitlines()
+            if m.startswith("agile_rag_http_requests_in_progress{") and "embeddings" in m]
+    assert busy and all(float(m.rsplit(" ", 1)[1]) == 0 for m in busy), busy
 
 
 async def test_a_front_answers_bad_requests_as_the_main_process_does(fronted):
