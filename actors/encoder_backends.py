@@ -229,6 +229,17 @@ class Backend:
         graphs.max_tokens = min(GRAPH_MAX_TOKENS, max_tokens)
         return graphs
 
+    def capture_graphs(self, max_tokens: int, probe: list) -> int:
+        """Blocking: capture every graph bucket of batches of up to ``max_tokens`` now (the
+        model pinned and resident), a batch of ``probe`` giving the features' names and
+        dtypes. Returns how many graphs were made."""
+        graphs = self.start_graphs(max_tokens)
+        tokens = split_features(self.features(probe))
+        pieces = [Piece(int(n), i, tokens, i, x, None, i)     # type: ignore[arg-type]
+                  for i, (n, x) in enumerate(zip(tokens.lengths, probe))]
+        arrays, consts = collate(pieces, self.pads, self.left)
+        return graphs.capture_all(arrays, consts, self.device(), self.launch)
+
     def stop_graphs(self) -> None:
         graphs, self.graphs = self.graphs, None
         if graphs is not None:

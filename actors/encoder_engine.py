@@ -95,6 +95,7 @@ class EncoderActor(EncoderJobs):
         #: seconds per padded token of GPU jobs by mode (resident / streamed): _note_speed
         self._rates: dict[str, float] = {}
         self._tokens_per_input = 0.0
+        self._probe: list = []          # the load's probe inputs (engine_ready)
 
     # -- what subclasses write
     def admit(self, env: Envelope) -> Pending | BaseException:
@@ -192,6 +193,28 @@ class EncoderActor(EncoderJobs):
                      "by %s", self.kind, self.name, "checked" if checked else "not checked",
                      time.monotonic() - t0, "the Rust core" if rust else "the library")
         self._per_token = engine.per_token_bytes()
+        self._probe = probe
+
+    async def on_pinned(self) -> None:
+        """Pinned on the GPU: capture the CUDA graphs of every small-forward bucket now, so
+        that no request waits for a capture (actors/encoder_graphs.py)."""
+        engine = self.engine
+        if engine is None or not self._graphs_planned() or engine.graphs_wanted() or \
+                not self._probe or engine.device().type != "cuda":
+            return
+        t0 = time.monotonic()
+        try:
+            made = await self.system.executor.run_load(engine.capture_graphs,
+                                                       self.batch_tokens(), self._probe)
+        except Exception as exc:  # noqa: BLE001 - buckets are then captured on first use
+            log.warning("%s %s: capturing CUDA graphs at pin failed (%s: %s)", self.kind,
+                        self.name, type(exc).__name__, exc)
+            return
+        graphs = engine.graphs
+        log.info("%s %s: %d CUDA graph(s) of small forwards captured in %.2fs%s", self.kind,
+                 self.name, made, time.monotonic() - t0,
+                 f" (then turned off: {graphs.off})" if graphs is not None and graphs.off
+                 else "")
 
     def unload_blocking(self) -> None:
         if self.engine is not None:

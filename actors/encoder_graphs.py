@@ -11,8 +11,13 @@ One graph per *bucket* (rows, width): a batch runs in the smallest bucket that h
 features copied into the bucket's static input tensors (the spare rows and columns padded; the
 padding is masked out, as it is for the padding a batch has anyway), and its rows of the
 graph's output copied back. Buckets cover small forwards only (``GRAPH_WIDTHS`` and at most
-``max_tokens`` rows x width): a big forward's compute hides its launches. A graph is captured
-the first time its bucket is used, on the forward thread, under the backend's launch lock.
+``max_tokens`` rows x width): a big forward's compute hides its launches.
+
+When the model is pinned on the GPU, every bucket is captured then, before the model says it is
+ready (:meth:`EncoderGraphs.capture_all`; 76 buckets at 8,192 tokens, a few seconds), so no
+request waits for a capture. A bucket still without a graph (its capture was undone by the
+weights moving, or the budget grew) is captured the first time it is used, on the forward
+thread, under the backend's launch lock.
 
 Rules:
 
@@ -147,6 +152,36 @@ class EncoderGraphs:
             self.replays += 1
         done.synchronize()                 # this forward's rows only (not the one queued next)
         return out.numpy()
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (rows, width) bucket a batch can run in, the most tokens first."""
+        keys = set()
+        for w in GRAPH_WIDTHS:
+            width = min(w, self.max_len)
+            for rows in range(1, self.max_tokens // max(width, 1) + 1):
+                key = bucket(rows, width, self.max_tokens, self.max_len)
+                if key is not None:
+                    keys.add(key)
+        return sorted(keys, key=lambda k: (-k[0] * k[1], k))
+
+    def capture_all(self, arrays: dict[str, np.ndarray], consts: dict, dev: Any,
+                    launch: threading.Lock) -> int:
+        """Capture every bucket that has no graph yet (blocking; between captures forwards
+        may run). ``arrays`` and ``consts`` are a batch like the ones to come (only the
+        arrays' names and dtypes are used). Returns how many graphs were made."""
+        made = 0
+        for key in self.buckets():
+            if self.off:
+                break
+            with launch, self._lock:
+                if self._weight.data_ptr() != self._where:
+                    self.close()
+                    self._where = self._weight.data_ptr()
+                if key in self._graphs or key in self._failed:
+                    continue
+                if self._capture(key, arrays, consts, dev) is not None:
+                    made += 1
+        return made
 
     def _capture(self, key: tuple[int, int], arrays: dict, consts: dict,
                  dev: Any) -> _Graph | None:

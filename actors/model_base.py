@@ -208,11 +208,19 @@ class ModelActor(Actor):
         lease = self.lease
         assert lease is not None, "_pin_on_gpu runs after _attach_gpu made the lease"
         where = await lease.acquire(0, self.working_bytes(1), None)
-        await lease.finish()
+        try:
+            if lease.on_gpu:
+                await self.on_pinned()
+        finally:
+            await lease.finish()
         self.device = Device.CUDA if lease.on_gpu else Device.CPU
         if where == Device.CPU:
             log.warning("%s is set to device %s but did not get the GPU; it runs on CPU",
                         self.name, self.spec.placement)
+
+    async def on_pinned(self) -> None:
+        """Work to do once the model is pinned on the GPU, under the pinning grant and before
+        it is ready (an encoder captures its CUDA graphs here); nothing by default."""
 
     async def compute(self, items: int, env: Envelope | None, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` in the executor, on the GPU when a grant comes, else on the CPU.

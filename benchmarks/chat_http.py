@@ -84,6 +84,12 @@ def parse_args(argv=None):
     p.add_argument("--kv-tokens", type=int, default=16384, help="batch_kv_tokens")
     p.add_argument("--mixed-kv-tokens", type=int, default=16384)
     p.add_argument("--mixed-chats", type=int, default=24)
+    p.add_argument("--prefix-warm-tokens", type=int, default=1000,
+                   help="the untimed prompt that first takes the prefix path before the "
+                   "repeated-prefix figure: its length (the server's warm-up reads a long "
+                   "stored prefix too)")
+    p.add_argument("--profile-prefix", action="store_true",
+                   help="torch profiler over one more warm repeated-prefix prompt")
     p.add_argument("--skip", default="", help="parts to skip: engine,server")
     p.add_argument("--profile", action="store_true", help="torch profiler over a burst of "
                    "--burst chats in the engine alone (first run): the top operators by CPU "
@@ -291,9 +297,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     plen = 1000 if not a.tiny else 200
     shared = prompt_text(tok, plen, 999)
     pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(5)]
-    # the prefix path's first use (a few tokens read after a stored prefix), not timed: the
-    # server's warm-up chats at load take it the same way (LLMActor._warm_chats)
-    other = prompt_text(tok, 64, 998)
+    # the prefix path's first use (a few tokens read after a long stored prefix), not timed:
+    # the server's warm-up chats at load take it the same way (LLMActor._warm_chats)
+    other = prompt_text(tok, a.prefix_warm_tokens, 998)
     for q in range(2):
         run(eng, [ids_of(other + f" Question {q}: what is the {WORDS[q]}?")], 2)
     eng.runner.prefixes.clear()
@@ -305,7 +311,19 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
         firsts.append(run(eng, [p], 8))
         allocs.append((torch.cuda.memory_stats().get("num_device_alloc", 0) if cuda else 0)
                       - before)
-    out["prefix"] = {"prompt_tokens": len(pre[0]), "ttft_first_s": firsts[0]["ttft_p50_s"],
+    if a.profile_prefix:                       # one more, warm: where its time goes
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            run(eng, [pre[-1]], 2)
+        keys = prof.key_averages()
+        out["prefix_profile"] = {
+            "table_cpu": keys.table(sort_by="self_cpu_time_total", row_limit=30,
+                                    max_name_column_width=60),
+            "table": keys.table(sort_by="self_cuda_time_total" if cuda else
+                                "cpu_time_total", row_limit=20, max_name_column_width=60)}
+    out["prefix"] = {"prompt_tokens": len(pre[0]), "warm_tokens": a.prefix_warm_tokens,
+                     "ttft_first_s": firsts[0]["ttft_p50_s"],
                      "ttft_second_s": firsts[1]["ttft_p50_s"],
                      "ttft_third_s": firsts[2]["ttft_p50_s"],
                      "first_text_s": [f["first_text_p50_s"] for f in firsts],

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from agile_rag.actors.encoder_graphs import GRAPH_MAX_TOKENS, bucket, fill, row_bucket
+from agile_rag.actors.encoder_graphs import (
+    GRAPH_MAX_TOKENS,
+    EncoderGraphs,
+    bucket,
+    fill,
+    row_bucket,
+)
 
 
 def test_row_buckets_are_powers_of_two_then_steps_of_sixteen():
@@ -23,6 +29,27 @@ def test_a_batch_runs_in_the_smallest_bucket_that_holds_it():
     assert bucket(2, 40, GRAPH_MAX_TOKENS, 48) == (2, 48)
     # a smaller budget of graph tokens
     assert bucket(64, 32, 1024, 512) is None
+
+
+class _Weight:
+    def data_ptr(self) -> int:
+        return 1
+
+
+def test_the_buckets_captured_at_pin_are_every_bucket_a_batch_can_run_in():
+    """What EncoderGraphs.capture_all captures when a model is pinned: every (rows, width) a
+    batch of up to max_tokens maps to, and nothing else, the most tokens first."""
+    for max_tokens, max_len in ((GRAPH_MAX_TOKENS, 512), (GRAPH_MAX_TOKENS, 48), (1024, 512)):
+        g = EncoderGraphs(lambda f: None, {}, _Weight(), max_tokens=max_tokens,
+                          max_len=max_len)
+        keys = g.buckets()
+        reached = {bucket(r, w, max_tokens, max_len) for w in range(1, max_len + 1)
+                   for r in range(1, max_tokens + 1)} - {None}
+        assert set(keys) == reached and len(keys) == len(set(keys))
+        sizes = [r * w for r, w in keys]
+        assert sizes == sorted(sizes, reverse=True)
+    g = EncoderGraphs(lambda f: None, {}, _Weight(), max_tokens=GRAPH_MAX_TOKENS, max_len=512)
+    assert len(g.buckets()) == 76
 
 
 def test_padding_to_a_bucket_masks_the_new_rows_and_columns():

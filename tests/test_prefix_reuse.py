@@ -201,8 +201,9 @@ def test_metrics_count_prefix_hits_from_the_chats_trace_events():
 async def test_the_warm_up_chats_take_a_first_bursts_path_and_leave_nothing_behind():
     """(issue 15) The throwaway chats a CUDA load runs before "ready" (here run by the actor on
     the CPU, where a load skips them): a padded batch of two prompts, then one that starts from
-    the prefix they left, then eight longer prompts at once; nobody is answered, no chat is
-    traced or counted, the prefixes go, and the next chat says what it said before."""
+    the prefix they left, then a long prompt and another that reads most of it back from the
+    store, then eight longer prompts at once; nobody is answered, no chat is traced or counted,
+    the prefixes go, and the next chat says what it said before."""
     actor, _, system = await start_llm({})      # behind an arbiter, as a CUDA load is
     real = actor.handle
 
@@ -222,16 +223,19 @@ async def test_the_warm_up_chats_take_a_first_bursts_path_and_leave_nothing_behi
         for _ in range(500):                  # the loops' BatchIdle reach the actor's mailbox
             events = [e for e in system.tracer.events if e.started >= t0]
             loops = [e.detail for e in events if e.msg_type == "BatchIdle"]
-            if len(loops) >= 3:
+            if len(loops) >= 5:
                 break
             await asyncio.sleep(0.01)
         assert [e for e in events if e.msg_type == "Chat"] == []
-        assert len(loops) == 3, loops
+        assert len(loops) == 5, loops
         assert loops[0]["prefills"] == 1 and loops[0]["max_batch"] == 2, loops[0]  # together
         assert loops[1].get("prefix_hits") == 1, loops[1]     # from the first round's prefix
+        # the long prompt's prefix, read back by the next one
+        assert loops[3].get("prefix_hits") == 1, loops[3]
+        assert loops[3]["prefix_hit_tokens"] >= 900, loops[3]
         # a burst's eight rows, read together (no prefix stored: the store was emptied)
-        assert loops[2]["max_batch"] == 8 and loops[2]["prefills"] <= 2, loops[2]
-        assert not loops[2].get("prefix_hits"), loops[2]
+        assert loops[4]["max_batch"] == 8 and loops[4]["prefills"] <= 2, loops[4]
+        assert not loops[4].get("prefix_hits"), loops[4]
         assert actor.engine.runner.prefixes.entries == [] and actor.queue_length() == 0
         assert actor.warm_chats_s is not None
         again = await actor.ask(chat(q, 12), timeout=300)

@@ -123,3 +123,21 @@ def test_cuda_graphs_false_keeps_forwards_eager(folders):
 def test_graph_widths_are_ascending():
     assert list(GRAPH_WIDTHS) == sorted(GRAPH_WIDTHS)
     assert torch.cuda.is_available()
+
+
+def test_every_bucket_is_captured_when_pinned(folders):
+    """Pinning captures every bucket before the model is ready: requests only replay."""
+    async def go():
+        system, e = await pinned(EmbedderActor, "embedder", "emb", folders[0])
+        graphs = e.engine.graphs
+        assert graphs is not None and not graphs.off, graphs and graphs.off
+        keys = graphs.buckets()
+        assert len(graphs) == len(keys) == graphs.captures
+        assert {k[1] for k in keys} <= {min(w, graphs.max_len) for w in GRAPH_WIDTHS}
+        assert all(k[0] * k[1] <= graphs.max_tokens for k in keys)
+        for n in (1, 3, 17, 40):
+            got = (await e.ask(Embed(texts=TEXTS[:n]))).vectors
+            assert np.abs(got - eager(e.engine, TEXTS[:n])).max() <= 1e-5
+        assert graphs.captures == len(keys) and graphs.replays >= 4
+        await system.stop_all()
+    asyncio.run(go())
