@@ -37,6 +37,9 @@ USE_RERANKER = True
 SERVICE_NUM_WORKERS = 4       # threads in the executor pool that runs model work
 TORCH_THREADS = 0             # torch's intra-op threads; 0 = OMP_NUM_THREADS if set, else one
                               # less than the cores (README, "Threads": why, and how to choose)
+CUDNN_ATTENTION = False       # let torch's attention use cuDNN's kernels: off, because cuDNN
+                              # plans each new shape on the CPU (tens of ms per prompt length
+                              # on an H200); flash / memory-efficient attention need no plan
 IDLE_TRIM_S = 1.0             # the model pool idle this long: free heap pages go back to the OS
                               # (0 = never; RSS then stays at the busiest moment's mark)
 SWITCH_INTERVAL_S = 0.0       # sys.setswitchinterval: how long a thread keeps the GIL while
@@ -84,6 +87,7 @@ class Settings:
     USE_RERANKER: bool = USE_RERANKER
     SERVICE_NUM_WORKERS: int = SERVICE_NUM_WORKERS
     TORCH_THREADS: int = TORCH_THREADS
+    CUDNN_ATTENTION: bool = CUDNN_ATTENTION
     IDLE_TRIM_S: float = IDLE_TRIM_S
     SWITCH_INTERVAL_S: float = SWITCH_INTERVAL_S
     REQUEST_TIMEOUT: float = REQUEST_TIMEOUT

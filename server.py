@@ -18,7 +18,12 @@ from .actors.llm_actor import LLMActor
 from .actors.model_base import ModelActor
 from .actors.reranker_actor import RerankerActor
 from .configs import Settings, front_processes
-from .runtime.executor import ModelExecutor, decode_thread_range, torch_threads
+from .runtime.executor import (
+    ModelExecutor,
+    decode_thread_range,
+    set_cudnn_attention,
+    torch_threads,
+)
 from .runtime.liveconfig import LiveConfig, ModelSpec, parse_text
 from .runtime.registry import ModelRegistry
 from .runtime.system import ActorSystem
@@ -32,6 +37,7 @@ class Server:
         self.settings = settings
         if settings.SWITCH_INTERVAL_S > 0:
             sys.setswitchinterval(settings.SWITCH_INTERVAL_S)
+        set_cudnn_attention(settings.CUDNN_ATTENTION)
         self.system = ActorSystem(executor=ModelExecutor(
             settings.SERVICE_NUM_WORKERS, torch_threads(settings.TORCH_THREADS),
             idle_trim_s=settings.IDLE_TRIM_S if settings.IDLE_TRIM_S > 0 else None,

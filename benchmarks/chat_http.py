@@ -88,6 +88,9 @@ def parse_args(argv=None):
                    help="the untimed prompt that first takes the prefix path before the "
                    "repeated-prefix figure: its length (the server's warm-up reads a long "
                    "stored prefix too)")
+    p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="the engine alone lets attention use cuDNN (the server's "
+                   "CUDNN_ATTENTION, default off)")
     p.add_argument("--profile-prefix", action="store_true",
                    help="torch profiler over one more warm repeated-prefix prompt")
     p.add_argument("--skip", default="", help="parts to skip: engine,server")
@@ -185,8 +188,10 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     from chat_batching import copy_bandwidth
 
     from agile_rag.actors.llm_batching import BatchEngine, SeqRequest, TextTail
+    from agile_rag.runtime.executor import set_cudnn_attention
 
     a = argparse.Namespace(**a_dict)
+    set_cudnn_attention(a.cudnn_attention)     # as the server does at start (CUDNN_ATTENTION)
     cuda = torch.cuda.is_available() and not a.tiny
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()

@@ -48,6 +48,24 @@ def _given_threads(setting: int | None) -> int | None:
     return None
 
 
+def set_cudnn_attention(on: bool) -> bool:
+    """Whether torch's ``scaled_dot_product_attention`` may pick cuDNN's kernels
+    (``CUDNN_ATTENTION``; process-wide). Off by default: cuDNN builds an execution plan for
+    each new shape on the CPU, and a server's shapes are new all the time (every prompt
+    length, every chunk after a stored prefix, every encoder batch width). On an H200 a
+    13-token chunk after a 1,000-token stored prefix spent most of its 0.07-0.13 s in
+    ``_cudnn_attention_forward`` the first time its shape came (benchmarks/results/
+    chat-http-h200-s10.md); flash and memory-efficient attention need no plan. Returns
+    whether torch has the switch."""
+    import torch
+
+    switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
+    if switch is None:
+        return False
+    switch(bool(on))
+    return True
+
+
 def torch_threads(setting: int | None) -> int:
     """Torch intra-op threads for a ``TORCH_THREADS`` setting: a positive number as given;
     0 (auto): ``OMP_NUM_THREADS`` when the environment sets it, else one less than the usable
