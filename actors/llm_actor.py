@@ -287,11 +287,8 @@ class LLMActor(ModelActor):
         """(at load, on a CUDA device; no loop runs) Throwaway chats down the path a first
         burst takes: the chat template and the tokenizer, two prompts of different lengths
         admitted together (a padded prefill written into the KV cache), greedy and sampled
-        tokens, the text; then a prompt that starts from the prefix they left; then a prompt
-        of about 1,000 tokens and another that reads it back as a long stored prefix (the
-        same retrieved passages, another question: on an H200 the first such read paid ~50 ms
-        more than the next ones); then eight prompts of a few hundred tokens at once (a
-        burst's batch shapes). A process
+        tokens, the text; then a prompt that starts from the prefix they left; then eight
+        prompts of a few hundred tokens at once (a burst's batch shapes). A process
         pays once for each first use (the template's compile, kernels loaded at their first
         launch, sampling's kernels, allocator segments): without this the first burst after
         start paid it on its requests (issue 15: 0.27 s to the first token against 0.12 s
@@ -304,15 +301,11 @@ class LLMActor(ModelActor):
         shared = "Warm-up: these words only take the path the first chats take. " * 2
         pair = [(shared + "Say one word.", 0.0), ("Say two words, please.", 0.7)]
         from_prefix = [(shared + "Say three words.", 0.0)]
-        # a long stored prefix read back: ~12 tokens a sentence, up to half the context
-        long = "Retrieved passage: these words are read once and reused. " * max(
-            2, min(1024, self.context_length // 2) // 12)
-        long_a, long_b = [(long + "Which words?", 0.0)], [(long + "What is reused?", 0.0)]
         # a burst's shape: eight prompts of a few hundred tokens admitted together
         burst = [(f"({i}) " + "Passage words to read before a question. " * (18 + 3 * i)
                   + "Which words?", 0.0) for i in range(8)]
         try:
-            for chats in (pair, from_prefix, long_a, long_b, burst):
+            for chats in (pair, from_prefix, burst):
                 if chats is burst:        # read as after start: nothing stored yet
                     eng.runner.prefixes.clear()
                 done = []

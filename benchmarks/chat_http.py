@@ -84,10 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--kv-tokens", type=int, default=16384, help="batch_kv_tokens")
     p.add_argument("--mixed-kv-tokens", type=int, default=16384)
     p.add_argument("--mixed-chats", type=int, default=24)
-    p.add_argument("--prefix-warm-tokens", type=int, default=1000,
+    p.add_argument("--prefix-warm-tokens", type=int, default=64,
                    help="the untimed prompt that first takes the prefix path before the "
-                   "repeated-prefix figure: its length (the server's warm-up reads a long "
-                   "stored prefix too)")
+                   "repeated-prefix figure: its length (64: a short prefix read back, as the "
+                   "server's warm-up chats do)")
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="the engine alone lets attention use cuDNN (the server's "
                    "CUDNN_ATTENTION, default off)")
@@ -302,8 +302,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     plen = 1000 if not a.tiny else 200
     shared = prompt_text(tok, plen, 999)
     pre = [ids_of(shared + f" Question {q}: what is the {WORDS[q]}?") for q in range(5)]
-    # the prefix path's first use (a few tokens read after a long stored prefix), not timed:
-    # the server's warm-up chats at load take it the same way (LLMActor._warm_chats)
+    # the prefix path's first use (a few tokens read after a stored prefix), not timed: the
+    # server's warm-up chats at load take it the same way (LLMActor._warm_chats)
     other = prompt_text(tok, a.prefix_warm_tokens, 998)
     for q in range(2):
         run(eng, [ids_of(other + f" Question {q}: what is the {WORDS[q]}?")], 2)
