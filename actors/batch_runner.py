@@ -68,6 +68,10 @@ def batching_supported(model: Any) -> str | None:
 #: view lengths the warm-up captures (every batch bucket at 256 and 512 keys): what chats of a
 #: few hundred tokens decode over; longer views are captured on first use
 WARM_VIEW = 512
+#: chunks of at most this many tokens (the question after a stored prefix) are read by the
+#: lean decoder where the decode step uses it: ~20 calls a layer instead of transformers' ~40
+#: (and on a CPU ~12,000 tensor calls a forward); longer ones are compute, not calls
+LEAN_CHUNK_TOKENS = 64
 #: without CUDA graphs, decode steps attend over the keys up to the next multiple of this
 #: (LEN_BUCKET with graphs): a few matmul shapes per chat, each built once by oneDNN
 VIEW_BUCKET = 64
@@ -113,6 +117,10 @@ class BatchRunner:
         #: runner's own (see :meth:`on_own_stream`)
         self.loop_stream: Any = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
+        #: short chunks read by the lean decoder (see _chunk_lean), and the decoder whose
+        #: chunk was last compared with transformers' (and whether they agreed)
+        self.lean_chunks = 0
+        self._lean_chunk_checked: tuple[Any, bool] = (None, False)
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
         self.prefixes = PrefixStore()
@@ -353,10 +361,18 @@ class BatchRunner:
         # no attention mask: one row without padding is plain causal attention, and a mask of
         # ones would make transformers check it on the host (a sync in the middle of the
         # forward, waiting for everything queued on the stream before it)
-        out = self.model(input_ids=ids, attention_mask=None, position_ids=positions,
-                         past_key_values=self.partial_kv, use_cache=True, **self._keep())
-        if not plan.lands:
-            return out.logits[:, :0, :].reshape(0, out.logits.shape[-1])
+        lean = self._chunk_lean(plan.end - plan.start)
+        if lean is not None:
+            self.lean_chunks += 1
+            last = lean.chunk(ids, positions[0], self.partial_kv, plan.lands)
+            if last is None:
+                return torch.empty((0, int(self.model.config.vocab_size)), device=dev)
+        else:
+            out = self.model(input_ids=ids, attention_mask=None, position_ids=positions,
+                             past_key_values=self.partial_kv, use_cache=True, **self._keep())
+            if not plan.lands:
+                return out.logits[:, :0, :].reshape(0, out.logits.shape[-1])
+            last = out.logits[:, -1, :]
         kv, self.partial_kv = self.partial_kv, None
         slot, n = plan.first_slot, plan.end
         if getattr(self.cache, "paged", False):
@@ -372,7 +388,61 @@ class BatchRunner:
                 self.cache.values[layer][slot, :, :n] = v[0]
         # the chunks' cache goes now: the store keeps views of its tensors
         self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev, owned=True)
-        return out.logits[:, -1, :]
+        return last
+
+    def _chunk_lean(self, tokens: int) -> LeanDecoder | None:
+        """The lean decoder to read a chunk of ``tokens`` with, or None (transformers'
+        forward): a short chunk (the question after a stored prefix: a forward's cost there
+        is its calls, ~1,400 kernel launches of a 3B model on a GPU, not its tokens), where
+        the decode step's lean decoder is in use (the CPU's, or the one in the GPU's decode
+        graphs) and its chunk agreed with transformers' once (:meth:`_lean_chunk_agrees`)."""
+        if tokens > LEAN_CHUNK_TOKENS:
+            return None
+        lean = self.lean if self.device.type == "cpu" else self.gpu_lean
+        if not isinstance(lean, LeanDecoder):
+            return None
+        checked, ok = self._lean_chunk_checked
+        if checked is not lean:
+            ok = self._lean_chunk_agrees(lean)
+            self._lean_chunk_checked = (lean, ok)
+            if not ok:
+                log.warning("the lean decoder's chunk differs from transformers' for %s: "
+                            "chunks run through transformers", type(self.model).__name__)
+        return lean if ok else None
+
+    def _lean_chunk_agrees(self, lean: LeanDecoder) -> bool:
+        """Read 6 tokens after 6 others both ways, into two chunk caches: the same last
+        logits (:func:`agrees`) and the same keys and values."""
+        dev = self.device
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 2)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, 12), generator=gen).to(dev)
+        pos = torch.arange(12, device=dev)
+        caches = [chunk_cache(self.n_layers, 12), chunk_cache(self.n_layers, 12)]
+        try:
+            with torch.inference_mode():
+                for kv in caches:
+                    self.model(input_ids=ids[:, :6], position_ids=pos[None, :6],
+                               past_key_values=kv, use_cache=True, **self._keep())
+                full = self.model(input_ids=ids[:, 6:], attention_mask=None,
+                                  position_ids=pos[None, 6:], past_key_values=caches[0],
+                                  use_cache=True, **self._keep()).logits[:, -1, :]
+                got = lean.chunk(ids[:, 6:], pos[6:], caches[1])
+                assert got is not None
+                if not agrees(got, full):
+                    return False
+                tol = 1e-4 if full.dtype == torch.float32 else 3e-2
+                for layer in range(self.n_layers):
+                    for a, b in zip(_dynamic_layer(caches[0], layer),
+                                    _dynamic_layer(caches[1], layer)):
+                        scale = float(a.abs().max()) or 1.0
+                        if a.shape != b.shape or not torch.allclose(
+                                a.float(), b.float(), rtol=tol, atol=tol * scale):
+                            return False
+                return True
+        except Exception as exc:  # noqa: BLE001 - transformers' forward reads the chunks
+            log.info("no lean chunks for %s: %s", type(self.model).__name__, exc)
+            return False
 
     def start_from_prefix(self, req: SeqRequest) -> int:
         """A chunked prefill is about to start: begin it after the longest stored prefix of

@@ -150,6 +150,51 @@ class LeanDecoder:
                    LinearCalls.of([m.gate_proj, m.up_proj]), LinearCalls.of([m.down_proj]))
             self.linear.append(lin if all(c is not None for c in lin) else None)  # type: ignore
 
+    def _calls(self, i: int, b: int, dtype: torch.dtype) -> Any:
+        """Layer ``i``'s projections for ``b`` rows as kernel calls (int4 direct, or plain
+        ones laid end to end), or None: the modules."""
+        calls: Any = self.int4[i] if dtype == torch.bfloat16 and b <= INT4_ROWS else None
+        return calls if calls is not None else self.linear[i]
+
+    def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             calls: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s q [B, heads, 1, D], k and v [B, kv heads, 1, D] of the normed input
+        h [B, 1, hidden], q and k rotated."""
+        b = h.shape[0]
+        h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
+        _, q_p, k_p, v_p = self.layers[i][:4]
+        if calls is not None:
+            y = calls[0].whole(h.view(b, -1))
+            v = y[:, (h_n + kv_n) * d:].view(b, 1, kv_n, d).transpose(1, 2)
+            if self.joint_rope:
+                # q's and k's heads side by side, rotated as one: [B, heads + kv heads, D]
+                qk = _rotate(y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d), cos, sin)
+                return qk[:, :h_n].unsqueeze(2), qk[:, h_n:].unsqueeze(2), v
+            q = y[:, :h_n * d].view(b, 1, h_n, d).transpose(1, 2)
+            k = y[:, h_n * d:(h_n + kv_n) * d].view(b, 1, kv_n, d).transpose(1, 2)
+        else:
+            q = q_p(h).view(b, 1, h_n, d).transpose(1, 2)
+            k = k_p(h).view(b, 1, kv_n, d).transpose(1, 2)
+            v = v_p(h).view(b, 1, kv_n, d).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        return q, k, v
+
+    def _after_attention(self, i: int, x: torch.Tensor, o: torch.Tensor, calls: Any,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """x [B, 1, hidden] plus layer ``i``'s output projection of the attention's o
+        [B, heads x D], then plus its MLP."""
+        b = x.shape[0]
+        _, _, _, _, o_p, n2, gate, up, down, act = self.layers[i]
+        if calls is not None:
+            _, o_c, gate_up, down_c = calls
+            x = x + o_c(o)[0].view(b, 1, -1)
+            h = _rms(x, n2, dtype)
+            g, u = gate_up(h.view(b, -1))
+            return x + down_c((act(g) * u).contiguous())[0].view(b, 1, -1)
+        x = x + o_p(o.view(b, 1, -1))
+        h = _rms(x, n2, dtype)
+        return x + down(act(gate(h)) * up(h))
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
                  mask: torch.Tensor) -> torch.Tensor:
         b = ids.shape[0]
@@ -157,29 +202,9 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos[:, None])
         dtype = x.dtype
-        direct = dtype == torch.bfloat16 and b <= INT4_ROWS
-        for i, (n1, q_p, k_p, v_p, o_p, n2, gate, up, down, act) in enumerate(self.layers):
-            calls: Any = self.int4[i] if direct else None
-            if calls is None:
-                calls = self.linear[i]
-            h = _rms(x, n1, dtype)
-            if calls is not None:
-                qkv, o_c, gate_up, down_c = calls
-                y = qkv.whole(h.view(b, -1))
-                v = y[:, (h_n + kv_n) * d:].view(b, 1, kv_n, d).transpose(1, 2)
-                if self.joint_rope:
-                    # q's and k's heads side by side, rotated as one: [B, heads + kv heads, D]
-                    qk = _rotate(y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d), cos, sin)
-                    q, k = qk[:, :h_n].unsqueeze(2), qk[:, h_n:].unsqueeze(2)
-                else:
-                    q = y[:, :h_n * d].view(b, 1, h_n, d).transpose(1, 2)
-                    k = y[:, h_n * d:(h_n + kv_n) * d].view(b, 1, kv_n, d).transpose(1, 2)
-                    q, k = self.rope(q, k, cos, sin)
-            else:
-                q = q_p(h).view(b, 1, h_n, d).transpose(1, 2)
-                k = k_p(h).view(b, 1, kv_n, d).transpose(1, 2)
-                v = v_p(h).view(b, 1, kv_n, d).transpose(1, 2)
-                q, k = self.rope(q, k, cos, sin)
+        for i, layer in enumerate(self.layers):
+            calls = self._calls(i, b, dtype)
+            q, k, v = self._qkv(i, _rms(x, layer[0], dtype), cos, sin, calls)
             keys, values = cache.update(k, v, i)
             if mask.shape[-1] <= SDPA_KEYS:
                 # each KV head's query heads as one group of queries: [B, kv heads, group, D]
@@ -188,16 +213,43 @@ class LeanDecoder:
             else:
                 o, _ = grouped_decode_attention(None, q, keys, values, mask,
                                                 scaling=self.scaling)
-            if calls is not None:
-                x = x + o_c(o.reshape(b, h_n * d))[0].view(b, 1, -1)
-                h = _rms(x, n2, dtype)
-                g, u = gate_up(h.view(b, -1))
-                x = x + down_c((act(g) * u).contiguous())[0].view(b, 1, -1)
-            else:
-                x = x + o_p(o.reshape(b, 1, h_n * d))
-                h = _rms(x, n2, dtype)
-                x = x + down(act(gate(h)) * up(h))
+            x = self._after_attention(i, x, o.reshape(b, h_n * d), calls, dtype)
         return self.head(_rms(x, self.final, dtype))[:, -1, :]
+
+    def chunk(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any,
+              logits: bool = True) -> torch.Tensor | None:
+        """A few more tokens of one context (ids [1, m] at positions pos [m]) read into its
+        ``DynamicCache`` ``kv`` (a chunked prefill's, e.g. after a stored prefix): the same
+        computation as transformers' forward, each token a row of the projections and the
+        MLP, and causal attention over everything ``kv`` holds. The last token's logits
+        [1, vocab] (None unless ``logits``)."""
+        m = ids.shape[-1]
+        h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
+        g = h_n // kv_n
+        x = self.embed(ids.reshape(m, 1))
+        cos, sin = self.rotary(x, pos.reshape(m, 1))
+        dtype = x.dtype
+        mask: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            calls = self._calls(i, m, dtype)
+            q, k, v = self._qkv(i, _rms(x, layer[0], dtype), cos, sin, calls)
+            # the tokens as positions of one row: [1, kv heads, m, D]
+            keys, values = kv.update(k.squeeze(2).transpose(0, 1).unsqueeze(0),
+                                     v.squeeze(2).transpose(0, 1).unsqueeze(0), i)
+            if mask is None:                 # token t sees every key up to its own position
+                n = keys.shape[-2]
+                seen = torch.arange(n, device=x.device)[None, :] <= \
+                    torch.arange(n - m, n, device=x.device)[:, None]
+                mask = seen.repeat(g, 1)     # [group x m, keys]
+            # each KV head's query heads, all their tokens, as one group of queries
+            qg = q.squeeze(2).transpose(0, 1).reshape(1, kv_n, g * m, d)
+            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
+                                               scale=self.scaling)
+            o = o.view(h_n, m, d).transpose(0, 1).reshape(m, h_n * d)
+            x = self._after_attention(i, x, o, calls, dtype)
+        if not logits:
+            return None
+        return self.head(_rms(x[-1:], self.final, dtype))[:, -1, :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

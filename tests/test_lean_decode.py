@@ -169,3 +169,55 @@ def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch,
             got = a._lean_run(ids, pos, rows, view)
             assert torch.equal(got, b._lean_run(ids, pos, rows, view))
             assert agrees(got, full.forward(ids[:, None], pos, rows, view))
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_a_lean_chunk_computes_transformers_chunk(arch):
+    """LeanDecoder.chunk: 13 tokens read after 27 already in a chunked prefill's cache (the
+    question after a stored prefix) give transformers' last logits and write its keys and
+    values, grouped-query heads and all."""
+    from agile_rag.actors.batch_runner import _dynamic_layer
+    from agile_rag.actors.kv_chunk import chunk_cache
+
+    model = _tiny(arch)
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(40)
+    theirs, mine, quiet = chunk_cache(3, 40), chunk_cache(3, 40), chunk_cache(3, 40)
+    with torch.inference_mode():
+        for kv in (theirs, mine, quiet):
+            model(input_ids=ids[:, :27], position_ids=pos[None, :27], past_key_values=kv,
+                  use_cache=True)
+        want = model(input_ids=ids[:, 27:], position_ids=pos[None, 27:],
+                     past_key_values=theirs, use_cache=True).logits[:, -1, :]
+        got = lean.chunk(ids[:, 27:], pos[27:], mine)
+        # a chunk that does not finish the prompt: its keys and values only
+        assert lean.chunk(ids[:, 27:], pos[27:], quiet, logits=False) is None
+        assert torch.equal(_dynamic_layer(quiet, 2)[0], _dynamic_layer(mine, 2)[0])
+    assert got is not None and got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+    for layer in range(3):
+        for a, b in zip(_dynamic_layer(theirs, layer), _dynamic_layer(mine, layer)):
+            assert a.shape == b.shape == (1, 2, 40, 8)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_runner_reads_short_chunks_leanly_only_when_they_agree(caplog):
+    """Chunks of up to LEAN_CHUNK_TOKENS go through the decode step's lean decoder once its
+    chunk agreed with transformers' (checked once per decoder); a decoder whose chunk
+    differs is not used for chunks (and says so); a longer chunk is transformers'."""
+    from agile_rag.actors.batch_runner import LEAN_CHUNK_TOKENS
+
+    model = _tiny("Qwen2")
+    r = _runner(model)
+    assert r._chunk_lean(8) is None               # no lean decode step decided yet
+    r.lean = lean_decoder(model)
+    assert r._chunk_lean(8) is r.lean and r._chunk_lean(LEAN_CHUNK_TOKENS + 1) is None
+    bad = lean_decoder(model)
+    assert isinstance(bad, LeanDecoder)
+    bad.chunk = lambda ids, pos, kv, logits=True: torch.zeros(1, 300)    # type: ignore
+    r.lean = bad
+    with caplog.at_level("WARNING"):
+        assert r._chunk_lean(8) is None and r._chunk_lean(8) is None
+    assert sum("chunk differs" in m for m in caplog.messages) == 1

@@ -83,11 +83,19 @@ SHARED = ("You answer questions about the notes below. Notes: rivers flow to the
           "hold fresh water, the tide rises twice a day, and salt marshes shelter birds. " * 6)
 
 
-async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_the_same():
+async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_the_same(
+        monkeypatch):
+    """... and the rest (a short chunk) is read by the lean decoder, with the words that
+    transformers' forward gives (the prompts computed whole, every chunk through it)."""
+    import agile_rag.actors.batch_runner as runner_mod
+
     actor, _, system = await start_llm({"prefill_chunk_tokens": 48, "prefix_cache_tokens": 0})
     try:
         questions = ["What do rivers do?", "Which birds live in marshes?"]
+        monkeypatch.setattr(runner_mod, "LEAN_CHUNK_TOKENS", 0)      # transformers' chunks
         whole = [await actor.ask(chat(SHARED + q, 10), timeout=300) for q in questions]
+        assert actor.engine.runner.lean_chunks == 0
+        monkeypatch.undo()
         assert not actor.engine.runner.prefixes.entries                  # off: nothing kept
         await actor.ask(UpdateModel(spec=actor.spec, params={"prefill_chunk_tokens": 48}),
                         timeout=60)                                       # on (4096 tokens)
@@ -112,8 +120,10 @@ async def test_a_second_prompt_with_the_same_start_reads_only_the_rest_and_says_
 
         runner.start_from_prefix = spy
         t0 = time.monotonic()
+        lean_before = runner.lean_chunks
         second = await actor.ask(chat(SHARED + questions[1], 10), timeout=300)
         runner.start_from_prefix = start
+        assert runner.lean_chunks == lean_before + 1      # the rest after the prefix: lean
         assert shared == [True]          # one allocation for the whole prompt, every layer ...
         assert all(torch.equal(k, k0) and torch.equal(v, v0)   # ... and never written
                    for (k, v), (k0, v0) in zip(stored, kept))

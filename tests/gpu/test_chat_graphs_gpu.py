@@ -160,8 +160,12 @@ def test_a_prompt_after_a_stored_prefix_allocates_one_slab_and_says_the_same(tmp
     """(issue 15) A long prompt read in chunks after a stored prefix writes every layer's keys
     and values into one slab on the GPU (transformers' per-layer concatenation took new
     allocator segments: 18 for a 3B model's 1,000-token prefix), the store keeps views of it,
-    and the words are those of the same prompt computed whole."""
+    its short chunks are read by the lean decoder, and the words are those of the same prompt
+    computed whole by transformers' forward."""
     import torch
+
+    import agile_rag.actors.batch_runner as runner_mod
+    from agile_rag.actors.llm_lean_decode import LeanDecoder
 
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
                             words_only=True)
@@ -170,9 +174,14 @@ def test_a_prompt_after_a_stored_prefix_allocates_one_slab_and_says_the_same(tmp
     params = {"prefill_chunk_tokens": 64}
 
     async def go():
-        system, plain = await spawn(folder, "cuda", params | {"prefix_cache_tokens": 0})
-        want = [(await plain.ask(chat(q), timeout=120)).text for q in questions]
-        await system.stop_all()
+        lean_tokens, runner_mod.LEAN_CHUNK_TOKENS = runner_mod.LEAN_CHUNK_TOKENS, 0
+        try:
+            system, plain = await spawn(folder, "cuda", params | {"prefix_cache_tokens": 0})
+            want = [(await plain.ask(chat(q), timeout=120)).text for q in questions]
+            assert plain.engine.runner.lean_chunks == 0
+            await system.stop_all()
+        finally:
+            runner_mod.LEAN_CHUNK_TOKENS = lean_tokens
         system, llm = await spawn(folder, "cuda", params)
         runner = llm.engine.runner
         got = [(await llm.ask(chat(questions[0]), timeout=120)).text]
@@ -185,6 +194,8 @@ def test_a_prompt_after_a_stored_prefix_allocates_one_slab_and_says_the_same(tmp
         newest = max(runner.prefixes.entries, key=lambda e: e.tokens).kv
         one_slab = newest[0][0].is_cuda and len({t.untyped_storage().data_ptr()
                                                  for pair in newest for t in pair}) == 1
+        lean = isinstance(runner.gpu_lean, LeanDecoder)
+        assert not lean or runner.lean_chunks > 0, runner.lean_chunks
         await system.stop_all()
         return want, got, new, hit, one_slab
 
