@@ -221,3 +221,30 @@ def test_the_runner_reads_short_chunks_leanly_only_when_they_agree(caplog):
     with caplog.at_level("WARNING"):
         assert r._chunk_lean(8) is None and r._chunk_lean(8) is None
     assert sum("chunk differs" in m for m in caplog.messages) == 1
+
+
+def test_lean_and_transformers_chunks_take_turns_over_one_cache():
+    """A long prompt read in chunks: a short lean chunk between transformers' chunks leaves
+    the cache as transformers' own would (its length, keys and values): the chunk after it
+    gives transformers' logits."""
+    from agile_rag.actors.kv_chunk import chunk_cache
+
+    model = _tiny("Llama")
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder)
+    ids = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(60)
+    parts = [(0, 20), (20, 30), (30, 60)]
+    outs = []
+    for lean_middle in (False, True):
+        kv = chunk_cache(3, 60)
+        with torch.inference_mode():
+            for i, (a, b) in enumerate(parts):
+                if lean_middle and i == 1:
+                    lean.chunk(ids[:, a:b], pos[a:b], kv, logits=False)
+                    continue
+                out = model(input_ids=ids[:, a:b], position_ids=pos[None, a:b],
+                            past_key_values=kv, use_cache=True)
+        assert kv.get_seq_length() == 60
+        outs.append(out.logits[:, -1, :])
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
