@@ -69,6 +69,9 @@ class BatchSettings:
     own_stream: bool = True
     #: the GPU's decode graphs capture the lean step (BatchRunner.decode_body)
     gpu_lean: bool = False
+    #: short final chunks (the question after a stored prefix) replay CUDA graphs of the lean
+    #: chunk straight into their slot (actors/chunk_graphs.py); off until measured on a GPU
+    chunk_graphs: bool = False
 
 
 @dataclass(eq=False)

@@ -27,6 +27,7 @@ from ..runtime.cuda_streams import new_stream
 from ..runtime.executor import apply_torch_threads
 from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .chunk_graphs import ChunkGraphs
 from .decode_graphs import _Graphs
 from .kv_chunk import chunk_cache
 from .kv_paged import make_paged_cache
@@ -121,6 +122,10 @@ class BatchRunner:
         #: chunk was last compared with transformers' (and whether they agreed)
         self.lean_chunks = 0
         self._lean_chunk_checked: tuple[Any, bool] = (None, False)
+        #: short last chunks replay CUDA graphs straight into their slot (chunk_graphs.py)
+        self.chunk_graphs_on = False
+        self.chunk_graphs: ChunkGraphs | None = None
+        self.graphed_chunks = 0
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
         self.prefixes = PrefixStore()
@@ -358,16 +363,20 @@ class BatchRunner:
         dev = self.device
         ids = _h2d(torch.tensor([ctx[plan.start:plan.end]], dtype=torch.long), dev)
         positions = torch.arange(plan.start, plan.end, dtype=torch.long, device=dev)[None]
-        # no attention mask: one row without padding is plain causal attention, and a mask of
-        # ones would make transformers check it on the host (a sync in the middle of the
-        # forward, waiting for everything queued on the stream before it)
         lean = self._chunk_lean(plan.end - plan.start)
+        if lean is not None and plan.lands:
+            last = self._graphed_chunk(lean, req, ids, plan)
+            if last is not None:
+                return last
         if lean is not None:
             self.lean_chunks += 1
             last = lean.chunk(ids, positions[0], self.partial_kv, plan.lands)
             if last is None:
                 return torch.empty((0, int(self.model.config.vocab_size)), device=dev)
         else:
+            # no attention mask: one row without padding is plain causal attention, and a mask
+            # of ones would make transformers check it on the host (a sync in the middle of the
+            # forward, waiting for everything queued on the stream before it)
             out = self.model(input_ids=ids, attention_mask=None, position_ids=positions,
                              past_key_values=self.partial_kv, use_cache=True, **self._keep())
             if not plan.lands:
@@ -388,6 +397,40 @@ class BatchRunner:
                 self.cache.values[layer][slot, :, :n] = v[0]
         # the chunks' cache goes now: the store keeps views of its tensors
         self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev, owned=True)
+        return last
+
+    def _graphed_chunk(self, lean: LeanDecoder, req: SeqRequest, ids: torch.Tensor,
+                       plan: StepPlan) -> torch.Tensor | None:
+        """(``chunk_graphs``, a GPU's rectangle cache) The prompt's last chunk read straight
+        into its slot from a CUDA graph: what the chunks before it (or a stored prefix) hold
+        goes into the slot first, and the prompt's prefix is kept from the slot. None: the
+        chunk is read the usual way."""
+        cache = self.cache
+        if not self.chunk_graphs_on or self.device.type != "cuda" or cache is None or \
+                getattr(cache, "paged", False) or not self.cuda_graphs:
+            return None
+        graphs = self.chunk_graphs
+        if graphs is None or not graphs.valid_for(lean, cache):
+            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
+            graphs = self.chunk_graphs = ChunkGraphs(lean, cache, next(self.model.parameters()),
+                                                     vocab)
+        slot, start = plan.first_slot, plan.start
+        if graphs.off or not graphs.fits(ids.shape[-1], start):
+            return None
+        kv = self.partial_kv
+        if start:
+            for layer in range(self.n_layers):
+                k, v = _dynamic_layer(kv, layer)
+                cache.keys[layer][slot, :, :start] = k[0, :, :start]
+                cache.values[layer][slot, :, :start] = v[0, :, :start]
+        last = graphs.run(ids, start, slot)
+        if last is None:
+            return None
+        self.partial_kv = None
+        self.graphed_chunks += 1
+        self._keep_prefix(req, lambda layer: (cache.keys[layer][slot:slot + 1],
+                                              cache.values[layer][slot:slot + 1]),
+                          self.device)
         return last
 
     def _chunk_lean(self, tokens: int) -> LeanDecoder | None:
@@ -787,6 +830,7 @@ class BatchRunner:
         self.prefixes.shrink(keep_prefix_tokens)
         self.cache = None
         self.partial_kv = None
+        self.chunk_graphs = None
 
     def _stable_here(self, device: torch.device) -> bool:
         if device.type != "cuda" or not self.cuda_graphs:

@@ -103,7 +103,7 @@ class BatchEngine:
                  min_slice_s: float = 0.5, prefill_chunk: int | None = None,
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
-                 own_stream: bool = True, gpu_lean: bool = False,
+                 own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -115,7 +115,7 @@ class BatchEngine:
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
-            own_stream=own_stream, gpu_lean=gpu_lean))
+            own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -136,6 +136,7 @@ class BatchEngine:
             self.runner.lean = False
         if self.settings.gpu_lean:
             self.runner.gpu_lean = None               # tried at the first capture
+        self.runner.chunk_graphs_on = self.settings.chunk_graphs
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
@@ -385,6 +386,9 @@ class BatchEngine:
                 self.runner.graphs = None
         if "lean_decode" in values:
             self.runner.lean = None if settings.lean_decode else False   # None: try it again
+        if settings.chunk_graphs != before.chunk_graphs:
+            self.runner.chunk_graphs_on = settings.chunk_graphs
+            self.runner.chunk_graphs = None
         if not settings.warm_graphs:
             self.warming = False
         if "prefix_cache_tokens" in values:
@@ -563,7 +567,8 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
-    for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean"):
+    for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
+              "chunk_graphs"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

@@ -217,12 +217,14 @@ class LeanDecoder:
         return self.head(_rms(x, self.final, dtype))[:, -1, :]
 
     def chunk(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any,
-              logits: bool = True) -> torch.Tensor | None:
+              logits: bool = True, every_row: bool = False) -> torch.Tensor | None:
         """A few more tokens of one context (ids [1, m] at positions pos [m]) read into its
-        ``DynamicCache`` ``kv`` (a chunked prefill's, e.g. after a stored prefix): the same
-        computation as transformers' forward, each token a row of the projections and the
-        MLP, and causal attention over everything ``kv`` holds. The last token's logits
-        [1, vocab] (None unless ``logits``)."""
+        cache ``kv`` (a chunked prefill's ``DynamicCache``, e.g. after a stored prefix, or one
+        slot of the KV rectangle: actors/chunk_graphs.py): the same computation as
+        transformers' forward, each token a row of the projections and the MLP, and causal
+        attention (token t sees the keys at positions up to ``pos[t]``) over the keys ``kv``
+        returns. The last token's logits [1, vocab]; every token's [m, vocab] with
+        ``every_row``; None unless ``logits``."""
         m = ids.shape[-1]
         h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
         g = h_n // kv_n
@@ -237,9 +239,8 @@ class LeanDecoder:
             keys, values = kv.update(k.squeeze(2).transpose(0, 1).unsqueeze(0),
                                      v.squeeze(2).transpose(0, 1).unsqueeze(0), i)
             if mask is None:                 # token t sees every key up to its own position
-                n = keys.shape[-2]
-                seen = torch.arange(n, device=x.device)[None, :] <= \
-                    torch.arange(n - m, n, device=x.device)[:, None]
+                seen = torch.arange(keys.shape[-2], device=x.device)[None, :] <= \
+                    pos.reshape(m, 1)
                 mask = seen.repeat(g, 1)     # [group x m, keys]
             # each KV head's query heads, all their tokens, as one group of queries
             qg = q.squeeze(2).transpose(0, 1).reshape(1, kv_n, g * m, d)
@@ -249,6 +250,8 @@ class LeanDecoder:
             x = self._after_attention(i, x, o, calls, dtype)
         if not logits:
             return None
+        if every_row:
+            return self.head(_rms(x, self.final, dtype))[:, -1, :]
         return self.head(_rms(x[-1:], self.final, dtype))[:, -1, :]
 
 

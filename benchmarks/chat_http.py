@@ -91,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="the engine alone lets attention use cuDNN (the server's "
                    "CUDNN_ATTENTION, default off)")
+    p.add_argument("--chunk-graphs", action="store_true",
+                   help="llm_params.chunk_graphs (default off): short last chunks, e.g. the "
+                   "question after a stored prefix, replay CUDA graphs (engine and server)")
     p.add_argument("--profile-prefix", action="store_true",
                    help="torch profiler over one more warm repeated-prefix prompt")
     p.add_argument("--skip", default="", help="parts to skip: engine,server")
@@ -225,7 +228,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
 
     def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
-                          gpu_lean=a.gpu_lean)
+                          gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs)
         eng.eos = set()                        # every chat runs to max_new
         return eng
 
@@ -334,7 +337,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
                      "first_text_s": [f["first_text_p50_s"] for f in firsts],
                      "ttft_s": [f["ttft_p50_s"] for f in firsts],
                      "device_allocs": allocs, "loops": [f["loop"] for f in firsts],
-                     "hit_tokens": eng.runner.prefixes.hit_tokens}
+                     "hit_tokens": eng.runner.prefixes.hit_tokens,
+                     "lean_chunks": eng.runner.lean_chunks,
+                     "graphed_chunks": eng.runner.graphed_chunks}
     if firsts[0]["ttft_p50_s"]:
         out["prefix"]["second_vs_first"] = firsts[1]["ttft_p50_s"] / firsts[0]["ttft_p50_s"]
     # mixed lengths under one KV budget: how many decode together
@@ -475,7 +480,8 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             "llms": {"llm": {"llm_path": folder, "device": "cuda" if cuda else "cpu",
                              "max_tokens": 4096, "dtype": "float16" if cuda else "float32"}},
             "llm_params": {"default_temp": 0, "max_batch_size": 64,
-                           "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean}}
+                           "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean,
+                           "chunk_graphs": a.chunk_graphs}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
     if a.fronts is not None:
         cfg += f"FRONT_PROCESSES = {a.fronts if a.fronts == 'auto' else int(a.fronts)!r}\n"

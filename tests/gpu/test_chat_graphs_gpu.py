@@ -203,3 +203,39 @@ def test_a_prompt_after_a_stored_prefix_allocates_one_slab_and_says_the_same(tmp
     print("new allocator segments for the prompt after the prefix:", new)
     assert hit == 1 and got == want
     assert one_slab                     # every layer's keys and values: views of one slab
+
+
+def test_chunk_graphs_read_the_question_after_a_prefix_and_say_the_same(tmp_path):
+    """llm_params.chunk_graphs: the short last chunk of a prompt that starts from a stored
+    prefix replays a CUDA graph straight into its slot (actors/chunk_graphs.py), its first
+    replay checked against the eager chunk; the words are those of transformers' chunks."""
+    import agile_rag.actors.batch_runner as runner_mod
+
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+    shared = " ".join(WORDS * 20)
+    questions = [shared + " " + " ".join(WORDS[i:i + 3]) for i in (0, 5, 9)]
+    params = {"prefill_chunk_tokens": 512}
+
+    async def go():
+        lean_tokens, runner_mod.LEAN_CHUNK_TOKENS = runner_mod.LEAN_CHUNK_TOKENS, 0
+        try:
+            system, plain = await spawn(folder, "cuda", params)
+            want = [(await plain.ask(chat(q), timeout=120)).text for q in questions]
+            assert plain.engine.runner.graphed_chunks == 0
+            await system.stop_all()
+        finally:
+            runner_mod.LEAN_CHUNK_TOKENS = lean_tokens
+        system, llm = await spawn(folder, "cuda", params | {"chunk_graphs": True})
+        runner = llm.engine.runner
+        got = [(await llm.ask(chat(q), timeout=120)).text for q in questions]
+        graphs = runner.chunk_graphs
+        stats = (runner.graphed_chunks, runner.prefixes.hits,
+                 graphs.replays if graphs else 0, graphs.off if graphs else "none")
+        await system.stop_all()
+        return want, got, stats
+
+    want, got, (graphed, hits, replays, off) = asyncio.run(go())
+    print("graphed chunks", graphed, "prefix hits", hits, "replays", replays, off)
+    assert hits == 2 and graphed == 2 and replays == 2 and off == "", (graphed, hits, off)
+    assert got == want

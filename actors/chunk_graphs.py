@@ -1,0 +1,178 @@
+"""CUDA graphs of a short chunk read straight into one slot of the KV rectangle (issue 15).
+
+The question after a stored prefix is a few dozen tokens. Read eagerly, its cost is not its
+arithmetic but its kernel launches: ~1,400 for a 3B model through transformers' forward (25-47
+ms on an H200), ~970 through the lean decoder's chunk. Replayed from a CUDA graph it is a
+handful of calls, like a decode step.
+
+A graph per (token bucket, view bucket): 16, 32 or 64 tokens (``TOKEN_BUCKETS``), attending
+over the slot's first ``view`` keys (a multiple of ``LEN_BUCKET``). Its inputs are static
+buffers: the tokens, their positions and the slot. Its body is
+:meth:`~.llm_lean_decode.LeanDecoder.chunk` over a :class:`SlotView`, which writes the
+tokens' keys and values into the slot at their positions and returns the slot's keys to attend
+over. Its output is every token's logits; the runner takes the last real token's row.
+
+- The spare tokens of a bucket take the positions right after the real ones. Causal attention
+  hides them from the real tokens, and the decode steps that follow overwrite them before they
+  are read. A chunk whose spare positions would pass the cache's length runs eagerly.
+- Keys are the weights' address and the cache's identity, as for the decode graphs
+  (actors/decode_graphs.py): if either changed, every graph is dropped.
+- The first replay of each graph is compared with the eager chunk on the same input. They must
+  agree (:func:`~.llm_lean_decode.agrees`), or chunk graphs are turned off for the runner.
+
+Off unless ``llm_params.chunk_graphs`` is true (not yet measured on a GPU). Only the batch
+runner's loop thread uses them.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .batch_plan import LEN_BUCKET, round_up
+
+log = logging.getLogger("agile_rag.llm")
+
+#: the token counts a graph is captured for; a longer chunk runs eagerly
+TOKEN_BUCKETS = (16, 32, 64)
+
+
+class SlotView:
+    """One slot of a KV rectangle (actors/kv_slots.py) as the cache of a chunk of tokens at
+    positions ``pos`` [m]: ``update`` writes their keys and values into slot ``slot`` (a
+    one-element long tensor) at those positions and returns the slot's first ``view`` keys
+    and values, ``[1, kv heads, view, head dim]``."""
+
+    def __init__(self, cache: Any, slot: torch.Tensor, pos: torch.Tensor, view: int):
+        self.cache, self.slot, self.pos, self.view = cache, slot, pos, view
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.cache.keys[layer], self.cache.values[layer]
+        # [1, kv heads, m, D] -> [m, kv heads, D]: the positions' rows of the slot
+        k[self.slot, :, self.pos] = key_states[0].transpose(0, 1)
+        v[self.slot, :, self.pos] = value_states[0].transpose(0, 1)
+        return (k.index_select(0, self.slot)[:, :, :self.view],
+                v.index_select(0, self.slot)[:, :, :self.view])
+
+
+def token_bucket(m: int) -> int | None:
+    for b in TOKEN_BUCKETS:
+        if m <= b:
+            return b
+    return None
+
+
+class ChunkGraphs:
+    """The graphs of one runner's cache and weights (see the module docstring)."""
+
+    def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int):
+        self.lean = lean
+        self.cache = cache
+        self.cache_id = id(cache)
+        self.weights = weights
+        self.weights_ptr = weights.data_ptr()
+        dev = cache.keys[0].device
+        top = TOKEN_BUCKETS[-1]
+        self.ids = torch.zeros((1, top), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((top,), dtype=torch.long, device=dev)
+        self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.logits = torch.empty((top, vocab), dtype=cache.keys[0].dtype, device=dev)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.checked: set[tuple[int, int]] = set()
+        self.pool: Any = None
+        self.stream: Any = None
+        self.off = ""                    # why graphs were turned off ("" while on)
+        self.replays = 0
+        self.capture_s = 0.0
+
+    def valid_for(self, lean: Any, cache: Any) -> bool:
+        return lean is self.lean and id(cache) == self.cache_id and \
+            self.weights.data_ptr() == self.weights_ptr
+
+    def body(self, tb: int, view: int) -> torch.Tensor:
+        """The chunk of the static inputs' first ``tb`` tokens: every token's logits."""
+        out = self.lean.chunk(self.ids[:, :tb], self.pos[:tb],
+                              SlotView(self.cache, self.slot, self.pos[:tb], view),
+                              every_row=True)
+        assert out is not None
+        return out
+
+    def fits(self, m: int, start: int) -> bool:
+        """Whether ``m`` tokens at positions ``start``.. can run in a graph."""
+        tb = token_bucket(m)
+        return not self.off and tb is not None and start + tb <= self.cache.length
+
+    def run(self, ids: torch.Tensor, start: int, slot: int) -> torch.Tensor | None:
+        """The last token's logits [1, vocab] of ``ids`` [1, m] read into slot ``slot`` at
+        positions ``start``..; None: not through a graph (the caller reads it eagerly)."""
+        m = ids.shape[-1]
+        tb = token_bucket(m)
+        cache = self.cache
+        if self.off or tb is None or start + tb > cache.length:
+            return None
+        view = self.fill(ids, start, slot, tb)
+        key = (tb, view)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(tb, view)
+            if graph is None:
+                return None
+        graph.replay()
+        self.replays += 1
+        got = self.logits[m - 1:m]
+        if key not in self.checked:      # the first replay: the eager chunk must agree
+            from .llm_lean_decode import agrees
+
+            self.checked.add(key)
+            want = self.body(tb, view)[m - 1:m]
+            if not agrees(got, want):
+                self.off = f"graph {key} differs from the eager chunk"
+                log.warning("chunk CUDA graphs turned off: %s", self.off)
+                self.graphs.clear()
+                return want.clone()
+        return got.clone()
+
+    def fill(self, ids: torch.Tensor, start: int, slot: int, tb: int) -> int:
+        """The static inputs of ``ids`` [1, m] at positions ``start``.. in slot ``slot``,
+        padded to ``tb`` tokens (the spare ones next, token 0); the view to attend over."""
+        m = ids.shape[-1]
+        self.ids[0, :m].copy_(ids[0], non_blocking=True)
+        self.ids[0, m:tb].zero_()
+        torch.arange(start, start + tb, out=self.pos[:tb])
+        self.slot.fill_(slot)
+        return min(round_up(start + tb, LEN_BUCKET), self.cache.length)
+
+    def _capture(self, tb: int, view: int) -> torch.cuda.CUDAGraph | None:
+        t0 = time.monotonic()
+        dev = self.ids.device
+        try:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(dev)
+            side = self.stream
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):        # warm up off the capture
+                self.body(tb, view)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            collecting = gc.isenabled()
+            gc.disable()                 # (a finalizer run mid-capture would invalidate it)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=side,
+                                      capture_error_mode="thread_local"):
+                    self.logits[:tb].copy_(self.body(tb, view))
+            finally:
+                if collecting:
+                    gc.enable()
+        except Exception as exc:  # noqa: BLE001 - chunks run eagerly from now on
+            self.off = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("chunk CUDA graph capture failed (%s): chunks run eagerly", self.off)
+            return None
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(tb, view)] = graph
+        self.capture_s += time.monotonic() - t0
+        return graph

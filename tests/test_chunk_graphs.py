@@ -1,0 +1,71 @@
+"""actors/chunk_graphs.py on the CPU: the body a chunk graph captures (the lean chunk over one
+slot of the KV rectangle, padded to its token bucket) gives transformers' logits for the real
+tokens and writes their keys and values into the slot; padding changes nothing they see. The
+graphs themselves are tested on a GPU (tests/gpu/test_chat_graphs_gpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lean_decode import _tiny
+
+from agile_rag.actors.batch_runner import _dynamic_layer
+from agile_rag.actors.chunk_graphs import TOKEN_BUCKETS, ChunkGraphs, token_bucket
+from agile_rag.actors.kv_chunk import chunk_cache
+from agile_rag.actors.kv_slots import make_slot_cache
+from agile_rag.actors.llm_lean_decode import lean_decoder
+
+
+def test_token_buckets():
+    assert [token_bucket(m) for m in (1, 16, 17, 64)] == [16, 16, 32, 64]
+    assert token_bucket(TOKEN_BUCKETS[-1] + 1) is None
+
+
+@pytest.mark.parametrize("arch,m", [("Llama", 13), ("Qwen2", 16), ("Qwen2", 5)])
+def test_the_graph_body_reads_a_chunk_into_its_slot_as_transformers_would(arch, m):
+    model = _tiny(arch)
+    lean = lean_decoder(model)
+    start, slot = 27, 2
+    ids = torch.randint(0, 300, (1, start + m), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(start + m)
+    kv = chunk_cache(3, start + m)
+    cache = make_slot_cache(3, 4, 2, 256, 8, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        model(input_ids=ids[:, :start], position_ids=pos[None, :start], past_key_values=kv,
+              use_cache=True)
+        for layer in range(3):                 # the prefix, in the slot (as the runner does)
+            k, v = _dynamic_layer(kv, layer)
+            cache.keys[layer][slot, :, :start] = k[0]
+            cache.values[layer][slot, :, :start] = v[0]
+        want = model(input_ids=ids[:, start:], position_ids=pos[None, start:],
+                     past_key_values=kv, use_cache=True).logits[0]
+        graphs = ChunkGraphs(lean, cache, next(model.parameters()), 300)
+        assert graphs.fits(m, start) and not graphs.fits(m, 250)
+        tb = token_bucket(m)
+        view = graphs.fill(ids[:, start:], start, slot, tb)
+        assert view == 256 and graphs.pos[:tb].tolist() == list(range(start, start + tb))
+        got = graphs.body(tb, view)
+    assert got.shape == (tb, 300)
+    assert torch.allclose(got[:m], want, rtol=1e-4, atol=1e-5), (got[:m] - want).abs().max()
+    for layer in range(3):                     # the real tokens' keys and values, in the slot
+        k, v = _dynamic_layer(kv, layer)
+        assert torch.allclose(cache.keys[layer][slot, :, :start + m], k[0], atol=1e-5)
+        assert torch.allclose(cache.values[layer][slot, :, :start + m], v[0], atol=1e-5)
+        assert not cache.keys[layer][1].any()            # other slots untouched
+
+
+def test_llm_params_chunk_graphs_reach_the_runner():
+    """Off by default; ``chunk_graphs: true`` turns them on (a live edit too, at the loop's
+    next look, dropping the graphs made so far)."""
+    from agile_rag.actors.llm_batching import BatchEngine
+
+    class Tok:
+        eos_token_id = 0
+        pad_token_id = 0
+
+    model = _tiny("Llama")
+    assert BatchEngine(model, Tok()).runner.chunk_graphs_on is False
+    eng = BatchEngine(model, Tok(), chunk_graphs=True)
+    assert eng.runner.chunk_graphs_on is True
+    eng.runner.chunk_graphs = object()                 # type: ignore[assignment]
+    eng._apply({"chunk_graphs": False})
+    assert eng.runner.chunk_graphs_on is False and eng.runner.chunk_graphs is None
