@@ -224,6 +224,7 @@ class BatchRunner:
                                               length // self.kv_block, self.kv_block,
                                               self.head_dim, p.dtype, p.device)
                 self.graphs = None
+                self.chunk_graphs = None
                 log.debug("KV cache: %d rows over %d blocks of %d tokens (%.1f MB)", slots,
                           length // self.kv_block, self.kv_block,
                           self.cache.nbytes() / 2**20)
@@ -246,6 +247,7 @@ class BatchRunner:
                 new.keys[i][:keep, :, :c.length].copy_(c.keys[i][:keep])
                 new.values[i][:keep, :, :c.length].copy_(c.values[i][:keep])
         self.graphs = None                   # captured against the old addresses
+        self.chunk_graphs = None
         self.cache = new
         log.debug("KV cache: %d slots x %d tokens (%.1f MB)", slots, length, new.nbytes() / 2**20)
 

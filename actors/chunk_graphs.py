@@ -55,8 +55,8 @@ class SlotView:
         # [1, kv heads, m, D] -> [m, kv heads, D]: the positions' rows of the slot
         k[self.slot, :, self.pos] = key_states[0].transpose(0, 1)
         v[self.slot, :, self.pos] = value_states[0].transpose(0, 1)
-        return (k.index_select(0, self.slot)[:, :, :self.view],
-                v.index_select(0, self.slot)[:, :, :self.view])
+        return (k[:, :, :self.view].index_select(0, self.slot),
+                v[:, :, :self.view].index_select(0, self.slot))
 
 
 def token_bucket(m: int) -> int | None:
