@@ -37,7 +37,7 @@ from .kv_slots import (
     _register_decode_attention,
     make_slot_cache,
 )
-from .llm_lean_decode import LeanDecoder, agrees, lean_decoder
+from .llm_lean_decode import LeanDecoder, agrees, close, lean_decoder
 from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
@@ -393,13 +393,18 @@ class BatchRunner:
                 k, v = _dynamic_layer(kv, layer)
                 self.cache.write(layer, dest, k[0].transpose(0, 1), v[0].transpose(0, 1))
         else:
-            for layer in range(self.n_layers):
-                k, v = _dynamic_layer(kv, layer)
-                self.cache.keys[layer][slot, :, :n] = k[0]
-                self.cache.values[layer][slot, :, :n] = v[0]
+            self._into_slot(kv, slot, n)
         # the chunks' cache goes now: the store keeps views of its tensors
         self._keep_prefix(req, lambda layer: _dynamic_layer(kv, layer), dev, owned=True)
         return last
+
+    def _into_slot(self, kv: Any, slot: int, n: int) -> None:
+        """The first ``n`` keys and values a chunked prefill's cache holds, into ``slot`` of
+        the KV rectangle."""
+        for layer in range(self.n_layers):
+            k, v = _dynamic_layer(kv, layer)
+            self.cache.keys[layer][slot, :, :n] = k[0, :, :n]
+            self.cache.values[layer][slot, :, :n] = v[0, :, :n]
 
     def _graphed_chunk(self, lean: LeanDecoder, req: SeqRequest, ids: torch.Tensor,
                        plan: StepPlan) -> torch.Tensor | None:
@@ -414,17 +419,15 @@ class BatchRunner:
         graphs = self.chunk_graphs
         if graphs is None or not graphs.valid_for(lean, cache):
             vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
+            if self.capture_stream is None:
+                self.capture_stream = new_stream(self.device)
             graphs = self.chunk_graphs = ChunkGraphs(lean, cache, next(self.model.parameters()),
-                                                     vocab)
+                                                     vocab, self.capture_stream)
         slot, start = plan.first_slot, plan.start
-        if graphs.off or not graphs.fits(ids.shape[-1], start):
+        if not graphs.fits(ids.shape[-1], start):
             return None
-        kv = self.partial_kv
         if start:
-            for layer in range(self.n_layers):
-                k, v = _dynamic_layer(kv, layer)
-                cache.keys[layer][slot, :, :start] = k[0, :, :start]
-                cache.values[layer][slot, :, :start] = v[0, :, :start]
+            self._into_slot(self.partial_kv, slot, start)
         last = graphs.run(ids, start, slot)
         if last is None:
             return None
@@ -474,17 +477,10 @@ class BatchRunner:
                                   use_cache=True, **self._keep()).logits[:, -1, :]
                 got = lean.chunk(ids[:, 6:], pos[6:], caches[1])
                 assert got is not None
-                if not agrees(got, full):
-                    return False
-                tol = 1e-4 if full.dtype == torch.float32 else 3e-2
-                for layer in range(self.n_layers):
-                    for a, b in zip(_dynamic_layer(caches[0], layer),
-                                    _dynamic_layer(caches[1], layer)):
-                        scale = float(a.abs().max()) or 1.0
-                        if a.shape != b.shape or not torch.allclose(
-                                a.float(), b.float(), rtol=tol, atol=tol * scale):
-                            return False
-                return True
+                return agrees(got, full) and all(
+                    close(mine, theirs) for layer in range(self.n_layers)
+                    for theirs, mine in zip(_dynamic_layer(caches[0], layer),
+                                            _dynamic_layer(caches[1], layer)))
         except Exception as exc:  # noqa: BLE001 - transformers' forward reads the chunks
             log.info("no lean chunks for %s: %s", type(self.model).__name__, exc)
             return False

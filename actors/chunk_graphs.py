@@ -25,13 +25,13 @@ runner's loop thread uses them.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from typing import Any
 
 import torch
 
+from ..runtime.cuda_graph import capture_graph
 from .batch_plan import LEN_BUCKET, round_up
 
 log = logging.getLogger("agile_rag.llm")
@@ -69,7 +69,8 @@ def token_bucket(m: int) -> int | None:
 class ChunkGraphs:
     """The graphs of one runner's cache and weights (see the module docstring)."""
 
-    def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int):
+    def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int,
+                 stream: Any):
         self.lean = lean
         self.cache = cache
         self.cache_id = id(cache)
@@ -84,7 +85,9 @@ class ChunkGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.checked: set[tuple[int, int]] = set()
         self.pool: Any = None
-        self.stream: Any = None
+        #: where captures run: the runner's own capture stream (runtime/cuda_streams.py: a
+        #: pool stream may be another thread's too)
+        self.stream = stream
         self.off = ""                    # why graphs were turned off ("" while on)
         self.replays = 0
         self.capture_s = 0.0
@@ -111,8 +114,7 @@ class ChunkGraphs:
         positions ``start``..; None: not through a graph (the caller reads it eagerly)."""
         m = ids.shape[-1]
         tb = token_bucket(m)
-        cache = self.cache
-        if self.off or tb is None or start + tb > cache.length:
+        if tb is None or not self.fits(m, start):
             return None
         view = self.fill(ids, start, slot, tb)
         key = (tb, view)
@@ -149,24 +151,14 @@ class ChunkGraphs:
     def _capture(self, tb: int, view: int) -> torch.cuda.CUDAGraph | None:
         t0 = time.monotonic()
         dev = self.ids.device
+        side = self.stream
         try:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(dev)
-            side = self.stream
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):        # warm up off the capture
                 self.body(tb, view)
             torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            collecting = gc.isenabled()
-            gc.disable()                 # (a finalizer run mid-capture would invalidate it)
-            try:
-                with torch.cuda.graph(graph, pool=self.pool, stream=side,
-                                      capture_error_mode="thread_local"):
-                    self.logits[:tb].copy_(self.body(tb, view))
-            finally:
-                if collecting:
-                    gc.enable()
+            graph, _ = capture_graph(lambda: self.logits[:tb].copy_(self.body(tb, view)),
+                                     pool=self.pool, stream=side)
         except Exception as exc:  # noqa: BLE001 - chunks run eagerly from now on
             self.off = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("chunk CUDA graph capture failed (%s): chunks run eagerly", self.off)

@@ -4,13 +4,13 @@ in one static buffer. Keyed on the address of the weights and on the cache alloc
 parked at stable addresses keeps them good across a trim)."""
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..runtime.cuda_graph import capture_graph
 from ..runtime.cuda_streams import new_stream
 from .batch_plan import LEN_BUCKET, SeqRequest, pow2, round_up
 
@@ -96,20 +96,9 @@ class _Graphs:
             self.logits = torch.empty((self.runner.cache.slots, out.shape[-1]), dtype=out.dtype,
                                       device=out.device)
         del out
-        graph = torch.cuda.CUDAGraph()
-        # no garbage collection on this thread while it captures: a finalizer it would run
-        # (a dropped cache's buffer waits for its stream) would invalidate the capture
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=side,
-                                  capture_error_mode="thread_local"):
-                out = self._body(bb, vv)
-                self.logits[:bb].copy_(out)
-        finally:
-            if collecting:
-                gc.enable()
-        del out
+        logits = self.logits
+        graph, _ = capture_graph(lambda: logits[:bb].copy_(self._body(bb, vv)),
+                                 pool=self.pool, stream=side)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(bb, vv)] = graph

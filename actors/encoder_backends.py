@@ -234,11 +234,14 @@ class Backend:
         model pinned and resident), a batch of ``probe`` giving the features' names and
         dtypes. Returns how many graphs were made."""
         graphs = self.start_graphs(max_tokens)
-        tokens = split_features(self.features(probe))
-        pieces = [Piece(int(n), i, tokens, i, x, None, i)     # type: ignore[arg-type]
-                  for i, (n, x) in enumerate(zip(tokens.lengths, probe))]
-        arrays, consts = collate(pieces, self.pads, self.left)
+        arrays, consts = collate(self._pieces(probe), self.pads, self.left)
         return graphs.capture_all(arrays, consts, self.device(), self.launch)
+
+    def _pieces(self, inputs: list) -> list[Piece]:
+        """``inputs`` tokenized as the pool's pieces, one per input, in order."""
+        tokens = split_features(self.features(inputs))
+        return [Piece(int(n), i, tokens, i, x, None, i)     # type: ignore[arg-type]
+                for i, (n, x) in enumerate(zip(tokens.lengths, inputs))]
 
     def stop_graphs(self) -> None:
         graphs, self.graphs = self.graphs, None
@@ -296,9 +299,7 @@ class Backend:
                         type(exc).__name__, exc)
             return False
         try:
-            tokens = split_features(self.features(probe))
-            pieces = [Piece(int(n), i, tokens, i, x, None, i)     # type: ignore[arg-type]
-                      for i, (n, x) in enumerate(zip(tokens.lengths, probe))]
+            pieces = self._pieces(probe)
             # in two batches of different widths, as the pool would make them
             got = np.concatenate([self.forward(pieces[:1]), self.forward(pieces[1:])])
         except Exception as exc:  # noqa: BLE001 - ours fails where the library's works

@@ -34,13 +34,14 @@ Rules:
 """
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from ..runtime.cuda_graph import capture_graph
 
 log = logging.getLogger("agile_rag.encoder")
 
@@ -112,6 +113,13 @@ class EncoderGraphs:
         self._graphs.clear()
         self._pool = None
 
+    def _follow_weights(self) -> None:
+        """(under the lock) The weights moved (evicted and admitted again elsewhere): every
+        graph is dropped, to be captured again at their new address."""
+        if self._weight.data_ptr() != self._where:
+            self.close()
+            self._where = self._weight.data_ptr()
+
     def forward(self, arrays: dict[str, np.ndarray], consts: dict, dev: Any,
                 launch: threading.Lock) -> np.ndarray | None:
         """The batch's output as float32 rows, replayed from a graph (captured now if its
@@ -126,9 +134,7 @@ class EncoderGraphs:
         import torch
 
         with launch, self._lock:
-            if self._weight.data_ptr() != self._where:     # the weights moved: start again
-                self.close()
-                self._where = self._weight.data_ptr()
+            self._follow_weights()
             g = self._graphs.get(key)
             if g is None:
                 g = self._capture(key, arrays, consts, dev)
@@ -174,9 +180,7 @@ class EncoderGraphs:
             if self.off:
                 break
             with launch, self._lock:
-                if self._weight.data_ptr() != self._where:
-                    self.close()
-                    self._where = self._weight.data_ptr()
+                self._follow_weights()
                 if key in self._graphs or key in self._failed:
                     continue
                 if self._capture(key, arrays, consts, dev) is not None:
@@ -206,18 +210,8 @@ class EncoderGraphs:
                 torch.cuda.current_stream(dev).wait_stream(side)
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                # no garbage collection on this thread while it captures: a finalizer it would
-                # run (a freed buffer waiting for its stream) would invalidate the capture
-                collecting = gc.isenabled()
-                gc.disable()
-                try:
-                    with torch.cuda.graph(graph, pool=self._pool,
-                                          capture_error_mode="thread_local"):
-                        output = self._run(dict(feats)).float()
-                finally:
-                    if collecting:
-                        gc.enable()
+                graph, output = capture_graph(lambda: self._run(dict(feats)).float(),
+                                              pool=self._pool)
         except Exception as exc:  # noqa: BLE001 - the eager forward still works
             self._failed.add(key)
             if not self._graphs:

@@ -250,9 +250,8 @@ class LeanDecoder:
             x = self._after_attention(i, x, o, calls, dtype)
         if not logits:
             return None
-        if every_row:
-            return self.head(_rms(x, self.final, dtype))[:, -1, :]
-        return self.head(_rms(x[-1:], self.final, dtype))[:, -1, :]
+        rows = x if every_row else x[-1:]
+        return self.head(_rms(rows, self.final, dtype))[:, -1, :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -319,16 +318,28 @@ def lean_decoder(model: Any) -> LeanDecoder | None:
         return None
 
 
-def agrees(lean: torch.Tensor, full: torch.Tensor) -> bool:
-    """The lean step's logits match transformers' (same argmax per row; values within a
-    low-precision dtype's rounding of the logits' scale)."""
+def _tolerance(full: torch.Tensor) -> tuple[float, float]:
+    """(relative tolerance, scale) of a comparison with ``full``: 1e-4 in float32, else 3e-2;
+    its largest magnitude (1 when all zero)."""
+    return (1e-4 if full.dtype == torch.float32 else 3e-2), \
+        float(full.float().abs().max()) or 1.0
+
+
+def close(lean: torch.Tensor, full: torch.Tensor) -> bool:
+    """Same shape, and values within ``full``'s dtype's rounding of its scale."""
     if lean.shape != full.shape:
         return False
-    a, b = lean.float(), full.float()
-    scale = float(b.abs().max()) or 1.0
-    tol = 1e-4 if full.dtype == torch.float32 else 3e-2
-    if not torch.allclose(a, b, rtol=tol, atol=tol * scale):
+    tol, scale = _tolerance(full)
+    return torch.allclose(lean.float(), full.float(), rtol=tol, atol=tol * scale)
+
+
+def agrees(lean: torch.Tensor, full: torch.Tensor) -> bool:
+    """The lean step's logits match transformers' (same argmax per row; values within a
+    low-precision dtype's rounding of the logits' scale: :func:`close`)."""
+    if not close(lean, full):
         return False
+    a, b = lean.float(), full.float()
+    tol, scale = _tolerance(full)
     # the lean step's choice is transformers' choice, or a tie with it within the tolerance
     picked = b.gather(-1, a.argmax(-1, keepdim=True)).squeeze(-1)
     return bool((b.max(-1).values - picked <= tol * scale).all())

@@ -38,7 +38,7 @@ def test_the_graph_body_reads_a_chunk_into_its_slot_as_transformers_would(arch, 
             cache.values[layer][slot, :, :start] = v[0]
         want = model(input_ids=ids[:, start:], position_ids=pos[None, start:],
                      past_key_values=kv, use_cache=True).logits[0]
-        graphs = ChunkGraphs(lean, cache, next(model.parameters()), 300)
+        graphs = ChunkGraphs(lean, cache, next(model.parameters()), 300, None)
         assert graphs.fits(m, start) and not graphs.fits(m, 250)
         tb = token_bucket(m)
         view = graphs.fill(ids[:, start:], start, slot, tb)
