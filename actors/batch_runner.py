@@ -118,10 +118,11 @@ class BatchRunner:
         #: runner's own (see :meth:`on_own_stream`)
         self.loop_stream: Any = None
         self.partial_kv: Any = None        # the DynamicCache of a context read in chunks
-        #: short chunks read by the lean decoder (see _chunk_lean), and the decoder whose
-        #: chunk was last compared with transformers' (and whether they agreed)
+        #: short chunks read by the lean decoder (see _chunk_lean), and whether its chunk
+        #: agreed with transformers' (None: not compared yet; once per runner: a decoder made
+        #: again after the weights moved computes the same)
         self.lean_chunks = 0
-        self._lean_chunk_checked: tuple[Any, bool] = (None, False)
+        self.lean_chunk_ok: bool | None = None
         #: short last chunks replay CUDA graphs straight into their slot (chunk_graphs.py)
         self.chunk_graphs_on = False
         self.chunk_graphs: ChunkGraphs | None = None
@@ -443,24 +444,31 @@ class BatchRunner:
         forward): a short chunk (the question after a stored prefix: a forward's cost there
         is its calls, ~1,400 kernel launches of a 3B model on a GPU, not its tokens), where
         the decode step's lean decoder is in use (the CPU's, or the one in the GPU's decode
-        graphs) and its chunk agreed with transformers' once (:meth:`_lean_chunk_agrees`)."""
+        graphs) and its chunk agreed with transformers' once (:meth:`_lean_chunk_differs`)."""
         if tokens > LEAN_CHUNK_TOKENS:
             return None
         lean = self.lean if self.device.type == "cpu" else self.gpu_lean
         if not isinstance(lean, LeanDecoder):
             return None
-        checked, ok = self._lean_chunk_checked
-        if checked is not lean:
-            ok = self._lean_chunk_agrees(lean)
-            self._lean_chunk_checked = (lean, ok)
-            if not ok:
-                log.warning("the lean decoder's chunk differs from transformers' for %s: "
-                            "chunks run through transformers", type(self.model).__name__)
+        if self.lean_chunk_ok is None:
+            why = self._lean_chunk_differs(lean)
+            self.lean_chunk_ok = why is None
+            if why is not None:
+                log.warning("the lean decoder's chunk differs from transformers' for %s (%s): "
+                            "chunks run through transformers", type(self.model).__name__, why)
+        ok = self.lean_chunk_ok
         return lean if ok else None
 
-    def _lean_chunk_agrees(self, lean: LeanDecoder) -> bool:
-        """Read 6 tokens after 6 others both ways, into two chunk caches: the same last
-        logits (:func:`agrees`) and the same keys and values."""
+    def check_lean_chunk(self) -> None:
+        """(idle, a warm-up's end) Compare the lean decoder's chunk with transformers' now,
+        off the request path, rather than in the first short chunk a prompt reads."""
+        if self.lean_chunk_ok is None:
+            self._chunk_lean(1)
+
+    def _lean_chunk_differs(self, lean: LeanDecoder) -> str | None:
+        """Read 6 tokens after 6 others both ways, into two chunk caches: None when they give
+        the same last logits (:func:`agrees`) and the same keys and values; else what
+        differed (the largest difference against the largest magnitude, or the error)."""
         dev = self.device
         vocab = int(getattr(self.model.config, "vocab_size", 0) or 2)
         gen = torch.Generator().manual_seed(0)
@@ -477,13 +485,16 @@ class BatchRunner:
                                   use_cache=True, **self._keep()).logits[:, -1, :]
                 got = lean.chunk(ids[:, 6:], pos[6:], caches[1])
                 assert got is not None
-                return agrees(got, full) and all(
-                    close(mine, theirs) for layer in range(self.n_layers)
-                    for theirs, mine in zip(_dynamic_layer(caches[0], layer),
-                                            _dynamic_layer(caches[1], layer)))
+                if not agrees(got, full):
+                    return "logits: " + _difference(got, full)
+                for layer in range(self.n_layers):
+                    for name, theirs, mine in zip("kv", _dynamic_layer(caches[0], layer),
+                                                  _dynamic_layer(caches[1], layer)):
+                        if not close(mine, theirs):
+                            return f"layer {layer}'s {name}: " + _difference(mine, theirs)
+                return None
         except Exception as exc:  # noqa: BLE001 - transformers' forward reads the chunks
-            log.info("no lean chunks for %s: %s", type(self.model).__name__, exc)
-            return False
+            return f"error: {exc!r}"[:300]
 
     def start_from_prefix(self, req: SeqRequest) -> int:
         """A chunked prefill is about to start: begin it after the longest stored prefix of
@@ -871,6 +882,18 @@ def _h2d(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type != "cuda":
         return t.to(dev)
     return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _difference(mine: torch.Tensor, theirs: torch.Tensor) -> str:
+    """How two tensors differ, for a log line: shapes, or the largest difference against the
+    largest magnitude (and whether either holds a NaN or an infinity)."""
+    if mine.shape != theirs.shape:
+        return f"shape {tuple(mine.shape)} against {tuple(theirs.shape)}"
+    a, b = mine.float(), theirs.float()
+    bad = "" if bool(torch.isfinite(a).all() and torch.isfinite(b).all()) else \
+        ", not all finite"
+    return f"largest difference {float((a - b).abs().nan_to_num().max()):.4g} of " \
+        f"{float(b.abs().nan_to_num().max()):.4g}{bad}"
 
 
 def _dynamic_layer(kv: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,7 +246,9 @@ class LeanDecoder:
             qg = q.squeeze(2).transpose(0, 1).reshape(1, kv_n, g * m, d)
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask,
                                                scale=self.scaling)
-            o = o.view(h_n, m, d).transpose(0, 1).reshape(m, h_n * d)
+            # (reshape, not view: a GPU's memory-efficient and flash kernels return their
+            # output laid out [1, m x group, kv heads, D] underneath, not contiguous)
+            o = o.reshape(h_n, m, d).transpose(0, 1).reshape(m, h_n * d)
             x = self._after_attention(i, x, o, calls, dtype)
         if not logits:
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from agile_rag.actors.batch_runner import BatchRunner
 from agile_rag.actors.kv_slots import make_slot_cache
@@ -203,24 +204,67 @@ def test_a_lean_chunk_computes_transformers_chunk(arch):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_lean_chunk_takes_attention_output_laid_out_as_a_gpu_kernel_lays_it(monkeypatch):
+    """A GPU's memory-efficient and flash SDPA kernels return their output with the heads
+    and the queries' dimensions swapped underneath (not contiguous); the chunk read it with
+    ``view`` and failed on every GPU (the 3B benchmark's chunks all went through
+    transformers, found on the H200 in session 11). Here the CPU's kernel is wrapped to
+    return that layout: the chunk still gives transformers' logits."""
+    import agile_rag.actors.llm_lean_decode as lean_mod
+    from agile_rag.actors.kv_chunk import chunk_cache
+
+    sdpa = F.scaled_dot_product_attention
+
+    def gpu_layout(*args, **kwargs):
+        out = sdpa(*args, **kwargs)                     # [B, H, L, D] values, stored as
+        return out.transpose(1, 2).contiguous().transpose(1, 2)   # [B, L, H, D]
+
+    model = _tiny("Qwen2")
+    lean = lean_decoder(model)
+    assert isinstance(lean, LeanDecoder)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(20)
+    theirs, mine = chunk_cache(3, 20), chunk_cache(3, 20)
+    with torch.inference_mode():
+        for kv in (theirs, mine):
+            model(input_ids=ids[:, :12], position_ids=pos[None, :12], past_key_values=kv,
+                  use_cache=True)
+        want = model(input_ids=ids[:, 12:], position_ids=pos[None, 12:],
+                     past_key_values=theirs, use_cache=True).logits[:, -1, :]
+        monkeypatch.setattr(lean_mod.F, "scaled_dot_product_attention", gpu_layout)
+        got = lean.chunk(ids[:, 12:], pos[12:], mine)
+    assert got is not None
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 def test_the_runner_reads_short_chunks_leanly_only_when_they_agree(caplog):
     """Chunks of up to LEAN_CHUNK_TOKENS go through the decode step's lean decoder once its
-    chunk agreed with transformers' (checked once per decoder); a decoder whose chunk
-    differs is not used for chunks (and says so); a longer chunk is transformers'."""
+    chunk agreed with transformers' (checked once per runner: a decoder made again after the
+    weights moved is not checked again); a decoder whose chunk differs is not used for chunks
+    and the warning says what differed; a longer chunk is transformers'."""
     from agile_rag.actors.batch_runner import LEAN_CHUNK_TOKENS
 
     model = _tiny("Qwen2")
     r = _runner(model)
     assert r._chunk_lean(8) is None               # no lean decode step decided yet
+    r.check_lean_chunk()
+    assert r.lean_chunk_ok is None                # nothing to compare yet
     r.lean = lean_decoder(model)
+    r.check_lean_chunk()                          # a warm-up's end compares them
+    assert r.lean_chunk_ok is True
     assert r._chunk_lean(8) is r.lean and r._chunk_lean(LEAN_CHUNK_TOKENS + 1) is None
+    r.lean = again = lean_decoder(model)          # made again: not compared again
+    assert r._chunk_lean(8) is again
     bad = lean_decoder(model)
     assert isinstance(bad, LeanDecoder)
     bad.chunk = lambda ids, pos, kv, logits=True: torch.zeros(1, 300)    # type: ignore
-    r.lean = bad
+    r2 = _runner(model)
+    r2.lean = bad
     with caplog.at_level("WARNING"):
-        assert r._chunk_lean(8) is None and r._chunk_lean(8) is None
-    assert sum("chunk differs" in m for m in caplog.messages) == 1
+        assert r2._chunk_lean(8) is None and r2._chunk_lean(8) is None
+    said = [m for m in caplog.messages if "chunk differs" in m]
+    assert len(said) == 1 and "logits: largest difference" in said[0], said
+    assert r2.lean_chunk_ok is False
 
 
 def test_lean_and_transformers_chunks_take_turns_over_one_cache():
