@@ -127,6 +127,7 @@ class BatchRunner:
         self.chunk_graphs_on = False
         self.chunk_graphs: ChunkGraphs | None = None
         self.graphed_chunks = 0
+        self.warm_chunk_captures = 0       # chunk graphs captured while idle, not on a request
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
         self.prefixes = PrefixStore()
@@ -417,13 +418,7 @@ class BatchRunner:
         if not self.chunk_graphs_on or self.device.type != "cuda" or cache is None or \
                 getattr(cache, "paged", False) or not self.cuda_graphs:
             return None
-        graphs = self.chunk_graphs
-        if graphs is None or not graphs.valid_for(lean, cache):
-            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
-            if self.capture_stream is None:
-                self.capture_stream = new_stream(self.device)
-            graphs = self.chunk_graphs = ChunkGraphs(lean, cache, next(self.model.parameters()),
-                                                     vocab, self.capture_stream)
+        graphs = self._chunk_graph_set(lean, cache)
         slot, start = plan.first_slot, plan.start
         if not graphs.fits(ids.shape[-1], start):
             return None
@@ -438,6 +433,46 @@ class BatchRunner:
                                               cache.values[layer][slot:slot + 1]),
                           self.device)
         return last
+
+    def _chunk_graph_set(self, lean: LeanDecoder, cache: Any) -> ChunkGraphs:
+        """The chunk graphs of this lean decoder and cache (made again when either changed or
+        the weights moved)."""
+        graphs = self.chunk_graphs
+        if graphs is None or not graphs.valid_for(lean, cache):
+            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
+            if self.capture_stream is None:
+                self.capture_stream = new_stream(self.device)
+            graphs = self.chunk_graphs = ChunkGraphs(lean, cache, next(self.model.parameters()),
+                                                     vocab, self.capture_stream)
+        return graphs
+
+    def warm_chunk_one(self, active: int, stats: dict) -> bool:
+        """(idle: nothing to admit, read or decode) Capture the next chunk graph
+        (``chunk_graphs``) of the current cache in a free slot, the one after the ``active``
+        rows; False when none is left, none is wanted or no slot is free. The loop calls it
+        whenever it is idle, so a cache that grew (a long prompt) has its chunk graphs again
+        before the next prompt that starts from that prompt's prefix (the question after a
+        stored prefix, issue 15), and it is cheap once they are all there."""
+        cache = self.cache
+        if not self.chunk_graphs_on or not self.graphs_wanted() or cache is None or \
+                getattr(cache, "paged", False) or active >= cache.slots or \
+                not isinstance(self.gpu_lean, LeanDecoder) or self.lean_chunk_ok is False:
+            return False
+        graphs = self.chunk_graphs
+        if graphs is not None and graphs.valid_for(self.gpu_lean, cache) and \
+                (graphs.off or not graphs.to_warm):
+            return False                   # (the common case: nothing left to warm)
+        lean = self._chunk_lean(1)
+        if lean is None:
+            return False
+        graphs = self._chunk_graph_set(lean, cache)
+        t0 = time.monotonic()
+        if not graphs.warm(active):
+            return False
+        self.warm_chunk_captures += 1
+        stats["warm_chunk_captures"] = stats.get("warm_chunk_captures", 0) + 1
+        stats["warm_chunk_s"] = round(stats.get("warm_chunk_s", 0.0) + time.monotonic() - t0, 4)
+        return True
 
     def _chunk_lean(self, tokens: int) -> LeanDecoder | None:
         """The lean decoder to read a chunk of ``tokens`` with, or None (transformers'

@@ -6,7 +6,8 @@ ms on an H200), ~970 through the lean decoder's chunk. Replayed from a CUDA grap
 handful of calls, like a decode step.
 
 A graph per (token bucket, view bucket): 16, 32 or 64 tokens (``TOKEN_BUCKETS``), attending
-over the slot's first ``view`` keys (a multiple of ``LEN_BUCKET``). Its inputs are static
+over the slot's first ``view`` keys: ``LEN_BUCKET`` times a power of two, or the cache's whole
+length (:func:`view_bucket`; a 4,096-token cache has 5 views, 15 graphs). Its inputs are static
 buffers: the tokens, their positions and the slot. Its body is
 :meth:`~.llm_lean_decode.LeanDecoder.chunk` over a :class:`SlotView`, which writes the
 tokens' keys and values into the slot at their positions and returns the slot's keys to attend
@@ -17,11 +18,14 @@ over. Its output is every token's logits; the runner takes the last real token's
   are read. A chunk whose spare positions would pass the cache's length runs eagerly.
 - Keys are the weights' address and the cache's identity, as for the decode graphs
   (actors/decode_graphs.py): if either changed, every graph is dropped.
-- The first replay of each graph is compared with the eager chunk on the same input. They must
+- Every graph is captured ahead of use, in the idle warm-up after the decode graphs'
+  (:meth:`ChunkGraphs.warm`, into a free slot), not on a prompt's request: a capture and its
+  check cost a 3B model ~60 ms (session 11, H200).
+- Each graph's first replay is compared with the eager chunk on the same input. They must
   agree (:func:`~.llm_lean_decode.agrees`), or chunk graphs are turned off for the runner.
 
-Off unless ``llm_params.chunk_graphs`` is true (not yet measured on a GPU). Only the batch
-runner's loop thread uses them.
+Off unless ``llm_params.chunk_graphs`` is true. Only the batch runner's loop thread uses
+them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 
 from ..runtime.cuda_graph import capture_graph
-from .batch_plan import LEN_BUCKET, round_up
+from .batch_plan import LEN_BUCKET
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -57,6 +61,23 @@ class SlotView:
         v[self.slot, :, self.pos] = value_states[0].transpose(0, 1)
         return (k[:, :, :self.view].index_select(0, self.slot),
                 v[:, :, :self.view].index_select(0, self.slot))
+
+
+def view_bucket(need: int, length: int) -> int:
+    """The view a graph attends over to see ``need`` keys of a cache of ``length``: the
+    smallest ``LEN_BUCKET`` times a power of two that holds them, at most ``length``."""
+    view = LEN_BUCKET
+    while view < need:
+        view *= 2
+    return min(view, length)
+
+
+def view_buckets(length: int) -> list[int]:
+    """Every view :func:`view_bucket` gives for a cache of ``length``, smallest first."""
+    views = [min(LEN_BUCKET, length)]
+    while views[-1] < length:
+        views.append(min(views[-1] * 2, length))
+    return views
 
 
 def token_bucket(m: int) -> int | None:
@@ -91,6 +112,9 @@ class ChunkGraphs:
         self.off = ""                    # why graphs were turned off ("" while on)
         self.replays = 0
         self.capture_s = 0.0
+        #: the keys the idle warm-up still has to capture (see :meth:`warm`)
+        self.to_warm = [(tb, view) for view in view_buckets(cache.length)
+                        for tb in TOKEN_BUCKETS if tb <= view]
 
     def valid_for(self, lean: Any, cache: Any) -> bool:
         return lean is self.lean and id(cache) == self.cache_id and \
@@ -127,16 +151,46 @@ class ChunkGraphs:
         self.replays += 1
         got = self.logits[m - 1:m]
         if key not in self.checked:      # the first replay: the eager chunk must agree
-            from .llm_lean_decode import agrees
-
-            self.checked.add(key)
-            want = self.body(tb, view)[m - 1:m]
-            if not agrees(got, want):
-                self.off = f"graph {key} differs from the eager chunk"
-                log.warning("chunk CUDA graphs turned off: %s", self.off)
-                self.graphs.clear()
+            want = self._check(key, m)
+            if want is not None:
                 return want.clone()
         return got.clone()
+
+    def _check(self, key: tuple[int, int], m: int) -> torch.Tensor | None:
+        """Graph ``key`` was just replayed on the static inputs: None when its logits of token
+        ``m - 1`` agree with the eager chunk's; else those (graphs are then turned off)."""
+        from .llm_lean_decode import agrees
+
+        self.checked.add(key)
+        want = self.body(*key)[m - 1:m]
+        if agrees(self.logits[m - 1:m], want):
+            return None
+        self.off = f"graph {key} differs from the eager chunk"
+        log.warning("chunk CUDA graphs turned off: %s", self.off)
+        self.graphs.clear()
+        self.to_warm = []
+        return want
+
+    def warm(self, slot: int) -> bool:
+        """(idle) Capture the next graph the warm-up still lacks, on throwaway tokens at the
+        last positions of its view in the free slot ``slot`` (nothing reads a free slot: a
+        row seated there later writes its own keys first), replay it and check it; False
+        when none is left (or graphs are off)."""
+        while self.to_warm and not self.off:
+            key = self.to_warm.pop(0)
+            if key in self.graphs:
+                continue
+            tb, view = key
+            self.ids.zero_()
+            torch.arange(view - tb, view, out=self.pos[:tb])
+            self.slot.fill_(slot)
+            graph = self._capture(tb, view)
+            if graph is None:
+                return False
+            graph.replay()
+            self._check(key, tb)
+            return True
+        return False
 
     def fill(self, ids: torch.Tensor, start: int, slot: int, tb: int) -> int:
         """The static inputs of ``ids`` [1, m] at positions ``start``.. in slot ``slot``,
@@ -146,7 +200,7 @@ class ChunkGraphs:
         self.ids[0, m:tb].zero_()
         torch.arange(start, start + tb, out=self.pos[:tb])
         self.slot.fill_(slot)
-        return min(round_up(start + tb, LEN_BUCKET), self.cache.length)
+        return view_bucket(start + tb, self.cache.length)
 
     def _capture(self, tb: int, view: int) -> torch.cuda.CUDAGraph | None:
         t0 = time.monotonic()

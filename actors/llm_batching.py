@@ -313,8 +313,9 @@ class BatchEngine:
                         self._fail(stop, [])
                         break
                     if planner.idle(draining=draining):
-                        if self.warming and not (draining or yield_asked) and \
-                                self._warm_step(stats):
+                        if not (draining or yield_asked) and (
+                                self.warming and self._warm_step(stats) or
+                                runner.warm_chunk_one(len(planner.active), stats)):
                             continue                  # one graph, then look at the queue
                         break
                     if yield_asked and time.monotonic() - t0 >= self.yield_after_s():

@@ -69,3 +69,18 @@ def test_llm_params_chunk_graphs_reach_the_runner():
     eng.runner.chunk_graphs = object()                 # type: ignore[assignment]
     eng._apply({"chunk_graphs": False})
     assert eng.runner.chunk_graphs_on is False and eng.runner.chunk_graphs is None
+
+
+def test_view_buckets_double_up_to_the_cache_length():
+    """A chunk graph attends over LEN_BUCKET times a power of two keys, at most the cache's
+    length: a few graphs per token bucket, all of them captured in the idle warm-up."""
+    from agile_rag.actors.batch_plan import LEN_BUCKET
+    from agile_rag.actors.chunk_graphs import view_bucket, view_buckets
+
+    assert view_buckets(LEN_BUCKET) == [LEN_BUCKET]
+    assert view_buckets(16 * LEN_BUCKET) == [LEN_BUCKET << k for k in range(5)]
+    assert view_buckets(3 * LEN_BUCKET) == [LEN_BUCKET, 2 * LEN_BUCKET, 3 * LEN_BUCKET]
+    for length in (LEN_BUCKET, 3 * LEN_BUCKET, 16 * LEN_BUCKET):
+        for need in range(1, length + 1, 37):
+            v = view_bucket(need, length)
+            assert need <= v <= length and v in view_buckets(length)

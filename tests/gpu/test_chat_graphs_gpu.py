@@ -233,11 +233,12 @@ def test_chunk_graphs_read_the_question_after_a_prefix_and_say_the_same(tmp_path
         got = [(await llm.ask(chat(q), timeout=120)).text for q in questions]
         graphs = runner.chunk_graphs
         stats = (runner.graphed_chunks - graphed0, runner.prefixes.hits - hits0,
-                 graphs.off if graphs else "none")
+                 graphs.off if graphs else "none", runner.warm_chunk_captures)
         await system.stop_all()
         return want, got, stats
 
-    want, got, (graphed, hits, off) = asyncio.run(go())
-    print("graphed chunks", graphed, "prefix hits", hits, off)
+    want, got, (graphed, hits, off, warmed) = asyncio.run(go())
+    print("graphed chunks", graphed, "prefix hits", hits, off, "warmed", warmed)
     assert hits == 2 and graphed == 2 and off == "", (graphed, hits, off)
+    assert warmed > 0                        # captured while idle, not only on requests
     assert got == want
