@@ -70,7 +70,7 @@ class BatchSettings:
     #: the GPU's decode graphs capture the lean step (BatchRunner.decode_body)
     gpu_lean: bool = False
     #: short final chunks (the question after a stored prefix) replay CUDA graphs of the lean
-    #: chunk straight into their slot (actors/chunk_graphs.py); off until measured on a GPU
+    #: chunk straight into their slot (actors/chunk_graphs.py); off by default (README)
     chunk_graphs: bool = False
 
 
