@@ -353,14 +353,28 @@ class VRAMArbiter(CardLedgers, Actor):
                 return self._make_room(w, s_room, env)
             # smaller streamed forwards in what is free now: more passes (copies), no wait
             s_min = stream_need_min(req, mine)
+            full = stream_total(req) - req.stream_bytes
             if s_min is not None and s_min <= free:
                 working = req.stream_working_min + (free - s_min)
-                full = stream_total(req) - req.stream_bytes
                 passes = -(-full // max(1, working))
                 if room is None or req.stream_s * passes < room.cost(now):
                     self._serve(w, dev, self._actor_name(req.model, w.env), streamed=True,
                                 stream_working=min(working, full))
                     return True
+            # or in the room idle holders make for them (a 6 GiB card: the LLM's idle cache
+            # goes, its weights stay), when that and the extra passes cost less than the
+            # resident grant's room (the full streamed grant's room was not cheaper than it)
+            if s_min is not None and s_min > free:
+                m_short = s_min - free - coming
+                if m_short <= 0 and w.committed:
+                    return False        # the room it asked for is on its way
+                m_room = choose_room(offer, m_short, now)
+                if m_room is not None and m_short > 0:
+                    working = req.stream_working_min + (m_room.frees - m_short)
+                    passes = -(-full // max(1, working))
+                    if room is None or \
+                            m_room.cost(now) + req.stream_s * passes < room.cost(now):
+                        return self._make_room(w, m_room, env)
             if room is None and s_short <= sum(h.nbytes for h in idle) + \
                     sum(h.nbytes for h in later if not h.preemptible):
                 self._finish_soon([h for h in later if not h.preemptible], req.model, env)

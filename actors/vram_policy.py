@@ -22,7 +22,11 @@ best set is found exactly; beyond that, evictions are chosen greedily by cost pe
 A layer-streamed grant (an encoder's few layers' worth) is weighed against this room by the
 arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds, or, once the
 encoder has timed jobs of both modes, how much longer its streamed jobs measured) plus the room
-it needs in turn.
+it needs in turn. When that was not the cheaper, the asker's smallest streamed grant
+(``stream_working_min``: smaller forwards, more passes) is weighed too, in the room idle holders
+can make for it: it is taken when that room plus ``stream_s`` per pass costs less than the
+resident grant's room (a 6 GiB card: the LLM's idle cache is trimmed, its weights are not
+evicted; ``VRAMArbiter._try_serve``).
 """
 from __future__ import annotations
 

@@ -250,23 +250,51 @@ async def test_a_busy_encoder_is_asked_to_close_its_job_when_another_model_waits
     await system.stop_all()
 
 
-async def test_a_streamed_job_takes_smaller_forwards_when_only_that_fits():
-    """A 6 GiB card with the LLM's weights and cache: the streamed reranker's full forward does
-    not fit beside them, its smallest one does; it streams with what is free (more passes)
-    rather than evict the LLM (whose return costs far more)."""
+async def _idle_llm_beside(encoder, llm_bytes):
+    """A 1,000-byte card whose LLM (800 bytes of weights, ``llm_bytes`` with its cache) has
+    run three jobs and is idle, and an ``encoder`` that streams (60 bytes of streamed parts;
+    150 of working memory for its full forwards, 20 for its smallest), asking for a grant now:
+    (system, the LLM's actor, the encoder's grant)."""
     system = ActorSystem()
     arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
     llm = system.spawn(Releasing("llm"))
-    system.spawn(Releasing("rr"))
+    system.spawn(Releasing(encoder))
     for _ in range(3):
-        await arb.ask(RequestGrant(model="llm", nbytes=880, weights=800, restore_s=0.5),
+        await arb.ask(RequestGrant(model="llm", nbytes=llm_bytes, weights=800, restore_s=0.5),
                       sender="llm")
         arb.tell(JobFinished(model="llm"))
     llm.trims = 0
     g = await asyncio.wait_for(arb.ask(
-        RequestGrant(model="rr", nbytes=500, weights=300, stream_bytes=60, stream_working=150,
-                     stream_working_min=20, stream_s=0.01), sender="rr"), 5)
+        RequestGrant(model=encoder, nbytes=500, weights=300, stream_bytes=60,
+                     stream_working=150, stream_working_min=20, stream_s=0.01),
+        sender=encoder), 5)
+    return system, llm, g
+
+
+async def test_a_streamed_job_takes_smaller_forwards_when_only_that_fits():
+    """A 6 GiB card with the LLM's weights and cache: the streamed reranker's full forward does
+    not fit beside them, its smallest one does; it streams with what is free (more passes)
+    rather than evict the LLM (whose return costs far more)."""
+    system, llm, g = await _idle_llm_beside("rr", 880)
     assert g.streamed and g.evicted == ()
     assert g.nbytes <= 1000 - 800 and "Revoke" not in llm.got
-    assert (await arb.ask(Describe())).holders["llm"] >= 800
+    assert (await system.actors["vram-arbiter"].ask(Describe())).holders["llm"] >= 800
+    await system.stop_all()
+
+
+async def test_a_streamed_job_trims_the_idle_llm_for_its_smallest_forwards_not_evicts_it():
+    """6 GiB, session 12: the LLM's weights and idle cache filled the card (14 MB free), the
+    streamed encoder's smallest grant fit only once the cache went, its full one needed the
+    LLM's weights too, and every 1-query embed evicted the LLM (a 6 GB round trip a cycle).
+    The arbiter trims the idle cache and streams the job in smaller forwards instead."""
+    system, llm, g = await _idle_llm_beside("emb", 990)
+    arb = system.actors["vram-arbiter"]
+    assert g.streamed and g.evicted == () and "Revoke" not in llm.got
+    assert llm.trims == 1 and 80 <= g.nbytes <= 1000 - 800     # the smallest grant or more
+    assert (await arb.ask(Describe())).holders["llm"] == 800   # weights only: the cache went
+    # the LLM's next chat gets its cache back once the encoder's job is over
+    arb.tell(JobFinished(model="emb"))
+    g2 = await asyncio.wait_for(arb.ask(RequestGrant(model="llm", nbytes=990, weights=800,
+                                                     restore_s=0.5), sender="llm"), 5)
+    assert g2.nbytes == 990 and "Revoke" not in llm.got
     await system.stop_all()
