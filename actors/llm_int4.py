@@ -18,15 +18,19 @@ the embeddings (Q8_0 in SmolLM2's file) stay int8 / bfloat16. Quantizing the hea
 too changed SmolLM2's greedy answer to "What is the capital of France?" from Paris.
 
 The kernel is torch core's own (``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations), so
-no new dependency. Its packed layout is also the storage: a uint8 [out, in/2] buffer where,
-per block of 64 output rows, byte ``[k, d]`` holds row ``d`` in its low nibble and row
-``32 + d`` in its high one (checked by :func:`unpack` against the packer in the tests). On any
+no new dependency. Its packed layout is also the storage: a uint8 [out, in/2] buffer in blocks
+of output rows whose size and nibble order torch picks by the CPU's vector width: on AVX-512,
+per block of 64 rows, byte ``[k, d]`` holds row ``d`` in its low nibble and row ``32 + d`` in its
+high one; on AVX2 the same with 32 rows and ``16 + d``; without either, rows ``2d`` and
+``2d + 1`` (:func:`kernel_layout` finds which once, by packing a probe; :func:`unpack` reads it
+back, checked against the packer in the tests). On any
 other device, and for many rows at once (a prefill), the layer unpacks that buffer with plain
 tensor ops and runs a float matmul: the same buffers move to the GPU through the weights'
 residency with no repacking, and come back unchanged.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -41,7 +45,8 @@ __all__ = ["Int4Linear", "quantize_int4", "int4_layers", "unpack", "GROUP", "INT
            "gguf_four_bit"]
 
 GROUP = 32          # input values per scale and offset (GGUF's Q4_0 / Q4_1 block)
-BLOCK_N = 64        # output rows the CPU kernel packs together
+#: (rows per block, pairs half a block apart) layouts the CPU packer may use (kernel_layout)
+LAYOUTS = ((64, True), (32, True), (32, False), (64, False), (16, False))
 #: at most this many rows go through the int4 kernel on the CPU; more are unpacked + GEMM.
 #: Measured on one core (SmolLM2's 576x1536 layer): the kernel takes ~13 us a row, unpacking
 #: costs ~1.6 ms before its GEMM, so the kernel wins up to ~150 rows (a whole short prompt)
@@ -53,10 +58,37 @@ FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """The 4-bit values [out, in] (uint8, 0..15) of a CPU-kernel packed uint8 [out, in/2]
     buffer, on its own device."""
+    return _unpack(packed, *kernel_layout())
+
+
+def _unpack(packed: torch.Tensor, block: int, split: bool) -> torch.Tensor:
     n, half = packed.shape
-    b = packed.reshape(n // BLOCK_N, half * 2, BLOCK_N // 2)
-    q = torch.cat([b & 0xF, b >> 4], dim=2)              # [n/64, in, 64]
-    return q.permute(0, 2, 1).reshape(n, half * 2)
+    b = packed.reshape(n // block, half * 2, block // 2)
+    if split:                                             # row d | row d + block/2
+        q = torch.cat([b & 0xF, b >> 4], dim=2)
+    else:                                                 # row 2d | row 2d + 1
+        q = torch.stack([b & 0xF, b >> 4], dim=3).reshape(n // block, half * 2, block)
+    return q.permute(0, 2, 1).reshape(n, half * 2)        # [n/block, in, block] -> [n, in]
+
+
+@functools.cache
+def kernel_layout() -> tuple[int, bool]:
+    """The packed layout of torch's CPU int4 packer on this machine, as (rows per block,
+    whether a byte pairs rows half a block apart): found by packing a probe and reading it back
+    with each known layout. (0, False) when none fits: then no layer is made int4."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32,
+                      generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (RuntimeError, AttributeError):
+        log.warning("this torch has no CPU int4 packer: int4 layers are off")
+        return 0, False
+    for block, split in LAYOUTS:
+        if packed.shape == (128, 32) and torch.equal(_unpack(packed, block, split).int(), q):
+            return block, split
+    log.warning("torch's CPU int4 packer uses a layout this server cannot read: int4 layers "
+                "are off")
+    return 0, False
 
 
 class Int4Linear(nn.Module):
@@ -75,7 +107,8 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def fits(lin: nn.Linear) -> bool:
-        return lin.out_features % BLOCK_N == 0 and lin.in_features % GROUP == 0
+        block = kernel_layout()[0]
+        return block > 0 and lin.out_features % block == 0 and lin.in_features % GROUP == 0
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int4Linear:

@@ -216,7 +216,9 @@ def test_cross_encoder_predict(tmp_path):
     ls = LayerStream(module, "cpu", slots=3)
     ls.attach()
     out = ce.predict(pairs, batch_size=3, convert_to_tensor=True)
-    assert torch.equal(out, ref)
+    # the same weights at other addresses: with sentence-transformers 6.3 on this CPU the
+    # scores came out up to one float32 step (6e-8) off, so: equal within 1e-6
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert ls.stats()["passes"] == 3
     ls.detach()
     assert _hook_count(module) == 0
