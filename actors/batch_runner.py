@@ -826,6 +826,8 @@ class BatchRunner:
             return logits.argmax(dim=-1).tolist()
         logits = logits.float()
         for i, r in enumerate(reqs):
+            if r.reason is not None:              # ended by its last text: a token nobody reads
+                continue
             presence = getattr(r.msg, "presence_penalty", 0.0)
             frequency = getattr(r.msg, "frequency_penalty", 0.0)
             if (presence or frequency) and r.tail.ids:
@@ -856,7 +858,7 @@ class BatchRunner:
                 out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
         tokens = [int(t) for t in out.tolist()]
         for i, r in enumerate(reqs):              # only rows that asked for logprobs
-            if r.logprobs is not None:
+            if r.logprobs is not None and r.reason is None:
                 _record_logprobs(r, logits[i], tokens[i])
         return tokens
 

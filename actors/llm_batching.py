@@ -18,6 +18,14 @@ first captures the decode graphs of the common buckets, one per turn while nothi
 be done, so a request that arrives meanwhile waits at most one capture and later bursts find
 them ready (a drain, a stop or a waiting model's yield ends the warm-up at once).
 
+On a GPU a decode step's new text is read while the next step computes (``defer_text``): the
+tokens' EOS, length and grammar ends are known at once, but the tokenizer's decoding, stop
+strings and the streamed pieces of step *t* run after step *t + 1* is launched, so that per-row
+Python work hides behind the GPU's instead of adding to each step. A row whose text held a stop
+string has computed one more token by then: it is dropped unread (no text, no count, no
+logprob). A prompt's first token's text is read at once (time to first token is unchanged), and
+a pause or the loop's end reads what is held first.
+
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
 No attribute of the engine is written from two threads: ``running``, ``settings`` (the
@@ -144,6 +152,13 @@ class BatchEngine:
         self.yielded = False          # the last loop paused for a waiting model
         self.warming = False          # (the loop's) the graphs of this grant are being warmed
         self._warm_planned = False    # (the loop's) the warm-up's captures are queued
+        #: a decode step's new text is read while the next step computes (the tokens' stop
+        #: strings, the streamed pieces: the loop's per-row Python work in the GPU's shadow);
+        #: None: on a GPU only (a CPU computes the step in the loop's own thread: nothing to
+        #: overlap)
+        self.defer_text: bool | None = None
+        self._deferring = False
+        self._pending: list[SeqRequest] = []    # (the loop's) rows whose last text is unread
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
@@ -284,6 +299,9 @@ class BatchEngine:
         yield_asked = draining = False
         self.yielded = False
         new: list[SeqRequest] = []
+        self._pending = []
+        self._deferring = self.defer_text if self.defer_text is not None else \
+            runner.device.type == "cuda"
         try:
             with torch.inference_mode(), runner.on_own_stream(planner.settings.own_stream):
                 if runner.check_device():
@@ -319,6 +337,7 @@ class BatchEngine:
                             continue                  # one graph, then look at the queue
                         break
                     if yield_asked and time.monotonic() - t0 >= self.yield_after_s():
+                        self._settle()
                         self._paused_at = time.monotonic()
                         runner.drop_partial()
                         stats["yielded_seqs"] = planner.pause_all()
@@ -334,7 +353,10 @@ class BatchEngine:
                             self._admit(stats)
                         self._chunk(stats)
                         self._decode(stats)
+                        if self._pending and not planner.active:
+                            self._settle()        # (the batch emptied some other way)
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
+            self._pending = []
             self._fail(exc, new)
             self.release()
             raise
@@ -480,6 +502,7 @@ class BatchEngine:
         mark = self.timing.start()
         logits = self.runner.run(plan, stats)
         self.timing.launched(stats, "decode", mark)
+        self._read_pending()                 # the last step's text while this one computes
         if self._paused_at is not None:      # the first step since a pause: what it cost
             cost = time.monotonic() - self._paused_at
             self._paused_at = None
@@ -488,18 +511,23 @@ class BatchEngine:
                 stats["pause_s"] = round(cost, 4)
         self.planner.stepped(plan.rows)
         b = len(plan.rows)
-        self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
+        self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows),
+                          defer=self._deferring)
         stats["steps"] += 1
         stats["step_rows"] = stats.get("step_rows", 0) + b
         self.timing.done(stats, "decode", mark)
         stats["max_batch"] = max(stats["max_batch"], b)
         self.total_steps += 1
 
-    def _take_tokens(self, reqs: list[SeqRequest], tokens: list[int]) -> None:
-        """Sampled tokens back into the sequences: text streamed, reasons set, rows retired."""
+    def _take_tokens(self, reqs: list[SeqRequest], tokens: list[int], *,
+                     defer: bool = False) -> None:
+        """Sampled tokens back into the sequences: reasons set, text streamed (with ``defer``:
+        while the next step computes, see :meth:`_read_pending`), rows retired."""
         self.run_stats["tokens"] = self.run_stats.get("tokens", 0) + len(tokens)
         texts: list[SeqRequest] = []
         for req, tid in zip(reqs, tokens):
+            if req.reason is not None:    # its last text held a stop string (read while
+                continue                  # this step computed): this token is past the end
             req.last = tid
             if req.constraint is not None:
                 req.constraint.accept(tid)
@@ -511,13 +539,41 @@ class BatchEngine:
                 req.generated += 1
                 req.tail.ids.append(tid)
                 texts.append(req)
-        if texts:                         # one tokenizer call for every row's two windows
-            hits = advance(self.tokenizer, [r.tail for r in texts])
-            for req, hit in zip(texts, hits):
-                if hit or (req.constraint is not None and req.constraint.finished()):
+                if req.constraint is not None and req.constraint.finished():
                     req.reason = FinishReason.STOP
                 elif req.generated >= req.max_new:
                     req.reason = FinishReason.LENGTH
+        if defer:                         # a row that ends now reads its text as it finishes
+            self._pending = [r for r in texts if r.reason is None]
+        elif texts:
+            self._read_texts(texts)
+        gone = self.planner.retire()
+        self.runner.apply_moves(gone.moves, len(self.planner.active))
+        for req in gone.finished:
+            self._finish(req)
+
+    def _read_texts(self, reqs: list[SeqRequest]) -> None:
+        """The new tokens' text, in one tokenizer call for every row's two windows: streamed,
+        and a row whose text holds a stop string stops."""
+        hits = advance(self.tokenizer, [r.tail for r in reqs])
+        for req, hit in zip(reqs, hits):
+            if hit:
+                req.reason = FinishReason.STOP
+
+    def _read_pending(self) -> None:
+        """The text of the last decode step's tokens (deferred, see ``defer_text``) of the rows
+        that have not ended since."""
+        pending, self._pending = self._pending, []
+        live = [r for r in pending if r.reason is None]
+        if live:
+            self._read_texts(live)
+
+    def _settle(self) -> None:
+        """The deferred text read now (the loop pauses or ends), and the rows it stopped
+        retired."""
+        if not self._pending:
+            return
+        self._read_pending()
         gone = self.planner.retire()
         self.runner.apply_moves(gone.moves, len(self.planner.active))
         for req in gone.finished:
@@ -526,6 +582,8 @@ class BatchEngine:
     def _finish(self, req: SeqRequest) -> None:
         text = req.tail.finish()
         assert req.prompt is not None
+        if req.reason == FinishReason.LENGTH and req.tail.hit_stop:
+            req.reason = FinishReason.STOP   # its last token's text, read here, held a stop
         _safe_done(req, ChatResult(text=text, finish_reason=req.reason or FinishReason.STOP,
                                    prompt_tokens=len(req.prompt),
                                    completion_tokens=req.generated))
