@@ -335,6 +335,7 @@ class BatchEngine:
                                 self.warming and self._warm_step(stats) or
                                 runner.warm_chunk_one(len(planner.active), stats)):
                             continue                  # one graph, then look at the queue
+                        self._settle()                # (draining: rows a preemption sent back)
                         break
                     if yield_asked and time.monotonic() - t0 >= self.yield_after_s():
                         self._settle()
