@@ -354,8 +354,6 @@ class BatchEngine:
                             self._admit(stats)
                         self._chunk(stats)
                         self._decode(stats)
-                        if self._pending and not planner.active:
-                            self._settle()        # (the batch emptied some other way)
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
             self._pending = []
             self._fail(exc, new)
@@ -548,6 +546,10 @@ class BatchEngine:
             self._pending = [r for r in texts if r.reason is None]
         elif texts:
             self._read_texts(texts)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Rows with a reason leave the batch (the cache's rows move up) and are answered."""
         gone = self.planner.retire()
         self.runner.apply_moves(gone.moves, len(self.planner.active))
         for req in gone.finished:
@@ -572,13 +574,9 @@ class BatchEngine:
     def _settle(self) -> None:
         """The deferred text read now (the loop pauses or ends), and the rows it stopped
         retired."""
-        if not self._pending:
-            return
-        self._read_pending()
-        gone = self.planner.retire()
-        self.runner.apply_moves(gone.moves, len(self.planner.active))
-        for req in gone.finished:
-            self._finish(req)
+        if self._pending:
+            self._read_pending()
+            self._retire()
 
     def _finish(self, req: SeqRequest) -> None:
         text = req.tail.finish()

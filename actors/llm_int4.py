@@ -83,8 +83,8 @@ def kernel_layout() -> tuple[int, bool]:
     except (RuntimeError, AttributeError):
         log.warning("this torch has no CPU int4 packer: int4 layers are off")
         return 0, False
-    for block, split in LAYOUTS:
-        if packed.shape == (128, 32) and torch.equal(_unpack(packed, block, split).int(), q):
+    for block, split in LAYOUTS if packed.shape == (128, 32) else ():
+        if torch.equal(_unpack(packed, block, split).int(), q):
             return block, split
     log.warning("torch's CPU int4 packer uses a layout this server cannot read: int4 layers "
                 "are off")
