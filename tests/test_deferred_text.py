@@ -73,8 +73,9 @@ async def test_a_cancel_and_a_pause_with_deferred_text(llm):
     text first, and the chats resume with the words they have alone."""
     actor, arbiter, system = llm
     actor.engine.defer_text = False
-    prompts = [("Write a long story about a dragon.", 30),
-               ("Write a long essay about rivers.", 30)]
+    # long enough that the batch is still decoding when its slice (500 ms) lets it pause
+    prompts = [("Write a long story about a dragon.", 80),
+               ("Write a long essay about rivers.", 80)]
     alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
     actor.engine.defer_text = True
     try:
