@@ -13,7 +13,8 @@ chooses what to take back is :mod:`agile_rag.actors.vram_policy`. The rules it k
 - Making room: free memory, then bytes on their way (revokes, trims), then idle holders'
   working memory (Trim), then whole idle models by expected cost (Revoke), a layer-streamed
   grant for an encoder when that avoids evictions or pauses, and last a Yield to a busy
-  preemptible holder (the LLM's batch), asking for its cache only when that is enough.
+  preemptible holder (the LLM's batch), asking for its cache only when that is enough
+  (for the asker's smallest streamed grant, when it can stream: ``_ask_to_yield``).
 - Serving order: one head at a time, by (holds memory and is blocked, priority, arrival); a
   holder that paused for a waiter queues behind it. A later waiter never overtakes the head. If
   the head can only be served by memory other blocked holders pin, the youngest of those is
@@ -382,7 +383,8 @@ class VRAMArbiter(CardLedgers, Actor):
         if room is not None:
             return self._make_room(w, room, env)
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
-            self._ask_to_yield(idle, later, short, req.model, env)
+            self._ask_to_yield(idle, later, short, req.model, env,
+                               least=self._least_streamed_short(req, mine, free + coming))
             # a chat pauses for it here: it stays (closing an encoder's job binds nothing)
             w.committed = any(h.yield_sent and h.preemptible for h in later)
             return False                # wait for busy holders to finish, then evict by LRU
@@ -430,13 +432,28 @@ class VRAMArbiter(CardLedgers, Actor):
             freed_now |= self._revoke(h, f"making room for {w.req.model!r}", env)
         return freed_now                # an absent holder's bytes are free at once: go again
 
+    @staticmethod
+    def _least_streamed_short(req: RequestGrant, mine: Holder | None, free: int) -> int:
+        """Bytes beyond ``free`` the asker's smallest streamed grant needs (0: it cannot
+        stream)."""
+        least = stream_need_min(req, mine)
+        if least is None:
+            least = stream_need(req, mine)
+        return max(1, least - free) if least is not None else 0
+
     def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
-                      model: str, env: Envelope) -> None:
+                      model: str, env: Envelope, least: int = 0) -> None:
         """Busy holders that end on their own go first (asked to take no more requests into
         their job); if they and the idle ones are not enough, the preemptible busy ones (least
-        recently granted first) are asked to yield."""
+        recently granted first) are asked to yield. ``least``: the asker can also run
+        layer-streamed with that many bytes freed: when the busy holders' caches cover that
+        but not ``short``, they yield keeping their weights (a chat that just ended must not
+        cost the LLM's weights a round trip for a 1-query embed that can stream)."""
         self._finish_soon([h for h in later if not h.preemptible], model, env)
         have = sum(h.nbytes for h in idle) + sum(h.nbytes for h in later if not h.preemptible)
+        caches = have + sum(h.working for h in later if h.preemptible)
+        if 0 < least < short and caches < short and caches >= least:
+            short = least
         for h in sorted((h for h in later if h.preemptible), key=lambda h: h.granted_at):
             if have >= short:
                 return

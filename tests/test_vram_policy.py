@@ -11,6 +11,7 @@ from agile_rag.actors.messages import (
     Revoke,
     Trim,
     Trimmed,
+    Yield,
 )
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.actors.vram_policy import Holder, choose_room
@@ -297,4 +298,52 @@ async def test_a_streamed_job_trims_the_idle_llm_for_its_smallest_forwards_not_e
     g2 = await asyncio.wait_for(arb.ask(RequestGrant(model="llm", nbytes=990, weights=800,
                                                      restore_s=0.5), sender="llm"), 5)
     assert g2.nbytes == 990 and "Revoke" not in llm.got
+    await system.stop_all()
+
+
+class Pausing(Releasing):
+    """An LLM whose batch is running: answers Yield as the LLM actor does (its job pauses;
+    keeping its weights it answers JobFinished then Trimmed, else JobFinished then Released)."""
+
+    def __init__(self, name, weights):
+        super().__init__(name)
+        self.weights = weights
+        self.yields = []
+
+    async def handle(self, msg, env):
+        if isinstance(msg, Yield):
+            self.yields.append(msg.keep_weights)
+            arb = self.system.actors["vram-arbiter"]
+            arb.tell(JobFinished(model=self.name))
+            if msg.keep_weights:
+                arb.tell(Trimmed(model=self.name, nbytes=self.weights))
+            else:
+                arb.tell(Released(model=self.name, nbytes=0))
+            return None
+        return await super().handle(msg, env)
+
+
+async def test_a_busy_llm_pauses_keeping_its_weights_for_a_job_that_can_stream():
+    """6 GiB, session 13: the LLM's batch was still open when the 1-query embed asked (the
+    chat had just ended), so nothing was idle; the Yield was sized for the embedder's
+    resident grant (more than the LLM's cache), so the LLM gave back its weights too, and
+    every cycle copied 6 GB back. Sized for the streamed grant, the cache is enough: the LLM
+    keeps its weights and the embed streams."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Pausing("llm", 800))
+    system.spawn(Releasing("emb"))
+    for _ in range(3):
+        await arb.ask(RequestGrant(model="llm", nbytes=990, weights=800, restore_s=0.5,
+                                   preemptible=True), sender="llm")
+        arb.tell(JobFinished(model="llm"))
+    await arb.ask(RequestGrant(model="llm", nbytes=990, weights=800, restore_s=0.5,
+                               preemptible=True), sender="llm")   # busy: its batch is open
+    g = await asyncio.wait_for(arb.ask(
+        RequestGrant(model="emb", nbytes=500, weights=300, stream_bytes=60,
+                     stream_working=150, stream_working_min=20, stream_s=0.01),
+        sender="emb"), 5)
+    assert llm.yields == [True]                     # the cache only
+    assert g.streamed and g.evicted == () and "Revoke" not in llm.got
+    assert (await arb.ask(Describe())).holders["llm"] == 800
     await system.stop_all()
