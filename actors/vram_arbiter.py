@@ -67,6 +67,7 @@ from .vram_policy import (
     choose_room,
     default_budget,
     fmt,
+    room_note,
     stream_need,
     stream_need_min,
     stream_total,
@@ -88,6 +89,8 @@ class VRAMArbiter(CardLedgers, Actor):
         self.grant_timeout = float(grant_timeout)
         self.deadline_grace = deadline_grace     # let an asker give up before its timer fails it
         self.holders: dict[str, Holder] = {}
+        # models holding nothing now: their grant rate and restore cost when they left
+        self._usage: dict[str, tuple[float, float, float]] = {}
         self.waiters: list[Waiter] = []
         self.peak_used = 0
         self.granted_count = 0
@@ -197,6 +200,8 @@ class VRAMArbiter(CardLedgers, Actor):
 
     def _on_gone(self, model: str, env: Envelope, *, reported: int | None, how: str) -> None:
         h = self.holders.pop(model, None)
+        if h is not None:
+            self._usage[model] = (h.rate, h.rate_at, h.restore_s)
         if h is None:
             log.info("%s: %s from %r, which holds no grant: ignored", self.name, how, model)
             env.detail["ignored"] = True
@@ -341,9 +346,16 @@ class VRAMArbiter(CardLedgers, Actor):
         # that costs less than the room a resident grant needs (evictions, a costly trim), and
         # rather than make the chats yield
         s_need = stream_need(req, mine)
+        if s_need is not None or (room is not None and room.evictions):
+            # what was weighed, in the trace (the last weighing before the answer stays)
+            weighed: dict[str, Any] = {"free": free, "short": short,
+                                       "resident": room_note(room, now)}
+            w.env.detail["weighed"] = weighed
         if s_need is not None:
             s_short = s_need - free - coming
             s_room = choose_room(offer, s_short, now)
+            weighed.update(stream_s=round(req.stream_s, 4), stream_need=s_need,
+                           streamed=room_note(s_room, now))
             if s_room is not None and (room is None or
                                        s_room.cost(now) + req.stream_s < room.cost(now)):
                 if s_need <= free:
@@ -370,9 +382,11 @@ class VRAMArbiter(CardLedgers, Actor):
                 if m_short <= 0 and w.committed:
                     return False        # the room it asked for is on its way
                 m_room = choose_room(offer, m_short, now)
+                weighed.update(stream_min_need=s_min, streamed_min=room_note(m_room, now))
                 if m_room is not None and m_short > 0:
                     working = req.stream_working_min + (m_room.frees - m_short)
                     passes = -(-full // max(1, working))
+                    weighed["streamed_min_passes"] = passes
                     if room is None or \
                             m_room.cost(now) + req.stream_s * passes < room.cost(now):
                         return self._make_room(w, m_room, env)
@@ -482,6 +496,10 @@ class VRAMArbiter(CardLedgers, Actor):
         h = self.holders.get(model)
         if h is None:
             h = self.holders[model] = Holder(model, nbytes, req.pinned, actor, device=device)
+            # how often it is used outlives its grants: a model evicted and admitted again
+            # is as likely to be needed soon as before (else every return would make the
+            # next eviction look cheap, and a 6 GiB card evicted the LLM every cycle)
+            h.rate, h.rate_at, h.restore_s = self._usage.pop(model, (0.0, 0.0, 0.0))
         elif h.device != device:            # it moved cards: its admit leaves the old one
             h.device, h.nbytes = device, nbytes
         h.nbytes = max(h.nbytes, nbytes)

@@ -14,10 +14,12 @@ plus trims with the least expected cost that make the room (for each set of evic
 cheapest trims of the others that cover the rest). The expected cost of evicting a model is
 what bringing it back costs (``restore_s``) times how soon it is likely needed: its recent grant
 rate (an exponentially decayed count of grants, time constant ``RATE_TAU_S``), never its age
-alone. A trim costs what the holder says it loses (``trim_s``: an LLM whose KV cache is not at
-a stable address captures its CUDA graphs again), at least ``TRIM_SHARE`` of its restore cost,
-times the same rate. Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idle holders the
-best set is found exactly; beyond that, evictions are chosen greedily by cost per byte.
+alone. The rate is the model's, not its grant's: it is kept while the model holds nothing, so
+a model evicted and admitted again is as costly to evict as before. A trim costs what the
+holder says it loses (``trim_s``: an LLM whose KV cache is not at a stable address captures
+its CUDA graphs again), at least ``TRIM_SHARE`` of its restore cost, times the same rate.
+Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idle holders the best set is found
+exactly; beyond that, evictions are chosen greedily by cost per byte.
 
 A layer-streamed grant (an encoder's few layers' worth) is weighed against this room by the
 arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds, or, once the
@@ -184,6 +186,18 @@ class Room:
         """Expected seconds lost to its evictions and trims."""
         return sum(h.evict_cost(now) for h in self.evictions) + \
             sum(h.trim_cost(now) for h in self.trims)
+
+
+def room_note(room: Room | None, now: float) -> dict[str, Any] | None:
+    """A room for the trace: its expected cost, who it evicts and trims, and why (each
+    holder's restore and trim seconds and its grant rate); None: no room."""
+    if room is None:
+        return None
+    return {"cost_s": round(room.cost(now), 4),
+            "evict": {h.model: [round(h.restore_cost(), 4), round(h.rate_now(now), 3)]
+                      for h in room.evictions},
+            "trim": {h.model: [round(h.trim_s, 4), round(h.rate_now(now), 3)]
+                     for h in room.trims}}
 
 
 def choose_room(idle: list[Holder], short: int, now: float) -> Room | None:

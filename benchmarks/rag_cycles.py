@@ -515,7 +515,8 @@ async def run_level(base: str, n: int, duration: float, hard_deadline: float, ct
             "stacks": stacks_out,
             "metrics": metrics_delta(before, after), "admin_models": admin,
             "encoders": encoder_jobs(traces.get("events") or []),
-            "llm_batches": llm_batches(traces.get("events") or [])}
+            "llm_batches": llm_batches(traces.get("events") or []),
+            "evicting_grants": evicting_grants(traces.get("events") or [])}
 
 
 async def get_stacks(session, base: str, seconds: float) -> dict:
@@ -558,6 +559,21 @@ def llm_batches(events: list[dict]) -> dict:
     for s in out.values():
         s["ms_per_step"] = 1e3 * s["decode_s"] / s["steps"] if s["steps"] else None
         s["rows_per_step"] = s["step_rows"] / s["steps"] if s["steps"] else None
+    return out
+
+
+def evicting_grants(events: list[dict], keep: int = 8) -> list[dict]:
+    """The first ``keep`` grants of the window that evicted a model, with what the arbiter
+    weighed (``weighed`` in the RequestGrant trace: each room's cost, whom it evicts, their
+    restore seconds and grant rates): why a model left the GPU."""
+    out = []
+    for e in events:
+        d = e.get("detail") or {}
+        if e.get("msg") == "RequestGrant" and d.get("evicted"):
+            out.append({k: d.get(k) for k in ("model", "granted", "evicted", "streamed",
+                                              "weighed") if k in d})
+            if len(out) >= keep:
+                break
     return out
 
 

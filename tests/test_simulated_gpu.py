@@ -8,6 +8,7 @@ CPU; and the arbiter must end with nothing busy and nobody waiting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -15,13 +16,15 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
+from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.messages import RevokeAllFlex
 from agile_rag.actors.model_base import ModelActor
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
 from agile_rag.server import Server, create_app
 
-from support import CACHE, MINILM, SMOLLM, FakeResidency, sse_events
+from support import CACHE, MINILM, SMOLLM, CpuStreamable, FakeResidency, sse_events
 
 CHATS = [("Write a short story about a lighthouse keeper.", 40),
          ("Explain how rain forms, step by step.", 32),
@@ -31,24 +34,28 @@ DOCS = ["The Moon's gravity raises the tides.", "Sourdough uses wild yeast.",
         "Tides rise and fall twice a day.", "Rivers flow to the sea."]
 
 
-@pytest.fixture
-async def simulated(tmp_path, monkeypatch):
+async def _serve_simulated(tmp_path, monkeypatch, factory, llm_params=None, max_tokens=2048):
     live = tmp_path / "liveconfigs.json"
     live.write_text(json.dumps({
         "standby_llms": ["smollm2"], "standby_embedders": ["minilm"],
         "standby_rerankers": ["minilm-rerank"],
-        "llms": {"smollm2": {"llm_path": SMOLLM, "max_tokens": 2048}},
+        "llms": {"smollm2": {"llm_path": SMOLLM, "max_tokens": max_tokens}},
         "embedders": {"minilm": {"path": MINILM, "cuda_thres": 0}},
         "rerankers": {"minilm-rerank": {"path": MINILM, "kind": "bi-encoder"}},
-        "llm_params": {"default_temp": 0, "gpu_min_slice_ms": 100}}))
+        "llm_params": {"default_temp": 0, "gpu_min_slice_ms": 100, **(llm_params or {})}}))
 
     def start_arbiter(self):                       # what a CUDA machine gets, minus the copies
         self.system.spawn(VRAMArbiter(1 << 40, grant_timeout=30))
-        self.residency_factory = FakeResidency
+        self.residency_factory = factory
 
     monkeypatch.setattr(Server, "start_arbiter", start_arbiter)
     monkeypatch.setattr(ModelActor, "gpu_device", "cpu")
     app = create_app(load_settings(LIVECONFIGS_PATH=str(live), MODEL_CACHE_DIR=CACHE))
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _running(app):
     async with TestServer(app) as srv, aiohttp.ClientSession() as session:
         server = app[SERVER]
         for _ in range(1200):
@@ -57,6 +64,45 @@ async def simulated(tmp_path, monkeypatch):
             await asyncio.sleep(0.1)
         assert all(a.state == "ready" for a in server.models())
         yield srv, session, server
+
+
+@pytest.fixture
+async def simulated(tmp_path, monkeypatch):
+    app = await _serve_simulated(tmp_path, monkeypatch, FakeResidency)
+    async with _running(app) as running:
+        yield running
+
+
+class TimedResidency(FakeResidency):
+    """The residency double, saying its admit took what a PCIe copy of the weights would."""
+
+    def admit(self, device="cuda"):
+        return {**super().admit(device), "seconds": self.weight_bytes / 25e9}
+
+
+def streaming_encoders(module):
+    """The LLM gets the residency double; the encoders the real layer-streamable residency
+    on a CPU 'device' (the same hooks and slots as on a GPU, plain copies)."""
+    if hasattr(module, "generate"):
+        return TimedResidency(module)
+    return CpuStreamable(module)
+
+
+@pytest.fixture
+async def simulated_streaming(tmp_path, monkeypatch):
+    """As ``simulated``, with encoders that can run layer-streamed, and an LLM whose idle
+    cache is small (a 6 GiB card's settings: a short context, ``batch_kv_tokens`` as small,
+    no prefix store)."""
+    # what the LLM says its weights' return and a trim cost it on the H200: its decode graphs
+    # are captured again after an admit (0.8 s measured), not after a trim (its KV cache
+    # comes back at the same addresses: runtime/stable_memory.py)
+    monkeypatch.setattr(LLMActor, "restore_extra_s", 0.8)
+    monkeypatch.setattr(LLMActor, "trim_extra_s", 0.0)
+    app = await _serve_simulated(tmp_path, monkeypatch, streaming_encoders,
+                                 {"batch_kv_tokens": 256, "prefix_cache_tokens": 0},
+                                 max_tokens=256)
+    async with _running(app) as running:
+        yield running
 
 
 async def chat(session, srv, prompt: str, n: int) -> str:
@@ -157,7 +203,10 @@ async def test_the_seed_cycle_keeps_the_llm_weights_on_the_card(simulated):
         assert np.allclose(v, want[0][1], atol=1e-5)
     events = list(server.system.tracer.events)[since:]
     assert llm.lease.residency.evicts == evicts, "the LLM's weights were evicted"
-    assert any(e.msg_type == "Trim" and e.actor == llm.name for e in events)
+    # its cache went: a Trim when it was idle, or at the end of a batch loop still open when
+    # the encoder asked (a Yield for the cache only, answered when the loop ended on its own)
+    assert any(e.actor == llm.name and (e.msg_type == "Trim" or e.detail.get("trimmed"))
+               for e in events)
     # no chat paused (a Yield may reach a loop that is ending anyway: it changes nothing)
     assert not any(e.msg_type == "BatchIdle" and e.detail.get("yielded") for e in events)
     assert not any(e.detail.get("preempted") for e in events if e.msg_type == "Chat")
@@ -183,3 +232,54 @@ async def test_an_encoder_that_fits_beside_a_busy_batch_runs_without_a_yield(sim
     assert await streaming
     events = list(server.system.tracer.events)[since:]
     assert not any(e.msg_type == "Yield" for e in events)
+
+
+async def test_a_6gib_cycle_streams_the_encoders_beside_the_llm_weights(simulated_streaming):
+    """Issue 13 at 6 GiB (session 13 on the H200): the LLM's weights and idle cache fill the
+    card; an encoder's resident grant fits only by evicting the LLM, its smallest streamed
+    grant once the LLM's cache goes. Every 1-query embed there evicted the LLM (6 GB back a
+    cycle). The cycle must trim the LLM's cache and stream the encoders instead: after the
+    first admit the LLM's weights never leave, and every reply is the reference."""
+    srv, session, server = simulated_streaming
+    arbiter = server.system.actors["vram-arbiter"]
+    llm = server.registry.resolve("llm", None)
+    emb = server.registry.resolve("embedder", None)
+    rr = server.registry.resolve("reranker", None)
+    llm_full = llm.lease.residency.weight_bytes + llm.working_bytes(1)
+    want = [await chat(session, srv, CHATS[0][0], 8), await embed(session, srv, TEXTS[0]),
+            await rerank(session, srv, TEXTS[1]), await chat(session, srv, CHATS[1][0], 8)]
+    arbiter.tell(RevokeAllFlex(reason="a smaller card"))   # the references ran uncapped
+    for _ in range(200):
+        if not arbiter.state().used:
+            break
+        await asyncio.sleep(0.05)
+    arbiter.budget = llm_full + (1 << 20)          # 1 MB beside the LLM and its cache
+    arbiter.peak_used = 0
+    spare = llm.working_bytes(1) + (1 << 20)
+    for enc in (emb, rr):
+        res = enc.lease.residency
+        assert 0 < res.stream_bytes < res.weight_bytes
+        assert res.weight_bytes + enc.working_bytes(1) > spare      # resident: evict the LLM
+        assert res.stream_bytes + enc._stream_working_min() <= spare  # streamed: trim it
+    evicts = None
+    since = len(server.system.tracer.events)
+    for _ in range(3):
+        c1 = await chat(session, srv, CHATS[0][0], 8)
+        if evicts is None:
+            evicts = llm.lease.residency.evicts       # the LLM is on the card from here
+        v = await embed(session, srv, TEXTS[0])
+        r = await rerank(session, srv, TEXTS[1])
+        c2 = await chat(session, srv, CHATS[1][0], 8)
+        assert (c1, r, c2) == (want[0], want[2], want[3])
+        assert np.allclose(v, want[1], atol=1e-5)
+    events = list(server.system.tracer.events)[since:]
+    assert llm.lease.residency.evicts == evicts, "the LLM's weights were evicted"
+    modes = [e.detail["gpu_mode"] for e in events
+             if e.detail.get("gpu_mode") and e.actor in (emb.name, rr.name)]
+    assert len(modes) == 6 and set(modes) == {"streamed"}, modes
+    # the trace says what the arbiter weighed (each room's cost, whom it evicts and why)
+    weighed = [e.detail["weighed"] for e in events if e.msg_type == "RequestGrant" and
+               e.detail.get("model") in (emb.name, rr.name) and "weighed" in e.detail]
+    assert weighed and all("stream_s" in w and "streamed" in w for w in weighed), weighed
+    assert arbiter.peak_used <= arbiter.budget
+    assert not [e.detail for e in events if "gpu" in e.detail]      # no CPU fallback

@@ -9,6 +9,7 @@ from agile_rag.actors.messages import (
     Released,
     RequestGrant,
     Revoke,
+    RevokeAllFlex,
     Trim,
     Trimmed,
     Yield,
@@ -346,4 +347,33 @@ async def test_a_busy_llm_pauses_keeping_its_weights_for_a_job_that_can_stream()
     assert llm.yields == [True]                     # the cache only
     assert g.streamed and g.evicted == () and "Revoke" not in llm.got
     assert (await arb.ask(Describe())).holders["llm"] == 800
+    await system.stop_all()
+
+
+async def test_a_model_evicted_and_admitted_again_keeps_its_usage_rate():
+    """6 GiB, session 13: the arbiter forgot a model's grant rate when it was evicted, so the
+    LLM admitted again counted as used once: evicting it looked cheaper than streaming the
+    next embed (0.9 s x 1/30 per s against 0.045 s), and it was evicted every cycle. Its rate
+    (and restore cost) outlive its grants: the embed streams beside its weights."""
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(1000, grant_timeout=5))
+    llm = system.spawn(Releasing("llm"))
+    system.spawn(Releasing("emb"))
+    for _ in range(6):                              # a busy LLM ...
+        await arb.ask(RequestGrant(model="llm", nbytes=990, weights=800, restore_s=0.5),
+                      sender="llm")
+        arb.tell(JobFinished(model="llm"))
+    arb.tell(RevokeAllFlex())                       # ... evicted once (reset_flags, a swap)
+    await asyncio.sleep(0.05)
+    assert "Revoke" in llm.got
+    assert "llm" not in (await arb.ask(Describe())).holders
+    await arb.ask(RequestGrant(model="llm", nbytes=990, weights=800, restore_s=0.5),
+                  sender="llm")                     # and back for its next chat
+    arb.tell(JobFinished(model="llm"))
+    g = await asyncio.wait_for(arb.ask(
+        RequestGrant(model="emb", nbytes=500, weights=300, stream_bytes=60,
+                     stream_working=150, stream_working_min=20, stream_s=0.03),
+        sender="emb"), 5)
+    assert g.streamed and g.evicted == (), g
+    assert (await arb.ask(Describe())).holders["llm"] >= 800
     await system.stop_all()
