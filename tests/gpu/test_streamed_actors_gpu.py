@@ -29,21 +29,29 @@ def models(tmp_path_factory):
             build_tiny_llm(str(d / "llm"), hidden=256, max_positions=512, words_only=True))
 
 
-def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
+async def loaded(models):
+    """A real arbiter (no cap yet), the two flex encoders (a job's working memory told as
+    WORK) and the LLM with real residencies, loaded: (system, arbiter, emb, ce, llm)."""
     emb_path, ce_path, llm_path = models
+    system = ActorSystem()
+    arbiter = system.spawn(VRAMArbiter(1 << 36, grant_timeout=30))
+    e, r = spawn_pair(system, emb_path, ce_path, device="flex")
+    llm = LLMActor(ModelSpec("llm", "tiny", llm_path, llm_path, max_tokens=512),
+                   {"batch_kv_tokens": 1024})
+    llm.residency_factory = WeightResidency
+    system.spawn(llm)
+    for a in (e, r, llm):
+        assert (await a.ask(Describe(), timeout=120)).state == "ready"
+    for a in (e, r):
+        a.working_bytes = lambda items, depth=2: WORK
+    return system, arbiter, e, r, llm
+
+
+def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
 
     async def go():
-        system = ActorSystem()
-        arbiter = system.spawn(VRAMArbiter(1 << 36, grant_timeout=30))
-        e, r = spawn_pair(system, emb_path, ce_path, device="flex")
-        llm = LLMActor(ModelSpec("llm", "tiny", llm_path, llm_path, max_tokens=512),
-                       {"batch_kv_tokens": 1024})
-        llm.residency_factory = WeightResidency
-        system.spawn(llm)
-        for a in (e, r, llm):
-            assert (await a.ask(Describe(), timeout=120)).state == "ready"
+        system, arbiter, e, r, llm = await loaded(models)
         for a in (e, r):
-            a.working_bytes = lambda items, depth=2: WORK
             assert 0 < a.lease.residency.stream_bytes < a.lease.residency.weight_bytes
 
         def chat():
@@ -98,6 +106,58 @@ def test_streamed_encoders_give_the_resident_results_and_the_llm_stays(models):
         assert beside and set(beside) == {"streamed"}, beside
         assert not [ev for ev in events if ev.actor == llm.name and
                     ev.msg_type in ("Revoke", "Yield")], "the LLM was evicted or paused"
+        assert arbiter.peak_used <= arbiter.budget
+        await system.stop_all()
+
+    asyncio.run(go())
+
+
+def test_a_card_the_llm_and_its_cache_fill_streams_the_encoders_in_the_cycle(models):
+    """The 6 GiB shape at toy scale (session 13): the LLM's weights and idle cache fill the
+    budget; a whole encoder fits only by evicting the LLM, its streamed mode once the LLM's
+    cache goes. The seed's cycle (chat, embed, rerank, chat), after the LLM was evicted once
+    and admitted again, trims the LLM's cache and streams the encoders: the LLM's weights never
+    leave, and every result is the resident one."""
+
+    async def go():
+        system, arbiter, e, r, llm = await loaded(models)
+        # what the LLM asks beyond its weights (its cache and activations): room for either
+        # encoder's streamed mode, not for a whole encoder
+        told = max(e.lease.residency.stream_bytes, r.lease.residency.stream_bytes) + WORK
+        llm.working_bytes = lambda items: told
+
+        def chat():
+            return llm.ask(Chat(messages=[{"role": "user", "content": "paris is"}],
+                                max_tokens=8), timeout=120)
+
+        async def cycle():
+            c1 = await chat()
+            v = (await e.ask(Embed(texts=TEXTS))).vectors
+            s = np.asarray((await r.ask(Rerank(query="capital of france",
+                                                 documents=DOCS))).scores)
+            return c1, v, s, await chat()
+        want = await cycle()                             # references, everything resident
+        for a in (e, r, llm):                            # a smaller card from here
+            await a.ask(Revoke(model=a.name, reason="test"), timeout=30)
+        spare = llm.working_bytes(1) + (1 << 20)
+        arbiter.budget = llm.lease.residency.weight_bytes + spare
+        arbiter.peak_used = 0
+        for a in (e, r):
+            res = a.lease.residency
+            assert res.weight_bytes + WORK > spare >= res.stream_bytes + WORK
+        since = len(system.tracer.events)
+        for _ in range(3):
+            c1, v, s, c2 = await cycle()
+            assert c1.text == want[0].text and c2.text == want[3].text
+            assert np.allclose(v, want[1], atol=1e-3), (v, want[1])
+            assert np.allclose(s, want[2], atol=1e-3), (s, want[2])
+        events = list(system.tracer.events)[since:]
+        revokes = [ev for ev in events if ev.actor == llm.name and ev.msg_type == "Revoke"]
+        assert not revokes, [ev.detail for ev in events if "weighed" in ev.detail]
+        modes = [ev.detail["gpu_mode"] for ev in events
+                 if ev.detail.get("gpu_mode") and ev.actor in (e.name, r.name)]
+        assert len(modes) == 6 and set(modes) == {"streamed"}, modes
+        assert llm.lease.residency.on_gpu
         assert arbiter.peak_used <= arbiter.budget
         await system.stop_all()
 
