@@ -751,6 +751,22 @@ def table_head(title: str, columns: list[str]) -> list[str]:
     return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def _weighed_cells(w: dict) -> str:
+    """Three table cells from a grant's ``weighed`` trace detail (actors/vram_arbiter.py)."""
+    def room(r: dict | None, extra: str = "") -> str:
+        if not r:
+            return "none"
+        ev = ", ".join(f"{m} {v[0]:.3f} s x {v[1]:.2f}" for m, v in r.get("evict", {}).items())
+        tr = ", ".join(f"trim {m}" for m in r.get("trim", {}))
+        return f"{r['cost_s']:.4f}{extra} ({'; '.join(x for x in (ev, tr) if x) or 'free'})"
+    if "stream_s" not in w:
+        return f"{room(w.get('resident'))} | - | -"
+    passes = f" ({w['streamed_min_passes']})" if "streamed_min_passes" in w else ""
+    plus = f" + {w['stream_s']:.4f}"
+    return (f"{room(w.get('resident'))} | {room(w.get('streamed'), plus)} | "
+            f"{room(w.get('streamed_min'))}{passes}")
+
+
 def per_model(result: dict, key: str):
     """(mode, N, model, summary) for each level's per-model summary ``key`` ("encoders",
     "llm_batches"), in the order the levels ran."""
@@ -838,6 +854,20 @@ def write_markdown(path: str, result: dict, table: list[list[str]]) -> None:
                      f"{e['resident_jobs']} | {e['streamed_jobs']} | "
                      f"{e['forwards'] / max(e['requests'], 1):.2f} | {e['grouped']} | "
                      f"{group} | {fmt(wait, 3)} | {e.get('evicting_jobs', 0)} |")
+    evicting = [(mode, s["n"], g) for mode, mres in result["modes"].items()
+                for s, lv in zip(mres["levels"], mres["raw_levels"])
+                for g in lv.get("evicting_grants") or []]
+    if evicting:
+        lines += table_head("## Grants that evicted a model (first 8 per level; what the "
+                            "arbiter weighed, from the RequestGrant trace)", [
+                                "mode", "N", "model", "evicted", "streamed",
+                                "resident room s (evict: restore s, rate /s)",
+                                "streamed room s + stream s",
+                                "smallest streamed room s (passes)"])
+        for mode, n, g in evicting:
+            lines.append(f"| {mode} | {n} | {g.get('model')} | "
+                         f"{', '.join(g.get('evicted') or [])} | {bool(g.get('streamed'))} | "
+                         f"{_weighed_cells(g.get('weighed') or {})} |")
     lines += table_head("## LLM batch loop per level (window only, BatchIdle in /debug/traces)", [
         "mode", "N", "model", "loop s", "decode steps", "ms per step", "rows per step",
         "admit (prefill) s: host / launch / GPU", "prefill chunk s: host / launch / GPU",
