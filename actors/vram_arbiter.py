@@ -200,12 +200,11 @@ class VRAMArbiter(CardLedgers, Actor):
 
     def _on_gone(self, model: str, env: Envelope, *, reported: int | None, how: str) -> None:
         h = self.holders.pop(model, None)
-        if h is not None:
-            self._usage[model] = (h.rate, h.rate_at, h.restore_s)
         if h is None:
             log.info("%s: %s from %r, which holds no grant: ignored", self.name, how, model)
             env.detail["ignored"] = True
             return None
+        self._usage[model] = (h.rate, h.rate_at, h.restore_s)
         if h.busy and not h.yield_sent:     # (a yielding batch gives it back mid-job)
             log.warning("%s: %r gave its GPU memory back while busy (%s)", self.name, model, how)
         env.detail.update(freed=h.nbytes, was_revoked=h.revoking)
