@@ -90,7 +90,7 @@ class VRAMArbiter(CardLedgers, Actor):
         self.deadline_grace = deadline_grace     # let an asker give up before its timer fails it
         self.holders: dict[str, Holder] = {}
         # models holding nothing now: their grant rate and restore cost when they left
-        self._usage: dict[str, tuple[float, float, float]] = {}
+        self._usage: dict[str, tuple[float, float, float, float]] = {}
         self.waiters: list[Waiter] = []
         self.peak_used = 0
         self.granted_count = 0
@@ -204,7 +204,7 @@ class VRAMArbiter(CardLedgers, Actor):
             log.info("%s: %s from %r, which holds no grant: ignored", self.name, how, model)
             env.detail["ignored"] = True
             return None
-        self._usage[model] = (h.rate, h.rate_at, h.restore_s)
+        self._usage[model] = (h.rate, h.rate_at, h.first_at, h.restore_s)
         if h.busy and not h.yield_sent:     # (a yielding batch gives it back mid-job)
             log.warning("%s: %r gave its GPU memory back while busy (%s)", self.name, model, how)
         env.detail.update(freed=h.nbytes, was_revoked=h.revoking)
@@ -498,7 +498,7 @@ class VRAMArbiter(CardLedgers, Actor):
             # how often it is used outlives its grants: a model evicted and admitted again
             # is as likely to be needed soon as before (else every return would make the
             # next eviction look cheap, and a 6 GiB card evicted the LLM every cycle)
-            h.rate, h.rate_at, h.restore_s = self._usage.pop(model, (0.0, 0.0, 0.0))
+            h.rate, h.rate_at, h.first_at, h.restore_s = self._usage.pop(model, (0.0,) * 4)
         elif h.device != device:            # it moved cards: its admit leaves the old one
             h.device, h.nbytes = device, nbytes
         h.nbytes = max(h.nbytes, nbytes)

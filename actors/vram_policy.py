@@ -13,13 +13,14 @@ The rule (:func:`choose_room`): to free ``short`` bytes from idle holders, take 
 plus trims with the least expected cost that make the room (for each set of evictions, the
 cheapest trims of the others that cover the rest). The expected cost of evicting a model is
 what bringing it back costs (``restore_s``) times how soon it is likely needed: its recent grant
-rate (an exponentially decayed count of grants, time constant ``RATE_TAU_S``), never its age
-alone. The rate is the model's, not its grant's: it is kept while the model holds nothing, so
-a model evicted and admitted again is as costly to evict as before. A trim costs what the
-holder says it loses (``trim_s``: an LLM whose KV cache is not at a stable address captures
-its CUDA graphs again), at least ``TRIM_SHARE`` of its restore cost, times the same rate.
-Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idle holders the best set is found
-exactly; beyond that, evictions are chosen greedily by cost per byte.
+rate (an exponentially decayed count of grants, time constant ``RATE_TAU_S``, over the part
+of that window since the model was first used: a server up for seconds knows its rates),
+never its age alone. The rate is the model's, not its grant's: it is kept while the model
+holds nothing, so a model evicted and admitted again is as costly to evict as before. A trim
+costs what the holder says it loses (``trim_s``: an LLM whose KV cache is not at a stable
+address captures its CUDA graphs again), at least ``TRIM_SHARE`` of its restore cost, times
+the same rate. Ties go to moving fewer bytes. With up to ``EXACT_MAX`` idle holders the best
+set is found exactly; beyond that, evictions are chosen greedily by cost per byte.
 
 A layer-streamed grant (an encoder's few layers' worth) is weighed against this room by the
 arbiter: its own cost is the asker's ``stream_s`` (the copies its pass adds, or, once the
@@ -45,6 +46,7 @@ log = logging.getLogger("agile_rag.arbiter")
 
 RATE_TAU_S = 30.0            # a model's grant rate forgets with this time constant
 RATE_FLOOR = 1.0 / 600       # a model not used for long still costs something to bring back
+RATE_MIN_SPAN_S = 3.0        # a model first used this recently counts as seen this long
 COPY_BYTES_PER_S = 20e9      # restore estimate when a holder has not measured its own
 EXACT_MAX = 12               # idle holders up to which the cheapest eviction set is exact
 TRIM_SHARE = 0.01            # a trim's least cost, as a share of the holder's restore cost
@@ -115,8 +117,9 @@ class Holder:
     granted_at: float = 0.0
     preemptible: bool = False       # its job pauses on a Yield (asked for by its last grant)
     yield_sent: bool = False        # one Yield per grant
-    rate: float = 0.0               # grants per second, decayed (see use_rate)
+    rate: float = 0.0               # decayed count of grants / RATE_TAU_S (see rate_now)
     rate_at: float = 0.0
+    first_at: float = 0.0           # its first grant (the span the rate is an average over)
     streamed: bool = False          # its last grant was for the layer-streamed mode
     yielding: bool = False          # paused its job for a waiter, keeping its weights
     trim_s: float = 0.0             # the holder's own figure for what a Trim costs it
@@ -128,13 +131,24 @@ class Holder:
 
     def used_now(self, now: float) -> None:
         """Count one grant in the decayed rate."""
-        self.rate = self.rate_now(now) + 1.0 / RATE_TAU_S
+        self.rate = self._decayed(now) + 1.0 / RATE_TAU_S
         self.rate_at = now
+        self.first_at = self.first_at or now
 
-    def rate_now(self, now: float) -> float:
+    def _decayed(self, now: float) -> float:
         if not self.rate_at:
             return 0.0
         return self.rate * math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
+
+    def rate_now(self, now: float) -> float:
+        """Grants per second lately: the decayed count over the part of the last
+        ``RATE_TAU_S`` the model was seen in (a model used twice a second since the server
+        started 3 s ago has a rate of 2, not of the 0.2 a full window would give)."""
+        decayed = self._decayed(now)
+        if not decayed:
+            return 0.0
+        seen = max(now - self.first_at, RATE_MIN_SPAN_S) if self.first_at else RATE_TAU_S
+        return decayed / -math.expm1(-seen / RATE_TAU_S)
 
     def restore_cost(self) -> float:
         """Seconds it takes this holder to have its weights on the GPU again."""
@@ -300,7 +314,8 @@ def why_waiting(model: str, ahead: list[tuple[str, int]], holders: list[Holder],
 def weights_only(h: Holder) -> Holder:
     """A holder being trimmed, as :func:`choose_room` sees it: only its weights left."""
     return Holder(h.model, h.weights or h.nbytes, h.pinned, h.actor, weights=0,
-                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at, trim_s=h.trim_s)
+                  restore_s=h.restore_s, rate=h.rate, rate_at=h.rate_at,
+                  first_at=h.first_at, trim_s=h.trim_s)
 
 
 def stream_need(req: RequestGrant, mine: Holder | None) -> int | None:

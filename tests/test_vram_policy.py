@@ -377,3 +377,73 @@ async def test_a_model_evicted_and_admitted_again_keeps_its_usage_rate():
     assert g.streamed and g.evicted == (), g
     assert (await arb.ask(Describe())).holders["llm"] >= 800
     await system.stop_all()
+
+
+class FakeClock:
+    """The arbiter's clock (its grant rates), moved by the test: a cycle's steps take the
+    seconds measured on the H200, not the microseconds they take here."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+MIB = 2**20
+H200_CYCLE = (   # the seed cycle's grants at N=1 with the figures measured on the H200
+    (dict(model="llm", weights=6_171_877_888, restore_s=0.93, preemptible=True), 0.60),
+    (dict(model="emb", nbytes=1_119_791_136 + 116 * MIB, weights=1_119_791_136,
+          restore_s=0.022, stream_bytes=51 * MIB, stream_working=116 * MIB,
+          stream_working_min=90 * MIB, stream_s=0.045), 0.04),
+    (dict(model="rr", nbytes=1_119_793_186 + 896 * MIB, weights=1_119_793_186,
+          restore_s=0.022, stream_bytes=51 * MIB, stream_working=896 * MIB,
+          stream_working_min=90 * MIB, stream_s=0.045), 0.08),
+    (dict(model="llm", weights=6_171_877_888, restore_s=0.93, preemptible=True), 0.72))
+
+
+async def run_h200_cycles(monkeypatch, budget_mib, llm_working, cycles=6):
+    """The seed cycle, one grant at a time, against the arbiter alone: per cycle, each grant's
+    (model, streamed, evicted)."""
+    import agile_rag.actors.vram_arbiter as vram_arbiter
+    clock = FakeClock()
+    monkeypatch.setattr(vram_arbiter, "time", clock)
+    system = ActorSystem()
+    arb = system.spawn(VRAMArbiter(budget_mib * MIB, grant_timeout=5))
+    for m in ("llm", "emb", "rr"):
+        system.spawn(Releasing(m))
+    out = []
+    for _ in range(cycles):
+        cycle = []
+        for ask, seconds in H200_CYCLE:
+            if ask["model"] == "llm":
+                ask = {**ask, "nbytes": ask["weights"] + llm_working}
+            g = await asyncio.wait_for(arb.ask(RequestGrant(**ask), sender=ask["model"]), 5)
+            cycle.append((ask["model"], g.streamed, g.evicted))
+            clock.now += seconds
+            arb.tell(JobFinished(model=ask["model"]))
+            await asyncio.sleep(0.01)          # the Trim / Revoke answers
+        out.append(cycle)
+    await system.stop_all()
+    return out
+
+
+async def test_the_h200_seed_cycle_at_8gib_never_evicts_the_llm(monkeypatch):
+    """What the H200 measured at 8 GiB (N=1): the LLM stays; the reranker's job takes the
+    embedder's place, 1.12 GB copied a cycle."""
+    cycles = await run_h200_cycles(monkeypatch, 8192, 1_226_833_920)
+    assert not any("llm" in ev for c in cycles for _m, _s, ev in c), cycles
+    assert all(c[2] == ("rr", False, ("emb",)) for c in cycles[1:]), cycles
+
+
+async def test_the_h200_seed_cycle_at_6gib_streams_the_encoders_beside_the_llm(monkeypatch):
+    """At 6 GiB (the LLM's weights and its 0.26 GB cache fill the card) both encoders stream
+    beside the LLM's weights from the first cycle: the LLM's rate (two grants in 1.4 s) makes
+    its eviction (0.93 s to come back) cost more than the encoders' streamed passes. Before,
+    the first embed evicted the LLM (a rate averaged over a 30 s window the server had not
+    lived yet: 1/30 per s), and then every reranker job did (an evicted model's rate was
+    forgotten)."""
+    cycles = await run_h200_cycles(monkeypatch, 6144, 256_376_832)
+    for c in cycles:
+        assert [(m, s) for m, s, _ev in c[1:3]] == [("emb", True), ("rr", True)], cycles
+        assert not any("llm" in ev for _m, _s, ev in c), cycles
