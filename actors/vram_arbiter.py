@@ -345,6 +345,7 @@ class VRAMArbiter(CardLedgers, Actor):
         # that costs less than the room a resident grant needs (evictions, a costly trim), and
         # rather than make the chats yield
         s_need = stream_need(req, mine)
+        s_least = s_need                # the smallest streamed grant's bytes (None: resident)
         if s_need is not None or (room is not None and room.evictions):
             # what was weighed, in the trace (the last weighing before the answer stays)
             weighed: dict[str, Any] = {"free": free, "short": short,
@@ -365,6 +366,7 @@ class VRAMArbiter(CardLedgers, Actor):
                 return self._make_room(w, s_room, env)
             # smaller streamed forwards in what is free now: more passes (copies), no wait
             s_min = stream_need_min(req, mine)
+            s_least = s_min if s_min is not None else s_need
             full = stream_total(req) - req.stream_bytes
             if s_min is not None and s_min <= free:
                 working = req.stream_working_min + (free - s_min)
@@ -396,8 +398,8 @@ class VRAMArbiter(CardLedgers, Actor):
         if room is not None:
             return self._make_room(w, room, env)
         if sum(h.nbytes for h in idle) + sum(h.nbytes for h in later) >= short:
-            self._ask_to_yield(idle, later, short, req.model, env,
-                               least=self._least_streamed_short(req, mine, free + coming))
+            least = max(1, s_least - free - coming) if s_least is not None else 0
+            self._ask_to_yield(idle, later, short, req.model, env, least=least)
             # a chat pauses for it here: it stays (closing an encoder's job binds nothing)
             w.committed = any(h.yield_sent and h.preemptible for h in later)
             return False                # wait for busy holders to finish, then evict by LRU
@@ -444,15 +446,6 @@ class VRAMArbiter(CardLedgers, Actor):
             w.evicted.append(h.model)
             freed_now |= self._revoke(h, f"making room for {w.req.model!r}", env)
         return freed_now                # an absent holder's bytes are free at once: go again
-
-    @staticmethod
-    def _least_streamed_short(req: RequestGrant, mine: Holder | None, free: int) -> int:
-        """Bytes beyond ``free`` the asker's smallest streamed grant needs (0: it cannot
-        stream)."""
-        least = stream_need_min(req, mine)
-        if least is None:
-            least = stream_need(req, mine)
-        return max(1, least - free) if least is not None else 0
 
     def _ask_to_yield(self, idle: list[Holder], later: list[Holder], short: int,
                       model: str, env: Envelope, least: int = 0) -> None:

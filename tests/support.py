@@ -187,41 +187,6 @@ class FakeResidency:
         return {"seconds": 0.0, "bytes": self.weight_bytes}
 
 
-class CpuStreamable:
-    """Encoder residency double for a CPU machine: the resident mode is FakeResidency's (the
-    weights stay where they are), the layer-streamed mode is the real one on a CPU 'device'
-    (runtime/streamed_residency.py: the same hooks and slots as on a GPU, plain copies)."""
-
-    def __new__(cls, module):
-        from agile_rag.runtime.streamed_residency import StreamableResidency
-
-        class _Double(StreamableResidency):
-            resident = False
-            resident_admits = 0
-
-            def admit(self, device="cuda", *, streamed=False):
-                if streamed:
-                    self.resident = False
-                    return super().admit(device, streamed=True)
-                if self.streamed:
-                    self.stream.detach()
-                self.resident_admits += not self.resident
-                self.resident = True
-                return {"bytes": self.weight_bytes, "seconds": 0.0}
-
-            def evict(self):
-                if self.streamed:
-                    return super().evict()
-                was, self.resident = self.resident, False
-                return {"seconds": 0.0, "bytes": self.weight_bytes if was else 0}
-
-            @property
-            def on_gpu(self):
-                return self.resident or self.streamed
-
-        return _Double(module, pin=False, device="cpu")
-
-
 def gpu_bytes_in_use() -> int:
     """Bytes held by live CUDA tensors, not counting cuBLAS's per-thread workspaces (the
     caching allocator counts them, and every executor thread that ran a matmul keeps one:

@@ -22,9 +22,10 @@ from agile_rag.actors.model_base import ModelActor
 from agile_rag.actors.vram_arbiter import VRAMArbiter
 from agile_rag.configs import load_settings
 from agile_rag.http.keys import SERVER
+from agile_rag.runtime.streamed_residency import StreamableResidency
 from agile_rag.server import Server, create_app
 
-from support import CACHE, MINILM, SMOLLM, CpuStreamable, FakeResidency, sse_events
+from support import CACHE, MINILM, SMOLLM, FakeResidency, sse_events
 
 CHATS = [("Write a short story about a lighthouse keeper.", 40),
          ("Explain how rain forms, step by step.", 32),
@@ -71,6 +72,36 @@ async def simulated(tmp_path, monkeypatch):
     app = await _serve_simulated(tmp_path, monkeypatch, FakeResidency)
     async with _running(app) as running:
         yield running
+
+
+class CpuStreamable(StreamableResidency):
+    """Encoder residency double for a CPU machine: the resident mode is FakeResidency's (the
+    weights stay where they are), the layer-streamed mode is the real one on a CPU 'device'
+    (runtime/streamed_residency.py: the same hooks and slots as on a GPU, plain copies)."""
+
+    resident = False
+
+    def __init__(self, module):
+        super().__init__(module, pin=False, device="cpu")
+
+    def admit(self, device="cuda", *, streamed=False):
+        if streamed:
+            self.resident = False
+            return super().admit(device, streamed=True)
+        if self.streamed:
+            self.stream.detach()
+        self.resident = True
+        return {"bytes": self.weight_bytes, "seconds": 0.0}
+
+    def evict(self):
+        if self.streamed:
+            return super().evict()
+        was, self.resident = self.resident, False
+        return {"seconds": 0.0, "bytes": self.weight_bytes if was else 0}
+
+    @property
+    def on_gpu(self):
+        return self.resident or self.streamed
 
 
 class TimedResidency(FakeResidency):
