@@ -106,6 +106,8 @@ class BatchRunner:
         #: first step agrees with transformers'; a decoder: in use (made again for each new set
         #: of graphs, after the weights moved)
         self.gpu_lean: LeanDecoder | None | bool = False
+        #: the lean step's fused small operations (LeanDecoder.fused_ops): None on a GPU
+        self.lean_fused_ops: bool | None = None
         #: the CPU decode step's torch thread count, chosen by timing (runtime/thread_tuner.py);
         #: None: whatever torch has
         self.tuner: ThreadTuner | None = None
@@ -622,7 +624,7 @@ class BatchRunner:
         """A new lean decoder tried on one step (ids [B, 1]) against transformers' forward on
         the same input: (the decoder, its logits) when they agree; (False, transformers'
         logits) when they differ; (None, transformers' logits) for a model it does not fit."""
-        lean = lean_decoder(self.model)
+        lean = lean_decoder(self.model, self.lean_fused_ops)
         full = self.forward(ids, pos, rows, view)
         if lean is None:
             return None, full
@@ -654,7 +656,7 @@ class BatchRunner:
             self.graphs = _Graphs(self)
             self.graph_sets += 1
             if isinstance(self.gpu_lean, LeanDecoder):    # the weights may have moved
-                self.gpu_lean = lean_decoder(self.model) or False
+                self.gpu_lean = lean_decoder(self.model, self.lean_fused_ops) or False
         return self.graphs
 
     def decode_body(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,

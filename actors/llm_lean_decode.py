@@ -23,6 +23,15 @@ rotated together, one matmul for q/k/v and one for gate/up when laid end to end)
 graph of transformers' step spends ~2 of its ~5 ms at batch 1 on ~1,400 small kernels (a 3B
 Qwen on the H200, benchmarks/results/chat-http-h200-s6.md).
 
+On a GPU the step also takes the fused forms of its small operations (``fused_ops``; a GPU's
+step at batch 1 is mostly small kernels around the matmuls, ~25 a layer): each RMSNorm is
+one ``F.rms_norm`` call with its weight (no float32 round trip), q and k are rotated by one
+batched matmul with a rotation matrix built once a step for every layer (in place of five
+elementwise kernels), the attention is torch's SDPA at every view length (the two-matmul
+form wins only on a CPU), and the output and down projections add into the residual stream
+in their own matmul (``addmm_``). Each rounds once where transformers rounds twice, so the
+logits differ within the half-precision rounding that :func:`agrees` allows.
+
 Only for the architectures whose decoder layer is exactly that (Llama, Mistral without a sliding
 window, Qwen2; :func:`lean_decoder` checks the modules and their attributes, else None). The
 batch runner compares the first lean step with transformers' step on the same input and keeps
@@ -113,10 +122,13 @@ class LeanDecoder:
     """``decoder(ids [B, 1], pos [B], cache, mask [B, 1, 1, L]) -> logits [B, vocab]``, the cache
     bound to the step's rows, positions and view (as transformers' step is)."""
 
-    def __init__(self, model: Any, rope: Any):
+    def __init__(self, model: Any, rope: Any, fused_ops: bool | None = None):
         inner = model.model
         cfg = model.config
         self.model = model
+        #: the fused small operations (see the module's docstring): None on a GPU only, True
+        #: everywhere (tests), False never
+        self.fused_ops = fused_ops
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.rope = rope
@@ -157,9 +169,11 @@ class LeanDecoder:
         return calls if calls is not None else self.linear[i]
 
     def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             calls: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             calls: Any, rot: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i``'s q [B, heads, 1, D], k and v [B, kv heads, 1, D] of the normed input
-        h [B, 1, hidden], q and k rotated."""
+        h [B, 1, hidden], q and k rotated (by ``rot`` [B, D, D], :func:`rotation`, when
+        given)."""
         b = h.shape[0]
         h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
         _, q_p, k_p, v_p = self.layers[i][:4]
@@ -168,7 +182,8 @@ class LeanDecoder:
             v = y[:, (h_n + kv_n) * d:].view(b, 1, kv_n, d).transpose(1, 2)
             if self.joint_rope:
                 # q's and k's heads side by side, rotated as one: [B, heads + kv heads, D]
-                qk = _rotate(y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d), cos, sin)
+                qk = y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d)
+                qk = torch.bmm(qk, rot) if rot is not None else _rotate(qk, cos, sin)
                 return qk[:, :h_n].unsqueeze(2), qk[:, h_n:].unsqueeze(2), v
             q = y[:, :h_n * d].view(b, 1, h_n, d).transpose(1, 2)
             k = y[:, h_n * d:(h_n + kv_n) * d].view(b, 1, kv_n, d).transpose(1, 2)
@@ -180,11 +195,20 @@ class LeanDecoder:
         return q, k, v
 
     def _after_attention(self, i: int, x: torch.Tensor, o: torch.Tensor, calls: Any,
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
         """x [B, 1, hidden] plus layer ``i``'s output projection of the attention's o
-        [B, heads x D], then plus its MLP."""
+        [B, heads x D], then plus its MLP (``fused``: added into x in place, by the
+        projections' own matmuls, when they have no bias)."""
         b = x.shape[0]
         _, _, _, _, o_p, n2, gate, up, down, act = self.layers[i]
+        if fused and isinstance(calls, tuple) and isinstance(calls[0], LinearCalls) and \
+                o_p.bias is None and down.bias is None:
+            _, _, gate_up, _ = calls
+            x2 = x.view(b, -1)
+            x2.addmm_(o, o_p.weight.t())
+            g, u = gate_up(_rms_fused(x2, n2))
+            x2.addmm_(act(g) * u, down.weight.t())
+            return x
         if calls is not None:
             _, o_c, gate_up, down_c = calls
             x = x + o_c(o)[0].view(b, 1, -1)
@@ -202,19 +226,24 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos[:, None])
         dtype = x.dtype
+        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        # one rotation matrix a row for every layer's q and k
+        rot = rotation(cos, sin) if fused and self.joint_rope else None
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, b, dtype)
-            q, k, v = self._qkv(i, _rms(x, layer[0], dtype), cos, sin, calls)
+            h = _rms_fused(x, layer[0]) if fused else _rms(x, layer[0], dtype)
+            q, k, v = self._qkv(i, h, cos, sin, calls, rot)
             keys, values = cache.update(k, v, i)
-            if mask.shape[-1] <= SDPA_KEYS:
+            if fused or mask.shape[-1] <= SDPA_KEYS:
                 # each KV head's query heads as one group of queries: [B, kv heads, group, D]
                 o = F.scaled_dot_product_attention(q.reshape(b, kv_n, h_n // kv_n, d), keys,
                                                    values, attn_mask=mask, scale=self.scaling)
             else:
                 o, _ = grouped_decode_attention(None, q, keys, values, mask,
                                                 scaling=self.scaling)
-            x = self._after_attention(i, x, o.reshape(b, h_n * d), calls, dtype)
-        return self.head(_rms(x, self.final, dtype))[:, -1, :]
+            x = self._after_attention(i, x, o.reshape(b, h_n * d), calls, dtype, fused)
+        last = _rms_fused(x, self.final) if fused else _rms(x, self.final, dtype)
+        return self.head(last)[:, -1, :]
 
     def chunk(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any,
               logits: bool = True, every_row: bool = False) -> torch.Tensor | None:
@@ -263,6 +292,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices M [B, D, D] with ``x @ M[b]`` what :func:`_rotate` computes for row b
+    (cos and sin [B, 1, D]): ``x * cos + rotate_half(x) * sin``, where rotate_half(x)[j] is
+    -x[j + D/2] for j < D/2 and x[j - D/2] after. So M is cos on the diagonal, -sin[j] at
+    (j + D/2, j) and sin[j] at (j - D/2, j)."""
+    b, d = cos.shape[0], cos.shape[-1]
+    half = d // 2
+    c, s = cos.reshape(b, d), sin.reshape(b, d)
+    m = torch.diag_embed(c)
+    j = torch.arange(half, device=cos.device)
+    m[:, j + half, j] = -s[:, :half]
+    m[:, j, j + half] = s[:, half:]
+    return m
+
+
 def _rope_is_rotate_half(rope: Any, head_dim: int) -> bool:
     """The model's apply_rotary_pos_emb computes what :func:`_rotate` does (checked on
     random values): then q and k are rotated in one go."""
@@ -287,8 +331,16 @@ def _rms(x: torch.Tensor, parts: Any, dtype: torch.dtype) -> torch.Tensor:
     return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)
 
 
-def lean_decoder(model: Any) -> LeanDecoder | None:
-    """The lean step for ``model``, or None when its layers are not exactly what it computes."""
+def _rms_fused(x: torch.Tensor, parts: Any) -> torch.Tensor:
+    """The RMSNorm as one ``F.rms_norm`` call with its weight, in x's dtype (a GPU's fused
+    kernel reduces in float32 and rounds once)."""
+    w, eps = parts
+    return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
+
+
+def lean_decoder(model: Any, fused_ops: bool | None = None) -> LeanDecoder | None:
+    """The lean step for ``model``, or None when its layers are not exactly what it computes
+    (``fused_ops``: see :class:`LeanDecoder`)."""
     try:
         cfg = model.config
         arch = type(model).__name__
@@ -314,7 +366,7 @@ def lean_decoder(model: Any) -> LeanDecoder | None:
                        "apply_rotary_pos_emb", None)
         if rope is None:
             return None
-        return LeanDecoder(model, rope)
+        return LeanDecoder(model, rope, fused_ops)
     except Exception as exc:  # noqa: BLE001 - an unexpected layout: transformers' step
         log.info("no lean decode step for %s: %s", type(model).__name__, exc)
         return None

@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="replays per window")
     ap.add_argument("--repeat", type=int, default=3, help="windows per runner")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch profiler over the fused lean step's replays at each batch: "
+                         "kernels by device time")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md")
     a = ap.parse_args(argv)
 
@@ -68,14 +71,18 @@ def main(argv=None) -> None:
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     slots = max(batches)
 
-    def runner(lean: bool) -> BatchRunner:
+    def runner(lean: bool, fused: bool | None = None) -> BatchRunner:
         r = BatchRunner(model, pad=0, cuda_graphs=cuda)
         r.cache = make_slot_cache(model.config.num_hidden_layers, slots, r.kv_heads,
                                   max(512, a.view), r.head_dim, dtype, dev)
         r.gpu_lean = None if lean else False
+        r.lean_fused_ops = fused
         return r
 
-    ways = {"transformers": runner(False), "lean": runner(True)}
+    # the lean step without and with its fused small operations (LeanDecoder.fused_ops; on a
+    # GPU the server's default is with them)
+    ways = {"transformers": runner(False), "lean": runner(True, False),
+            "lean_fused": runner(True, True)}
     g = torch.Generator().manual_seed(1)
     rows: dict = {}
     with torch.inference_mode():
@@ -104,19 +111,23 @@ def main(argv=None) -> None:
                     if cuda:
                         torch.cuda.synchronize()
                     times[name].append((time.perf_counter() - t0) / a.steps * 1e3)
-            diff = (logits["lean"] - logits["transformers"]).abs().max().item()
             scale = logits["transformers"].abs().max().item() or 1.0
             rows[b] = {name: {"ms": sorted(t), "ms_median": statistics.median(t),
                               "tok_s_per_stream": 1e3 / statistics.median(t)}
                        for name, t in times.items()}
-            rows[b]["logits_max_diff_rel"] = diff / scale
-            rows[b]["same_argmax"] = bool((logits["lean"].argmax(-1) ==
-                                           logits["transformers"].argmax(-1)).all())
+            for name in ("lean", "lean_fused"):
+                diff = (logits[name] - logits["transformers"]).abs().max().item()
+                rows[b][name]["logits_max_diff_rel"] = diff / scale
+                rows[b][name]["same_argmax"] = bool((logits[name].argmax(-1) ==
+                                                     logits["transformers"].argmax(-1)).all())
+            if a.profile and cuda:
+                rows[b]["profile"] = profile_steps(torch, lambda: step(ways["lean_fused"]))
     lean_r = ways["lean"]
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "shape": shape,
            "dtype": str(dtype), "weight_bytes": weight_bytes, "bandwidth": bw,
            "bound_tok_s": bound, "groups_laid": laid,
            "lean_in_use": isinstance(lean_r.gpu_lean, LeanDecoder),
+           "lean_fused_in_use": isinstance(ways["lean_fused"].gpu_lean, LeanDecoder),
            "lean_fused_layers": sum(c is not None for c in lean_r.gpu_lean.linear)
            if isinstance(lean_r.gpu_lean, LeanDecoder) else 0,
            "view": a.view, "steps": a.steps, "repeat": a.repeat, "rows": rows,
@@ -132,8 +143,21 @@ def main(argv=None) -> None:
             f.write(md)
 
 
+def profile_steps(torch, step, n: int = 20) -> str:
+    """The kernels of ``n`` replays by device time (torch profiler), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                     max_name_column_width=60)
+
+
 def markdown(r: dict) -> str:
     bound = r["bound_tok_s"]
+    names = ("transformers", "lean", "lean_fused")
     lines = [f"# The decode step in CUDA graphs: transformers' forward against the lean step "
              f"({r['device']})", "", "```", r["command"], "```", "",
              f"Qwen2 shape {r['shape']['hidden_size']} hidden x "
@@ -141,22 +165,27 @@ def markdown(r: dict) -> str:
              f"{r['weight_bytes'] / 1e9:.2f} GB of weights; view {r['view']} keys; "
              f"{r['repeat']} windows of {r['steps']} steps each, interleaved. Lean step in use: "
              f"{r['lean_in_use']} ({r['lean_fused_layers']} layers with q/k/v and gate/up as "
-             f"one matmul each). Batch-1 bandwidth bound: "
+             f"one matmul each); with its fused small operations (`lean_fused`, the GPU's "
+             f"default): {r.get('lean_fused_in_use')}. Batch-1 bandwidth bound: "
              f"{f'{bound:.0f} tok/s' if bound else '-'}.", "",
-             "| batch | transformers ms/step (range) | lean ms/step (range) | lean / transformers "
-             "| tok/s per stream, transformers / lean | of the bound, transformers / lean | "
-             "max logit diff (rel.) | same argmax |", "|" + " --- |" * 8]
+             "| batch | step | ms/step (range) | / transformers | tok/s per stream | "
+             "of the bound | max logit diff (rel.) | same argmax |", "|" + " --- |" * 8]
     for b, row in r["rows"].items():
-        t, le = row["transformers"], row["lean"]
-
-        def of_bound(x, b=b):
-            return f"{x['tok_s_per_stream'] / bound:.3f}" if bound and int(b) == 1 else "-"
-        lines.append(
-            f"| {b} | {t['ms_median']:.3f} ({t['ms'][0]:.3f}..{t['ms'][-1]:.3f}) | "
-            f"{le['ms_median']:.3f} ({le['ms'][0]:.3f}..{le['ms'][-1]:.3f}) | "
-            f"{le['ms_median'] / t['ms_median']:.3f} | {t['tok_s_per_stream']:.1f} / "
-            f"{le['tok_s_per_stream']:.1f} | {of_bound(t)} / {of_bound(le)} | "
-            f"{row['logits_max_diff_rel']:.2e} | {row['same_argmax']} |")
+        t = row["transformers"]
+        for name in names:
+            w = row.get(name)
+            if w is None:
+                continue
+            of_bound = f"{w['tok_s_per_stream'] / bound:.3f}" if bound and int(b) == 1 else "-"
+            diff = f"{w['logits_max_diff_rel']:.2e}" if "logits_max_diff_rel" in w else "-"
+            lines.append(
+                f"| {b} | {name} | {w['ms_median']:.3f} ({w['ms'][0]:.3f}..{w['ms'][-1]:.3f}) | "
+                f"{w['ms_median'] / t['ms_median']:.3f} | {w['tok_s_per_stream']:.1f} | "
+                f"{of_bound} | {diff} | {w.get('same_argmax', '-')} |")
+    for b, row in r["rows"].items():
+        if row.get("profile"):
+            lines += ["", f"Profile of the fused lean step, batch {b}, 20 replays:", "", "```",
+                      row["profile"], "```"]
     return "\n".join(lines) + "\n"
 
 

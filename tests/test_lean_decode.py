@@ -69,6 +69,50 @@ def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_the_fused_gpu_ops_compute_transformers_step(arch, monkeypatch):
+    """LeanDecoder.fused_ops (on a GPU by default; forced here on the CPU, float32): one
+    rms_norm call with its weight, q and k rotated by one batched matmul, SDPA at every view
+    length, the output and down projections added into the residual by addmm_: the same
+    logits and the same keys and values as transformers' step, step after step."""
+    import agile_rag.actors.llm_lean_decode as lean_mod
+    from agile_rag.actors.llm_fused import lay_end_to_end
+
+    def not_here(*a, **kw):
+        raise AssertionError("the fused step took the unfused path")
+    monkeypatch.setattr(lean_mod, "SDPA_KEYS", 0)            # long views: SDPA all the same
+    monkeypatch.setattr(lean_mod, "grouped_decode_attention", not_here)
+    model = _tiny(arch)
+    assert lay_end_to_end(model) == 2 * model.config.num_hidden_layers
+    lean = lean_decoder(model, fused_ops=True)
+    assert isinstance(lean, LeanDecoder) and lean.joint_rope
+    monkeypatch.setattr(lean_mod, "_rotate", not_here)       # q and k: the rotation matrix
+    monkeypatch.setattr(lean_mod, "_rms", not_here)
+    assert all(c is not None for c in lean.linear)
+    full, mine = _runner(model), _runner(model)
+    mine.lean = lean
+    with torch.inference_mode():
+        for ids, pos, rows, view in random_steps(12, 1, [3, 9, 0]):
+            want = full.forward(ids[:, None], pos, rows, view)
+            got = mine._lean_run(ids, pos, rows, view)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert agrees(got, want)
+        for a, b in zip(full.cache.keys + full.cache.values, mine.cache.keys + mine.cache.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_rotation_matrix_rotates_as_transformers_rotary_does():
+    """rotation(cos, sin): x @ M[b] is x * cos + rotate_half(x) * sin, row by row."""
+    from agile_rag.actors.llm_lean_decode import _rotate, rotation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g)
+    angles = torch.randn(3, 1, 16, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    torch.testing.assert_close(torch.bmm(x, rotation(cos, sin)), _rotate(x, cos, sin),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_models_whose_layers_differ_get_no_lean_step():
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
     qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64,
@@ -101,7 +145,7 @@ def test_the_runner_drops_a_lean_step_that_disagrees(caplog):
     class Broken(LeanDecoder):
         def __call__(self, *a, **k):
             return super().__call__(*a, **k) * 1.5
-    batch_runner.lean_decoder = lambda m: Broken(m, real(m).rope)
+    batch_runner.lean_decoder = lambda m, fused_ops=None: Broken(m, real(m).rope)
     try:
         with torch.inference_mode():
             ids, pos = torch.tensor([7]), torch.tensor([0])
