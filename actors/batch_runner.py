@@ -256,9 +256,11 @@ class BatchRunner:
         log.debug("KV cache: %d slots x %d tokens (%.1f MB)", slots, length, new.nbytes() / 2**20)
 
     # ---- forwards -----------------------------------------------------------------------------
-    def run(self, plan: StepPlan, stats: dict) -> torch.Tensor:
+    def run(self, plan: StepPlan, stats: dict, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The plan's forward: logits ``[rows, vocab]`` of the rows' next tokens (a CHUNK
-        that does not land yet returns an empty tensor)."""
+        that does not land yet returns an empty tensor). ``ids``: a decode step's input
+        tokens where they are not the rows' ``last`` yet (the step before's greedy tokens,
+        still on the device: :meth:`sample_ahead`)."""
         self.prepare(plan)
         if plan.kind is StepKind.PREFILL:
             return self._prefill(plan)
@@ -266,13 +268,13 @@ class BatchRunner:
             return self._chunk(plan)
         tuner = self.tuner
         if tuner is None or self.cache is None or self.cache.keys[0].device.type != "cpu":
-            return self._decode(plan, stats)
+            return self._decode(plan, stats, ids)
         # a CPU decode step: with the thread count its timings favour now
         rows = len(plan.rows)
         n = tuner.threads(rows)
         apply_torch_threads(n)
         t0 = time.perf_counter()
-        out = self._decode(plan, stats)
+        out = self._decode(plan, stats, ids)
         tuner.observe(rows, time.perf_counter() - t0)
         stats["decode_threads"] = n
         return out
@@ -557,11 +559,13 @@ class BatchRunner:
     def drop_partial(self) -> None:
         self.partial_kv = None
 
-    def _decode(self, plan: StepPlan, stats: dict) -> torch.Tensor:
+    def _decode(self, plan: StepPlan, stats: dict,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
         rows = plan.rows
         b = len(rows)
         dev = self.cache.keys[0].device
-        ids = torch.tensor([r.last for r in rows], dtype=torch.long)
+        if ids is None:
+            ids = torch.tensor([r.last for r in rows], dtype=torch.long)
         pos = torch.tensor([r.pos for r in rows], dtype=torch.long)
         paged = getattr(self.cache, "paged", False)
         if paged:                                          # each row's next token's block
@@ -821,6 +825,26 @@ class BatchRunner:
         return {self._keep_kw: 1} if self._keep_kw else {}
 
     # ---- sampling -----------------------------------------------------------------------------
+    @staticmethod
+    def sample_ahead(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Greedy tokens of every row, left where the logits are (the next step's input) and
+        copied to pinned host memory without waiting: (tokens, host copy, the event recorded
+        after the copy; None on a CPU). :meth:`read_ahead` reads them."""
+        tokens = logits.argmax(dim=-1)
+        if tokens.device.type != "cuda":
+            return tokens, tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return tokens, host, ready
+
+    @staticmethod
+    def read_ahead(host: torch.Tensor, ready: Any) -> list[int]:
+        if ready is not None:
+            ready.synchronize()
+        return host.tolist()
+
     def sample(self, logits: torch.Tensor, reqs: list[SeqRequest]) -> list[int]:
         if all(r.plain_greedy() for r in reqs):
             # the common batch: argmax of every row in one kernel, one copy to the host (the

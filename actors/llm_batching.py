@@ -26,6 +26,17 @@ string has computed one more token by then: it is dropped unread (no text, no co
 logprob). A prompt's first token's text is read at once (time to first token is unchanged), and
 a pause or the loop's end reads what is held first.
 
+On a GPU whose decode step replays a CUDA graph, the loop also decodes one step ahead
+(``ahead``): when every row samples greedily (no temperature, penalty, grammar or logprobs)
+a step's tokens stay on the GPU as the next step's input, the next step is launched before
+the host reads them (a pinned copy and an event, no wait), and the host takes step *t*'s
+tokens (EOS, lengths, text) while step *t + 1* computes. The step's host work (sampling's
+copy, the planner, the launch) then no longer leaves the GPU idle between steps. A row whose
+token at *t* ended it (EOS) has computed one more token at *t + 1*, dropped unread like the
+stop strings' one; a step is not sent ahead past a row's max_tokens, nor when the batch
+changes (an admit, a chunk, a cancel, a cache that must grow): then the tokens are read
+first, as without it.
+
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
 No attribute of the engine is written from two threads: ``running``, ``settings`` (the
@@ -105,6 +116,18 @@ Command = Submit | YieldGpu | Drain | Stop | Configure
 ALLOC_SHAPES_KEPT = 8
 
 
+@dataclass(eq=False)
+class _Ahead:
+    """A decode step launched, its tokens not read yet (see ``BatchEngine.ahead``): its rows in
+    the step's order, its greedy tokens on the device (the next step's ids), their host copy
+    and the event that says the copy is done, and the step's timing mark."""
+    rows: list[SeqRequest]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: Any
+    mark: Any
+
+
 class BatchEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 32,
                  kv_tokens: int = 16384, prefill_tokens: int = 4096, cuda_graphs: bool = True,
@@ -159,6 +182,10 @@ class BatchEngine:
         self.defer_text: bool | None = None
         self._deferring = False
         self._pending: list[SeqRequest] = []    # (the loop's) rows whose last text is unread
+        #: decode one step ahead (module docstring): None: on a GPU whose step replays a CUDA
+        #: graph; True: wherever the rows sample greedily (tests); False: never
+        self.ahead: bool | None = None
+        self._ahead: _Ahead | None = None       # (the loop's) the step whose tokens are unread
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
@@ -300,6 +327,7 @@ class BatchEngine:
         self.yielded = False
         new: list[SeqRequest] = []
         self._pending = []
+        self._ahead = None
         self._deferring = self.defer_text if self.defer_text is not None else \
             runner.device.type == "cuda"
         try:
@@ -356,6 +384,7 @@ class BatchEngine:
                         self._decode(stats)
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
             self._pending = []
+            self._ahead = None
             self._fail(exc, new)
             self.release()
             raise
@@ -491,15 +520,25 @@ class BatchEngine:
         self.timing.done(stats, "chunk", mark)
 
     def _decode(self, stats: dict) -> None:
+        ahead = self._ahead
+        if ahead is not None and not self._chains(ahead):
+            self._resolve(stats)             # its tokens first: rows may end, the batch changes
+            ahead = None
         plan, gone = self.planner.decode()
         if plan is None:
             self.runner.apply_moves(gone.moves, 0)
         for req in gone.finished:
             self._finish(req)
         if plan is None:
+            self._resolve(stats)             # (rows cancelled since the check: nobody reads)
             return
+        if ahead is not None and plan.rows != ahead.rows:
+            # a row was cancelled since the check: the step runs the plan's rows, after the
+            # tokens of the one ahead (a row they end computes one token nobody reads)
+            self._resolve(stats, retire=False)
+            ahead = None
         mark = self.timing.start()
-        logits = self.runner.run(plan, stats)
+        logits = self.runner.run(plan, stats, ids=ahead.tokens if ahead is not None else None)
         self.timing.launched(stats, "decode", mark)
         self._read_pending()                 # the last step's text while this one computes
         if self._paused_at is not None:      # the first step since a pause: what it cost
@@ -510,18 +549,58 @@ class BatchEngine:
                 stats["pause_s"] = round(cost, 4)
         self.planner.stepped(plan.rows)
         b = len(plan.rows)
-        self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows),
-                          defer=self._deferring)
+        if self._goes_ahead(plan.rows):
+            tokens, host, ready = self.runner.sample_ahead(logits)
+            self._ahead = _Ahead(plan.rows, tokens, host, ready, mark)
+            if ahead is not None:            # the last step's tokens while this one computes
+                self._take_ahead(ahead, stats, retire=True)
+            stats["ahead_steps"] = stats.get("ahead_steps", 0) + 1
+        else:
+            self._resolve(stats, retire=False)
+            self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows),
+                              defer=self._deferring)
+            self.timing.done(stats, "decode", mark)
         stats["steps"] += 1
         stats["step_rows"] = stats.get("step_rows", 0) + b
-        self.timing.done(stats, "decode", mark)
         stats["max_batch"] = max(stats["max_batch"], b)
         self.total_steps += 1
 
+    def _goes_ahead(self, rows: list[SeqRequest]) -> bool:
+        """This step's tokens may stay on the device as the next step's input (``ahead``)."""
+        on = self.ahead
+        if on is None:
+            on = self.runner.graphs is not None and self.runner.device.type == "cuda"
+        return bool(on) and not getattr(self.runner.cache, "paged", False) and \
+            all(r.plain_greedy() for r in rows)
+
+    def _chains(self, ahead: _Ahead) -> bool:
+        """The next step may start from ``ahead``'s tokens before they are read: the same rows
+        (nothing admitted, retired or cancelled since), none at its max_tokens with them, and
+        a cache long enough for the next position (no growth, no preemption)."""
+        rows = ahead.rows
+        if rows != self.planner.active or self.planner.cache is None:
+            return False
+        need = max(r.pos for r in rows) + 1
+        return need <= self.planner.cache[1] and all(
+            r.reason is None and not r.cancelled and r.generated + 1 < r.max_new and
+            r.plain_greedy() for r in rows)
+
+    def _resolve(self, stats: dict, retire: bool = True) -> None:
+        """The tokens of the step sent ahead, if any, read and taken now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._take_ahead(ahead, stats, retire)
+
+    def _take_ahead(self, ahead: _Ahead, stats: dict, retire: bool) -> None:
+        tokens = self.runner.read_ahead(ahead.host, ahead.ready)
+        self._take_tokens(ahead.rows, tokens, defer=self._deferring, retire=retire)
+        self.timing.done(stats, "decode", ahead.mark)
+
     def _take_tokens(self, reqs: list[SeqRequest], tokens: list[int], *,
-                     defer: bool = False) -> None:
+                     defer: bool = False, retire: bool = True) -> None:
         """Sampled tokens back into the sequences: reasons set, text streamed (with ``defer``:
-        while the next step computes, see :meth:`_read_pending`), rows retired."""
+        while the next step computes, see :meth:`_read_pending`), rows retired (unless not
+        ``retire``: a step already planned over these rows runs next)."""
         self.run_stats["tokens"] = self.run_stats.get("tokens", 0) + len(tokens)
         texts: list[SeqRequest] = []
         for req, tid in zip(reqs, tokens):
@@ -543,10 +622,13 @@ class BatchEngine:
                 elif req.generated >= req.max_new:
                     req.reason = FinishReason.LENGTH
         if defer:                         # a row that ends now reads its text as it finishes
-            self._pending = [r for r in texts if r.reason is None]
+            held = {id(r): r for r in self._pending}
+            held.update((id(r), r) for r in texts if r.reason is None)
+            self._pending = list(held.values())
         elif texts:
             self._read_texts(texts)
-        self._retire()
+        if retire:
+            self._retire()
 
     def _retire(self) -> None:
         """Rows with a reason leave the batch (the cache's rows move up) and are answered."""
@@ -572,8 +654,9 @@ class BatchEngine:
             self._read_texts(live)
 
     def _settle(self) -> None:
-        """The deferred text read now (the loop pauses or ends), and the rows it stopped
-        retired."""
+        """The step sent ahead taken and the deferred text read now (the loop pauses or
+        ends), and the rows they ended retired."""
+        self._resolve(self.run_stats)
         if self._pending:
             self._read_pending()
             self._retire()

@@ -242,3 +242,28 @@ def test_chunk_graphs_read_the_question_after_a_prefix_and_say_the_same(tmp_path
     assert hits == 2 and graphed == 2 and off == "", (graphed, hits, off)
     assert warmed > 0                        # captured while idle, not only on requests
     assert got == want
+
+
+def test_decoding_ahead_on_a_gpu_says_what_reading_each_step_says(tmp_path):
+    """(issue 15) On a GPU the batch sends each greedy decode step ahead (BatchEngine.ahead:
+    the next step starts from the tokens still on the device, read while it computes): the
+    same words as reading each step's tokens first, and the steps did go ahead."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go():
+        system, llm = await spawn(folder, "cuda")
+        llm.engine.ahead = False
+        want = await burst(llm)
+        assert llm.engine.run_stats.get("ahead_steps", 0) == 0
+        llm.engine.ahead = None                          # the default: on, on a GPU
+        got = await burst(llm)
+        stats = llm.engine.run_stats
+        alone = [(await llm.ask(chat(p), timeout=120)).text for p in PROMPTS[:2]]
+        await system.stop_all()
+        return want, got, stats, alone
+
+    want, got, stats, alone = asyncio.run(go())
+    assert got == want
+    assert alone == want[:2]
+    assert stats.get("ahead_steps", 0) > 5, stats

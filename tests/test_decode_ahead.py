@@ -1,0 +1,115 @@
+"""Decoding one step ahead (``BatchEngine.ahead``, on by itself on a GPU whose decode step
+replays a CUDA graph): a step's greedy tokens stay on the device as the next step's input and
+are read while that step computes. Forced on here, with the real SmolLM2 model on the CPU
+(text deferred too, as on a GPU), every chat must end exactly as when each step's tokens are
+read before the next starts: the same words, finish reasons, token counts and streamed
+pieces, with EOS, stop strings, length limits, rows that join and leave mid-batch, cancels,
+a pause for another model, and rows that do not sample greedily in the same batch."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_chat_batching import CASES, chat, drain, start_llm
+from test_deferred_text import extras, outcome, together
+
+from agile_rag.actors.messages import JobFinished, RequestGrant, Revoke
+
+#: a short answer in a long allowance: ends by EOS, one step after which was sent ahead
+SHORT = [("Say hello.", 40), ("Reply with one word: yes or no?", 30)]
+
+
+@pytest.fixture(scope="module")
+async def llm():
+    actor, arbiter, system = await start_llm({})
+    yield actor, arbiter, system
+    await system.stop_all()
+
+
+def _set(actor, ahead):
+    actor.engine.ahead = ahead
+    actor.engine.defer_text = True if ahead else None
+
+
+async def test_decoding_ahead_ends_every_chat_as_reading_each_step(llm):
+    actor = llm[0]
+    results, steps = {}, {}
+    try:
+        for ahead in (False, True):
+            _set(actor, ahead)
+            # all greedy: steps go ahead
+            msgs = [chat(p, n, stop, stream=True) for p, n, stop in CASES] + \
+                [chat(p, n, stream=True) for p, n in SHORT]
+            got = await together(actor, msgs)
+            steps[ahead] = actor.engine.run_stats.get("ahead_steps", 0)
+            for m, r in zip(msgs, got):
+                assert await drain(m.stream, r) == r.text      # streamed once, in order
+            # with rows that sample otherwise (logprobs, a JSON schema) in the batch
+            mixed = [chat(p, n, stop) for p, n, stop in CASES[:2]] + extras()
+            got2 = await together(actor, mixed)
+            results[ahead] = [outcome(m, r) for m, r in zip(msgs + mixed, got + got2)]
+    finally:
+        _set(actor, None)
+    assert steps[False] == 0 and steps[True] > 10
+    assert results[True] == results[False]
+    reasons = [o[1] for o in results[True][:len(CASES) + len(SHORT)]]
+    assert "stop" in reasons and "length" in reasons
+    # the short answers end by EOS (no stop string given) before their max_tokens
+    for (text, reason, n, _), (_, limit) in zip(results[True][len(CASES):], SHORT):
+        assert reason == "stop" and n < limit and text
+
+
+async def test_rows_that_join_and_leave_a_batch_decoding_ahead(llm):
+    """Chats admitted while steps go ahead, and chats that end at different steps: each ends
+    with the words it has alone."""
+    actor = llm[0]
+    prompts = [("Write a long story about a dragon.", 48), ("Count from 1 to 20.", 20),
+               ("Name three colours.", 10), ("Say hello.", 40)]
+    alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
+    _set(actor, True)
+    try:
+        first = chat(*prompts[0], stream=True)
+        task = asyncio.ensure_future(actor.ask(first, timeout=300))
+        for _ in range(3):                                   # decoding, steps going ahead
+            await asyncio.wait_for(first.stream.get(), 120)
+        later = [chat(p, n) for p, n in prompts[1:]]
+        got = await together(actor, later)
+        res = await asyncio.wait_for(task, 300)
+    finally:
+        _set(actor, None)
+    assert [(r.text, r.finish_reason, r.completion_tokens) for r in [res] + got] == \
+        [(r.text, r.finish_reason, r.completion_tokens) for r in alone]
+
+
+async def test_a_cancel_and_a_pause_while_decoding_ahead(llm):
+    """A stream cancelled mid-batch leaves, a pause for another model (Yield) takes the step
+    sent ahead first, and the chats resume with the words they have alone."""
+    actor, arbiter, system = llm
+    prompts = [("Write a long story about a dragon.", 80),
+               ("Write a long essay about rivers.", 80)]
+    alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
+    _set(actor, True)
+    budget = arbiter.budget
+    try:
+        arbiter.budget = actor.lease.residency.weight_bytes + actor.working_bytes(1) + \
+            (64 << 20)
+        await actor.ask(Revoke(model="smollm2", reason="start from the CPU"), timeout=30)
+        gone = chat("Write a long poem about snow.", 200, stream=True)
+        msgs = [chat(p, n, stream=True) for p, n in prompts]
+        tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs + [gone]]
+        await asyncio.wait_for(gone.stream.get(), 120)         # the batch is decoding
+        gone.cancel.set()
+        other = RequestGrant(model="other-model", nbytes=actor.working_bytes(1) + (128 << 20))
+        await arbiter.ask(other, timeout=60, sender="test")   # the chats pause for it
+        arbiter.tell(JobFinished(model="other-model"), sender="test")
+        results = [await asyncio.wait_for(t, 300) for t in tasks]
+        assert [(r.text, r.finish_reason) for r in results[:2]] == \
+            [(r.text, r.finish_reason) for r in alone]
+        for m, r in zip(msgs, results):
+            assert await drain(m.stream, r) == r.text
+        assert results[2].finish_reason == "cancelled"
+        idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
+        assert any(e.detail.get("yielded") for e in idle)           # it did pause
+    finally:
+        arbiter.budget = budget
+        _set(actor, None)
