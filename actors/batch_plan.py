@@ -72,6 +72,8 @@ class BatchSettings:
     #: short final chunks (the question after a stored prefix) replay CUDA graphs of the lean
     #: chunk straight into their slot (actors/chunk_graphs.py); off by default (README)
     chunk_graphs: bool = False
+    #: a GPU's greedy decode steps go one ahead of the host (BatchEngine.ahead)
+    decode_ahead: bool = True
 
 
 @dataclass(eq=False)

@@ -156,6 +156,9 @@ class LLMActor(ModelActor):
     #   chunk_graphs (false)        on a GPU, a short last chunk of a prompt (the question after
     #                               a stored prefix) replays a CUDA graph of the lean chunk
     #                               straight into its slot (actors/chunk_graphs.py)
+    #   decode_ahead (true)         on a GPU, a greedy decode step starts from the last
+    #                               step's tokens still on the device, read while it computes
+    #                               (actors/llm_batching.py)
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -171,6 +174,7 @@ class LLMActor(ModelActor):
                 "own_stream": p.get("own_stream", True) is not False,
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
                 "chunk_graphs": p.get("chunk_graphs", False) is True,
+                "decode_ahead": p.get("decode_ahead", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -135,7 +135,7 @@ class BatchEngine:
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
-                 prepare: Callable[[SeqRequest], None] | None = None):
+                 decode_ahead: bool = True, prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         #: called in the loop thread for each new request whose ``prompt`` is None: encodes and
@@ -146,7 +146,8 @@ class BatchEngine:
             cuda_graphs=cuda_graphs, min_slice_s=min_slice_s, prefill_chunk=prefill_chunk,
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
-            own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs))
+            own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
+            decode_ahead=decode_ahead))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -183,9 +184,11 @@ class BatchEngine:
         self._deferring = False
         self._pending: list[SeqRequest] = []    # (the loop's) rows whose last text is unread
         #: decode one step ahead (module docstring): None: on a GPU whose step replays a CUDA
-        #: graph; True: wherever the rows sample greedily (tests); False: never
+        #: graph, unless ``llm_params.decode_ahead`` is false; True: wherever the rows sample
+        #: greedily (tests); False: never
         self.ahead: bool | None = None
         self._ahead: _Ahead | None = None       # (the loop's) the step whose tokens are unread
+        self._ahead_read_at = 0.0               # (the loop's) when the last one was read
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
@@ -569,7 +572,8 @@ class BatchEngine:
         """This step's tokens may stay on the device as the next step's input (``ahead``)."""
         on = self.ahead
         if on is None:
-            on = self.runner.graphs is not None and self.runner.device.type == "cuda"
+            on = self.planner.settings.decode_ahead and self.runner.graphs is not None and \
+                self.runner.device.type == "cuda"
         return bool(on) and not getattr(self.runner.cache, "paged", False) and \
             all(r.plain_greedy() for r in rows)
 
@@ -594,7 +598,11 @@ class BatchEngine:
     def _take_ahead(self, ahead: _Ahead, stats: dict, retire: bool) -> None:
         tokens = self.runner.read_ahead(ahead.host, ahead.ready)
         self._take_tokens(ahead.rows, tokens, defer=self._deferring, retire=retire)
-        self.timing.done(stats, "decode", ahead.mark)
+        # steps sent ahead overlap: each counts its host seconds from its start or the last
+        # step's tokens, whichever came later (``decode_s`` stays the loop's time in steps)
+        start = max(ahead.mark[0], self._ahead_read_at)
+        self._ahead_read_at = time.monotonic()
+        self.timing.done(stats, "decode", (start, *ahead.mark[1:]))
 
     def _take_tokens(self, reqs: list[SeqRequest], tokens: list[int], *,
                      defer: bool = False, retire: bool = True) -> None:
@@ -712,7 +720,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
-              "chunk_graphs"):
+              "chunk_graphs", "decode_ahead"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

@@ -27,12 +27,12 @@ def test_a_chunk_that_does_not_land_queues_its_work_without_a_sync(tmp_path):
         runner = llm.engine.runner
         run = runner.run
 
-        def strict(plan, stats):
+        def strict(plan, stats, ids=None):
             if plan.kind is StepKind.DECODE or (plan.kind is StepKind.CHUNK and plan.lands):
-                return run(plan, stats)
+                return run(plan, stats, ids)
             torch.cuda.set_sync_debug_mode("error")      # any synchronising op raises
             try:
-                return run(plan, stats)
+                return run(plan, stats, ids)
             except RuntimeError as exc:
                 errors.append(f"{plan.kind}: {str(exc)[:300]}")
                 raise
