@@ -11,9 +11,7 @@ import asyncio
 
 import pytest
 from test_chat_batching import CASES, chat, drain, start_llm
-from test_deferred_text import extras, outcome, together
-
-from agile_rag.actors.messages import JobFinished, RequestGrant, Revoke
+from test_deferred_text import cancel_and_pause, extras, outcome, together
 
 #: a short answer in a long allowance: ends by EOS, one step after which was sent ahead
 SHORT = [("Say hello.", 40), ("Reply with one word: yes or no?", 30)]
@@ -84,35 +82,7 @@ async def test_rows_that_join_and_leave_a_batch_decoding_ahead(llm):
 async def test_a_cancel_and_a_pause_while_decoding_ahead(llm):
     """A stream cancelled mid-batch leaves, a pause for another model (Yield) takes the step
     sent ahead first, and the chats resume with the words they have alone."""
-    actor, arbiter, system = llm
-    prompts = [("Write a long story about a dragon.", 80),
-               ("Write a long essay about rivers.", 80)]
-    alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
-    _set(actor, True)
-    budget = arbiter.budget
-    try:
-        arbiter.budget = actor.lease.residency.weight_bytes + actor.working_bytes(1) + \
-            (64 << 20)
-        await actor.ask(Revoke(model="smollm2", reason="start from the CPU"), timeout=30)
-        gone = chat("Write a long poem about snow.", 200, stream=True)
-        msgs = [chat(p, n, stream=True) for p, n in prompts]
-        tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs + [gone]]
-        await asyncio.wait_for(gone.stream.get(), 120)         # the batch is decoding
-        gone.cancel.set()
-        other = RequestGrant(model="other-model", nbytes=actor.working_bytes(1) + (128 << 20))
-        await arbiter.ask(other, timeout=60, sender="test")   # the chats pause for it
-        arbiter.tell(JobFinished(model="other-model"), sender="test")
-        results = [await asyncio.wait_for(t, 300) for t in tasks]
-        assert [(r.text, r.finish_reason) for r in results[:2]] == \
-            [(r.text, r.finish_reason) for r in alone]
-        for m, r in zip(msgs, results):
-            assert await drain(m.stream, r) == r.text
-        assert results[2].finish_reason == "cancelled"
-        idle = [e for e in system.tracer.events if e.msg_type == "BatchIdle"]
-        assert any(e.detail.get("yielded") for e in idle)           # it did pause
-    finally:
-        arbiter.budget = budget
-        _set(actor, None)
+    await cancel_and_pause(llm, _set)
 
 
 def test_llm_params_decode_ahead_reaches_the_engine():

@@ -71,15 +71,25 @@ async def test_deferred_text_ends_every_chat_as_the_text_read_at_once(llm):
 async def test_a_cancel_and_a_pause_with_deferred_text(llm):
     """A stream cancelled mid-batch leaves, a pause for another model (Yield) reads the held
     text first, and the chats resume with the words they have alone."""
+    def defer(actor, on):
+        actor.engine.defer_text = on
+    await cancel_and_pause(llm, defer)
+
+
+async def cancel_and_pause(llm, mode) -> None:
+    """Two chats and a third cancelled mid-batch, with ``mode(actor, True)`` on (after their
+    words alone, with ``mode(actor, False)``), paused for another model: the cancelled one
+    ends "cancelled", the others with their words alone, streamed once; the batch did pause.
+    ``mode(actor, None)`` at the end."""
     actor, arbiter, system = llm
-    actor.engine.defer_text = False
+    mode(actor, False)
     # long enough that the batch is still decoding when its slice (500 ms) lets it pause
     prompts = [("Write a long story about a dragon.", 80),
                ("Write a long essay about rivers.", 80)]
     alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
-    actor.engine.defer_text = True
+    mode(actor, True)
+    budget = arbiter.budget
     try:
-        budget = arbiter.budget
         arbiter.budget = actor.lease.residency.weight_bytes + actor.working_bytes(1) + \
             (64 << 20)
         await actor.ask(Revoke(model="smollm2", reason="start from the CPU"), timeout=30)
@@ -101,5 +111,4 @@ async def test_a_cancel_and_a_pause_with_deferred_text(llm):
         assert any(e.detail.get("yielded") for e in idle)           # it did pause
     finally:
         arbiter.budget = budget
-        actor.engine.defer_text = None
-
+        mode(actor, None)

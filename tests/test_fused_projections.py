@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lean_decode import _runner, _tiny, random_steps
+from test_lean_decode import _runner, _tiny, same_steps
 
 from agile_rag.actors.llm_fused import LinearCalls, laid_end_to_end, lay_end_to_end
 from agile_rag.actors.llm_lean_decode import LeanDecoder, lean_decoder
@@ -56,13 +56,7 @@ def test_the_lean_step_runs_each_group_as_one_matmul_and_computes_the_same(arch)
     lay_end_to_end(model)
     fused = lean_decoder(model)
     assert isinstance(fused, LeanDecoder) and all(c is not None for c in fused.linear)
-    full, mine = _runner(model), _runner(model)
-    mine.lean = fused
-    with torch.inference_mode():
-        for ids, pos, rows, view in random_steps(6, 2, [4, 0, 11]):
-            want = full.forward(ids[:, None], pos, rows, view)
-            got = mine._lean_run(ids, pos, rows, view)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    same_steps(model, fused, 6, 2, (4, 0, 11))
 
 
 def test_the_residency_keeps_the_layout_and_quantized_projections_are_left_alone():

@@ -48,6 +48,21 @@ def _runner(model):
     return r
 
 
+def same_steps(model, lean, steps: int = 12, seed: int = 1, start=(3, 9, 0)) -> None:
+    """``lean``'s decode steps of rows at different positions give transformers' logits (and
+    the same choice), step after step, and leave the same keys and values in the cache."""
+    full, mine = _runner(model), _runner(model)
+    mine.lean = lean
+    with torch.inference_mode():
+        for ids, pos, rows, view in random_steps(steps, seed, list(start)):
+            want = full.forward(ids[:, None], pos, rows, view)
+            got = mine._lean_run(ids, pos, rows, view)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert agrees(got, want)
+        for a, b in zip(full.cache.keys + full.cache.values, mine.cache.keys + mine.cache.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch,sdpa_keys", [("Llama", 256), ("Qwen2", 256), ("Llama", 0)])
 def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
     """(sdpa_keys 0: every view attends through the two-matmul path, as long views do)"""
@@ -56,17 +71,7 @@ def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
     model = _tiny(arch)
     lean = lean_decoder(model)
     assert isinstance(lean, LeanDecoder)
-    full, mine = _runner(model), _runner(model)
-    mine.lean = lean
-    with torch.inference_mode():                 # three rows at different positions
-        for ids, pos, rows, view in random_steps(12, 1, [3, 9, 0]):
-            want = full.forward(ids[:, None], pos, rows, view)
-            got = mine._lean_run(ids, pos, rows, view)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            assert agrees(got, want)
-        # the caches hold the same keys and values
-        for a, b in zip(full.cache.keys + full.cache.values, mine.cache.keys + mine.cache.values):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    same_steps(model, lean)
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
@@ -89,16 +94,7 @@ def test_the_fused_gpu_ops_compute_transformers_step(arch, monkeypatch):
     monkeypatch.setattr(lean_mod, "_rotate", not_here)       # q and k: the rotation matrix
     monkeypatch.setattr(lean_mod, "_rms", not_here)
     assert all(c is not None for c in lean.linear)
-    full, mine = _runner(model), _runner(model)
-    mine.lean = lean
-    with torch.inference_mode():
-        for ids, pos, rows, view in random_steps(12, 1, [3, 9, 0]):
-            want = full.forward(ids[:, None], pos, rows, view)
-            got = mine._lean_run(ids, pos, rows, view)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            assert agrees(got, want)
-        for a, b in zip(full.cache.keys + full.cache.values, mine.cache.keys + mine.cache.values):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    same_steps(model, lean)
 
 
 def test_the_rotation_matrix_rotates_as_transformers_rotary_does():
