@@ -29,7 +29,8 @@ one ``F.rms_norm`` call with its weight (no float32 round trip), q and k are rot
 batched matmul with a rotation matrix built once a step for every layer (in place of five
 elementwise kernels), the attention is torch's SDPA at every view length (the two-matmul
 form wins only on a CPU), and the output and down projections add into the residual stream
-in their own matmul (``addmm_``). Each rounds once where transformers rounds twice, so the
+in their own matmul (``addmm_``). A chunk of a prompt (:meth:`LeanDecoder.chunk`, eager or
+in a chunk graph) takes them too. Each rounds once where transformers rounds twice, so the
 logits differ within the half-precision rounding that :func:`agrees` allows.
 
 Only for the architectures whose decoder layer is exactly that (Llama, Mistral without a sliding
@@ -260,10 +261,13 @@ class LeanDecoder:
         x = self.embed(ids.reshape(m, 1))
         cos, sin = self.rotary(x, pos.reshape(m, 1))
         dtype = x.dtype
+        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        rot = rotation(cos, sin) if fused and self.joint_rope else None
         mask: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, m, dtype)
-            q, k, v = self._qkv(i, _rms(x, layer[0], dtype), cos, sin, calls)
+            h = _rms_fused(x, layer[0]) if fused else _rms(x, layer[0], dtype)
+            q, k, v = self._qkv(i, h, cos, sin, calls, rot)
             # the tokens as positions of one row: [1, kv heads, m, D]
             keys, values = kv.update(k.squeeze(2).transpose(0, 1).unsqueeze(0),
                                      v.squeeze(2).transpose(0, 1).unsqueeze(0), i)
@@ -278,11 +282,12 @@ class LeanDecoder:
             # (reshape, not view: a GPU's memory-efficient and flash kernels return their
             # output laid out [1, m x group, kv heads, D] underneath, not contiguous)
             o = o.reshape(h_n, m, d).transpose(0, 1).reshape(m, h_n * d)
-            x = self._after_attention(i, x, o, calls, dtype)
+            x = self._after_attention(i, x, o, calls, dtype, fused)
         if not logits:
             return None
         rows = x if every_row else x[-1:]
-        return self.head(_rms(rows, self.final, dtype))[:, -1, :]
+        last = _rms_fused(rows, self.final) if fused else _rms(rows, self.final, dtype)
+        return self.head(last)[:, -1, :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

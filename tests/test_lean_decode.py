@@ -212,16 +212,20 @@ def test_int4_projections_run_as_one_kernel_call_each_and_compute_the_same(arch,
             assert agrees(got, full.forward(ids[:, None], pos, rows, view))
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-def test_a_lean_chunk_computes_transformers_chunk(arch):
+@pytest.mark.parametrize("arch,fused", [("Llama", None), ("Qwen2", None), ("Qwen2", True)])
+def test_a_lean_chunk_computes_transformers_chunk(arch, fused):
     """LeanDecoder.chunk: 13 tokens read after 27 already in a chunked prefill's cache (the
     question after a stored prefix) give transformers' last logits and write its keys and
-    values, grouped-query heads and all."""
+    values, grouped-query heads and all (fused: with the fused small operations a GPU takes,
+    forced here, over projections laid end to end)."""
     from agile_rag.actors.batch_runner import _dynamic_layer
     from agile_rag.actors.kv_chunk import chunk_cache
+    from agile_rag.actors.llm_fused import lay_end_to_end
 
     model = _tiny(arch)
-    lean = lean_decoder(model)
+    if fused:
+        assert lay_end_to_end(model) == 2 * model.config.num_hidden_layers
+    lean = lean_decoder(model, fused_ops=fused)
     assert isinstance(lean, LeanDecoder)
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(40)
