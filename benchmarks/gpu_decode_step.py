@@ -34,6 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="replays per window")
     ap.add_argument("--repeat", type=int, default=3, help="windows per runner")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=False,
+                    help="let SDPA use cuDNN's kernels (the server's CUDNN_ATTENTION, off by "
+                         "default: off here too, as the server runs)")
     ap.add_argument("--profile", action="store_true",
                     help="torch profiler over the fused lean step's replays at each batch: "
                          "kernels by device time")
@@ -55,7 +58,9 @@ def main(argv=None) -> None:
     from agile_rag.actors.llm_fused import lay_end_to_end
     from agile_rag.actors.llm_lean_decode import LeanDecoder
 
+    from agile_rag.runtime.executor import set_cudnn_attention
     cuda = torch.cuda.is_available() and not a.tiny
+    set_cudnn_attention(a.cudnn_attention)     # as the server does at start
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     shape = TINY if a.tiny else REAL
@@ -130,7 +135,7 @@ def main(argv=None) -> None:
            "lean_fused_in_use": isinstance(ways["lean_fused"].gpu_lean, LeanDecoder),
            "lean_fused_layers": sum(c is not None for c in lean_r.gpu_lean.linear)
            if isinstance(lean_r.gpu_lean, LeanDecoder) else 0,
-           "view": a.view, "steps": a.steps, "repeat": a.repeat, "rows": rows,
+           "view": a.view, "cudnn_attention": a.cudnn_attention, "steps": a.steps, "repeat": a.repeat, "rows": rows,
            "command": "python3 " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
            "versions": {"torch": torch.__version__}}
     md = markdown(out)
@@ -162,7 +167,8 @@ def markdown(r: dict) -> str:
              f"({r['device']})", "", "```", r["command"], "```", "",
              f"Qwen2 shape {r['shape']['hidden_size']} hidden x "
              f"{r['shape']['num_hidden_layers']} layers, {r['dtype']}, "
-             f"{r['weight_bytes'] / 1e9:.2f} GB of weights; view {r['view']} keys; "
+             f"{r['weight_bytes'] / 1e9:.2f} GB of weights; view {r['view']} keys "
+             f"(cuDNN attention {'on' if r.get('cudnn_attention') else 'off'}); "
              f"{r['repeat']} windows of {r['steps']} steps each, interleaved. Lean step in use: "
              f"{r['lean_in_use']} ({r['lean_fused_layers']} layers with q/k/v and gate/up as "
              f"one matmul each); with its fused small operations (`lean_fused`, the GPU's "
