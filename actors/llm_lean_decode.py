@@ -227,13 +227,10 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos[:, None])
         dtype = x.dtype
-        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
-        # one rotation matrix a row for every layer's q and k
-        rot = rotation(cos, sin) if fused and self.joint_rope else None
+        fused, rot = self._fused(x, cos, sin)
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, b, dtype)
-            h = _rms_fused(x, layer[0]) if fused else _rms(x, layer[0], dtype)
-            q, k, v = self._qkv(i, h, cos, sin, calls, rot)
+            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls, rot)
             keys, values = cache.update(k, v, i)
             if fused or mask.shape[-1] <= SDPA_KEYS:
                 # each KV head's query heads as one group of queries: [B, kv heads, group, D]
@@ -243,8 +240,14 @@ class LeanDecoder:
                 o, _ = grouped_decode_attention(None, q, keys, values, mask,
                                                 scaling=self.scaling)
             x = self._after_attention(i, x, o.reshape(b, h_n * d), calls, dtype, fused)
-        last = _rms_fused(x, self.final) if fused else _rms(x, self.final, dtype)
-        return self.head(last)[:, -1, :]
+        return self.head(_norm(x, self.final, dtype, fused))[:, -1, :]
+
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[bool, torch.Tensor | None]:
+        """Whether this pass takes the fused small operations, and then (q and k rotated in
+        one go) the rotation matrix of each row, made once for every layer."""
+        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        return fused, rotation(cos, sin) if fused and self.joint_rope else None
 
     def chunk(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any,
               logits: bool = True, every_row: bool = False) -> torch.Tensor | None:
@@ -261,13 +264,11 @@ class LeanDecoder:
         x = self.embed(ids.reshape(m, 1))
         cos, sin = self.rotary(x, pos.reshape(m, 1))
         dtype = x.dtype
-        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
-        rot = rotation(cos, sin) if fused and self.joint_rope else None
+        fused, rot = self._fused(x, cos, sin)
         mask: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, m, dtype)
-            h = _rms_fused(x, layer[0]) if fused else _rms(x, layer[0], dtype)
-            q, k, v = self._qkv(i, h, cos, sin, calls, rot)
+            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls, rot)
             # the tokens as positions of one row: [1, kv heads, m, D]
             keys, values = kv.update(k.squeeze(2).transpose(0, 1).unsqueeze(0),
                                      v.squeeze(2).transpose(0, 1).unsqueeze(0), i)
@@ -286,8 +287,7 @@ class LeanDecoder:
         if not logits:
             return None
         rows = x if every_row else x[-1:]
-        last = _rms_fused(rows, self.final) if fused else _rms(rows, self.final, dtype)
-        return self.head(last)[:, -1, :]
+        return self.head(_norm(rows, self.final, dtype, fused))[:, -1, :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -341,6 +341,10 @@ def _rms_fused(x: torch.Tensor, parts: Any) -> torch.Tensor:
     kernel reduces in float32 and rounds once)."""
     w, eps = parts
     return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
+
+
+def _norm(x: torch.Tensor, parts: Any, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    return _rms_fused(x, parts) if fused else _rms(x, parts, dtype)
 
 
 def lean_decoder(model: Any, fused_ops: bool | None = None) -> LeanDecoder | None:
