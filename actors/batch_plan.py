@@ -74,6 +74,8 @@ class BatchSettings:
     chunk_graphs: bool = False
     #: a GPU's greedy decode steps go one ahead of the host (BatchEngine.ahead)
     decode_ahead: bool = True
+    #: a GPU's decode graphs are captured with cuDNN's attention kernels allowed, first
+    decode_cudnn: bool = False
 
 
 @dataclass(eq=False)

@@ -108,6 +108,9 @@ class BatchRunner:
         self.gpu_lean: LeanDecoder | None | bool = False
         #: the lean step's fused small operations (LeanDecoder.fused_ops): None on a GPU
         self.lean_fused_ops: bool | None = None
+        #: decode graphs are captured with cuDNN's attention allowed, first
+        #: (llm_params.decode_cudnn_attention; runtime/cuda_graph.py)
+        self.graph_cudnn = False
         #: the CPU decode step's torch thread count, chosen by timing (runtime/thread_tuner.py);
         #: None: whatever torch has
         self.tuner: ThreadTuner | None = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..runtime.cuda_graph import capture_graph
+from ..runtime.cuda_graph import capture_graph, cudnn_attention_allowed
 from ..runtime.cuda_streams import new_stream
 from .batch_plan import LEN_BUCKET, SeqRequest, pow2, round_up
 
@@ -86,19 +86,21 @@ class _Graphs:
             side = self.runner.capture_stream = new_stream(self.ids.device)
         side.wait_stream(torch.cuda.current_stream())
         global _captured_before
-        with torch.cuda.stream(side):
-            # warm up kernels and the allocator: twice the first time in this process, once
-            # after that (the kernels are loaded; only this shape's buffers are new)
-            for _ in range(1 if _captured_before else 2):
-                out = self._body(bb, vv)
-        torch.cuda.current_stream().wait_stream(side)
-        if self.logits is None:
-            self.logits = torch.empty((self.runner.cache.slots, out.shape[-1]), dtype=out.dtype,
-                                      device=out.device)
-        del out
-        logits = self.logits
-        graph, _ = capture_graph(lambda: logits[:bb].copy_(self._body(bb, vv)),
-                                 pool=self.pool, stream=side)
+        # llm_params.decode_cudnn_attention: the attention kernels the graph keeps are cuDNN's
+        with cudnn_attention_allowed(self.runner.graph_cudnn):
+            with torch.cuda.stream(side):
+                # warm up kernels and the allocator: twice the first time in this process,
+                # once after that (the kernels are loaded; only this shape's buffers are new)
+                for _ in range(1 if _captured_before else 2):
+                    out = self._body(bb, vv)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.logits is None:
+                self.logits = torch.empty((self.runner.cache.slots, out.shape[-1]),
+                                          dtype=out.dtype, device=out.device)
+            del out
+            logits = self.logits
+            graph, _ = capture_graph(lambda: logits[:bb].copy_(self._body(bb, vv)),
+                                     pool=self.pool, stream=side)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(bb, vv)] = graph

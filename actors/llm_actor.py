@@ -159,6 +159,9 @@ class LLMActor(ModelActor):
     #   decode_ahead (true)         on a GPU, a greedy decode step starts from the last
     #                               step's tokens still on the device, read while it computes
     #                               (actors/llm_batching.py)
+    #   decode_cudnn_attention      on a GPU, the decode graphs are captured with cuDNN's
+    #   (false)                     attention kernels allowed (first): plans are built once,
+    #                               at capture, never on the request path
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -175,6 +178,7 @@ class LLMActor(ModelActor):
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
                 "chunk_graphs": p.get("chunk_graphs", False) is True,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
+                "decode_cudnn": p.get("decode_cudnn_attention", False) is True,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

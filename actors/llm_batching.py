@@ -135,7 +135,8 @@ class BatchEngine:
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
-                 decode_ahead: bool = True, prepare: Callable[[SeqRequest], None] | None = None):
+                 decode_ahead: bool = True, decode_cudnn: bool = False,
+                 prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         #: called in the loop thread for each new request whose ``prompt`` is None: encodes and
@@ -147,7 +148,7 @@ class BatchEngine:
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
-            decode_ahead=decode_ahead))
+            decode_ahead=decode_ahead, decode_cudnn=decode_cudnn))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -169,6 +170,7 @@ class BatchEngine:
         if self.settings.gpu_lean:
             self.runner.gpu_lean = None               # tried at the first capture
         self.runner.chunk_graphs_on = self.settings.chunk_graphs
+        self.runner.graph_cudnn = self.settings.decode_cudnn
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
@@ -443,6 +445,9 @@ class BatchEngine:
                 self.runner.graphs = None
         if "lean_decode" in values:
             self.runner.lean = None if settings.lean_decode else False   # None: try it again
+        if settings.decode_cudnn != before.decode_cudnn:   # the graphs capture other kernels
+            self.runner.graph_cudnn = settings.decode_cudnn
+            self.runner.graphs = None
         if settings.chunk_graphs != before.chunk_graphs:
             self.runner.chunk_graphs_on = settings.chunk_graphs
             self.runner.chunk_graphs = None
@@ -720,7 +725,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
-              "chunk_graphs", "decode_ahead"):
+              "chunk_graphs", "decode_ahead", "decode_cudnn"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

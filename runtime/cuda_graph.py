@@ -2,11 +2,12 @@
 forward, a short prompt chunk's)."""
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["capture_graph"]
+__all__ = ["capture_graph", "cudnn_attention_allowed"]
 
 
 def capture_graph(fn: Callable[[], Any], *, pool: Any = None,
@@ -28,3 +29,21 @@ def capture_graph(fn: Callable[[], Any], *, pool: Any = None,
         if collecting:
             gc.enable()
     return graph, out
+
+
+@contextlib.contextmanager
+def cudnn_attention_allowed(on: bool) -> Iterator[None]:
+    """While ``on``: torch's ``scaled_dot_product_attention`` may pick cuDNN's kernels, first
+    (``CUDNN_ATTENTION`` may keep them off for the process: cuDNN builds a plan on the CPU for
+    each new shape). A graph captured inside keeps the kernels it captured, so a decode graph
+    captured here replays cuDNN's attention with no plan to build again
+    (``llm_params.decode_cudnn_attention``). The switch is torch's and process-wide: the
+    previous backends come back on exit. Off: nothing changes."""
+    if not on:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+        yield

@@ -267,3 +267,36 @@ def test_decoding_ahead_on_a_gpu_says_what_reading_each_step_says(tmp_path):
     assert got == want
     assert alone == want[:2]
     assert stats.get("ahead_steps", 0) > 5, stats
+
+
+def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path):
+    """(issue 15) ``llm_params.decode_cudnn_attention``: the decode graphs are captured with
+    cuDNN's attention allowed (the process keeps it off: CUDNN_ATTENTION), so their replays run
+    cuDNN's kernels with no plan built on a request; the same words as without, and the
+    process's switch is back off after the captures."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from agile_rag.runtime.executor import set_cudnn_attention
+
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
+                            words_only=True)
+
+    async def go(params):
+        system, llm = await spawn(folder, "cuda", params)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            words = await burst(llm)
+        kernels = {e.key for e in prof.key_averages()}
+        graph_cudnn = llm.engine.runner.graph_cudnn
+        await system.stop_all()
+        return words, kernels, graph_cudnn
+
+    set_cudnn_attention(False)                      # as the server starts
+    want, plain, off = asyncio.run(go({"gpu_lean_decode": True}))
+    got, kernels, on = asyncio.run(go({"gpu_lean_decode": True, "decode_cudnn_attention": True}))
+    assert (off, on) == (False, True)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    print("cudnn kernels:", sorted(k for k in kernels if "cudnn" in k.lower())[:4])
+    assert not any("cudnn" in k.lower() and "sdpa" in k.lower() for k in plain)
+    assert any("cudnn" in k.lower() and "sdpa" in k.lower() for k in kernels), sorted(kernels)
+    assert got == want

@@ -1,0 +1,64 @@
+"""``llm_params.decode_cudnn_attention`` (issue 15): a GPU's decode graphs may be captured with
+cuDNN's attention kernels allowed while the process keeps them off; here, on a CPU, the setting's
+path from liveconfigs.json to the batch runner, a live edit, and the switch coming back."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_graph_warmup import CharTokenizer
+
+from agile_rag.actors.batch_plan import BatchSettings
+from agile_rag.actors.llm_actor import LLMActor
+from agile_rag.actors.llm_batching import _settings
+from agile_rag.runtime.cuda_graph import cudnn_attention_allowed
+from agile_rag.runtime.liveconfig import LiveConfigError, validate
+
+from support import tiny_llama
+
+
+def test_llm_params_decode_cudnn_attention_reaches_the_runner():
+    def settings(params):
+        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
+                                                                   device="cuda"),
+                               context_length=2048)
+        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
+
+    assert settings({})["decode_cudnn"] is False
+    assert settings({"decode_cudnn_attention": True})["decode_cudnn"] is True
+    assert _settings(BatchSettings(), {"decode_cudnn": True}).decode_cudnn is True
+    ok = validate({"llm_params": {"decode_cudnn_attention": True}})
+    assert ok.llm_params["decode_cudnn_attention"] is True
+    with pytest.raises(LiveConfigError) as bad:
+        validate({"llm_params": {"decode_cudnn_attention": "yes"}})
+    assert any("decode_cudnn_attention" in p for p in bad.value.problems)
+
+
+def test_the_engine_hands_the_setting_to_its_runner_and_a_live_edit_drops_the_graphs():
+    from agile_rag.actors.llm_batching import BatchEngine
+
+    eng = BatchEngine(tiny_llama(), CharTokenizer(), decode_cudnn=True)
+    assert eng.runner.graph_cudnn is True
+    eng.runner.graphs = object()                       # graphs captured the other way
+    eng._apply({"decode_cudnn": False})
+    assert eng.runner.graph_cudnn is False and eng.runner.graphs is None
+    eng.runner.graphs = marker = object()
+    eng._apply({"max_batch": 8})                       # another setting: the graphs stay
+    assert eng.runner.graphs is marker
+
+
+def test_cudnn_attention_allowed_only_inside_and_the_switch_comes_back():
+    switch = torch.backends.cuda
+    before = switch.cudnn_sdp_enabled()
+    switch.enable_cudnn_sdp(False)
+    try:
+        with cudnn_attention_allowed(True):
+            assert switch.cudnn_sdp_enabled()
+            assert switch.flash_sdp_enabled() and switch.mem_efficient_sdp_enabled()
+        assert not switch.cudnn_sdp_enabled()
+        with cudnn_attention_allowed(False):
+            assert not switch.cudnn_sdp_enabled()
+        assert not switch.cudnn_sdp_enabled()
+    finally:
+        switch.enable_cudnn_sdp(before)
