@@ -75,7 +75,7 @@ class BatchSettings:
     #: a GPU's greedy decode steps go one ahead of the host (BatchEngine.ahead)
     decode_ahead: bool = True
     #: a GPU's decode graphs are captured with cuDNN's attention kernels allowed, first
-    decode_cudnn: bool = False
+    decode_cudnn: bool = True
 
 
 @dataclass(eq=False)

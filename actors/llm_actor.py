@@ -141,6 +141,9 @@ class LLMActor(ModelActor):
     #                               this many tokens at a time, the other chats decoding
     #                               between chunks (0: all at once); while chats stream, new
     #                               prompts are read at most this many tokens a pass
+    #   prefill_batch_tokens (4096) the most prompt tokens one prefill pass reads with
+    #                               nobody streaming (a burst's first prompts); counted in
+    #                               the GPU grant (the pass's activations)
     #   kv_block_tokens (0)         0: the KV cache is one rectangle (rows x the longest
     #                               reservation); 16, 32...: blocks of this many tokens, each
     #                               chat holding the blocks its tokens fill (a new engine)
@@ -160,7 +163,7 @@ class LLMActor(ModelActor):
     #                               step's tokens still on the device, read while it computes
     #                               (actors/llm_batching.py)
     #   decode_cudnn_attention      on a GPU, the decode graphs are captured with cuDNN's
-    #   (false)                     attention kernels allowed (first): plans are built once,
+    #   (true)                      attention kernels allowed (first): plans are built once,
     #                               at capture, never on the request path
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
@@ -172,13 +175,14 @@ class LLMActor(ModelActor):
         leaves_when_idle = bool(self.spec.idle_on_cpu) and self.spec.device == "flex"
         return {"max_batch": _pos_int(p.get("max_batch_size"), 32),
                 "kv_tokens": max(self.context_length, _pos_int(p.get("batch_kv_tokens"), 16384)),
+                "prefill_tokens": _pos_int(p.get("prefill_batch_tokens"), 4096),
                 "cuda_graphs": p.get("cuda_graphs", True) is not False,
                 "lean_decode": p.get("lean_decode", True) is not False,
                 "own_stream": p.get("own_stream", True) is not False,
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
                 "chunk_graphs": p.get("chunk_graphs", False) is True,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
-                "decode_cudnn": p.get("decode_cudnn_attention", False) is True,
+                "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -135,7 +135,7 @@ class BatchEngine:
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
-                 decode_ahead: bool = True, decode_cudnn: bool = False,
+                 decode_ahead: bool = True, decode_cudnn: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer

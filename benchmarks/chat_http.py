@@ -91,9 +91,13 @@ def parse_args(argv=None):
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=False,
                    help="the engine alone lets attention use cuDNN (the server's "
                    "CUDNN_ATTENTION, default off)")
-    p.add_argument("--decode-cudnn", action=argparse.BooleanOptionalAction, default=False,
-                   help="llm_params.decode_cudnn_attention (default off): the decode graphs "
-                   "are captured with cuDNN's attention allowed (engine and server)")
+    p.add_argument("--decode-cudnn", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.decode_cudnn_attention (the server's default: on): the "
+                   "decode graphs are captured with cuDNN's attention allowed (engine and "
+                   "server); --no-decode-cudnn: with the process's attention kernels")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
+                   "most prompt tokens one prefill pass reads with nobody streaming")
     p.add_argument("--chunk-graphs", action="store_true",
                    help="llm_params.chunk_graphs (default off): short last chunks, e.g. the "
                    "question after a stored prefix, replay CUDA graphs (engine and server)")
@@ -232,7 +236,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
                           gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs,
-                          decode_cudnn=a.decode_cudnn)
+                          decode_cudnn=a.decode_cudnn,
+                          **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
         eng.eos = set()                        # every chat runs to max_new
         return eng
 
@@ -490,7 +495,9 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             "llm_params": {"default_temp": 0, "max_batch_size": 64,
                            "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean,
                            "chunk_graphs": a.chunk_graphs,
-                           "decode_cudnn_attention": a.decode_cudnn}}
+                           "decode_cudnn_attention": a.decode_cudnn,
+                           **({"prefill_batch_tokens": a.prefill_tokens}
+                              if a.prefill_tokens else {})}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
     if a.fronts is not None:
         cfg += f"FRONT_PROCESSES = {a.fronts if a.fronts == 'auto' else int(a.fronts)!r}\n"

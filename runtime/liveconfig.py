@@ -169,7 +169,7 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
         if key in lp and not isinstance(lp[key], bool):
             problems.append(f"llm_params.{key} must be true or false")
     for key in ("max_batch_size", "batch_kv_tokens", "stream_chunk_size", "gpu_min_slice_ms",
-                "prefill_chunk_tokens"):
+                "prefill_chunk_tokens", "prefill_batch_tokens"):
         if key in lp and (not _is_int(lp[key]) or lp[key] < 0):
             problems.append(f"llm_params.{key} must be a whole number")
     if ep["token_estimation"] not in ("len", "re"):

@@ -337,3 +337,38 @@ def test_paged_decode_preempts_the_newest_when_the_pool_is_full(monkeypatch):
     step, _ = p.decode()                                   # a 65th token needs a 9th block
     assert step is not None and step.rows == [a] and step.moves == []
     assert list(p.waiting) == [b] and b.preempted == 1
+
+
+def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm_params():
+    """``llm_params.prefill_batch_tokens`` (default 4096): a burst of short prompts admitted
+    with nobody streaming is read in one pass of at most that many tokens; a bad value is a
+    bad liveconfigs.json."""
+    from types import SimpleNamespace
+
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.runtime.liveconfig import LiveConfigError, validate
+
+    def first_pass(tokens: int) -> int:
+        p = planner(max_batch=64, kv_tokens=65536, prefill_tokens=tokens, prefill_chunk=2048)
+        for _ in range(32):
+            p.accept(seq(240, 128))
+        plan, _ = p.admit()
+        assert plan is not None
+        return len(plan.rows)
+
+    assert first_pass(4096) == 17                     # 17 x 240 <= 4096
+    assert first_pass(8192) == 32                     # the whole burst in one pass
+
+    def settings(params):
+        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
+                                                                   device="cuda"),
+                               context_length=2048)
+        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
+
+    assert settings({})["prefill_tokens"] == 4096
+    assert settings({"prefill_batch_tokens": 8192})["prefill_tokens"] == 8192
+    assert validate({"llm_params": {"prefill_batch_tokens": 8192}}).llm_params[
+        "prefill_batch_tokens"] == 8192
+    with pytest.raises(LiveConfigError) as bad:
+        validate({"llm_params": {"prefill_batch_tokens": "lots"}})
+    assert any("prefill_batch_tokens" in p for p in bad.value.problems)

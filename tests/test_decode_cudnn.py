@@ -25,9 +25,9 @@ def test_llm_params_decode_cudnn_attention_reaches_the_runner():
                                context_length=2048)
         return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
 
-    assert settings({})["decode_cudnn"] is False
-    assert settings({"decode_cudnn_attention": True})["decode_cudnn"] is True
-    assert _settings(BatchSettings(), {"decode_cudnn": True}).decode_cudnn is True
+    assert settings({})["decode_cudnn"] is True                   # the default: on
+    assert settings({"decode_cudnn_attention": False})["decode_cudnn"] is False
+    assert _settings(BatchSettings(), {"decode_cudnn": False}).decode_cudnn is False
     ok = validate({"llm_params": {"decode_cudnn_attention": True}})
     assert ok.llm_params["decode_cudnn_attention"] is True
     with pytest.raises(LiveConfigError) as bad:
@@ -38,7 +38,7 @@ def test_llm_params_decode_cudnn_attention_reaches_the_runner():
 def test_the_engine_hands_the_setting_to_its_runner_and_a_live_edit_drops_the_graphs():
     from agile_rag.actors.llm_batching import BatchEngine
 
-    eng = BatchEngine(tiny_llama(), CharTokenizer(), decode_cudnn=True)
+    eng = BatchEngine(tiny_llama(), CharTokenizer())
     assert eng.runner.graph_cudnn is True
     eng.runner.graphs = object()                       # graphs captured the other way
     eng._apply({"decode_cudnn": False})
