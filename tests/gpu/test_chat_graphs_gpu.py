@@ -22,11 +22,12 @@ def chat(prompt: str) -> Chat:
     return Chat(messages=[{"role": "user", "content": prompt}], max_tokens=12)
 
 
-async def spawn(folder: str, device: str, params: dict | None = None):
+async def spawn(folder: str, device: str, params: dict | None = None,
+                dtype: str | None = None):
     system = ActorSystem()
     system.spawn(VRAMArbiter(2 << 30))
-    llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, device=device, max_tokens=512),
-                   params)
+    llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, device=device, max_tokens=512,
+                             dtype=dtype), params)
     llm.residency_factory = WeightResidency
     system.spawn(llm)
     state = await llm.ask(Describe(), timeout=300)
@@ -283,7 +284,8 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
                             words_only=True)
 
     async def go(params):
-        system, llm = await spawn(folder, "cuda", params)
+        # half precision: cuDNN's attention takes no float32
+        system, llm = await spawn(folder, "cuda", params, dtype="float16")
         words = await burst(llm)
         runner = llm.engine.runner
         # the kernels a captured decode graph replays (the loop is idle: a replay here writes
