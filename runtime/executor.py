@@ -56,7 +56,9 @@ def set_cudnn_attention(on: bool) -> bool:
     it off a 1,000-token prompt's first token came in 0.055 s instead of 0.12 s and a first
     burst of 32 chats' in 0.075 s instead of 0.15 s (engine alone), and served ingest rose
     from 0.85 to 1.50 of a direct ``encode`` (benchmarks/results/gpu-h200-s10.md); flash and
-    memory-efficient attention need no plan. Returns whether torch has the switch."""
+    memory-efficient attention need no plan. The LLM's decode graphs, whose shapes are fixed,
+    are captured with cuDNN allowed all the same (runtime/cuda_graph.py:
+    ``cudnn_attention_allowed``). Returns whether torch has the switch."""
     import torch
 
     switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
