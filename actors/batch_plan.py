@@ -76,6 +76,9 @@ class BatchSettings:
     decode_ahead: bool = True
     #: a GPU's decode graphs are captured with cuDNN's attention kernels allowed, first
     decode_cudnn: bool = True
+    #: a burst's prompts are read by the decode step's lean decoder in one right-padded pass
+    #: (BatchRunner._lean_prefill) instead of transformers' forward
+    lean_prefill: bool = False
 
 
 @dataclass(eq=False)

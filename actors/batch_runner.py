@@ -128,6 +128,12 @@ class BatchRunner:
         #: again after the weights moved computes the same)
         self.lean_chunks = 0
         self.lean_chunk_ok: bool | None = None
+        #: a burst's prompts are read by the lean decoder's prefill (llm_params.lean_prefill),
+        #: where the decode step's lean decoder is in use; whether its prefill agreed with
+        #: transformers' (None: not compared yet)
+        self.lean_prefill_on = False
+        self.lean_prefill_ok: bool | None = None
+        self.lean_prefills = 0
         #: short last chunks replay CUDA graphs straight into their slot (chunk_graphs.py)
         self.chunk_graphs_on = False
         self.chunk_graphs: ChunkGraphs | None = None
@@ -266,7 +272,11 @@ class BatchRunner:
         still on the device: :meth:`sample_ahead`)."""
         self.prepare(plan)
         if plan.kind is StepKind.PREFILL:
-            return self._prefill(plan)
+            before = self.lean_prefills
+            out = self._prefill(plan)
+            if self.lean_prefills != before:
+                stats["lean_prefills"] = stats.get("lean_prefills", 0) + 1
+            return out
         if plan.kind is StepKind.CHUNK:
             return self._chunk(plan)
         tuner = self.tuner
@@ -289,6 +299,11 @@ class BatchRunner:
         dev = self.cache.keys[0].device
         n = len(reqs)
         contexts = [r.context() for r in reqs]
+        lean = self._prefill_lean() if not getattr(self.cache, "paged", False) else None
+        if lean is not None:
+            logits = self._lean_prefill(lean, plan, contexts, dev)
+            self._keep_prefixes(plan, dev)
+            return logits
         lp = max(len(c) for c in contexts)
         ids = torch.full((n, lp), self.pad, dtype=torch.long)
         mask = torch.zeros((n, lp), dtype=torch.long)
@@ -318,13 +333,111 @@ class BatchRunner:
             self.cache.keys[layer][slots, :, :lp] = k.gather(2, idx)
             self.cache.values[layer][slots, :, :lp] = v.gather(2, idx)
         del kv, out
-        if n <= KEEP_PREFIX_ROWS:           # the prompts' prefixes, from their slots
-            cache = self.cache
-            for i, req in enumerate(reqs):
-                slot = slice(plan.first_slot + i, plan.first_slot + i + 1)
-                self._keep_prefix(req, lambda layer, s=slot: (cache.keys[layer][s],
-                                                              cache.values[layer][s]), dev)
+        self._keep_prefixes(plan, dev)
         return logits
+
+    def _keep_prefixes(self, plan: StepPlan, dev: torch.device) -> None:
+        """The prompts' prefixes of a prefill of a few rows, from their slots."""
+        if len(plan.rows) > KEEP_PREFIX_ROWS:
+            return
+        cache = self.cache
+        for i, req in enumerate(plan.rows):
+            slot = slice(plan.first_slot + i, plan.first_slot + i + 1)
+            self._keep_prefix(req, lambda layer, s=slot: (cache.keys[layer][s],
+                                                          cache.values[layer][s]), dev)
+
+    def _lean_prefill(self, lean: LeanDecoder, plan: StepPlan, contexts: list[list[int]],
+                      dev: torch.device) -> torch.Tensor:
+        """A PREFILL's prompts read by the lean decoder in one pass, right-padded: each row's
+        keys and values go straight to its slot from position 0 (no copy of a padded cache,
+        no mask: the padding follows a row's tokens); the logits of each row's last token."""
+        n = len(contexts)
+        lp = max(len(c) for c in contexts)
+        ids = torch.full((n, lp), self.pad, dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        last = torch.tensor([len(c) - 1 for c in contexts], dtype=torch.long)
+        cache, first = self.cache, plan.first_slot
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            cache.keys[layer][first:first + n, :, :lp].copy_(k)
+            cache.values[layer][first:first + n, :, :lp].copy_(v)
+
+        self.lean_prefills += 1
+        return lean.prefill(_h2d(ids, dev), _h2d(last, dev), store)
+
+    def _prefill_lean(self) -> LeanDecoder | None:
+        """The lean decoder to read a PREFILL's prompts with (``llm_params.lean_prefill``), or
+        None (transformers' forward): the decode step's lean decoder where one is in use (the
+        CPU's, or the one in the GPU's decode graphs), once its prefill agreed with
+        transformers' (:meth:`_lean_prefill_differs`)."""
+        if not self.lean_prefill_on:
+            return None
+        lean = self.lean if self.device.type == "cpu" else self.gpu_lean
+        if not isinstance(lean, LeanDecoder):
+            return None
+        if self.lean_prefill_ok is None:
+            why = self._lean_prefill_differs(lean)
+            self.lean_prefill_ok = why is None
+            if why is not None:
+                log.warning("the lean decoder's prefill differs from transformers' for %s (%s): "
+                            "prompts are read through transformers", type(self.model).__name__,
+                            why)
+        return lean if self.lean_prefill_ok else None
+
+    def check_lean_prefill(self) -> None:
+        """(idle, a warm-up's end) Compare the lean prefill with transformers' now, off the
+        request path, rather than in the first burst's prefill; on a GPU, then one throwaway
+        pass of two 256-token rows (its kernels loaded before a burst needs them; nothing
+        stored)."""
+        if self.lean_prefill_ok is not None:
+            return
+        lean = self._prefill_lean()
+        if lean is None or not self.on_gpu():
+            return
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 2)
+        ids = torch.randint(0, vocab, (2, 256), device=self.device)
+        try:
+            with torch.inference_mode():
+                lean.prefill(ids, torch.tensor([255, 100], device=self.device),
+                             lambda layer, k, v: None)
+        except Exception as exc:  # noqa: BLE001 - a warm-up only: the first burst pays instead
+            log.warning("lean prefill warm-up failed (%s)", exc)
+
+    def _lean_prefill_differs(self, lean: LeanDecoder) -> str | None:
+        """Two prompts (6 and 11 random tokens) read by the lean prefill together and by
+        transformers each alone: None when every row's last logits agree (:func:`agrees`) and
+        its keys and values are close; else what differed, or the error."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 2)
+        gen = torch.Generator().manual_seed(0)
+        lens = (6, 11)
+        ids = torch.full((2, max(lens)), self.pad, dtype=torch.long)
+        for i, n in enumerate(lens):
+            ids[i, :n] = torch.randint(0, vocab, (n,), generator=gen)
+        ids = ids.to(dev)
+        stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            with torch.inference_mode():
+                got = lean.prefill(ids, torch.tensor([n - 1 for n in lens], device=dev),
+                                   lambda layer, k, v: stored.__setitem__(layer, (k, v)))
+                for i, n in enumerate(lens):
+                    kv = DynamicCache()
+                    full = self.model(input_ids=ids[i:i + 1, :n], past_key_values=kv,
+                                      use_cache=True, **self._keep()).logits[0, -1:]
+                    if not agrees(got[i:i + 1], full):
+                        return f"row {i}'s logits: " + _difference(got[i:i + 1], full)
+                    for layer in range(self.n_layers):
+                        for name, theirs, mine in zip("kv", _dynamic_layer(kv, layer),
+                                                      stored[layer]):
+                            if not close(mine[i:i + 1, :, :n], theirs):
+                                return f"row {i}, layer {layer}'s {name}: " + \
+                                    _difference(mine[i:i + 1, :, :n], theirs)
+                return None
+        except Exception as exc:  # noqa: BLE001 - transformers' forward reads the prompts
+            return f"error: {exc!r}"[:300]
 
     def _keep_prefix(self, req: SeqRequest, layer_kv: Any, dev: torch.device, *,
                      owned: bool = False) -> None:

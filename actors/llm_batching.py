@@ -136,6 +136,7 @@ class BatchEngine:
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
+                 lean_prefill: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -148,7 +149,7 @@ class BatchEngine:
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
-            decode_ahead=decode_ahead, decode_cudnn=decode_cudnn))
+            decode_ahead=decode_ahead, decode_cudnn=decode_cudnn, lean_prefill=lean_prefill))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -171,6 +172,7 @@ class BatchEngine:
             self.runner.gpu_lean = None               # tried at the first capture
         self.runner.chunk_graphs_on = self.settings.chunk_graphs
         self.runner.graph_cudnn = self.settings.decode_cudnn
+        self.runner.lean_prefill_on = self.settings.lean_prefill
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
@@ -421,6 +423,7 @@ class BatchEngine:
         # the lean decoder's chunk is compared with transformers' here, not in a prompt's
         # first short chunk (~0.1 s of a 3B model's eager forwards on its request)
         runner.check_lean_chunk()
+        runner.check_lean_prefill()
         self.warming = False
         return False
 
@@ -445,6 +448,7 @@ class BatchEngine:
                 self.runner.graphs = None
         if "lean_decode" in values:
             self.runner.lean = None if settings.lean_decode else False   # None: try it again
+        self.runner.lean_prefill_on = settings.lean_prefill
         if settings.decode_cudnn != before.decode_cudnn:   # the graphs capture other kernels
             self.runner.graph_cudnn = settings.decode_cudnn
             self.runner.graphs = None
@@ -725,7 +729,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
-              "chunk_graphs", "decode_ahead", "decode_cudnn"):
+              "chunk_graphs", "decode_ahead", "decode_cudnn", "lean_prefill"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

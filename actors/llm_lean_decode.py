@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -288,6 +289,40 @@ class LeanDecoder:
             return None
         rows = x if every_row else x[-1:]
         return self.head(_norm(rows, self.final, dtype, fused))[:, -1, :]
+
+
+    def prefill(self, ids: torch.Tensor, last: torch.Tensor,
+                store: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+        """``n`` prompts read in one pass, right-padded to one length (ids [n, lp], each row's
+        tokens from position 0): the same computation as transformers' forward over them, every
+        token a row of the projections and the MLP, causal attention within each row (no mask:
+        the padding is after a row's tokens, which never attend to it). Each layer's keys and
+        values [n, kv heads, lp, D] go to ``store(layer, keys, values)`` (the padding's too:
+        past a row's end, never attended, overwritten as the row decodes); the logits
+        [n, vocab] of each row's token at index ``last[i]``. q and k are rotated elementwise
+        here (a rotation matrix per token would be D x D for every token read)."""
+        n, lp = ids.shape
+        m = n * lp
+        h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(ids.reshape(m, 1))
+        pos = torch.arange(lp, device=ids.device).repeat(n)
+        cos, sin = self.rotary(x, pos.reshape(m, 1))
+        dtype = x.dtype
+        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        for i, layer in enumerate(self.layers):
+            calls = self._calls(i, m, dtype)
+            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls)
+            # [m, heads, 1, D] -> [n, heads, lp, D]: each row's tokens as one sequence
+            q = q.reshape(n, lp, h_n, d).transpose(1, 2)
+            k = k.reshape(n, lp, kv_n, d).transpose(1, 2)
+            v = v.reshape(n, lp, kv_n, d).transpose(1, 2)
+            store(i, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                               enable_gqa=kv_n != h_n)
+            x = self._after_attention(i, x, o.transpose(1, 2).reshape(m, h_n * d), calls,
+                                      dtype, fused)
+        rows = x.view(n, lp, -1)[torch.arange(n, device=x.device), last.to(x.device)]
+        return self.head(_norm(rows[:, None, :], self.final, dtype, fused))[:, -1, :]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

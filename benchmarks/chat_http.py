@@ -95,6 +95,9 @@ def parse_args(argv=None):
                    help="llm_params.decode_cudnn_attention (the server's default: on): the "
                    "decode graphs are captured with cuDNN's attention allowed (engine and "
                    "server); --no-decode-cudnn: with the process's attention kernels")
+    p.add_argument("--lean-prefill", action="store_true",
+                   help="llm_params.lean_prefill (default off): a burst's prompts are read in "
+                   "one right-padded pass of the lean decoder (engine and server)")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")
@@ -236,7 +239,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
                           gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs,
-                          decode_cudnn=a.decode_cudnn,
+                          decode_cudnn=a.decode_cudnn, lean_prefill=a.lean_prefill,
                           **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
         eng.eos = set()                        # every chat runs to max_new
         return eng
@@ -496,6 +499,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
                            "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean,
                            "chunk_graphs": a.chunk_graphs,
                            "decode_cudnn_attention": a.decode_cudnn,
+                           "lean_prefill": a.lean_prefill,
                            **({"prefill_batch_tokens": a.prefill_tokens}
                               if a.prefill_tokens else {})}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"

@@ -308,3 +308,24 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
     assert not any("cudnn" in k.lower() and "sdpa" in k.lower() for k in plain)
     assert any("cudnn" in k.lower() and "sdpa" in k.lower() for k in kernels), sorted(kernels)
     assert got == want
+
+
+def test_a_lean_prefill_on_a_gpu_says_what_transformers_prefill_says(tmp_path):
+    """(issue 15) ``llm_params.lean_prefill``: a burst's prompts read in one right-padded pass
+    of the lean decoder in the decode graphs (compared with transformers' once, at the warm-up's
+    end): the same words as transformers' prefill, and the passes were lean."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
+                            words_only=True)
+
+    async def go(params):
+        system, llm = await spawn(folder, "cuda", params, dtype="float16")
+        words = await burst(llm)
+        runner = llm.engine.runner
+        out = (words, runner.lean_prefills, runner.lean_prefill_ok)
+        await system.stop_all()
+        return out
+
+    want, plain, _ = asyncio.run(go({}))
+    got, lean, ok = asyncio.run(go({"lean_prefill": True}))
+    assert plain == 0 and ok is True and lean >= 1, (plain, lean, ok)
+    assert got == want
