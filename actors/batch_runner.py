@@ -572,9 +572,11 @@ class BatchRunner:
         rows; False when none is left, none is wanted or no slot is free. The loop calls it
         whenever it is idle, so a cache that grew (a long prompt) has its chunk graphs again
         before the next prompt that starts from that prompt's prefix (the question after a
-        stored prefix, issue 15), and it is cheap once they are all there."""
+        stored prefix, issue 15), and it is cheap once they are all there. None are warmed
+        while no prefix is kept (``prefix_cache_tokens`` 0): no prompt starts from one."""
         cache = self.cache
-        if not self.chunk_graphs_on or not self.graphs_wanted() or cache is None or \
+        if not self.chunk_graphs_on or self.prefixes.budget_tokens <= 0 or \
+                not self.graphs_wanted() or cache is None or \
                 getattr(cache, "paged", False) or active >= cache.slots or \
                 not isinstance(self.gpu_lean, LeanDecoder) or self.lean_chunk_ok is False:
             return False

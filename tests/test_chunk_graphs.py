@@ -71,6 +71,33 @@ def test_llm_params_chunk_graphs_reach_the_runner():
     assert eng.runner.chunk_graphs_on is False and eng.runner.chunk_graphs is None
 
 
+def test_no_chunk_graphs_are_warmed_while_no_prefix_is_kept(monkeypatch):
+    """With ``prefix_cache_tokens`` 0 no prompt starts from a stored prefix, so the idle loop
+    captures no chunk graphs (under a VRAM cap they would be captured again after every
+    admit, beside the encoders' jobs, for nothing); with prefixes kept it goes on to the
+    graph set (made here, on a CPU, without capturing)."""
+    from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors.kv_slots import make_slot_cache
+    from agile_rag.actors.llm_lean_decode import lean_decoder
+
+    model = _tiny("Llama")
+    runner = BatchRunner(model, pad=0)
+    runner.cache = make_slot_cache(model.config.num_hidden_layers, 4, runner.kv_heads, 64,
+                                   runner.head_dim, torch.float32, torch.device("cpu"))
+    runner.chunk_graphs_on = True
+    runner.gpu_lean = runner.lean = lean_decoder(model, True)     # (on a CPU: the CPU's)
+    runner.lean_chunk_ok = True
+    monkeypatch.setattr(BatchRunner, "graphs_wanted", lambda self: True)
+    made = []
+    monkeypatch.setattr(BatchRunner, "_chunk_graph_set",
+                        lambda self, lean, cache: made.append(1) or
+                        type("G", (), {"warm": lambda self, active: False})())
+    runner.prefixes.budget_tokens = 0
+    assert runner.warm_chunk_one(1, {}) is False and made == []
+    runner.prefixes.budget_tokens = 4096
+    assert runner.warm_chunk_one(1, {}) is False and made == [1]
+
+
 def test_view_buckets_double_up_to_the_cache_length():
     """A chunk graph attends over LEN_BUCKET times a power of two keys, at most the cache's
     length: a few graphs per token bucket, all of them captured in the idle warm-up."""
