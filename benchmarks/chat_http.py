@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-tokens", type=int, default=16384, help="batch_kv_tokens")
     p.add_argument("--mixed-kv-tokens", type=int, default=16384)
     p.add_argument("--mixed-chats", type=int, default=24)
+    p.add_argument("--mixed-mix", default="even,rag",
+                   help="the mixes of prompt lengths the mixed run measures (comma list): even "
+                   "(200..3000 evenly spaced), rag (most 200..600, every fourth 1,500..3,000)")
     p.add_argument("--prefix-warm-tokens", type=int, default=64,
                    help="the untimed prompt that first takes the prefix path before the "
                    "repeated-prefix figure: its length (64: a short prefix read back, as the "
@@ -191,6 +194,29 @@ class Msg:
         self.temperature = 0.0
         self.top_p = 1.0
         self.seed = None
+
+
+def mixed_lengths(mix: str, n: int, tiny: bool) -> list[int]:
+    """The prompt lengths of a mixed run, all within 200..3000 tokens (20..300 ``tiny``), in
+    the order they arrive. ``even``: evenly spaced, short and long interleaved (200, 443,
+    687, ...). ``rag``: what a RAG app sends, most prompts a question with a few short passages
+    (200..600) and every fourth one long with many passages (1,500..3,000), so a long prompt
+    arrives among short ones all the time."""
+    lo, hi = (200, 3000) if not tiny else (20, 300)
+    if mix == "even":
+        lens = [lo + (hi - lo) * i // max(1, n - 1) for i in range(n)]
+        return lens[::2] + lens[1::2]          # short and long interleaved
+    if mix != "rag":
+        raise SystemExit(f"--mixed-mix: unknown mix {mix!r} (even, rag)")
+    n_long = n // 4
+    n_short = n - n_long
+    s_hi, l_lo = lo + (hi - lo) // 7, lo + (hi - lo) * 13 // 28     # 600 and 1,500 of 200..3000
+    shorts = [lo + (s_hi - lo) * i // max(1, n_short - 1) for i in range(n_short)]
+    longs = [l_lo + (hi - l_lo) * i // max(1, n_long - 1) for i in range(n_long)]
+    out = []
+    for i in range(n):
+        out.append(longs.pop(0) if i % 4 == 3 and longs else shorts.pop(0))
+    return out
 
 
 def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
@@ -358,27 +384,28 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
                      "graphed_chunks": eng.runner.graphed_chunks}
     if firsts[0]["ttft_p50_s"]:
         out["prefix"]["second_vs_first"] = firsts[1]["ttft_p50_s"] / firsts[0]["ttft_p50_s"]
-    # mixed lengths under one KV budget: how many decode together
-    lo, hi = (200, 3000) if not a.tiny else (20, 300)
-    n = a.mixed_chats
-    lens = [lo + (hi - lo) * i // max(1, n - 1) for i in range(n)]
-    lens = lens[::2] + lens[1::2]              # short and long interleaved
-    mixed_prompts = [ids_of(prompt_text(tok, m, i))[:m] for i, m in enumerate(lens)]
+    # mixed lengths under one KV budget: how many decode together, the rectangle cache and
+    # the cache by the block, for each mix of prompt lengths (mixed_lengths)
     del eng
-    eng = engine(a.mixed_kv_tokens)
-    m = run(eng, mixed_prompts, min(64, a.new_tokens))
-    m["mean_rows_per_step"] = (m["tokens"] - len(mixed_prompts)) / max(1, m["steps"])
-    m["kv_tokens"] = a.mixed_kv_tokens
-    m["prompt_lengths"] = [len(p) for p in mixed_prompts]
-    out["mixed"] = m
-    del eng                                    # the same with the cache by the block
-    eng = engine(a.mixed_kv_tokens, kv_block=16)
-    mp = run(eng, mixed_prompts, min(64, a.new_tokens))
-    mp["mean_rows_per_step"] = (mp["tokens"] - len(mixed_prompts)) / max(1, mp["steps"])
-    mp["same_text_as_rectangle"] = mp["texts"] == m["texts"]
-    out["mixed_paged"] = mp
-    if m["max_batch"]:
-        out["mixed_paged_vs_rectangle"] = mp["max_batch"] / m["max_batch"]
+    for mix in a.mixed_mix.split(","):
+        key = "mixed" if mix == "even" else f"mixed_{mix}"
+        lens = mixed_lengths(mix, a.mixed_chats, a.tiny)
+        mixed_prompts = [ids_of(prompt_text(tok, m, i))[:m] for i, m in enumerate(lens)]
+        eng = engine(a.mixed_kv_tokens)
+        m = run(eng, mixed_prompts, min(64, a.new_tokens))
+        m["mean_rows_per_step"] = (m["tokens"] - len(mixed_prompts)) / max(1, m["steps"])
+        m["kv_tokens"] = a.mixed_kv_tokens
+        m["prompt_lengths"] = [len(p) for p in mixed_prompts]
+        out[key] = m
+        del eng                                # the same with the cache by the block
+        eng = engine(a.mixed_kv_tokens, kv_block=16)
+        mp = run(eng, mixed_prompts, min(64, a.new_tokens))
+        mp["mean_rows_per_step"] = (mp["tokens"] - len(mixed_prompts)) / max(1, mp["steps"])
+        mp["same_text_as_rectangle"] = mp["texts"] == m["texts"]
+        out[key + "_paged"] = mp
+        if m["max_batch"]:
+            out[key + "_paged_vs_rectangle"] = mp["max_batch"] / m["max_batch"]
+        del eng
     with open(out_path, "w") as f:
         json.dump(out, f, default=str)
 
@@ -588,6 +615,12 @@ def summarize(runs: list[dict], a) -> dict:
     s["engine_mixed_paged_mean_rows"] = med(runs, "engine", "mixed_paged", "mean_rows_per_step")
     s["engine_mixed_paged_tok_s"] = med(runs, "engine", "mixed_paged", "tok_s")
     s["engine_mixed_paged_vs_rectangle"] = med(runs, "engine", "mixed_paged_vs_rectangle")
+    s["engine_mixed_rag_max_rows"] = med(runs, "engine", "mixed_rag", "max_batch")
+    s["engine_mixed_rag_paged_max_rows"] = med(runs, "engine", "mixed_rag_paged", "max_batch")
+    s["engine_mixed_rag_tok_s"] = med(runs, "engine", "mixed_rag", "tok_s")
+    s["engine_mixed_rag_paged_tok_s"] = med(runs, "engine", "mixed_rag_paged", "tok_s")
+    s["engine_mixed_rag_paged_vs_rectangle"] = med(runs, "engine",
+                                                   "mixed_rag_paged_vs_rectangle")
     for k in ("first_burst_after_start", "first_burst_after_admit", "warm_burst_after_admit"):
         s[f"server_{k}_tok_s"] = med(runs, "server", k, "tok_s")
         s[f"server_{k}_ttft_p50_s"] = med(runs, "server", k, "ttft_p50_s")
@@ -638,8 +671,10 @@ def targets(s: dict, a) -> list[dict]:
          lambda v: v >= 25),
         ("engine: batch-1 decode / bandwidth bound", m("engine_batch1_decode_vs_bound"),
          ">= 0.40", lambda v: v >= 0.40),
-        ("engine: mixed 200..3000 prompts, rows together, blocks / rectangle",
+        ("engine: mixed 200..3000 prompts (even), rows together, blocks / rectangle",
          m("engine_mixed_paged_vs_rectangle"), ">= 2", lambda v: v >= 2),
+        ("engine: mixed 200..3000 prompts (rag), rows together, blocks / rectangle",
+         m("engine_mixed_rag_paged_vs_rectangle"), ">= 2", lambda v: v >= 2),
         ("engine: repeated 1,000-token prefix, 2nd TTFT / 1st",
          m("engine_prefix_second_vs_first"), "<= 0.3", lambda v: v <= 0.3),
     ]
@@ -694,7 +729,12 @@ def markdown(r: dict) -> str:
               f"{fmt(s.get('engine_mixed_tok_s'))} tok/s with the rectangle cache; with 16-token "
               f"blocks (kv_block_tokens 16) {fmt(s.get('engine_mixed_paged_max_rows'))} rows, "
               f"{fmt(s.get('engine_mixed_paged_mean_rows'))} per step, "
-              f"{fmt(s.get('engine_mixed_paged_tok_s'))} tok/s.", ""]
+              f"{fmt(s.get('engine_mixed_paged_tok_s'))} tok/s. The rag mix (most prompts "
+              f"200..600 tokens, every fourth 1,500..3,000): at most "
+              f"{fmt(s.get('engine_mixed_rag_max_rows'))} rows with the rectangle "
+              f"({fmt(s.get('engine_mixed_rag_tok_s'))} tok/s), "
+              f"{fmt(s.get('engine_mixed_rag_paged_max_rows'))} with blocks "
+              f"({fmt(s.get('engine_mixed_rag_paged_tok_s'))} tok/s).", ""]
     loop_rows = [("first burst after start", ("first_burst_after_start",)),
                  ("first burst after evict + admit", ("first_burst_after_admit",)),
                  ("the same burst again", ("warm_burst_after_admit",))]
