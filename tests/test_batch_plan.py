@@ -372,3 +372,46 @@ def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm
     with pytest.raises(LiveConfigError) as bad:
         validate({"llm_params": {"prefill_batch_tokens": "lots"}})
     assert any("prefill_batch_tokens" in p for p in bad.value.problems)
+
+
+@pytest.mark.parametrize("chunk", [0, 2048])
+def test_a_rag_mix_decodes_twice_the_rows_together_with_blocks_as_with_the_rectangle(chunk):
+    """(issue 15) Most prompts short, every fourth long (chat_http.py's ``rag`` mix: 18 of
+    200..600 tokens, 6 of 1,500..3,000), 64 new tokens each, under 16,384 KV tokens: the
+    rectangle holds rows x its longest reservation (8 rows together), blocks hold what each
+    row fills (19): the admission loop as the engine runs it, one decode step a turn."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "chat_http.py")
+    spec = importlib.util.spec_from_file_location("chat_http_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(bench)
+    lens = bench.mixed_lengths("rag", 24, False)
+    assert min(lens) == 200 and max(lens) == 3000 and sum(n >= 1500 for n in lens) == 6
+
+    def most_together(kv_block: int) -> int:
+        p = planner(max_batch=64, kv_tokens=16384, prefill_tokens=4096, prefill_chunk=chunk,
+                    kv_block=kv_block)
+        p.on_gpu = True
+        for n in lens:
+            p.accept(seq(n, 64))
+        most = 0
+        for _ in range(2000):
+            plan, _ = p.admit()
+            if plan is not None:
+                run_prefill(p, plan)
+            part, _ = p.chunk()                       # a long prompt, a chunk a turn
+            if part is not None:
+                p.chunk_done(part)
+                if part.lands:
+                    take(part.rows[0], 7)
+            most = max(most, len(p.active))
+            if decode_once(p) is None and not p.waiting and p.partial is None:
+                break
+        assert not p.waiting and not p.active
+        return most
+
+    rect, blocks = most_together(0), most_together(16)
+    assert (rect, blocks) == (8, 19)
