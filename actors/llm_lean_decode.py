@@ -290,7 +290,6 @@ class LeanDecoder:
         rows = x if every_row else x[-1:]
         return self.head(_norm(rows, self.final, dtype, fused))[:, -1, :]
 
-
     def prefill(self, ids: torch.Tensor, last: torch.Tensor,
                 store: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
         """``n`` prompts read in one pass, right-padded to one length (ids [n, lp], each row's
