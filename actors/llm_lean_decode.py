@@ -30,7 +30,9 @@ batched matmul with a rotation matrix built once a step for every layer (in plac
 elementwise kernels), the attention is torch's SDPA at every view length (the two-matmul
 form wins only on a CPU), and the output and down projections add into the residual stream
 in their own matmul (``addmm_``). A chunk of a prompt (:meth:`LeanDecoder.chunk`, eager or
-in a chunk graph) takes them too. Each rounds once where transformers rounds twice, so the
+in a chunk graph) takes them too, and so does a burst's prefill (:meth:`LeanDecoder.prefill`,
+``llm_params.lean_prefill``: the prompts right-padded, each row attending causally with no mask,
+q and k rotated elementwise). Each rounds once where transformers rounds twice, so the
 logits differ within the half-precision rounding that :func:`agrees` allows.
 
 Only for the architectures whose decoder layer is exactly that (Llama, Mistral without a sliding
