@@ -215,3 +215,14 @@ async def sse_events(resp) -> list:
         data = block[6:]
         events.append(data if data == "[DONE]" else orjson.loads(data))
     return events
+
+
+def llm_batch_settings(params: dict) -> dict:
+    """What a GPU LLM actor hands its batch engine for these ``llm_params``."""
+    from types import SimpleNamespace
+
+    from agile_rag.actors.llm_actor import LLMActor
+
+    fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False, device="cuda"),
+                           context_length=2048)
+    return LLMActor._batch_settings(fake)          # type: ignore[arg-type]

@@ -343,10 +343,9 @@ def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm
     """``llm_params.prefill_batch_tokens`` (default 4096): a burst of short prompts admitted
     with nobody streaming is read in one pass of at most that many tokens; a bad value is a
     bad liveconfigs.json."""
-    from types import SimpleNamespace
-
-    from agile_rag.actors.llm_actor import LLMActor
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
+
+    from support import llm_batch_settings
 
     def first_pass(tokens: int) -> int:
         p = planner(max_batch=64, kv_tokens=65536, prefill_tokens=tokens, prefill_chunk=2048)
@@ -359,14 +358,8 @@ def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm
     assert first_pass(4096) == 17                     # 17 x 240 <= 4096
     assert first_pass(8192) == 32                     # the whole burst in one pass
 
-    def settings(params):
-        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
-                                                                   device="cuda"),
-                               context_length=2048)
-        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
-
-    assert settings({})["prefill_tokens"] == 4096
-    assert settings({"prefill_batch_tokens": 8192})["prefill_tokens"] == 8192
+    assert llm_batch_settings({})["prefill_tokens"] == 4096
+    assert llm_batch_settings({"prefill_batch_tokens": 8192})["prefill_tokens"] == 8192
     assert validate({"llm_params": {"prefill_batch_tokens": 8192}}).llm_params[
         "prefill_batch_tokens"] == 8192
     with pytest.raises(LiveConfigError) as bad:

@@ -89,20 +89,13 @@ def test_llm_params_decode_ahead_reaches_the_engine():
     """``llm_params.decode_ahead`` (default true) is the setting the loop reads on a GPU: false
     keeps every step's tokens read before the next starts (a live edit too); a non-boolean is
     a bad liveconfigs.json."""
-    from types import SimpleNamespace
-
-    from agile_rag.actors.llm_actor import LLMActor
     from agile_rag.actors.llm_batching import _settings
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
 
-    def settings(params):
-        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
-                                                                   device="cuda"),
-                               context_length=2048)
-        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
+    from support import llm_batch_settings
 
-    assert settings({})["decode_ahead"] is True
-    assert settings({"decode_ahead": False})["decode_ahead"] is False
+    assert llm_batch_settings({})["decode_ahead"] is True
+    assert llm_batch_settings({"decode_ahead": False})["decode_ahead"] is False
     from agile_rag.actors.batch_plan import BatchSettings
     assert _settings(BatchSettings(), {"decode_ahead": False}).decode_ahead is False
     assert validate({"llm_params": {"decode_ahead": False}}).llm_params["decode_ahead"] is False

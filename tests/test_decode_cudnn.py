@@ -3,30 +3,21 @@ cuDNN's attention kernels allowed while the process keeps them off; here, on a C
 path from liveconfigs.json to the batch runner, a live edit, and the switch coming back."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from test_graph_warmup import CharTokenizer
 
 from agile_rag.actors.batch_plan import BatchSettings
-from agile_rag.actors.llm_actor import LLMActor
 from agile_rag.actors.llm_batching import _settings
 from agile_rag.runtime.cuda_graph import cudnn_attention_allowed
 from agile_rag.runtime.liveconfig import LiveConfigError, validate
 
-from support import tiny_llama
+from support import llm_batch_settings, tiny_llama
 
 
 def test_llm_params_decode_cudnn_attention_reaches_the_runner():
-    def settings(params):
-        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
-                                                                   device="cuda"),
-                               context_length=2048)
-        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
-
-    assert settings({})["decode_cudnn"] is True                   # the default: on
-    assert settings({"decode_cudnn_attention": False})["decode_cudnn"] is False
+    assert llm_batch_settings({})["decode_cudnn"] is True                   # the default: on
+    assert llm_batch_settings({"decode_cudnn_attention": False})["decode_cudnn"] is False
     assert _settings(BatchSettings(), {"decode_cudnn": False}).decode_cudnn is False
     ok = validate({"llm_params": {"decode_cudnn_attention": True}})
     assert ok.llm_params["decode_cudnn_attention"] is True

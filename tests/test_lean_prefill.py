@@ -77,19 +77,12 @@ async def test_chats_end_as_with_transformers_prefill_and_a_disagreeing_prefill_
 
 
 def test_llm_params_lean_prefill_reaches_the_runner():
-    from types import SimpleNamespace
-
-    from agile_rag.actors.llm_actor import LLMActor
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
 
-    def settings(params):
-        fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False,
-                                                                   device="cuda"),
-                               context_length=2048)
-        return LLMActor._batch_settings(fake)          # type: ignore[arg-type]
+    from support import llm_batch_settings
 
-    assert settings({})["lean_prefill"] is False
-    assert settings({"lean_prefill": True})["lean_prefill"] is True
+    assert llm_batch_settings({})["lean_prefill"] is False
+    assert llm_batch_settings({"lean_prefill": True})["lean_prefill"] is True
     assert validate({"llm_params": {"lean_prefill": True}}).llm_params["lean_prefill"] is True
     with pytest.raises(LiveConfigError) as bad:
         validate({"llm_params": {"lean_prefill": "on"}})

@@ -35,6 +35,17 @@ async def spawn(folder: str, device: str, params: dict | None = None,
     return system, llm
 
 
+async def half_burst(folder: str, params: dict, look):
+    """A pinned half-precision LLM (cuDNN's attention takes no float32) with ``params`` answers
+    a burst: its words, and what ``look(runner)`` saw after it."""
+    system, llm = await spawn(folder, "cuda", params, dtype="float16")
+    try:
+        words = await burst(llm)
+        return words, look(llm.engine.runner)
+    finally:
+        await system.stop_all()
+
+
 async def burst(llm) -> list[str]:
     outs = await asyncio.gather(*(llm.ask(chat(p), timeout=120) for p in PROMPTS))
     while llm._loop is not None:             # until the loop (and any warm-up) ended
@@ -283,25 +294,18 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
-    async def go(params):
-        # half precision: cuDNN's attention takes no float32
-        system, llm = await spawn(folder, "cuda", params, dtype="float16")
-        words = await burst(llm)
-        runner = llm.engine.runner
+    def look(runner):
         # the kernels a captured decode graph replays (the loop is idle: a replay here writes
         # only into free slots)
         graph = runner.graphs.graphs[max(runner.graphs.graphs)]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        kernels = {e.key for e in prof.key_averages()}
-        graph_cudnn = runner.graph_cudnn
-        await system.stop_all()
-        return words, kernels, graph_cudnn
+        return {e.key for e in prof.key_averages()}, runner.graph_cudnn
 
     set_cudnn_attention(False)                      # as the server starts
-    want, plain, off = asyncio.run(go({"decode_cudnn_attention": False}))
-    got, kernels, on = asyncio.run(go({}))                            # the default: on
+    want, (plain, off) = asyncio.run(half_burst(folder, {"decode_cudnn_attention": False}, look))
+    got, (kernels, on) = asyncio.run(half_burst(folder, {}, look))     # the default: on
     assert (off, on) == (False, True)
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     print("cudnn kernels:", sorted(k for k in kernels if "cudnn" in k.lower())[:4])
@@ -317,15 +321,10 @@ def test_a_lean_prefill_on_a_gpu_says_what_transformers_prefill_says(tmp_path):
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
-    async def go(params):
-        system, llm = await spawn(folder, "cuda", params, dtype="float16")
-        words = await burst(llm)
-        runner = llm.engine.runner
-        out = (words, runner.lean_prefills, runner.lean_prefill_ok)
-        await system.stop_all()
-        return out
+    def look(runner):
+        return runner.lean_prefills, runner.lean_prefill_ok
 
-    want, plain, _ = asyncio.run(go({}))
-    got, lean, ok = asyncio.run(go({"lean_prefill": True}))
+    want, (plain, _) = asyncio.run(half_burst(folder, {}, look))
+    got, (lean, ok) = asyncio.run(half_burst(folder, {"lean_prefill": True}, look))
     assert plain == 0 and ok is True and lean >= 1, (plain, lean, ok)
     assert got == want
