@@ -37,13 +37,25 @@ def cudnn_attention_allowed(on: bool) -> Iterator[None]:
     (``CUDNN_ATTENTION`` may keep them off for the process: cuDNN builds a plan on the CPU for
     each new shape). A graph captured inside keeps the kernels it captured, so a decode graph
     captured here replays cuDNN's attention with no plan to build again
-    (``llm_params.decode_cudnn_attention``). The switch is torch's and process-wide: the
-    previous backends come back on exit. Off: nothing changes."""
+    (``llm_params.decode_cudnn_attention``). The switch is torch's and process-wide: on exit it
+    goes back to the process's setting (:func:`~agile_rag.runtime.executor.set_cudnn_attention`),
+    not to what it was on entry, so two loops capturing at once (two LLMs warming their graphs)
+    cannot leave it on (a priority order left with cuDNN first is moot while it is off).
+    Off: nothing changes."""
     if not on:
         yield
         return
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-        yield
+    from . import executor
+
+    switch = torch.backends.cuda
+    setting = executor.cudnn_attention_setting
+    back = setting if setting is not None else switch.cudnn_sdp_enabled()
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+            yield
+    finally:
+        switch.enable_cudnn_sdp(back)

@@ -48,6 +48,11 @@ def _given_threads(setting: int | None) -> int | None:
     return None
 
 
+#: the process's ``CUDNN_ATTENTION`` as :func:`set_cudnn_attention` last set it (None: never
+#: set; torch's own default stands)
+cudnn_attention_setting: bool | None = None
+
+
 def set_cudnn_attention(on: bool) -> bool:
     """Whether torch's ``scaled_dot_product_attention`` may pick cuDNN's kernels
     (``CUDNN_ATTENTION``; process-wide). Off by default: cuDNN builds an execution plan for
@@ -61,10 +66,12 @@ def set_cudnn_attention(on: bool) -> bool:
     ``cudnn_attention_allowed``). Returns whether torch has the switch."""
     import torch
 
+    global cudnn_attention_setting
     switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)
     if switch is None:
         return False
     switch(bool(on))
+    cudnn_attention_setting = bool(on)
     return True
 
 

@@ -39,17 +39,39 @@ def test_the_engine_hands_the_setting_to_its_runner_and_a_live_edit_drops_the_gr
     assert eng.runner.graphs is marker
 
 
-def test_cudnn_attention_allowed_only_inside_and_the_switch_comes_back():
+@pytest.fixture
+def process_off():
+    """The process's CUDNN_ATTENTION set off, as the server starts; put back after."""
+    from agile_rag.runtime import executor
+
     switch = torch.backends.cuda
-    before = switch.cudnn_sdp_enabled()
-    switch.enable_cudnn_sdp(False)
-    try:
-        with cudnn_attention_allowed(True):
-            assert switch.cudnn_sdp_enabled()
-            assert switch.flash_sdp_enabled() and switch.mem_efficient_sdp_enabled()
+    before = (switch.cudnn_sdp_enabled(), executor.cudnn_attention_setting)
+    executor.set_cudnn_attention(False)
+    yield switch
+    switch.enable_cudnn_sdp(before[0])
+    executor.cudnn_attention_setting = before[1]
+
+
+def test_cudnn_attention_allowed_only_inside_and_the_switch_comes_back(process_off):
+    switch = process_off
+    with cudnn_attention_allowed(True):
+        assert switch.cudnn_sdp_enabled()
+        assert switch.flash_sdp_enabled() and switch.mem_efficient_sdp_enabled()
+    assert not switch.cudnn_sdp_enabled()
+    with cudnn_attention_allowed(False):
         assert not switch.cudnn_sdp_enabled()
-        with cudnn_attention_allowed(False):
-            assert not switch.cudnn_sdp_enabled()
-        assert not switch.cudnn_sdp_enabled()
-    finally:
-        switch.enable_cudnn_sdp(before)
+    assert not switch.cudnn_sdp_enabled()
+
+
+def test_two_loops_capturing_at_once_leave_the_switch_as_the_process_set_it(process_off):
+    """Two LLMs warming their graphs at the same time: their windows interleave (one enters,
+    the other enters, the first leaves, then the second); the switch ends as
+    ``CUDNN_ATTENTION`` set it, off, not as the second found it on entry (on)."""
+    switch = process_off
+    first, second = cudnn_attention_allowed(True), cudnn_attention_allowed(True)
+    first.__enter__()
+    second.__enter__()                           # finds it on (the first's window)
+    first.__exit__(None, None, None)
+    assert not switch.cudnn_sdp_enabled()        # the rest of the second's captures: off
+    second.__exit__(None, None, None)
+    assert not switch.cudnn_sdp_enabled()
