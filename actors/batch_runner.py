@@ -272,11 +272,7 @@ class BatchRunner:
         still on the device: :meth:`sample_ahead`)."""
         self.prepare(plan)
         if plan.kind is StepKind.PREFILL:
-            before = self.lean_prefills
-            out = self._prefill(plan)
-            if self.lean_prefills != before:
-                stats["lean_prefills"] = stats.get("lean_prefills", 0) + 1
-            return out
+            return self._prefill(plan, stats)
         if plan.kind is StepKind.CHUNK:
             return self._chunk(plan)
         tuner = self.tuner
@@ -292,7 +288,7 @@ class BatchRunner:
         stats["decode_threads"] = n
         return out
 
-    def _prefill(self, plan: StepPlan) -> torch.Tensor:
+    def _prefill(self, plan: StepPlan, stats: dict) -> torch.Tensor:
         from transformers import DynamicCache
 
         reqs = plan.rows
@@ -302,6 +298,7 @@ class BatchRunner:
         lean = self._prefill_lean() if not getattr(self.cache, "paged", False) else None
         if lean is not None:
             logits = self._lean_prefill(lean, plan, contexts, dev)
+            stats["lean_prefills"] = stats.get("lean_prefills", 0) + 1
             self._keep_prefixes(plan, dev)
             return logits
         lp = max(len(c) for c in contexts)
@@ -371,10 +368,8 @@ class BatchRunner:
         None (transformers' forward): the decode step's lean decoder where one is in use (the
         CPU's, or the one in the GPU's decode graphs), once its prefill agreed with
         transformers' (:meth:`_lean_prefill_differs`)."""
-        if not self.lean_prefill_on:
-            return None
-        lean = self.lean if self.device.type == "cpu" else self.gpu_lean
-        if not isinstance(lean, LeanDecoder):
+        lean = self._lean_in_use() if self.lean_prefill_on else None
+        if lean is None:
             return None
         if self.lean_prefill_ok is None:
             why = self._lean_prefill_differs(lean)
@@ -429,12 +424,12 @@ class BatchRunner:
                                       use_cache=True, **self._keep()).logits[0, -1:]
                     if not agrees(got[i:i + 1], full):
                         return f"row {i}'s logits: " + _difference(got[i:i + 1], full)
-                    for layer in range(self.n_layers):
-                        for name, theirs, mine in zip("kv", _dynamic_layer(kv, layer),
-                                                      stored[layer]):
-                            if not close(mine[i:i + 1, :, :n], theirs):
-                                return f"row {i}, layer {layer}'s {name}: " + \
-                                    _difference(mine[i:i + 1, :, :n], theirs)
+                    why = _kv_difference(
+                        self.n_layers,
+                        lambda layer, i=i, n=n: tuple(t[i:i + 1, :, :n] for t in stored[layer]),
+                        lambda layer, kv=kv: _dynamic_layer(kv, layer))
+                    if why is not None:
+                        return f"row {i}, {why}"
                 return None
         except Exception as exc:  # noqa: BLE001 - transformers' forward reads the prompts
             return f"error: {exc!r}"[:300]
@@ -602,10 +597,8 @@ class BatchRunner:
         is its calls, ~1,400 kernel launches of a 3B model on a GPU, not its tokens), where
         the decode step's lean decoder is in use (the CPU's, or the one in the GPU's decode
         graphs) and its chunk agreed with transformers' once (:meth:`_lean_chunk_differs`)."""
-        if tokens > LEAN_CHUNK_TOKENS:
-            return None
-        lean = self.lean if self.device.type == "cpu" else self.gpu_lean
-        if not isinstance(lean, LeanDecoder):
+        lean = self._lean_in_use() if tokens <= LEAN_CHUNK_TOKENS else None
+        if lean is None:
             return None
         if self.lean_chunk_ok is None:
             why = self._lean_chunk_differs(lean)
@@ -615,6 +608,12 @@ class BatchRunner:
                             "chunks run through transformers", type(self.model).__name__, why)
         ok = self.lean_chunk_ok
         return lean if ok else None
+
+    def _lean_in_use(self) -> LeanDecoder | None:
+        """The decode step's lean decoder where one is in use: the CPU's, or the one in the
+        GPU's decode graphs."""
+        lean = self.lean if self.device.type == "cpu" else self.gpu_lean
+        return lean if isinstance(lean, LeanDecoder) else None
 
     def check_lean_chunk(self) -> None:
         """(idle, a warm-up's end) Compare the lean decoder's chunk with transformers' now,
@@ -644,12 +643,8 @@ class BatchRunner:
                 assert got is not None
                 if not agrees(got, full):
                     return "logits: " + _difference(got, full)
-                for layer in range(self.n_layers):
-                    for name, theirs, mine in zip("kv", _dynamic_layer(caches[0], layer),
-                                                  _dynamic_layer(caches[1], layer)):
-                        if not close(mine, theirs):
-                            return f"layer {layer}'s {name}: " + _difference(mine, theirs)
-                return None
+                return _kv_difference(self.n_layers, lambda layer: _dynamic_layer(caches[1], layer),
+                                      lambda layer: _dynamic_layer(caches[0], layer))
         except Exception as exc:  # noqa: BLE001 - transformers' forward reads the chunks
             return f"error: {exc!r}"[:300]
 
@@ -1075,6 +1070,16 @@ def _difference(mine: torch.Tensor, theirs: torch.Tensor) -> str:
         ", not all finite"
     return f"largest difference {float((a - b).abs().nan_to_num().max()):.4g} of " \
         f"{float(b.abs().nan_to_num().max()):.4g}{bad}"
+
+
+def _kv_difference(n_layers: int, mine: Any, theirs: Any) -> str | None:
+    """None when every layer's keys and values (``mine(layer)``, ``theirs(layer)``: (keys,
+    values)) are close; else the first that is not, and by how much."""
+    for layer in range(n_layers):
+        for name, m, t in zip("kv", mine(layer), theirs(layer)):
+            if not close(m, t):
+                return f"layer {layer}'s {name}: " + _difference(m, t)
+    return None
 
 
 def _dynamic_layer(kv: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,8 +249,13 @@ class LeanDecoder:
                ) -> tuple[bool, torch.Tensor | None]:
         """Whether this pass takes the fused small operations, and then (q and k rotated in
         one go) the rotation matrix of each row, made once for every layer."""
-        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        fused = self._takes_fused(x)
         return fused, rotation(cos, sin) if fused and self.joint_rope else None
+
+    def _takes_fused(self, x: torch.Tensor) -> bool:
+        """Whether a pass over ``x`` takes the fused small operations (:attr:`fused_ops`;
+        None: on a GPU)."""
+        return self.fused_ops if self.fused_ops is not None else x.is_cuda
 
     def chunk(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any,
               logits: bool = True, every_row: bool = False) -> torch.Tensor | None:
@@ -309,7 +314,7 @@ class LeanDecoder:
         pos = torch.arange(lp, device=ids.device).repeat(n)
         cos, sin = self.rotary(x, pos.reshape(m, 1))
         dtype = x.dtype
-        fused = self.fused_ops if self.fused_ops is not None else x.is_cuda
+        fused = self._takes_fused(x)
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, m, dtype)
             q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls)
