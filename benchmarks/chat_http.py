@@ -608,19 +608,12 @@ def summarize(runs: list[dict], a) -> dict:
     for i in range(5):                           # each of the five prompts, and its allocations
         s[f"engine_prefix_ttft_{i + 1}_s"] = med(prefix_items(runs, "ttft_s", i), "v")
         s[f"engine_prefix_allocs_{i + 1}"] = med(prefix_items(runs, "device_allocs", i), "v")
-    s["engine_mixed_max_rows"] = med(runs, "engine", "mixed", "max_batch")
-    s["engine_mixed_mean_rows"] = med(runs, "engine", "mixed", "mean_rows_per_step")
-    s["engine_mixed_tok_s"] = med(runs, "engine", "mixed", "tok_s")
-    s["engine_mixed_paged_max_rows"] = med(runs, "engine", "mixed_paged", "max_batch")
-    s["engine_mixed_paged_mean_rows"] = med(runs, "engine", "mixed_paged", "mean_rows_per_step")
-    s["engine_mixed_paged_tok_s"] = med(runs, "engine", "mixed_paged", "tok_s")
-    s["engine_mixed_paged_vs_rectangle"] = med(runs, "engine", "mixed_paged_vs_rectangle")
-    s["engine_mixed_rag_max_rows"] = med(runs, "engine", "mixed_rag", "max_batch")
-    s["engine_mixed_rag_paged_max_rows"] = med(runs, "engine", "mixed_rag_paged", "max_batch")
-    s["engine_mixed_rag_tok_s"] = med(runs, "engine", "mixed_rag", "tok_s")
-    s["engine_mixed_rag_paged_tok_s"] = med(runs, "engine", "mixed_rag_paged", "tok_s")
-    s["engine_mixed_rag_paged_vs_rectangle"] = med(runs, "engine",
-                                                   "mixed_rag_paged_vs_rectangle")
+    for key in ("mixed", "mixed_rag"):          # each mix: the rectangle, then blocks
+        for cache in (key, key + "_paged"):
+            s[f"engine_{cache}_max_rows"] = med(runs, "engine", cache, "max_batch")
+            s[f"engine_{cache}_mean_rows"] = med(runs, "engine", cache, "mean_rows_per_step")
+            s[f"engine_{cache}_tok_s"] = med(runs, "engine", cache, "tok_s")
+        s[f"engine_{key}_paged_vs_rectangle"] = med(runs, "engine", key + "_paged_vs_rectangle")
     for k in ("first_burst_after_start", "first_burst_after_admit", "warm_burst_after_admit"):
         s[f"server_{k}_tok_s"] = med(runs, "server", k, "tok_s")
         s[f"server_{k}_ttft_p50_s"] = med(runs, "server", k, "ttft_p50_s")
