@@ -78,7 +78,7 @@ class BatchSettings:
     decode_cudnn: bool = True
     #: a burst's prompts are read by the decode step's lean decoder in one right-padded pass
     #: (BatchRunner._lean_prefill) instead of transformers' forward
-    lean_prefill: bool = False
+    lean_prefill: bool = True
 
 
 @dataclass(eq=False)

@@ -165,7 +165,7 @@ class LLMActor(ModelActor):
     #   decode_cudnn_attention      on a GPU, the decode graphs are captured with cuDNN's
     #   (true)                      attention kernels allowed (first): plans are built once,
     #                               at capture, never on the request path
-    #   lean_prefill (false)        a burst's prompts are read in one right-padded pass by
+    #   lean_prefill (true)         a burst's prompts are read in one right-padded pass by
     #                               the decode step's lean decoder (where one is in use and
     #                               its prefill agreed with transformers' once)
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
@@ -186,7 +186,7 @@ class LLMActor(ModelActor):
                 "chunk_graphs": p.get("chunk_graphs", False) is True,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
-                "lean_prefill": p.get("lean_prefill", False) is True,
+                "lean_prefill": p.get("lean_prefill", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

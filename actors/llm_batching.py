@@ -136,7 +136,7 @@ class BatchEngine:
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
-                 lean_prefill: bool = False,
+                 lean_prefill: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer

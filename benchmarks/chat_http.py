@@ -98,9 +98,10 @@ def parse_args(argv=None):
                    help="llm_params.decode_cudnn_attention (the server's default: on): the "
                    "decode graphs are captured with cuDNN's attention allowed (engine and "
                    "server); --no-decode-cudnn: with the process's attention kernels")
-    p.add_argument("--lean-prefill", action="store_true",
-                   help="llm_params.lean_prefill (default off): a burst's prompts are read in "
-                   "one right-padded pass of the lean decoder (engine and server)")
+    p.add_argument("--lean-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.lean_prefill (the server's default: on): a burst's prompts "
+                   "are read in one right-padded pass of the lean decoder (engine and server); "
+                   "--no-lean-prefill: transformers' forward")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")

@@ -48,7 +48,7 @@ async def test_chats_end_as_with_transformers_prefill_and_a_disagreeing_prefill_
     counted its lean passes. A lean prefill that does not agree is not used."""
     import asyncio
 
-    actor, _, system = await start_llm({})
+    actor, _, system = await start_llm({"lean_prefill": False})
     try:
         runner = actor.engine.runner
         msgs = [chat(p, n, stop) for p, n, stop in CASES]
@@ -81,8 +81,8 @@ def test_llm_params_lean_prefill_reaches_the_runner():
 
     from support import llm_batch_settings
 
-    assert llm_batch_settings({})["lean_prefill"] is False
-    assert llm_batch_settings({"lean_prefill": True})["lean_prefill"] is True
+    assert llm_batch_settings({})["lean_prefill"] is True           # on by default
+    assert llm_batch_settings({"lean_prefill": False})["lean_prefill"] is False
     assert validate({"llm_params": {"lean_prefill": True}}).llm_params["lean_prefill"] is True
     with pytest.raises(LiveConfigError) as bad:
         validate({"llm_params": {"lean_prefill": "on"}})
