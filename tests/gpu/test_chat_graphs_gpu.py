@@ -315,9 +315,10 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
 
 
 def test_a_lean_prefill_on_a_gpu_says_what_transformers_prefill_says(tmp_path):
-    """(issue 15) ``llm_params.lean_prefill`` (default on): a burst's prompts read in one right-padded pass
-    of the lean decoder in the decode graphs (compared with transformers' once, at the warm-up's
-    end): the same words as transformers' prefill, and the passes were lean."""
+    """(issue 15) ``llm_params.lean_prefill`` (default on): a burst's prompts read in one
+    right-padded pass of the lean decoder in the decode graphs (compared with transformers'
+    once, at the warm-up's end): the same words as transformers' prefill (asked for with
+    ``lean_prefill: false``), and the passes were lean."""
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
