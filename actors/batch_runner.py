@@ -145,9 +145,9 @@ class BatchRunner:
         self._prefix_device: torch.device | None = None
         self.capture_s = 0.0               # seconds spent capturing graphs, all sets
         self.graph_sets = 0                # graph sets started (one per cache / admit)
-        # a stable KV cache (runtime/stable_memory.py) given back with its graphs: taken
-        # again when the next cache has its shape, graphs and all
-        self.parked: tuple[Any, _Graphs | None] | None = None
+        # a stable KV cache (runtime/stable_memory.py) given back with its decode and chunk
+        # graphs: taken again when the next cache has its shape, graphs and all
+        self.parked: tuple[Any, _Graphs | None, ChunkGraphs | None] | None = None
         self.unparks = 0                   # caches taken back at their old addresses
         self._stable: bool | None = None   # stable buffers work here (decided once)
         self.warm_keys: list[tuple[int, int]] = []   # warm-up captures still to do
@@ -243,13 +243,20 @@ class BatchRunner:
                           self.cache.nbytes() / 2**20)
             return
         if c is None and self.parked is not None:
-            pc, pg = self.parked
+            pc, pg, pcg = self.parked
             self.parked = None
             if (pc.slots, pc.length) == (slots, length) and pc.keys[0].device == p.device \
                     and pc.keys[0].dtype == p.dtype:
                 pc.unpark()                  # same addresses: its graphs are still good
                 self.cache, self.unparks = pc, self.unparks + 1
                 self.graphs = pg if pg is not None and pg.valid_for(self.model, pc) else None
+                # the chunk graphs too, while the decode graphs' lean decoder is the one
+                # they replay (a new decode set makes a new decoder: see _graph_set); else
+                # they were captured again, one per idle loop turn, and a burst right after
+                # an admit waited for the capture in progress (H200: 0.19 s to the first
+                # token against 0.09 s, benchmarks/results/gpu-h200-s16.md)
+                self.chunk_graphs = pcg if self.graphs is not None and pcg is not None and \
+                    pcg.valid_for(self.gpu_lean, pc) else None
                 log.debug("KV cache taken back at its addresses (%d slots x %d tokens)",
                           slots, length)
                 return
@@ -1005,11 +1012,12 @@ class BatchRunner:
     def release(self, keep_prefix_tokens: int = 0) -> None:
         """Drop the KV cache, a half-read context, the stored prefixes (but for the most
         recently used ``keep_prefix_tokens`` of them) and the CUDA graphs. A stable cache gives
-        its pages back and is parked with its graphs (see :meth:`_ensure_cache`)."""
+        its pages back and is parked with its decode and chunk graphs (see
+        :meth:`_ensure_cache`; their pools stay on the card, as the graphs' own buffers)."""
         c = self.cache
         if c is not None and getattr(c, "stable", None) is not None:
             c.park()
-            self.parked = (c, self.graphs)
+            self.parked = (c, self.graphs, self.chunk_graphs)
         self.graphs = None
         self.warm_keys = []
         self.prefixes.shrink(keep_prefix_tokens)

@@ -26,11 +26,37 @@ class ParkedCache:
     slots, length = 8, 512
 
 
+class StableCache:
+    """A stable cache's stand-in: its shape, keys on the model's device, park and unpark."""
+    slots, length, stable = 2, 64, object()
+
+    def __init__(self, model):
+        p = next(model.parameters())
+        self.keys = [p.new_zeros(1)]
+        self.parks = self.unparks = 0
+
+    def park(self):
+        self.parks += 1
+
+    def unpark(self):
+        self.unparks += 1
+
+
+class GraphSet:
+    """A decode or chunk graph set's stand-in: valid for what it was made for."""
+
+    def __init__(self, good=True):
+        self.good = good
+
+    def valid_for(self, _owner, _cache):
+        return self.good
+
+
 def test_release_keeps_the_parked_shape_and_close_forgets_the_cache():
     model = tiny_llama()
     eng = BatchEngine(model, Tok(), max_batch=8, kv_tokens=4096)
     cache = ParkedCache()
-    eng.runner.parked = (cache, None)
+    eng.runner.parked = (cache, None, None)
     eng.release()
     assert eng.planner.parked == (8, 512)          # the next cache of that shape takes it back
     ref = weakref.ref(cache)
@@ -72,3 +98,27 @@ def test_a_stable_buffer_dropped_while_its_thread_captures_a_graph_closes_on_ano
     assert len(Fake.closed_on) == 2
     assert {Fake.closed_on[0].name, Fake.closed_on[1].name} == \
         {"stable-buffer-close", threading.current_thread().name}
+
+
+def test_an_unparked_cache_takes_its_decode_and_chunk_graphs_back():
+    """An evict + admit (or a trim) parks a stable cache with its graphs; the next cache of
+    its shape takes it back at its addresses, the decode graphs and, while those are good,
+    the chunk graphs (llm_params.chunk_graphs): before, the chunk graphs were dropped and
+    captured again one per idle turn, and each burst after an admit waited for a capture
+    (H200: 0.19 s to the first token against 0.09 s, benchmarks/results/gpu-h200-s16.md)."""
+    model = tiny_llama()
+    eng = BatchEngine(model, Tok(), max_batch=8, kv_tokens=4096)
+    runner = eng.runner
+    for decode_good, want_chunk in ((True, True), (False, False)):
+        cache, graphs, chunks = StableCache(model), GraphSet(decode_good), GraphSet()
+        runner.cache, runner.graphs, runner.chunk_graphs = cache, graphs, chunks
+        runner.release()
+        assert runner.parked == (cache, graphs, chunks) and cache.parks == 1
+        assert runner.cache is None and runner.chunk_graphs is None
+        runner._ensure_cache(cache.slots, cache.length, keep=0)
+        assert runner.cache is cache and cache.unparks == 1
+        assert (runner.graphs is graphs) is decode_good
+        # with a new decode set comes a new lean decoder: the old chunk graphs cannot stay
+        assert (runner.chunk_graphs is chunks) is want_chunk
+    runner.cache = runner.graphs = runner.chunk_graphs = None
+    eng.close()
