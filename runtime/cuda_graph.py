@@ -1,13 +1,26 @@
 """Capturing a CUDA graph the way every graph here is captured (the decode step's, an encoder's
-forward, a short prompt chunk's)."""
+forward, a short prompt chunk's).
+
+``torch.cuda.graph`` starts every capture by waiting for the whole device
+(``torch.cuda.synchronize``) and emptying torch's caches of device and pinned host memory
+(``empty_cache``, ``_host_emptyCache``). A server captures while it serves: measured on the
+H200 (issue 15, ``benchmarks/results/gpu-h200-s16.md``), each chunk-graph capture between two
+bursts made the next burst's prefill take its ~460 MB again from the driver (14 new segments),
+and the decode graphs warmed at start free what the prefill warm-up before them had allocated
+(the first burst's 38 new segments). With ``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` a capture is
+begun and ended on the capture stream directly (``CUDAGraph.capture_begin`` /
+``capture_end``), as torch's context does but without those three calls; the caches stay
+(torch's allocator still frees cached blocks and retries before it reports running out of
+memory). Off by default until measured on a GPU."""
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["capture_graph", "cudnn_attention_allowed"]
+__all__ = ["capture_graph", "cudnn_attention_allowed", "keeps_caches"]
 
 
 def capture_graph(fn: Callable[[], Any], *, pool: Any = None,
@@ -22,13 +35,48 @@ def capture_graph(fn: Callable[[], Any], *, pool: Any = None,
     collecting = gc.isenabled()
     gc.disable()
     try:
-        with torch.cuda.graph(graph, pool=pool, stream=stream,
-                              capture_error_mode="thread_local"):
-            out = fn()
+        if keeps_caches():
+            out = _capture_keeping_caches(graph, fn, pool, stream)
+        else:
+            with torch.cuda.graph(graph, pool=pool, stream=stream,
+                                  capture_error_mode="thread_local"):
+                out = fn()
     finally:
         if collecting:
             gc.enable()
     return graph, out
+
+
+def keeps_caches() -> bool:
+    """Whether captures leave torch's memory caches alone (``AGILE_RAG_CAPTURE_KEEPS_CACHES``:
+    see the module's doc)."""
+    return os.environ.get("AGILE_RAG_CAPTURE_KEEPS_CACHES", "0").strip() == "1"
+
+
+def _capture_keeping_caches(graph: Any, fn: Callable[[], Any], pool: Any,
+                            stream: Any) -> Any:
+    """``fn()`` captured into ``graph`` on ``stream`` (torch's default capture stream for
+    None), in ``pool``: ``torch.cuda.graph``'s own steps but for its synchronize and cache
+    emptying. A failed ``fn`` ends the capture and raises its own error."""
+    import torch
+
+    if stream is None:                   # the stream torch.cuda.graph would capture on
+        if torch.cuda.graph.default_capture_stream is None:
+            torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+        stream = torch.cuda.graph.default_capture_stream
+    with torch.cuda.stream(stream):
+        if pool is None:
+            graph.capture_begin(capture_error_mode="thread_local")
+        else:
+            graph.capture_begin(pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        except BaseException:
+            with contextlib.suppress(Exception):   # the first error says what went wrong
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    return out
 
 
 @contextlib.contextmanager

@@ -93,3 +93,33 @@ def test_llm_params_own_stream_runs_the_batch_loop_on_a_stream_of_its_own(tmp_pa
     none, seen_default, ref = asyncio.run(go({"own_stream": False}))
     assert none is None and set(seen_default) == {0}        # off: the legacy default stream
     assert got == ref and any(got)
+
+
+def test_a_capture_keeping_the_caches_frees_nothing_and_replays_right(monkeypatch):
+    """``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` (runtime/cuda_graph.py, issue 15): a capture leaves
+    the allocator's cached blocks where they are (torch.cuda.graph gives them back to the
+    driver: the next burst's prefill took them again, H200 s16) and the graph replays what the
+    eager code computes; torch's own capture, for contrast, frees the cached block."""
+    from agile_rag.runtime.cuda_graph import capture_graph
+
+    side = new_stream("cuda:0")
+    x = torch.arange(8, dtype=torch.float32, device="cuda")
+    out = torch.empty_like(x)
+
+    def freed_by_a_capture(keep: bool) -> int:
+        monkeypatch.setenv("AGILE_RAG_CAPTURE_KEEPS_CACHES", "1" if keep else "0")
+        del_me = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")   # a cached block
+        del del_me
+        before = torch.cuda.memory_stats()["num_device_free"]
+        side.wait_stream(torch.cuda.current_stream())
+        graph, _ = capture_graph(lambda: out.copy_(x * 2 + 1), stream=side)
+        torch.cuda.current_stream().wait_stream(side)
+        freed = torch.cuda.memory_stats()["num_device_free"] - before
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, x * 2 + 1)
+        return freed
+
+    assert freed_by_a_capture(keep=True) == 0
+    assert freed_by_a_capture(keep=False) >= 1
