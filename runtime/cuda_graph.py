@@ -3,11 +3,12 @@ forward, a short prompt chunk's).
 
 ``torch.cuda.graph`` starts every capture by waiting for the whole device
 (``torch.cuda.synchronize``) and emptying torch's caches of device and pinned host memory
-(``empty_cache``, ``_host_emptyCache``). A server captures while it serves: measured on the
-H200 (issue 15, ``benchmarks/results/gpu-h200-s16.md``), each chunk-graph capture between two
-bursts made the next burst's prefill take its ~460 MB again from the driver (14 new segments),
-and the decode graphs warmed at start free what the prefill warm-up before them had allocated
-(the first burst's 38 new segments). With ``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` a capture is
+(``empty_cache``, ``_host_emptyCache``). A server captures while it serves. On the H200
+(issue 15, ``benchmarks/results/gpu-h200-s16.md``) with chunk graphs being captured between
+bursts after an admit, each burst's prefill took its ~460 MB again from the driver (14 new
+segments), not from torch's cache; and the first burst after start takes 38 new segments
+although the prefill warm-up allocated the same shapes before the decode graphs' captures
+(what these captures' emptying explains; to be confirmed on a GPU). With ``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` a capture is
 begun and ended on the capture stream directly (``CUDAGraph.capture_begin`` /
 ``capture_end``), as torch's context does but without those three calls; the caches stay
 (torch's allocator still frees cached blocks and retries before it reports running out of
