@@ -8,11 +8,11 @@ forward, a short prompt chunk's).
 bursts after an admit, each burst's prefill took its ~460 MB again from the driver (14 new
 segments), not from torch's cache; and the first burst after start takes 38 new segments
 although the prefill warm-up allocated the same shapes before the decode graphs' captures
-(what these captures' emptying explains; to be confirmed on a GPU). With ``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` a capture is
-begun and ended on the capture stream directly (``CUDAGraph.capture_begin`` /
-``capture_end``), as torch's context does but without those three calls; the caches stay
-(torch's allocator still frees cached blocks and retries before it reports running out of
-memory). Off by default until measured on a GPU."""
+(what these captures' emptying explains; to be confirmed on a GPU). With
+``AGILE_RAG_CAPTURE_KEEPS_CACHES=1`` a capture is begun and ended on the capture stream
+directly (``CUDAGraph.capture_begin`` / ``capture_end``), as torch's context does but without
+those three calls; the caches stay (torch's allocator still frees cached blocks and retries
+before it reports running out of memory). Off by default until measured on a GPU."""
 from __future__ import annotations
 
 import contextlib
