@@ -387,22 +387,26 @@ class BatchRunner:
                             why)
         return lean if self.lean_prefill_ok else None
 
-    def check_lean_prefill(self) -> None:
+    def check_lean_prefill(self, tokens: int = 512) -> None:
         """(idle, a warm-up's end) Compare the lean prefill with transformers' now, off the
         request path, rather than in the first burst's prefill; on a GPU, then one throwaway
-        pass of two 256-token rows (its kernels loaded before a burst needs them; nothing
-        stored)."""
+        pass of 256-token rows, ``tokens`` in all (``prefill_batch_tokens``: the largest pass a
+        burst makes), so its kernels are loaded and the allocator holds the memory such a
+        pass takes before a burst needs them (the first burst after start took 3-4 new
+        segments, 160-580 MB, on the H200 after a throwaway of two rows); nothing stored."""
         if self.lean_prefill_ok is not None:
             return
         lean = self._prefill_lean()
         if lean is None or not self.on_gpu():
             return
         vocab = int(getattr(self.model.config, "vocab_size", 0) or 2)
-        ids = torch.randint(0, vocab, (2, 256), device=self.device)
+        rows = max(2, tokens // 256)
+        ids = torch.randint(0, vocab, (rows, 256), device=self.device)
+        last = torch.full((rows,), 255, device=self.device)
+        last[1] = 100                              # rows of two lengths, as a burst's
         try:
             with torch.inference_mode():
-                lean.prefill(ids, torch.tensor([255, 100], device=self.device),
-                             lambda layer, k, v: None)
+                lean.prefill(ids, last, lambda layer, k, v: None)
         except Exception as exc:  # noqa: BLE001 - a warm-up only: the first burst pays instead
             log.warning("lean prefill warm-up failed (%s)", exc)
 

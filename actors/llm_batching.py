@@ -423,7 +423,7 @@ class BatchEngine:
         # the lean decoder's chunk is compared with transformers' here, not in a prompt's
         # first short chunk (~0.1 s of a 3B model's eager forwards on its request)
         runner.check_lean_chunk()
-        runner.check_lean_prefill()
+        runner.check_lean_prefill(self.planner.settings.prefill_tokens)
         self.warming = False
         return False
 
