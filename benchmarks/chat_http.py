@@ -479,7 +479,7 @@ async def burst(base: str, texts: list[str], new: int) -> dict:
 #: the batch loop's figures summed over a burst's BatchIdle trace events (actors/llm_batching.py)
 LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "admit_s",
              "chunk_s", "decode_s", "seconds", "device_allocs", "admit_device_allocs",
-             "chunk_device_allocs")
+             "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -508,12 +508,21 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
     return out
 
 
-def timed_burst(base: str, texts: list[str], new: int) -> dict:
-    """A burst, with what the batch loop did during it."""
+def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0) -> dict:
+    """A burst, with what the batch loop did during it: after the last answer, until the
+    loop that served it has ended (its BatchIdle trace), up to ``wait_s``. A loop that goes
+    on warming graphs after an admit ends only when the warm-up has; without the wait its
+    figures landed in the next burst's (s16) and that burst met the warm-up."""
     t = time.monotonic()
     out = asyncio.run(burst(base, texts, new))
-    time.sleep(0.2)                             # the loop's BatchIdle after the last answer
-    out["loop"] = loop_figures(base, time.monotonic() - t + 0.5, t)
+    out["loop"] = {}
+    until = time.monotonic() + wait_s
+    while True:
+        time.sleep(0.1)
+        out["loop"] = loop_figures(base, time.monotonic() - t + 0.5, t)
+        if out["loop"].get("loops") or "error" in out["loop"] or time.monotonic() > until:
+            break
+    out["loop_ended_after_s"] = round(time.monotonic() - t - out["wall_s"], 2)
     return out
 
 
