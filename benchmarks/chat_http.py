@@ -515,7 +515,6 @@ def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0) -> 
     figures landed in the next burst's (s16) and that burst met the warm-up."""
     t = time.monotonic()
     out = asyncio.run(burst(base, texts, new))
-    out["loop"] = {}
     until = time.monotonic() + wait_s
     while True:
         time.sleep(0.1)
