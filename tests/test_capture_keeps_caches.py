@@ -69,8 +69,11 @@ def test_a_failed_capture_ends_and_raises_its_own_error(calls, monkeypatch):
     assert cuda_graph.gc.isenabled()                   # garbage collection back on
 
 
-def test_by_default_captures_go_through_torch_cuda_graph(calls, monkeypatch):
+def test_captures_keep_the_caches_by_default_and_zero_goes_through_torch_cuda_graph(
+        calls, monkeypatch):
     monkeypatch.delenv("AGILE_RAG_CAPTURE_KEEPS_CACHES", raising=False)
+    assert cuda_graph.keeps_caches()
+    monkeypatch.setenv("AGILE_RAG_CAPTURE_KEEPS_CACHES", "0")
     assert not cuda_graph.keeps_caches()
     seen = []
 
