@@ -70,8 +70,8 @@ class BatchSettings:
     #: the GPU's decode graphs capture the lean step (BatchRunner.decode_body)
     gpu_lean: bool = False
     #: short final chunks (the question after a stored prefix) replay CUDA graphs of the lean
-    #: chunk straight into their slot (actors/chunk_graphs.py); off by default (README)
-    chunk_graphs: bool = False
+    #: chunk straight into their slot (actors/chunk_graphs.py); on by default (README)
+    chunk_graphs: bool = True
     #: a GPU's greedy decode steps go one ahead of the host (BatchEngine.ahead)
     decode_ahead: bool = True
     #: a GPU's decode graphs are captured with cuDNN's attention kernels allowed, first

@@ -24,7 +24,7 @@ over. Its output is every token's logits; the runner takes the last real token's
 - Each graph's first replay is compared with the eager chunk on the same input. They must
   agree (:func:`~.llm_lean_decode.agrees`), or chunk graphs are turned off for the runner.
 
-Off unless ``llm_params.chunk_graphs`` is true. Only the batch runner's loop thread uses
+On unless ``llm_params.chunk_graphs`` is false. Only the batch runner's loop thread uses
 them.
 """
 from __future__ import annotations

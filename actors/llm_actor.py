@@ -156,7 +156,7 @@ class LLMActor(ModelActor):
     #                               (actors/llm_lean_decode.py; q/k/v and gate/up laid end to
     #                               end at load, actors/llm_fused.py) if it agrees with
     #                               transformers' step
-    #   chunk_graphs (false)        on a GPU, a short last chunk of a prompt (the question after
+    #   chunk_graphs (true)         on a GPU, a short last chunk of a prompt (the question after
     #                               a stored prefix) replays a CUDA graph of the lean chunk
     #                               straight into its slot (actors/chunk_graphs.py)
     #   decode_ahead (true)         on a GPU, a greedy decode step starts from the last
@@ -183,7 +183,7 @@ class LLMActor(ModelActor):
                 "lean_decode": p.get("lean_decode", True) is not False,
                 "own_stream": p.get("own_stream", True) is not False,
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
-                "chunk_graphs": p.get("chunk_graphs", False) is True,
+                "chunk_graphs": p.get("chunk_graphs", True) is not False,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,

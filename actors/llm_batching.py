@@ -134,7 +134,7 @@ class BatchEngine:
                  min_slice_s: float = 0.5, prefill_chunk: int | None = None,
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
-                 own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = False,
+                 own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None):

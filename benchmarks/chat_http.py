@@ -105,9 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")
-    p.add_argument("--chunk-graphs", action="store_true",
-                   help="llm_params.chunk_graphs (default off): short last chunks, e.g. the "
-                   "question after a stored prefix, replay CUDA graphs (engine and server)")
+    p.add_argument("--chunk-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.chunk_graphs (the server's default: on): short last "
+                   "chunks, e.g. the question after a stored prefix, replay CUDA graphs "
+                   "(engine and server); --no-chunk-graphs: eager chunks")
     p.add_argument("--profile-prefix", action="store_true",
                    help="torch profiler over one more warm repeated-prefix prompt")
     p.add_argument("--skip", default="", help="parts to skip: engine,server")

@@ -54,7 +54,7 @@ def test_the_graph_body_reads_a_chunk_into_its_slot_as_transformers_would(arch, 
 
 
 def test_llm_params_chunk_graphs_reach_the_runner():
-    """Off by default; ``chunk_graphs: true`` turns them on (a live edit too, at the loop's
+    """On by default; ``chunk_graphs: false`` turns them off (a live edit too, at the loop's
     next look, dropping the graphs made so far)."""
     from agile_rag.actors.llm_batching import BatchEngine
 
@@ -63,8 +63,12 @@ def test_llm_params_chunk_graphs_reach_the_runner():
         pad_token_id = 0
 
     model = _tiny("Llama")
-    assert BatchEngine(model, Tok()).runner.chunk_graphs_on is False
-    eng = BatchEngine(model, Tok(), chunk_graphs=True)
+    from support import llm_batch_settings
+    assert llm_batch_settings({})["chunk_graphs"] is True
+    assert llm_batch_settings({"chunk_graphs": False})["chunk_graphs"] is False
+    assert BatchEngine(model, Tok()).runner.chunk_graphs_on is True
+    assert BatchEngine(model, Tok(), chunk_graphs=False).runner.chunk_graphs_on is False
+    eng = BatchEngine(model, Tok())
     assert eng.runner.chunk_graphs_on is True
     eng.runner.chunk_graphs = object()                 # type: ignore[assignment]
     eng._apply({"chunk_graphs": False})
