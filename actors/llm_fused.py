@@ -126,6 +126,20 @@ class LinearCalls:
         b = b0.as_strided((self.rows,), b0.stride()) if b0 is not None else None
         return F.linear(x, w, b)
 
+    def across(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layers' outputs for x [rows, in], transposed and one above the other:
+        [sum of out, rows], so each layer's part is a contiguous block (the split of
+        :meth:`whole` gives strided views, and an elementwise operation over a strided view
+        takes a GPU's slower, unvectorized kernel). None when the weights are not laid end
+        to end."""
+        if not self._still_laid():
+            return None
+        w0, b0 = self.layers[0].weight, self.layers[0].bias
+        w = w0.as_strided((self.rows, w0.shape[1]), w0.stride())
+        if b0 is None:
+            return torch.mm(w, x.t())
+        return torch.addmm(b0.as_strided((self.rows, 1), (b0.stride()[0], 0)), w, x.t())
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self.whole(x)
         return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]

@@ -43,6 +43,7 @@ the lean one only when they agree (:func:`agrees`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -133,6 +134,10 @@ class LeanDecoder:
         #: the fused small operations (see the module's docstring): None on a GPU only, True
         #: everywhere (tests), False never
         self.fused_ops = fused_ops
+        #: the fused MLP computes gate and up transposed, [2 x intermediate, rows], so the
+        #: activation and the product run over contiguous blocks (``AGILE_RAG_GATE_UP_ACROSS=1``;
+        #: off until measured on a GPU, see README)
+        self.gate_up_across = os.environ.get("AGILE_RAG_GATE_UP_ACROSS", "0").strip() == "1"
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.rope = rope
@@ -210,7 +215,14 @@ class LeanDecoder:
             _, _, gate_up, _ = calls
             x2 = x.view(b, -1)
             x2.addmm_(o, o_p.weight.t())
-            g, u = gate_up(_rms_fused(x2, n2))
+            h = _rms_fused(x2, n2)
+            t = gate_up.across(h) if self.gate_up_across else None
+            if t is not None:               # [gate's rows; up's rows] x the rows, contiguous
+                a = act(t[:gate.out_features])
+                a.mul_(t[gate.out_features:])
+                x2.addmm_(a.t(), down.weight.t())
+                return x
+            g, u = gate_up(h)
             x2.addmm_(act(g) * u, down.weight.t())
             return x
         if calls is not None:

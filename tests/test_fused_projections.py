@@ -49,6 +49,35 @@ def test_laid_end_to_end_the_model_computes_the_same_and_holds_nothing_twice(arc
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_across_gives_each_layers_output_transposed_as_a_contiguous_block(arch):
+    """LinearCalls.across (``AGILE_RAG_GATE_UP_ACROSS``): the group's outputs for several rows,
+    transposed, one layer's block after the other's, each block contiguous; biases (Qwen2's
+    q/k/v) added; None for layers that are not laid end to end."""
+    model = _tiny(arch)
+    qkv = [model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj,
+           model.model.layers[0].self_attn.v_proj]
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    lay_end_to_end(model)
+    for group in (qkv, [mlp.gate_proj, mlp.up_proj]):
+        calls = LinearCalls.of(group)
+        assert calls is not None
+        with torch.inference_mode():
+            t = calls.across(x)
+            assert t is not None and t.shape == (calls.rows, 5)
+            start = 0
+            for lin in group:
+                block = t[start:start + lin.out_features]
+                assert block.is_contiguous()
+                torch.testing.assert_close(block, lin(x).t(), rtol=1e-5, atol=1e-5)
+                start += lin.out_features
+    apart = LinearCalls(qkv)
+    with torch.no_grad():
+        qkv[1].weight = torch.nn.Parameter(qkv[1].weight.clone())    # no longer laid
+    assert apart.across(x) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_the_lean_step_runs_each_group_as_one_matmul_and_computes_the_same(arch):
     model = _tiny(arch)
     plain = lean_decoder(model)

@@ -75,11 +75,13 @@ def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-def test_the_fused_gpu_ops_compute_transformers_step(arch, monkeypatch):
+@pytest.mark.parametrize("across", [False, True])
+def test_the_fused_gpu_ops_compute_transformers_step(arch, across, monkeypatch):
     """LeanDecoder.fused_ops (on a GPU by default; forced here on the CPU, float32): one
     rms_norm call with its weight, q and k rotated by one batched matmul, SDPA at every view
-    length, the output and down projections added into the residual by addmm_: the same
-    logits and the same keys and values as transformers' step, step after step."""
+    length, the output and down projections added into the residual by addmm_ (``across``:
+    gate and up computed transposed, ``AGILE_RAG_GATE_UP_ACROSS=1``): the same logits and the
+    same keys and values as transformers' step, step after step."""
     import agile_rag.actors.llm_lean_decode as lean_mod
     from agile_rag.actors.llm_fused import lay_end_to_end
 
@@ -89,8 +91,12 @@ def test_the_fused_gpu_ops_compute_transformers_step(arch, monkeypatch):
     monkeypatch.setattr(lean_mod, "grouped_decode_attention", not_here)
     model = _tiny(arch)
     assert lay_end_to_end(model) == 2 * model.config.num_hidden_layers
+    monkeypatch.setenv("AGILE_RAG_GATE_UP_ACROSS", "1" if across else "0")
     lean = lean_decoder(model, fused_ops=True)
-    assert isinstance(lean, LeanDecoder) and lean.joint_rope
+    assert isinstance(lean, LeanDecoder) and lean.joint_rope and lean.gate_up_across is across
+    if across:                                       # the split path is not taken
+        from agile_rag.actors.llm_fused import LinearCalls
+        monkeypatch.setattr(LinearCalls, "__call__", not_here)
     monkeypatch.setattr(lean_mod, "_rotate", not_here)       # q and k: the rotation matrix
     monkeypatch.setattr(lean_mod, "_rms", not_here)
     assert all(c is not None for c in lean.linear)

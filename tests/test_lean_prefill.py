@@ -14,10 +14,21 @@ from agile_rag.actors.llm_lean_decode import lean_decoder
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_lean_prefill_computes_what_transformers_computes_for_each_prompt(arch, fused):
+@pytest.mark.parametrize("fused", [False, True, "across"])
+def test_a_lean_prefill_computes_what_transformers_computes_for_each_prompt(arch, fused,
+                                                                           monkeypatch):
+    """(``across``: the fused small operations over projections laid end to end, gate and up
+    computed transposed, ``AGILE_RAG_GATE_UP_ACROSS=1``)"""
     model = _tiny(arch)
-    lean = lean_decoder(model, fused)
+    if fused == "across":
+        from agile_rag.actors.llm_fused import LinearCalls, lay_end_to_end
+
+        def split(*a):
+            raise AssertionError("gate and up were split, not computed across")
+        lay_end_to_end(model)
+        monkeypatch.setenv("AGILE_RAG_GATE_UP_ACROSS", "1")
+        monkeypatch.setattr(LinearCalls, "__call__", split)
+    lean = lean_decoder(model, bool(fused))
     assert lean is not None
     lens = [5, 11, 8, 1]
     g = torch.Generator().manual_seed(0)
