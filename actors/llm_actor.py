@@ -158,7 +158,8 @@ class LLMActor(ModelActor):
     #                               transformers' step
     #   chunk_graphs (true)         on a GPU, a short last chunk of a prompt (the question after
     #                               a stored prefix) replays a CUDA graph of the lean chunk
-    #                               straight into its slot (actors/chunk_graphs.py)
+    #                               straight into its slot (actors/chunk_graphs.py); off by
+    #                               itself for flex + idle_on_cpu, as warm_graphs
     #   decode_ahead (true)         on a GPU, a greedy decode step starts from the last
     #                               step's tokens still on the device, read while it computes
     #                               (actors/llm_batching.py)
@@ -183,7 +184,8 @@ class LLMActor(ModelActor):
                 "lean_decode": p.get("lean_decode", True) is not False,
                 "own_stream": p.get("own_stream", True) is not False,
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
-                "chunk_graphs": p.get("chunk_graphs", True) is not False,
+                "chunk_graphs": p.get("chunk_graphs", True) is not False and
+                not leaves_when_idle,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,

@@ -217,12 +217,14 @@ async def sse_events(resp) -> list:
     return events
 
 
-def llm_batch_settings(params: dict) -> dict:
-    """What a GPU LLM actor hands its batch engine for these ``llm_params``."""
+def llm_batch_settings(params: dict, device: str = "cuda", idle_on_cpu: bool = False) -> dict:
+    """What a GPU LLM actor (``device``, ``idle_on_cpu``) hands its batch engine for these
+    ``llm_params``."""
     from types import SimpleNamespace
 
     from agile_rag.actors.llm_actor import LLMActor
 
-    fake = SimpleNamespace(params=params, spec=SimpleNamespace(idle_on_cpu=False, device="cuda"),
+    fake = SimpleNamespace(params=params,
+                           spec=SimpleNamespace(idle_on_cpu=idle_on_cpu, device=device),
                            context_length=2048)
     return LLMActor._batch_settings(fake)          # type: ignore[arg-type]

@@ -66,6 +66,11 @@ def test_llm_params_chunk_graphs_reach_the_runner():
     from support import llm_batch_settings
     assert llm_batch_settings({})["chunk_graphs"] is True
     assert llm_batch_settings({"chunk_graphs": False})["chunk_graphs"] is False
+    # a flex LLM that gives the GPU back whenever it is idle: no idle captures (its weights
+    # leave, the graphs with them), as for its decode graphs (warm_graphs)
+    leaves = llm_batch_settings({"chunk_graphs": True}, device="flex", idle_on_cpu=True)
+    assert leaves["chunk_graphs"] is False and leaves["warm_graphs"] is False
+    assert llm_batch_settings({}, device="cuda", idle_on_cpu=True)["chunk_graphs"] is True
     assert BatchEngine(model, Tok()).runner.chunk_graphs_on is True
     assert BatchEngine(model, Tok(), chunk_graphs=False).runner.chunk_graphs_on is False
     eng = BatchEngine(model, Tok())
