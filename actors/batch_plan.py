@@ -506,6 +506,19 @@ class BatchPlanner:
         return moves
 
 
+def net_moves(moves: list[tuple[int, int]], active: int | None = None
+              ) -> list[tuple[int, int]]:
+    """Row moves (``src -> dst``, in the order a retire made them: a later move may read a
+    slot an earlier one wrote) as one set of ``(src, dst)`` pairs, destinations distinct, to
+    be read all before any is written: each destination gets what the moves in order would
+    have left there. ``active``: only the destinations below it (the rows still in the
+    batch; the slots from there on are free)."""
+    origin: dict[int, int] = {}
+    for src, dst in moves:
+        origin[dst] = origin.get(src, src)
+    return [(s, d) for d, s in origin.items() if s != d and (active is None or d < active)]
+
+
 def pow2(n: int) -> int:
     p = 1
     while p < n:

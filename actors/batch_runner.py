@@ -26,7 +26,7 @@ from ..runtime import stable_memory
 from ..runtime.cuda_streams import new_stream
 from ..runtime.executor import apply_torch_threads
 from ..runtime.thread_tuner import ThreadTuner
-from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, pow2, round_up
+from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, net_moves, pow2, round_up
 from .chunk_graphs import ChunkGraphs
 from .decode_graphs import _Graphs
 from .kv_chunk import chunk_cache
@@ -223,10 +223,17 @@ class BatchRunner:
             if active is not None:
                 self.cache.free_from(active)
             return
-        for src, dst in moves:
-            for layer in range(self.n_layers):
-                self.cache.keys[layer][dst].copy_(self.cache.keys[layer][src])
-                self.cache.values[layer][dst].copy_(self.cache.values[layer][src])
+        # one gather and one scatter a tensor for every moved row together: a copy a row and
+        # tensor cost a 3B model 72 host calls of ~22 us each per row (H200 s17 profile: the
+        # 15 rows left after a burst's first 17 ended held up its last steps ~35 ms)
+        net = net_moves(moves, active)
+        if not net:
+            return
+        dev = self.cache.keys[0].device
+        src = _h2d(torch.tensor([s for s, _ in net], dtype=torch.long), dev)
+        dst = _h2d(torch.tensor([d for _, d in net], dtype=torch.long), dev)
+        for t in self.cache.keys + self.cache.values:
+            t.index_copy_(0, dst, t.index_select(0, src))
 
     def _ensure_cache(self, slots: int, length: int, *, keep: int) -> None:
         p = next(self.model.parameters())

@@ -408,3 +408,50 @@ def test_a_rag_mix_decodes_twice_the_rows_together_with_blocks_as_with_the_recta
 
     rect, blocks = most_together(0), most_together(16)
     assert (rect, blocks) == (8, 19)
+
+
+def test_net_moves_leave_each_slot_what_the_moves_in_order_leave():
+    """batch_plan.net_moves: a retire's moves in order (a later one may read a slot an earlier
+    one wrote, or write it again) as one gather-then-scatter set; only the live rows'
+    destinations when ``active`` is given."""
+    assert batch_plan.net_moves([]) == []
+    assert batch_plan.net_moves([(3, 1)]) == [(3, 1)]
+    assert batch_plan.net_moves([(2, 0), (1, 0)]) == [(1, 0)]           # written again
+    assert sorted(batch_plan.net_moves([(3, 1), (1, 0)])) == [(3, 0), (3, 1)]   # read again
+    assert batch_plan.net_moves([(3, 1), (1, 0)], active=1) == [(3, 0)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_retire_of_many_rows_moves_the_cache_as_row_by_row_copies_did(seed):
+    """The batch runner applies a retire's moves as one gather and one scatter per tensor
+    (a copy per row and tensor held a 3B model's burst up ~35 ms on the H200): rows ending
+    in any pattern, the rows left find their own keys and values in their new slots."""
+    import random
+
+    import torch
+
+    from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors.kv_slots import make_slot_cache
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 12)
+    p = planner(max_batch=16, prefill_chunk=0)
+    rows = [seq(10, 50) for _ in range(n)]
+    for r in rows:
+        p.accept(r)
+    plan, _ = p.admit()
+    run_prefill(p, plan)
+    cache = make_slot_cache(2, 16, 2, 8, 4, torch.float32, torch.device("cpu"))
+    for t in cache.keys + cache.values:
+        t.normal_(generator=torch.Generator().manual_seed(seed))
+    own = {id(r): [t[r.slot].clone() for t in cache.keys + cache.values] for r in rows}
+    for r in rng.sample(rows, rng.randint(1, n)):
+        r.reason = FinishReason.STOP
+    gone = p.retire()
+    runner = BatchRunner.__new__(BatchRunner)
+    runner.cache = cache
+    runner.apply_moves(gone.moves, len(p.active))
+    assert len(p.active) + len(gone.finished) == n
+    for r in p.active:
+        for t, want in zip(cache.keys + cache.values, own[id(r)]):
+            assert torch.equal(t[r.slot], want)
