@@ -91,3 +91,30 @@ def test_map_and_unmap_from_another_thread():
     t.fill_(9)
     assert int(t.sum()) == 9 * 1024
     buf.close()
+
+
+def test_retired_rows_move_in_the_stable_kv_cache_as_row_by_row_copies_did():
+    """(issue 15) A retire's moves go as one gather and one scatter per tensor
+    (BatchRunner.apply_moves), here over the stable KV rectangle's views of one VMM buffer on
+    the loop's own stream: every live row finds its own keys and values in its new slot."""
+    from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors.kv_slots import make_slot_cache
+    from agile_rag.runtime.cuda_streams import new_stream
+
+    cache = make_slot_cache(3, 8, 2, 32, 16, torch.float16, torch.device("cuda:0"),
+                            stable=True)
+    for i, t in enumerate(cache.keys + cache.values):
+        t.copy_(torch.arange(t.numel(), device="cuda").view(t.shape).to(t.dtype) + i)
+    before = [t.clone() for t in cache.keys + cache.values]
+    runner = BatchRunner.__new__(BatchRunner)
+    runner.cache = cache
+    # rows 0, 2, 3 and 7 of 8 end: 7 -> 0 is dropped (row 7 ended), then 6 -> 0, 5 -> 2, 4 -> 3
+    moves = [(7, 0), (6, 0), (5, 2), (4, 3)]
+    stream = new_stream("cuda:0")
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        runner.apply_moves(moves, 4)
+    stream.synchronize()
+    for t, old in zip(cache.keys + cache.values, before):
+        for src, dst in ((6, 0), (1, 1), (5, 2), (4, 3)):
+            assert torch.equal(t[dst], old[src])
