@@ -121,10 +121,13 @@ class LinearCalls:
             return F.linear(x, lin.weight, lin.bias)
         if not self._still_laid():
             return torch.cat([F.linear(x, lin.weight, lin.bias) for lin in self.layers], -1)
+        return F.linear(x, *self._all_rows())
+
+    def _all_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of every layer's rows as one view each (laid end to end)."""
         w0, b0 = self.layers[0].weight, self.layers[0].bias
         w = w0.as_strided((self.rows, w0.shape[1]), w0.stride())
-        b = b0.as_strided((self.rows,), b0.stride()) if b0 is not None else None
-        return F.linear(x, w, b)
+        return w, b0.as_strided((self.rows,), b0.stride()) if b0 is not None else None
 
     def across(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layers' outputs for x [rows, in], transposed and one above the other:
@@ -134,11 +137,8 @@ class LinearCalls:
         to end."""
         if not self._still_laid():
             return None
-        w0, b0 = self.layers[0].weight, self.layers[0].bias
-        w = w0.as_strided((self.rows, w0.shape[1]), w0.stride())
-        if b0 is None:
-            return torch.mm(w, x.t())
-        return torch.addmm(b0.as_strided((self.rows, 1), (b0.stride()[0], 0)), w, x.t())
+        w, b = self._all_rows()
+        return torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self.whole(x)

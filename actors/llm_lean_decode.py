@@ -218,12 +218,11 @@ class LeanDecoder:
             h = _rms_fused(x2, n2)
             t = gate_up.across(h) if self.gate_up_across else None
             if t is not None:               # [gate's rows; up's rows] x the rows, contiguous
-                a = act(t[:gate.out_features])
-                a.mul_(t[gate.out_features:])
-                x2.addmm_(a.t(), down.weight.t())
-                return x
-            g, u = gate_up(h)
-            x2.addmm_(act(g) * u, down.weight.t())
+                a = act(t[:gate.out_features]).mul_(t[gate.out_features:]).t()
+            else:
+                g, u = gate_up(h)
+                a = act(g) * u
+            x2.addmm_(a, down.weight.t())
             return x
         if calls is not None:
             _, o_c, gate_up, down_c = calls
