@@ -134,10 +134,8 @@ class LeanDecoder:
         #: the fused small operations (see the module's docstring): None on a GPU only, True
         #: everywhere (tests), False never
         self.fused_ops = fused_ops
-        #: the fused MLP computes gate and up transposed, [2 x intermediate, rows], so the
-        #: activation and the product run over contiguous blocks (``AGILE_RAG_GATE_UP_ACROSS=1``;
-        #: off until measured on a GPU, see README)
-        self.gate_up_across = os.environ.get("AGILE_RAG_GATE_UP_ACROSS", "0").strip() == "1"
+        #: how the fused MLP computes gate and up (:meth:`gate_up_form`; ``AGILE_RAG_GATE_UP``)
+        self.gate_up = gate_up_setting()
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.rope = rope
@@ -203,6 +201,22 @@ class LeanDecoder:
         q, k = self.rope(q, k, cos, sin)
         return q, k, v
 
+    def gate_up_form(self, rows: int) -> str:
+        """How the fused MLP computes gate and up for a pass of ``rows`` rows (tokens):
+        ``joint``: one matmul over both layers' weights (laid end to end), gate and up strided
+        views of its output; ``across``: that matmul transposed, [2 x intermediate, rows], each
+        a contiguous block; ``apart``: two matmuls. An activation or a product over a strided
+        view takes a GPU's unvectorized elementwise kernel. ``auto`` (the default): joint for
+        fewer than :data:`ACROSS_ROWS` rows (one row's views are contiguous), across for a
+        decode step's rows, apart for a prefill's (more than :data:`APART_ROWS`: a transposed
+        matmul over thousands of tokens was slower on the H200,
+        benchmarks/results/gpu-h200-s18.md)."""
+        if self.gate_up != "auto":
+            return self.gate_up
+        if rows > APART_ROWS:
+            return "apart"
+        return "across" if rows >= ACROSS_ROWS else "joint"
+
     def _after_attention(self, i: int, x: torch.Tensor, o: torch.Tensor, calls: Any,
                          dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
         """x [B, 1, hidden] plus layer ``i``'s output projection of the attention's o
@@ -216,10 +230,14 @@ class LeanDecoder:
             x2 = x.view(b, -1)
             x2.addmm_(o, o_p.weight.t())
             h = _rms_fused(x2, n2)
-            t = gate_up.across(h) if self.gate_up_across else None
+            form = self.gate_up_form(b)
+            t = gate_up.across(h) if form == "across" else None
             if t is not None:               # [gate's rows; up's rows] x the rows, contiguous
                 a = act(t[:gate.out_features]).mul_(t[gate.out_features:]).t()
-            else:
+            elif form == "apart":           # two matmuls, each output contiguous
+                a = act(F.linear(h, gate.weight, gate.bias)).mul_(
+                    F.linear(h, up.weight, up.bias))
+            else:                           # one matmul, gate and up strided views of it
                 g, u = gate_up(h)
                 a = act(g) * u
             x2.addmm_(a, down.weight.t())
@@ -340,6 +358,21 @@ class LeanDecoder:
                                       dtype, fused)
         rows = x.view(n, lp, -1)[torch.arange(n, device=x.device), last.to(x.device)]
         return self.head(_norm(rows[:, None, :], self.final, dtype, fused))[:, -1, :]
+
+
+#: how the fused MLP computes gate and up (LeanDecoder.gate_up_form), and its bounds in rows
+GATE_UP_FORMS = ("auto", "joint", "across", "apart")
+ACROSS_ROWS = 8
+APART_ROWS = 64
+
+
+def gate_up_setting() -> str:
+    """``AGILE_RAG_GATE_UP`` (one of :data:`GATE_UP_FORMS`; ``auto`` when unset or unknown)."""
+    v = os.environ.get("AGILE_RAG_GATE_UP", "auto").strip().lower() or "auto"
+    if v not in GATE_UP_FORMS:
+        log.warning("AGILE_RAG_GATE_UP=%s is none of %s: auto", v, ", ".join(GATE_UP_FORMS))
+        return "auto"
+    return v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

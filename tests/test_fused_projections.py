@@ -50,9 +50,10 @@ def test_laid_end_to_end_the_model_computes_the_same_and_holds_nothing_twice(arc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_across_gives_each_layers_output_transposed_as_a_contiguous_block(arch):
-    """LinearCalls.across (``AGILE_RAG_GATE_UP_ACROSS``): the group's outputs for several rows,
-    transposed, one layer's block after the other's, each block contiguous; biases (Qwen2's
-    q/k/v) added; None for layers that are not laid end to end."""
+    """LinearCalls.across (``AGILE_RAG_GATE_UP=across``, a decode step's by default): the
+    group's outputs for several rows, transposed, one layer's block after the other's, each
+    block contiguous; biases (Qwen2's q/k/v) added; None for layers that are not laid end to
+    end."""
     model = _tiny(arch)
     qkv = [model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj,
            model.model.layers[0].self_attn.v_proj]

@@ -75,15 +75,16 @@ def test_the_lean_step_computes_transformers_step(arch, sdpa_keys, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-@pytest.mark.parametrize("across", [False, True])
-def test_the_fused_gpu_ops_compute_transformers_step(arch, across, monkeypatch):
+@pytest.mark.parametrize("form", ["joint", "across", "apart"])
+def test_the_fused_gpu_ops_compute_transformers_step(arch, form, monkeypatch):
     """LeanDecoder.fused_ops (on a GPU by default; forced here on the CPU, float32): one
     rms_norm call with its weight, q and k rotated by one batched matmul, SDPA at every view
-    length, the output and down projections added into the residual by addmm_ (``across``:
-    gate and up computed transposed, ``AGILE_RAG_GATE_UP_ACROSS=1``): the same logits and the
-    same keys and values as transformers' step, step after step."""
+    length, the output and down projections added into the residual by addmm_, gate and up
+    each way ``AGILE_RAG_GATE_UP`` names (``joint``: one matmul, split; ``across``: that
+    matmul transposed; ``apart``: two matmuls): the same logits and the same keys and values
+    as transformers' step, step after step."""
     import agile_rag.actors.llm_lean_decode as lean_mod
-    from agile_rag.actors.llm_fused import lay_end_to_end
+    from agile_rag.actors.llm_fused import LinearCalls, lay_end_to_end
 
     def not_here(*a, **kw):
         raise AssertionError("the fused step took the unfused path")
@@ -91,16 +92,37 @@ def test_the_fused_gpu_ops_compute_transformers_step(arch, across, monkeypatch):
     monkeypatch.setattr(lean_mod, "grouped_decode_attention", not_here)
     model = _tiny(arch)
     assert lay_end_to_end(model) == 2 * model.config.num_hidden_layers
-    monkeypatch.setenv("AGILE_RAG_GATE_UP_ACROSS", "1" if across else "0")
+    monkeypatch.setenv("AGILE_RAG_GATE_UP", form)
     lean = lean_decoder(model, fused_ops=True)
-    assert isinstance(lean, LeanDecoder) and lean.joint_rope and lean.gate_up_across is across
-    if across:                                       # the split path is not taken
-        from agile_rag.actors.llm_fused import LinearCalls
+    assert isinstance(lean, LeanDecoder) and lean.joint_rope and lean.gate_up == form
+    if form != "joint":                              # gate and up are not split
         monkeypatch.setattr(LinearCalls, "__call__", not_here)
+    if form != "across":
+        monkeypatch.setattr(LinearCalls, "across", not_here)
     monkeypatch.setattr(lean_mod, "_rotate", not_here)       # q and k: the rotation matrix
     monkeypatch.setattr(lean_mod, "_rms", not_here)
     assert all(c is not None for c in lean.linear)
     same_steps(model, lean)
+
+
+def test_gate_and_up_take_the_form_that_suits_the_rows(monkeypatch, caplog):
+    """``auto`` (the default): one matmul for a few rows, transposed for a decode batch, two
+    matmuls for a prefill's tokens; ``AGILE_RAG_GATE_UP`` names one form for every pass, and
+    an unknown name is logged and taken as auto."""
+    import agile_rag.actors.llm_lean_decode as lean_mod
+
+    monkeypatch.delenv("AGILE_RAG_GATE_UP", raising=False)
+    lean = lean_decoder(_tiny("Qwen2"), fused_ops=True)
+    assert lean.gate_up == "auto"
+    assert [lean.gate_up_form(r) for r in (1, 4, lean_mod.ACROSS_ROWS, 32, lean_mod.APART_ROWS,
+                                           lean_mod.APART_ROWS + 1, 4000)] == \
+        ["joint", "joint", "across", "across", "across", "apart", "apart"]
+    monkeypatch.setenv("AGILE_RAG_GATE_UP", "apart")
+    assert lean_mod.gate_up_setting() == "apart"
+    monkeypatch.setenv("AGILE_RAG_GATE_UP", "sideways")
+    with caplog.at_level("WARNING", logger="agile_rag.llm"):
+        assert lean_mod.gate_up_setting() == "auto"
+    assert "AGILE_RAG_GATE_UP=sideways" in caplog.text
 
 
 def test_the_rotation_matrix_rotates_as_transformers_rotary_does():

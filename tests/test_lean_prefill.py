@@ -14,20 +14,23 @@ from agile_rag.actors.llm_lean_decode import lean_decoder
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
-@pytest.mark.parametrize("fused", [False, True, "across"])
+@pytest.mark.parametrize("fused", [False, True, "joint", "across", "apart"])
 def test_a_lean_prefill_computes_what_transformers_computes_for_each_prompt(arch, fused,
                                                                            monkeypatch):
-    """(``across``: the fused small operations over projections laid end to end, gate and up
-    computed transposed, ``AGILE_RAG_GATE_UP_ACROSS=1``)"""
+    """(``joint``, ``across``, ``apart``: the fused small operations over projections laid end
+    to end, gate and up computed each way ``AGILE_RAG_GATE_UP`` names)"""
     model = _tiny(arch)
-    if fused == "across":
+    if isinstance(fused, str):
         from agile_rag.actors.llm_fused import LinearCalls, lay_end_to_end
 
-        def split(*a):
-            raise AssertionError("gate and up were split, not computed across")
+        def not_here(*a):
+            raise AssertionError(f"gate and up were not computed {fused}")
         lay_end_to_end(model)
-        monkeypatch.setenv("AGILE_RAG_GATE_UP_ACROSS", "1")
-        monkeypatch.setattr(LinearCalls, "__call__", split)
+        monkeypatch.setenv("AGILE_RAG_GATE_UP", fused)
+        if fused != "joint":
+            monkeypatch.setattr(LinearCalls, "__call__", not_here)
+        if fused != "across":
+            monkeypatch.setattr(LinearCalls, "across", not_here)
     lean = lean_decoder(model, bool(fused))
     assert lean is not None
     lens = [5, 11, 8, 1]

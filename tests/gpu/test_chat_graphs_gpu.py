@@ -371,21 +371,25 @@ def test_a_lean_prefill_on_a_gpu_says_what_transformers_prefill_says(tmp_path):
     assert got == want
 
 
-def test_gate_and_up_computed_across_say_the_same_words(tmp_path, monkeypatch):
-    """``AGILE_RAG_GATE_UP_ACROSS=1`` (actors/llm_lean_decode.py, issue 15): the lean step's
-    and the lean prefill's gate and up projections computed transposed, so the activation and
-    the product run over contiguous memory: the same words as without, through the decode
-    graphs and the lean prefill, and both were lean."""
+def test_gate_and_up_computed_each_way_say_the_same_words(tmp_path, monkeypatch):
+    """``AGILE_RAG_GATE_UP`` (actors/llm_lean_decode.py, issue 15): the lean step's and the
+    lean prefill's gate and up projections computed as one matmul split into strided views
+    (``joint``), that matmul transposed (``across``), two matmuls (``apart``), or each pass as
+    its rows suit (``auto``, the default): the same words every way, through the decode graphs
+    and the lean prefill, and all of them lean."""
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
     def look(runner):
         lean = runner.gpu_lean              # laid end to end: gate and up as one matmul
         assert lean and all(c is not None for c in lean.linear)
-        return runner.lean_prefills, runner.lean_prefill_ok, lean.gate_up_across
+        return runner.lean_prefills, runner.lean_prefill_ok, lean.gate_up
 
-    want, (_, _, split) = asyncio.run(half_burst(folder, {}, look))
-    monkeypatch.setenv("AGILE_RAG_GATE_UP_ACROSS", "1")
-    got, (lean, ok, across) = asyncio.run(half_burst(folder, {}, look))
-    assert split is False and across is True and ok is True and lean >= 1, (lean, ok)
-    assert got == want
+    monkeypatch.setenv("AGILE_RAG_GATE_UP", "joint")
+    want, (_, _, joint) = asyncio.run(half_burst(folder, {}, look))
+    assert joint == "joint"
+    for form in ("across", "apart", "auto"):
+        monkeypatch.setenv("AGILE_RAG_GATE_UP", form)
+        got, (lean, ok, took) = asyncio.run(half_burst(folder, {}, look))
+        assert took == form and ok is True and lean >= 1, (form, lean, ok)
+        assert got == want, form
