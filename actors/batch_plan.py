@@ -24,8 +24,15 @@ from typing import Any
 from .states import FinishReason, StrEnum
 
 LEN_BUCKET = 256          # cache lengths grow in these steps
-#: a lone request starts from a stored prefix when it covers at least this many tokens
+#: a lone request starts from a stored prefix when it covers at least this many tokens; on
+#: a GPU also only when the prefix covers at least half the prompt or the rest is at most
+#: PREFIX_GPU_REST tokens (a chunk graph reads it). A GPU's eager chunk after a prefix costs
+#: more than the lean prefill of the whole prompt: on the H200 (3B) a 220-token prompt whose
+#: first 16 tokens (the chat template's) were stored took 0.035-0.083 s to read that way against
+#: 0.017-0.025 s in one prefill, a 900-token one 0.038-0.069 s against 0.019-0.032 s; a
+#: 60-token one 0.006 s through a chunk graph against 0.037 s (gpu-h200-s18.md)
 PREFIX_MIN_HIT = 16
+PREFIX_GPU_REST = 64
 RESERVE_NEW = 512         # new tokens admission reserves for a request without a smaller max_tokens
 
 
@@ -377,11 +384,20 @@ class BatchPlanner:
 
     def _from_prefix(self, req: SeqRequest, take: list[SeqRequest]) -> bool:
         """``req`` waits alone (a burst is prefilled together, as before) and a stored prefix
-        covers at least PREFIX_MIN_HIT of its tokens: it goes the chunked way, which starts
-        from the prefix and reads only the rest (issue 17: one chat asked again, or one that
-        shares a system prompt, skips most of its prefill)."""
-        return self.prefix_hit is not None and not take and self.partial is None and \
-            len(self.waiting) == 1 and self.prefix_hit(req) >= PREFIX_MIN_HIT
+        covers at least PREFIX_MIN_HIT of its tokens (on a GPU: and half of them, or all but
+        PREFIX_GPU_REST): it goes the chunked way, which starts from the prefix and reads only
+        the rest (issue 17: one chat asked again, or one that shares a system prompt, skips
+        most of its prefill)."""
+        if self.prefix_hit is None or take or self.partial is not None or \
+                len(self.waiting) != 1:
+            return False
+        hit = self.prefix_hit(req)
+        if hit < PREFIX_MIN_HIT:
+            return False
+        if not self.on_gpu:
+            return True
+        n = len(req.context())
+        return 2 * hit >= n or n - hit <= PREFIX_GPU_REST
 
     def unadmit(self, rows: list[SeqRequest]) -> None:
         """A PREFILL that did not happen: its rows wait again at the head of the queue."""

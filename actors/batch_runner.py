@@ -45,6 +45,9 @@ log = logging.getLogger("agile_rag.llm")
 #: a batched prefill of at most this many rows leaves their prompts' prefixes (two copies per
 #: layer per row: a 32-row burst on the GPU would queue ~2,300 small copies on its path)
 KEEP_PREFIX_ROWS = 4
+#: lone prompts of these lengths read by the lean prefill at the warm-up's end, on a GPU
+#: (:meth:`BatchRunner.check_lean_prefill`)
+WARM_LONE_PROMPTS = (32, 128, 512, 2048)
 
 #: model families whose decoder takes per-row position_ids, a ready 4D mask and any Cache
 #: (full attention everywhere); others keep the plain ``generate`` path.
@@ -414,6 +417,16 @@ class BatchRunner:
         try:
             with torch.inference_mode():
                 lean.prefill(ids, last, lambda layer, k, v: None)
+                # and one prompt alone, short to long: a pass of fewer tokens takes other
+                # matmul kernels, loaded and chosen on their first use (a lone 220-token
+                # prompt after a burst of 32 took 0.034-0.063 s to read in the server, 0.023-0.025
+                # s after these passes, gpu-h200-s18.md)
+                most = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+                for n in WARM_LONE_PROMPTS:
+                    if n <= tokens and (not most or n <= most):
+                        lean.prefill(ids[:1, :1].expand(1, n).contiguous(),
+                                     torch.full((1,), n - 1, device=self.device),
+                                     lambda layer, k, v: None)
         except Exception as exc:  # noqa: BLE001 - a warm-up only: the first burst pays instead
             log.warning("lean prefill warm-up failed (%s)", exc)
 

@@ -180,6 +180,10 @@ class BatchEngine:
         self.yielded = False          # the last loop paused for a waiting model
         self.warming = False          # (the loop's) the graphs of this grant are being warmed
         self._warm_planned = False    # (the loop's) the warm-up's captures are queued
+        #: (the loop's) the runner's graph set (its ``graph_sets`` count) the last warm-up
+        #: finished for: a set started since (a cache made anew mid-loop, its first graph
+        #: captured by a step) is warmed when the loop is next idle
+        self._warmed_set = -1
         #: a decode step's new text is read while the next step computes (the tokens' stop
         #: strings, the streamed pieces: the loop's per-row Python work in the GPU's shadow);
         #: None: on a GPU only (a CPU computes the step in the loop's own thread: nothing to
@@ -343,10 +347,7 @@ class BatchEngine:
                     planner.cache_dropped(runner.parked_shape())
                 planner.on_gpu = runner.on_gpu()
                 self.timing = LoopTiming(runner.device.type == "cuda")
-                if planner.settings.warm_graphs and runner.graphs_wanted() and \
-                        runner.graphs is None:
-                    self.warming = True           # fresh weights or cache: warm the graphs
-                    self._warm_planned = False
+                self._warm_if_unwarmed()          # fresh weights or cache: warm the graphs
                 while True:
                     stop: BaseException | None = None
                     for cmd in self._drain_queue():
@@ -366,6 +367,7 @@ class BatchEngine:
                         self._fail(stop, [])
                         break
                     if planner.idle(draining=draining):
+                        self._warm_if_unwarmed()
                         if not (draining or yield_asked) and (
                                 self.warming and self._warm_step(stats) or
                                 runner.warm_chunk_one(len(planner.active), stats)):
@@ -403,6 +405,20 @@ class BatchEngine:
             stats["cache_mb"] = round(runner.cache_bytes() / 2**20, 1)
         return stats
 
+    def _warm_if_unwarmed(self) -> None:
+        """Start a warm-up (captures while idle, :meth:`_warm_step`) unless one runs or the
+        runner's graph set is the one the last warm-up finished for. Before, only a loop that
+        started without graphs warmed them: a cache made anew mid-loop (a long prompt) got one
+        graph captured by its step, and the next short chat captured its own on its request
+        (H200: 0.09-0.15 s to its first token, 0.011-0.013 s now, gpu-h200-s18.md)."""
+        runner = self.runner
+        if self.warming or not self.planner.settings.warm_graphs or \
+                not runner.graphs_wanted():
+            return
+        if runner.graphs is None or runner.graph_sets != self._warmed_set:
+            self.warming = True
+            self._warm_planned = False
+
     def _warm_step(self, stats: dict) -> bool:
         """(idle) Capture one warm-up graph; False once the warm-up is over. The first one
         on a GPU also warms the prefill shapes (:meth:`BatchRunner.warm_prefill`)."""
@@ -425,6 +441,7 @@ class BatchEngine:
         runner.check_lean_chunk()
         runner.check_lean_prefill(self.planner.settings.prefill_tokens)
         self.warming = False
+        self._warmed_set = runner.graph_sets
         return False
 
     def _drain_queue(self) -> list[Command]:

@@ -483,7 +483,9 @@ async def burst(base: str, texts: list[str], new: int) -> dict:
 #: the batch loop's figures summed over a burst's BatchIdle trace events (actors/llm_batching.py)
 LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "admit_s",
              "chunk_s", "decode_s", "seconds", "device_allocs", "admit_device_allocs",
-             "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures")
+             "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures",
+             "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
+             "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:

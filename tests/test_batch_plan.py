@@ -167,6 +167,39 @@ def test_a_lone_request_a_stored_prefix_serves_goes_the_chunked_way_a_burst_does
     assert plan is not None and plan.rows == [d] and p.partial is None
 
 
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_on_a_gpu_a_lone_request_reads_from_a_stored_prefix_only_when_it_saves_work(on_gpu):
+    """A GPU's eager chunk after a prefix costs more than one lean prefill of the whole
+    prompt (gpu-h200-s18.md: a 220-token prompt whose chat-template block was stored read in
+    0.035-0.083 s against 0.017-0.025 s): there a prefix serves a lone request when it covers
+    half the prompt or leaves at most PREFIX_GPU_REST tokens (one chunk graph); on a CPU
+    (a pass costs its tokens) any hit of PREFIX_MIN_HIT does."""
+    from agile_rag.actors.batch_plan import PREFIX_GPU_REST, PREFIX_MIN_HIT
+
+    rest = PREFIX_GPU_REST
+    hits = {220: PREFIX_MIN_HIT, 60: PREFIX_MIN_HIT, 1050: 1000, 400: 200, 399: 150,
+            rest + 36: 36, rest + 37: 36, 40: PREFIX_MIN_HIT - 1}
+    p = planner(max_batch=8, kv_tokens=16384, prefill_chunk=2048)
+    p.on_gpu = on_gpu
+    p.prefix_hit = lambda req: hits[len(req.prompt)]
+    took = {}
+    for n in hits:
+        r = seq(n, 4)
+        p.accept(r)
+        plan, _ = p.admit()
+        took[n] = p.partial is not None and p.partial.req is r
+        if took[n]:
+            p.partial = None                  # (this test only asks which way it went)
+        else:
+            assert plan is not None and plan.rows == [r]
+            p.unadmit(plan.rows)
+            p.waiting.clear()
+    want = {n: n != 40 for n in hits}
+    if on_gpu:                                # less than half, and more than a chunk graph left
+        want.update({220: False, 399: False, rest + 37: False})
+    assert took == want
+
+
 def test_prefill_chunk_set_to_zero_mid_prefill_finishes_the_prompt_in_one_forward():
     """Issue 11, defect 2: the running engine took the new value and read an empty chunk."""
     p = planner(prefill_chunk=64)

@@ -23,11 +23,11 @@ def chat(prompt: str) -> Chat:
 
 
 async def spawn(folder: str, device: str, params: dict | None = None,
-                dtype: str | None = None):
+                dtype: str | None = None, max_tokens: int = 512):
     system = ActorSystem()
     system.spawn(VRAMArbiter(2 << 30))
-    llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, device=device, max_tokens=512,
-                             dtype=dtype), params)
+    llm = LLMActor(ModelSpec("llm", "tiny", folder, folder, device=device,
+                             max_tokens=max_tokens, dtype=dtype), params)
     llm.residency_factory = WeightResidency
     system.spawn(llm)
     state = await llm.ask(Describe(), timeout=300)
@@ -83,6 +83,39 @@ def test_a_pinned_llm_warms_its_graphs_at_load_and_the_first_burst_captures_none
     # the loop counts the allocator's new segments (actors/loop_timing.py), by admit too
     assert stats["device_allocs"] >= stats.get("admit_device_allocs", 0) >= 0, stats
     assert all(len(s) == 5 for s in stats.get("admit_alloc_shapes", [])), stats
+
+
+def test_a_short_chat_after_a_long_one_that_grew_the_cache_captures_nothing(tmp_path):
+    """(issue 15, s18) A prompt longer than the warmed cache makes the KV cache anew mid-loop
+    (the old graphs go with the old addresses) and its step captures its own graph; when the
+    loop is idle again it warms the new set, so the short chat that follows replays graphs
+    and captures nothing on its request (before, it captured one: H200, 0.09-0.15 s to its
+    first token, 0.011-0.013 s now)."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+    long_prompt = " ".join(WORDS * 45)                        # ~720 tokens: past WARM_VIEW
+
+    async def go():
+        system, llm = await spawn(folder, "cuda", max_tokens=1024)
+        runner = llm.engine.runner
+        sets, length = runner.graph_sets, runner.cache.length
+        await llm.ask(chat(long_prompt), timeout=120)
+        while llm._loop is not None:
+            await asyncio.sleep(0.01)
+        grown = (runner.cache.length > length, runner.graph_sets > sets)
+        warmed = llm.engine.run_stats.get("warm_captures", 0)
+        short = await llm.ask(chat(PROMPTS[0]), timeout=120)
+        while llm._loop is not None:
+            await asyncio.sleep(0.01)
+        stats = llm.engine.run_stats
+        await system.stop_all()
+        return grown, warmed, short, stats
+
+    grown, warmed, short, stats = asyncio.run(go())
+    assert grown == (True, True), grown
+    assert warmed > 0                       # the new set warmed while idle, after the long chat
+    assert short.completion_tokens > 0 and stats["steps"] > 0
+    assert stats["captures"] == 0, stats
 
 
 def test_after_an_evict_and_admit_the_chats_come_first_and_the_graphs_are_warmed_again(tmp_path):
