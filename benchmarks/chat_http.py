@@ -787,20 +787,18 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    a = parse_args(argv)
-    import_project()
-    import torch  # no CUDA context here: the children and the server use the GPU
-    cuda = torch.cuda.is_available() and not a.tiny
+def model_in_work(a) -> tuple[str, dict]:
+    """``a.work`` emptied, the tokenizers found (``a.tokenizers``, made when None) and the
+    model built into it by a child process (no CUDA context here): its folder and info."""
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
     if a.tokenizers is None:
         from _server import tokenizer_folders
         a.tokenizers = tokenizer_folders(a.work + "-tokenizers")
-    ctx = mp.get_context("spawn")
     folder, info_path = os.path.join(a.work, "llm"), os.path.join(a.work, "info.json")
     t0 = time.monotonic()
-    p = ctx.Process(target=build_model, args=(folder, a.tokenizers, a.tiny, info_path))
+    p = mp.get_context("spawn").Process(target=build_model,
+                                        args=(folder, a.tokenizers, a.tiny, info_path))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -808,6 +806,16 @@ def main(argv=None) -> None:
     with open(info_path) as f:
         info = json.load(f)
     print(f"model built in {time.monotonic() - t0:.1f}s: {info}", flush=True)
+    return folder, info
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    import_project()
+    import torch  # no CUDA context here: the children and the server use the GPU
+    cuda = torch.cuda.is_available() and not a.tiny
+    folder, info = model_in_work(a)
+    ctx = mp.get_context("spawn")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     chats = [int(x) for x in a.chats.split(",") if x.strip()]

@@ -15,8 +15,8 @@ captures on the request path and while idle, new allocator segments).
 Variants: ``default`` (the default liveconfigs), ``noprefix`` (``llm_params.prefix_cache_tokens``
 0: no prompt starts from a stored prefix).
 
-    python3 benchmarks/lone_chats.py --tokenizers .gpucarry --variants default,noprefix,default --out $OUT   # GPU
-    .venv/bin/python benchmarks/lone_chats.py --tiny --out /tmp/lone-chats                                 # CPU
+    python3 benchmarks/lone_chats.py --tokenizers .gpucarry --out $OUT          # GPU
+    .venv/bin/python benchmarks/lone_chats.py --tiny --out /tmp/lone-chats      # CPU
 
 Writes ``lone-chats-<gpu or tiny>.json`` and ``.md`` into ``--out``.
 """
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import shutil
 import statistics
 import sys
 
@@ -87,20 +85,7 @@ def main(argv=None) -> None:
     ch.import_project()
     import torch
     cuda = torch.cuda.is_available() and not a.tiny
-    shutil.rmtree(a.work, ignore_errors=True)
-    os.makedirs(a.work)
-    if a.tokenizers is None:
-        from _server import tokenizer_folders
-        a.tokenizers = tokenizer_folders(a.work + "-tokenizers")
-    folder, info_path = os.path.join(a.work, "llm"), os.path.join(a.work, "info.json")
-    p = mp.get_context("spawn").Process(target=ch.build_model,
-                                        args=(folder, a.tokenizers, a.tiny, info_path))
-    p.start()
-    p.join()
-    if p.exitcode != 0:
-        raise SystemExit("building the model failed")
-    with open(info_path) as f:
-        info = json.load(f)
+    folder, info = ch.model_in_work(a)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     counter = iter(range(10_000))
