@@ -76,34 +76,3 @@ def test_two_loops_capturing_at_once_leave_the_switch_as_the_process_set_it(proc
     second.__exit__(None, None, None)
     assert not switch.cudnn_sdp_enabled()
 
-
-def test_a_graph_set_started_since_the_last_warm_up_is_warmed_when_idle(monkeypatch):
-    """(issue 15, s18) The loop warms the decode graphs when it starts without any, and now
-    also when the runner's graph set is not the one the last warm-up finished for (a cache
-    made anew mid-loop: its first graph captured by a step): else the next short chat
-    captured its own graph on its request."""
-    from agile_rag.actors.llm_batching import BatchEngine
-
-    eng = BatchEngine(tiny_llama(), CharTokenizer())
-    runner = eng.runner
-    monkeypatch.setattr(runner, "graphs_wanted", lambda: True)
-    eng._warm_if_unwarmed()
-    assert eng.warming                                 # no graphs yet
-    # the warm-up runs to its end (nothing left to capture here)
-    monkeypatch.setattr(runner, "plan_warmup", lambda: 0)
-    def warm_one(active, stats):              # the set the warm-up captures into
-        runner.graphs, runner.graph_sets = object(), runner.graph_sets + 1
-        return False
-    monkeypatch.setattr(runner, "warm_one", warm_one)
-    monkeypatch.setattr(runner, "check_lean_chunk", lambda: None)
-    monkeypatch.setattr(runner, "check_lean_prefill", lambda tokens: None)
-    assert eng._warm_step({}) is False and not eng.warming
-    eng._warm_if_unwarmed()
-    assert not eng.warming                             # the set the warm-up finished for
-    runner.graph_sets += 1                             # a new set, started by a step
-    eng._warm_if_unwarmed()
-    assert eng.warming and not eng._warm_planned
-    eng.warming = False
-    eng._apply({"warm_graphs": False})                 # warm-ups off: never
-    eng._warm_if_unwarmed()
-    assert not eng.warming

@@ -170,3 +170,66 @@ def test_a_yield_or_a_drain_ends_the_warm_up_and_graphs_off_skips_it(engine):
     t.join(30)
     engine.ended()
     assert captures(engine) == []
+
+
+def test_a_graph_set_started_since_the_last_warm_up_is_warmed_when_idle(monkeypatch):
+    """(issue 15, s18) The loop warms the decode graphs when it starts without any, and now
+    also when the runner's graph set is not the one the last warm-up finished for (a cache
+    made anew mid-loop: its first graph captured by a step): else the next short chat
+    captured its own graph on its request."""
+    eng = BatchEngine(tiny_llama(), CharTokenizer())
+    runner = eng.runner
+    monkeypatch.setattr(runner, "graphs_wanted", lambda: True)
+    eng._warm_if_unwarmed()
+    assert eng.warming                                 # no graphs yet
+    # the warm-up runs to its end (nothing left to capture here)
+    monkeypatch.setattr(runner, "plan_warmup", lambda: 0)
+    def warm_one(active, stats):              # the set the warm-up captures into
+        runner.graphs, runner.graph_sets = object(), runner.graph_sets + 1
+        return False
+    monkeypatch.setattr(runner, "warm_one", warm_one)
+    monkeypatch.setattr(runner, "check_lean_chunk", lambda: None)
+    monkeypatch.setattr(runner, "check_lean_prefill", lambda tokens: None)
+    assert eng._warm_step({}) is False and not eng.warming
+    eng._warm_if_unwarmed()
+    assert not eng.warming                             # the set the warm-up finished for
+    runner.graph_sets += 1                             # a new set, started by a step
+    eng._warm_if_unwarmed()
+    assert eng.warming and not eng._warm_planned
+    eng.warming = False
+    eng._apply({"warm_graphs": False})                 # warm-ups off: never
+    eng._warm_if_unwarmed()
+    assert not eng.warming
+
+
+def test_a_cache_made_anew_mid_loop_is_warmed_when_idle_and_the_next_chat_captures_none(
+        engine):
+    """(issue 15, s18) A prompt longer than the warmed cache makes the cache anew mid-loop
+    (the old graphs go with it; on a GPU its own step captures its graph); the loop warms the
+    new set while idle after it, so the short chat after it meets a warm set and its loop
+    captures nothing (before, that loop met graphs made for the long prompt only: on the H200
+    its step captured one on its request, 0.09-0.15 s to the first token). Here decode steps
+    run eagerly: what shows is when the warm-up's captures happen."""
+    t, _ = run_loop(engine)                   # the warm-up at load
+    t.join(30)
+    engine.ended()
+    length = engine.cache.length
+    long_prompt = [(7 * i) % 290 + 5 for i in range(length + 100)]
+    req, done = request(engine, long_prompt, 4)
+    assert not engine.submit(req)
+    t, stats = run_loop(engine)
+    assert done.wait(60)
+    t.join(60)
+    engine.ended()
+    assert engine.cache.length > length
+    assert stats.get("warm_captures", 0) > 0  # the new set, while idle after the long chat
+    assert set(engine.runner.warm_buckets()) <= set(engine.runner.graphs.graphs)
+    engine.events.clear()
+    short, done = request(engine, [5, 9, 14, 3, 7], 6)
+    assert not engine.submit(short)
+    t, stats = run_loop(engine)
+    assert done.wait(30)
+    t.join(30)
+    engine.ended()
+    assert stats.get("captures", 0) == 0 and captures(engine) == []
+    assert short.tail.ids == greedy_alone([5, 9, 14, 3, 7], 6)
