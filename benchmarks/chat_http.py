@@ -140,6 +140,11 @@ def parse_args(argv=None):
     return a
 
 
+def chat_counts(a) -> list[int]:
+    """The burst sizes ``--chats`` names, in its order."""
+    return [int(x) for x in a.chats.split(",") if x.strip()]
+
+
 def import_project() -> None:
     try:
         import json5  # noqa: F401
@@ -320,7 +325,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     warm = run(eng, [], 1)                      # the warm-up a load runs (no request)
     out["warm_up"] = {"seconds": round(time.perf_counter() - t, 3),
                       "graphs": warm["warm_captures"], **eng.runner.last_warm}
-    chats = [int(x) for x in a.chats.split(",") if x.strip()]
+    chats = chat_counts(a)
     out["bursts"] = {}
     for n in chats:
         run(eng, prompts[:n], 4)                # the same shapes once (allocator, caches)
@@ -568,7 +573,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             return [next(fresh) for _ in range(n)]
         out["first_burst_after_start"] = timed_burst(base, take(a.burst), a.new_tokens)
         out["bursts"] = {}
-        for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+        for n in chat_counts(a):
             out["bursts"][n] = timed_burst(base, take(n), a.new_tokens)
         if cuda:       # evict + admit through the admin API, then the burst at once
             t = time.monotonic()
@@ -621,7 +626,7 @@ def summarize(runs: list[dict], a) -> dict:
     s["engine_recapture_s"] = med(runs, "engine", "recapture", "seconds")
     s["engine_batch1_decode_vs_bound"] = med(runs, "engine", "batch1_decode_vs_bound")
     s["engine_burst_vs_one"] = med(runs, "engine", "ratio_burst_vs_one")
-    for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+    for n in chat_counts(a):
         for side in ("engine", "server"):
             s[f"{side}_{n}_tok_s"] = med(runs, side, "bursts", str(n), "tok_s")
             s[f"{side}_{n}_ttft_p50_s"] = med(runs, side, "bursts", str(n), "ttft_p50_s")
@@ -713,7 +718,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {t['target']} | {fmt(t['measured'])} | {t['goal']} | {p} |")
     lines += ["", "| chats | engine tok/s | engine TTFT p50 s | served tok/s | served TTFT p50 s |",
               "| --- | --- | --- | --- | --- |"]
-    for n in [int(x) for x in a.chats.split(",") if x.strip()]:
+    for n in chat_counts(a):
         lines.append(f"| {n} | {fmt(s.get(f'engine_{n}_tok_s'))} | "
                      f"{fmt(s.get(f'engine_{n}_ttft_p50_s'))} | {fmt(s.get(f'server_{n}_tok_s'))} "
                      f"| {fmt(s.get(f'server_{n}_ttft_p50_s'))} |")
@@ -724,7 +729,7 @@ def markdown(r: dict) -> str:
               f"| served: first burst of {a.burst} after evict + admit | "
               f"{fmt(s.get('server_first_burst_after_admit_tok_s'))} | "
               f"{fmt(s.get('server_first_burst_after_admit_ttft_p50_s'))} |",
-              f"| served: the next burst of 32 (warm) | "
+              f"| served: the next burst of {a.burst} (warm) | "
               f"{fmt(s.get('server_warm_burst_after_admit_tok_s'))} | "
               f"{fmt(s.get('server_warm_burst_after_admit_ttft_p50_s'))} |",
               f"| engine: first burst of {a.burst} after cache and graphs were dropped | "
@@ -756,7 +761,7 @@ def markdown(r: dict) -> str:
               f"({fmt(s.get('engine_mixed_rag_paged_tok_s'))} tok/s).", ""]
     loop_rows = [("first burst after start", ("first_burst_after_start",)),
                  ("first burst after evict + admit", ("first_burst_after_admit",)),
-                 ("the next burst of 32 (warm)", ("warm_burst_after_admit",))]
+                 (f"the next burst of {a.burst} (warm)", ("warm_burst_after_admit",))]
     if any(med(r["runs"], "server", *path, "loop", "loops") for _, path in loop_rows):
         lines += [f"The served server's batch loop during the bursts of {a.burst} (BatchIdle trace "
                   "events; median of runs):", "",
@@ -823,7 +828,7 @@ def main(argv=None) -> None:
     ctx = mp.get_context("spawn")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
-    chats = [int(x) for x in a.chats.split(",") if x.strip()]
+    chats = chat_counts(a)
     texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(3 * a.burst + sum(chats))]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     runs: list[dict] = []
