@@ -44,13 +44,16 @@ class StepKind(StrEnum):
 
 #: ``prefill_chunk`` by device when not set: a long prompt is read this many tokens a pass, and
 #: while chats stream new prompts are read at most this many a pass. On a CPU a pass costs
-#: about its tokens (512 of a 135M model: ~0.3 s on 2 cores, the stall streaming chats see);
-#: on a GPU an eager pass costs its ~1,400 kernel launches first (30-40 ms for a 3B model on an
-#: H200, chat_http 2026-12-02) and 512 tokens next to nothing, so 512-token passes read a
-#: burst of 32 short prompts two at a time (9-14 passes): 2048 reads them eight at a time for
-#: about the same stall per pass.
+#: about its tokens (512 of a 135M model: ~0.3 s on 2 cores, the stall streaming chats see).
+#: On a GPU a pass costs its kernel launches and a read of the weights before its tokens, and
+#: a pass while chats stream also costs them a decode step: a GPU reads as many tokens a pass
+#: while chats stream as with nobody streaming (``prefill_tokens``' default), so a burst of 32
+#: prompts of ~220 tokens is read in two passes (17, then 15), not three (17, 8 and 7). The
+#: streaming chats stall as long for the burst's prompts either way (the same tokens are
+#: read); the burst ends a decode step and a pass sooner (H200, 3B model: 32 chats 25.2x one
+#: chat's tokens/s against 24.9x, benchmarks/results/gpu-h200-s19.md).
 PREFILL_CHUNK_CPU = 512
-PREFILL_CHUNK_GPU = 2048
+PREFILL_CHUNK_GPU = 4096
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,7 +137,7 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long; unset,
     #                               also not before YIELD_COST_RATIO times what its last
     #                               pauses cost (at most 5 s)
-    #   prefill_chunk_tokens (512 on a CPU, 2048 on a GPU)  a longer prompt is prefilled
+    #   prefill_chunk_tokens (512 on a CPU, 4096 on a GPU)  a longer prompt is prefilled
     #                               this many tokens at a time, the other chats decoding
     #                               between chunks (0: all at once); while chats stream, new
     #                               prompts are read at most this many tokens a pass

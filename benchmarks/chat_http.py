@@ -110,6 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="llm_params.prefill_chunk_tokens (default: the server's, 4096 on a GPU): "
+                   "a longer prompt is read this many tokens a pass, and while chats stream "
+                   "new prompts are read at most this many a pass")
     p.add_argument("--chunk-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="llm_params.chunk_graphs (the server's default: on): short last "
                    "chunks, e.g. the question after a stored prefix, replay CUDA graphs "
@@ -126,11 +130,17 @@ def parse_args(argv=None):
                    help="an environment variable for the served server (repeatable), e.g. "
                    "CUDA_MODULE_LOADING=EAGER to see what first kernel launches cost the "
                    "first burst")
+    p.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a line of the served server's --config file (repeatable), VALUE a "
+                   "Python literal, e.g. SWITCH_INTERVAL_S=0.0005")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
     bad = [kv for kv in a.server_env if "=" not in kv or not kv.split("=", 1)[0]]
     if bad:
         p.error(f"--server-env takes NAME=VALUE, got {bad[0]!r}")
+    bad = [kv for kv in a.server_setting if "=" not in kv or not kv.split("=", 1)[0].strip()]
+    if bad:
+        p.error(f"--server-setting takes NAME=VALUE, got {bad[0]!r}")
     if a.tiny:
         a.prompt_tokens = min(a.prompt_tokens, 60)
         a.new_tokens = min(a.new_tokens, 16)
@@ -278,7 +288,9 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
                           gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs,
                           decode_cudnn=a.decode_cudnn, lean_prefill=a.lean_prefill,
-                          **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}))
+                          **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}),
+                          **({"prefill_chunk": a.prefill_chunk}
+                             if a.prefill_chunk is not None else {}))
         eng.eos = set()                        # every chat runs to max_new
         return eng
 
@@ -553,14 +565,20 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
                            "decode_cudnn_attention": a.decode_cudnn,
                            "lean_prefill": a.lean_prefill,
                            **({"prefill_batch_tokens": a.prefill_tokens}
-                              if a.prefill_tokens else {})}}
+                              if a.prefill_tokens else {}),
+                           **({"prefill_chunk_tokens": a.prefill_chunk}
+                              if a.prefill_chunk is not None else {})}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
+    for line in a.server_setting:
+        name, value = line.split("=", 1)
+        cfg += f"{name.strip()} = {value.strip()}\n"
     if a.fronts is not None:
         cfg += f"FRONT_PROCESSES = {a.fronts if a.fronts == 'auto' else int(a.fronts)!r}\n"
     t0 = time.monotonic()
     env = dict(kv.split("=", 1) for kv in a.server_env)
     proc, base, log = start_server(work, live, cfg, env=env or None)
     out: dict = {"log": log, **({"server_env": env} if env else {}),
+                 **({"server_settings": a.server_setting} if a.server_setting else {}),
                  **({"fronts": a.fronts} if a.fronts is not None else {})}
     try:
         wait_ready(base, proc, timeout=400)

@@ -400,6 +400,28 @@ def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm
     assert any("prefill_batch_tokens" in p for p in bad.value.problems)
 
 
+@pytest.mark.parametrize("on_gpu, passes", [(True, [17, 15]), (False, [17] + [2] * 7 + [1])])
+def test_a_burst_is_read_in_two_passes_on_a_gpu_while_its_first_rows_stream(on_gpu, passes):
+    """(issue 15) A burst of 32 prompts of 240 tokens, by the device's default
+    ``prefill_chunk_tokens``: 17 with nobody streaming (``prefill_batch_tokens``), then, while
+    those stream, the other 15 in one more pass on a GPU (4096 tokens a pass: the burst ends a
+    decode step and a pass sooner than with 8 and 7), two at a time on a CPU (512)."""
+    p = BatchPlanner(BatchSettings(max_batch=64, kv_tokens=65536), on_gpu=on_gpu)
+    assert p.chunk_tokens() == (4096 if on_gpu else 512)
+    burst = [seq(240, 128) for _ in range(32)]
+    for r in burst:
+        p.accept(r)
+    read = []
+    while p.waiting:
+        plan, _ = p.admit()
+        assert plan is not None and plan.kind is StepKind.PREFILL
+        run_prefill(p, plan)
+        read.append(len(plan.rows))
+        assert decode_once(p) is not None             # the rows read so far stream
+    assert read == passes
+    assert sorted(id(r) for r in p.active) == sorted(id(r) for r in burst)
+
+
 @pytest.mark.parametrize("chunk", [0, 2048])
 def test_a_rag_mix_decodes_twice_the_rows_together_with_blocks_as_with_the_rectangle(chunk):
     """(issue 15) Most prompts short, every fourth long (chat_http.py's ``rag`` mix: 18 of
