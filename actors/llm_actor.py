@@ -28,14 +28,13 @@ from ..runtime.actor import CONTROL, DEFER, Envelope
 from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overloaded, ServiceError
 from ..runtime.loop_calls import call_threadsafe
 from ..runtime.thread_tuner import ThreadTuner
-from . import llm_grammar, llm_quant
+from . import llm_grammar, llm_quant, llm_tools
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_fused import lay_end_to_end
 from .llm_generate import eos_ids, generate
 from .llm_int4 import gguf_four_bit, quantize_int4
 from .llm_int8 import quantize_int8
 from .llm_loading import free_idle_cache, gguf_location, llm_dtype, load_gguf, weight_quant
-from .llm_prompts import PromptEncoder
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
 from .torch_util import is_oom, module_bytes
@@ -68,7 +67,6 @@ class LLMActor(ModelActor):
         self.batching_off: str | None = None        # why the engine is off
         self._loop: asyncio.Future | None = None    # the running batch loop
         self._loop_thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._prompts: PromptEncoder | None = None   # a turn's prompts encoded (made on use)
         self._holding = False           # a quiesce waits for the loop: do not restart it
         self._yield_keep = False        # a Yield asked for the cache only (answer Trimmed)
         self._unanswered = 0            # chats handed to the engine and not answered yet
@@ -227,7 +225,7 @@ class LLMActor(ModelActor):
                 self.mailbox.put_nowait(env)
             return
         self.batching_off = None
-        self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare_all,
+        self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
                                   **self._batch_settings())
         threads = self.cpu_thread_range()
         if threads:                     # TORCH_THREADS auto: CPU decode steps time both counts
@@ -421,32 +419,14 @@ class LLMActor(ModelActor):
         return DEFER
 
     def _prepare(self, req: SeqRequest) -> None:
-        """(the batch loop's thread, or ``generate``'s) Encode and check one prompt; raising
-        answers the chat."""
-        exc = self._prepare_all([req])[0]
-        if exc is not None:
-            raise exc
-
-    def _prepare_all(self, reqs: list[SeqRequest]) -> list[Exception | None]:
-        """(the batch loop's thread) Encode and check the prompts of a turn's new chats, in one
-        tokenizer call (:meth:`encode_prompts`); per chat, None or the error it is answered
-        with."""
-        errors: list[Exception | None] = []
-        for req, ids in zip(reqs, self.encode_prompts([r.msg for r in reqs])):
-            try:
-                if isinstance(ids, Exception):
-                    raise ids
-                req.prompt = list(ids) or self._empty_prompt()
-                req.max_new = self._max_new(len(req.prompt), req.msg)
-                req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
-                                                            eos_ids(self.model, self.tokenizer))
-                req.logprobs = req.msg.logprobs
-                if req.msg.stream is not None:
-                    req.msg.stream.push_threadsafe("")   # prompt accepted: headers may go out
-                errors.append(None)
-            except Exception as exc:  # noqa: BLE001 - this chat's error, the others go on
-                errors.append(exc)
-        return errors
+        """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
+        req.prompt = self.encode_prompt(req.msg)[0].tolist() or self._empty_prompt()
+        req.max_new = self._max_new(len(req.prompt), req.msg)
+        req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
+                                                    eos_ids(self.model, self.tokenizer))
+        req.logprobs = req.msg.logprobs
+        if req.msg.stream is not None:
+            req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
 
     def _empty_prompt(self) -> list[int]:
         """What an empty completions prompt (``"prompt": ""``, no tokens) starts from: the
@@ -617,17 +597,22 @@ class LLMActor(ModelActor):
         if self._loop_thread is not None:
             self._loop_thread.shutdown(wait=False)
             self._loop_thread = None
-        if self._prompts is not None:
-            self._prompts.close()
-            self._prompts = None
         await super().on_stop()
 
-    def encode_prompts(self, msgs: list[Chat]) -> list[list[int] | Exception]:
-        """Each chat's prompt token ids, or the error its prompt met: the texts encoded in
-        one go, over a few threads (actors/llm_prompts.py)."""
-        if self._prompts is None:
-            self._prompts = PromptEncoder()
-        return self._prompts(self.tokenizer, msgs)
+    def encode_prompt(self, msg: Chat) -> torch.Tensor:
+        tok = self.tokenizer
+        if msg.messages is not None:
+            messages, tools = llm_tools.template_inputs(tok, msg)
+            if tok.chat_template is None:
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) \
+                    + "\nassistant:"
+                ids = tok(text, return_tensors="pt")["input_ids"]
+            else:
+                ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(msg.prompt, return_tensors="pt")["input_ids"]
+        return ids
 
     def _generate(self, req: SeqRequest) -> ChatResult:
         """The path without continuous batching (actors/llm_generate.py)."""

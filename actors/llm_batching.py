@@ -137,13 +137,11 @@ class BatchEngine:
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True,
-                 prepare: Callable[[list[SeqRequest]], list[Exception | None]] | None = None):
+                 prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        #: called in the loop thread with the new requests of a turn whose ``prompt`` is None,
-        #: all at once (one tokenizer call: a burst's prompts are encoded side by side, not one
-        #: after another with the GPU waiting): encodes and checks them; per request, None or
-        #: the error that request is answered with
+        #: called in the loop thread for each new request whose ``prompt`` is None: encodes and
+        #: checks it (raising answers that request with the error)
         self.prepare = prepare
         self.settings = _settings(BatchSettings(), dict(
             max_batch=max_batch, kv_tokens=kv_tokens, prefill_tokens=prefill_tokens,
@@ -363,7 +361,8 @@ class BatchEngine:
                             draining = True
                         elif isinstance(cmd, Stop):
                             stop = cmd.error
-                    self._accept(new)
+                    while new:
+                        self._accept(new.pop(0))
                     if stop is not None:                  # stopped: answer everyone, end
                         self._fail(stop, [])
                         break
@@ -480,26 +479,15 @@ class BatchEngine:
             if not settings.prefix_cache_tokens:
                 self.runner.prefixes.clear()
 
-    def _accept(self, new: list[SeqRequest]) -> None:
-        """A turn's new requests into the planner (taken from ``new``), those without a prompt
-        prepared first, together; one whose prompt is bad is answered with its error."""
-        todo = [r for r in new if r.prompt is None] if self.prepare is not None else []
-        errors: dict[int, Exception] = {}
-        if todo:
-            assert self.prepare is not None
+    def _accept(self, req: SeqRequest) -> None:
+        if req.prompt is None and self.prepare is not None:
             try:
-                found = self.prepare(todo)
-            except Exception as exc:  # noqa: BLE001 - the call itself failed: each its error
-                found = [exc] * len(todo)
-            errors = {id(r): e for r, e in zip(todo, found) if e is not None}
-        while new:
-            req = new.pop(0)
-            bad = errors.get(id(req))
-            if bad is not None:                  # a bad prompt: answer it, go on
+                self.prepare(req)
+            except Exception as exc:  # noqa: BLE001 - a bad prompt: answer it, go on
                 req.reason = FinishReason.ERROR
-                _safe_done(req, bad)
-                continue
-            self.planner.accept(req)
+                _safe_done(req, exc)
+                return
+        self.planner.accept(req)
 
     # ---- one turn ---------------------------------------------------------------------------
     def _admit(self, stats: dict) -> None:

@@ -1,7 +1,7 @@
 """Tool calls as text: what the prompt says about the tools, and the calls read back out of
 the answer. No torch here.
 
-Prompt side (:func:`template_inputs`, called by ``llm_prompts.prompt_text``): a chat template
+Prompt side (:func:`template_inputs`, called by ``LLMActor.encode_prompt``): a chat template
 that knows about tools (it uses the ``tools`` variable: Qwen, Hermes, Llama 3.1+, Mistral...)
 gets them through ``apply_chat_template(tools=...)``, with the history's assistant
 ``tool_calls`` and ``role: tool`` results in Hugging Face's message format. A template with no

@@ -401,55 +401,10 @@ async def test_the_prefill_warm_up_keeps_nothing(llm, alone):
     assert again.text == alone[0].text
 
 
-async def test_prompts_encoded_together_are_the_templates_tokens(llm):
-    """``encode_prompts`` (a turn's prompts in one tokenizer call) gives each chat what
-    ``apply_chat_template`` tokenizes (with a system message, with tools) and a completions
-    prompt what the tokenizer gives it; a prompt the tokenizer refuses gets its own error."""
-    from agile_rag.actors import llm_tools
-    from agile_rag.actors.messages import Chat
-
-    actor = llm[0]
-    tok = actor.tokenizer
-    tool = {"name": "get_weather", "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-    chats = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "system", "content": "Answer in French."},
-              {"role": "user", "content": "Name three colours."}]]
-    msgs = [Chat(messages=m) for m in chats] + [
-        Chat(messages=chats[0], tools=[tool]),
-        Chat(prompt="Once upon a time"),
-        Chat(prompt=12345),                        # not text: the tokenizer refuses it
-        Chat(messages=chats[1])]
-    got = actor.encode_prompts(msgs)
-    want = [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
-            for m in chats]
-    assert got[0] == want[0] and got[1] == want[1] and got[5] == want[1]
-    messages, tools = llm_tools.template_inputs(tok, msgs[2])      # the tools' own form
-    assert got[2] == tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                             return_dict=True)["input_ids"]
-    assert len(got[2]) > len(want[0]) + 20
-    assert got[3] == tok("Once upon a time")["input_ids"]
-    assert isinstance(got[4], Exception)
-    # a burst's prompts split over threads: the same ids, in the chats' order
-    from agile_rag.actors.llm_prompts import PromptEncoder
-
-    many = [Chat(messages=[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}])
-            for i in range(19)]
-    encoder = PromptEncoder(threads=4)
-    try:
-        split = encoder(tok, many)
-        assert encoder._pool is not None               # it did split
-    finally:
-        encoder.close()
-    assert split == PromptEncoder(threads=1)(tok, many) == [
-        tok.apply_chat_template(m.messages, add_generation_prompt=True,
-                                return_dict=True)["input_ids"] for m in many]
-
-
 async def test_a_too_long_prompt_in_a_burst_is_answered_alone_and_the_others_are_served(
         llm, alone):
-    """Prompts prepared together: one over the context length gets its 400, the chats of the
-    same turn get what they get alone."""
+    """A burst's chats are prepared in the loop's turn: one over the context length gets its
+    400, the chats of the same turn get what they get alone."""
     from agile_rag.runtime.errors import InvalidRequest
 
     actor = llm[0]
