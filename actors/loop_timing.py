@@ -6,6 +6,10 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
 - ``<kind>_launch_s``: host seconds until the forward's kernels were queued;
 - ``<kind>_gpu_s`` (on a GPU): seconds between two CUDA events recorded around the forward on
   its stream. Read once the end event is done, never by a sync of its own;
+- ``<kind>_gap_s`` (on a GPU): seconds on the stream between the previous forward's end event
+  and this one's start event: the small work queued between them (sampling, rows moved, inputs
+  copied) and the time the GPU had nothing queued, waiting for the host. Next to the engine
+  alone, a served burst's larger gaps are its GPU idle (the loop's time not in ``_gpu_s``);
 - ``device_allocs`` (on a GPU): new segments the caching allocator took from the driver during
   the loop (each a ``cudaMalloc``, milliseconds on the forward's path), and
   ``<kind>_device_allocs`` those taken from an admit's or a chunk's start to its tokens
@@ -38,7 +42,10 @@ class LoopTiming:
 
     def __init__(self, on_gpu: bool):
         self.on_gpu = on_gpu
+        #: (stats key, first event, second event): GPU seconds to add once the second is done
         self._pending: list[tuple[str, Any, Any]] = []
+        #: the end event of the last forward launched (gaps are measured from it)
+        self._last_end: Any = None
         self._allocs0 = device_allocs() if on_gpu else None
         #: new segments the last forward counted by :meth:`done` took (0 when not counted),
         #: and of them (small-pool segments, MB)
@@ -60,7 +67,10 @@ class LoopTiming:
         if mark[1] is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._pending.append((kind, mark[1], end))
+            if self._last_end is not None:
+                self._pending.append((kind + "_gap_s", self._last_end, mark[1]))
+            self._pending.append((kind + "_gpu_s", mark[1], end))
+            self._last_end = end
 
     def done(self, stats: dict, kind: str, mark: Mark) -> float:
         """The forward's tokens are on the host (or, for a chunk, its work is queued):
@@ -80,13 +90,13 @@ class LoopTiming:
 
     def collect(self, stats: dict, wait: bool = False) -> None:
         keep = []
-        for kind, a, b in self._pending:
+        for key, a, b in self._pending:
             if wait or b.query():
                 if wait:
                     b.synchronize()
-                add_time(stats, kind + "_gpu_s", a.elapsed_time(b) / 1e3)
+                add_time(stats, key, a.elapsed_time(b) / 1e3)
             else:
-                keep.append((kind, a, b))
+                keep.append((key, a, b))
         self._pending = keep
 
     def finish(self, stats: dict) -> None:

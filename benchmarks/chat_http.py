@@ -507,7 +507,8 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "chunk_s", "decode_s", "seconds", "device_allocs", "admit_device_allocs",
              "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures",
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
-             "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s")
+             "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
+             "admit_gap_s", "chunk_gap_s", "decode_gap_s")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -531,6 +532,9 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
             out[k] += d.get(k, 0) or 0
         shapes.extend(d.get("admit_alloc_shapes") or [])
     out["ms_per_step"] = round(1e3 * out["decode_s"] / out["steps"], 3) if out["steps"] else None
+    # the loops' time the GPU spent in forwards (the rest: the gaps, and between loops)
+    gpu = out["admit_gpu_s"] + out["chunk_gpu_s"] + out["decode_gpu_s"]
+    out["device_busy"] = round(gpu / out["seconds"], 3) if out["seconds"] and gpu else None
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     out["admit_alloc_shapes"] = shapes
     return out
@@ -784,8 +788,9 @@ def markdown(r: dict) -> str:
         lines += [f"The served server's batch loop during the bursts of {a.burst} (BatchIdle trace "
                   "events; median of runs):", "",
                   "| burst | loops | prefills | prefill chunks | graph captures | admit s | "
-                  "decode steps | ms per step | new allocator segments (in admits) |",
-                  "|" + " --- |" * 9]
+                  "decode steps | ms per step | new allocator segments (in admits) | "
+                  "GPU in forwards / loop | GPU gaps before prefills / steps, s |",
+                  "|" + " --- |" * 11]
         for name, path in loop_rows:
             def lm(k, path=path):
                 v = med(r["runs"], "server", *path, "loop", k)
@@ -793,7 +798,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {lm('loops')} | {lm('prefills')} | {lm('prefill_chunks')} "
                          f"| {lm('captures')} | {lm('admit_s')} | {lm('steps')} | "
                          f"{lm('ms_per_step')} | {lm('device_allocs')} "
-                         f"({lm('admit_device_allocs')}) |")
+                         f"({lm('admit_device_allocs')}) | {lm('device_busy')} | "
+                         f"{lm('admit_gap_s')} / {lm('decode_gap_s')} |")
         lines.append("")
         for name, path in loop_rows:          # which admits took new segments (first run)
             first = (r["runs"][0].get("server") or {}) if r["runs"] else {}

@@ -88,3 +88,29 @@ def test_on_the_cpu_nothing_is_read(monkeypatch):
     timing.finish(stats)
     assert "device_allocs" not in stats and "admit_device_allocs" not in stats
     assert timing.last_allocs == 0 and stats["admit_s"] >= 0
+
+
+def test_the_gaps_between_forwards_on_the_stream_are_summed_by_the_next_ones_kind(monkeypatch):
+    """``<kind>_gap_s``: from the previous forward's end event to this one's start event (what
+    ran between them, and the GPU waiting for the host): a served burst's GPU idle."""
+    times = iter([0.000, 0.040,             # the admit's forward
+                  0.041, 0.045,             # a step 1 ms after it (sampling, or idle)
+                  0.045, 0.049,             # the next step queued behind it: no gap
+                  0.052, 0.060])            # a chunk 3 ms later
+
+    class Scripted(Event):
+        def record(self):
+            self.t = next(times)
+
+    monkeypatch.setattr(torch.cuda, "Event", Scripted)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", Allocator().stats)
+    timing, stats = LoopTiming(True), {}
+    for kind in ("admit", "decode", "decode", "chunk"):
+        mark = timing.start()
+        timing.launched(stats, kind, mark)
+        timing.done(stats, kind, mark)
+    timing.finish(stats)
+    assert "admit_gap_s" not in stats                   # the loop's first forward
+    assert stats["decode_gap_s"] == 0.001 and stats["chunk_gap_s"] == 0.003
+    assert (stats["admit_gpu_s"], stats["decode_gpu_s"], stats["chunk_gpu_s"]) == \
+        (0.04, 0.008, 0.008)
