@@ -508,7 +508,7 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures",
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
              "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
-             "admit_gap_s", "chunk_gap_s", "decode_gap_s")
+             "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -783,7 +783,9 @@ def markdown(r: dict) -> str:
               f"({fmt(s.get('engine_mixed_rag_paged_tok_s'))} tok/s).", ""]
     loop_rows = [("first burst after start", ("first_burst_after_start",)),
                  ("first burst after evict + admit", ("first_burst_after_admit",)),
-                 (f"the next burst of {a.burst} (warm)", ("warm_burst_after_admit",))]
+                 (f"the next burst of {a.burst} (warm)", ("warm_burst_after_admit",)),
+                 (f"the timed burst of {a.burst} (warm, before the evict)",
+                  ("bursts", str(a.burst)))]
     if any(med(r["runs"], "server", *path, "loop", "loops") for _, path in loop_rows):
         lines += [f"The served server's batch loop during the bursts of {a.burst} (BatchIdle trace "
                   "events; median of runs):", "",
