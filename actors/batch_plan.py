@@ -43,17 +43,12 @@ class StepKind(StrEnum):
 
 
 #: ``prefill_chunk`` by device when not set: a long prompt is read this many tokens a pass, and
-#: while chats stream new prompts are read at most this many a pass. On a CPU a pass costs
-#: about its tokens (512 of a 135M model: ~0.3 s on 2 cores, the stall streaming chats see).
-#: On a GPU a pass costs its kernel launches and a read of the weights before its tokens, and
-#: a pass while chats stream also costs them a decode step: a GPU reads as many tokens a pass
-#: while chats stream as with nobody streaming (``prefill_tokens``' default), so a burst of 32
-#: prompts of ~220 tokens is read in two passes (17, then 15), not three (17, 8 and 7). The
-#: streaming chats stall as long for the burst's prompts either way (the same tokens are
-#: read); the burst ends a decode step and a pass sooner (H200, 3B model: 32 chats 25.2x one
-#: chat's tokens/s against 24.9x, benchmarks/results/gpu-h200-s19.md).
+#: on a CPU, while chats stream, new prompts are read at most this many a pass. On a CPU a pass
+#: costs about its tokens (512 of a 135M model: ~0.3 s on 2 cores, the stall streaming chats
+#: see); on a GPU an eager pass costs its kernel launches first and 512 tokens next to nothing,
+#: so a long prompt is read 2048 tokens a pass.
 PREFILL_CHUNK_CPU = 512
-PREFILL_CHUNK_GPU = 4096
+PREFILL_CHUNK_GPU = 2048
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,12 +335,12 @@ class BatchPlanner:
         if self.partial is not None:
             longest, held = max(longest, self.partial.req.reserve()), held + 1
         pad_len = 0
-        # while other chats stream, one prefill forward stays within a chunk (they stall
-        # for it); with nobody streaming, up to prefill_tokens at once
+        # with nobody streaming, up to prefill_tokens at once; while other chats stream (they
+        # stall for the pass), up to stream_pass_tokens()
         limit = s.prefill_tokens
-        chunk = self.chunk_tokens()
-        if held and chunk:
-            limit = min(limit, chunk)
+        chunk, stream = self.chunk_tokens(), self.stream_pass_tokens()
+        if held and stream:
+            limit = min(limit, stream)
         holders = list(self.active) + ([self.partial.req] if self.partial is not None else [])
         while self.waiting and held + len(take) < s.max_batch:
             req = self.waiting[0]
@@ -419,6 +414,22 @@ class BatchPlanner:
         c = self.settings.prefill_chunk
         if c is None:
             return PREFILL_CHUNK_GPU if self.on_gpu else PREFILL_CHUNK_CPU
+        return c
+
+    def stream_pass_tokens(self) -> int:
+        """The most prompt tokens a prefill pass reads while chats stream (0: no bound but
+        ``prefill_tokens``): ``prefill_chunk`` when it is set; else on a CPU its default (a
+        CPU's pass costs about its tokens, and the streaming chats stall for it), on a GPU no
+        bound but ``prefill_tokens``. A GPU's pass costs its kernel launches and a read of the
+        weights before its tokens, and a pass while chats stream also costs them a decode
+        step: a burst of 32 prompts of ~220 tokens is read in two passes (17 with nobody
+        streaming, then 15), not three (17, then 8 and 7 within 2048-token passes). The
+        streaming chats stall as long for the burst's prompts either way (the same tokens are
+        read); the burst ends a decode step and a pass sooner (H200, 3B model: 32 chats
+        25.2x one chat's tokens/s against 24.9x, benchmarks/results/gpu-h200-s19.md)."""
+        c = self.settings.prefill_chunk
+        if c is None:
+            return 0 if self.on_gpu else PREFILL_CHUNK_CPU
         return c
 
     def chunk(self) -> tuple[StepPlan | None, SeqRequest | None]:

@@ -137,10 +137,11 @@ class LLMActor(ModelActor):
     #                               (and gives the GPU back) once it has run this long; unset,
     #                               also not before YIELD_COST_RATIO times what its last
     #                               pauses cost (at most 5 s)
-    #   prefill_chunk_tokens (512 on a CPU, 4096 on a GPU)  a longer prompt is prefilled
+    #   prefill_chunk_tokens (512 on a CPU, 2048 on a GPU)  a longer prompt is prefilled
     #                               this many tokens at a time, the other chats decoding
     #                               between chunks (0: all at once); while chats stream, new
-    #                               prompts are read at most this many tokens a pass
+    #                               prompts are read at most this many tokens a pass (unset
+    #                               on a GPU: up to prefill_batch_tokens)
     #   prefill_batch_tokens (4096) the most prompt tokens one prefill pass reads with
     #                               nobody streaming (a burst's first prompts); counted in
     #                               the GPU grant (the pass's activations)

@@ -111,9 +111,10 @@ def parse_args(argv=None):
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")
     p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="llm_params.prefill_chunk_tokens (default: the server's, 4096 on a GPU): "
-                   "a longer prompt is read this many tokens a pass, and while chats stream "
-                   "new prompts are read at most this many a pass")
+                   help="llm_params.prefill_chunk_tokens (default: unset, the server's: 2048 on "
+                   "a GPU): a longer prompt is read this many tokens a pass; set, it also bounds "
+                   "the passes that read new prompts while chats stream (unset on a GPU: "
+                   "prefill_batch_tokens does)")
     p.add_argument("--chunk-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="llm_params.chunk_graphs (the server's default: on): short last "
                    "chunks, e.g. the question after a stored prefix, replay CUDA graphs "

@@ -402,12 +402,17 @@ def test_prefill_batch_tokens_bounds_a_bursts_first_pass_and_reaches_it_from_llm
 
 @pytest.mark.parametrize("on_gpu, passes", [(True, [17, 15]), (False, [17] + [2] * 7 + [1])])
 def test_a_burst_is_read_in_two_passes_on_a_gpu_while_its_first_rows_stream(on_gpu, passes):
-    """(issue 15) A burst of 32 prompts of 240 tokens, by the device's default
-    ``prefill_chunk_tokens``: 17 with nobody streaming (``prefill_batch_tokens``), then, while
-    those stream, the other 15 in one more pass on a GPU (4096 tokens a pass: the burst ends a
-    decode step and a pass sooner than with 8 and 7), two at a time on a CPU (512)."""
+    """(issue 15) A burst of 32 prompts of 240 tokens, ``prefill_chunk_tokens`` unset: 17 with
+    nobody streaming (``prefill_batch_tokens``), then, while those stream, the other 15 in one
+    more pass on a GPU (up to ``prefill_batch_tokens`` again: the burst ends a decode step and a
+    pass sooner than with 8 and 7 in 2048-token passes), two at a time on a CPU (512). A long
+    prompt is still read 2048 tokens a pass on a GPU; a ``prefill_chunk_tokens`` that is set
+    bounds a pass while chats stream on either."""
     p = BatchPlanner(BatchSettings(max_batch=64, kv_tokens=65536), on_gpu=on_gpu)
-    assert p.chunk_tokens() == (4096 if on_gpu else 512)
+    assert p.chunk_tokens() == (2048 if on_gpu else 512)
+    assert p.stream_pass_tokens() == (0 if on_gpu else 512)
+    assert BatchPlanner(BatchSettings(prefill_chunk=2048), on_gpu=True).stream_pass_tokens() \
+        == 2048
     burst = [seq(240, 128) for _ in range(32)]
     for r in burst:
         p.accept(r)
