@@ -102,3 +102,58 @@ def test_llm_params_decode_ahead_reaches_the_engine():
     with pytest.raises(LiveConfigError) as bad:
         validate({"llm_params": {"decode_ahead": 1}})
     assert any("decode_ahead" in p for p in bad.value.problems)
+
+
+async def test_chats_asked_over_http_decode_ahead(tmp_path):
+    """What a RAG app sends (``temperature`` 0, streamed, usage asked for, as
+    benchmarks/chat_http.py does) is a plain greedy chat: with steps going ahead (a GPU's
+    default), the served burst's steps go ahead too, and every chat streams the words it gets
+    with them off."""
+    import json
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from agile_rag.configs import load_settings
+    from agile_rag.http.keys import SERVER
+    from agile_rag.server import create_app
+
+    from support import CACHE, SMOLLM, sse_events
+
+    live = tmp_path / "live.json"
+    live.write_text(json.dumps({"standby_llms": ["smollm2"], "llms": {"smollm2": {
+        "llm_path": SMOLLM, "max_tokens": 2048, "dtype": "float32"}}}))
+    app = create_app(load_settings(LIVECONFIGS_PATH=str(live), MODEL_CACHE_DIR=CACHE))
+    async with TestServer(app) as srv:
+        actor = app[SERVER].registry.resolve("llm", None)
+        for _ in range(1200):
+            if actor.state == "ready" and actor.engine is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert actor.engine is not None, actor.state
+        url = str(srv.make_url("/v1/chat/completions"))
+
+        async def burst(session) -> list[tuple[str, str]]:
+            async def one(prompt, n):
+                async with session.post(url, json={
+                        "model": "smollm2", "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": n, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}}) as r:
+                    assert r.status == 200
+                    events = await sse_events(r)
+                chunks = [c for c in events[:-1] if c["choices"]]
+                return ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks),
+                        chunks[-1]["choices"][0]["finish_reason"])
+            return await asyncio.gather(*(one(p, n) for p, n, _ in CASES))
+
+        got = {}
+        async with aiohttp.ClientSession() as s:
+            try:
+                for ahead in (False, True):
+                    _set(actor, ahead)
+                    got[ahead] = await burst(s)
+                    steps = actor.engine.run_stats.get("ahead_steps", 0)
+                    assert steps > 5 if ahead else steps == 0, steps
+            finally:
+                _set(actor, None)
+    assert got[True] == got[False] and got[True][0][0].startswith("The capital of France")
