@@ -136,12 +136,10 @@ def parse_args(argv=None):
                    "Python literal, e.g. SWITCH_INTERVAL_S=0.0005")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
-    bad = [kv for kv in a.server_env if "=" not in kv or not kv.split("=", 1)[0]]
-    if bad:
-        p.error(f"--server-env takes NAME=VALUE, got {bad[0]!r}")
-    bad = [kv for kv in a.server_setting if "=" not in kv or not kv.split("=", 1)[0].strip()]
-    if bad:
-        p.error(f"--server-setting takes NAME=VALUE, got {bad[0]!r}")
+    for flag, items in (("--server-env", a.server_env), ("--server-setting", a.server_setting)):
+        bad = [kv for kv in items if "=" not in kv or not kv.split("=", 1)[0].strip()]
+        if bad:
+            p.error(f"{flag} takes NAME=VALUE, got {bad[0]!r}")
     if a.tiny:
         a.prompt_tokens = min(a.prompt_tokens, 60)
         a.new_tokens = min(a.new_tokens, 16)
