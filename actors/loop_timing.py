@@ -15,7 +15,10 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
   ``<kind>_device_allocs`` those taken from an admit's or a chunk's start to its tokens
   (decode steps replay graphs and are not counted, to keep the read off every step);
   ``admit_alloc_shapes``: ``[rows, longest prompt, new segments, of them small-pool ones,
-  MB]`` of the first admits that took any (which prefill shapes a warm-up missed).
+  MB]`` of the first admits that took any (which prefill shapes a warm-up missed);
+- ``lead_s``: host seconds from the loop's start to its first forward's start (prompts encoded,
+  the first plan made; with the GPU idle), and ``tail_s`` from its last forward's tokens to the
+  loop's end (the last text read, the rows retired).
 
 Read together: launch close to the total means the host's Python sets the pace; GPU time close
 to the total with a short launch means the GPU does (the model's compute, or kernels that share
@@ -51,6 +54,10 @@ class LoopTiming:
         #: and of them (small-pool segments, MB)
         self.last_allocs = 0
         self.last_alloc_detail = (0, 0.0)
+        #: the loop's start, its first forward's start and its last forward's end (host)
+        self.t0 = time.monotonic()
+        self._first: float | None = None
+        self._last_done = self.t0
 
     def start(self, allocs: bool = False) -> Mark:
         """Marks a forward's start; ``allocs``: count the allocator's new segments too."""
@@ -59,7 +66,10 @@ class LoopTiming:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
         counted = _allocator_counts() if allocs and self.on_gpu else None
-        return time.monotonic(), ev, counted
+        now = time.monotonic()
+        if self._first is None:
+            self._first = now
+        return now, ev, counted
 
     def launched(self, stats: dict, kind: str, mark: Mark) -> None:
         """The forward's kernels are queued (``runner.run`` returned)."""
@@ -75,7 +85,8 @@ class LoopTiming:
     def done(self, stats: dict, kind: str, mark: Mark) -> float:
         """The forward's tokens are on the host (or, for a chunk, its work is queued):
         adds and returns its host seconds; reads the GPU times that are ready."""
-        took = time.monotonic() - mark[0]
+        self._last_done = time.monotonic()
+        took = self._last_done - mark[0]
         add_time(stats, kind + "_s", took)
         self.last_allocs = 0
         if mark[2] is not None:
@@ -101,6 +112,9 @@ class LoopTiming:
 
     def finish(self, stats: dict) -> None:
         """The loop ended: the GPU times still out, then every total rounded."""
+        if self._first is not None:
+            stats["lead_s"] = self._first - self.t0
+            stats["tail_s"] = time.monotonic() - self._last_done
         try:
             self.collect(stats, wait=bool(self._pending))
         except Exception:  # noqa: BLE001 - a failed loop's events may never complete

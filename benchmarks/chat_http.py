@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -127,6 +128,10 @@ def parse_args(argv=None):
                    "and device time, in the json and md")
     p.add_argument("--fronts", default=None, help="the served server's FRONT_PROCESSES "
                    "(a number or auto; default: the server's own default)")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="the served bursts each open a connection a chat (default: one client "
+                   "session keeps its connections from burst to burst, as a RAG app's OpenAI "
+                   "client does; the first burst after start opens them)")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the served server (repeatable), e.g. "
                    "CUDA_MODULE_LOADING=EAGER to see what first kernel launches cost the "
@@ -470,10 +475,11 @@ def wait_for(cond, timeout: float = 120.0, poll: float = 0.05) -> float:
 async def stream_chat(session, base: str, text: str, new: int) -> dict:
     body = {"model": "llm", "messages": [{"role": "user", "content": text}], "max_tokens": new,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = None
+    t0 = time.monotonic()
+    first = last = headers = None
     tokens = 0
     async with session.post(base + "/v1/chat/completions", json=body) as resp:
+        headers = time.monotonic()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
         async for raw in resp.content:
@@ -483,22 +489,70 @@ async def stream_chat(session, base: str, text: str, new: int) -> dict:
             d = json.loads(line[5:])
             if "error" in d:
                 raise RuntimeError(str(d["error"]))
-            if d.get("choices") and d["choices"][0]["delta"].get("content") and first is None:
-                first = time.perf_counter()
+            if d.get("choices") and d["choices"][0]["delta"].get("content"):
+                last = time.monotonic()
+                if first is None:
+                    first = last
             if d.get("usage"):
                 tokens = d["usage"]["completion_tokens"]
-    return {"ttft": (first or time.perf_counter()) - t0, "tokens": tokens}
+    end = time.monotonic()
+    return {"ttft": (first or end) - t0, "tokens": tokens, "t_sent": t0, "t_headers": headers,
+            "t_last": last or end, "t_end": end}
 
 
-async def burst(base: str, texts: list[str], new: int) -> dict:
+async def burst(base: str, texts: list[str], new: int, session=None) -> dict:
+    """The chats asked at once, each streamed; on ``session`` (its kept connections), else
+    on a session of their own (a connection each, opened by the burst)."""
     import aiohttp
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-        t0 = time.perf_counter()
+    async with contextlib.AsyncExitStack() as stack:
+        s = session or await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)))
+        t0 = time.monotonic()
         rs = await asyncio.gather(*(stream_chat(s, base, t, new) for t in texts))
-        wall = time.perf_counter() - t0
+        wall = time.monotonic() - t0
     tokens = sum(r["tokens"] for r in rs)
+
+    def rel(key: str, pick) -> float:
+        return round(pick(r[key] for r in rs) - t0, 4)
+    # the client's side of the burst's timeline (seconds from its start; timed_burst adds
+    # the server's): the last request sent, the last headers, the last token, the last end
+    client = {"last_sent_s": rel("t_sent", max), "last_headers_s": rel("t_headers", max),
+              "first_last_token_s": rel("t_last", min), "last_token_s": rel("t_last", max),
+              "last_end_s": rel("t_end", max)}
     return {"chats": len(texts), "tokens": tokens, "wall_s": round(wall, 4),
-            "tok_s": tokens / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rs)}
+            "tok_s": tokens / wall, "ttft_p50_s": statistics.median(r["ttft"] for r in rs),
+            "t0": t0, "timeline": client}
+
+
+class Client:
+    """The served runs' HTTP client: one event loop and, unless ``fresh``, one aiohttp session
+    whose connections are kept from burst to burst, as a RAG app's OpenAI client keeps its
+    pool (the first burst after start opens them). ``fresh``: each burst opens a connection a
+    chat (on the H200 the 32 connections cost a burst ~0.005-0.01 s before its first request
+    reached the server, benchmarks/results/gpu-h200-s20.md)."""
+
+    def __init__(self, fresh: bool = False):
+        self.fresh = fresh
+        self.runner = asyncio.Runner()
+        self.session = None
+
+    async def _burst(self, base: str, texts: list[str], new: int) -> dict:
+        import aiohttp
+        if self.fresh:
+            return await burst(base, texts, new)
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=600))
+        return await burst(base, texts, new, self.session)
+
+    def burst(self, base: str, texts: list[str], new: int) -> dict:
+        return self.runner.run(self._burst(base, texts, new))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.runner.run(self.session.close())
+        self.runner.close()
 
 
 #: the batch loop's figures summed over a burst's BatchIdle trace events (actors/llm_batching.py)
@@ -507,7 +561,8 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "chunk_device_allocs", "lean_prefills", "warm_captures", "warm_chunk_captures",
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
              "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
-             "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps")
+             "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps", "lead_s", "tail_s",
+             "prepare_s")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -521,11 +576,20 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
         return {"error": str(exc)}
     out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
     shapes: list = []     # [rows, longest prompt, segments, small-pool ones, MB] of such admits
+    marks: dict[str, list[float]] = {}    # the server's side of the timeline (monotonic s)
     for e in events:
-        if e.get("msg") != "BatchIdle" or (t_start is not None and
-                                            e.get("enqueued", t_start) < t_start):
+        if t_start is not None and e.get("enqueued", t_start) < t_start:
+            continue
+        if e.get("actor") == "http" and e.get("msg", "").endswith("/chat/completions"):
+            marks.setdefault("http_in", []).append(e["enqueued"])
+            marks.setdefault("http_out", []).append(e["ended"])
+        elif e.get("msg") == "Chat":
+            marks.setdefault("chat_in", []).append(e["enqueued"])
+        if e.get("msg") != "BatchIdle":
             continue
         d = e.get("detail") or {}
+        marks.setdefault("loop_start", []).append(e["enqueued"] - d.get("seconds", 0.0))
+        marks.setdefault("loop_end", []).append(e["enqueued"])
         out["loops"] += 1
         for k in LOOP_SUMS:
             out[k] += d.get(k, 0) or 0
@@ -536,16 +600,48 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
     out["device_busy"] = round(gpu / out["seconds"], 3) if out["seconds"] and gpu else None
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     out["admit_alloc_shapes"] = shapes
+    out["marks"] = marks
     return out
 
 
-def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0) -> dict:
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds each thread of process ``pid`` has run (Linux: /proc, the scheduler's
+    nanoseconds), by ``name:tid``; {} elsewhere."""
+    out: dict[str, float] = {}
+    if pid is None:
+        return out
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        out[f"{'main' if tid == str(pid) else name}:{tid}"] = ns / 1e9
+    return out
+
+
+def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0,
+                pid: int | None = None, client: Client | None = None) -> dict:
     """A burst, with what the batch loop did during it: after the last answer, until the
     loop that served it has ended (its BatchIdle trace), up to ``wait_s``. A loop that goes
     on warming graphs after an admit ends only when the warm-up has; without the wait its
     figures landed in the next burst's (s16) and that burst met the warm-up."""
     t = time.monotonic()
-    out = asyncio.run(burst(base, texts, new))
+    cpu0 = thread_cpu(pid)
+    out = client.burst(base, texts, new) if client is not None else \
+        asyncio.run(burst(base, texts, new))
+    cpu1 = thread_cpu(pid)
+    # the server's busiest threads during the burst (its event loop is "main"; the batch loop
+    # and the HTTP fronts' bridges are others): CPU seconds, against the burst's wall
+    spent = sorted(((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1), reverse=True)[:4]
+    if spent:
+        out["threads_cpu_s"] = {k: round(v, 4) for v, k in spent if v > 0.001}
     until = time.monotonic() + wait_s
     while True:
         time.sleep(0.1)
@@ -553,6 +649,23 @@ def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0) -> 
         if out["loop"].get("loops") or "error" in out["loop"] or time.monotonic() > until:
             break
     out["loop_ended_after_s"] = round(time.monotonic() - t - out["wall_s"], 2)
+    t0, marks = out.pop("t0"), out["loop"].pop("marks", {})
+    # the server's side, from the start of the client's burst: the first and last request in
+    # (HTTP middleware) and sent to the LLM actor (Chat), the batch loop's start and end, the
+    # last response ended; so the served wall splits into before the loop, the loop, after it
+    for key, pick in (("http_in", min), ("http_in", max), ("chat_in", min), ("chat_in", max),
+                      ("loop_start", min), ("loop_end", max), ("http_out", max)):
+        if marks.get(key):
+            name = {min: "first_", max: "last_"}[pick] + key + "_s"
+            out["timeline"][name] = round(pick(marks[key]) - t0, 4)
+    tl = out["timeline"]
+    if "first_loop_start_s" in tl and "last_loop_end_s" in tl:
+        tl["before_loop_s"] = max(0.0, tl["first_loop_start_s"])
+        tl["loop_s"] = round(tl["last_loop_end_s"] - tl["first_loop_start_s"], 4)
+        tl["after_loop_s"] = round(out["wall_s"] - tl["last_loop_end_s"], 4)
+    main = [v for k, v in out.get("threads_cpu_s", {}).items() if k.startswith("main:")]
+    if main:
+        tl["event_loop_cpu_s"] = main[0]
     return out
 
 
@@ -582,7 +695,9 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
     proc, base, log = start_server(work, live, cfg, env=env or None)
     out: dict = {"log": log, **({"server_env": env} if env else {}),
                  **({"server_settings": a.server_setting} if a.server_setting else {}),
-                 **({"fronts": a.fronts} if a.fronts is not None else {})}
+                 **({"fronts": a.fronts} if a.fronts is not None else {}),
+                 "client_connections": "fresh" if a.fresh_connections else "kept"}
+    client = Client(fresh=a.fresh_connections)
     try:
         wait_ready(base, proc, timeout=400)
         out["start_s"] = round(time.monotonic() - t0, 2)
@@ -592,10 +707,13 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
 
         def take(n: int) -> list[str]:
             return [next(fresh) for _ in range(n)]
-        out["first_burst_after_start"] = timed_burst(base, take(a.burst), a.new_tokens)
+
+        def timed(n: int) -> dict:
+            return timed_burst(base, take(n), a.new_tokens, pid=proc.pid, client=client)
+        out["first_burst_after_start"] = timed(a.burst)
         out["bursts"] = {}
         for n in chat_counts(a):
-            out["bursts"][n] = timed_burst(base, take(n), a.new_tokens)
+            out["bursts"][n] = timed(n)
         if cuda:       # evict + admit through the admin API, then the burst at once
             t = time.monotonic()
             post_json(base + "/admin/models/llm/device", {"device": "cpu"})
@@ -606,9 +724,10 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             wait_for(lambda: llm_state(base)["device"] == "cuda", poll=0.01)
             out["evict_admit"] = {"evict_s": round(evicted_s, 3),
                                   "admit_s": round(time.monotonic() - t, 3)}
-            out["first_burst_after_admit"] = timed_burst(base, take(a.burst), a.new_tokens)
-            out["warm_burst_after_admit"] = timed_burst(base, take(a.burst), a.new_tokens)
+            out["first_burst_after_admit"] = timed(a.burst)
+            out["warm_burst_after_admit"] = timed(a.burst)
     finally:
+        client.close()
         stop_servers([proc])
     return out
 
@@ -802,6 +921,24 @@ def markdown(r: dict) -> str:
                          f"({lm('admit_device_allocs')}) | {lm('device_busy')} | "
                          f"{lm('admit_gap_s')} / {lm('decode_gap_s')} |")
         lines.append("")
+        lines += ["Where the served bursts' time went (seconds; median of runs): the client's "
+                  "wall; before the batch loop started (the requests sent, taken in, handed "
+                  "to the LLM actor); the loop; after it (the last pieces written and read); "
+                  "in the loop, before its first forward (lead) and after its last (tail), and "
+                  "its time encoding prompts (some while a pass computes); the server's event "
+                  "loop's CPU seconds. After < 0: the loop ended after the client's last byte.",
+                  "", "| burst | wall | before the loop | loop | after | lead | tail | "
+                  "encoding prompts | event loop CPU |", "|" + " --- |" * 9]
+        for name, path in loop_rows:
+            def tm(k, path=path, part="timeline"):
+                v = med(r["runs"], "server", *path, part, k)
+                return fmt(v["median"], 4) if v else "-"
+            wall = med(r["runs"], "server", *path, "wall_s")
+            lines.append(f"| {name} | {fmt(wall['median'], 4) if wall else '-'} | "
+                         f"{tm('before_loop_s')} | {tm('loop_s')} | {tm('after_loop_s')} | "
+                         f"{tm('lead_s', part='loop')} | {tm('tail_s', part='loop')} | "
+                         f"{tm('prepare_s', part='loop')} | {tm('event_loop_cpu_s')} |")
+        lines.append("")
         for name, path in loop_rows:          # which admits took new segments (first run)
             first = (r["runs"][0].get("server") or {}) if r["runs"] else {}
             for p in path:
@@ -889,6 +1026,11 @@ def write_results(runs: list[dict], a, info: dict, cuda: bool, *, final: bool) -
                      "evict + admit; the figures check the script, not the targets")
     if not final:
         notes.append(f"{len(runs)} of {a.repeat} runs so far (written after each run)")
+    if "server" not in a.skip:
+        notes.append("served bursts: " + (
+            "each opens a connection a chat (--fresh-connections)" if a.fresh_connections else
+            "one client session keeps its connections from burst to burst (the first burst "
+            "after start opens them)"))
     r = {"device": info["gpu"] or "cpu", "model": ("Qwen2.5-3B shape, random weights, fp16"
                                                    if not a.tiny else "tiny Qwen2, fp32"),
          "weight_bytes": info["weight_bytes"], "versions": info["versions"], "args": vars(a),

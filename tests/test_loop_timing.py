@@ -114,3 +114,27 @@ def test_the_gaps_between_forwards_on_the_stream_are_summed_by_the_next_ones_kin
     assert stats["decode_gap_s"] == 0.001 and stats["chunk_gap_s"] == 0.003
     assert (stats["admit_gpu_s"], stats["decode_gpu_s"], stats["chunk_gpu_s"]) == \
         (0.04, 0.008, 0.008)
+
+
+def test_the_loops_lead_and_tail_are_the_host_time_before_its_first_forward_and_after_its_last(
+        monkeypatch):
+    """``lead_s``: from the loop's start to its first forward (prompts encoded, the GPU idle);
+    ``tail_s``: from its last forward's tokens to its end. A loop without forwards has
+    neither."""
+    clock = iter([10.0,                     # the loop's timing starts
+                  10.025,                   # the first forward starts 25 ms later
+                  10.065,                   # its tokens
+                  10.070, 10.074,           # a decode step
+                  10.080])                  # the loop ends 6 ms after the last tokens
+    monkeypatch.setattr(loop_timing.time, "monotonic", lambda: next(clock))
+    timing, stats = LoopTiming(False), {}
+    for kind in ("admit", "decode"):
+        mark = timing.start()
+        timing.done(stats, kind, mark)
+    timing.finish(stats)
+    assert (stats["lead_s"], stats["tail_s"]) == (0.025, 0.006)
+    assert (stats["admit_s"], stats["decode_s"]) == (0.04, 0.004)
+    monkeypatch.setattr(loop_timing.time, "monotonic", lambda: 20.0)
+    idle, stats = LoopTiming(False), {}
+    idle.finish(stats)
+    assert "lead_s" not in stats and "tail_s" not in stats
