@@ -380,6 +380,28 @@ class BatchPlanner:
         return StepPlan(kind=StepKind.PREFILL, rows=take, cache=shape, keep=first,
                         first_slot=first), cancelled
 
+    def pass_filled(self) -> bool:
+        """The waiting requests already fill the next prefill pass (:meth:`admit`'s bounds on
+        rows and padded tokens, or a long prompt that is read alone): a request behind them is
+        not read in it, so the loop need not encode its prompt before the pass is launched
+        (actors/llm_batching.py prepares the rest while the GPU reads it). A budget that stops
+        the pass sooner is not looked at: then more are prepared than it reads, as before."""
+        s = self.settings
+        held = len(self.active) + (self.partial is not None)
+        limit = s.prefill_tokens
+        chunk, stream = self.chunk_tokens(), self.stream_pass_tokens()
+        if held and stream:
+            limit = min(limit, stream)
+        longest = 0
+        for n, req in enumerate(self.waiting, 1):
+            length = len(req.context())
+            if chunk and length > chunk:
+                return True
+            longest = max(longest, length)
+            if held + n >= s.max_batch or longest * n >= limit:
+                return True
+        return False
+
     def _from_prefix(self, req: SeqRequest, take: list[SeqRequest]) -> bool:
         """``req`` waits alone (a burst is prefilled together, as before) and a stored prefix
         covers at least PREFIX_MIN_HIT of its tokens (on a GPU: and half of them, or all but

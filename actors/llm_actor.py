@@ -421,7 +421,7 @@ class LLMActor(ModelActor):
 
     def _prepare(self, req: SeqRequest) -> None:
         """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
-        req.prompt = self.encode_prompt(req.msg)[0].tolist() or self._empty_prompt()
+        req.prompt = self.encode_prompt(req.msg) or self._empty_prompt()
         req.max_new = self._max_new(len(req.prompt), req.msg)
         req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
                                                     eos_ids(self.model, self.tokenizer))
@@ -600,20 +600,22 @@ class LLMActor(ModelActor):
             self._loop_thread = None
         await super().on_stop()
 
-    def encode_prompt(self, msg: Chat) -> torch.Tensor:
+    def encode_prompt(self, msg: Chat) -> list[int]:
+        """``msg``'s prompt as token ids. A chat is rendered through the chat template and the
+        text encoded without the tokenizer's special tokens (the template writes its own), as
+        ``apply_chat_template(tokenize=True)`` encodes it, less its tensors: a third of the
+        time of a ~220-token prompt, which the batch loop spends per prompt of a burst."""
         tok = self.tokenizer
         if msg.messages is not None:
             messages, tools = llm_tools.template_inputs(tok, msg)
             if tok.chat_template is None:
                 text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) \
                     + "\nassistant:"
-                ids = tok(text, return_tensors="pt")["input_ids"]
-            else:
-                ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tok(msg.prompt, return_tensors="pt")["input_ids"]
-        return ids
+                return list(tok(text)["input_ids"])
+            text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                           tokenize=False)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(msg.prompt)["input_ids"])
 
     def _generate(self, req: SeqRequest) -> ChatResult:
         """The path without continuous batching (actors/llm_generate.py)."""

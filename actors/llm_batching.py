@@ -37,6 +37,11 @@ stop strings' one; a step is not sent ahead past a row's max_tokens, nor when th
 changes (an admit, a chunk, a cancel, a cache that must grow): then the tokens are read
 first, as without it.
 
+A turn encodes only the new prompts its prefill pass will read (``BatchPlanner.pass_filled``);
+the others are encoded after that pass is launched, while the GPU reads it, and before its
+tokens are taken. Each turn's calls to the event loop (every row's new text, each accepted
+prompt's go-ahead for its headers) go in one wake-up (runtime/loop_calls.py).
+
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
 No attribute of the engine is written from two threads: ``running``, ``settings`` (the
@@ -60,7 +65,13 @@ from typing import Any
 import torch
 
 from ..runtime.loop_calls import held_calls
-from .batch_plan import BatchPlanner, BatchSettings, SeqRequest
+from .batch_plan import (
+    PREFILL_CHUNK_CPU,
+    PREFILL_CHUNK_GPU,
+    BatchPlanner,
+    BatchSettings,
+    SeqRequest,
+)
 from .batch_runner import BatchRunner, batching_supported
 from .loop_timing import LoopTiming
 from .messages import ChatResult
@@ -175,6 +186,8 @@ class BatchEngine:
         self.runner.lean_prefill_on = self.settings.lean_prefill
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
+        #: (the loop's) submitted to the running loop, prompts not yet prepared (in order)
+        self._arrived: list[SeqRequest] = []
         self.timing = LoopTiming(False)              # the running loop's (actors/loop_timing)
         self.running = False          # event loop only: a loop was started and has not ended
         self.yielded = False          # the last loop paused for a waiting model
@@ -224,7 +237,14 @@ class BatchEngine:
 
     @property
     def prefill_chunk(self) -> int:
-        return self.planner.chunk_tokens()
+        """A long prompt's tokens a pass, as the event loop last set it. (Not the planner's
+        copy: that is the loop's and changes only when a loop applies the setting; a test
+        that saved it from there just after another test's restore saved the stale value,
+        16, and restored that.)"""
+        c = self.settings.prefill_chunk
+        if c is None:
+            return PREFILL_CHUNK_GPU if self.planner.on_gpu else PREFILL_CHUNK_CPU
+        return c
 
     @property
     def prefill_tokens(self) -> int:
@@ -336,7 +356,7 @@ class BatchEngine:
         planner, runner = self.planner, self.runner
         yield_asked = draining = False
         self.yielded = False
-        new: list[SeqRequest] = []
+        self._arrived = []
         self._pending = []
         self._ahead = None
         self._deferring = self.defer_text if self.defer_text is not None else \
@@ -352,7 +372,7 @@ class BatchEngine:
                     stop: BaseException | None = None
                     for cmd in self._drain_queue():
                         if isinstance(cmd, Submit):
-                            new.append(cmd.req)
+                            self._arrived.append(cmd.req)
                         elif isinstance(cmd, Configure):
                             self._apply(cmd.values)
                         elif isinstance(cmd, YieldGpu):
@@ -361,29 +381,33 @@ class BatchEngine:
                             draining = True
                         elif isinstance(cmd, Stop):
                             stop = cmd.error
-                    while new:
-                        self._accept(new.pop(0))
-                    if stop is not None:                  # stopped: answer everyone, end
-                        self._fail(stop, [])
-                        break
-                    if planner.idle(draining=draining):
-                        self._warm_if_unwarmed()
-                        if not (draining or yield_asked) and (
-                                self.warming and self._warm_step(stats) or
-                                runner.warm_chunk_one(len(planner.active), stats)):
-                            continue                  # one graph, then look at the queue
-                        self._settle()                # (draining: rows a preemption sent back)
-                        break
-                    if yield_asked and time.monotonic() - t0 >= self.yield_after_s():
-                        self._settle()
-                        self._paused_at = time.monotonic()
-                        runner.drop_partial()
-                        stats["yielded_seqs"] = planner.pause_all()
-                        stats["yielded"] = True
-                        self.yielded = True
-                        break
-                    # every row's new text reaches the event loop in one wake-up a step
+                    # every row's new text, and each accepted prompt's go-ahead for its
+                    # headers, reach the event loop in one wake-up a turn (a burst's 32
+                    # prompts woke it 32 times while the loop encoded them, each wake-up
+                    # taking the GIL from the loop's thread)
                     with held_calls():
+                        # the prompts the next pass reads; the rest while it computes (_admit)
+                        self._accept_arrived(
+                            fill_only=not (draining or yield_asked or stop is not None))
+                        if stop is not None:              # stopped: answer everyone, end
+                            self._fail(stop, [])
+                            break
+                        if planner.idle(draining=draining):
+                            self._warm_if_unwarmed()
+                            if not (draining or yield_asked) and (
+                                    self.warming and self._warm_step(stats) or
+                                    runner.warm_chunk_one(len(planner.active), stats)):
+                                continue              # one graph, then look at the queue
+                            self._settle()            # (draining: rows a preemption sent back)
+                            break
+                        if yield_asked and time.monotonic() - t0 >= self.yield_after_s():
+                            self._settle()
+                            self._paused_at = time.monotonic()
+                            runner.drop_partial()
+                            stats["yielded_seqs"] = planner.pause_all()
+                            stats["yielded"] = True
+                            self.yielded = True
+                            break
                         if draining:                      # finish the active rows only
                             if planner.requeue_partial() is not None:
                                 runner.drop_partial()
@@ -394,9 +418,11 @@ class BatchEngine:
         except BaseException as exc:  # noqa: BLE001 - every request gets the error
             self._pending = []
             self._ahead = None
-            self._fail(exc, new)
+            arrived, self._arrived = self._arrived, []
+            self._fail(exc, arrived)
             self.release()
             raise
+        self._accept_arrived()           # (none are left: each way out accepted them all)
         stats["seconds"] = round(time.monotonic() - t0, 4)
         self.timing.finish(stats)
         if runner.graphs is not None:
@@ -479,14 +505,27 @@ class BatchEngine:
             if not settings.prefix_cache_tokens:
                 self.runner.prefixes.clear()
 
+    def _accept_arrived(self, fill_only: bool = False) -> None:
+        """Prepare the arrived requests (their prompts encoded, in order) for the planner;
+        ``fill_only``: only until the waiting ones fill the next prefill pass. A burst's prompts
+        past its first pass are then encoded while the GPU reads that pass (:meth:`_admit`),
+        not before it with the GPU idle (H200: 32 chats' prompts held the loop's first forward
+        ~0.02 s)."""
+        while self._arrived and not (fill_only and self.planner.pass_filled()):
+            self._accept(self._arrived.pop(0))
+
     def _accept(self, req: SeqRequest) -> None:
         if req.prompt is None and self.prepare is not None:
+            t = time.monotonic()
             try:
                 self.prepare(req)
             except Exception as exc:  # noqa: BLE001 - a bad prompt: answer it, go on
                 req.reason = FinishReason.ERROR
                 _safe_done(req, exc)
                 return
+            finally:       # prompts encoded and checked in this loop's thread
+                stats = self.run_stats
+                stats["prepare_s"] = stats.get("prepare_s", 0.0) + time.monotonic() - t
         self.planner.accept(req)
 
     # ---- one turn ---------------------------------------------------------------------------
@@ -512,6 +551,7 @@ class BatchEngine:
             self.planner.unadmit(plan.rows)        # answered with the error, not lost
             raise
         self.timing.launched(stats, "admit", mark)
+        self._accept_arrived()           # while the GPU reads the pass
         lengths = [len(r.context()) for r in plan.rows]
         self.planner.seat(plan.rows, plan.first_slot, lengths)
         stats["prefills"] += 1

@@ -515,3 +515,43 @@ def test_a_retire_of_many_rows_moves_the_cache_as_row_by_row_copies_did(seed):
     for r in p.active:
         for t, want in zip(cache.keys + cache.values, own[id(r)]):
             assert torch.equal(t[r.slot], want)
+
+
+@pytest.mark.parametrize("on_gpu, streaming, lengths", [
+    (True, False, [240] * 32),                 # a burst: 17 a pass with nobody streaming
+    (True, True, [240] * 32),                  # while chats stream (no bound but 4096)
+    (False, True, [240] * 32),                 # a CPU while chats stream: 512 a pass
+    (True, False, [100, 3000, 100]),           # a long prompt behind a short one
+    (True, False, [3000, 100]),                # a long prompt first: read alone, in chunks
+    (True, False, [50] * 70),                  # max_batch (64) before the tokens
+    (True, False, [300, 20, 20, 4000]),
+])
+def test_the_waiting_requests_fill_the_next_pass_as_admit_reads_it(on_gpu, streaming, lengths):
+    """(issue 15) ``pass_filled``: once the waiting requests fill the next prefill pass, one
+    more behind them changes nothing that pass reads: the loop encodes the others' prompts
+    while the pass computes. Accepted one by one until it says so, the pass is the one all of
+    them waiting give."""
+    def fresh() -> BatchPlanner:
+        p = BatchPlanner(BatchSettings(max_batch=64, kv_tokens=1 << 20), on_gpu=on_gpu)
+        if streaming:
+            p.accept(seq(30, 64))
+            run_prefill(p, p.admit()[0])
+        return p
+
+    reqs = [seq(n, 16) for n in lengths]
+    every = fresh()
+    for r in reqs:
+        every.accept(r)
+    want, _ = every.admit()
+    some, n = fresh(), 0
+    while n < len(reqs) and not some.pass_filled():
+        some.accept(reqs[n])
+        n += 1
+    if on_gpu and not streaming and lengths == [240] * 32:
+        assert n == 18                         # 17 read, 15 encoded while they are
+    got, _ = some.admit()
+    if want is None:                           # a long prompt first: a chunked prefill
+        assert got is None and some.partial.req is every.partial.req is reqs[0]
+    else:
+        assert got is not None and [id(r) for r in got.rows] == [id(r) for r in want.rows]
+    assert not fresh().pass_filled()           # nobody waits: nothing fills it

@@ -3,6 +3,7 @@ concurrent streams share decode steps and still get exactly what they would get 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -123,6 +124,9 @@ async def test_concurrent_streams_get_what_they_get_alone(llm, alone):
     batched = max(idle, key=lambda e: e.detail["max_batch"])
     assert batched.detail["max_batch"] >= 3, [e.detail for e in idle]
     assert batched.detail["steps"] < sum(r.completion_tokens for r in results)  # shared steps
+    # the loop's time in encoding prompts, before its first forward and after its last one
+    d = batched.detail
+    assert 0 < d["prepare_s"] < d["seconds"] and 0 < d["lead_s"] + d["tail_s"] < d["seconds"], d
 
 
 async def test_a_cancelled_stream_leaves_and_the_others_finish(llm, alone):
@@ -555,3 +559,97 @@ async def test_llm_params_own_stream_is_read_and_changes_nothing_on_the_cpu():
         assert actor.engine.runner.loop_stream is None
     finally:
         await system.stop_all()
+
+
+async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_computes(
+        llm, alone):
+    """(issue 15) The loop encodes the prompts its next prefill pass reads, launches the pass,
+    and encodes the others while it computes (on a GPU the GPU reads the pass meanwhile; the
+    32 prompts of a burst were encoded before its first forward, ~0.02 s with the GPU idle).
+    Every chat still gets what it gets alone."""
+    actor = llm[0]
+    engine = actor.engine
+    await idle_events(actor, 0)
+    before = engine.settings
+    events: list[str] = []
+    prepare, run, sample = engine.prepare, engine.runner.run, engine.runner.sample
+    loop_run, decode = engine.run, engine._decode
+    loop = asyncio.get_running_loop()
+    wake = loop.call_soon_threadsafe
+    wakeups = []
+
+    def counted_wake(*a, **k):       # the batch thread waking the event loop
+        wakeups.append(threading.current_thread().name)
+        return wake(*a, **k)
+
+    def held_run():                  # the loop starts once the whole burst is queued
+        for _ in range(400):
+            if engine._commands.qsize() >= len(CASES):
+                break
+            time.sleep(0.01)
+        return loop_run()
+
+    def record(name, fn):
+        def call(*a, **k):
+            events.append(name)
+            return fn(*a, **k)
+        return call
+    engine.prepare = record("prepare", prepare)
+    engine.runner.run = record("run", run)
+    engine.runner.sample = record("sample", sample)
+    engine.run = held_run
+    engine._decode = record("turn", decode)
+    loop.call_soon_threadsafe = counted_wake
+    # two of these prompts (~40 tokens each) a pass; none read back from the prefix store
+    engine.configure(prefill_tokens=100, prefix_cache_tokens=0)
+    try:
+        msgs = [chat(p, n, stop, stream=True) for p, n, stop in CASES]
+        results = await asyncio.gather(*(actor.ask(m, timeout=300) for m in msgs))
+    finally:
+        engine.configure(prefill_tokens=before.prefill_tokens,
+                         prefix_cache_tokens=before.prefix_cache_tokens)
+        del engine.prepare, engine.runner.run, engine.runner.sample, engine.run, engine._decode
+        del loop.call_soon_threadsafe
+        engine.prepare = prepare
+    for got, want in zip(results, alone):
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+    first = events.index("run")
+    ahead = events[:first].count("prepare")
+    rows = max(e.detail["batch_size"] for e in chat_events(actor.system, 0)[-len(CASES):])
+    assert 2 <= ahead <= 3 < len(CASES), events      # the first pass's two (and the one
+    # that showed the pass full), then the rest while it computes, before its tokens are read
+    assert events[first + 1:events.index("sample")] == ["prepare"] * (len(CASES) - ahead), \
+        events
+    assert rows == len(CASES)
+    # one wake-up of the event loop a turn at most (and one as the loop ends): the prompts'
+    # go-aheads for their headers go with the turn's text, not one wake-up each
+    from_loop = [n for n in wakeups if n != threading.main_thread().name]
+    assert 0 < len(from_loop) <= events.count("turn") + 1, (len(from_loop), events)
+
+
+async def test_a_prompt_is_encoded_as_the_chat_template_encodes_it(llm):
+    """``encode_prompt`` renders the template and encodes the text without special tokens
+    (no tensors): the same ids as ``apply_chat_template(tokenize=True)``, with a system
+    message, several turns and text that looks like the template's own markers; a legacy
+    completions prompt as the tokenizer encodes it."""
+    from agile_rag.actors.llm_tools import template_inputs
+
+    actor = llm[0]
+    tok = actor.tokenizer
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in one word."},
+         {"role": "user", "content": "Colour of the sky?"},
+         {"role": "assistant", "content": "Blue."},
+         {"role": "user", "content": "And <|im_end|> of grass?\n<|im_start|>assistant"}],
+        [{"role": "user", "content": "  spaces,\ttabs and ünïcödé 漢字 "}],
+    ]
+    for messages in conversations:
+        msg = Chat(messages=messages, max_tokens=4)
+        shown, tools = template_inputs(tok, msg)
+        want = tok.apply_chat_template(shown, tools=tools, add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"]
+        assert actor.encode_prompt(msg) == want[0].tolist()
+    legacy = Chat(prompt="Once upon a time", max_tokens=4)
+    assert actor.encode_prompt(legacy) == tok("Once upon a time", return_tensors="pt")[
+        "input_ids"][0].tolist()
