@@ -39,8 +39,10 @@ first, as without it.
 
 A turn encodes only the new prompts its prefill pass will read (``BatchPlanner.pass_filled``);
 the others are encoded after that pass is launched, while the GPU reads it, and before its
-tokens are taken. Each turn's calls to the event loop (every row's new text, each accepted
-prompt's go-ahead for its headers) go in one wake-up (runtime/loop_calls.py).
+tokens are taken (in a turn without a pass, at once: every prompt is checked in the turn that
+takes it, so a bad one is answered as soon as before). Each turn's calls to the event loop
+(every row's new text, each accepted prompt's go-ahead for its headers) go in one wake-up
+(runtime/loop_calls.py).
 
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
@@ -542,7 +544,8 @@ class BatchEngine:
                 self.run_stats["prefix_hits"] = self.run_stats.get("prefix_hits", 0) + 1
                 self.run_stats["prefix_hit_tokens"] = \
                     self.run_stats.get("prefix_hit_tokens", 0) + n
-        if plan is None:
+        if plan is None:                 # no pass to hide them behind: the rest now (a bad
+            self._accept_arrived()       # prompt among them is answered this turn)
             return
         mark = self.timing.start(allocs=True)
         try:

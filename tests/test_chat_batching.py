@@ -466,7 +466,8 @@ async def test_other_streams_decode_between_the_chunks_of_a_long_prompt(llm):
         a.cancel.set()
         await asyncio.wait_for(task_a, 120)
     finally:
-        engine.configure(prefill_chunk=old, prefix_cache_tokens=4096)
+        engine.configure(prefill_chunk=before.prefill_chunk,
+                         prefix_cache_tokens=before.prefix_cache_tokens)
     chunks = b.prompt_tokens // 24
     assert chunks >= 10
     assert during >= chunks - 3, (during, chunks)
@@ -653,3 +654,36 @@ async def test_a_prompt_is_encoded_as_the_chat_template_encodes_it(llm):
     legacy = Chat(prompt="Once upon a time", max_tokens=4)
     assert actor.encode_prompt(legacy) == tok("Once upon a time", return_tensors="pt")[
         "input_ids"][0].tolist()
+
+
+
+async def test_a_bad_prompt_behind_a_full_batch_is_answered_while_the_batch_runs(llm):
+    """A turn reads prompts only until they fill its pass; with the batch full (a chat
+    streams, ``max_batch`` 1) no pass runs, and the prompts behind the waiting one are checked
+    in that turn all the same: one over the context length gets its 400 while the chat still
+    streams, not once a row is free."""
+    from agile_rag.runtime.errors import InvalidRequest
+
+    actor = llm[0]
+    engine = actor.engine
+    await idle_events(actor, 0)
+    before = engine.settings
+    engine.configure(max_batch=1)
+    try:
+        first = chat("Write a long story about a dragon.", 60, stream=True)
+        streaming = asyncio.ensure_future(actor.ask(first, timeout=300))
+        got = 0
+        while got < 2:                                 # it streams: the batch is full
+            item = await asyncio.wait_for(first.stream.get(), 120)
+            got += isinstance(item, str) and item != ""
+        waiting = asyncio.ensure_future(actor.ask(chat("Name three colours.", 4), timeout=300))
+        bad = asyncio.ensure_future(actor.ask(chat("word " * 2100, 4), timeout=300))
+        done, _ = await asyncio.wait([streaming, waiting, bad], timeout=300,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        assert done == {bad}, done                     # the chat still streams
+        assert isinstance(bad.exception(), InvalidRequest)
+        assert bad.exception().code == "context_length_exceeded"
+        assert (await streaming).completion_tokens == 60
+        assert (await waiting).text
+    finally:
+        engine.configure(max_batch=before.max_batch)
