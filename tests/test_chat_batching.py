@@ -466,8 +466,7 @@ async def test_other_streams_decode_between_the_chunks_of_a_long_prompt(llm):
         a.cancel.set()
         await asyncio.wait_for(task_a, 120)
     finally:
-        engine.configure(prefill_chunk=before.prefill_chunk,
-                         prefix_cache_tokens=before.prefix_cache_tokens)
+        engine.configure(prefill_chunk=old, prefix_cache_tokens=4096)
     chunks = b.prompt_tokens // 24
     assert chunks >= 10
     assert during >= chunks - 3, (during, chunks)
@@ -654,7 +653,6 @@ async def test_a_prompt_is_encoded_as_the_chat_template_encodes_it(llm):
     legacy = Chat(prompt="Once upon a time", max_tokens=4)
     assert actor.encode_prompt(legacy) == tok("Once upon a time", return_tensors="pt")[
         "input_ids"][0].tolist()
-
 
 
 async def test_a_bad_prompt_behind_a_full_batch_is_answered_while_the_batch_runs(llm):
