@@ -51,6 +51,15 @@ PREFILL_CHUNK_CPU = 512
 PREFILL_CHUNK_GPU = 2048
 
 
+def chunk_tokens(settings: BatchSettings, on_gpu: bool) -> int:
+    """``settings.prefill_chunk``, or by device when it is not set (0: a whole context in
+    one pass)."""
+    c = settings.prefill_chunk
+    if c is None:
+        return PREFILL_CHUNK_GPU if on_gpu else PREFILL_CHUNK_CPU
+    return c
+
+
 @dataclass(frozen=True, kw_only=True)
 class BatchSettings:
     max_batch: int = 32
@@ -335,12 +344,7 @@ class BatchPlanner:
         if self.partial is not None:
             longest, held = max(longest, self.partial.req.reserve()), held + 1
         pad_len = 0
-        # with nobody streaming, up to prefill_tokens at once; while other chats stream (they
-        # stall for the pass), up to stream_pass_tokens()
-        limit = s.prefill_tokens
-        chunk, stream = self.chunk_tokens(), self.stream_pass_tokens()
-        if held and stream:
-            limit = min(limit, stream)
+        limit, chunk = self.pass_limit(held), self.chunk_tokens()
         holders = list(self.active) + ([self.partial.req] if self.partial is not None else [])
         while self.waiting and held + len(take) < s.max_batch:
             req = self.waiting[0]
@@ -380,6 +384,13 @@ class BatchPlanner:
         return StepPlan(kind=StepKind.PREFILL, rows=take, cache=shape, keep=first,
                         first_slot=first), cancelled
 
+    def pass_limit(self, held: int) -> int:
+        """The most padded prompt tokens one prefill pass reads with ``held`` rows in the
+        cache: with nobody streaming, up to ``prefill_tokens`` at once; while other chats
+        stream (they stall for the pass), up to :meth:`stream_pass_tokens` too."""
+        limit, stream = self.settings.prefill_tokens, self.stream_pass_tokens()
+        return min(limit, stream) if held and stream else limit
+
     def pass_filled(self) -> bool:
         """The waiting requests already fill the next prefill pass (:meth:`admit`'s bounds on
         rows and padded tokens, or a long prompt that is read alone): a request behind them is
@@ -388,10 +399,7 @@ class BatchPlanner:
         the pass sooner is not looked at: then more are prepared than it reads, as before."""
         s = self.settings
         held = len(self.active) + (self.partial is not None)
-        limit = s.prefill_tokens
-        chunk, stream = self.chunk_tokens(), self.stream_pass_tokens()
-        if held and stream:
-            limit = min(limit, stream)
+        limit, chunk = self.pass_limit(held), self.chunk_tokens()
         longest = 0
         for n, req in enumerate(self.waiting, 1):
             length = len(req.context())
@@ -433,10 +441,7 @@ class BatchPlanner:
     def chunk_tokens(self) -> int:
         """Tokens a chunked prefill reads a pass (0: a whole context in one): the setting, or by
         device when it is not set."""
-        c = self.settings.prefill_chunk
-        if c is None:
-            return PREFILL_CHUNK_GPU if self.on_gpu else PREFILL_CHUNK_CPU
-        return c
+        return chunk_tokens(self.settings, self.on_gpu)
 
     def stream_pass_tokens(self) -> int:
         """The most prompt tokens a prefill pass reads while chats stream (0: no bound but

@@ -67,13 +67,7 @@ from typing import Any
 import torch
 
 from ..runtime.loop_calls import held_calls
-from .batch_plan import (
-    PREFILL_CHUNK_CPU,
-    PREFILL_CHUNK_GPU,
-    BatchPlanner,
-    BatchSettings,
-    SeqRequest,
-)
+from .batch_plan import BatchPlanner, BatchSettings, SeqRequest, chunk_tokens
 from .batch_runner import BatchRunner, batching_supported
 from .loop_timing import LoopTiming
 from .messages import ChatResult
@@ -243,10 +237,7 @@ class BatchEngine:
         copy: that is the loop's and changes only when a loop applies the setting; a test
         that saved it from there just after another test's restore saved the stale value,
         16, and restored that.)"""
-        c = self.settings.prefill_chunk
-        if c is None:
-            return PREFILL_CHUNK_GPU if self.planner.on_gpu else PREFILL_CHUNK_CPU
-        return c
+        return chunk_tokens(self.settings, self.planner.on_gpu)
 
     @property
     def prefill_tokens(self) -> int:
