@@ -112,6 +112,10 @@ class SeqRequest:
     #: where sampling appends ``(token_id, logprob, [(id, logprob), ...])`` per token for a
     #: chat that asked for logprobs (the Chat's own list); None: not asked, nothing computed
     logprobs: list | None = None
+    #: the prompt's encoding begun on a prompt thread as the actor took the chat in (a Future;
+    #: actors/early_prompts.py): the loop takes its result before anything else reads the
+    #: fields ``prepare`` sets
+    early: Any = None
     # state while active
     slot: int = -1
     pos: int = 0                  # tokens in the KV cache

@@ -1,16 +1,17 @@
 """The LLM actor: transformers causal LMs (GGUF files or HF folders), chat templates, streaming.
 
 Chats are continuously batched (actors/llm_batching.py): ``serve`` hands the request to the batch
-engine and returns ``DEFER``; the engine's loop runs in the actor's own thread while there is
-work, encodes each prompt as it arrives, pushes each request's text to its
-:class:`TokenStream` and answers it when it ends (EOS, stop string, max_tokens, client gone).
-So the mailbox stays open during generation (Describe, more chats joining the running batch).
-The GPU grant is taken before the loop starts and finished when it goes idle (``BatchIdle``);
-the KV cache and CUDA graphs are freed before the weights are evicted. Models the loop cannot
-drive (sliding windows, unusual architectures), or ``continuous_batching: false``, take the
-generate path: one ``generate`` per request, streaming through the same text code. An engine
-replaced by a live edit hands the chats it had not answered to its successor (or to the
-generate path), and the actor's queue length counts them until they are answered.
+engine and returns ``DEFER``; the engine's loop runs in the actor's own thread while there is work,
+encodes each prompt as it arrives (or takes it from the actor's prompt threads, which began
+encoding it when ``serve`` took the chat in: actors/early_prompts.py), pushes each request's text
+to its :class:`TokenStream` and answers it when it ends (EOS, stop string, max_tokens, client
+gone). So the mailbox stays open during generation (Describe, more chats joining the running
+batch). The GPU grant is taken before the loop starts and finished when it goes idle
+(``BatchIdle``); the KV cache and CUDA graphs are freed before the weights are evicted. Models the
+loop cannot drive (sliding windows, unusual architectures), or ``continuous_batching: false``, take
+the generate path: one ``generate`` per request, streaming through the same text code. An engine
+replaced by a live edit hands the chats it had not answered to its successor (or to the generate
+path), and the actor's queue length counts them until they are answered.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..runtime.errors import ActorStopped, InvalidRequest, ModelFailed, Overload
 from ..runtime.loop_calls import call_threadsafe
 from ..runtime.thread_tuner import ThreadTuner
 from . import llm_grammar, llm_quant, llm_tools
+from .early_prompts import MAX_THREADS, EarlyPrompts, auto_threads, prepared
 from .llm_batching import BatchEngine, SeqRequest, TextTail, batching_supported
 from .llm_fused import lay_end_to_end
 from .llm_generate import eos_ids, generate
@@ -72,6 +74,7 @@ class LLMActor(ModelActor):
         self._unanswered = 0            # chats handed to the engine and not answered yet
         self._handed: dict[int, SeqRequest] = {}   # id(Chat) -> its state, from an old engine
         self.warm_chats_s: float | None = None      # what the warm-up chats at load took
+        self._prompts: EarlyPrompts | None = None   # the prompt threads (prompt_threads)
 
     # ---- loading ---------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -167,6 +170,11 @@ class LLMActor(ModelActor):
     #   decode_cudnn_attention      on a GPU, the decode graphs are captured with cuDNN's
     #   (true)                      attention kernels allowed (first): plans are built once,
     #                               at capture, never on the request path
+    #   prompt_threads (auto)       threads that encode a chat's prompt as the actor takes it
+    #                               in, before the batch loop reaches it (actors/
+    #                               early_prompts.py); auto: on a GPU one per 4 cores up to
+    #                               4, none below 8 cores or on a CPU-only LLM; 0: the loop
+    #                               encodes them
     #   lean_prefill (true)         a burst's prompts are read in one right-padded pass by
     #                               the decode step's lean decoder (where one is in use and
     #                               its prefill agreed with transformers' once)
@@ -415,12 +423,41 @@ class LLMActor(ModelActor):
         req.on_done = lambda r, res: call_threadsafe(
             loop, lambda a: self._seq_done(*a), (env, r, res))
         self._unanswered += 1
+        prompts = self._early_prompts()
+        if prompts is not None:           # encoded while the burst is taken in, the grant asked
+            prompts.start(req)
         if not self.engine.submit(req):               # no loop runs: take the GPU, start one
             await self._start_loop(env)
         return DEFER
 
+    def _early_prompts(self) -> EarlyPrompts | None:
+        """The prompt threads ``llm_params.prompt_threads`` asks for now (made, resized or
+        closed here), or None: the loop encodes the prompts."""
+        v = self.params.get("prompt_threads", "auto")
+        if v == "auto" or not isinstance(v, int) or isinstance(v, bool):
+            n = auto_threads(self.spec.device != "cpu" and torch.cuda.is_available())
+        else:
+            n = max(0, min(v, MAX_THREADS))
+        cur = self._prompts
+        if cur is not None and cur.threads == n:
+            return cur
+        if n:
+            # threads only for a Rust tokenizer (it encodes without the GIL) with no
+            # truncation or padding set: the first encode clears those, a write that no
+            # other thread's encode may overlap ("Already borrowed"); the loop's first
+            # prompt does it
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is None or backend.truncation is not None or \
+                    backend.padding is not None:
+                return cur
+        if cur is not None:
+            cur.close()
+        self._prompts = EarlyPrompts(self._prepare, n, self.name) if n else None
+        return self._prompts
+
     def _prepare(self, req: SeqRequest) -> None:
-        """(the batch loop's thread) Encode and check the prompt; raising answers the chat."""
+        """(the batch loop's thread, or a prompt thread: actors/early_prompts.py) Encode and
+        check the prompt; raising answers the chat."""
         req.prompt = self.encode_prompt(req.msg) or self._empty_prompt()
         req.max_new = self._max_new(len(req.prompt), req.msg)
         req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
@@ -598,6 +635,9 @@ class LLMActor(ModelActor):
         if self._loop_thread is not None:
             self._loop_thread.shutdown(wait=False)
             self._loop_thread = None
+        if self._prompts is not None:
+            self._prompts.close()
+            self._prompts = None
         await super().on_stop()
 
     def encode_prompt(self, msg: Chat) -> list[int]:
@@ -619,8 +659,7 @@ class LLMActor(ModelActor):
 
     def _generate(self, req: SeqRequest) -> ChatResult:
         """The path without continuous batching (actors/llm_generate.py)."""
-        if req.prompt is None:
-            self._prepare(req)
+        prepared(req, self._prepare)        # (begun on a prompt thread by an engine since gone)
         return generate(self.model, self.tokenizer, req)
 
 

@@ -40,9 +40,11 @@ first, as without it.
 A turn encodes only the new prompts its prefill pass will read (``BatchPlanner.pass_filled``);
 the others are encoded after that pass is launched, while the GPU reads it, and before its
 tokens are taken (in a turn without a pass, at once: every prompt is checked in the turn that
-takes it, so a bad one is answered as soon as before). Each turn's calls to the event loop
-(every row's new text, each accepted prompt's go-ahead for its headers) go in one wake-up
-(runtime/loop_calls.py).
+takes it, so a bad one is answered as soon as before). A prompt the LLM actor's prompt threads
+began encoding as the chat arrived (``llm_params.prompt_threads``, actors/early_prompts.py) is
+taken from them at the same place, waited for if still being encoded. Each turn's calls to the
+event loop (every row's new text, each accepted prompt's go-ahead for its headers) go in one
+wake-up (runtime/loop_calls.py).
 
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
@@ -69,6 +71,7 @@ import torch
 from ..runtime.loop_calls import held_calls
 from .batch_plan import BatchPlanner, BatchSettings, SeqRequest, chunk_tokens
 from .batch_runner import BatchRunner, batching_supported
+from .early_prompts import prepared
 from .loop_timing import LoopTiming
 from .messages import ChatResult
 from .states import FinishReason
@@ -324,7 +327,8 @@ class BatchEngine:
     def adopt(self, reqs: list[SeqRequest]) -> None:
         """(no loop runs) Requests a predecessor did not answer: they wait here, in order."""
         for r in reqs:
-            (self._unprepared if r.prompt is None else self.planner.waiting).append(r)
+            (self._unprepared if r.prompt is None or r.early is not None
+             else self.planner.waiting).append(r)
 
     def fail_all(self, exc: BaseException) -> None:
         """(no loop runs) Answer every request this engine holds with ``exc``."""
@@ -337,6 +341,8 @@ class BatchEngine:
         reqs += [c.req for c in self._drain_queue() if isinstance(c, Submit)]
         self.runner.drop_partial()
         for req in reqs:
+            if req.early is not None:          # its prompt is not wanted now
+                req.early.cancel()
             req.reason = FinishReason.ERROR
             _safe_done(req, exc)
 
@@ -508,16 +514,17 @@ class BatchEngine:
             self._accept(self._arrived.pop(0))
 
     def _accept(self, req: SeqRequest) -> None:
-        if req.prompt is None and self.prepare is not None:
+        if req.early is not None or (req.prompt is None and self.prepare is not None):
             t = time.monotonic()
-            try:
-                self.prepare(req)
+            stats = self.run_stats
+            try:       # encoded on a prompt thread (actors/early_prompts.py), or here
+                if prepared(req, self.prepare):
+                    stats["early_prompts"] = stats.get("early_prompts", 0) + 1
             except Exception as exc:  # noqa: BLE001 - a bad prompt: answer it, go on
                 req.reason = FinishReason.ERROR
                 _safe_done(req, exc)
                 return
-            finally:       # prompts encoded and checked in this loop's thread
-                stats = self.run_stats
+            finally:       # this loop's time encoding and checking prompts, or waiting for them
                 stats["prepare_s"] = stats.get("prepare_s", 0.0) + time.monotonic() - t
         self.planner.accept(req)
 

@@ -139,9 +139,13 @@ def parse_args(argv=None):
     p.add_argument("--server-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="a line of the served server's --config file (repeatable), VALUE a "
                    "Python literal, e.g. SWITCH_INTERVAL_S=0.0005")
+    p.add_argument("--llm-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="an llm_params entry of the served server's liveconfigs.json "
+                   "(repeatable), VALUE JSON, e.g. prompt_threads=0")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
-    for flag, items in (("--server-env", a.server_env), ("--server-setting", a.server_setting)):
+    for flag, items in (("--server-env", a.server_env), ("--server-setting", a.server_setting),
+                        ("--llm-param", a.llm_param)):
         bad = [kv for kv in items if "=" not in kv or not kv.split("=", 1)[0].strip()]
         if bad:
             p.error(f"{flag} takes NAME=VALUE, got {bad[0]!r}")
@@ -562,7 +566,7 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
              "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
              "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps", "lead_s", "tail_s",
-             "prepare_s")
+             "prepare_s", "early_prompts")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -585,6 +589,11 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
             marks.setdefault("http_out", []).append(e["ended"])
         elif e.get("msg") == "Chat":
             marks.setdefault("chat_in", []).append(e["enqueued"])
+            if e.get("started") is not None:       # the LLM actor took it from its mailbox
+                marks.setdefault("chat_start", []).append(e["started"])
+            wait = (e.get("detail") or {}).get("grant_wait_s")
+            if wait is not None:                   # the chat that asked for the loop's grant
+                marks.setdefault("grant_wait", []).append(wait)
         if e.get("msg") != "BatchIdle":
             continue
         d = e.get("detail") or {}
@@ -654,11 +663,14 @@ def timed_burst(base: str, texts: list[str], new: int, wait_s: float = 15.0,
     # (HTTP middleware) and sent to the LLM actor (Chat), the batch loop's start and end, the
     # last response ended; so the served wall splits into before the loop, the loop, after it
     for key, pick in (("http_in", min), ("http_in", max), ("chat_in", min), ("chat_in", max),
-                      ("loop_start", min), ("loop_end", max), ("http_out", max)):
+                      ("chat_start", max), ("loop_start", min), ("loop_end", max),
+                      ("http_out", max)):
         if marks.get(key):
             name = {min: "first_", max: "last_"}[pick] + key + "_s"
             out["timeline"][name] = round(pick(marks[key]) - t0, 4)
     tl = out["timeline"]
+    if marks.get("grant_wait"):       # the LLM actor's wait for the VRAM arbiter's grant
+        tl["grant_wait_s"] = round(max(marks["grant_wait"]), 4)
     if "first_loop_start_s" in tl and "last_loop_end_s" in tl:
         tl["before_loop_s"] = max(0.0, tl["first_loop_start_s"])
         tl["loop_s"] = round(tl["last_loop_end_s"] - tl["first_loop_start_s"], 4)
@@ -683,7 +695,9 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
                            **({"prefill_batch_tokens": a.prefill_tokens}
                               if a.prefill_tokens else {}),
                            **({"prefill_chunk_tokens": a.prefill_chunk}
-                              if a.prefill_chunk is not None else {})}}
+                              if a.prefill_chunk is not None else {}),
+                           **{k.strip(): json.loads(v) for k, v in
+                              (kv.split("=", 1) for kv in a.llm_param)}}}
     cfg = f"TOTAL_CUDA_MEMORY = 0\nMEMORY_REDUNDANCY = 0.0\nADMIN_KEY = {ADMIN_KEY!r}\n"
     for line in a.server_setting:
         name, value = line.split("=", 1)
@@ -695,6 +709,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
     proc, base, log = start_server(work, live, cfg, env=env or None)
     out: dict = {"log": log, **({"server_env": env} if env else {}),
                  **({"server_settings": a.server_setting} if a.server_setting else {}),
+                 **({"llm_params": a.llm_param} if a.llm_param else {}),
                  **({"fronts": a.fronts} if a.fronts is not None else {}),
                  "client_connections": "fresh" if a.fresh_connections else "kept"}
     client = Client(fresh=a.fresh_connections)
@@ -925,10 +940,14 @@ def markdown(r: dict) -> str:
                   "wall; before the batch loop started (the requests sent, taken in, handed "
                   "to the LLM actor); the loop; after it (the last pieces written and read); "
                   "in the loop, before its first forward (lead) and after its last (tail), and "
-                  "its time encoding prompts (some while a pass computes); the server's event "
-                  "loop's CPU seconds. After < 0: the loop ended after the client's last byte.",
+                  "its time encoding prompts or waiting for them (some while a pass computes), "
+                  "and how many of them the prompt threads encoded (llm_params.prompt_threads); "
+                  "the LLM actor's wait for its GPU grant (the burst's other chats wait in its "
+                  "mailbox meanwhile); the server's event loop's CPU seconds. After < 0: the "
+                  "loop ended after the client's last byte.",
                   "", "| burst | wall | before the loop | loop | after | lead | tail | "
-                  "encoding prompts | event loop CPU |", "|" + " --- |" * 9]
+                  "encoding prompts | encoded early | grant wait | event loop CPU |",
+                  "|" + " --- |" * 11]
         for name, path in loop_rows:
             def tm(k, path=path, part="timeline"):
                 v = med(r["runs"], "server", *path, part, k)
@@ -937,7 +956,9 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {fmt(wall['median'], 4) if wall else '-'} | "
                          f"{tm('before_loop_s')} | {tm('loop_s')} | {tm('after_loop_s')} | "
                          f"{tm('lead_s', part='loop')} | {tm('tail_s', part='loop')} | "
-                         f"{tm('prepare_s', part='loop')} | {tm('event_loop_cpu_s')} |")
+                         f"{tm('prepare_s', part='loop')} | "
+                         f"{tm('early_prompts', part='loop')} | {tm('grant_wait_s')} | "
+                         f"{tm('event_loop_cpu_s')} |")
         lines.append("")
         for name, path in loop_rows:          # which admits took new segments (first run)
             first = (r["runs"][0].get("server") or {}) if r["runs"] else {}

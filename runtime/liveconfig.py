@@ -173,6 +173,10 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
                 "prefill_chunk_tokens", "prefill_batch_tokens"):
         if key in lp and (not _is_int(lp[key]) or lp[key] < 0):
             problems.append(f"llm_params.{key} must be a whole number")
+    if "prompt_threads" in lp and lp["prompt_threads"] != "auto" and (
+            not _is_int(lp["prompt_threads"]) or not 0 <= lp["prompt_threads"] <= 16):
+        problems.append('llm_params.prompt_threads must be a whole number from 0 to 16, '
+                        'or "auto"')
     if ep["token_estimation"] not in ("len", "re"):
         problems.append('embedder_params.token_estimation must be "len" or "re"')
     if not _is_int(ep["resize"]) or ep["resize"] < 0:

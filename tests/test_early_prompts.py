@@ -1,0 +1,148 @@
+"""Prompts encoded on the LLM actor's prompt threads as chats arrive (llm_params.prompt_threads,
+actors/early_prompts.py): the same words as prompts the batch loop encodes, bad prompts still
+answered with their error, and the loop taking, waiting for or doing each prompt's encoding."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from test_chat_batching import CASES, chat, drain, idle_events, start_llm
+
+from agile_rag.actors.early_prompts import EarlyPrompts, auto_threads, prepared
+from agile_rag.actors.messages import UpdateModel
+from agile_rag.runtime.errors import InvalidRequest
+
+
+def _req():
+    return SimpleNamespace(prompt=None, early=None)
+
+
+def test_the_loop_takes_an_encoded_prompt_waits_for_one_being_encoded_or_encodes_it_itself():
+    where: dict[int, str] = {}
+    gate = threading.Event()
+
+    def prepare(req):
+        if req.n == 0:
+            assert gate.wait(10)                 # the only thread is busy with this one
+        if req.n == 3:
+            raise InvalidRequest("too long", code="context_length_exceeded")
+        where[req.n] = threading.current_thread().name
+        req.prompt = [req.n]
+
+    prompts = EarlyPrompts(prepare, 1, "t")
+    try:
+        reqs = [SimpleNamespace(prompt=None, early=None, n=i) for i in range(4)]
+        for r in reqs[:3]:
+            prompts.start(r)
+        # 1 and 2 wait behind 0: the loop takes 1 from the queue and encodes it itself
+        assert prepared(reqs[1], prepare) is False and reqs[1].early is None
+        assert reqs[1].prompt == [1] and where[1] == threading.current_thread().name
+        threading.Timer(0.2, gate.set).start()
+        t = time.monotonic()
+        assert prepared(reqs[0], prepare) is True            # waited for the thread
+        assert time.monotonic() - t >= 0.1 and reqs[0].prompt == [0]
+        assert where[0].startswith("llm-prompts-t")
+        assert prepared(reqs[2], prepare) in (True, False) and reqs[2].prompt == [2]
+        prompts.start(reqs[3])                                # its error comes to the loop
+        with pytest.raises(InvalidRequest):
+            prepared(reqs[3], prepare)
+        done = _req()
+        done.prompt = [7]                                     # nothing to do: no call
+        assert prepared(done, lambda r: pytest.fail("prepared twice")) is False
+        prompts.start(done)
+        assert done.early is None                             # an encoded prompt stays as is
+    finally:
+        gate.set()
+        prompts.close()
+
+
+def test_prompt_threads_by_default_only_beside_a_gpu_on_eight_cores_or_more():
+    assert auto_threads(False, 64) == 0
+    assert auto_threads(True, 2) == 0 and auto_threads(True, 4) == 0
+    assert auto_threads(True, 8) == 2 and auto_threads(True, 16) == 4
+    assert auto_threads(True, 128) == 4
+
+
+@pytest.fixture(scope="module")
+async def llm():
+    """A greedy SmolLM2 actor behind a VRAM arbiter (its loop asks for a grant, as on a GPU)
+    whose prompts are encoded on two prompt threads."""
+    params = {"default_temp": 0.0, "prompt_threads": 2}
+    actor, arbiter, system = await start_llm(params)
+    yield actor, params
+    await system.stop_all()
+
+
+def _threads_of(actor) -> list[str]:
+    """Records which thread encodes each prompt from now on."""
+    names: list[str] = []
+    encode = type(actor).encode_prompt
+
+    def recording(msg):
+        names.append(threading.current_thread().name)
+        return encode(actor, msg)
+    actor.encode_prompt = recording
+    return names
+
+
+async def _burst(actor, cases):
+    msgs = [chat(p, n, stop, stream=True) for p, n, stop in cases]
+    results = await asyncio.gather(*(actor.ask(m, timeout=300) for m in msgs),
+                                   return_exceptions=True)
+    return msgs, results
+
+
+async def test_prompts_encoded_as_chats_arrive_give_the_words_the_loop_gives(llm):
+    actor, params = llm
+    names = _threads_of(actor)
+    try:
+        await idle_events(actor, 0)
+        t0 = time.monotonic()
+        msgs, early = await _burst(actor, CASES)
+        idle = await idle_events(actor, t0)
+        on_threads = [n for n in names if n.startswith("llm-prompts-")]
+        assert on_threads, names                      # the prompt threads encoded prompts
+        assert sum(e.detail.get("early_prompts", 0) for e in idle) == len(on_threads)
+        for msg, got in zip(msgs, early):
+            assert await drain(msg.stream, got) == got.text       # streamed as before
+        # the same burst with the loop encoding every prompt: the same words
+        await actor.ask(UpdateModel(spec=actor.spec, params={**params, "prompt_threads": 0}),
+                        timeout=60)
+        names.clear()
+        t1 = time.monotonic()
+        _, loop = await _burst(actor, CASES)
+        assert names and not any(n.startswith("llm-prompts-") for n in names), names
+        assert not any(e.detail.get("early_prompts") for e in await idle_events(actor, t1))
+        for a, b in zip(early, loop):
+            assert (a.text, a.finish_reason, a.completion_tokens, a.prompt_tokens) == \
+                (b.text, b.finish_reason, b.completion_tokens, b.prompt_tokens)
+        assert early[0].text.startswith("The capital of France is")
+    finally:
+        await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=60)
+        del actor.encode_prompt
+
+
+async def test_a_bad_prompt_encoded_early_is_answered_and_the_rest_are_served(llm):
+    actor, _ = llm
+    cases = [CASES[0], ("word " * 2100, 4, []), CASES[3]]
+    msgs, results = await _burst(actor, cases)
+    bad = results[1]
+    assert isinstance(bad, InvalidRequest) and bad.code == "context_length_exceeded", bad
+    assert results[0].text.startswith("The capital of France is")
+    assert results[2].finish_reason == "length" and results[2].completion_tokens == 6
+    assert actor._unanswered == 0
+
+
+def test_prompt_threads_in_liveconfigs_is_a_count_up_to_16_or_auto():
+    from agile_rag.runtime.liveconfig import LiveConfigError, validate
+
+    for ok in (0, 4, 16, "auto"):
+        assert validate({"llm_params": {"prompt_threads": ok}}).llm_params[
+            "prompt_threads"] == ok
+    for bad in (-1, 17, "many", 2.5, True):
+        with pytest.raises(LiveConfigError) as err:
+            validate({"llm_params": {"prompt_threads": bad}})
+        assert any("prompt_threads" in p and '"auto"' in p for p in err.value.problems), bad
