@@ -146,3 +146,29 @@ def test_prompt_threads_in_liveconfigs_is_a_count_up_to_16_or_auto():
         with pytest.raises(LiveConfigError) as err:
             validate({"llm_params": {"prompt_threads": bad}})
         assert any("prompt_threads" in p and '"auto"' in p for p in err.value.problems), bad
+
+
+async def test_a_new_engine_takes_the_waiting_chats_with_their_prompts_encoded_early(llm):
+    """A live edit that makes a new engine (kv_block_tokens) while chats wait behind a full
+    batch: the new engine adopts them, prompts encoded on the prompt threads or not yet, and
+    every chat gets the words it gets alone."""
+    actor, params = llm
+    prompts = [f"Tell me fact number {i} about the sea." for i in range(6)]
+    alone = [await actor.ask(chat(p, 8), timeout=300) for p in prompts]
+    one = {**params, "max_batch_size": 1}
+    await actor.ask(UpdateModel(spec=actor.spec, params=one), timeout=60)
+    old = actor.engine
+    try:
+        msgs = [chat(p, 8, stream=i == 0) for i, p in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+        await asyncio.wait_for(msgs[0].stream.get(), 120)      # one row runs, five wait
+        await actor.ask(UpdateModel(spec=actor.spec, params={**one, "kv_block_tokens": 16}),
+                        timeout=300)
+        assert actor.engine is not old
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        assert [(r.text, r.finish_reason) for r in results] == \
+            [(r.text, r.finish_reason) for r in alone]
+        assert actor.queue_length() == 0
+    finally:
+        await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=300)
+    assert actor.engine.settings.kv_block == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import pytest
 from test_chat_batching import LONG_PROMPT, chat, start_llm
 
 from agile_rag.actors.messages import UpdateModel
@@ -13,12 +14,16 @@ from agile_rag.runtime.errors import ModelFailed
 PROMPTS = [f"Tell me fact number {i} about the sea." for i in range(10)]
 
 
-async def test_turning_batching_off_with_a_device_change_answers_every_waiting_chat():
+@pytest.mark.parametrize("threads", [0, 2])
+async def test_turning_batching_off_with_a_device_change_answers_every_waiting_chat(threads):
     """Defect 1: with max_batch_size 2 and 10 chats, one save that moves the LLM to the CPU
     and turns continuous batching off used to drop the 8 chats waiting for a slot with the old
     engine (nobody answered them until REQUEST_TIMEOUT). Now they go to the generate path,
-    the streamed ones continue where they paused, and every text is what it is alone."""
-    actor, _, system = await start_llm({"max_batch_size": 2})
+    the streamed ones continue where they paused, and every text is what it is alone. With
+    prompt threads (llm_params.prompt_threads) the waiting chats' prompts were encoded on
+    them: the generate path takes them as encoded."""
+    base = {"max_batch_size": 2, "prompt_threads": threads}
+    actor, _, system = await start_llm(base)
     try:
         alone = [await actor.ask(chat(p, 12), timeout=300) for p in PROMPTS]
         msgs = [chat(p, 12, stream=i % 2 == 0) for i, p in enumerate(PROMPTS)]
@@ -26,8 +31,7 @@ async def test_turning_batching_off_with_a_device_change_answers_every_waiting_c
         await asyncio.wait_for(msgs[0].stream.get(), 120)         # the batch is running
         assert actor.queue_length() >= 8                          # defect 4: they count
         spec = dataclasses.replace(actor.spec, device="cpu")
-        await actor.ask(UpdateModel(spec=spec, params={"max_batch_size": 2,
-                                                       "continuous_batching": False}),
+        await actor.ask(UpdateModel(spec=spec, params={**base, "continuous_batching": False}),
                         timeout=300)
         assert actor.engine is None
         results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
@@ -41,7 +45,7 @@ async def test_turning_batching_off_with_a_device_change_answers_every_waiting_c
                 assert "".join(p for p in pieces if isinstance(p, str)) == r.text
         assert actor.queue_length() == 0
         # and back on: the engine takes chats again
-        await actor.ask(UpdateModel(spec=spec, params={"max_batch_size": 2}), timeout=300)
+        await actor.ask(UpdateModel(spec=spec, params=base), timeout=300)
         assert actor.engine is not None
         again = await asyncio.gather(*(actor.ask(chat(p, 12), timeout=300)
                                        for p in PROMPTS[:3]))
