@@ -69,6 +69,7 @@ from typing import Any
 import torch
 
 from ..runtime.loop_calls import held_calls
+from . import sampling
 from .batch_plan import BatchPlanner, BatchSettings, SeqRequest, chunk_tokens
 from .batch_runner import BatchRunner, batching_supported
 from .early_prompts import prepared
@@ -556,7 +557,7 @@ class BatchEngine:
         lengths = [len(r.context()) for r in plan.rows]
         self.planner.seat(plan.rows, plan.first_slot, lengths)
         stats["prefills"] += 1
-        self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows))
+        self._take_tokens(plan.rows, sampling.sample(logits, plan.rows))
         took = self.timing.done(stats, "admit", mark)
         if self.timing.last_allocs:          # which prefill shapes a warm-up missed
             shapes = stats.setdefault("admit_alloc_shapes", [])
@@ -582,7 +583,7 @@ class BatchEngine:
         stats["prefill_chunks"] = stats.get("prefill_chunks", 0) + 1
         if plan.lands:
             stats["prefills"] += 1
-            tokens = self.runner.sample(logits, [req])
+            tokens = sampling.sample(logits, [req])
             req.prefill_s += time.monotonic() - t0
             self._take_tokens([req], tokens)
         else:
@@ -620,14 +621,14 @@ class BatchEngine:
         self.planner.stepped(plan.rows)
         b = len(plan.rows)
         if self._goes_ahead(plan.rows):
-            tokens, host, ready = self.runner.sample_ahead(logits)
+            tokens, host, ready = sampling.sample_ahead(logits)
             self._ahead = _Ahead(plan.rows, tokens, host, ready, mark)
             if ahead is not None:            # the last step's tokens while this one computes
                 self._take_ahead(ahead, stats, retire=True)
             stats["ahead_steps"] = stats.get("ahead_steps", 0) + 1
         else:
             self._resolve(stats, retire=False)
-            self._take_tokens(plan.rows, self.runner.sample(logits, plan.rows),
+            self._take_tokens(plan.rows, sampling.sample(logits, plan.rows),
                               defer=self._deferring)
             self.timing.done(stats, "decode", mark)
         stats["steps"] += 1
@@ -663,7 +664,7 @@ class BatchEngine:
             self._take_ahead(ahead, stats, retire)
 
     def _take_ahead(self, ahead: _Ahead, stats: dict, retire: bool) -> None:
-        tokens = self.runner.read_ahead(ahead.host, ahead.ready)
+        tokens = sampling.read_ahead(ahead.host, ahead.ready)
         self._take_tokens(ahead.rows, tokens, defer=self._deferring, retire=retire)
         # steps sent ahead overlap: each counts its host seconds from its start or the last
         # step's tokens, whichever came later (``decode_s`` stays the loop's time in steps)

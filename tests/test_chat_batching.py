@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agile_rag.actors import batch_plan
+from agile_rag.actors import batch_plan, sampling
 from agile_rag.actors.llm_actor import YIELD_COST_RATIO, LLMActor
 from agile_rag.actors.messages import (
     Chat,
@@ -562,7 +562,7 @@ async def test_llm_params_own_stream_is_read_and_changes_nothing_on_the_cpu():
 
 
 async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_computes(
-        llm, alone):
+        llm, alone, monkeypatch):
     """(issue 15) The loop encodes the prompts its next prefill pass reads, launches the pass,
     and encodes the others while it computes (on a GPU the GPU reads the pass meanwhile; the
     32 prompts of a burst were encoded before its first forward, ~0.02 s with the GPU idle).
@@ -572,7 +572,7 @@ async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_c
     await idle_events(actor, 0)
     before = engine.settings
     events: list[str] = []
-    prepare, run, sample = engine.prepare, engine.runner.run, engine.runner.sample
+    prepare, run, sample = engine.prepare, engine.runner.run, sampling.sample
     loop_run, decode = engine.run, engine._decode
     loop = asyncio.get_running_loop()
     wake = loop.call_soon_threadsafe
@@ -596,7 +596,7 @@ async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_c
         return call
     engine.prepare = record("prepare", prepare)
     engine.runner.run = record("run", run)
-    engine.runner.sample = record("sample", sample)
+    monkeypatch.setattr(sampling, "sample", record("sample", sample))
     engine.run = held_run
     engine._decode = record("turn", decode)
     loop.call_soon_threadsafe = counted_wake
@@ -608,7 +608,8 @@ async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_c
     finally:
         engine.configure(prefill_tokens=before.prefill_tokens,
                          prefix_cache_tokens=before.prefix_cache_tokens)
-        del engine.prepare, engine.runner.run, engine.runner.sample, engine.run, engine._decode
+        del engine.prepare, engine.runner.run, engine.run, engine._decode
+        monkeypatch.undo()
         del loop.call_soon_threadsafe
         engine.prepare = prepare
     for got, want in zip(results, alone):
