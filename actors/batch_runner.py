@@ -286,7 +286,7 @@ class BatchRunner:
         """The plan's forward: logits ``[rows, vocab]`` of the rows' next tokens (a CHUNK
         that does not land yet returns an empty tensor). ``ids``: a decode step's input
         tokens where they are not the rows' ``last`` yet (the step before's greedy tokens,
-        still on the device: :meth:`sample_ahead`)."""
+        still on the device: :func:`.sampling.sample_ahead`)."""
         self.prepare(plan)
         if plan.kind is StepKind.PREFILL:
             return self._prefill(plan, stats)
