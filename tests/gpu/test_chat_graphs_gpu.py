@@ -426,3 +426,27 @@ def test_gate_and_up_computed_each_way_say_the_same_words(tmp_path, monkeypatch)
         got, (lean, ok, took) = asyncio.run(half_burst(folder, {}, look))
         assert took == form and ok is True and lean >= 1, (form, lean, ok)
         assert got == want, form
+
+
+def test_prompts_encoded_on_prompt_threads_on_a_gpu_say_the_same_words(tmp_path):
+    """(issue 15) A pinned LLM on a GPU whose prompts are encoded on its prompt threads as the
+    chats arrive (llm_params.prompt_threads, actors/early_prompts.py; the default on a machine
+    with 8 or more cores) says the same words as one whose loop encodes them, and the threads
+    did encode them."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=128, max_positions=1024,
+                            words_only=True)
+
+    async def go(threads: int):
+        system, llm = await spawn(folder, "cuda", {"prompt_threads": threads})
+        try:
+            words = await burst(llm)
+            await asyncio.sleep(0.2)              # the last loop's BatchIdle is traced
+            return words, sum(e.detail.get("early_prompts", 0) for e in system.tracer.events
+                              if e.msg_type == "BatchIdle")
+        finally:
+            await system.stop_all()
+
+    loop_words, none = asyncio.run(go(0))
+    thread_words, early = asyncio.run(go(4))
+    assert thread_words == loop_words
+    assert none == 0 and early > 0, (none, early)
