@@ -142,8 +142,22 @@ def parse_args(argv=None):
     p.add_argument("--llm-param", action="append", default=[], metavar="NAME=VALUE",
                    help="an llm_params entry of the served server's liveconfigs.json "
                    "(repeatable), VALUE JSON, e.g. prompt_threads=0")
+    p.add_argument("--ab-llm-params", default=None, metavar="JSON",
+                   help="an A/B in each served server, after its warm bursts: pairs of "
+                   "windows (a burst of one chat, then one of --burst chats) with its "
+                   "llm_params as started (A) and with these entries over them (B), switched "
+                   "through liveconfigs.json and POST /admin/reload, the order alternating; "
+                   "e.g. '{\"prompt_threads\": 0}'")
+    p.add_argument("--ab-pairs", type=int, default=6, help="A/B pairs of windows (default 6)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "chat-http"))
     a = p.parse_args(argv)
+    if a.ab_llm_params is not None:
+        try:
+            a.ab_llm_params = json.loads(a.ab_llm_params)
+        except ValueError as exc:
+            p.error(f"--ab-llm-params is not JSON: {exc}")
+        if not isinstance(a.ab_llm_params, dict) or not a.ab_llm_params:
+            p.error("--ab-llm-params takes a JSON object of llm_params entries")
     for flag, items in (("--server-env", a.server_env), ("--server-setting", a.server_setting),
                         ("--llm-param", a.llm_param)):
         bad = [kv for kv in items if "=" not in kv or not kv.split("=", 1)[0].strip()]
@@ -729,6 +743,8 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
         out["bursts"] = {}
         for n in chat_counts(a):
             out["bursts"][n] = timed(n)
+        if a.ab_llm_params:
+            out["ab"] = ab_windows(base, work, live, a, timed)
         if cuda:       # evict + admit through the admin API, then the burst at once
             t = time.monotonic()
             post_json(base + "/admin/models/llm/device", {"device": "cpu"})
@@ -745,6 +761,46 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
         client.close()
         stop_servers([proc])
     return out
+
+
+def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
+    """``a.ab_pairs`` pairs of windows in the running server, A (``live`` as started) and B
+    (``a.ab_llm_params`` over its llm_params), the order alternating (AB, BA, ...); a window is
+    a burst of one chat, then one of ``a.burst`` chats. Each side's 32/1 ratio per window, and
+    B/A of the ratio and of the big burst's tokens/s per pair. The server is left on A."""
+    path = os.path.join(work, "liveconfigs.json")
+    sides = {"A": live, "B": {**live, "llm_params": {**live["llm_params"], **a.ab_llm_params}}}
+
+    def switch(side: str) -> None:
+        with open(path, "w") as f:
+            json.dump(sides[side], f)
+        post_json(base + "/admin/reload", {}, timeout=120)
+
+    windows: dict[str, list[dict]] = {"A": [], "B": []}
+    for i in range(a.ab_pairs):
+        for side in ("AB" if i % 2 == 0 else "BA"):
+            switch(side)
+            one, many = timed(1), timed(a.burst)
+            lp = many.get("loop", {})
+            windows[side].append({
+                "one_tok_s": one["tok_s"], "tok_s": many["tok_s"],
+                "ratio": many["tok_s"] / one["tok_s"], "ttft_p50_s": many["ttft_p50_s"],
+                **{k: lp.get(k) for k in ("lead_s", "tail_s", "prepare_s", "early_prompts")},
+                **{k: many["timeline"].get(k) for k in ("before_loop_s", "loop_s",
+                                                        "grant_wait_s")}})
+    switch("A")
+    pairs = list(zip(windows["A"], windows["B"]))
+    return {"b_params": a.ab_llm_params, "windows": windows,
+            "b_over_a_ratio": [b["ratio"] / x["ratio"] for x, b in pairs],
+            "b_over_a_tok_s": [b["tok_s"] / x["tok_s"] for x, b in pairs]}
+
+
+def spread(values: list[float]) -> str:
+    """median (min..max)"""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return "-"
+    return f"{statistics.median(vs):.4g} ({min(vs):.4g}..{max(vs):.4g})"
 
 
 # ---- summary ------------------------------------------------------------------------------------
@@ -970,6 +1026,27 @@ def markdown(r: dict) -> str:
                              f"prompt, segments, of them small-pool ones, MB; first run): "
                              f"{shapes}")
         lines.append("")
+    abs_ = [(run.get("server") or {}).get("ab") for run in r["runs"]]
+    abs_ = [x for x in abs_ if x]
+    if abs_:
+        keys = (("ratio", "burst / one chat"), ("one_tok_s", "one chat tok/s"),
+                ("tok_s", "burst tok/s"), ("ttft_p50_s", "burst TTFT p50 s"),
+                ("before_loop_s", "before the loop s"), ("lead_s", "lead s"),
+                ("prepare_s", "encoding prompts s"), ("early_prompts", "encoded early"),
+                ("grant_wait_s", "grant wait s"))
+        lines += [f"A/B in each served server (B = A with llm_params {abs_[0]['b_params']}, "
+                  "switched through liveconfigs.json and POST /admin/reload; pairs of windows, "
+                  "the order alternating; each window a burst of one chat, then one of "
+                  f"--burst chats): median (min..max) over {len(abs_)} server(s)' windows.", "",
+                  "| side | " + " | ".join(k[1] for k in keys) + " |",
+                  "|" + " --- |" * (len(keys) + 1)]
+        for side in ("A", "B"):
+            ws = [w for x in abs_ for w in x["windows"][side]]
+            lines.append(f"| {side} | " + " | ".join(spread([w.get(k) for w in ws])
+                                                    for k, _ in keys) + " |")
+        lines += ["", "B/A of each pair: burst / one chat "
+                  f"{spread([v for x in abs_ for v in x['b_over_a_ratio']])}, burst tok/s "
+                  f"{spread([v for x in abs_ for v in x['b_over_a_tok_s']])}.", ""]
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:
         lines += [f"Profile of a burst of {prof['chats']} chats ({prof['steps']} decode steps), "
@@ -1012,7 +1089,8 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     chats = chat_counts(a)
-    texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(3 * a.burst + sum(chats))]
+    ab = 2 * a.ab_pairs * (1 + a.burst) if a.ab_llm_params else 0    # the A/B's windows
+    texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(3 * a.burst + sum(chats) + ab)]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     runs: list[dict] = []
     md = ""
