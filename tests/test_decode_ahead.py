@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_chat_batching import CASES, chat, drain, start_llm
+from test_chat_batching import CASES, chat, drain, idle_events, start_llm
 from test_deferred_text import cancel_and_pause, extras, outcome, together
 
 #: a short answer in a long allowance: ends by EOS, one step after which was sent ahead
@@ -29,12 +29,18 @@ def _set(actor, ahead):
     actor.engine.defer_text = True if ahead else None
 
 
+async def _set_idle(actor, ahead):
+    """:func:`_set` once no loop runs (a loop reads defer_text as it starts)."""
+    await idle_events(actor, 0)
+    _set(actor, ahead)
+
+
 async def test_decoding_ahead_ends_every_chat_as_reading_each_step(llm):
     actor = llm[0]
     results, steps = {}, {}
     try:
         for ahead in (False, True):
-            _set(actor, ahead)
+            await _set_idle(actor, ahead)
             # all greedy: steps go ahead
             msgs = [chat(p, n, stop, stream=True) for p, n, stop in CASES] + \
                 [chat(p, n, stream=True) for p, n in SHORT]
@@ -47,7 +53,7 @@ async def test_decoding_ahead_ends_every_chat_as_reading_each_step(llm):
             got2 = await together(actor, mixed)
             results[ahead] = [outcome(m, r) for m, r in zip(msgs + mixed, got + got2)]
     finally:
-        _set(actor, None)
+        await _set_idle(actor, None)
     assert steps[False] == 0 and steps[True] > 10
     assert results[True] == results[False]
     reasons = [o[1] for o in results[True][:len(CASES) + len(SHORT)]]
@@ -64,7 +70,7 @@ async def test_rows_that_join_and_leave_a_batch_decoding_ahead(llm):
     prompts = [("Write a long story about a dragon.", 48), ("Count from 1 to 20.", 20),
                ("Name three colours.", 10), ("Say hello.", 40)]
     alone = [await actor.ask(chat(p, n), timeout=300) for p, n in prompts]
-    _set(actor, True)
+    await _set_idle(actor, True)
     try:
         first = chat(*prompts[0], stream=True)
         task = asyncio.ensure_future(actor.ask(first, timeout=300))
@@ -74,7 +80,7 @@ async def test_rows_that_join_and_leave_a_batch_decoding_ahead(llm):
         got = await together(actor, later)
         res = await asyncio.wait_for(task, 300)
     finally:
-        _set(actor, None)
+        await _set_idle(actor, None)
     assert [(r.text, r.finish_reason, r.completion_tokens) for r in [res] + got] == \
         [(r.text, r.finish_reason, r.completion_tokens) for r in alone]
 
@@ -150,10 +156,10 @@ async def test_chats_asked_over_http_decode_ahead(tmp_path):
         async with aiohttp.ClientSession() as s:
             try:
                 for ahead in (False, True):
-                    _set(actor, ahead)
+                    await _set_idle(actor, ahead)
                     got[ahead] = await burst(s)
                     steps = actor.engine.run_stats.get("ahead_steps", 0)
                     assert steps > 5 if ahead else steps == 0, steps
             finally:
-                _set(actor, None)
+                await _set_idle(actor, None)
     assert got[True] == got[False] and got[True][0][0].startswith("The capital of France")

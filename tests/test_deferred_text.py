@@ -9,7 +9,7 @@ import asyncio
 import json
 
 import pytest
-from test_chat_batching import CASES, chat, drain, start_llm
+from test_chat_batching import CASES, chat, drain, idle_events, start_llm
 
 from agile_rag.actors.messages import Chat, JobFinished, RequestGrant, Revoke
 
@@ -50,13 +50,16 @@ async def test_deferred_text_ends_every_chat_as_the_text_read_at_once(llm):
     actor = llm[0]
     results = {}
     for defer in (False, True):
+        await idle_events(actor, 0)      # a loop reads defer_text as it starts: none runs
         actor.engine.defer_text = defer
         msgs = [chat(p, n, stop, stream=True) for p, n, stop in CASES] + extras()
         got = await together(actor, msgs)
+        assert actor.engine._deferring is defer
         for m, r in zip(msgs, got):
             if m.stream is not None:                      # streamed once, piece by piece
                 assert await drain(m.stream, r) == r.text
         results[defer] = [outcome(m, r) for m, r in zip(msgs, got)]
+    await idle_events(actor, 0)          # (the last chats' loop may still be ending)
     actor.engine.defer_text = None
     await actor.ask(chat("Hi.", 2), timeout=300)
     assert actor.engine._deferring is False               # None: at once on a CPU
