@@ -737,7 +737,8 @@ class Soak:
         async with s.get(self.url + "/admin/models", headers=self.admin) as r:
             b = await r.json()
         rt = b["runtime"]
-        return {"threads": rt["threads"], "actors": sorted(rt["actors"]),
+        return {"threads": rt["threads"], "thread_groups": rt.get("thread_groups"),
+                "actors": sorted(rt["actors"]),
                 "queued": sum(m["queue_length"] for m in b["models"]),
                 "states": sorted({m["state"] for m in b["models"]}),
                 "gpu_holders": (b["gpu"] or {}).get("holders", {}),

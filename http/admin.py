@@ -119,6 +119,7 @@ async def list_models(request: web.Request) -> web.Response:
                "devices": st.devices, "placement": st.placement}
     rss, rss_file = _rss_bytes()
     runtime = {"actors": sorted(server.system.actors), "threads": threading.active_count(),
+               "thread_groups": thread_groups(),
                # the loaded models' weights still alive, by actor (a removed model's must go)
                "weights_alive": live_weights(),
                "rss_bytes": rss, "rss_file_bytes": rss_file, "open_fds": _open_fds()}
@@ -126,6 +127,16 @@ async def list_models(request: web.Request) -> web.Response:
                           "runtime": runtime,
                           "live_config": os.path.abspath(server.settings.LIVECONFIGS_PATH)},
                          request=request)
+
+
+def thread_groups() -> dict[str, int]:
+    """The process's threads by name, less a pool's worker number (``model-work_3`` ->
+    ``model-work``): which pool grew, when the thread count does."""
+    groups: dict[str, int] = {}
+    for t in threading.enumerate():
+        name = re.sub(r"(_\d+|-\d+|\(.*\))+$", "", t.name) or t.name
+        groups[name] = groups.get(name, 0) + 1
+    return dict(sorted(groups.items()))
 
 
 async def add_model(request: web.Request) -> web.Response:

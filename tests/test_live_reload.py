@@ -250,6 +250,9 @@ async def test_admin_upload_add_device_delete_round_trip(live):
         (mine,) = [m for m in listing["models"] if m["name"] == "up"]
         assert mine["config_device"] == "cpu" and mine["state"] == "ready"
         assert mine["queue_length"] == 0 and mine["weight_bytes"] > 0
+        groups = listing["runtime"]["thread_groups"]      # threads by pool, less worker numbers
+        assert groups["MainThread"] == 1 and sum(groups.values()) >= listing["runtime"][
+            "threads"] - 1 and not any(k.endswith(("_0", "_1")) for k in groups), groups
 
         async with s.delete(base + "/admin/models/up") as r:
             assert r.status == 200 and (await r.json())["applied"] == ["removed embedder up"]
