@@ -157,6 +157,12 @@ class SeqRequest:
         assert self.prompt is not None
         return self.prompt + self.tail.ids
 
+    def context_len(self) -> int:
+        """``len(self.context())`` without building the list (the planner asks it of every
+        waiting request each time the loop accepts one: ``BatchPlanner.pass_filled``)."""
+        assert self.prompt is not None
+        return len(self.prompt) + len(self.tail.ids)
+
     def reserve(self) -> int:
         """Cache length admission counts for this sequence (it may grow past it: the cache
         then grows, or the newest sequence is preempted when the budget is spent)."""
@@ -359,7 +365,7 @@ class BatchPlanner:
                 continue
             n = held + len(take) + 1
             lng = max(longest, req.reserve())
-            if chunk and len(req.context()) > chunk or \
+            if chunk and req.context_len() > chunk or \
                     self._from_prefix(req, take):
                 # a long context: prefilled alone, a chunk per loop turn (one at a time); a
                 # lone request a stored prefix serves: from there, in one chunk
@@ -370,7 +376,7 @@ class BatchPlanner:
                     req.prefill_batch = max(req.prefill_batch, 1)
                     self.partial = Partial(req)
                 break
-            plen = max(pad_len, len(req.context()))
+            plen = max(pad_len, req.context_len())
             if (held or take) and (self._over_budget(holders + take + [req], n, lng) or
                                    plen * (len(take) + 1) > limit):
                 break
@@ -406,7 +412,7 @@ class BatchPlanner:
         limit, chunk = self.pass_limit(held), self.chunk_tokens()
         longest = 0
         for n, req in enumerate(self.waiting, 1):
-            length = len(req.context())
+            length = req.context_len()
             if chunk and length > chunk:
                 return True
             longest = max(longest, length)
@@ -428,7 +434,7 @@ class BatchPlanner:
             return False
         if not self.on_gpu:
             return True
-        n = len(req.context())
+        n = req.context_len()
         return 2 * hit >= n or n - hit <= PREFIX_GPU_REST
 
     def unadmit(self, rows: list[SeqRequest]) -> None:
@@ -475,7 +481,7 @@ class BatchPlanner:
             self.partial = None
             req.reason = FinishReason.CANCELLED
             return None, req
-        ctx_len = len(req.context())
+        ctx_len = req.context_len()
         step = self.chunk_tokens() or ctx_len
         start, end = p.done, min(ctx_len, p.done + step)
         plan = StepPlan(kind=StepKind.CHUNK, rows=[req], start=start, end=end)

@@ -554,7 +554,7 @@ class BatchEngine:
             raise
         self.timing.launched(stats, "admit", mark)
         self._accept_arrived()           # while the GPU reads the pass
-        lengths = [len(r.context()) for r in plan.rows]
+        lengths = [r.context_len() for r in plan.rows]
         self.planner.seat(plan.rows, plan.first_slot, lengths)
         stats["prefills"] += 1
         self._take_tokens(plan.rows, sampling.sample(logits, plan.rows))
