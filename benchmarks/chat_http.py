@@ -795,14 +795,6 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
             "b_over_a_tok_s": [b["tok_s"] / x["tok_s"] for x, b in pairs]}
 
 
-def spread(values: list[float]) -> str:
-    """median (min..max)"""
-    vs = [v for v in values if v is not None]
-    if not vs:
-        return "-"
-    return f"{statistics.median(vs):.4g} ({min(vs):.4g}..{max(vs):.4g})"
-
-
 # ---- summary ------------------------------------------------------------------------------------
 def med(runs: list[dict], *path) -> dict | None:
     vals = []
@@ -814,6 +806,12 @@ def med(runs: list[dict], *path) -> dict | None:
                 break
         if isinstance(v, (int, float)):
             vals.append(float(v))
+    return stats_of(vals)
+
+
+def stats_of(values: list) -> dict | None:
+    """Median, min, max and count of the numbers among ``values`` (:func:`fmt` shows them)."""
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
     if not vals:
         return None
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
@@ -1042,11 +1040,12 @@ def markdown(r: dict) -> str:
                   "|" + " --- |" * (len(keys) + 1)]
         for side in ("A", "B"):
             ws = [w for x in abs_ for w in x["windows"][side]]
-            lines.append(f"| {side} | " + " | ".join(spread([w.get(k) for w in ws])
+            lines.append(f"| {side} | " + " | ".join(fmt(stats_of([w.get(k) for w in ws]), 4)
                                                     for k, _ in keys) + " |")
         lines += ["", "B/A of each pair: burst / one chat "
-                  f"{spread([v for x in abs_ for v in x['b_over_a_ratio']])}, burst tok/s "
-                  f"{spread([v for x in abs_ for v in x['b_over_a_tok_s']])}.", ""]
+                  f"{fmt(stats_of([v for x in abs_ for v in x['b_over_a_ratio']]), 4)}, "
+                  "burst tok/s "
+                  f"{fmt(stats_of([v for x in abs_ for v in x['b_over_a_tok_s']]), 4)}.", ""]
     prof = ((r["runs"][0].get("engine") or {}).get("profile") if r["runs"] else None)
     if prof:
         lines += [f"Profile of a burst of {prof['chats']} chats ({prof['steps']} decode steps), "
