@@ -46,7 +46,7 @@ def test_stress_nothing_lost_nothing_mixed_up(stress_server, seed):
     # no pool of threads grew past its size (pools start their workers as work comes: the
     # model pool, each encoder's forwards, the event loop's file reads); a replaced actor's
     # threads end once their last job has (they may still be winding down)
-    groups = settled_threads(stress_server["base"], before["thread_groups"])
+    groups = settled_threads(soak, before["thread_groups"])
     assert not grown(before["thread_groups"], groups), json.dumps(
         {"before": before["thread_groups"], "after": groups})
 
@@ -69,14 +69,12 @@ def grown(before: dict, after: dict) -> dict:
     return out
 
 
-def settled_threads(base: str, before: dict, timeout: float = 20.0) -> dict:
-    """The server's thread groups (GET /admin/models) once none has grown past its pool
-    (:func:`grown`), or the last ones seen after ``timeout`` seconds."""
+def settled_threads(soak: Soak, before: dict, timeout: float = 20.0) -> dict:
+    """The server's thread groups (the soak's snapshot of GET /admin/models) once none has
+    grown past its pool (:func:`grown`), or the last ones seen after ``timeout`` seconds."""
     async def groups() -> dict:
         async with aiohttp.ClientSession() as s:
-            async with s.get(base + "/admin/models",
-                             headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-                return (await r.json())["runtime"]["thread_groups"]
+            return (await soak.snapshot(s))["thread_groups"]
     deadline = time.monotonic() + timeout
     while True:
         now = asyncio.run(groups())
