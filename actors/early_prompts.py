@@ -3,13 +3,14 @@ before the batch loop reaches it (``llm_params.prompt_threads``).
 
 The batch loop encodes each prompt it accepts (the chat template rendered, the text tokenized, the
 length and grammar checked: the LLM actor's ``_prepare``). A burst of 32 chats' prompts, one by one
-in the loop's thread, held its first forward back (~0.6 ms each for a ~230-token prompt on this
-project's CPU; the prompts past the first pass's are encoded while that pass computes, but the
-first pass's ~18 still lie before it). Started here as each chat arrives, they are encoded while
-the rest of the burst is taken in and while the loop's GPU grant is asked for, several at a time:
-the Rust tokenizer lets go of the GIL while it encodes (``tokenizer(text)`` calls its
-``encode_batch``). The loop then takes each prompt as encoded (:func:`prepared`), waiting for one
-still being encoded, or encodes it itself if no thread has begun it.
+in the loop's thread, held its first forward back (~0.5 ms each for a ~230-token prompt on this
+project's CPU, benchmarks/prompt_encode.py; the prompts past the first pass's are encoded while
+that pass computes, but the first pass's ~18 still lie before it). Started here as each chat
+arrives, they are encoded while the rest of the burst is taken in and while the loop's GPU grant is
+asked for, several at a time: the Rust tokenizer lets go of the GIL while it encodes
+(``tokenizer(text)`` calls its ``encode_batch``). The loop then takes each prompt as encoded
+(:func:`prepared`), waiting for one still being encoded, or encodes it itself if no thread has
+begun it.
 
 Which prompts are encoded where changes no token: ``_prepare`` is the same code on either thread.
 Its errors (a prompt past the context, a schema that cannot be enforced) answer the chat from the

