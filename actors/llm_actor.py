@@ -178,6 +178,10 @@ class LLMActor(ModelActor):
     #   lean_prefill (true)         a burst's prompts are read in one right-padded pass by
     #                               the decode step's lean decoder (where one is in use and
     #                               its prefill agreed with transformers' once)
+    #   burst_linger_ms (8 on a     with the GPU idle, a burst's first prefill pass waits
+    #   GPU, 0 on a CPU)            for the rest of the burst (chats less than 1 ms apart),
+    #                               at most this long after its first chat, until the pass
+    #                               is full; a lone chat never waits
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -198,6 +202,7 @@ class LLMActor(ModelActor):
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,
+                "burst_linger_s": _linger_s(p.get("burst_linger_ms")),
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),
@@ -680,6 +685,13 @@ def _answer_to(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
 
 def _nonneg_int(v: Any, default: int) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+
+def _linger_s(ms: Any) -> float | None:
+    """``llm_params.burst_linger_ms`` in seconds; None (unset or not a number): by device."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+        return None
+    return max(0.0, float(ms)) / 1000
 
 
 def _pos_int(v: Any, default: int) -> int:
