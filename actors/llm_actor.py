@@ -688,10 +688,11 @@ def _nonneg_int(v: Any, default: int) -> int:
 
 
 def _linger_s(ms: Any) -> float | None:
-    """``llm_params.burst_linger_ms`` in seconds; None (unset or not a number): by device."""
+    """``llm_params.burst_linger_ms`` in seconds (the engine's settings clamp it at 0); None
+    (unset or not a number): by device."""
     if isinstance(ms, bool) or not isinstance(ms, (int, float)):
         return None
-    return max(0.0, float(ms)) / 1000
+    return ms / 1000
 
 
 def _pos_int(v: Any, default: int) -> int:
