@@ -98,6 +98,9 @@ class BatchSettings:
     #: apart, until the pass is full (BatchEngine._lingers); None: by device (BURST_LINGER_GPU_S
     #: on a GPU, 0 on a CPU); 0: never
     burst_linger_s: float | None = None
+    #: the loop waits for a prompt still being encoded on a prompt thread (in order) even
+    #: while it has other work (BatchEngine._still_encoding); off: it goes on without it
+    wait_prompts: bool = False
 
 
 #: a burst's first pass waits for its rest on a GPU this long at most (llm_params.burst_linger_ms)

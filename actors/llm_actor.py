@@ -182,6 +182,9 @@ class LLMActor(ModelActor):
     #   GPU, 0 on a CPU)            for the rest of the burst (chats less than 1 ms apart),
     #                               at most this long after its first chat, until the pass
     #                               is full; a lone chat never waits
+    #   wait_for_prompts (false)    the loop waits for a prompt still being encoded on a
+    #                               prompt thread even with other work to do (a pass to
+    #                               launch, rows to decode); false: it goes on, takes it later
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -203,6 +206,7 @@ class LLMActor(ModelActor):
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,
                 "burst_linger_s": _linger_s(p.get("burst_linger_ms")),
+                "wait_prompts": p.get("wait_for_prompts", False) is True,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -150,6 +150,7 @@ class BatchEngine:
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True, burst_linger_s: float | None = None,
+                 wait_prompts: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -163,7 +164,7 @@ class BatchEngine:
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
             decode_ahead=decode_ahead, decode_cudnn=decode_cudnn, lean_prefill=lean_prefill,
-            burst_linger_s=burst_linger_s))
+            burst_linger_s=burst_linger_s, wait_prompts=wait_prompts))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -393,8 +394,8 @@ class BatchEngine:
                     # taking the GIL from the loop's thread)
                     with held_calls():
                         # the prompts the next pass reads; the rest while it computes (_admit)
-                        self._accept_arrived(
-                            fill_only=not (draining or yield_asked or stop is not None))
+                        going = not (draining or yield_asked or stop is not None)
+                        self._accept_arrived(fill_only=going, ready_only=going)
                         if stop is not None:              # stopped: answer everyone, end
                             self._fail(stop, [])
                             break
@@ -514,14 +515,31 @@ class BatchEngine:
             if not settings.prefix_cache_tokens:
                 self.runner.prefixes.clear()
 
-    def _accept_arrived(self, fill_only: bool = False) -> None:
+    def _accept_arrived(self, fill_only: bool = False, ready_only: bool = False) -> None:
         """Prepare the arrived requests (their prompts encoded, in order) for the planner;
         ``fill_only``: only until the waiting ones fill the next prefill pass. A burst's prompts
         past its first pass are then encoded while the GPU reads that pass (:meth:`_admit`),
         not before it with the GPU idle (H200: 32 chats' prompts held the loop's first forward
-        ~0.02 s)."""
-        while self._arrived and not (fill_only and self.planner.pass_filled()):
+        ~0.02 s). ``ready_only``: not past a prompt still being encoded on a prompt thread
+        while the loop has other work (:meth:`_still_encoding`)."""
+        while self._arrived and not (fill_only and self.planner.pass_filled()) and \
+                not (ready_only and self._still_encoding()):
             self._accept(self._arrived.pop(0))
+
+    def _still_encoding(self) -> bool:
+        """The next arrived prompt is still being encoded on a prompt thread
+        (actors/early_prompts.py) while the loop has other work: chats waiting for a pass, rows
+        decoding, a prompt being read in chunks. The loop then goes on with that work and takes
+        the prompt in a later turn, not waiting for it with the GPU idle (H100: a served burst
+        of 32 chats' first pass launched 0.005-0.023 s into the loop, the loop waiting for the
+        prompt threads, which share Python's lock with the event loop taking the burst in);
+        ``llm_params.wait_for_prompts`` waits, as before. With nothing else to do the loop
+        waits for it (no turn without work)."""
+        early = self._arrived[0].early
+        planner = self.planner
+        return early is not None and not early.done() and \
+            not planner.settings.wait_prompts and \
+            bool(planner.waiting or planner.active or planner.partial is not None)
 
     def _lingers(self, stats: dict) -> bool:
         """With the GPU idle, while the chats of a burst are still coming (two or more waiting,
@@ -580,8 +598,8 @@ class BatchEngine:
                 self.run_stats["prefix_hit_tokens"] = \
                     self.run_stats.get("prefix_hit_tokens", 0) + n
         if plan is None:                 # no pass to hide them behind: the rest now (a bad
-            self._accept_arrived()       # prompt among them is answered this turn)
-            return
+            self._accept_arrived(ready_only=True)    # prompt among them is answered this
+            return                                   # turn), bar those still being encoded
         mark = self.timing.start(allocs=True)
         try:
             logits = self.runner.run(plan, stats)
@@ -589,9 +607,9 @@ class BatchEngine:
             self.planner.unadmit(plan.rows)        # answered with the error, not lost
             raise
         self.timing.launched(stats, "admit", mark)
-        self._accept_arrived()           # while the GPU reads the pass
         lengths = [r.context_len() for r in plan.rows]
         self.planner.seat(plan.rows, plan.first_slot, lengths)
+        self._accept_arrived(ready_only=True)    # while the GPU reads the pass
         stats["prefills"] += 1
         self._take_tokens(plan.rows, sampling.sample(logits, plan.rows))
         took = self.timing.done(stats, "admit", mark)
@@ -826,7 +844,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
-              "chunk_graphs", "decode_ahead", "decode_cudnn", "lean_prefill"):
+              "chunk_graphs", "decode_ahead", "decode_cudnn", "lean_prefill", "wait_prompts"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

@@ -172,3 +172,73 @@ async def test_a_new_engine_takes_the_waiting_chats_with_their_prompts_encoded_e
     finally:
         await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=300)
     assert actor.engine.settings.kv_block == 0
+
+
+async def _gated_burst(actor, cases, gated: int, release_after: float | None):
+    """``cases`` asked at once, the prompt of ``cases[gated]`` held on its prompt thread until
+    the test sets the gate (or ``release_after`` seconds, by a timer). Returns the gate, the
+    tasks and when the burst was sent."""
+    gate = threading.Event()
+    msgs = [chat(p, n, stop) for p, n, stop in cases]
+    encode = type(actor).encode_prompt
+
+    def gated_encode(msg):
+        if msg is msgs[gated] and threading.current_thread().name.startswith("llm-prompts-"):
+            assert gate.wait(60)
+        return encode(actor, msg)
+    actor.encode_prompt = gated_encode
+    if release_after is not None:
+        threading.Timer(release_after, gate.set).start()
+    t0 = time.monotonic()
+    tasks = [asyncio.ensure_future(actor.ask(m, timeout=300)) for m in msgs]
+    return gate, tasks, t0
+
+
+async def test_the_loop_goes_on_without_a_prompt_still_being_encoded(llm):
+    """A chat whose prompt is still on a prompt thread does not hold back the chats before it:
+    the first chat is read, decoded and answered while the second's prompt is held (issue 15:
+    a served burst's first pass waited for the prompt threads with the GPU idle). With
+    ``wait_for_prompts`` the loop waits for it, as before. Every chat says what it says
+    alone."""
+    actor, params = llm
+    cases = CASES[:3]
+    alone = [await actor.ask(chat(p, n, stop), timeout=300) for p, n, stop in cases]
+    try:
+        await idle_events(actor, 0)
+        since = time.monotonic()
+        gate, tasks, _ = await _gated_burst(actor, cases, 1, None)
+        try:
+            first = await asyncio.wait_for(tasks[0], 60)      # answered, the gate still shut
+        finally:
+            gate.set()
+        rest = await asyncio.wait_for(asyncio.gather(*tasks[1:]), 300)
+        assert [(r.text, r.finish_reason) for r in [first, *rest]] == \
+            [(a.text, a.finish_reason) for a in alone]
+        idle = [e.detail for e in await idle_events(actor, since)]
+        assert sum(d.get("prefills", 0) for d in idle) >= 2, idle
+
+        await actor.ask(UpdateModel(spec=actor.spec, params={**params, "wait_for_prompts": True}),
+                        timeout=60)
+        assert actor.engine.settings.wait_prompts
+        gate, tasks, t0 = await _gated_burst(actor, cases, 1, 1.0)
+        answered: list[float] = []
+        tasks[0].add_done_callback(lambda _: answered.append(time.monotonic()))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        assert answered[0] - t0 >= 1.0          # the first chat waited for the second's prompt
+        assert [(r.text, r.finish_reason) for r in results] == \
+            [(a.text, a.finish_reason) for a in alone]
+    finally:
+        del actor.encode_prompt
+        await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=60)
+    assert not actor.engine.settings.wait_prompts
+
+
+def test_wait_for_prompts_in_liveconfigs_is_true_or_false():
+    from agile_rag.runtime.liveconfig import LiveConfigError, validate
+
+    for ok in (True, False):
+        assert validate({"llm_params": {"wait_for_prompts": ok}}).llm_params[
+            "wait_for_prompts"] is ok
+    with pytest.raises(LiveConfigError) as err:
+        validate({"llm_params": {"wait_for_prompts": "yes"}})
+    assert any("wait_for_prompts" in p for p in err.value.problems)
