@@ -103,8 +103,12 @@ class BatchSettings:
     wait_prompts: bool = False
 
 
-#: a burst's first pass waits for its rest on a GPU this long at most (llm_params.burst_linger_ms)
-BURST_LINGER_GPU_S = 0.008
+#: a burst's first pass waits for its rest on a GPU this long at most (llm_params.burst_linger_ms
+#: unset): none. 8 ms was the default until it was measured on an H100 (session 23,
+#: benchmarks/results/gpu-h100-s23.md): a served burst of 32 never waited, and was as fast
+#: without it (0.99x); the loop now launches a pass with the prompts it has instead of waiting
+#: for those still being encoded (BatchEngine._still_encoding), which a wait would undo
+BURST_LINGER_GPU_S = 0.0
 #: chats that arrive at most this far apart are one burst (BatchEngine._lingers)
 BURST_GAP_S = 0.001
 

@@ -178,10 +178,10 @@ class LLMActor(ModelActor):
     #   lean_prefill (true)         a burst's prompts are read in one right-padded pass by
     #                               the decode step's lean decoder (where one is in use and
     #                               its prefill agreed with transformers' once)
-    #   burst_linger_ms (8 on a     with the GPU idle, a burst's first prefill pass waits
-    #   GPU, 0 on a CPU)            for the rest of the burst (chats less than 1 ms apart),
+    #   burst_linger_ms (0)         with the GPU idle, a burst's first prefill pass waits
+    #                               for the rest of the burst (chats less than 1 ms apart),
     #                               at most this long after its first chat, until the pass
-    #                               is full; a lone chat never waits
+    #                               is full; a lone chat never waits (0: never)
     #   wait_for_prompts (false)    the loop waits for a prompt still being encoded on a
     #                               prompt thread even with other work to do (a pass to
     #                               launch, rows to decode); false: it goes on, takes it later
