@@ -233,6 +233,42 @@ async def test_the_loop_goes_on_without_a_prompt_still_being_encoded(llm):
     assert not actor.engine.settings.wait_prompts
 
 
+async def test_rows_decoding_go_on_while_a_new_chats_prompt_is_still_being_encoded(llm):
+    """A chat that arrives while rows decode, its prompt still on a prompt thread: the rows
+    decode to their end meanwhile (before, the loop waited for that prompt, the rows stalled),
+    then the new chat is read and says what it says alone."""
+    actor, _ = llm
+    long_case, new_case = ("Count from 1 to 20.", 40), CASES[0][:2]
+    alone_long = await actor.ask(chat(*long_case), timeout=300)
+    alone_new = await actor.ask(chat(*new_case), timeout=300)
+    long_msg, new_msg = chat(*long_case, stream=True), chat(*new_case)
+    gate = threading.Event()
+    encode = type(actor).encode_prompt
+
+    def gated_encode(msg):
+        if msg is new_msg and threading.current_thread().name.startswith("llm-prompts-"):
+            assert gate.wait(60)
+        return encode(actor, msg)
+    actor.encode_prompt = gated_encode
+    try:
+        long_task = asyncio.ensure_future(actor.ask(long_msg, timeout=300))
+        while True:                                   # the long chat is decoding
+            piece = await asyncio.wait_for(long_msg.stream.get(), 120)
+            if isinstance(piece, str) and piece:
+                break
+        new_task = asyncio.ensure_future(actor.ask(new_msg, timeout=300))
+        try:
+            got_long = await asyncio.wait_for(long_task, 60)   # the new prompt still held
+        finally:
+            gate.set()
+        got_new = await asyncio.wait_for(new_task, 300)
+    finally:
+        del actor.encode_prompt
+    assert (got_long.text, got_long.finish_reason) == (alone_long.text, alone_long.finish_reason)
+    assert (got_new.text, got_new.finish_reason) == (alone_new.text, alone_new.finish_reason)
+    assert got_long.completion_tokens > 10
+
+
 def test_wait_for_prompts_in_liveconfigs_is_true_or_false():
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
 
