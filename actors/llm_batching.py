@@ -42,11 +42,14 @@ the others are encoded after that pass is launched, while the GPU reads it, and 
 tokens are taken (in a turn without a pass, at once: every prompt is checked in the turn that
 takes it, so a bad one is answered as soon as before). A prompt the LLM actor's prompt threads
 began encoding as the chat arrived (``llm_params.prompt_threads``, actors/early_prompts.py) is
-taken from them at the same place, waited for if still being encoded. Each turn's calls to the
-event loop (every row's new text, each accepted prompt's go-ahead for its headers) go in one
-wake-up (runtime/loop_calls.py). With the GPU idle, the first pass of a burst whose chats are
-still coming (less than BURST_GAP_S apart) waits for them, at most ``burst_linger_s``
-(:meth:`BatchEngine._lingers`; ``llm_params.burst_linger_ms``).
+taken from them at the same place; one still being encoded is waited for only when the loop has
+nothing else to do (else the pass goes with the prompts before it, and the rows decode on:
+:meth:`BatchEngine._still_encoding`; ``llm_params.wait_for_prompts`` waits, as before). Each
+turn's calls to the event loop (every row's new text, each accepted prompt's go-ahead for its
+headers) go in one wake-up (runtime/loop_calls.py). With ``burst_linger_s`` set (off by
+default), the first pass of a burst whose chats are still coming (less than BURST_GAP_S apart)
+waits for them, at most that long (:meth:`BatchEngine._lingers`;
+``llm_params.burst_linger_ms``).
 
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
