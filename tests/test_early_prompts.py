@@ -174,19 +174,26 @@ async def test_a_new_engine_takes_the_waiting_chats_with_their_prompts_encoded_e
     assert actor.engine.settings.kv_block == 0
 
 
+def _hold_prompt(actor, held) -> threading.Event:
+    """``held``'s prompt, encoded on a prompt thread, is held there until the returned gate is
+    set (``actor.encode_prompt`` patched: the caller deletes it when done)."""
+    gate = threading.Event()
+    encode = type(actor).encode_prompt
+
+    def gated_encode(msg):
+        if msg is held and threading.current_thread().name.startswith("llm-prompts-"):
+            assert gate.wait(60)
+        return encode(actor, msg)
+    actor.encode_prompt = gated_encode
+    return gate
+
+
 async def _gated_burst(actor, cases, gated: int, release_after: float | None):
     """``cases`` asked at once, the prompt of ``cases[gated]`` held on its prompt thread until
     the test sets the gate (or ``release_after`` seconds, by a timer). Returns the gate, the
     tasks and when the burst was sent."""
-    gate = threading.Event()
     msgs = [chat(p, n, stop) for p, n, stop in cases]
-    encode = type(actor).encode_prompt
-
-    def gated_encode(msg):
-        if msg is msgs[gated] and threading.current_thread().name.startswith("llm-prompts-"):
-            assert gate.wait(60)
-        return encode(actor, msg)
-    actor.encode_prompt = gated_encode
+    gate = _hold_prompt(actor, msgs[gated])
     if release_after is not None:
         threading.Timer(release_after, gate.set).start()
     t0 = time.monotonic()
@@ -242,14 +249,7 @@ async def test_rows_decoding_go_on_while_a_new_chats_prompt_is_still_being_encod
     alone_long = await actor.ask(chat(*long_case), timeout=300)
     alone_new = await actor.ask(chat(*new_case), timeout=300)
     long_msg, new_msg = chat(*long_case, stream=True), chat(*new_case)
-    gate = threading.Event()
-    encode = type(actor).encode_prompt
-
-    def gated_encode(msg):
-        if msg is new_msg and threading.current_thread().name.startswith("llm-prompts-"):
-            assert gate.wait(60)
-        return encode(actor, msg)
-    actor.encode_prompt = gated_encode
+    gate = _hold_prompt(actor, new_msg)
     try:
         long_task = asyncio.ensure_future(actor.ask(long_msg, timeout=300))
         while True:                                   # the long chat is decoding
