@@ -93,31 +93,9 @@ class BatchSettings:
     #: a burst's prompts are read by the decode step's lean decoder in one right-padded pass
     #: (BatchRunner._lean_prefill) instead of transformers' forward
     lean_prefill: bool = True
-    #: with the GPU idle, a burst's first prefill pass waits for the rest of the burst: at most
-    #: this long after its first chat arrived, while chats keep coming at most BURST_GAP_S
-    #: apart, until the pass is full (BatchEngine._lingers); None: by device (BURST_LINGER_GPU_S
-    #: on a GPU, 0 on a CPU); 0: never
-    burst_linger_s: float | None = None
     #: the loop waits for a prompt still being encoded on a prompt thread (in order) even
     #: while it has other work (BatchEngine._still_encoding); off: it goes on without it
     wait_prompts: bool = False
-
-
-#: a burst's first pass waits for its rest on a GPU this long at most (llm_params.burst_linger_ms
-#: unset): none. 8 ms was the default until it was measured on an H100 (session 23,
-#: benchmarks/results/gpu-h100-s23.md): a served burst of 32 never waited, and was as fast
-#: without it (0.99x); the loop now launches a pass with the prompts it has instead of waiting
-#: for those still being encoded (BatchEngine._still_encoding), which a wait would undo
-BURST_LINGER_GPU_S = 0.0
-#: chats that arrive at most this far apart are one burst (BatchEngine._lingers)
-BURST_GAP_S = 0.001
-
-
-def linger_s(settings: BatchSettings, on_gpu: bool) -> float:
-    """How long a burst's first pass may wait for the rest of the burst (``burst_linger_s``)."""
-    if settings.burst_linger_s is not None:
-        return settings.burst_linger_s
-    return BURST_LINGER_GPU_S if on_gpu else 0.0
 
 
 @dataclass(eq=False)

@@ -178,10 +178,6 @@ class LLMActor(ModelActor):
     #   lean_prefill (true)         a burst's prompts are read in one right-padded pass by
     #                               the decode step's lean decoder (where one is in use and
     #                               its prefill agreed with transformers' once)
-    #   burst_linger_ms (0)         with the GPU idle, a burst's first prefill pass waits
-    #                               for the rest of the burst (chats less than 1 ms apart),
-    #                               at most this long after its first chat, until the pass
-    #                               is full; a lone chat never waits (0: never)
     #   wait_for_prompts (false)    the loop waits for a prompt still being encoded on a
     #                               prompt thread even with other work to do (a pass to
     #                               launch, rows to decode); false: it goes on, takes it later
@@ -205,7 +201,6 @@ class LLMActor(ModelActor):
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,
-                "burst_linger_s": _linger_s(p.get("burst_linger_ms")),
                 "wait_prompts": p.get("wait_for_prompts", False) is True,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
@@ -689,14 +684,6 @@ def _answer_to(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
 
 def _nonneg_int(v: Any, default: int) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
-
-
-def _linger_s(ms: Any) -> float | None:
-    """``llm_params.burst_linger_ms`` in seconds (the engine's settings clamp it at 0); None
-    (unset or not a number): by device."""
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-        return None
-    return ms / 1000
 
 
 def _pos_int(v: Any, default: int) -> int:

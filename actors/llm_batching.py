@@ -46,10 +46,7 @@ taken from them at the same place; one still being encoded is waited for only wh
 nothing else to do (else the pass goes with the prompts before it, and the rows decode on:
 :meth:`BatchEngine._still_encoding`; ``llm_params.wait_for_prompts`` waits, as before). Each
 turn's calls to the event loop (every row's new text, each accepted prompt's go-ahead for its
-headers) go in one wake-up (runtime/loop_calls.py). With ``burst_linger_s`` set (off by
-default), the first pass of a burst whose chats are still coming (less than BURST_GAP_S apart)
-waits for them, at most that long (:meth:`BatchEngine._lingers`;
-``llm_params.burst_linger_ms``).
+headers) go in one wake-up (runtime/loop_calls.py).
 
 The event loop steers the loop only through one queue of commands (:class:`Submit`,
 :class:`YieldGpu`, :class:`Drain`, :class:`Stop`, :class:`Configure`), drained between steps.
@@ -75,7 +72,7 @@ import torch
 
 from ..runtime.loop_calls import held_calls
 from . import sampling
-from .batch_plan import BURST_GAP_S, BatchPlanner, BatchSettings, SeqRequest, chunk_tokens, linger_s
+from .batch_plan import BatchPlanner, BatchSettings, SeqRequest, chunk_tokens
 from .batch_runner import BatchRunner, batching_supported
 from .early_prompts import prepared
 from .loop_timing import LoopTiming
@@ -152,8 +149,7 @@ class BatchEngine:
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  decode_ahead: bool = True, decode_cudnn: bool = True,
-                 lean_prefill: bool = True, burst_linger_s: float | None = None,
-                 wait_prompts: bool = False,
+                 lean_prefill: bool = True, wait_prompts: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -167,7 +163,7 @@ class BatchEngine:
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
             decode_ahead=decode_ahead, decode_cudnn=decode_cudnn, lean_prefill=lean_prefill,
-            burst_linger_s=burst_linger_s, wait_prompts=wait_prompts))
+            wait_prompts=wait_prompts))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -192,9 +188,6 @@ class BatchEngine:
         self.runner.graph_cudnn = self.settings.decode_cudnn
         self.runner.lean_prefill_on = self.settings.lean_prefill
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        #: (the loop's) a command taken off the queue while a burst's first pass waited for
-        #: the burst (_lingers), read first by the next drain
-        self._early: Command | None = None
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
         #: (the loop's) submitted to the running loop, prompts not yet prepared (in order)
         self._arrived: list[SeqRequest] = []
@@ -402,8 +395,6 @@ class BatchEngine:
                         if stop is not None:              # stopped: answer everyone, end
                             self._fail(stop, [])
                             break
-                        if not (draining or yield_asked) and self._lingers(stats):
-                            continue          # more of a burst came: take it in, look again
                         if planner.idle(draining=draining):
                             self._warm_if_unwarmed()
                             if not (draining or yield_asked) and (
@@ -483,8 +474,7 @@ class BatchEngine:
         return False
 
     def _drain_queue(self) -> list[Command]:
-        out = [] if self._early is None else [self._early]
-        self._early = None
+        out: list[Command] = []
         while True:
             try:
                 out.append(self._commands.get_nowait())
@@ -543,33 +533,6 @@ class BatchEngine:
         return early is not None and not early.done() and \
             not planner.settings.wait_prompts and \
             bool(planner.waiting or planner.active or planner.partial is not None)
-
-    def _lingers(self, stats: dict) -> bool:
-        """With the GPU idle, while the chats of a burst are still coming (two or more waiting,
-        the last one in less than BURST_GAP_S ago) and do not fill the first pass yet, wait
-        for the next command, at most until ``burst_linger_s`` after the burst's first chat
-        (``llm_params.burst_linger_ms``). True when one came (kept for the next drain): a
-        burst's chats are then read in two passes as when they all came at once, not in a
-        first pass of the few the loop found and two more (H200: a third pass cost a served
-        burst of 32 chats ~0.025 s of its ~0.6 s). A lone chat never waits."""
-        planner = self.planner
-        waiting = planner.waiting
-        limit = linger_s(planner.settings, planner.on_gpu)
-        if limit <= 0 or len(waiting) < 2 or self._arrived or planner.active or \
-                planner.partial is not None or planner.pass_filled():
-            return False
-        now = time.monotonic()
-        first = min(r.submitted for r in waiting)
-        last = max(r.submitted for r in waiting)
-        wait = min(last + BURST_GAP_S, first + limit) - now
-        if wait <= 0:
-            return False
-        try:
-            self._early = self._commands.get(timeout=wait)
-        except queue.Empty:
-            pass
-        stats["linger_s"] = stats.get("linger_s", 0.0) + time.monotonic() - now
-        return self._early is not None
 
     def _accept(self, req: SeqRequest) -> None:
         if req.early is not None or (req.prompt is None and self.prepare is not None):
@@ -841,8 +804,6 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
             kw[k] = max(1, int(kw[k]))
     if kw.get("prefill_chunk") is not None:                  # None: by device
         kw["prefill_chunk"] = max(0, int(kw["prefill_chunk"]))
-    if kw.get("burst_linger_s") is not None:                 # None: by device
-        kw["burst_linger_s"] = max(0.0, float(kw["burst_linger_s"]))
     for k in ("min_slice_s", "slice_cost_ratio"):
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))

@@ -580,7 +580,7 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
              "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
              "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps", "lead_s", "tail_s",
-             "prepare_s", "early_prompts", "linger_s")
+             "prepare_s", "early_prompts")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -786,7 +786,7 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
                 "one_tok_s": one["tok_s"], "tok_s": many["tok_s"],
                 "ratio": many["tok_s"] / one["tok_s"], "ttft_p50_s": many["ttft_p50_s"],
                 **{k: lp.get(k) for k in ("lead_s", "tail_s", "prepare_s", "early_prompts",
-                                          "prefills", "linger_s")},
+                                          "prefills")},
                 **{k: many["timeline"].get(k) for k in ("before_loop_s", "loop_s",
                                                         "grant_wait_s")}})
     switch("A")
@@ -997,15 +997,12 @@ def markdown(r: dict) -> str:
                   "in the loop, before its first forward (lead) and after its last (tail), and "
                   "its time encoding prompts or waiting for them (some while a pass computes), "
                   "and how many of them the prompt threads encoded (llm_params.prompt_threads); "
-                  "its wait for the rest of a burst before its first pass "
-                  "(llm_params.burst_linger_ms); "
                   "the LLM actor's wait for its GPU grant (the burst's other chats wait in its "
                   "mailbox meanwhile); the server's event loop's CPU seconds. After < 0: the "
                   "loop ended after the client's last byte.",
                   "", "| burst | wall | before the loop | loop | after | lead | tail | "
-                  "encoding prompts | encoded early | waited for the burst | grant wait | "
-                  "event loop CPU |",
-                  "|" + " --- |" * 12]
+                  "encoding prompts | encoded early | grant wait | event loop CPU |",
+                  "|" + " --- |" * 11]
         for name, path in loop_rows:
             def tm(k, path=path, part="timeline"):
                 v = med(r["runs"], "server", *path, part, k)
@@ -1016,7 +1013,7 @@ def markdown(r: dict) -> str:
                          f"{tm('lead_s', part='loop')} | {tm('tail_s', part='loop')} | "
                          f"{tm('prepare_s', part='loop')} | "
                          f"{tm('early_prompts', part='loop')} | "
-                         f"{tm('linger_s', part='loop')} | {tm('grant_wait_s')} | "
+                         f"{tm('grant_wait_s')} | "
                          f"{tm('event_loop_cpu_s')} |")
         lines.append("")
         for name, path in loop_rows:          # which admits took new segments (first run)
@@ -1036,8 +1033,7 @@ def markdown(r: dict) -> str:
                 ("tok_s", "burst tok/s"), ("ttft_p50_s", "burst TTFT p50 s"),
                 ("before_loop_s", "before the loop s"), ("lead_s", "lead s"),
                 ("prepare_s", "encoding prompts s"), ("early_prompts", "encoded early"),
-                ("grant_wait_s", "grant wait s"), ("prefills", "prefill passes"),
-                ("linger_s", "waited for the burst s"))
+                ("grant_wait_s", "grant wait s"), ("prefills", "prefill passes"))
         lines += [f"A/B in each served server (B = A with llm_params {abs_[0]['b_params']}, "
                   "switched through liveconfigs.json and POST /admin/reload; pairs of windows, "
                   "the order alternating; each window a burst of one chat, then one of "

@@ -177,10 +177,6 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
             not _is_int(lp["prompt_threads"]) or not 0 <= lp["prompt_threads"] <= 16):
         problems.append('llm_params.prompt_threads must be a whole number from 0 to 16, '
                         'or "auto"')
-    if "burst_linger_ms" in lp and (
-            not _is_num(lp["burst_linger_ms"]) or not 0 <= lp["burst_linger_ms"] <= 1000):
-        problems.append("llm_params.burst_linger_ms must be a number of milliseconds from 0 "
-                        "to 1000")
     if ep["token_estimation"] not in ("len", "re"):
         problems.append('embedder_params.token_estimation must be "len" or "re"')
     if not _is_int(ep["resize"]) or ep["resize"] < 0:
