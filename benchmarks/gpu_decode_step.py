@@ -44,32 +44,17 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     import torch
+    from _qwen_model import qwen_model
     from chat_batching import copy_bandwidth
-    from chat_http import REAL, TINY
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    try:
-        import agile_rag  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"cannot import agile_rag ({e}): put a folder holding an `agile_rag` "
-                         "link to the repository root on PYTHONPATH") from e
+    q = qwen_model(a.tiny)
     from agile_rag.actors.batch_runner import BatchRunner
     from agile_rag.actors.kv_slots import make_slot_cache
-    from agile_rag.actors.llm_fused import lay_end_to_end
     from agile_rag.actors.llm_lean_decode import LeanDecoder
-
     from agile_rag.runtime.executor import set_cudnn_attention
-    cuda = torch.cuda.is_available() and not a.tiny
+
     set_cudnn_attention(a.cudnn_attention)     # as the server does at start
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
-    shape = TINY if a.tiny else REAL
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=32768,
-                                             tie_word_embeddings=True)).to(dtype).eval()
-    model.config._attn_implementation = "sdpa"
-    laid = lay_end_to_end(model)
+    model, cuda, dev, dtype, shape, laid = q.model, q.cuda, q.dev, q.dtype, q.shape, q.laid
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth(torch, dev.type)
     bound = bw["gbps_read_write"] * 1e9 / weight_bytes if bw.get("gbps_read_write") else None

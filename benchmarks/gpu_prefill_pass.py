@@ -36,27 +36,12 @@ def main(argv=None) -> None:
 
     import torch
     import torch.nn.functional as F
-    from chat_http import REAL, TINY
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from _qwen_model import qwen_model
 
-    try:
-        import agile_rag  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"cannot import agile_rag ({e}): put a folder holding an `agile_rag` "
-                         "link to the repository root on PYTHONPATH") from e
-    from agile_rag.actors.llm_fused import lay_end_to_end
+    q = qwen_model(a.tiny)
     from agile_rag.actors.llm_lean_decode import lean_decoder
 
-    cuda = torch.cuda.is_available() and not a.tiny
-    dev = torch.device("cuda" if cuda else "cpu")
-    dt = torch.float16 if cuda else torch.float32
-    shape = TINY if a.tiny else REAL
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=32768,
-                                             tie_word_embeddings=True)).to(dt).eval()
-    model.config._attn_implementation = "sdpa"
-    lay_end_to_end(model)
+    model, cuda, dev, dt, shape = q.model, q.cuda, q.dev, q.dtype, q.shape
     lean = lean_decoder(model)
     if lean is None:
         raise SystemExit("no lean decoder for this model")
