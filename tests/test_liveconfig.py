@@ -92,3 +92,13 @@ def test_unknown_keys_are_warnings_not_errors():
     cfg["llms"]["a"]["devcie"] = "cpu"
     parsed = parse_text(json.dumps(cfg))
     assert any("devcie" in w for w in parsed.warnings)
+
+
+def test_a_removed_llm_param_still_loads():
+    """llm_params.burst_linger_ms was removed in session 24 (it never waited on a GPU): a
+    liveconfigs.json that still names it, with any value, loads as before."""
+    for value in (8, -1, "x"):
+        cfg = base()
+        cfg["llm_params"] = {"burst_linger_ms": value}
+        parsed = parse_text(json.dumps(cfg))
+        assert parsed.llm_params["burst_linger_ms"] == value
