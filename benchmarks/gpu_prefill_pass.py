@@ -6,7 +6,8 @@ q/k/v and gate/up weights end to end (actors/llm_fused.py, as a load does) and r
 burst's PREFILL pass runs), their keys and values copied into a slot cache as the runner does.
 Prints, per pass of ``--rows`` rows: its wall time (median of ``--repeat``), the time the host
 took to launch it (no sync), the replay of the same pass from a CUDA graph (its GPU work alone:
-how far the eager pass is bound by its launches), the throughput of its projections; then
+how far the eager pass is bound by its launches), the throughput of its projections; the
+middle pass with each way of computing the MLP's gate and up (``AGILE_RAG_GATE_UP``); then
 plain GEMMs of the pass's shapes and its activation (what the projections could reach on this
 card), and with ``--profile`` the pass's kernels by device time. ``--tiny``: a small model on
 the CPU, to check the script.
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     from _qwen_model import qwen_model
 
     q = qwen_model(a.tiny)
-    from agile_rag.actors.llm_lean_decode import lean_decoder
+    from agile_rag.actors.llm_lean_decode import GATE_UP_FORMS, gate_up_setting, lean_decoder
 
     model, cuda, dev, dt, shape = q.model, q.cuda, q.dev, q.dtype, q.shape
     lean = lean_decoder(model)
@@ -111,6 +112,12 @@ def main(argv=None) -> None:
                   f"{statistics.median(launches) * 1e3:.2f} ms, graph replay {replay}; "
                   f"{m * flop_token / wall / 1e12:.1f} TFLOP/s in projections, "
                   f"{m / wall:.0f} tok/s", flush=True)
+        mid = rows[len(rows) // 2]
+        for form in GATE_UP_FORMS[1:]:         # how the MLP computes gate and up
+            lean.gate_up = form
+            print(f"pass of {mid} x {lp} tokens, gate_up {form}: "
+                  f"{timed(pass_of(mid)) * 1e3:.2f} ms")
+        lean.gate_up = gate_up_setting()
         m = max(rows) * lp
         x = torch.randn(m, hid, device=dev, dtype=dt)
         xi = torch.randn(m, inter, device=dev, dtype=dt)
@@ -130,7 +137,7 @@ def main(argv=None) -> None:
               f"SiLU and product {act * layers * 1e3:.1f} ms")
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
-            f = pass_of(rows[len(rows) // 2])
+            f = pass_of(mid)
             f()
             sync()
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
