@@ -86,6 +86,9 @@ class BatchSettings:
     #: short final chunks (the question after a stored prefix) replay CUDA graphs of the lean
     #: chunk straight into their slot (actors/chunk_graphs.py); on by default (README)
     chunk_graphs: bool = True
+    #: a lean prefill pass of a few short prompts replays a CUDA graph captured while idle
+    #: (actors/prefill_graphs.py); on by default (README)
+    prefill_graphs: bool = True
     #: a GPU's greedy decode steps go one ahead of the host (BatchEngine.ahead)
     decode_ahead: bool = True
     #: a GPU's decode graphs are captured with cuDNN's attention kernels allowed, first

@@ -38,6 +38,7 @@ from .kv_slots import (
     make_slot_cache,
 )
 from .llm_lean_decode import LeanDecoder, agrees, close, lean_decoder
+from .prefill_graphs import PrefillGraphs
 from .torch_util import is_oom
 
 log = logging.getLogger("agile_rag.llm")
@@ -142,15 +143,21 @@ class BatchRunner:
         self.chunk_graphs: ChunkGraphs | None = None
         self.graphed_chunks = 0
         self.warm_chunk_captures = 0       # chunk graphs captured while idle, not on a request
+        #: a lean prefill pass of a few short prompts replays a CUDA graph (prefill_graphs.py)
+        self.prefill_graphs_on = False
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.graphed_prefills = 0
+        self.warm_prefill_captures = 0     # prefill graphs captured while idle
         #: long prompts' leading blocks, kept after their chunked prefill for the next prompt
         #: that starts the same way (per layer (keys, values) [1, kv_heads, n, head_dim])
         self.prefixes = PrefixStore()
         self._prefix_device: torch.device | None = None
         self.capture_s = 0.0               # seconds spent capturing graphs, all sets
         self.graph_sets = 0                # graph sets started (one per cache / admit)
-        # a stable KV cache (runtime/stable_memory.py) given back with its decode and chunk
-        # graphs: taken again when the next cache has its shape, graphs and all
-        self.parked: tuple[Any, _Graphs | None, ChunkGraphs | None] | None = None
+        # a stable KV cache (runtime/stable_memory.py) given back with its decode, chunk and
+        # prefill graphs: taken again when the next cache has its shape, graphs and all
+        self.parked: tuple[Any, _Graphs | None, ChunkGraphs | None,
+                           PrefillGraphs | None] | None = None
         self.unparks = 0                   # caches taken back at their old addresses
         self._stable: bool | None = None   # stable buffers work here (decided once)
         self.warm_keys: list[tuple[int, int]] = []   # warm-up captures still to do
@@ -248,12 +255,13 @@ class BatchRunner:
                                               self.head_dim, p.dtype, p.device)
                 self.graphs = None
                 self.chunk_graphs = None
+                self.prefill_graphs = None
                 log.debug("KV cache: %d rows over %d blocks of %d tokens (%.1f MB)", slots,
                           length // self.kv_block, self.kv_block,
                           self.cache.nbytes() / 2**20)
             return
         if c is None and self.parked is not None:
-            pc, pg, pcg = self.parked
+            pc, pg, pcg, ppg = self.parked
             self.parked = None
             if (pc.slots, pc.length) == (slots, length) and pc.keys[0].device == p.device \
                     and pc.keys[0].dtype == p.dtype:
@@ -267,6 +275,8 @@ class BatchRunner:
                 # token against 0.09 s, benchmarks/results/gpu-h200-s16.md)
                 self.chunk_graphs = pcg if self.graphs is not None and pcg is not None and \
                     pcg.valid_for(self.gpu_lean, pc) else None
+                self.prefill_graphs = ppg if self.graphs is not None and ppg is not None \
+                    and ppg.valid_for(self.gpu_lean, pc) else None
                 log.debug("KV cache taken back at its addresses (%d slots x %d tokens)",
                           slots, length)
                 return
@@ -278,6 +288,7 @@ class BatchRunner:
                 new.values[i][:keep, :, :c.length].copy_(c.values[i][:keep])
         self.graphs = None                   # captured against the old addresses
         self.chunk_graphs = None
+        self.prefill_graphs = None
         self.cache = new
         log.debug("KV cache: %d slots x %d tokens (%.1f MB)", slots, length, new.nbytes() / 2**20)
 
@@ -314,8 +325,11 @@ class BatchRunner:
         contexts = [r.context() for r in reqs]
         lean = self._prefill_lean() if not getattr(self.cache, "paged", False) else None
         if lean is not None:
+            graphed = self.graphed_prefills
             logits = self._lean_prefill(lean, plan, contexts, dev)
             stats["lean_prefills"] = stats.get("lean_prefills", 0) + 1
+            if self.graphed_prefills != graphed:
+                stats["graphed_prefills"] = stats.get("graphed_prefills", 0) + 1
             self._keep_prefixes(plan, dev)
             return logits
         lp = max(len(c) for c in contexts)
@@ -364,7 +378,12 @@ class BatchRunner:
                       dev: torch.device) -> torch.Tensor:
         """A PREFILL's prompts read by the lean decoder in one pass, right-padded: each row's
         keys and values go straight to its slot from position 0 (no copy of a padded cache,
-        no mask: the padding follows a row's tokens); the logits of each row's last token."""
+        no mask: the padding follows a row's tokens); the logits of each row's last token.
+        A pass of a few short prompts replays a CUDA graph of it where one was captured
+        (:meth:`_graphed_prefill`)."""
+        graphed = self._graphed_prefill(lean, contexts, plan.first_slot)
+        if graphed is not None:
+            return graphed
         n = len(contexts)
         lp = max(len(c) for c in contexts)
         ids = torch.full((n, lp), self.pad, dtype=torch.long)
@@ -379,6 +398,54 @@ class BatchRunner:
 
         self.lean_prefills += 1
         return lean.prefill(_h2d(ids, dev), _h2d(last, dev), store)
+
+    def _graphed_prefill(self, lean: LeanDecoder, contexts: list[list[int]],
+                         first: int) -> torch.Tensor | None:
+        """(``prefill_graphs``, a GPU's rectangle cache) The prompts' last logits from a
+        prefill graph captured for this lean decoder and cache while idle
+        (:meth:`warm_prefill_graph_one`); None: none fits (the pass runs eagerly)."""
+        graphs = self.prefill_graphs
+        if not self.prefill_graphs_on or not self.cuda_graphs or graphs is None or \
+                self.cache is None or not graphs.valid_for(lean, self.cache):
+            return None
+        out = graphs.run(contexts, first)
+        if out is not None:
+            self.graphed_prefills += 1
+        return out
+
+    def warm_prefill_graph_one(self, active: int, stats: dict) -> bool:
+        """(idle: nothing to admit, read or decode) Capture the next prefill graph
+        (``prefill_graphs``) of the current cache into the free slots after the ``active``
+        rows; False when none is left, none is wanted or too few slots are free. Called
+        whenever the loop is idle, after the decode graphs' warm-up: a cache made anew (a
+        burst or a long prompt grew it) has them again before the next short prompt."""
+        cache = self.cache
+        if not self.prefill_graphs_on or not self.lean_prefill_on or \
+                not self.graphs_wanted() or cache is None or \
+                getattr(cache, "paged", False) or active >= cache.slots or \
+                not isinstance(self.gpu_lean, LeanDecoder) or self.lean_prefill_ok is False:
+            return False
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.valid_for(self.gpu_lean, cache) and \
+                (graphs.off or not graphs.to_warm):
+            return False                   # (the common case: nothing left to warm)
+        lean = self._prefill_lean()        # (compared with transformers' once)
+        if lean is None:
+            return False
+        if graphs is None or not graphs.valid_for(lean, cache):
+            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
+            if self.capture_stream is None:
+                self.capture_stream = new_stream(self.device)
+            graphs = self.prefill_graphs = PrefillGraphs(
+                lean, cache, next(self.model.parameters()), vocab, self.pad, self.capture_stream)
+        t0 = time.monotonic()
+        if not graphs.warm(active):
+            return False
+        self.warm_prefill_captures += 1
+        stats["warm_prefill_captures"] = stats.get("warm_prefill_captures", 0) + 1
+        stats["warm_prefill_graph_s"] = round(stats.get("warm_prefill_graph_s", 0.0) +
+                                              time.monotonic() - t0, 4)
+        return True
 
     def _prefill_lean(self) -> LeanDecoder | None:
         """The lean decoder to read a PREFILL's prompts with (``llm_params.lean_prefill``), or
@@ -972,18 +1039,19 @@ class BatchRunner:
     def release(self, keep_prefix_tokens: int = 0) -> None:
         """Drop the KV cache, a half-read context, the stored prefixes (but for the most
         recently used ``keep_prefix_tokens`` of them) and the CUDA graphs. A stable cache gives
-        its pages back and is parked with its decode and chunk graphs (see
+        its pages back and is parked with its decode, chunk and prefill graphs (see
         :meth:`_ensure_cache`; their pools stay on the card, as the graphs' own buffers)."""
         c = self.cache
         if c is not None and getattr(c, "stable", None) is not None:
             c.park()
-            self.parked = (c, self.graphs, self.chunk_graphs)
+            self.parked = (c, self.graphs, self.chunk_graphs, self.prefill_graphs)
         self.graphs = None
         self.warm_keys = []
         self.prefixes.shrink(keep_prefix_tokens)
         self.cache = None
         self.partial_kv = None
         self.chunk_graphs = None
+        self.prefill_graphs = None
 
     def _stable_here(self, device: torch.device) -> bool:
         if device.type != "cuda" or not self.cuda_graphs:

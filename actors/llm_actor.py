@@ -164,6 +164,10 @@ class LLMActor(ModelActor):
     #                               a stored prefix) replays a CUDA graph of the lean chunk
     #                               straight into its slot (actors/chunk_graphs.py); off by
     #                               itself for flex + idle_on_cpu, as warm_graphs
+    #   prefill_graphs (true)       on a GPU, a lean prefill pass of 1-4 short prompts (up to
+    #                               1,024 tokens in all) replays a CUDA graph captured while
+    #                               idle (actors/prefill_graphs.py); off by itself for flex +
+    #                               idle_on_cpu, as warm_graphs
     #   decode_ahead (true)         on a GPU, a greedy decode step starts from the last
     #                               step's tokens still on the device, read while it computes
     #                               (actors/llm_batching.py)
@@ -197,6 +201,8 @@ class LLMActor(ModelActor):
                 "own_stream": p.get("own_stream", True) is not False,
                 "gpu_lean": p.get("gpu_lean_decode", True) is not False,
                 "chunk_graphs": p.get("chunk_graphs", True) is not False and
+                not leaves_when_idle,
+                "prefill_graphs": p.get("prefill_graphs", True) is not False and
                 not leaves_when_idle,
                 "decode_ahead": p.get("decode_ahead", True) is not False,
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,

@@ -148,7 +148,7 @@ class BatchEngine:
                  warm_graphs: bool = True, prefix_cache_tokens: int = 4096, kv_block: int = 0,
                  slice_cost_ratio: float = 0.0, lean_decode: bool = True,
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
-                 decode_ahead: bool = True, decode_cudnn: bool = True,
+                 prefill_graphs: bool = True, decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True, wait_prompts: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None):
         self.model = model
@@ -162,8 +162,8 @@ class BatchEngine:
             warm_graphs=warm_graphs, prefix_cache_tokens=prefix_cache_tokens,
             kv_block=kv_block, slice_cost_ratio=slice_cost_ratio, lean_decode=lean_decode,
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
-            decode_ahead=decode_ahead, decode_cudnn=decode_cudnn, lean_prefill=lean_prefill,
-            wait_prompts=wait_prompts))
+            prefill_graphs=prefill_graphs, decode_ahead=decode_ahead,
+            decode_cudnn=decode_cudnn, lean_prefill=lean_prefill, wait_prompts=wait_prompts))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -185,6 +185,7 @@ class BatchEngine:
         if self.settings.gpu_lean:
             self.runner.gpu_lean = None               # tried at the first capture
         self.runner.chunk_graphs_on = self.settings.chunk_graphs
+        self.runner.prefill_graphs_on = self.settings.prefill_graphs
         self.runner.graph_cudnn = self.settings.decode_cudnn
         self.runner.lean_prefill_on = self.settings.lean_prefill
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -399,7 +400,8 @@ class BatchEngine:
                             self._warm_if_unwarmed()
                             if not (draining or yield_asked) and (
                                     self.warming and self._warm_step(stats) or
-                                    runner.warm_chunk_one(len(planner.active), stats)):
+                                    runner.warm_prefill_graph_one(len(planner.active), stats)
+                                    or runner.warm_chunk_one(len(planner.active), stats)):
                                 continue              # one graph, then look at the queue
                             self._settle()            # (draining: rows a preemption sent back)
                             break
@@ -501,6 +503,9 @@ class BatchEngine:
         if settings.chunk_graphs != before.chunk_graphs:
             self.runner.chunk_graphs_on = settings.chunk_graphs
             self.runner.chunk_graphs = None
+        if settings.prefill_graphs != before.prefill_graphs:
+            self.runner.prefill_graphs_on = settings.prefill_graphs
+            self.runner.prefill_graphs = None
         if not settings.warm_graphs:
             self.warming = False
         if "prefix_cache_tokens" in values:
@@ -808,7 +813,8 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
         if k in kw:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
-              "chunk_graphs", "decode_ahead", "decode_cudnn", "lean_prefill", "wait_prompts"):
+              "chunk_graphs", "prefill_graphs", "decode_ahead", "decode_cudnn", "lean_prefill",
+              "wait_prompts"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

@@ -100,25 +100,30 @@ def test_a_stable_buffer_dropped_while_its_thread_captures_a_graph_closes_on_ano
         {"stable-buffer-close", threading.current_thread().name}
 
 
-def test_an_unparked_cache_takes_its_decode_and_chunk_graphs_back():
+def test_an_unparked_cache_takes_its_decode_chunk_and_prefill_graphs_back():
     """An evict + admit (or a trim) parks a stable cache with its graphs; the next cache of
     its shape takes it back at its addresses, the decode graphs and, while those are good,
-    the chunk graphs (llm_params.chunk_graphs): before, the chunk graphs were dropped and
-    captured again one per idle turn, and each burst after an admit waited for a capture
+    the chunk and prefill graphs (llm_params.chunk_graphs, prefill_graphs): before, the
+    chunk graphs were dropped and captured again one per idle turn, and each burst after an
+    admit waited for a capture
     (H200: 0.19 s to the first token against 0.09 s, benchmarks/results/gpu-h200-s16.md)."""
     model = tiny_llama()
     eng = BatchEngine(model, Tok(), max_batch=8, kv_tokens=4096)
     runner = eng.runner
     for decode_good, want_chunk in ((True, True), (False, False)):
         cache, graphs, chunks = StableCache(model), GraphSet(decode_good), GraphSet()
+        prefills = GraphSet()
         runner.cache, runner.graphs, runner.chunk_graphs = cache, graphs, chunks
+        runner.prefill_graphs = prefills
         runner.release()
-        assert runner.parked == (cache, graphs, chunks) and cache.parks == 1
+        assert runner.parked == (cache, graphs, chunks, prefills) and cache.parks == 1
         assert runner.cache is None and runner.chunk_graphs is None
+        assert runner.prefill_graphs is None
         runner._ensure_cache(cache.slots, cache.length, keep=0)
         assert runner.cache is cache and cache.unparks == 1
         assert (runner.graphs is graphs) is decode_good
         # with a new decode set comes a new lean decoder: the old chunk graphs cannot stay
         assert (runner.chunk_graphs is chunks) is want_chunk
-    runner.cache = runner.graphs = runner.chunk_graphs = None
+        assert (runner.prefill_graphs is prefills) is want_chunk
+    runner.cache = runner.graphs = runner.chunk_graphs = runner.prefill_graphs = None
     eng.close()
