@@ -120,6 +120,10 @@ def parse_args(argv=None):
                    help="llm_params.chunk_graphs (the server's default: on): short last "
                    "chunks, e.g. the question after a stored prefix, replay CUDA graphs "
                    "(engine and server); --no-chunk-graphs: eager chunks")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.prefill_graphs (the server's default: on): prefill passes "
+                   "of 1-4 short prompts replay CUDA graphs (engine and server); "
+                   "--no-prefill-graphs: eager passes")
     p.add_argument("--profile-prefix", action="store_true",
                    help="torch profiler over one more warm repeated-prefix prompt")
     p.add_argument("--skip", default="", help="parts to skip: engine,server")
@@ -309,7 +313,8 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     def engine(kv_tokens: int, kv_block: int = 0) -> BatchEngine:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
                           gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs,
-                          decode_cudnn=a.decode_cudnn, lean_prefill=a.lean_prefill,
+                          prefill_graphs=a.prefill_graphs, decode_cudnn=a.decode_cudnn,
+                          lean_prefill=a.lean_prefill,
                           **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}),
                           **({"prefill_chunk": a.prefill_chunk}
                              if a.prefill_chunk is not None else {}))
@@ -704,6 +709,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
             "llm_params": {"default_temp": 0, "max_batch_size": 64,
                            "batch_kv_tokens": a.kv_tokens, "gpu_lean_decode": a.gpu_lean,
                            "chunk_graphs": a.chunk_graphs,
+                           "prefill_graphs": a.prefill_graphs,
                            "decode_cudnn_attention": a.decode_cudnn,
                            "lean_prefill": a.lean_prefill,
                            **({"prefill_batch_tokens": a.prefill_tokens}
