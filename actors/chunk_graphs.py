@@ -30,13 +30,12 @@ them.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
 
-from ..runtime.cuda_graph import capture_graph
 from .batch_plan import LEN_BUCKET
+from .graph_set import GraphSet
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -87,38 +86,24 @@ def token_bucket(m: int) -> int | None:
     return None
 
 
-class ChunkGraphs:
+class ChunkGraphs(GraphSet):
     """The graphs of one runner's cache and weights (see the module docstring)."""
+
+    what = "chunks"
 
     def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int,
                  stream: Any):
-        self.lean = lean
-        self.cache = cache
-        self.cache_id = id(cache)
-        self.weights = weights
-        self.weights_ptr = weights.data_ptr()
+        super().__init__(lean, cache, weights, stream)
         dev = cache.keys[0].device
         top = TOKEN_BUCKETS[-1]
         self.ids = torch.zeros((1, top), dtype=torch.long, device=dev)
         self.pos = torch.zeros((top,), dtype=torch.long, device=dev)
         self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
         self.logits = torch.empty((top, vocab), dtype=cache.keys[0].dtype, device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.checked: set[tuple[int, int]] = set()
-        self.pool: Any = None
-        #: where captures run: the runner's own capture stream (runtime/cuda_streams.py: a
-        #: pool stream may be another thread's too)
-        self.stream = stream
-        self.off = ""                    # why graphs were turned off ("" while on)
-        self.replays = 0
-        self.capture_s = 0.0
         #: the keys the idle warm-up still has to capture (see :meth:`warm`)
         self.to_warm = [(tb, view) for view in view_buckets(cache.length)
                         for tb in TOKEN_BUCKETS if tb <= view]
-
-    def valid_for(self, lean: Any, cache: Any) -> bool:
-        return lean is self.lean and id(cache) == self.cache_id and \
-            self.weights.data_ptr() == self.weights_ptr
 
     def body(self, tb: int, view: int) -> torch.Tensor:
         """The chunk of the static inputs' first ``tb`` tokens: every token's logits."""
@@ -203,22 +188,5 @@ class ChunkGraphs:
         return view_bucket(start + tb, self.cache.length)
 
     def _capture(self, tb: int, view: int) -> torch.cuda.CUDAGraph | None:
-        t0 = time.monotonic()
-        dev = self.ids.device
-        side = self.stream
-        try:
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):        # warm up off the capture
-                self.body(tb, view)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph, _ = capture_graph(lambda: self.logits[:tb].copy_(self.body(tb, view)),
-                                     pool=self.pool, stream=side)
-        except Exception as exc:  # noqa: BLE001 - chunks run eagerly from now on
-            self.off = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("chunk CUDA graph capture failed (%s): chunks run eagerly", self.off)
-            return None
-        if self.pool is None:
-            self.pool = graph.pool()
-        self.graphs[(tb, view)] = graph
-        self.capture_s += time.monotonic() - t0
-        return graph
+        return self.capture((tb, view),
+                            lambda: self.logits[:tb].copy_(self.body(tb, view)))

@@ -30,12 +30,11 @@ them.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
 
-from ..runtime.cuda_graph import capture_graph
+from .graph_set import GraphSet
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -62,35 +61,22 @@ def graph_keys(slots: int, length: int) -> list[tuple[int, int]]:
             if b <= length and n * b <= GRAPH_TOKENS]
 
 
-class PrefillGraphs:
+class PrefillGraphs(GraphSet):
     """The prefill graphs of one runner's cache and weights (see the module docstring)."""
+
+    what = "prefills"
 
     def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int, pad: int,
                  stream: Any):
-        self.lean = lean
-        self.cache = cache
-        self.cache_id = id(cache)
-        self.weights = weights
-        self.weights_ptr = weights.data_ptr()
+        super().__init__(lean, cache, weights, stream)
         self.pad = pad
         dev = cache.keys[0].device
         self.ids = torch.full((GRAPH_TOKENS,), pad, dtype=torch.long, device=dev)
         self.last = torch.zeros((ROWS,), dtype=torch.long, device=dev)
         self.slots = torch.zeros((ROWS,), dtype=torch.long, device=dev)
         self.logits = torch.empty((ROWS, vocab), dtype=cache.keys[0].dtype, device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.pool: Any = None
-        #: where captures run: the runner's own capture stream
-        self.stream = stream
-        self.off = ""                    # why graphs were turned off ("" while on)
-        self.replays = 0
-        self.capture_s = 0.0
         #: the keys the idle warm-up still has to capture (see :meth:`warm`)
         self.to_warm = graph_keys(cache.slots, cache.length)
-
-    def valid_for(self, lean: Any, cache: Any) -> bool:
-        return lean is self.lean and id(cache) == self.cache_id and \
-            self.weights.data_ptr() == self.weights_ptr
 
     def key(self, lens: list[int]) -> tuple[int, int] | None:
         """The key of a pass of prompts of ``lens`` tokens, or None: no graph fits it."""
@@ -177,24 +163,4 @@ class PrefillGraphs:
         self.to_warm = []
 
     def _capture(self, n: int, length: int) -> torch.cuda.CUDAGraph | None:
-        t0 = time.monotonic()
-        dev = self.ids.device
-        side = self.stream
-        try:
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):        # warm up off the capture
-                self.body(n, length)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph, _ = capture_graph(lambda: self.logits[:n].copy_(self.body(n, length)),
-                                     pool=self.pool, stream=side)
-        except Exception as exc:  # noqa: BLE001 - prefills run eagerly from now on
-            self.off = f"{type(exc).__name__}: {exc}"[:300]
-            self.to_warm = []
-            log.warning("prefill CUDA graph capture failed (%s): prefills run eagerly",
-                        self.off)
-            return None
-        if self.pool is None:
-            self.pool = graph.pool()
-        self.graphs[(n, length)] = graph
-        self.capture_s += time.monotonic() - t0
-        return graph
+        return self.capture((n, length), lambda: self.logits[:n].copy_(self.body(n, length)))
