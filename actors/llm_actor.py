@@ -39,6 +39,7 @@ from .llm_int8 import quantize_int8
 from .llm_loading import free_idle_cache, gguf_location, llm_dtype, load_gguf, weight_quant
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
+from .prefill_graphs import GRAPH_TOKENS
 from .torch_util import is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
@@ -253,7 +254,9 @@ class LLMActor(ModelActor):
 
     def working_bytes(self, items: int) -> int:
         """The KV cache (the batch's token budget, or one whole context without batching),
-        prefill activations, and a margin."""
+        prefill activations, the prefill graphs' memory pool (``prefill_graphs``: one pass of
+        up to :data:`~.prefill_graphs.GRAPH_TOKENS` tokens, held while the graphs live), and a
+        margin."""
         cfg = self.model.config
         layers = getattr(cfg, "num_hidden_layers", 24)
         heads = getattr(cfg, "num_attention_heads", 16)
@@ -268,7 +271,13 @@ class LLMActor(ModelActor):
         forward = min(self.engine.prefill_tokens, self.engine.kv_tokens)
         act = forward * (3 * inter + 4 * cfg.hidden_size) * size
         prefixes = per_token * self.engine.settings.prefix_cache_tokens   # kv_prefix.py
-        return per_token * self.engine.kv_tokens + prefixes + act + 128 * 2**20
+        settings = self.engine.settings
+        # (graphs only on a CUDA card: not for a GPU simulated on the CPU, tests/
+        # test_simulated_gpu.py)
+        graphs = GRAPH_TOKENS * (3 * inter + 4 * cfg.hidden_size) * size \
+            if settings.prefill_graphs and settings.cuda_graphs and \
+            str(self.gpu_device).startswith("cuda") else 0
+        return per_token * self.engine.kv_tokens + prefixes + act + graphs + 128 * 2**20
 
     def _engine_changes(self, params: dict) -> bool:
         """Would these params turn continuous batching on or off, or change the KV cache's

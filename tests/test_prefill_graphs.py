@@ -134,3 +134,24 @@ def test_no_prefill_graphs_are_warmed_off_the_gpu_or_when_off(monkeypatch):
     assert runner.warm_prefill_graph_one(0, {}) is False
     assert isinstance(runner.prefill_graphs, PrefillGraphs)
     assert runner.prefill_graphs.valid_for(runner.gpu_lean, runner.cache)
+
+
+async def test_the_gpu_grant_counts_the_prefill_graphs_pool():
+    """An LLM's working memory (what it asks the VRAM arbiter for beyond its weights) holds
+    the prefill graphs' pool, one pass of GRAPH_TOKENS tokens' activations, while the graphs
+    are on; a live edit turning them off gives it back."""
+    from test_chat_batching import start_llm
+
+    actor, _, system = await start_llm({})
+    try:
+        assert actor.gpu_device == "cpu"              # a simulated GPU: no graphs, no pool
+        off_card = actor.working_bytes(1)
+        actor.gpu_device = "cuda:0"
+        cfg = actor.model.config
+        size = next(actor.model.parameters()).element_size()
+        pool = GRAPH_TOKENS * (3 * cfg.intermediate_size + 4 * cfg.hidden_size) * size
+        on = actor.working_bytes(1)
+        actor.engine.configure(prefill_graphs=False)
+        assert on - actor.working_bytes(1) == pool and actor.working_bytes(1) == off_card
+    finally:
+        await system.stop_all()
