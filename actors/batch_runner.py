@@ -433,11 +433,8 @@ class BatchRunner:
         if lean is None:
             return False
         if graphs is None or not graphs.valid_for(lean, cache):
-            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
-            if self.capture_stream is None:
-                self.capture_stream = new_stream(self.device)
-            graphs = self.prefill_graphs = PrefillGraphs(
-                lean, cache, next(self.model.parameters()), vocab, self.pad, self.capture_stream)
+            graphs = self.prefill_graphs = self._new_graph_set(PrefillGraphs, lean, cache,
+                                                               pad=self.pad)
         t0 = time.monotonic()
         if not graphs.warm(active):
             return False
@@ -652,12 +649,17 @@ class BatchRunner:
         the weights moved)."""
         graphs = self.chunk_graphs
         if graphs is None or not graphs.valid_for(lean, cache):
-            vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
-            if self.capture_stream is None:
-                self.capture_stream = new_stream(self.device)
-            graphs = self.chunk_graphs = ChunkGraphs(lean, cache, next(self.model.parameters()),
-                                                     vocab, self.capture_stream)
+            graphs = self.chunk_graphs = self._new_graph_set(ChunkGraphs, lean, cache)
         return graphs
+
+    def _new_graph_set(self, kind: Any, lean: LeanDecoder, cache: Any, **extra: Any) -> Any:
+        """A new set of chunk or prefill graphs (``kind``, actors/graph_set.py) of this lean
+        decoder, cache and weights, captured on this runner's capture stream."""
+        vocab = int(getattr(lean.head, "out_features", 0) or self.model.config.vocab_size)
+        if self.capture_stream is None:
+            self.capture_stream = new_stream(self.device)
+        return kind(lean, cache, next(self.model.parameters()), vocab, self.capture_stream,
+                    **extra)
 
     def warm_chunk_one(self, active: int, stats: dict) -> bool:
         """(idle: nothing to admit, read or decode) Capture the next chunk graph

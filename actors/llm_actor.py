@@ -269,14 +269,15 @@ class LLMActor(ModelActor):
         inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
         # a forward never reads more tokens than the KV budget holds
         forward = min(self.engine.prefill_tokens, self.engine.kv_tokens)
-        act = forward * (3 * inter + 4 * cfg.hidden_size) * size
-        prefixes = per_token * self.engine.settings.prefix_cache_tokens   # kv_prefix.py
+        per_token_act = (3 * inter + 4 * cfg.hidden_size) * size
+        act = forward * per_token_act
         settings = self.engine.settings
+        prefixes = per_token * settings.prefix_cache_tokens   # kv_prefix.py
         # (graphs only on a CUDA card: not for a GPU simulated on the CPU, tests/
         # test_simulated_gpu.py)
-        graphs = GRAPH_TOKENS * (3 * inter + 4 * cfg.hidden_size) * size \
-            if settings.prefill_graphs and settings.cuda_graphs and \
-            str(self.gpu_device).startswith("cuda") else 0
+        graphed = settings.prefill_graphs and settings.cuda_graphs and \
+            str(self.gpu_device).startswith("cuda")
+        graphs = GRAPH_TOKENS * per_token_act if graphed else 0
         return per_token * self.engine.kv_tokens + prefixes + act + graphs + 128 * 2**20
 
     def _engine_changes(self, params: dict) -> bool:

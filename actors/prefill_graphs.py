@@ -66,8 +66,8 @@ class PrefillGraphs(GraphSet):
 
     what = "prefills"
 
-    def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int, pad: int,
-                 stream: Any):
+    def __init__(self, lean: Any, cache: Any, weights: torch.Tensor, vocab: int, stream: Any,
+                 pad: int = 0):
         super().__init__(lean, cache, weights, stream)
         self.pad = pad
         dev = cache.keys[0].device
@@ -105,7 +105,7 @@ class PrefillGraphs(GraphSet):
         for i, c in enumerate(contexts):
             host[i * length:i * length + len(c)] = torch.tensor(c, dtype=torch.long)
             host[n * length + i] = len(c) - 1
-        if self.ids.is_cuda:             # one asynchronous copy from pinned memory
+        if self.ids.is_cuda:             # asynchronous copies from one pinned buffer
             host = host.pin_memory()
         self.ids[:n * length].copy_(host[:n * length], non_blocking=True)
         self.last[:n].copy_(host[n * length:], non_blocking=True)

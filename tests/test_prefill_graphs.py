@@ -42,7 +42,7 @@ def test_the_graph_body_reads_each_prompt_into_its_slot_as_transformers_would(ar
                             torch.device("cpu"))
     g = torch.Generator().manual_seed(len(lens))
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lens]
-    graphs = PrefillGraphs(lean, cache, next(model.parameters()), 300, 7, None)
+    graphs = PrefillGraphs(lean, cache, next(model.parameters()), 300, None, pad=7)
     key = graphs.key(lens)
     assert key == (len(lens), 64)
     first = 3
@@ -70,7 +70,7 @@ def test_a_pass_no_graph_fits_is_read_eagerly():
     lean = lean_decoder(model, True)
     cache = make_slot_cache(model.config.num_hidden_layers, 8, model.config.num_key_value_heads,
                             128, lean.head_dim, torch.float32, torch.device("cpu"))
-    graphs = PrefillGraphs(lean, cache, next(model.parameters()), 300, 0, None)
+    graphs = PrefillGraphs(lean, cache, next(model.parameters()), 300, None)
     assert graphs.key([200]) is None                     # past the cache's length
     assert graphs.key([10] * (ROWS + 1)) is None         # too many rows
     assert graphs.key([]) is None
