@@ -29,12 +29,14 @@ from ..runtime.thread_tuner import ThreadTuner
 from .batch_plan import LEN_BUCKET, SeqRequest, StepKind, StepPlan, net_moves, pow2, round_up
 from .chunk_graphs import ChunkGraphs
 from .decode_graphs import _Graphs
-from .kv_chunk import chunk_cache
+from .kv_chunk import chunk_cache, chunk_cache_from
 from .kv_paged import make_paged_cache
 from .kv_prefix import PrefixStore
 from .kv_slots import (
     DECODE_ATTN,
     _register_decode_attention,
+    into_slot,
+    layers_stacked,
     make_slot_cache,
 )
 from .llm_lean_decode import LeanDecoder, agrees, close, lean_decoder
@@ -369,10 +371,12 @@ class BatchRunner:
         if len(plan.rows) > KEEP_PREFIX_ROWS:
             return
         cache = self.cache
+        whole = getattr(cache, "stacked", None)
         for i, req in enumerate(plan.rows):
             slot = slice(plan.first_slot + i, plan.first_slot + i + 1)
             self._keep_prefix(req, lambda layer, s=slot: (cache.keys[layer][s],
-                                                          cache.values[layer][s]), dev)
+                                                          cache.values[layer][s]), dev,
+                              whole=whole[:, :, slot] if whole is not None else None)
 
     def _lean_prefill(self, lean: LeanDecoder, plan: StepPlan, contexts: list[list[int]],
                       dev: torch.device) -> torch.Tensor:
@@ -530,16 +534,21 @@ class BatchRunner:
             return f"error: {exc!r}"[:300]
 
     def _keep_prefix(self, req: SeqRequest, layer_kv: Any, dev: torch.device, *,
-                     owned: bool = False) -> None:
+                     owned: bool = False, whole: torch.Tensor | None = None) -> None:
         """A prompt just read leaves its leading blocks in the prefix store (unless one there
         covers them already); ``layer_kv(layer)``: its keys and values,
         ``[1, kv_heads, >= its length, head_dim]`` each: copied for the tokens stored (every
         layer's into one tensor), or, when ``owned`` (tensors nobody else keeps or writes: a
-        chunked prefill's finished cache), kept as views of them (no allocation, no copy)."""
+        chunked prefill's finished cache), kept as views of them (no allocation, no copy).
+        ``whole``: the same as one view ``[layers, 2, 1, kv_heads, >= its length, head_dim]``
+        (its slot of the cache's :attr:`stacked`), copied in one kernel."""
         if not self.prefixes.budget_tokens or req.prompt is None:
             return
 
         def prefix_kv(m: int) -> list:
+            if whole is not None and not owned:
+                slab = whole[:, :, :, :, :m].clone(memory_format=torch.contiguous_format)
+                return [(slab[i, 0], slab[i, 1]) for i in range(self.n_layers)]
             parts = [t[:, :, :m] for layer in range(self.n_layers) for t in layer_kv(layer)]
             if owned:
                 return [(parts[2 * i], parts[2 * i + 1]) for i in range(self.n_layers)]
@@ -612,7 +621,12 @@ class BatchRunner:
 
     def _into_slot(self, kv: Any, slot: int, n: int) -> None:
         """The first ``n`` keys and values a chunked prefill's cache holds, into ``slot`` of
-        the KV rectangle."""
+        the KV rectangle (in one copy where both lie as one tensor each:
+        :func:`~.kv_slots.layers_stacked`)."""
+        whole = getattr(self.cache, "stacked", None)
+        if whole is not None and into_slot(whole, slot, layers_stacked(
+                [_dynamic_layer(kv, layer) for layer in range(self.n_layers)]), n):
+            return
         for layer in range(self.n_layers):
             k, v = _dynamic_layer(kv, layer)
             self.cache.keys[layer][slot, :, :n] = k[0, :, :n]
@@ -639,9 +653,11 @@ class BatchRunner:
             return None
         self.partial_kv = None
         self.graphed_chunks += 1
+        whole = getattr(cache, "stacked", None)
         self._keep_prefix(req, lambda layer: (cache.keys[layer][slot:slot + 1],
                                               cache.values[layer][slot:slot + 1]),
-                          self.device)
+                          self.device,
+                          whole=whole[:, :, slot:slot + 1] if whole is not None else None)
         return last
 
     def _chunk_graph_set(self, lean: LeanDecoder, cache: Any) -> ChunkGraphs:
@@ -756,9 +772,14 @@ class BatchRunner:
         entry, n = self.prefixes.lookup(ctx)
         if entry is None or not n:
             return 0
-        kv = chunk_cache(self.n_layers, len(ctx))
-        for layer, (k, v) in enumerate(entry.kv):
-            kv.update(k[:, :, :n], v[:, :, :n], layer)
+        src = layers_stacked(entry.kv) if len(entry.kv) == self.n_layers else None
+        if src is not None and src.dim() == 6 and src.shape[2] == 1 and \
+                n <= min(src.shape[-2], len(ctx)):      # every layer in one copy
+            kv = chunk_cache_from(self.n_layers, len(ctx), src, n)
+        else:
+            kv = chunk_cache(self.n_layers, len(ctx))
+            for layer, (k, v) in enumerate(entry.kv):
+                kv.update(k[:, :, :n], v[:, :, :n], layer)
         self.partial_kv = kv
         self.prefixes.acquire(entry)
         self.prefixes.release(entry)

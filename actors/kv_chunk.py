@@ -88,6 +88,25 @@ def chunk_cache(n_layers: int, length: int) -> Any:
     return kv
 
 
+def chunk_cache_from(n_layers: int, length: int, src: torch.Tensor, n: int) -> Any:
+    """A :func:`chunk_cache` of ``length`` positions whose first ``n`` already hold those of
+    ``src`` (every layer's keys and values, ``[n_layers, 2, 1, kv_heads, >= n, head_dim]``: a
+    stored prefix, actors/kv_slots.py :func:`~.kv_slots.layers_stacked`), copied in one kernel
+    (a copy per layer's keys and values was 2 x layers launches, and a first update made two
+    empty tensors per layer)."""
+    kv = chunk_cache(n_layers, length)
+    slab = kv.layers[0].slab
+    t = slab.t = torch.empty((n_layers, 2, 1, src.shape[3], slab.length, src.shape[5]),
+                             dtype=src.dtype, device=src.device)
+    t[:, :, :, :, :n].copy_(src[:, :, :, :, :n])
+    for i, layer in enumerate(kv.layers):
+        layer.dtype, layer.device = src.dtype, src.device
+        layer.is_initialized = True
+        layer.keys, layer.values = t[i, 0, :, :, :n], t[i, 1, :, :, :n]
+        layer.used = n
+    return kv
+
+
 def slab_of(kv: Any) -> torch.Tensor | None:
     """The slab a :func:`chunk_cache` writes into (None before the first write, or for another
     cache)."""

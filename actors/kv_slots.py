@@ -60,6 +60,45 @@ def _register_decode_attention() -> bool:
     return _registered
 
 
+# ---- every layer's keys and values as one tensor -----------------------------------------------
+def layers_stacked(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """Per-layer ``(keys, values)`` of one shape, strides and dtype that lie at regular distances
+    in one storage (a layer's keys to the next layer's, a layer's keys to its values) as one view
+    ``[layers, 2, *shape]``: one copy kernel then reads or writes every layer, where a copy per
+    tensor was 2 x layers launches (72 for a 3B Qwen). None when they do not lie so."""
+    if not pairs:
+        return None
+    k0, v0 = pairs[0]
+    size = k0.element_size()
+    base = k0.data_ptr()
+    storage = k0.untyped_storage().data_ptr()
+    step = (pairs[1][0].data_ptr() - base) // size if len(pairs) > 1 else 0
+    apart = (v0.data_ptr() - base) // size
+    if step < 0 or apart < 0:
+        return None
+    for i, pair in enumerate(pairs):
+        for j, t in enumerate(pair):
+            if t.shape != k0.shape or t.stride() != k0.stride() or t.dtype != k0.dtype or \
+                    t.device != k0.device or t.untyped_storage().data_ptr() != storage or \
+                    t.data_ptr() != base + (i * step + j * apart) * size:
+                return None
+    return k0.as_strided((len(pairs), 2, *k0.shape), (step, apart, *k0.stride()),
+                         k0.storage_offset())
+
+
+def into_slot(whole: torch.Tensor, slot: int, src: torch.Tensor | None, n: int) -> bool:
+    """One row's first ``n`` keys and values of every layer, ``src`` ``[layers, 2, 1,
+    kv_heads, >= n, head_dim]``, into slot ``slot`` of a cache's ``whole``
+    (``[layers, 2, slots, kv_heads, length, head_dim]``) in one copy; False (nothing copied)
+    where ``src`` is None or not of that shape."""
+    if src is None or src.dim() != 6 or src.shape[:3] != (whole.shape[0], 2, 1) or \
+            src.shape[3] != whole.shape[3] or src.shape[5] != whole.shape[5] or \
+            src.shape[4] < n or whole.shape[4] < n or src.dtype != whole.dtype:
+        return False
+    whole[:, :, slot, :, :n].copy_(src[:, :, 0, :, :n])
+    return True
+
+
 # ---- the KV cache the model writes into -------------------------------------------------------
 class _SlotLayer:
     """Duck-typed cache layer (no transformers base class: its abstract API moves between
@@ -143,12 +182,14 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
                 self.stable = buf
                 views = [buf.view(dtype, shape, offset=i * step) for i in range(2 * n_layers)]
                 self.keys, self.values = views[:n_layers], views[n_layers:]
+            else:                      # one allocation too: every layer in one tensor
+                whole = torch.zeros((2, n_layers, *shape), dtype=dtype, device=device)
+                self.keys, self.values = list(whole[0]), list(whole[1])
+            #: every layer's keys and values as one view ``[layers, 2, slots, kv_heads, length,
+            #: head_dim]`` (:func:`layers_stacked`; None if they do not lie regularly)
+            self.stacked = layers_stacked(list(zip(self.keys, self.values)))
+            if stable:
                 self.zero()
-            else:
-                self.keys = [torch.zeros(shape, dtype=dtype, device=device)
-                             for _ in range(n_layers)]
-                self.values = [torch.zeros(shape, dtype=dtype, device=device)
-                               for _ in range(n_layers)]
             self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
             self.rows: torch.Tensor | None = None   # [B] slot of each row of the step
             self.pos: torch.Tensor | None = None    # [B] where each row writes its new token
@@ -165,7 +206,11 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
 
         def zero(self) -> None:
-            for t in self.keys + self.values:    # masked positions must not hold NaN bits
+            # masked positions must not hold NaN bits
+            if self.stacked is not None:
+                self.stacked.zero_()
+                return
+            for t in self.keys + self.values:
                 t.zero_()
 
         def park(self) -> None:
