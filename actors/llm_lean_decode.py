@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_slots import grouped_decode_attention
+from .llm_elementwise import rotate_signed, signed_sine, silu_mul, warm_silu_mul
 from .llm_fused import LinearCalls, laid_end_to_end
 from .llm_int4 import GROUP, INT4_ROWS, Int4Linear
 
@@ -136,6 +137,13 @@ class LeanDecoder:
         self.fused_ops = fused_ops
         #: how the fused MLP computes gate and up (:meth:`gate_up_form`; ``AGILE_RAG_GATE_UP``)
         self.gate_up = gate_up_setting()
+        #: per (device, dtype): the one-kernel SiLU and product compiled and checked there
+        #: (:meth:`warm_product`)
+        self.product_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
+        #: a fused prefill rotates q and k in three kernels (:func:`rotate_signed`), not five
+        #: (``AGILE_RAG_ROTATE_SIGNED=0``: five)
+        self.rotate_signed = os.environ.get("AGILE_RAG_ROTATE_SIGNED", "1").strip() not in \
+            ("0", "false", "off")
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.rope = rope
@@ -176,11 +184,12 @@ class LeanDecoder:
         return calls if calls is not None else self.linear[i]
 
     def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             calls: Any, rot: torch.Tensor | None = None
+             calls: Any, rot: torch.Tensor | None = None, signed: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i``'s q [B, heads, 1, D], k and v [B, kv heads, 1, D] of the normed input
         h [B, 1, hidden], q and k rotated (by ``rot`` [B, D, D], :func:`rotation`, when
-        given)."""
+        given; else in three kernels with ``signed``, the sine of
+        :func:`~.llm_elementwise.signed_sine`, when given)."""
         b = h.shape[0]
         h_n, kv_n, d = self.heads, self.kv_heads, self.head_dim
         _, q_p, k_p, v_p = self.layers[i][:4]
@@ -190,7 +199,9 @@ class LeanDecoder:
             if self.joint_rope:
                 # q's and k's heads side by side, rotated as one: [B, heads + kv heads, D]
                 qk = y[:, :(h_n + kv_n) * d].view(b, h_n + kv_n, d)
-                qk = torch.bmm(qk, rot) if rot is not None else _rotate(qk, cos, sin)
+                qk = torch.bmm(qk, rot) if rot is not None else \
+                    rotate_signed(qk, cos, signed) if signed is not None else \
+                    _rotate(qk, cos, sin)
                 return qk[:, :h_n].unsqueeze(2), qk[:, h_n:].unsqueeze(2), v
             q = y[:, :h_n * d].view(b, 1, h_n, d).transpose(1, 2)
             k = y[:, h_n * d:(h_n + kv_n) * d].view(b, 1, kv_n, d).transpose(1, 2)
@@ -233,13 +244,13 @@ class LeanDecoder:
             form = self.gate_up_form(b)
             t = gate_up.across(h) if form == "across" else None
             if t is not None:               # [gate's rows; up's rows] x the rows, contiguous
-                a = act(t[:gate.out_features]).mul_(t[gate.out_features:]).t()
+                a = self._product(t[:gate.out_features], t[gate.out_features:], act).t()
             elif form == "apart":           # two matmuls, each output contiguous
-                a = act(F.linear(h, gate.weight, gate.bias)).mul_(
-                    F.linear(h, up.weight, up.bias))
+                a = self._product(F.linear(h, gate.weight, gate.bias),
+                                  F.linear(h, up.weight, up.bias), act)
             else:                           # one matmul, gate and up strided views of it
                 g, u = gate_up(h)
-                a = act(g) * u
+                a = self._product(g, u, act)
             x2.addmm_(a, down.weight.t())
             return x
         if calls is not None:
@@ -251,6 +262,30 @@ class LeanDecoder:
         x = x + o_p(o.view(b, 1, -1))
         h = _rms(x, n2, dtype)
         return x + down(act(gate(h)) * up(h))
+
+    def _product(self, g: torch.Tensor, u: torch.Tensor, act: Any) -> torch.Tensor:
+        """The gated MLP's ``act(g) * u`` (a new tensor) in the fused forms: SiLU and product
+        as one kernel on a CUDA device (:func:`~.llm_elementwise.silu_mul`) once its layouts
+        are compiled and checked there (:meth:`warm_product`; never during a CUDA graph's
+        capture: such a graph keeps torch's two kernels)."""
+        if not isinstance(act, torch.nn.SiLU) or not g.is_cuda:
+            return act(g).mul_(u)
+        key = (g.device, g.dtype)
+        ok = self.product_ok.get(key)
+        if ok is None:
+            if torch.cuda.is_current_stream_capturing():
+                return act(g).mul_(u)
+            ok = self.warm_product(g.device, g.dtype)
+        return silu_mul(g, u) if ok else act(g).mul_(u)
+
+    def warm_product(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Compile and check the one-kernel SiLU and product for ``dtype`` on ``device``
+        (``AGILE_RAG_SILU_MUL=0``: never)."""
+        key = (device, dtype)
+        if key not in self.product_ok:
+            on = os.environ.get("AGILE_RAG_SILU_MUL", "1").strip() not in ("0", "false", "off")
+            self.product_ok[key] = on and warm_silu_mul(device, dtype)
+        return self.product_ok[key]
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
                  mask: torch.Tensor) -> torch.Tensor:
@@ -344,9 +379,11 @@ class LeanDecoder:
         cos, sin = self.rotary(x, pos.reshape(m, 1))
         dtype = x.dtype
         fused = self._takes_fused(x)
+        signed = signed_sine(sin) if fused and self.joint_rope and self.rotate_signed else None
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, m, dtype)
-            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls)
+            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls,
+                                signed=signed)
             # [m, heads, 1, D] -> [n, heads, lp, D]: each row's tokens as one sequence
             q = q.reshape(n, lp, h_n, d).transpose(1, 2)
             k = k.reshape(n, lp, kv_n, d).transpose(1, 2)
