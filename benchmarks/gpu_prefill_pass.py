@@ -26,6 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+TORCHS = "torch's"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,4,11,16,32", help="rows of a pass")
@@ -118,6 +121,34 @@ def main(argv=None) -> None:
             print(f"pass of {mid} x {lp} tokens, gate_up {form}: "
                   f"{timed(pass_of(mid)) * 1e3:.2f} ms")
         lean.gate_up = gate_up_setting()
+        if cuda:       # the elementwise steps in fewer kernels (actors/llm_elementwise.py) or not
+            key = (torch.device(dev), dt)
+            fused = lean.rotate_signed, lean.product_ok.get(key)
+            for n in rows:
+                times: dict[str, list[float]] = {"fewer kernels": [], TORCHS: []}
+                for _ in range(3):                     # interleaved
+                    for way in times:
+                        on = way == "fewer kernels"
+                        lean.rotate_signed = on and fused[0]
+                        lean.product_ok[key] = bool(on and fused[1])
+                        f = pass_of(n)
+                        f()
+                        g = torch.cuda.CUDAGraph()
+                        s = torch.cuda.Stream()
+                        s.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(s):
+                            f()
+                        torch.cuda.current_stream().wait_stream(s)
+                        with torch.cuda.graph(g):
+                            f()
+                        times[way].append(timed(g.replay))
+                        del g
+                print(f"pass of {n} x {lp} tokens, graph replay: elementwise in fewer kernels "
+                      f"(rotation in 3, SiLU and product in 1: {fused[0]}, {fused[1]}) "
+                      f"{statistics.median(times['fewer kernels']) * 1e3:.2f} ms, torch's "
+                      f"{statistics.median(times[TORCHS]) * 1e3:.2f} ms",
+                      flush=True)
+            lean.rotate_signed, lean.product_ok[key] = fused[0], bool(fused[1])
         m = max(rows) * lp
         x = torch.randn(m, hid, device=dev, dtype=dt)
         xi = torch.randn(m, inter, device=dev, dtype=dt)
@@ -133,8 +164,11 @@ def main(argv=None) -> None:
         g_, u_ = torch.randn(m, inter, device=dev, dtype=dt), torch.randn(m, inter, device=dev,
                                                                           dtype=dt)
         act = timed(lambda: F.silu(g_).mul_(u_))
+        from agile_rag.actors.llm_elementwise import silu_mul
+        one = timed(lambda: silu_mul(g_, u_))
         print(f"  {m} tokens: the GEMMs {per_layer * layers * 1e3:.1f} ms over {layers} layers, "
-              f"SiLU and product {act * layers * 1e3:.1f} ms")
+              f"SiLU and product {act * layers * 1e3:.1f} ms (in one kernel: "
+              f"{one * layers * 1e3:.1f} ms)")
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
             f = pass_of(mid)
