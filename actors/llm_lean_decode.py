@@ -155,6 +155,10 @@ class LeanDecoder:
         self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self.final = _rms_parts(inner.norm)
         self.joint_rope = _rope_is_rotate_half(rope, self.head_dim)
+        #: every layer's activation is SiLU (checked on values: transformers' own class, or
+        #: torch's): the fused forms may take SiLU and product as one kernel
+        self.act_silu = _is_silu(inner.layers[0].mlp.act_fn) and \
+            len({type(layer.mlp.act_fn) for layer in inner.layers}) == 1
         self.layers = []
         # per layer, the int4 kernel calls (None: the modules): q/k/v, o, gate/up, down
         self.int4: list[tuple[Int4Calls, Int4Calls, Int4Calls, Int4Calls] | None] = []
@@ -268,7 +272,7 @@ class LeanDecoder:
         as one kernel on a CUDA device (:func:`~.llm_elementwise.silu_mul`) once its layouts
         are compiled and checked there (:meth:`warm_product`; never during a CUDA graph's
         capture: such a graph keeps torch's two kernels)."""
-        if not isinstance(act, torch.nn.SiLU) or not g.is_cuda:
+        if not self.act_silu or not g.is_cuda:
             return act(g).mul_(u)
         key = (g.device, g.dtype)
         ok = self.product_ok.get(key)
@@ -448,6 +452,15 @@ def _rope_is_rotate_half(rope: Any, head_dim: int) -> bool:
         return torch.equal(both[:, :3], want_q.squeeze(2)) and \
             torch.equal(both[:, 3:], want_k.squeeze(2))
     except Exception:  # noqa: BLE001 - another signature or layout: the model's own function
+        return False
+
+
+def _is_silu(act: Any) -> bool:
+    """``act`` computes torch's SiLU (checked on a few values)."""
+    try:
+        x = torch.linspace(-6.0, 6.0, 25)
+        return torch.equal(act(x), F.silu(x))
+    except Exception:  # noqa: BLE001 - not a plain elementwise module
         return False
 
 

@@ -37,3 +37,18 @@ def test_silu_and_product_off_a_gpu_is_torchs_and_leaves_its_inputs():
                                F.silu(joint[:, :12]) * joint[:, 12:])
     assert torch.equal(g, g0) and torch.equal(u, u0)
     assert warm_silu_mul(torch.device("cpu"), torch.float32) is False   # nothing to compile
+
+
+def test_the_lean_decoder_knows_a_silu_mlp_from_another():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agile_rag.actors.llm_lean_decode import lean_decoder
+
+    def lean(act: str):
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          hidden_act=act)
+        return lean_decoder(LlamaForCausalLM(cfg).eval())
+
+    assert lean("silu").act_silu is True            # transformers' SiLUActivation
+    assert lean("gelu").act_silu is False
