@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                   f"{timed(pass_of(mid)) * 1e3:.2f} ms")
         lean.gate_up = gate_up_setting()
         if cuda:       # the elementwise steps in fewer kernels (actors/llm_elementwise.py) or not
-            key = (torch.device(dev), dt)
+            key = (keys[0].device, dt)             # (the device as the tensors name it)
             fused = lean.rotate_signed, lean.product_ok.get(key)
             for n in rows:
                 times: dict[str, list[float]] = {"fewer kernels": [], TORCHS: []}
