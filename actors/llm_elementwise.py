@@ -15,9 +15,10 @@ are bound by memory traffic, so fewer passes over the data are what they gain:
   pass by :func:`signed_sine`) where it takes five (a negation, a concatenation, two products
   and a sum); the product and the sum round once where transformers rounds twice.
 
-A jiterator kernel is compiled for each layout it meets (contiguous, strided, ...) at its first
-call; :func:`warm_silu_mul` compiles the ones the decoder's forms use, at load, so that no
-compile happens inside a CUDA graph's capture or on a request.
+A jiterator kernel is compiled for each layout it meets (contiguous, strided, unaligned) at its
+first call; :func:`warm_silu_mul` compiles and checks the ones the decoder's forms use at the
+decoder's first eager pass on the device (a load's checks), so that no compile happens inside a
+CUDA graph's capture or on a request.
 """
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def _silu_mul_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     return _kernel or None
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """``silu(g) * u`` (a new tensor of g's shape): one jiterator kernel on a CUDA device when
-    ``fused`` and it works there, else torch's SiLU and product."""
-    if fused and g.is_cuda:
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` (a new tensor of g's shape): one jiterator kernel on a CUDA device where
+    it can be made, else torch's SiLU and product."""
+    if g.is_cuda:
         kernel = _silu_mul_kernel()
         if kernel is not None:
             return kernel(g, u)
@@ -67,9 +68,10 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor, fused: bool = True) -> torch.Tens
 
 
 def warm_silu_mul(device: torch.device, dtype: torch.dtype) -> bool:
-    """Compile the kernel's layouts the lean decoder meets (contiguous halves, strided views of
-    one matmul's output, a transposed block) for ``dtype`` on ``device``, and check them against
-    torch's; False (and the kernel left unused from then on) when one fails or differs."""
+    """Compile the kernel's layouts the lean decoder meets (contiguous blocks, strided views of
+    one matmul's output, contiguous ones at unaligned offsets) for ``dtype`` on ``device``, and
+    check them against torch's; False (and the kernel left unused from then on) when one fails
+    or differs."""
     global _kernel
     if device.type != "cuda" or _silu_mul_kernel() is None:
         return False
@@ -87,8 +89,7 @@ def warm_silu_mul(device: torch.device, dtype: torch.dtype) -> bool:
             if got.dtype != dtype or got.shape != g.shape or \
                     not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2):
                 raise ValueError(f"differs from torch's for {tuple(g.shape)} {g.stride()}")
-        torch.cuda.synchronize(device)
-        return True
+        return True                     # (allclose waited for each kernel: no device sync)
     except Exception as exc:  # noqa: BLE001 - compile or launch failed: torch's kernels
         log.warning("SiLU-and-product kernel off: %s", exc)
         with _lock:
