@@ -20,9 +20,10 @@ streams them; the whole text fed at once gives the same calls.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..runtime.ids import unique_hex
 
 HERMES = "hermes"          # <tool_call>{"name", "arguments"}</tool_call>  (Qwen, Hermes)
 LLAMA = "llama"            # {"name", "parameters"}                      (Llama 3.1+)
@@ -449,7 +450,7 @@ class ToolCallParser:
         if not obj.name_done or obj.name is None:
             return
         if k >= self.region_calls:
-            call = _Call(id="call_" + uuid.uuid4().hex[:24], name=obj.name)
+            call = _Call(id="call_" + unique_hex(), name=obj.name)
             self.calls.append(call)
             self.region_calls = k + 1
             deltas.append(ToolCallDelta(index=len(self.calls) - 1, id=call.id, name=call.name))

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from agile_rag.actors import llm_grammar
 from agile_rag.actors.llm_tools import ToolCallDelta, ToolCallParser
 from agile_rag.actors.messages import Chat, ChatResult, TokenStream
 from agile_rag.runtime.errors import InvalidRequest, ServiceError
+from agile_rag.runtime.ids import unique_hex
 from agile_rag.runtime.loop_calls import call_threadsafe
 
 from .common import ask_model, resolve_model
@@ -329,7 +329,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     llm_grammar.check(msgs[0])                       # a schema that cannot work: 400 now
     tools_on = bool(extra.get("tools")) and extra.get("tool_choice") != "none"
     names = [t["name"] for t in extra["tools"]] if tools_on else []
-    reply = _Reply(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+    reply = _Reply(("chatcmpl-" if chat else "cmpl-") + unique_hex(),
                    actor.spec.name, chat, getattr(actor, "tokenizer", None))
     choices = [_Choice(i, m, ToolCallParser(names) if tools_on else None,
                        prompt if echo else "") for i, m in enumerate(msgs)]

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import re
 
 import orjson
 from aiohttp import web
 
 from agile_rag.runtime.errors import InvalidRequest, ServiceError, Unauthorized
+from agile_rag.runtime.ids import unique_hex
 
 from .keys import REQUEST_ID, SERVER
 from .parsing import bearer_matches
@@ -19,18 +18,12 @@ log = logging.getLogger("agile_rag.http")
 _ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-#: request ids are this process's random prefix and a counter: unique, and (unlike uuid4, one
-#: system call each) nearly free on every request's path
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNT = itertools.count(int.from_bytes(os.urandom(3), "big"))
-
-
 def new_request_id(given: str | None = None) -> str:
     """Keep a client's x-request-id when it is sane, else make one (``req-`` and 24 hex
     digits)."""
     if given and _ID_OK.match(given):
         return given
-    return f"req-{_ID_PREFIX}{next(_ID_COUNT) & 0xFFFFFFFFFFFF:012x}"
+    return "req-" + unique_hex()     # (runtime/ids.py: no system call on the request's path)
 
 
 def json_response(data, *, status: int = 200, request: web.Request | None = None,

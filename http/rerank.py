@@ -11,12 +11,11 @@ Two shapes on the same routes, told apart by the request's fields:
 """
 from __future__ import annotations
 
-import uuid
-
 from aiohttp import web
 
 from agile_rag.actors.messages import Rerank, RerankResult
 from agile_rag.runtime.errors import InvalidRequest
+from agile_rag.runtime.ids import unique_hex
 
 from .common import ask_model, resolve_model
 from .errors import json_response
@@ -76,11 +75,11 @@ async def rerank(request: web.Request) -> web.Response:
                 **({"document": {"text": docs[i]}} if with_docs else {})} for i in order]
     if v2:
         return json_response({
-            "id": "rerank-" + uuid.uuid4().hex[:24], "results": results,
+            "id": "rerank-" + unique_hex(), "results": results,
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                      "tokens": {"input_tokens": tokens, "output_tokens": 0}}}, request=request)
     return json_response({
-        "id": "rerank-" + uuid.uuid4().hex[:24], "object": "list", "model": actor.spec.name,
+        "id": "rerank-" + unique_hex(), "object": "list", "model": actor.spec.name,
         "results": results,
         "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
                  "tokens": {"input_tokens": tokens, "output_tokens": 0}},
