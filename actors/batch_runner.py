@@ -370,13 +370,17 @@ class BatchRunner:
         """The prompts' prefixes of a prefill of a few rows, from their slots."""
         if len(plan.rows) > KEEP_PREFIX_ROWS:
             return
-        cache = self.cache
-        whole = getattr(cache, "stacked", None)
         for i, req in enumerate(plan.rows):
-            slot = slice(plan.first_slot + i, plan.first_slot + i + 1)
-            self._keep_prefix(req, lambda layer, s=slot: (cache.keys[layer][s],
-                                                          cache.values[layer][s]), dev,
-                              whole=whole[:, :, slot] if whole is not None else None)
+            self._keep_slot_prefix(req, plan.first_slot + i, dev)
+
+    def _keep_slot_prefix(self, req: SeqRequest, slot: int, dev: torch.device) -> None:
+        """:meth:`_keep_prefix` of a prompt just read into ``slot`` of the KV rectangle (every
+        layer's part in one copy through the cache's :attr:`stacked` view)."""
+        cache = self.cache
+        s = slice(slot, slot + 1)
+        whole = getattr(cache, "stacked", None)
+        self._keep_prefix(req, lambda layer: (cache.keys[layer][s], cache.values[layer][s]),
+                          dev, whole=whole[:, :, s] if whole is not None else None)
 
     def _lean_prefill(self, lean: LeanDecoder, plan: StepPlan, contexts: list[list[int]],
                       dev: torch.device) -> torch.Tensor:
@@ -653,11 +657,7 @@ class BatchRunner:
             return None
         self.partial_kv = None
         self.graphed_chunks += 1
-        whole = getattr(cache, "stacked", None)
-        self._keep_prefix(req, lambda layer: (cache.keys[layer][slot:slot + 1],
-                                              cache.values[layer][slot:slot + 1]),
-                          self.device,
-                          whole=whole[:, :, slot:slot + 1] if whole is not None else None)
+        self._keep_slot_prefix(req, slot, self.device)
         return last
 
     def _chunk_graph_set(self, lean: LeanDecoder, cache: Any) -> ChunkGraphs:
@@ -772,11 +772,8 @@ class BatchRunner:
         entry, n = self.prefixes.lookup(ctx)
         if entry is None or not n:
             return 0
-        src = layers_stacked(entry.kv) if len(entry.kv) == self.n_layers else None
-        if src is not None and src.dim() == 6 and src.shape[2] == 1 and \
-                n <= min(src.shape[-2], len(ctx)):      # every layer in one copy
-            kv = chunk_cache_from(self.n_layers, len(ctx), src, n)
-        else:
+        kv = chunk_cache_from(self.n_layers, len(ctx), layers_stacked(entry.kv), n)
+        if kv is None:                  # not one view: a copy per layer's keys and values
             kv = chunk_cache(self.n_layers, len(ctx))
             for layer, (k, v) in enumerate(entry.kv):
                 kv.update(k[:, :, :n], v[:, :, :n], layer)

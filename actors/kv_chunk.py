@@ -88,12 +88,15 @@ def chunk_cache(n_layers: int, length: int) -> Any:
     return kv
 
 
-def chunk_cache_from(n_layers: int, length: int, src: torch.Tensor, n: int) -> Any:
+def chunk_cache_from(n_layers: int, length: int, src: torch.Tensor | None, n: int) -> Any:
     """A :func:`chunk_cache` of ``length`` positions whose first ``n`` already hold those of
     ``src`` (every layer's keys and values, ``[n_layers, 2, 1, kv_heads, >= n, head_dim]``: a
     stored prefix, actors/kv_slots.py :func:`~.kv_slots.layers_stacked`), copied in one kernel
     (a copy per layer's keys and values was 2 x layers launches, and a first update made two
-    empty tensors per layer)."""
+    empty tensors per layer). None (nothing made) where ``src`` is None or not of that shape."""
+    if src is None or src.dim() != 6 or src.shape[:3] != (n_layers, 2, 1) or \
+            n > min(src.shape[4], length):
+        return None
     kv = chunk_cache(n_layers, length)
     slab = kv.layers[0].slab
     t = slab.t = torch.empty((n_layers, 2, 1, src.shape[3], slab.length, src.shape[5]),

@@ -187,7 +187,9 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
                 self.keys, self.values = list(whole[0]), list(whole[1])
             #: every layer's keys and values as one view ``[layers, 2, slots, kv_heads, length,
             #: head_dim]`` (:func:`layers_stacked`; None if they do not lie regularly)
-            self.stacked = layers_stacked(list(zip(self.keys, self.values)))
+            stacked = layers_stacked(list(zip(self.keys, self.values)))
+            assert stacked is not None          # (one buffer, at regular offsets)
+            self.stacked = stacked
             if stable:
                 self.zero()
             self.layers.extend(_SlotLayer(self, i) for i in range(n_layers))
@@ -206,12 +208,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
 
         def zero(self) -> None:
-            # masked positions must not hold NaN bits
-            if self.stacked is not None:
-                self.stacked.zero_()
-                return
-            for t in self.keys + self.values:
-                t.zero_()
+            self.stacked.zero_()    # masked positions must not hold NaN bits
 
         def park(self) -> None:
             """Give the pages back; the tensors keep their addresses (never touch them

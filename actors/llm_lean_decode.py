@@ -142,8 +142,7 @@ class LeanDecoder:
         self.product_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
         #: a fused prefill rotates q and k in three kernels (:func:`rotate_signed`), not five
         #: (``AGILE_RAG_ROTATE_SIGNED=0``: five)
-        self.rotate_signed = os.environ.get("AGILE_RAG_ROTATE_SIGNED", "1").strip() not in \
-            ("0", "false", "off")
+        self.rotate_signed = _switched_on("AGILE_RAG_ROTATE_SIGNED")
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.rope = rope
@@ -287,8 +286,8 @@ class LeanDecoder:
         (``AGILE_RAG_SILU_MUL=0``: never)."""
         key = (device, dtype)
         if key not in self.product_ok:
-            on = os.environ.get("AGILE_RAG_SILU_MUL", "1").strip() not in ("0", "false", "off")
-            self.product_ok[key] = on and warm_silu_mul(device, dtype)
+            self.product_ok[key] = _switched_on("AGILE_RAG_SILU_MUL") and \
+                warm_silu_mul(device, dtype)
         return self.product_ok[key]
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any,
@@ -453,6 +452,11 @@ def _rope_is_rotate_half(rope: Any, head_dim: int) -> bool:
             torch.equal(both[:, 3:], want_k.squeeze(2))
     except Exception:  # noqa: BLE001 - another signature or layout: the model's own function
         return False
+
+
+def _switched_on(name: str) -> bool:
+    """Environment switch ``name``: on unless 0, false or off."""
+    return os.environ.get(name, "1").strip() not in ("0", "false", "off")
 
 
 def _is_silu(act: Any) -> bool:

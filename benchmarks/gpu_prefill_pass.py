@@ -26,9 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-TORCHS = "torch's"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,4,11,16,32", help="rows of a pass")
@@ -75,6 +72,18 @@ def main(argv=None) -> None:
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
+    def graph_of(f):
+        """``f`` warmed once on a side stream, then captured: (the graph, its output)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            f()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = f()
+        return g, out
+
     def pass_of(n: int):
         ids = torch.randint(0, shape["vocab_size"], (n, lp), device=dev)
         last = torch.full((n,), lp - 1, device=dev)
@@ -98,14 +107,7 @@ def main(argv=None) -> None:
                 sync()
             replay = "-"
             if cuda:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    f()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    out = f()
+                g, out = graph_of(f)
                 rep = timed(g.replay)
                 same = torch.allclose(out.float(), f().float(), rtol=3e-2, atol=3e-2)
                 replay = f"{rep * 1e3:.2f} ms (same logits: {same})"
@@ -125,29 +127,19 @@ def main(argv=None) -> None:
             key = (keys[0].device, dt)             # (the device as the tensors name it)
             fused = lean.rotate_signed, lean.product_ok.get(key)
             for n in rows:
-                times: dict[str, list[float]] = {"fewer kernels": [], TORCHS: []}
+                fewer: list[float] = []
+                torchs: list[float] = []
                 for _ in range(3):                     # interleaved
-                    for way in times:
-                        on = way == "fewer kernels"
+                    for on, times in ((True, fewer), (False, torchs)):
                         lean.rotate_signed = on and fused[0]
                         lean.product_ok[key] = bool(on and fused[1])
-                        f = pass_of(n)
-                        f()
-                        g = torch.cuda.CUDAGraph()
-                        s = torch.cuda.Stream()
-                        s.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(s):
-                            f()
-                        torch.cuda.current_stream().wait_stream(s)
-                        with torch.cuda.graph(g):
-                            f()
-                        times[way].append(timed(g.replay))
+                        g, _ = graph_of(pass_of(n))
+                        times.append(timed(g.replay))
                         del g
                 print(f"pass of {n} x {lp} tokens, graph replay: elementwise in fewer kernels "
                       f"(rotation in 3, SiLU and product in 1: {fused[0]}, {fused[1]}) "
-                      f"{statistics.median(times['fewer kernels']) * 1e3:.2f} ms, torch's "
-                      f"{statistics.median(times[TORCHS]) * 1e3:.2f} ms",
-                      flush=True)
+                      f"{statistics.median(fewer) * 1e3:.2f} ms, torch's "
+                      f"{statistics.median(torchs) * 1e3:.2f} ms", flush=True)
             lean.rotate_signed, lean.product_ok[key] = fused[0], bool(fused[1])
         m = max(rows) * lp
         x = torch.randn(m, hid, device=dev, dtype=dt)

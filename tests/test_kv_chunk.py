@@ -89,6 +89,9 @@ def test_a_stored_prefix_copied_in_one_go_gives_the_same_logits_and_can_grow(mod
     src = layers_stacked([(layer.keys, layer.values) for layer in first.layers])
     assert src is not None and tuple(src.shape) == (3, 2, 1, 2, 20, 16)
     assert torch.equal(src[2, 1], first.layers[2].values)
+    assert chunk_cache_from(3, 30, src, 21) is None       # more than it holds
+    assert chunk_cache_from(3, 30, None, 5) is None
+    assert chunk_cache_from(4, 30, src, 5) is None        # another layer count
     kv = chunk_cache_from(3, 30, src, 17)                 # a prefix of 17 of its 20 tokens
     assert kv.get_seq_length() == 17
     assert slab_of(kv).untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
