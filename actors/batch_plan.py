@@ -99,6 +99,9 @@ class BatchSettings:
     #: the loop waits for a prompt still being encoded on a prompt thread (in order) even
     #: while it has other work (BatchEngine._still_encoding); off: it goes on without it
     wait_prompts: bool = False
+    #: a burst's prefill passes go back to back, no decode step between them, while no row
+    #: has decoded yet (BatchEngine._next_pass_first)
+    burst_passes: bool = True
 
 
 @dataclass(eq=False)

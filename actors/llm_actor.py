@@ -186,6 +186,9 @@ class LLMActor(ModelActor):
     #   wait_for_prompts (false)    the loop waits for a prompt still being encoded on a
     #                               prompt thread even with other work to do (a pass to
     #                               launch, rows to decode); false: it goes on, takes it later
+    #   burst_prefill (true)        a burst's prefill passes go back to back, no decode step
+    #                               between them, while no chat in the batch has decoded yet
+    #                               (actors/llm_batching.py _next_pass_first)
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
     #                               while idle (off by itself for flex + idle_on_cpu: the
     #                               weights leave as soon as the batch is idle)
@@ -209,6 +212,7 @@ class LLMActor(ModelActor):
                 "decode_cudnn": p.get("decode_cudnn_attention", True) is not False,
                 "lean_prefill": p.get("lean_prefill", True) is not False,
                 "wait_prompts": p.get("wait_for_prompts", False) is True,
+                "burst_passes": p.get("burst_prefill", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

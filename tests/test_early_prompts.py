@@ -269,12 +269,12 @@ async def test_rows_decoding_go_on_while_a_new_chats_prompt_is_still_being_encod
     assert got_long.completion_tokens > 10
 
 
-def test_wait_for_prompts_in_liveconfigs_is_true_or_false():
+@pytest.mark.parametrize("key", ["wait_for_prompts", "burst_prefill"])
+def test_the_loops_switches_in_liveconfigs_are_true_or_false(key):
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
 
     for ok in (True, False):
-        assert validate({"llm_params": {"wait_for_prompts": ok}}).llm_params[
-            "wait_for_prompts"] is ok
+        assert validate({"llm_params": {key: ok}}).llm_params[key] is ok
     with pytest.raises(LiveConfigError) as err:
-        validate({"llm_params": {"wait_for_prompts": "yes"}})
-    assert any("wait_for_prompts" in p for p in err.value.problems)
+        validate({"llm_params": {key: "yes"}})
+    assert any(key in p for p in err.value.problems)
