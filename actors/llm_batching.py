@@ -219,6 +219,7 @@ class BatchEngine:
         # figures
         self.total_steps = 0
         self.run_stats: dict = {}
+        self._run_t0 = 0.0                   # monotonic start of the running loop
 
     # ---- read-only views (tests, /admin) ----------------------------------------------------
     @property
@@ -359,6 +360,7 @@ class BatchEngine:
         stats: dict[str, Any] = {"steps": 0, "tokens": 0, "max_batch": 0, "prefills": 0,
                                  "captures": 0}
         self.run_stats = stats
+        self._run_t0 = t0
         planner, runner = self.planner, self.runner
         yield_asked = draining = False
         self.yielded = False
@@ -599,6 +601,11 @@ class BatchEngine:
             raise
         self.timing.launched(stats, "admit", mark)
         lengths = [r.context_len() for r in plan.rows]
+        passes = stats.setdefault("admit_passes", [])
+        if len(passes) < ALLOC_SHAPES_KEPT:  # how a burst was read: rows, longest, when, launch
+            passes.append([len(plan.rows), max(lengths),
+                           round(1e3 * (mark[0] - self._run_t0), 1),
+                           round(1e3 * (time.monotonic() - mark[0]), 1)])
         self.planner.seat(plan.rows, plan.first_slot, lengths)
         self._accept_arrived(ready_only=True)    # while the GPU reads the pass
         stats["prefills"] += 1

@@ -16,6 +16,9 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
   (decode steps replay graphs and are not counted, to keep the read off every step);
   ``admit_alloc_shapes``: ``[rows, longest prompt, new segments, of them small-pool ones,
   MB]`` of the first admits that took any (which prefill shapes a warm-up missed);
+- ``admit_passes`` (in actors/llm_batching.py): ``[rows, longest prompt, ms from the loop's
+  start to the pass's launch, ms its launch took]`` of the loop's first prefill passes (how a
+  burst was read);
 - ``lead_s``: host seconds from the loop's start to its first forward's start (prompts encoded,
   the first plan made; with the GPU idle), and ``tail_s`` from its last forward's tokens to the
   loop's end (the last text read, the rows retired).

@@ -599,6 +599,7 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
         return {"error": str(exc)}
     out: dict = {k: 0 for k in LOOP_SUMS} | {"loops": 0}
     shapes: list = []     # [rows, longest prompt, segments, small-pool ones, MB] of such admits
+    passes: list = []     # [rows, longest prompt, ms into its loop, launch ms] of each pass
     marks: dict[str, list[float]] = {}    # the server's side of the timeline (monotonic s)
     for e in events:
         if t_start is not None and e.get("enqueued", t_start) < t_start:
@@ -622,12 +623,14 @@ def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dic
         for k in LOOP_SUMS:
             out[k] += d.get(k, 0) or 0
         shapes.extend(d.get("admit_alloc_shapes") or [])
+        passes.extend(d.get("admit_passes") or [])
     out["ms_per_step"] = round(1e3 * out["decode_s"] / out["steps"], 3) if out["steps"] else None
     # the loops' time the GPU spent in forwards (the rest: the gaps, and between loops)
     gpu = out["admit_gpu_s"] + out["chunk_gpu_s"] + out["decode_gpu_s"]
     out["device_busy"] = round(gpu / out["seconds"], 3) if out["seconds"] and gpu else None
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     out["admit_alloc_shapes"] = shapes
+    out["admit_passes"] = passes
     out["marks"] = marks
     return out
 
@@ -792,7 +795,8 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
                 "one_tok_s": one["tok_s"], "tok_s": many["tok_s"],
                 "ratio": many["tok_s"] / one["tok_s"], "ttft_p50_s": many["ttft_p50_s"],
                 **{k: lp.get(k) for k in ("lead_s", "tail_s", "prepare_s", "early_prompts",
-                                          "prefills")},
+                                          "prefills", "steps", "admit_gpu_s",
+                                          "admit_launch_s", "admit_passes")},
                 **{k: many["timeline"].get(k) for k in ("before_loop_s", "loop_s",
                                                         "grant_wait_s")}})
     switch("A")
@@ -1031,6 +1035,16 @@ def markdown(r: dict) -> str:
                 lines.append(f"- {name}, admits that took new allocator segments (rows, longest "
                              f"prompt, segments, of them small-pool ones, MB; first run): "
                              f"{shapes}")
+        for name, path in loop_rows:          # how each run read its bursts
+            got = []
+            for run in r["runs"]:
+                x = run.get("server") or {}
+                for p in path:
+                    x = x.get(p) or {}
+                got.append((x.get("loop") or {}).get("admit_passes"))
+            if any(got):
+                lines.append(f"- {name}, prefill passes (rows, longest prompt, ms into the loop, "
+                             f"launch ms), each run: {got}")
         lines.append("")
     abs_ = [(run.get("server") or {}).get("ab") for run in r["runs"]]
     abs_ = [x for x in abs_ if x]
