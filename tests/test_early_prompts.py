@@ -201,6 +201,40 @@ async def _gated_burst(actor, cases, gated: int, release_after: float | None):
     return gate, tasks, t0
 
 
+@pytest.mark.parametrize("burst", [True, False])
+async def test_a_bursts_pass_waits_briefly_for_a_prompt_still_being_encoded(
+        llm, monkeypatch, burst):
+    """(issue 15) A burst's first pass with the second chat's prompt still on its prompt
+    thread: with ``burst_prefill`` (the default) the loop waits for it, at most
+    ``BURST_ENCODE_WAIT_S``, and reads both in one pass (passes of a few rows launched while
+    the rest were encoded cost a GPU their ~700 kernel launches each); with it off the first
+    pass goes without it, as before. The same words either way."""
+    from agile_rag.actors import llm_batching
+
+    actor, params = llm
+    cases = CASES[:2]
+    alone = [await actor.ask(chat(p, n, stop), timeout=300) for p, n, stop in cases]
+    monkeypatch.setattr(llm_batching, "BURST_ENCODE_WAIT_S", 30.0)   # (held 0.3 s below)
+    if not burst:
+        await actor.ask(UpdateModel(spec=actor.spec, params={**params, "burst_prefill": False}),
+                        timeout=60)
+    try:
+        await idle_events(actor, 0)
+        since = time.monotonic()
+        gate, tasks, _ = await _gated_burst(actor, cases, 1, 0.3)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        assert [(r.text, r.finish_reason) for r in results] == \
+            [(a.text, a.finish_reason) for a in alone]
+        idle = [e.detail for e in await idle_events(actor, since)]
+        assert sum(d.get("prefills", 0) for d in idle) == (1 if burst else 2), idle
+        if burst:
+            assert [p[0] for d in idle for p in d.get("admit_passes", [])] == [2], idle
+    finally:
+        del actor.encode_prompt
+        await actor.ask(UpdateModel(spec=actor.spec, params=params), timeout=60)
+    assert actor.engine.settings.burst_passes
+
+
 async def test_the_loop_goes_on_without_a_prompt_still_being_encoded(llm):
     """A chat whose prompt is still on a prompt thread does not hold back the chats before it:
     the first chat is read, decoded and answered while the second's prompt is held (issue 15:
