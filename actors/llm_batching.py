@@ -554,7 +554,8 @@ class BatchEngine:
         of 32 chats' first pass launched 0.005-0.023 s into the loop, the loop waiting for the
         prompt threads, which share Python's lock with the event loop taking the burst in);
         ``llm_params.wait_for_prompts`` waits, as before. With nothing else to do the loop
-        waits for it (no turn without work)."""
+        waits for it (no turn without work); while a burst is read (:meth:`_bursting`) it
+        waits for it a short while."""
         early = self._arrived[0].early
         planner = self.planner
         if early is None or early.done() or planner.settings.wait_prompts or \
@@ -571,11 +572,12 @@ class BatchEngine:
         other work than its next pass; it waits for the prompts still being encoded to fill
         that pass rather than launch it with the few encoded so far (each at most
         :data:`BURST_ENCODE_WAIT_S`: a prompt that takes longer, a very long one, does not
-        hold back the chats before it). A pass of 5-12 of a
-        3B model's 220-token prompts is ~12-30 ms of GPU work, and its eager launch (~700
-        kernels) took 20-80 ms beside the event loop taking the burst in (H100, served
-        bursts of 32: read as 1, 5, 17 and 9 rows, or 1, 17 and 14), where the prompt threads
-        encode a prompt in well under a millisecond."""
+        hold back the chats before it). A pass of 5-12 of a 3B model's 220-token prompts is
+        ~12-30 ms of GPU work, and its eager launch (~700 kernels) took 20-80 ms beside the
+        event loop taking the burst in (H100, served bursts of 32 read as 1, 5, 17 and 9
+        rows, or 1, 17 and 14); the prompt threads encode a prompt in well under a
+        millisecond. With the wait the bursts were read as 17 and 15 rows (H200,
+        benchmarks/results/gpu-s27.md)."""
         planner = self.planner
         return planner.settings.burst_passes and planner.partial is None and \
             len(planner.active) < planner.settings.max_batch and \
