@@ -562,7 +562,10 @@ class BatchEngine:
                 not (planner.waiting or planner.active or planner.partial is not None):
             return False
         if self._bursting():      # a burst's next pass: worth a short wait to fill it
+            t = time.monotonic()
             concurrent.futures.wait([early], timeout=BURST_ENCODE_WAIT_S)
+            stats = self.run_stats
+            stats["burst_wait_s"] = stats.get("burst_wait_s", 0.0) + time.monotonic() - t
             return not early.done()
         return True
 

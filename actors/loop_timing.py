@@ -18,7 +18,8 @@ for the ``BatchIdle`` trace detail (actors/llm_batching.py):
   MB]`` of the first admits that took any (which prefill shapes a warm-up missed);
 - ``admit_passes`` (in actors/llm_batching.py): ``[rows, longest prompt, ms from the loop's
   start to the pass's launch, ms its launch took]`` of the loop's first prefill passes (how a
-  burst was read);
+  burst was read), and ``burst_wait_s`` the loop's waits for prompts still being encoded while
+  a burst was read (``BatchEngine._bursting``);
 - ``lead_s``: host seconds from the loop's start to its first forward's start (prompts encoded,
   the first plan made; with the GPU idle), and ``tail_s`` from its last forward's tokens to the
   loop's end (the last text read, the rows retired).

@@ -585,7 +585,7 @@ LOOP_SUMS = ("steps", "step_rows", "prefills", "prefill_chunks", "captures", "ad
              "prefix_hits", "prefix_hit_tokens", "admit_launch_s", "admit_gpu_s",
              "chunk_launch_s", "chunk_gpu_s", "decode_gpu_s", "decode_launch_s",
              "admit_gap_s", "chunk_gap_s", "decode_gap_s", "ahead_steps", "lead_s", "tail_s",
-             "prepare_s", "early_prompts")
+             "prepare_s", "early_prompts", "burst_wait_s")
 
 
 def loop_figures(base: str, since_s: float, t_start: float | None = None) -> dict:
@@ -795,7 +795,7 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
                 "one_tok_s": one["tok_s"], "tok_s": many["tok_s"],
                 "ratio": many["tok_s"] / one["tok_s"], "ttft_p50_s": many["ttft_p50_s"],
                 **{k: lp.get(k) for k in ("lead_s", "tail_s", "prepare_s", "early_prompts",
-                                          "prefills", "steps", "admit_gpu_s",
+                                          "prefills", "steps", "admit_gpu_s", "burst_wait_s",
                                           "admit_launch_s", "admit_passes")},
                 **{k: many["timeline"].get(k) for k in ("before_loop_s", "loop_s",
                                                         "grant_wait_s")}})
@@ -1006,13 +1006,15 @@ def markdown(r: dict) -> str:
                   "to the LLM actor); the loop; after it (the last pieces written and read); "
                   "in the loop, before its first forward (lead) and after its last (tail), and "
                   "its time encoding prompts or waiting for them (some while a pass computes), "
+                  "of which waiting to fill a burst's pass (llm_params.burst_prefill), "
                   "and how many of them the prompt threads encoded (llm_params.prompt_threads); "
                   "the LLM actor's wait for its GPU grant (the burst's other chats wait in its "
                   "mailbox meanwhile); the server's event loop's CPU seconds. After < 0: the "
                   "loop ended after the client's last byte.",
                   "", "| burst | wall | before the loop | loop | after | lead | tail | "
-                  "encoding prompts | encoded early | grant wait | event loop CPU |",
-                  "|" + " --- |" * 11]
+                  "encoding prompts | burst's wait | encoded early | grant wait | "
+                  "event loop CPU |",
+                  "|" + " --- |" * 12]
         for name, path in loop_rows:
             def tm(k, path=path, part="timeline"):
                 v = med(r["runs"], "server", *path, part, k)
@@ -1022,6 +1024,7 @@ def markdown(r: dict) -> str:
                          f"{tm('before_loop_s')} | {tm('loop_s')} | {tm('after_loop_s')} | "
                          f"{tm('lead_s', part='loop')} | {tm('tail_s', part='loop')} | "
                          f"{tm('prepare_s', part='loop')} | "
+                         f"{tm('burst_wait_s', part='loop')} | "
                          f"{tm('early_prompts', part='loop')} | "
                          f"{tm('grant_wait_s')} | "
                          f"{tm('event_loop_cpu_s')} |")
