@@ -92,6 +92,18 @@ def chat_events(system, since: float):
     return [e for e in system.tracer.events if e.msg_type == "Chat" and e.started >= since]
 
 
+def held_run(engine, loop_run, burst: int):
+    """``loop_run`` (the engine's own ``run``), started only once ``burst`` requests are queued:
+    the loop sees the whole burst at once."""
+    def run():
+        for _ in range(400):
+            if engine._commands.qsize() >= burst:
+                break
+            time.sleep(0.01)
+        return loop_run()
+    return run
+
+
 async def idle_events(actor, since: float):
     """BatchIdle trace events (a loop reports after its last reply: wait until it did)."""
     for _ in range(200):
@@ -582,13 +594,6 @@ async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_c
         wakeups.append(threading.current_thread().name)
         return wake(*a, **k)
 
-    def held_run():                  # the loop starts once the whole burst is queued
-        for _ in range(400):
-            if engine._commands.qsize() >= len(CASES):
-                break
-            time.sleep(0.01)
-        return loop_run()
-
     def record(name, fn):
         def call(*a, **k):
             events.append(name)
@@ -597,7 +602,7 @@ async def test_a_bursts_prompts_past_its_first_pass_are_encoded_while_the_pass_c
     engine.prepare = record("prepare", prepare)
     engine.runner.run = record("run", run)
     monkeypatch.setattr(sampling, "sample", record("sample", sample))
-    engine.run = held_run
+    engine.run = held_run(engine, loop_run, len(CASES))
     engine._drain_queue = record("turn", drain_queue)    # once a turn
     loop.call_soon_threadsafe = counted_wake
     # two of these prompts (~40 tokens each) a pass; none read back from the prefix store
@@ -703,13 +708,6 @@ async def test_a_bursts_prefill_passes_go_back_to_back_before_any_decode_step(
     kinds: list[str] = []
     run, loop_run = engine.runner.run, engine.run
 
-    def held_run():                  # the loop starts once the whole burst is queued
-        for _ in range(400):
-            if engine._commands.qsize() >= len(CASES):
-                break
-            time.sleep(0.01)
-        return loop_run()
-
     def recorded(plan, *a, **k):
         kinds.append(str(plan.kind))
         return run(plan, *a, **k)
@@ -718,7 +716,7 @@ async def test_a_bursts_prefill_passes_go_back_to_back_before_any_decode_step(
         await actor.ask(UpdateModel(spec=actor.spec, params={**params, "burst_prefill": False}),
                         timeout=60)
     assert engine.settings.burst_passes is burst
-    engine.runner.run, engine.run = recorded, held_run
+    engine.runner.run, engine.run = recorded, held_run(engine, loop_run, len(CASES))
     # two of these prompts (~40 tokens each) a pass, three passes; none from the prefix store
     engine.configure(prefill_tokens=100, prefix_cache_tokens=0)
     try:
