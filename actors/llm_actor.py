@@ -251,7 +251,7 @@ class LLMActor(ModelActor):
             return
         self.batching_off = None
         self.engine = BatchEngine(self.model, self.tokenizer, prepare=self._prepare,
-                                  **self._batch_settings())
+                                  accepted=self._go_ahead, **self._batch_settings())
         threads = self.cpu_thread_range()
         if threads:                     # TORCH_THREADS auto: CPU decode steps time both counts
             self.engine.runner.tuner = ThreadTuner(*threads)
@@ -488,8 +488,14 @@ class LLMActor(ModelActor):
         req.constraint = llm_grammar.constraint_for(self.tokenizer, req.msg,
                                                     eos_ids(self.model, self.tokenizer))
         req.logprobs = req.msg.logprobs
+
+    @staticmethod
+    def _go_ahead(req: SeqRequest) -> None:
+        """The prompt is accepted: a stream's headers may go out (from the batch loop as it
+        takes the prompt in, in its turn's one wake-up of the event loop, not one wake-up per
+        prompt from the prompt threads while the event loop takes a burst in)."""
         if req.msg.stream is not None:
-            req.msg.stream.push_threadsafe("")       # prompt accepted: headers may go out
+            req.msg.stream.push_threadsafe("")
 
     def _empty_prompt(self) -> list[int]:
         """What an empty completions prompt (``"prompt": ""``, no tokens) starts from: the
@@ -687,6 +693,7 @@ class LLMActor(ModelActor):
     def _generate(self, req: SeqRequest) -> ChatResult:
         """The path without continuous batching (actors/llm_generate.py)."""
         prepared(req, self._prepare)        # (begun on a prompt thread by an engine since gone)
+        self._go_ahead(req)
         return generate(self.model, self.tokenizer, req)
 
 

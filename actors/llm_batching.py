@@ -155,9 +155,13 @@ class BatchEngine:
                  prefill_graphs: bool = True, decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True, wait_prompts: bool = False,
                  burst_passes: bool = True,
-                 prepare: Callable[[SeqRequest], None] | None = None):
+                 prepare: Callable[[SeqRequest], None] | None = None,
+                 accepted: Callable[[SeqRequest], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        #: called in the loop thread (inside its turn's held calls) for each request whose
+        #: prompt this loop prepared or took from a prompt thread: the prompt is accepted
+        self.accepted = accepted
         #: called in the loop thread for each new request whose ``prompt`` is None: encodes and
         #: checks it (raising answers that request with the error)
         self.prepare = prepare
@@ -599,6 +603,8 @@ class BatchEngine:
                 return
             finally:       # this loop's time encoding and checking prompts, or waiting for them
                 stats["prepare_s"] = stats.get("prepare_s", 0.0) + time.monotonic() - t
+            if self.accepted is not None:
+                self.accepted(req)
         self.planner.accept(req)
 
     # ---- one turn ---------------------------------------------------------------------------

@@ -98,13 +98,27 @@ async def _burst(actor, cases):
 async def test_prompts_encoded_as_chats_arrive_give_the_words_the_loop_gives(llm):
     actor, params = llm
     names = _threads_of(actor)
+    loop = asyncio.get_running_loop()
+    wake = loop.call_soon_threadsafe
+    wakers: list[str] = []
+
+    def counted_wake(*a, **k):
+        wakers.append(threading.current_thread().name)
+        return wake(*a, **k)
     try:
         await idle_events(actor, 0)
         t0 = time.monotonic()
-        msgs, early = await _burst(actor, CASES)
+        loop.call_soon_threadsafe = counted_wake
+        try:
+            msgs, early = await _burst(actor, CASES)
+        finally:
+            del loop.call_soon_threadsafe
         idle = await idle_events(actor, t0)
         on_threads = [n for n in names if n.startswith("llm-prompts-")]
         assert on_threads, names                      # the prompt threads encoded prompts
+        # the streams' go-aheads for their headers come from the batch loop's turns (one
+        # wake-up a turn), not one wake-up of the event loop per prompt from the prompt threads
+        assert wakers and not any(n.startswith("llm-prompts-") for n in wakers), wakers
         assert sum(e.detail.get("early_prompts", 0) for e in idle) == len(on_threads)
         for msg, got in zip(msgs, early):
             assert await drain(msg.stream, got) == got.text       # streamed as before
