@@ -583,7 +583,7 @@ class BatchEngine:
         ~12-30 ms of GPU work, and its eager launch (~700 kernels) took 20-80 ms beside the
         event loop taking the burst in (H100, served bursts of 32 read as 1, 5, 17 and 9
         rows, or 1, 17 and 14); the prompt threads encode a prompt in well under a
-        millisecond. With the wait the bursts were read as 17 and 15 rows (H200,
+        millisecond. With the wait the bursts were read as 17 and 15 rows (H100, H200:
         benchmarks/results/gpu-s27.md)."""
         planner = self.planner
         return planner.settings.burst_passes and planner.partial is None and \
