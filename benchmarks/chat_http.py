@@ -926,6 +926,14 @@ def targets(s: dict, a) -> list[dict]:
             for t, v, g, ok in rows]
 
 
+def _loop_of(run: dict, path: tuple | list) -> dict:
+    """A served run's loop figures of the burst at ``path`` ({} where it has none)."""
+    x = run.get("server") or {}
+    for p in path:
+        x = x.get(p) or {}
+    return x.get("loop") or {}
+
+
 def markdown(r: dict) -> str:
     s, a = r["summary"], argparse.Namespace(**r["args"])
     lines = [f"# Chat over HTTP from the first request: {r['device']}", "",
@@ -1030,21 +1038,14 @@ def markdown(r: dict) -> str:
                          f"{tm('event_loop_cpu_s')} |")
         lines.append("")
         for name, path in loop_rows:          # which admits took new segments (first run)
-            first = (r["runs"][0].get("server") or {}) if r["runs"] else {}
-            for p in path:
-                first = first.get(p) or {}
-            shapes = (first.get("loop") or {}).get("admit_alloc_shapes")
+            shapes = _loop_of(r["runs"][0], path).get("admit_alloc_shapes") if r["runs"] \
+                else None
             if shapes:
                 lines.append(f"- {name}, admits that took new allocator segments (rows, longest "
                              f"prompt, segments, of them small-pool ones, MB; first run): "
                              f"{shapes}")
         for name, path in loop_rows:          # how each run read its bursts
-            got = []
-            for run in r["runs"]:
-                x = run.get("server") or {}
-                for p in path:
-                    x = x.get(p) or {}
-                got.append((x.get("loop") or {}).get("admit_passes"))
+            got = [_loop_of(run, path).get("admit_passes") for run in r["runs"]]
             if any(got):
                 lines.append(f"- {name}, prefill passes (rows, longest prompt, ms into the loop, "
                              f"launch ms), each run: {got}")

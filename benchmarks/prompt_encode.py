@@ -54,15 +54,14 @@ def main(argv=None) -> None:
 
     want = [called(m) for m in chats]
     threads = {"one by one": None, **{f"{n} threads": int(n) for n in a.threads.split(",")}}
-    ways = {f"{w}, {e}": (n, fn) for w, n in threads.items()
+    pools = {w: ThreadPoolExecutor(n) for w, n in threads.items() if n}
+    ways = {f"{w}, {e}": (pools.get(w), fn) for w in threads
             for e, fn in (("transformers' call", called), ("straight", straight))}
     times: dict[str, list[float]] = {w: [] for w in ways}
-    pools = {w: ThreadPoolExecutor(n) for w, n in threads.items() if n}
     for _ in range(a.repeat):                      # the ways interleaved, round by round
-        for way, (n, encode) in ways.items():
+        for way, (pool, encode) in ways.items():
             t = time.perf_counter()
-            got = [encode(m) for m in chats] if n is None else \
-                list(pools[way.split(",")[0]].map(encode, chats))
+            got = [encode(m) for m in chats] if pool is None else list(pool.map(encode, chats))
             times[way].append(time.perf_counter() - t)
             assert got == want, way
     for pool in pools.values():
