@@ -102,6 +102,9 @@ class BatchSettings:
     #: a burst's prefill passes go back to back, no decode step between them, while no row
     #: has decoded yet (BatchEngine._next_pass_first)
     burst_passes: bool = True
+    #: a GPU's lean decode step rotates q and k and stores the new keys and values in one
+    #: Triton kernel a layer (actors/llm_rope_kv.py); off until measured on a GPU
+    decode_rope_kv: bool = False
 
 
 @dataclass(eq=False)

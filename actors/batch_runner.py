@@ -114,6 +114,9 @@ class BatchRunner:
         self.gpu_lean: LeanDecoder | None | bool = False
         #: the lean step's fused small operations (LeanDecoder.fused_ops): None on a GPU
         self.lean_fused_ops: bool | None = None
+        #: the lean step's one-kernel rotary embedding and KV write (LeanDecoder.rope_kv;
+        #: llm_params.decode_rope_kv)
+        self.rope_kv = False
         #: decode graphs are captured with cuDNN's attention allowed, first
         #: (llm_params.decode_cudnn_attention; runtime/cuda_graph.py)
         self.graph_cudnn = False
@@ -859,7 +862,7 @@ class BatchRunner:
         """A new lean decoder tried on one step (ids [B, 1]) against transformers' forward on
         the same input: (the decoder, its logits) when they agree; (False, transformers'
         logits) when they differ; (None, transformers' logits) for a model it does not fit."""
-        lean = lean_decoder(self.model, self.lean_fused_ops)
+        lean = lean_decoder(self.model, self.lean_fused_ops, self.rope_kv)
         full = self.forward(ids, pos, rows, view)
         if lean is None:
             return None, full
@@ -891,7 +894,7 @@ class BatchRunner:
             self.graphs = _Graphs(self)
             self.graph_sets += 1
             if isinstance(self.gpu_lean, LeanDecoder):    # the weights may have moved
-                self.gpu_lean = lean_decoder(self.model, self.lean_fused_ops) or False
+                self.gpu_lean = lean_decoder(self.model, self.lean_fused_ops, self.rope_kv) or False
         return self.graphs
 
     def decode_body(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..runtime import stable_memory
+from . import llm_rope_kv
 
 log = logging.getLogger("agile_rag.llm")
 
@@ -206,6 +207,20 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             k[self.rows, :, self.pos] = key_states[:, :, 0]
             v[self.rows, :, self.pos] = value_states[:, :, 0]
             return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
+
+        def rope_store(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       layer_idx: int, heads: int, kv_heads: int, head_dim: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """:meth:`update` for the q/k/v matmul's output y [B, (heads + 2 kv_heads) x D]
+            before the rotary embedding: q and the new keys rotated and the new keys and
+            values written in one kernel (actors/llm_rope_kv.py); (q [B, heads, D], keys,
+            values) as :meth:`update` returns them."""
+            k, v = self.keys[layer_idx], self.values[layer_idx]
+            b = y.shape[0]
+            store = llm_rope_kv.rope_store if llm_rope_kv.fits(y, cos, k, v, head_dim) \
+                else llm_rope_kv.reference
+            q = store(y, cos, sin, k, v, self.rows, self.pos, heads, kv_heads, head_dim)
+            return q, k[:b, :, :self.view_len], v[:b, :, :self.view_len]
 
         def zero(self) -> None:
             self.stacked.zero_()    # masked positions must not hold NaN bits

@@ -154,7 +154,7 @@ class BatchEngine:
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  prefill_graphs: bool = True, decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True, wait_prompts: bool = False,
-                 burst_passes: bool = True,
+                 burst_passes: bool = True, decode_rope_kv: bool = False,
                  prepare: Callable[[SeqRequest], None] | None = None,
                  accepted: Callable[[SeqRequest], None] | None = None):
         self.model = model
@@ -173,7 +173,7 @@ class BatchEngine:
             own_stream=own_stream, gpu_lean=gpu_lean, chunk_graphs=chunk_graphs,
             prefill_graphs=prefill_graphs, decode_ahead=decode_ahead,
             decode_cudnn=decode_cudnn, lean_prefill=lean_prefill, wait_prompts=wait_prompts,
-            burst_passes=burst_passes))
+            burst_passes=burst_passes, decode_rope_kv=decode_rope_kv))
         #: what a yield cost the chats: from the pause to the next loop's first decode step
         #: (the GPU given back and taken again, graphs, the paused text read again), averaged
         self.pause_s = 0.0
@@ -197,6 +197,7 @@ class BatchEngine:
         self.runner.chunk_graphs_on = self.settings.chunk_graphs
         self.runner.prefill_graphs_on = self.settings.prefill_graphs
         self.runner.graph_cudnn = self.settings.decode_cudnn
+        self.runner.rope_kv = self.settings.decode_rope_kv
         self.runner.lean_prefill_on = self.settings.lean_prefill
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._unprepared: list[SeqRequest] = []      # submitted while no loop ran
@@ -512,6 +513,9 @@ class BatchEngine:
         if settings.decode_cudnn != before.decode_cudnn:   # the graphs capture other kernels
             self.runner.graph_cudnn = settings.decode_cudnn
             self.runner.graphs = None
+        if settings.decode_rope_kv != before.decode_rope_kv:   # the graphs capture other kernels
+            self.runner.rope_kv = settings.decode_rope_kv
+            self.runner.graphs = None       # (a new set makes its lean step again)
         if settings.chunk_graphs != before.chunk_graphs:
             self.runner.chunk_graphs_on = settings.chunk_graphs
             self.runner.chunk_graphs = None
@@ -874,7 +878,7 @@ def _settings(base: BatchSettings, values: dict) -> BatchSettings:
             kw[k] = max(0.0, float(kw[k]))
     for k in ("cuda_graphs", "warm_graphs", "lean_decode", "own_stream", "gpu_lean",
               "chunk_graphs", "prefill_graphs", "decode_ahead", "decode_cudnn", "lean_prefill",
-              "wait_prompts", "burst_passes"):
+              "wait_prompts", "burst_passes", "decode_rope_kv"):
         if k in kw:
             kw[k] = bool(kw[k])
     return dataclasses.replace(base, **kw)

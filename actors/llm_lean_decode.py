@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import llm_rope_kv
 from .kv_slots import grouped_decode_attention
 from .llm_elementwise import rotate_signed, signed_sine, silu_mul, warm_silu_mul
 from .llm_fused import LinearCalls, laid_end_to_end
@@ -128,13 +129,18 @@ class LeanDecoder:
     """``decoder(ids [B, 1], pos [B], cache, mask [B, 1, 1, L]) -> logits [B, vocab]``, the cache
     bound to the step's rows, positions and view (as transformers' step is)."""
 
-    def __init__(self, model: Any, rope: Any, fused_ops: bool | None = None):
+    def __init__(self, model: Any, rope: Any, fused_ops: bool | None = None,
+                 rope_kv: bool = False):
         inner = model.model
         cfg = model.config
         self.model = model
         #: the fused small operations (see the module's docstring): None on a GPU only, True
         #: everywhere (tests), False never
         self.fused_ops = fused_ops
+        #: a fused step over the KV rectangle rotates q and k and writes the new keys and
+        #: values in one Triton kernel a layer (actors/llm_rope_kv.py; llm_params.decode_rope_kv)
+        #: where it is compiled and checked on the device
+        self.rope_kv = rope_kv
         #: how the fused MLP computes gate and up (:meth:`gate_up_form`; ``AGILE_RAG_GATE_UP``)
         self.gate_up = gate_up_setting()
         #: per (device, dtype): the one-kernel SiLU and product compiled and checked there
@@ -297,11 +303,17 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos[:, None])
         dtype = x.dtype
-        fused, rot = self._fused(x, cos, sin)
+        store = self._stores(x, cache)
+        fused, rot = self._fused(x, cos, sin, rotate=not store)
         for i, layer in enumerate(self.layers):
             calls = self._calls(i, b, dtype)
-            q, k, v = self._qkv(i, _norm(x, layer[0], dtype, fused), cos, sin, calls, rot)
-            keys, values = cache.update(k, v, i)
+            h = _norm(x, layer[0], dtype, fused)
+            if store and calls is not None:   # one kernel: q, and the new keys and values stored
+                q, keys, values = cache.rope_store(calls[0].whole(h.view(b, -1)), cos, sin, i,
+                                                   h_n, kv_n, d)
+            else:
+                q, k, v = self._qkv(i, h, cos, sin, calls, rot)
+                keys, values = cache.update(k, v, i)
             if fused or mask.shape[-1] <= SDPA_KEYS:
                 # each KV head's query heads as one group of queries: [B, kv heads, group, D]
                 o = F.scaled_dot_product_attention(q.reshape(b, kv_n, h_n // kv_n, d), keys,
@@ -312,12 +324,27 @@ class LeanDecoder:
             x = self._after_attention(i, x, o.reshape(b, h_n * d), calls, dtype, fused)
         return self.head(_norm(x, self.final, dtype, fused))[:, -1, :]
 
-    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-               ) -> tuple[bool, torch.Tensor | None]:
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rotate: bool = True) -> tuple[bool, torch.Tensor | None]:
         """Whether this pass takes the fused small operations, and then (q and k rotated in
-        one go) the rotation matrix of each row, made once for every layer."""
+        one go, ``rotate``) the rotation matrix of each row, made once for every layer."""
         fused = self._takes_fused(x)
-        return fused, rotation(cos, sin) if fused and self.joint_rope else None
+        return fused, rotation(cos, sin) if fused and self.joint_rope and rotate else None
+
+    def _stores(self, x: torch.Tensor, cache: Any) -> bool:
+        """Whether this step rotates q and k and stores the new keys and values in one kernel
+        a layer (:attr:`rope_kv`): a fused step, q and k rotated as one, over a cache that
+        takes it (the KV rectangle's ``rope_store``), the kernel compiled and checked on the
+        device for these heads (never during a CUDA graph's capture: a step captured before
+        its check keeps the three kernels)."""
+        if not (self.rope_kv and self.joint_rope and self._takes_fused(x) and
+                hasattr(cache, "rope_store")):
+            return False
+        args = (x.device, x.dtype, self.heads, self.kv_heads, self.head_dim)
+        if not llm_rope_kv.checked(*args) and x.is_cuda and \
+                torch.cuda.is_current_stream_capturing():
+            return False
+        return llm_rope_kv.ready(*args)
 
     def _takes_fused(self, x: torch.Tensor) -> bool:
         """Whether a pass over ``x`` takes the fused small operations (:attr:`fused_ops`;
@@ -486,9 +513,10 @@ def _norm(x: torch.Tensor, parts: Any, dtype: torch.dtype, fused: bool) -> torch
     return _rms_fused(x, parts) if fused else _rms(x, parts, dtype)
 
 
-def lean_decoder(model: Any, fused_ops: bool | None = None) -> LeanDecoder | None:
+def lean_decoder(model: Any, fused_ops: bool | None = None,
+                 rope_kv: bool = False) -> LeanDecoder | None:
     """The lean step for ``model``, or None when its layers are not exactly what it computes
-    (``fused_ops``: see :class:`LeanDecoder`)."""
+    (``fused_ops``, ``rope_kv``: see :class:`LeanDecoder`)."""
     try:
         cfg = model.config
         arch = type(model).__name__
@@ -514,7 +542,7 @@ def lean_decoder(model: Any, fused_ops: bool | None = None) -> LeanDecoder | Non
                        "apply_rotary_pos_emb", None)
         if rope is None:
             return None
-        return LeanDecoder(model, rope, fused_ops)
+        return LeanDecoder(model, rope, fused_ops, rope_kv)
     except Exception as exc:  # noqa: BLE001 - an unexpected layout: transformers' step
         log.info("no lean decode step for %s: %s", type(model).__name__, exc)
         return None

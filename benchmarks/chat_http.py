@@ -108,6 +108,10 @@ def parse_args(argv=None):
                    help="llm_params.lean_prefill (the server's default: on): a burst's prompts "
                    "are read in one right-padded pass of the lean decoder (engine and server); "
                    "--no-lean-prefill: transformers' forward")
+    p.add_argument("--rope-kv", action=argparse.BooleanOptionalAction, default=False,
+                   help="llm_params.decode_rope_kv (the server's default: off): the lean "
+                   "decode step rotates q and k and writes the new keys and values in one "
+                   "Triton kernel a layer (engine and server)")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")
@@ -314,7 +318,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
         eng = BatchEngine(model, tok, max_batch=64, kv_tokens=kv_tokens, kv_block=kv_block,
                           gpu_lean=a.gpu_lean, chunk_graphs=a.chunk_graphs,
                           prefill_graphs=a.prefill_graphs, decode_cudnn=a.decode_cudnn,
-                          lean_prefill=a.lean_prefill,
+                          lean_prefill=a.lean_prefill, decode_rope_kv=a.rope_kv,
                           **({"prefill_tokens": a.prefill_tokens} if a.prefill_tokens else {}),
                           **({"prefill_chunk": a.prefill_chunk}
                              if a.prefill_chunk is not None else {}))
@@ -715,6 +719,7 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
                            "prefill_graphs": a.prefill_graphs,
                            "decode_cudnn_attention": a.decode_cudnn,
                            "lean_prefill": a.lean_prefill,
+                           "decode_rope_kv": a.rope_kv,
                            **({"prefill_batch_tokens": a.prefill_tokens}
                               if a.prefill_tokens else {}),
                            **({"prefill_chunk_tokens": a.prefill_chunk}

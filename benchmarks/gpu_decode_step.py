@@ -49,6 +49,7 @@ def main(argv=None) -> None:
 
     q = qwen_model(a.tiny)
     from agile_rag.actors.batch_runner import BatchRunner
+    from agile_rag.actors import llm_rope_kv
     from agile_rag.actors.kv_slots import make_slot_cache
     from agile_rag.actors.llm_lean_decode import LeanDecoder
     from agile_rag.runtime.executor import set_cudnn_attention
@@ -61,18 +62,26 @@ def main(argv=None) -> None:
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     slots = max(batches)
 
-    def runner(lean: bool, fused: bool | None = None) -> BatchRunner:
+    def runner(lean: bool, fused: bool | None = None, rope_kv: bool = False) -> BatchRunner:
         r = BatchRunner(model, pad=0, cuda_graphs=cuda)
         r.cache = make_slot_cache(model.config.num_hidden_layers, slots, r.kv_heads,
                                   max(512, a.view), r.head_dim, dtype, dev)
         r.gpu_lean = None if lean else False
         r.lean_fused_ops = fused
+        r.rope_kv = rope_kv
         return r
 
     # the lean step without and with its fused small operations (LeanDecoder.fused_ops; on a
-    # GPU the server's default is with them)
+    # GPU the server's default is with them), and with its rotary embedding and KV write in
+    # one Triton kernel a layer too (llm_params.decode_rope_kv; where Triton is not, the same
+    # step as lean_fused)
     ways = {"transformers": runner(False), "lean": runner(True, False),
-            "lean_fused": runner(True, True)}
+            "lean_fused": runner(True, True), "lean_rope_kv": runner(True, True, True)}
+    heads = model.config.num_attention_heads
+
+    def rope_kv_ready() -> bool:
+        return llm_rope_kv.ready(dev, dtype, heads, ways["lean"].kv_heads, ways["lean"].head_dim)
+
     g = torch.Generator().manual_seed(1)
     rows: dict = {}
     with torch.inference_mode():
@@ -105,19 +114,23 @@ def main(argv=None) -> None:
             rows[b] = {name: {"ms": sorted(t), "ms_median": statistics.median(t),
                               "tok_s_per_stream": 1e3 / statistics.median(t)}
                        for name, t in times.items()}
-            for name in ("lean", "lean_fused"):
+            for name in LEAN_WAYS:
                 diff = (logits[name] - logits["transformers"]).abs().max().item()
                 rows[b][name]["logits_max_diff_rel"] = diff / scale
                 rows[b][name]["same_argmax"] = bool((logits[name].argmax(-1) ==
                                                      logits["transformers"].argmax(-1)).all())
             if a.profile and cuda:
                 rows[b]["profile"] = profile_steps(torch, lambda: step(ways["lean_fused"]))
+                if rope_kv_ready():
+                    rows[b]["profile_rope_kv"] = profile_steps(
+                        torch, lambda: step(ways["lean_rope_kv"]))
     lean_r = ways["lean"]
     out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "shape": shape,
            "dtype": str(dtype), "weight_bytes": weight_bytes, "bandwidth": bw,
            "bound_tok_s": bound, "groups_laid": laid,
            "lean_in_use": isinstance(lean_r.gpu_lean, LeanDecoder),
            "lean_fused_in_use": isinstance(ways["lean_fused"].gpu_lean, LeanDecoder),
+           "rope_kv_in_use": rope_kv_ready(),
            "lean_fused_layers": sum(c is not None for c in lean_r.gpu_lean.linear)
            if isinstance(lean_r.gpu_lean, LeanDecoder) else 0,
            "view": a.view, "cudnn_attention": a.cudnn_attention, "steps": a.steps, "repeat": a.repeat, "rows": rows,
@@ -131,6 +144,9 @@ def main(argv=None) -> None:
             json.dump(out, f, indent=1)
         with open(a.out + ".md", "w") as f:
             f.write(md)
+
+
+LEAN_WAYS = ("lean", "lean_fused", "lean_rope_kv")
 
 
 def profile_steps(torch, step, n: int = 20) -> str:
@@ -147,7 +163,7 @@ def profile_steps(torch, step, n: int = 20) -> str:
 
 def markdown(r: dict) -> str:
     bound = r["bound_tok_s"]
-    names = ("transformers", "lean", "lean_fused")
+    names = ("transformers", *LEAN_WAYS)
     lines = [f"# The decode step in CUDA graphs: transformers' forward against the lean step "
              f"({r['device']})", "", "```", r["command"], "```", "",
              f"Qwen2 shape {r['shape']['hidden_size']} hidden x "
@@ -157,7 +173,9 @@ def markdown(r: dict) -> str:
              f"{r['repeat']} windows of {r['steps']} steps each, interleaved. Lean step in use: "
              f"{r['lean_in_use']} ({r['lean_fused_layers']} layers with q/k/v and gate/up as "
              f"one matmul each); with its fused small operations (`lean_fused`, the GPU's "
-             f"default): {r.get('lean_fused_in_use')}. Batch-1 bandwidth bound: "
+             f"default): {r.get('lean_fused_in_use')}; with the one-kernel rotary embedding "
+             f"and KV write (`lean_rope_kv`, llm_params.decode_rope_kv): "
+             f"{r.get('rope_kv_in_use')}. Batch-1 bandwidth bound: "
              f"{f'{bound:.0f} tok/s' if bound else '-'}.", "",
              "| batch | step | ms/step (range) | / transformers | tok/s per stream | "
              "of the bound | max logit diff (rel.) | same argmax |", "|" + " --- |" * 8]
@@ -177,6 +195,10 @@ def markdown(r: dict) -> str:
         if row.get("profile"):
             lines += ["", f"Profile of the fused lean step, batch {b}, 20 replays:", "", "```",
                       row["profile"], "```"]
+        if row.get("profile_rope_kv"):
+            lines += ["", f"Profile of the fused lean step with the one-kernel rotary embedding "
+                      f"and KV write, batch {b}, 20 replays:", "", "```",
+                      row["profile_rope_kv"], "```"]
     return "\n".join(lines) + "\n"
 
 

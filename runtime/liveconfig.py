@@ -166,7 +166,8 @@ def validate(data: Any, path: str = "liveconfigs.json") -> LiveConfig:
     if not isinstance(lp["force_0_temp"], bool):
         problems.append("llm_params.force_0_temp must be true or false")
     for key in ("continuous_batching", "cuda_graphs", "decode_ahead", "decode_cudnn_attention",
-                "lean_prefill", "prefill_graphs", "wait_for_prompts", "burst_prefill"):
+                "lean_prefill", "prefill_graphs", "wait_for_prompts", "burst_prefill",
+                "decode_rope_kv"):
         if key in lp and not isinstance(lp[key], bool):
             problems.append(f"llm_params.{key} must be true or false")
     for key in ("max_batch_size", "batch_kv_tokens", "stream_chunk_size", "gpu_min_slice_ms",

@@ -317,7 +317,7 @@ async def test_rows_decoding_go_on_while_a_new_chats_prompt_is_still_being_encod
     assert got_long.completion_tokens > 10
 
 
-@pytest.mark.parametrize("key", ["wait_for_prompts", "burst_prefill"])
+@pytest.mark.parametrize("key", ["wait_for_prompts", "burst_prefill", "decode_rope_kv"])
 def test_the_loops_switches_in_liveconfigs_are_true_or_false(key):
     from agile_rag.runtime.liveconfig import LiveConfigError, validate
 

@@ -125,7 +125,7 @@ def test_the_decode_body_keeps_the_lean_step_only_when_it_agrees(caplog):
     class Broken(LeanDecoder):
         def __call__(self, *a, **k):
             return super().__call__(*a, **k) * 1.5
-    batch_runner.lean_decoder = lambda m, fused_ops=None: Broken(m, real(m).rope)
+    batch_runner.lean_decoder = lambda m, fused_ops=None, rope_kv=False: Broken(m, real(m).rope)
     try:
         r2 = _runner(model)
         r2.gpu_lean = None

@@ -169,7 +169,7 @@ def test_the_runner_drops_a_lean_step_that_disagrees(caplog):
     class Broken(LeanDecoder):
         def __call__(self, *a, **k):
             return super().__call__(*a, **k) * 1.5
-    batch_runner.lean_decoder = lambda m, fused_ops=None: Broken(m, real(m).rope)
+    batch_runner.lean_decoder = lambda m, fused_ops=None, rope_kv=False: Broken(m, real(m).rope)
     try:
         with torch.inference_mode():
             ids, pos = torch.tensor([7]), torch.tensor([0])

@@ -1,0 +1,173 @@
+"""A decode step's rotary embedding and KV write as one kernel (actors/llm_rope_kv.py, issue 15,
+``llm_params.decode_rope_kv``): the torch form the kernel is checked against computes
+transformers' rotation and ``index_put``'s write; the lean step that takes it gives
+transformers' logits and leaves the same cache, step after step; off a GPU (no Triton, or a
+CPU) nothing changes; the switch reaches the runner and drops its graphs. With Triton
+installed, its interpreter runs the kernel itself on the CPU (the GPU's check:
+tests/gpu/test_rope_kv_gpu.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_lean_decode import _tiny, same_steps
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from agile_rag.actors import llm_rope_kv
+from agile_rag.actors.llm_lean_decode import LeanDecoder, lean_decoder
+
+
+def _inputs(b: int, heads: int = 4, kv: int = 2, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(b, (heads + 2 * kv) * d, generator=g)
+    angle = torch.randn(b, 1, d // 2, generator=g)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    keys, values = torch.randn(6, kv, 9, d, generator=g), torch.randn(6, kv, 9, d, generator=g)
+    rows = torch.randperm(6, generator=g)[:b]
+    pos = torch.randint(0, 9, (b,), generator=g)
+    return y, cos, sin, keys, values, rows, pos
+
+
+def test_the_torch_form_is_transformers_rotation_and_write():
+    heads, kv, d = 4, 2, 16
+    y, cos, sin, keys, values, rows, pos = _inputs(3)
+    want_k, want_v = keys.clone(), values.clone()
+    q = y[:, :heads * d].view(3, heads, 1, d)
+    k = y[:, heads * d:(heads + kv) * d].view(3, kv, 1, d)
+    want_q, rot_k = apply_rotary_pos_emb(q, k, cos, sin)
+    want_k[rows, :, pos] = rot_k[:, :, 0]
+    want_v[rows, :, pos] = y[:, (heads + kv) * d:].view(3, kv, d)
+    got = llm_rope_kv.reference(y, cos, sin, keys, values, rows, pos, heads, kv, d)
+    torch.testing.assert_close(got, want_q[:, :, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keys, want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(values, want_v)                 # the rest of the cache untouched
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_a_lean_step_that_stores_in_one_kernel_computes_transformers_step(arch, monkeypatch):
+    """The fused step with ``rope_kv`` (the kernel stood in for by its torch form, which the
+    GPU checks it against): no rotation matrix, no ``update``; the same logits and the same
+    keys and values as transformers' step, step after step."""
+    import agile_rag.actors.llm_lean_decode as lean_mod
+
+    def not_here(*a, **kw):
+        raise AssertionError("the step took the three kernels' path")
+
+    calls = []
+
+    def stand_in(*a):
+        calls.append(a[0].shape[0])
+        return llm_rope_kv.reference(*a)
+
+    model = _tiny(arch, hidden_size=128)                 # 8 heads of 16
+    from agile_rag.actors.llm_fused import lay_end_to_end
+    lay_end_to_end(model)
+    monkeypatch.setattr(llm_rope_kv, "ready", lambda *a: True)
+    monkeypatch.setattr(llm_rope_kv, "rope_store", stand_in)
+    lean = lean_decoder(model, fused_ops=True, rope_kv=True)
+    assert isinstance(lean, LeanDecoder) and lean.rope_kv and lean.joint_rope
+    monkeypatch.setattr(lean_mod, "rotation", not_here)
+    monkeypatch.setattr(lean_mod, "_rotate", not_here)
+    same_steps(model, lean)
+    assert calls and set(calls) == {3}                 # every layer of every step, 3 rows
+
+
+def test_off_a_gpu_or_switched_off_the_step_keeps_its_kernels(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    llm_rope_kv._checked.pop((dev, torch.float32, 8, 2, 8), None)
+    assert llm_rope_kv.ready(dev, torch.float32, 8, 2, 8) is False
+    assert llm_rope_kv.checked(dev, torch.float32, 8, 2, 8)
+    lean = lean_decoder(_tiny("Llama"), fused_ops=True, rope_kv=True)
+    same_steps(_tiny("Llama"), lean, steps=3)       # the three kernels: still transformers'
+
+
+def test_the_kernel_takes_only_the_layouts_it_reads():
+    y, cos, sin, keys, values, rows, pos = _inputs(2)
+    assert llm_rope_kv.fits(y, cos, keys, values, 16)
+    assert not llm_rope_kv.fits(y[:, ::2], cos, keys, values, 16)          # strided inside
+    assert not llm_rope_kv.fits(y, cos, keys.transpose(2, 3), values.transpose(2, 3), 16)
+    assert not llm_rope_kv.fits(y, cos, keys, values.half(), 16)
+    assert not llm_rope_kv.fits(y, cos, keys, values, 24)                   # not a power of 2
+
+
+def test_the_switch_reaches_the_runner_and_drops_its_graphs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agile_rag.actors.llm_batching import BatchEngine
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+
+    class Tok:
+        eos_token_id = 0
+        pad_token_id = 0
+
+    engine = BatchEngine(model, Tok())
+    assert engine.settings.decode_rope_kv is False and engine.runner.rope_kv is False
+    engine.runner.graphs = object()
+    engine._apply({"decode_rope_kv": True})
+    assert engine.runner.rope_kv is True and engine.runner.graphs is None
+    engine.runner.graphs = marker = object()
+    engine._apply({"max_batch": 8})                   # another setting: the graphs stay
+    assert engine.runner.graphs is marker
+
+
+def test_llm_params_turn_it_on():
+    from agile_rag.actors.llm_actor import LLMActor
+
+    class Spec:
+        idle_on_cpu = False
+        device = "cuda"
+
+    actor = LLMActor.__new__(LLMActor)
+    actor.params, actor.spec, actor.context_length = {}, Spec(), 2048
+    assert actor._batch_settings()["decode_rope_kv"] is False
+    actor.params = {"decode_rope_kv": True}
+    assert actor._batch_settings()["decode_rope_kv"] is True
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_INTERPRETED = textwrap.dedent("""
+    import torch
+    from agile_rag.actors import llm_rope_kv as rk
+    from test_rope_kv import _inputs
+    assert rk.ready(torch.device("cpu"), torch.float32, 4, 2, 16)
+    for b in (1, 5):
+        mine = _inputs(b, seed=b)
+        theirs = [t.clone() for t in mine]
+        q = rk.rope_store(*mine, 4, 2, 16)
+        want = rk.reference(*theirs, 4, 2, 16)
+        assert torch.equal(q, want)
+        assert torch.equal(mine[3], theirs[3]) and torch.equal(mine[4], theirs[4])
+    from test_lean_decode import _tiny, same_steps
+    from agile_rag.actors.llm_fused import lay_end_to_end
+    from agile_rag.actors.llm_lean_decode import lean_decoder
+    assert rk.ready(torch.device("cpu"), torch.float32, 8, 2, 16)   # the tiny model's heads
+    calls = []
+    kernel = rk.rope_store
+    rk.rope_store = lambda *a: calls.append(1) or kernel(*a)
+    model = _tiny("Qwen2", hidden_size=128)
+    lay_end_to_end(model)
+    same_steps(model, lean_decoder(model, fused_ops=True, rope_kv=True), steps=3)
+    assert len(calls) == 3 * model.config.num_hidden_layers, calls
+    print("ok")
+""")
+
+
+def test_the_kernel_itself_in_tritons_interpreter():
+    """Triton's interpreter runs the kernel on the CPU: what it returns and writes is its torch
+    form's, to the bit (float32), its load check passes, and a lean step through it gives
+    transformers' logits and cache. Skipped without Triton (torch's CPU wheels do not bring
+    it)."""
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED],
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+                             [HERE, os.environ.get("PYTHONPATH", "")])},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
