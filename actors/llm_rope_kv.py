@@ -132,7 +132,8 @@ def rope_store(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torc
         _get_kernel()[(b, heads + kv_heads)](
             y, y.stride(0), cos2, sin2, cos2.stride(0), q, q.stride(0),
             keys, values, keys.stride(0), keys.stride(1), keys.stride(2), rows, pos,
-            HEADS=heads, KV=kv_heads, D=head_dim)
+            HEADS=heads, KV=kv_heads, D=head_dim,
+            num_warps=1 if head_dim <= 128 else 2)   # a head is 64-128 elements: one warp
     return q
 
 
