@@ -812,6 +812,16 @@ class BatchRunner:
             except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
                 if is_oom(exc):
                     raise
+                if self._stores_in_one_kernel():
+                    # the one-kernel rotary embedding and KV write (llm_params.decode_rope_kv)
+                    # is what is new in the step: the graphs are captured without it
+                    log.warning("CUDA graph capture of the decode step with the one-kernel "
+                                "rotary embedding and KV write failed (%s): captured without "
+                                "it from now on", exc)
+                    stats["graph_error"] = repr(exc)[:300]
+                    self.rope_kv = False
+                    self.graphs = None
+                    return self._decode(plan, stats, ids)
                 log.warning("CUDA graph capture of the decode step failed (%s): decoding "
                             "without graphs from now on", exc)
                 self.cuda_graphs = False
@@ -826,6 +836,11 @@ class BatchRunner:
                 return self._lean_step(ids, pos, view, stats)
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
                             view)
+
+    def _stores_in_one_kernel(self) -> bool:
+        """The decode graphs' lean step stores through the one-kernel rotary embedding and KV
+        write (``rope_kv``)."""
+        return self.rope_kv and isinstance(self.gpu_lean, LeanDecoder) and self.gpu_lean.rope_kv
 
     def _lean_step(self, ids: torch.Tensor, pos: torch.Tensor, view: int,
                    stats: dict) -> torch.Tensor:
@@ -1021,6 +1036,14 @@ class BatchRunner:
                                 "on first use instead")
                     self.warm_keys = []
                     return False
+                if self._stores_in_one_kernel():      # as in _decode: captured without it
+                    log.warning("CUDA graph capture of the decode step with the one-kernel "
+                                "rotary embedding and KV write failed (%s): captured without "
+                                "it from now on", exc)
+                    stats["graph_error"] = repr(exc)[:300]
+                    self.rope_kv = False
+                    self.graphs = None
+                    return self.plan_warmup() > 0     # every bucket again, without it
                 log.warning("CUDA graph capture of the decode step failed (%s): decoding "
                             "without graphs from now on", exc)
                 self.cuda_graphs = False

@@ -17,7 +17,8 @@ head straight into the cache. The KV rectangle's ``rope_store`` (actors/kv_slots
 the block cache keeps transformers' step. Triton comes with torch's CUDA wheels on Linux;
 without it (a CPU, Windows) the step keeps its three kernels. :func:`ready` compiles the kernel
 for a device, dtype and heads and checks it against its torch form (:func:`reference`) at the
-decode graphs' first (eager) step, never in a capture or on a request.
+decode graphs' first (eager) step, never in a capture or on a request; a decode graph whose
+capture fails with it is captured without it (actors/batch_runner.py).
 
 ``llm_params.decode_rope_kv`` turns it on (default off: not yet measured on a GPU;
 ``benchmarks/gpu_decode_step.py`` times the step both ways, ``benchmarks/chat_http.py

@@ -67,3 +67,28 @@ def test_decode_graphs_with_the_one_kernel_say_the_same_words(tmp_path):
         return sum(n for k, n in ks.items() if "index" in k.lower())
     assert index_kernels(kernels) < index_kernels(plain), (plain, kernels)
     assert got == want
+
+
+def test_a_capture_that_fails_with_the_kernel_is_captured_without_it(tmp_path, monkeypatch):
+    """Should a decode graph's capture fail with the kernel in it, the graphs are captured
+    without it (the three kernels), not dropped: still graphs, and the same words."""
+    folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
+                            words_only=True)
+    real = llm_rope_kv.rope_store
+
+    def fails_in_a_capture(*a):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("no capture here (test)")
+        return real(*a)
+
+    def look(runner):
+        lean = runner.gpu_lean
+        return (runner.cuda_graphs, runner.graphs is not None and len(runner.graphs.graphs),
+                runner.rope_kv, isinstance(lean, LeanDecoder) and lean.rope_kv)
+
+    want, _ = asyncio.run(half_burst(folder, {}, look))
+    monkeypatch.setattr(llm_rope_kv, "rope_store", fails_in_a_capture)
+    got, (graphs_on, captured, rope_kv, lean_stores) = asyncio.run(
+        half_burst(folder, {"decode_rope_kv": True}, look))
+    assert graphs_on and captured and not rope_kv and not lean_stores
+    assert got == want
