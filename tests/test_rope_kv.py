@@ -171,3 +171,60 @@ def test_the_kernel_itself_in_tritons_interpreter():
                              [HERE, os.environ.get("PYTHONPATH", "")])},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+async def test_a_served_burst_says_the_same_words_through_the_one_kernel_store(monkeypatch):
+    """SmolLM2 (9 query heads, 3 KV heads of 64) behind the LLM actor with
+    ``decode_rope_kv: true``: its lean step (the fused operations forced on this CPU, the
+    q/k/v weights laid end to end as a GPU's load lays them, the kernel stood in for by its
+    torch form) stores every layer's keys and values through the
+    KV rectangle's ``rope_store``, and a burst of chats says what the three kernels say."""
+    import asyncio
+
+    from agile_rag.actors.llm_actor import LLMActor
+    from agile_rag.actors.llm_fused import lay_end_to_end
+    from agile_rag.actors.messages import Chat, Describe
+    from agile_rag.runtime.liveconfig import ModelSpec, resolve_path
+    from agile_rag.runtime.system import ActorSystem
+
+    from support import CACHE, ROOT, SMOLLM
+
+    calls = []
+
+    def stand_in(*a):
+        calls.append(a[0].shape[0])
+        return llm_rope_kv.reference(*a)
+
+    monkeypatch.setattr(llm_rope_kv, "ready", lambda *a: True)
+    monkeypatch.setattr(llm_rope_kv, "rope_store", stand_in)
+    system = ActorSystem()
+    path = resolve_path(SMOLLM, ROOT)
+    actor = LLMActor(ModelSpec("llm", "smollm2", path, path, device="cpu", max_tokens=2048,
+                               dtype="float32"),
+                     {"default_temp": 0, "decode_rope_kv": True}, cache_dir=CACHE)
+    system.spawn(actor)
+    try:
+        assert (await actor.ask(Describe(), timeout=300)).state == "ready"
+        runner = actor.engine.runner
+        assert runner.rope_kv is True
+        layers = actor.model.config.num_hidden_layers
+        assert lay_end_to_end(actor.model) == 2 * layers     # as a GPU's load lays them
+
+        async def burst() -> list[str]:
+            runner.lean_fused_ops, runner.lean = True, None   # made again at the next step
+            prompts = ["What is the capital of France?", "Write a poem about the sea.",
+                       "Count from 1 to 20.", "Name three colours."]
+            outs = await asyncio.gather(*(actor.ask(Chat(
+                messages=[{"role": "user", "content": p}], max_tokens=10), timeout=300)
+                for p in prompts))
+            return [o.text for o in outs]
+
+        got = await burst()
+        assert isinstance(runner.lean, LeanDecoder) and runner.lean.rope_kv
+        assert len(calls) >= layers * 9 and len(calls) % layers == 0, len(calls)
+        runner.rope_kv = False
+        want = await burst()
+        assert not runner.lean.rope_kv
+        assert got == want and all(got)
+    finally:
+        await system.stop_all()
