@@ -780,7 +780,8 @@ def served(folder: str, a, texts: list[str], cuda: bool, work: str) -> dict:
 def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
     """``a.ab_pairs`` pairs of windows in the running server, A (``live`` as started) and B
     (``a.ab_llm_params`` over its llm_params), the order alternating (AB, BA, ...); a window is
-    a burst of one chat, then one of ``a.burst`` chats. Each side's 32/1 ratio per window, and
+    a burst of one chat, then one of ``a.burst`` chats, after the same two untimed (a switch
+    that drops the decode graphs, e.g. ``decode_rope_kv``, has them captured again first). Each side's 32/1 ratio per window, and
     B/A of the ratio and of the big burst's tokens/s per pair. The server is left on A."""
     path = os.path.join(work, "liveconfigs.json")
     sides = {"A": live, "B": {**live, "llm_params": {**live["llm_params"], **a.ab_llm_params}}}
@@ -794,6 +795,7 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
     for i in range(a.ab_pairs):
         for side in ("AB" if i % 2 == 0 else "BA"):
             switch(side)
+            timed(1), timed(a.burst)     # untimed: what a switch drops (graphs) comes back first
             one, many = timed(1), timed(a.burst)
             lp = many.get("loop", {})
             windows[side].append({
@@ -1119,7 +1121,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     chats = chat_counts(a)
-    ab = 2 * a.ab_pairs * (1 + a.burst) if a.ab_llm_params else 0    # the A/B's windows
+    ab = 4 * a.ab_pairs * (1 + a.burst) if a.ab_llm_params else 0    # the A/B windows (+ warm-ups)
     texts = [prompt_text(tok, a.prompt_tokens, i) for i in range(3 * a.burst + sum(chats) + ab)]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     runs: list[dict] = []
