@@ -812,15 +812,7 @@ class BatchRunner:
             except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured
                 if is_oom(exc):
                     raise
-                if self._stores_in_one_kernel():
-                    # the one-kernel rotary embedding and KV write (llm_params.decode_rope_kv)
-                    # is what is new in the step: the graphs are captured without it
-                    log.warning("CUDA graph capture of the decode step with the one-kernel "
-                                "rotary embedding and KV write failed (%s): captured without "
-                                "it from now on", exc)
-                    stats["graph_error"] = repr(exc)[:300]
-                    self.rope_kv = False
-                    self.graphs = None
+                if self._without_one_kernel(exc, stats):
                     return self._decode(plan, stats, ids)
                 log.warning("CUDA graph capture of the decode step failed (%s): decoding "
                             "without graphs from now on", exc)
@@ -837,10 +829,19 @@ class BatchRunner:
         return self.forward(ids.to(dev)[:, None], pos.to(dev), torch.arange(b, device=dev),
                             view)
 
-    def _stores_in_one_kernel(self) -> bool:
-        """The decode graphs' lean step stores through the one-kernel rotary embedding and KV
-        write (``rope_kv``)."""
-        return self.rope_kv and isinstance(self.gpu_lean, LeanDecoder) and self.gpu_lean.rope_kv
+    def _without_one_kernel(self, exc: BaseException, stats: dict) -> bool:
+        """A decode graph's capture failed with ``exc``: if its lean step stored through the
+        one-kernel rotary embedding and KV write (``rope_kv``, what is new in the step), the
+        graphs are dropped and captured without it from now on (True); else False."""
+        lean = self.gpu_lean
+        if not (self.rope_kv and isinstance(lean, LeanDecoder) and lean.rope_kv):
+            return False
+        log.warning("CUDA graph capture of the decode step with the one-kernel rotary embedding "
+                    "and KV write failed (%s): captured without it from now on", exc)
+        stats["graph_error"] = repr(exc)[:300]
+        self.rope_kv = False
+        self.graphs = None
+        return True
 
     def _lean_step(self, ids: torch.Tensor, pos: torch.Tensor, view: int,
                    stats: dict) -> torch.Tensor:
@@ -1036,13 +1037,7 @@ class BatchRunner:
                                 "on first use instead")
                     self.warm_keys = []
                     return False
-                if self._stores_in_one_kernel():      # as in _decode: captured without it
-                    log.warning("CUDA graph capture of the decode step with the one-kernel "
-                                "rotary embedding and KV write failed (%s): captured without "
-                                "it from now on", exc)
-                    stats["graph_error"] = repr(exc)[:300]
-                    self.rope_kv = False
-                    self.graphs = None
+                if self._without_one_kernel(exc, stats):
                     return self.plan_warmup() > 0     # every bucket again, without it
                 log.warning("CUDA graph capture of the decode step failed (%s): decoding "
                             "without graphs from now on", exc)

@@ -46,6 +46,19 @@ async def half_burst(folder: str, params: dict, look):
         await system.stop_all()
 
 
+def graph_kernels(runner) -> dict[str, int]:
+    """The kernels (name: launches) the runner's largest captured decode graph replays (the
+    loop is idle: a replay here writes only into free slots)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = runner.graphs.graphs[max(runner.graphs.graphs)]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
 async def burst(llm) -> list[str]:
     outs = await asyncio.gather(*(llm.ask(chat(p), timeout=120) for p in PROMPTS))
     while llm._loop is not None:             # until the loop (and any warm-up) ended
@@ -360,7 +373,6 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
     their replays run cuDNN's kernels with no plan built on a request; the same words as
     without, and the process's switch is back off after the captures."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from agile_rag.runtime.executor import set_cudnn_attention
 
@@ -368,13 +380,7 @@ def test_decode_graphs_captured_with_cudnn_attention_say_the_same_words(tmp_path
                             words_only=True)
 
     def look(runner):
-        # the kernels a captured decode graph replays (the loop is idle: a replay here writes
-        # only into free slots)
-        graph = runner.graphs.graphs[max(runner.graphs.graphs)]
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            graph.replay()
-            torch.cuda.synchronize()
-        return {e.key for e in prof.key_averages()}, runner.graph_cudnn
+        return set(graph_kernels(runner)), runner.graph_cudnn
 
     set_cudnn_attention(False)                      # as the server starts
     want, (plain, off) = asyncio.run(half_burst(folder, {"decode_cudnn_attention": False}, look))

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 import torch
-from test_chat_graphs_gpu import half_burst
+from test_chat_graphs_gpu import graph_kernels, half_burst
 from test_model_actors_gpu import build_tiny_llm
 
 from agile_rag.actors import llm_rope_kv
@@ -43,19 +43,12 @@ def test_decode_graphs_with_the_one_kernel_say_the_same_words(tmp_path):
     """``decode_rope_kv: true``: the lean step captured in the decode graphs stores through
     the Triton kernel (its replay runs it, and one index kernel fewer a layer at least), and
     the burst's words are those of the three kernels (the default)."""
-    from torch.profiler import ProfilerActivity, profile
-
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
     def look(runner):
-        graph = runner.graphs.graphs[max(runner.graphs.graphs)]
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            graph.replay()
-            torch.cuda.synchronize()
         lean = runner.gpu_lean
-        return ({e.key: e.count for e in prof.key_averages()},
-                isinstance(lean, LeanDecoder) and lean.rope_kv)
+        return graph_kernels(runner), isinstance(lean, LeanDecoder) and lean.rope_kv
 
     want, (plain, off) = asyncio.run(half_burst(folder, {}, look))
     got, (kernels, on) = asyncio.run(half_burst(folder, {"decode_rope_kv": True}, look))
