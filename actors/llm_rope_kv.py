@@ -92,7 +92,9 @@ def _get_kernel() -> Any:
                 try:
                     _kernel = _make_kernel()
                 except Exception as exc:  # noqa: BLE001 - no Triton: the step's three kernels
-                    log.info("no Triton rotary-and-KV-write kernel: %s", exc)
+                    # (asked for only where llm_params.decode_rope_kv is on: say so)
+                    log.warning("llm_params.decode_rope_kv: no Triton here (%s): the decode "
+                                "step keeps its three kernels", exc)
                     _kernel = False
     return _kernel or None
 

@@ -228,3 +228,15 @@ async def test_a_served_burst_says_the_same_words_through_the_one_kernel_store(m
         assert got == want and all(got)
     finally:
         await system.stop_all()
+
+
+def test_switched_on_without_triton_it_says_so_and_keeps_the_three_kernels(monkeypatch, caplog):
+    def no_triton():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(llm_rope_kv, "_kernel", None)
+    monkeypatch.setattr(llm_rope_kv, "_checked", {})
+    monkeypatch.setattr(llm_rope_kv, "_make_kernel", no_triton)
+    with caplog.at_level("WARNING", logger="agile_rag.llm"):
+        assert llm_rope_kv.ready(torch.device("cuda"), torch.float16, 16, 2, 128) is False
+    assert "decode_rope_kv: no Triton here" in caplog.text
