@@ -208,6 +208,10 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             v[self.rows, :, self.pos] = value_states[:, :, 0]
             return k[:b, :, :self.view_len], v[:b, :, :self.view_len]
 
+        def takes_rope_store(self, head_dim: int) -> bool:
+            """:meth:`rope_store`'s kernel writes this cache (every layer lies alike)."""
+            return llm_rope_kv.takes(self.keys[0], self.values[0], head_dim)
+
         def rope_store(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        layer_idx: int, heads: int, kv_heads: int, head_dim: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,7 +221,7 @@ def make_slot_cache(n_layers: int, slots: int, kv_heads: int, length: int, head_
             values) as :meth:`update` returns them."""
             k, v = self.keys[layer_idx], self.values[layer_idx]
             b = y.shape[0]
-            store = llm_rope_kv.rope_store if llm_rope_kv.fits(y, cos, k, v, head_dim) \
+            store = llm_rope_kv.rope_store if llm_rope_kv.fits(y, cos) \
                 else llm_rope_kv.reference
             q = store(y, cos, sin, k, v, self.rows, self.pos, heads, kv_heads, head_dim)
             return q, k[:b, :, :self.view_len], v[:b, :, :self.view_len]

@@ -333,12 +333,13 @@ class LeanDecoder:
 
     def _stores(self, x: torch.Tensor, cache: Any) -> bool:
         """Whether this step rotates q and k and stores the new keys and values in one kernel
-        a layer (:attr:`rope_kv`): a fused step, q and k rotated as one, over a cache that
-        takes it (the KV rectangle's ``rope_store``), the kernel compiled and checked on the
-        device for these heads (never during a CUDA graph's capture: a step captured before
-        its check keeps the three kernels)."""
+        a layer (:attr:`rope_kv`): a fused step, q and k rotated as one, over a cache whose
+        layout and head size the kernel takes (the KV rectangle's ``rope_store``), the kernel
+        compiled and checked on the device for these heads (never during a CUDA graph's
+        capture: a step captured before its check keeps the three kernels)."""
+        takes = getattr(cache, "takes_rope_store", None)
         if not (self.rope_kv and self.joint_rope and self._takes_fused(x) and
-                hasattr(cache, "rope_store")):
+                takes is not None and takes(self.head_dim)):
             return False
         args = (x.device, x.dtype, self.heads, self.kv_heads, self.head_dim)
         if not llm_rope_kv.checked(*args) and x.is_cuda and \

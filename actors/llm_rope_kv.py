@@ -110,14 +110,19 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
 
 
-def fits(y: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-         head_dim: int) -> bool:
-    """The layouts the kernel takes: rows of y, cos and sin with unit strides inside, the cache
-    layer ``[slots, kv_heads, length, head_dim]`` with unit stride inside a position and keys
-    and values of one layout; a head dimension that is an even power of two."""
-    return y.dim() == 2 and y.stride(1) == 1 and cos.stride(-1) == 1 and \
-        keys.dim() == 4 and keys.stride() == values.stride() and keys.stride(3) == 1 and \
+def takes(keys: torch.Tensor, values: torch.Tensor, head_dim: int) -> bool:
+    """The caches the kernel writes: a layer ``[slots, kv_heads, length, head_dim]`` with unit
+    stride inside a position, keys and values of one layout and dtype, a head dimension that is
+    an even power of two (asked once a step: where it does not, the step keeps its three
+    kernels)."""
+    return keys.dim() == 4 and keys.stride() == values.stride() and keys.stride(3) == 1 and \
         keys.dtype == values.dtype and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def fits(y: torch.Tensor, cos: torch.Tensor) -> bool:
+    """The rows the kernel reads: y ``[B, ...]`` and cos (and sin, made alike) with unit
+    strides inside a row (the q/k/v matmul's and the rotary embedding's outputs are)."""
+    return y.dim() == 2 and y.stride(1) == 1 and cos.stride(-1) == 1
 
 
 def rope_store(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,

@@ -88,11 +88,11 @@ def test_off_a_gpu_or_switched_off_the_step_keeps_its_kernels(monkeypatch):
 
 def test_the_kernel_takes_only_the_layouts_it_reads():
     y, cos, sin, keys, values, rows, pos = _inputs(2)
-    assert llm_rope_kv.fits(y, cos, keys, values, 16)
-    assert not llm_rope_kv.fits(y[:, ::2], cos, keys, values, 16)          # strided inside
-    assert not llm_rope_kv.fits(y, cos, keys.transpose(2, 3), values.transpose(2, 3), 16)
-    assert not llm_rope_kv.fits(y, cos, keys, values.half(), 16)
-    assert not llm_rope_kv.fits(y, cos, keys, values, 24)                   # not a power of 2
+    assert llm_rope_kv.fits(y, cos) and llm_rope_kv.takes(keys, values, 16)
+    assert not llm_rope_kv.fits(y[:, ::2], cos)                              # strided inside
+    assert not llm_rope_kv.takes(keys.transpose(2, 3), values.transpose(2, 3), 16)
+    assert not llm_rope_kv.takes(keys, values.half(), 16)
+    assert not llm_rope_kv.takes(keys, values, 24)                          # not a power of 2
 
 
 def test_the_switch_reaches_the_runner_and_drops_its_graphs():
@@ -240,3 +240,22 @@ def test_switched_on_without_triton_it_says_so_and_keeps_the_three_kernels(monke
     with caplog.at_level("WARNING", logger="agile_rag.llm"):
         assert llm_rope_kv.ready(torch.device("cuda"), torch.float16, 16, 2, 128) is False
     assert "decode_rope_kv: no Triton here" in caplog.text
+
+
+def test_heads_the_kernel_does_not_take_keep_the_three_kernels(monkeypatch):
+    """A head size the kernel does not take (8 here; 80 or 96 in some models): the step keeps
+    its three kernels, not the kernel's slower torch form, and still computes transformers'
+    step."""
+    from agile_rag.actors.llm_fused import lay_end_to_end
+
+    def not_here(*a, **kw):
+        raise AssertionError("the torch form stood in for the three kernels")
+
+    monkeypatch.setattr(llm_rope_kv, "ready", lambda *a: True)
+    monkeypatch.setattr(llm_rope_kv, "reference", not_here)
+    monkeypatch.setattr(llm_rope_kv, "rope_store", not_here)
+    model = _tiny("Qwen2")                                  # 8 heads of 8
+    lay_end_to_end(model)
+    lean = lean_decoder(model, fused_ops=True, rope_kv=True)
+    assert lean.head_dim == 8 and lean.rope_kv
+    same_steps(model, lean, steps=3)
