@@ -103,8 +103,8 @@ class BatchSettings:
     #: has decoded yet (BatchEngine._next_pass_first)
     burst_passes: bool = True
     #: a GPU's lean decode step rotates q and k and stores the new keys and values in one
-    #: Triton kernel a layer (actors/llm_rope_kv.py); off until measured on a GPU
-    decode_rope_kv: bool = False
+    #: Triton kernel a layer (actors/llm_rope_kv.py) (default on; no Triton: three kernels)
+    decode_rope_kv: bool = True
 
 
 @dataclass(eq=False)

@@ -190,7 +190,7 @@ class LLMActor(ModelActor):
     #   burst_prefill (true)        a burst's prefill passes go back to back, no decode step
     #                               between them, while no chat in the batch has decoded yet
     #                               (actors/llm_batching.py _next_pass_first)
-    #   decode_rope_kv (false)      on a GPU with Triton, the lean decode step rotates q and
+    #   decode_rope_kv (true)       on a GPU with Triton, the lean decode step rotates q and
     #                               k and writes the new keys and values in one kernel a
     #                               layer (actors/llm_rope_kv.py), where three ran
     #   warm_graphs (true)          after a load or an admit, capture the common decode graphs
@@ -217,7 +217,7 @@ class LLMActor(ModelActor):
                 "lean_prefill": p.get("lean_prefill", True) is not False,
                 "wait_prompts": p.get("wait_for_prompts", False) is True,
                 "burst_passes": p.get("burst_prefill", True) is not False,
-                "decode_rope_kv": p.get("decode_rope_kv", False) is True,
+                "decode_rope_kv": p.get("decode_rope_kv", True) is not False,
                 "warm_graphs": p.get("warm_graphs", True) is not False and not leaves_when_idle,
                 "prefix_cache_tokens": _nonneg_int(p.get("prefix_cache_tokens"), 4096),
                 "kv_block": _nonneg_int(p.get("kv_block_tokens"), 0),

@@ -154,7 +154,7 @@ class BatchEngine:
                  own_stream: bool = True, gpu_lean: bool = False, chunk_graphs: bool = True,
                  prefill_graphs: bool = True, decode_ahead: bool = True, decode_cudnn: bool = True,
                  lean_prefill: bool = True, wait_prompts: bool = False,
-                 burst_passes: bool = True, decode_rope_kv: bool = False,
+                 burst_passes: bool = True, decode_rope_kv: bool = True,
                  prepare: Callable[[SeqRequest], None] | None = None,
                  accepted: Callable[[SeqRequest], None] | None = None):
         self.model = model

@@ -108,10 +108,10 @@ def parse_args(argv=None):
                    help="llm_params.lean_prefill (the server's default: on): a burst's prompts "
                    "are read in one right-padded pass of the lean decoder (engine and server); "
                    "--no-lean-prefill: transformers' forward")
-    p.add_argument("--rope-kv", action=argparse.BooleanOptionalAction, default=False,
-                   help="llm_params.decode_rope_kv (the server's default: off): the lean "
+    p.add_argument("--rope-kv", action=argparse.BooleanOptionalAction, default=True,
+                   help="llm_params.decode_rope_kv (the server's default: on): the lean "
                    "decode step rotates q and k and writes the new keys and values in one "
-                   "Triton kernel a layer (engine and server)")
+                   "Triton kernel a layer (engine and server); --no-rope-kv: three kernels")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="llm_params.prefill_batch_tokens (default: the server's, 4096): the "
                    "most prompt tokens one prefill pass reads with nobody streaming")

@@ -109,7 +109,10 @@ def test_the_switch_reaches_the_runner_and_drops_its_graphs():
         pad_token_id = 0
 
     engine = BatchEngine(model, Tok())
-    assert engine.settings.decode_rope_kv is False and engine.runner.rope_kv is False
+    assert engine.settings.decode_rope_kv is True and engine.runner.rope_kv is True  # default
+    engine.runner.graphs = object()
+    engine._apply({"decode_rope_kv": False})
+    assert engine.runner.rope_kv is False and engine.runner.graphs is None
     engine.runner.graphs = object()
     engine._apply({"decode_rope_kv": True})
     assert engine.runner.rope_kv is True and engine.runner.graphs is None
@@ -127,9 +130,9 @@ def test_llm_params_turn_it_on():
 
     actor = LLMActor.__new__(LLMActor)
     actor.params, actor.spec, actor.context_length = {}, Spec(), 2048
+    assert actor._batch_settings()["decode_rope_kv"] is True       # the default: on
+    actor.params = {"decode_rope_kv": False}
     assert actor._batch_settings()["decode_rope_kv"] is False
-    actor.params = {"decode_rope_kv": True}
-    assert actor._batch_settings()["decode_rope_kv"] is True
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -237,7 +240,7 @@ def test_switched_on_without_triton_it_says_so_and_keeps_the_three_kernels(monke
     monkeypatch.setattr(llm_rope_kv, "_kernel", None)
     monkeypatch.setattr(llm_rope_kv, "_checked", {})
     monkeypatch.setattr(llm_rope_kv, "_make_kernel", no_triton)
-    with caplog.at_level("WARNING", logger="agile_rag.llm"):
+    with caplog.at_level("INFO", logger="agile_rag.llm"):
         assert llm_rope_kv.ready(torch.device("cuda"), torch.float16, 16, 2, 128) is False
     assert "decode_rope_kv: no Triton here" in caplog.text
 

@@ -40,9 +40,9 @@ def test_the_kernel_is_checked_and_computes_its_torch_form(dtype, heads, kv, d):
 
 
 def test_decode_graphs_with_the_one_kernel_say_the_same_words(tmp_path):
-    """``decode_rope_kv: true``: the lean step captured in the decode graphs stores through
-    the Triton kernel (its replay runs it, and one index kernel fewer a layer at least), and
-    the burst's words are those of the three kernels (the default)."""
+    """``decode_rope_kv`` (on by default): the lean step captured in the decode graphs stores
+    through the Triton kernel (its replay runs it, and one index kernel fewer a layer at
+    least), and the burst's words are those of the three kernels (``decode_rope_kv: false``)."""
     folder = build_tiny_llm(str(tmp_path / "llm"), hidden=256, max_positions=1024,
                             words_only=True)
 
@@ -50,8 +50,8 @@ def test_decode_graphs_with_the_one_kernel_say_the_same_words(tmp_path):
         lean = runner.gpu_lean
         return graph_kernels(runner), isinstance(lean, LeanDecoder) and lean.rope_kv
 
-    want, (plain, off) = asyncio.run(half_burst(folder, {}, look))
-    got, (kernels, on) = asyncio.run(half_burst(folder, {"decode_rope_kv": True}, look))
+    want, (plain, off) = asyncio.run(half_burst(folder, {"decode_rope_kv": False}, look))
+    got, (kernels, on) = asyncio.run(half_burst(folder, {}, look))
     assert (off, on) == (False, True)
     assert not any("rope_kv" in k for k in plain)
     assert any("rope_kv" in k for k in kernels), sorted(kernels)
@@ -79,7 +79,7 @@ def test_a_capture_that_fails_with_the_kernel_is_captured_without_it(tmp_path, m
         return (runner.cuda_graphs, runner.graphs is not None and len(runner.graphs.graphs),
                 runner.rope_kv, isinstance(lean, LeanDecoder) and lean.rope_kv)
 
-    want, _ = asyncio.run(half_burst(folder, {}, look))
+    want, _ = asyncio.run(half_burst(folder, {"decode_rope_kv": False}, look))
     monkeypatch.setattr(llm_rope_kv, "rope_store", fails_in_a_capture)
     got, (graphs_on, captured, rope_kv, lean_stores) = asyncio.run(
         half_burst(folder, {"decode_rope_kv": True}, look))
