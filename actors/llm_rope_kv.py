@@ -176,12 +176,14 @@ def ready(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
     if (device.type == "cuda" or interpreted()) and _get_kernel() is not None:
         try:
             ok = _check(device, dtype, heads, kv_heads, head_dim)
-        except Exception as exc:  # noqa: BLE001 - a kernel that fails is not used
-            log.warning("the Triton rotary-and-KV-write kernel failed its check: %s", exc)
+            if not ok:
+                log.warning("the Triton rotary-and-KV-write kernel differs from torch's on %s "
+                            "%s: not used (the decode step keeps its three kernels)",
+                            device, dtype)
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails (an old GPU) is not used
+            log.warning("the Triton rotary-and-KV-write kernel failed its check on %s %s (%s): "
+                        "not used (the decode step keeps its three kernels)", device, dtype, exc)
             ok = False
-        if not ok:
-            log.warning("the Triton rotary-and-KV-write kernel differs from torch's on %s %s: "
-                        "not used", device, dtype)
     _checked[key] = ok
     return ok
 

@@ -366,8 +366,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     eng = engine(a.kv_tokens)
     t = time.perf_counter()
     warm = run(eng, [], 1)                      # the warm-up a load runs (no request)
-    out["warm_up"] = {"seconds": round(time.perf_counter() - t, 3),
-                      "graphs": warm["warm_captures"], **eng.runner.last_warm}
+    out["warm_up"] = warmed(warm, t)
     chats = chat_counts(a)
     out["bursts"] = {}
     for n in chats:
@@ -392,8 +391,7 @@ def engine_alone(folder: str, a_dict: dict, out_path: str) -> None:
     out["first_burst_after_drop"] = run(eng, prompts[:a.burst], a.new_tokens)
     eng.release()
     t = time.perf_counter()
-    run(eng, [], 1)                             # re-capture alone: its cost
-    out["recapture"] = {"seconds": round(time.perf_counter() - t, 3), **eng.runner.last_warm}
+    out["recapture"] = warmed(run(eng, [], 1), t)   # re-capture alone: its cost
     one = out["bursts"].get(1)
     many = out["bursts"].get(a.burst)
     if one and many:
@@ -814,6 +812,16 @@ def ab_windows(base: str, work: str, live: dict, a, timed) -> dict:
 
 
 # ---- summary ------------------------------------------------------------------------------------
+def warmed(idle: dict, t: float) -> dict:
+    """An idle engine run's warm-up (``idle``: what the benchmark's ``run`` returned, started
+    at ``perf_counter`` ``t``): its wall seconds, the graphs it captured (none where the cache
+    came back parked with its graphs) and their capture seconds, that run's own. (Before s29
+    the runner's ``last_warm`` was laid over it, so a drop's re-capture, which captured
+    nothing, read as the load's warm-up in every results file.)"""
+    return {"seconds": round(time.perf_counter() - t, 4), "graphs": idle["warm_captures"],
+            "graphs_s": idle["loop"].get("warm_s")}
+
+
 def med(runs: list[dict], *path) -> dict | None:
     vals = []
     for r in runs:
@@ -851,6 +859,8 @@ def summarize(runs: list[dict], a) -> dict:
     s["bound_tok_s"] = med(runs, "engine", "bound_tok_s")
     s["engine_warm_up_s"] = med(runs, "engine", "warm_up", "seconds")
     s["engine_recapture_s"] = med(runs, "engine", "recapture", "seconds")
+    s["engine_warm_up_graphs"] = med(runs, "engine", "warm_up", "graphs")
+    s["engine_recapture_graphs"] = med(runs, "engine", "recapture", "graphs")
     s["engine_batch1_decode_vs_bound"] = med(runs, "engine", "batch1_decode_vs_bound")
     s["engine_burst_vs_one"] = med(runs, "engine", "ratio_burst_vs_one")
     for n in chat_counts(a):
@@ -970,8 +980,10 @@ def markdown(r: dict) -> str:
               f"| engine: first burst of {a.burst} after cache and graphs were dropped | "
               f"{fmt(s.get('engine_first_after_drop_tok_s'))} | "
               f"{fmt(s.get('engine_first_after_drop_ttft_p50_s'))} |", "",
-              f"Graphs: warm-up at load {fmt(s.get('engine_warm_up_s'))} s; re-capturing the "
-              f"set after a drop {fmt(s.get('engine_recapture_s'))} s; admit through the admin "
+              f"Graphs: warm-up at load {fmt(s.get('engine_warm_up_s'))} s "
+              f"({fmt(s.get('engine_warm_up_graphs'))} graphs captured); the same after a drop "
+              f"{fmt(s.get('engine_recapture_s'))} s ({fmt(s.get('engine_recapture_graphs'))} "
+              "captured: a cache parked on a drop comes back with its graphs); admit through the admin "
               f"API (weights back, warm-up started) {fmt(s.get('server_admit_s'))} s.",
               f"Bandwidth bound of batch-1 decode: {fmt(s.get('bound_tok_s'))} tok/s.", "",
               f"Repeated prefix: time to first token {fmt(s.get('engine_prefix_ttft_first_s'))} s "

@@ -262,3 +262,25 @@ def test_heads_the_kernel_does_not_take_keep_the_three_kernels(monkeypatch):
     lean = lean_decoder(model, fused_ops=True, rope_kv=True)
     assert lean.head_dim == 8 and lean.rope_kv
     same_steps(model, lean, steps=3)
+
+
+def test_a_kernel_that_fails_its_check_is_not_used_and_said_once(monkeypatch, caplog):
+    """An old GPU whose Triton cannot build the kernel (or a kernel that raises): ``ready``
+    says so in one warning, answers False, and keeps that answer (the step keeps its three
+    kernels), now that the switch is on by default."""
+    calls = []
+
+    def broken(*a):
+        calls.append(a)
+        raise RuntimeError("no kernel for this GPU (test)")
+
+    monkeypatch.setattr(llm_rope_kv, "_kernel", object())       # Triton "there"
+    monkeypatch.setattr(llm_rope_kv, "_checked", {})
+    monkeypatch.setattr(llm_rope_kv, "_check", broken)
+    with caplog.at_level("WARNING", logger="agile_rag.llm"):
+        for _ in range(3):
+            assert llm_rope_kv.ready(torch.device("cuda"), torch.float16, 16, 2, 128) is False
+    assert len(calls) == 1
+    warned = [r for r in caplog.records if "rotary-and-KV-write" in r.getMessage()]
+    assert len(warned) == 1 and "failed its check" in warned[0].getMessage()
+    assert "three kernels" in warned[0].getMessage()
