@@ -31,8 +31,18 @@ def extras() -> list[Chat]:
 
 
 def outcome(msg: Chat, res) -> tuple:
+    """What a chat ended with: text, finish reason, token count, tokens, logprobs."""
     return (res.text, res.finish_reason, res.completion_tokens,
-            [(t, round(lp, 4)) for t, lp, _ in msg.logprobs or []])
+            [t for t, _, _ in msg.logprobs or []], [lp for _, lp, _ in msg.logprobs or []])
+
+
+def same_outcomes(a: list[tuple], b: list[tuple]) -> None:
+    """Everything equal, the logprobs within 1e-4: a batch read in other passes or steps may
+    differ in the CPU's last float bits (rounded to 4 places, -1.45995 once read -1.46 and
+    once -1.4599 in CI), never in its tokens."""
+    assert [o[:4] for o in a] == [o[:4] for o in b]
+    for x, y in zip(a, b):
+        assert x[4] == pytest.approx(y[4], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +73,7 @@ async def test_deferred_text_ends_every_chat_as_the_text_read_at_once(llm):
     actor.engine.defer_text = None
     await actor.ask(chat("Hi.", 2), timeout=300)
     assert actor.engine._deferring is False               # None: at once on a CPU
-    assert results[True] == results[False]
+    same_outcomes(results[True], results[False])
     reasons = [o[1] for o in results[True]]
     assert "stop" in reasons and "length" in reasons
     assert "7" not in results[True][-1][0] and results[True][-1][1] == "stop"
