@@ -433,15 +433,9 @@ def test_a_rag_mix_decodes_twice_the_rows_together_with_blocks_as_with_the_recta
     200..600 tokens, 6 of 1,500..3,000), 64 new tokens each, under 16,384 KV tokens: the
     rectangle holds rows x its longest reservation (8 rows together), blocks hold what each
     row fills (19): the admission loop as the engine runs it, one decode step a turn."""
-    import importlib.util
-    import os
+    from test_chat_http_bench import chat_http_bench
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "chat_http.py")
-    spec = importlib.util.spec_from_file_location("chat_http_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(bench)
-    lens = bench.mixed_lengths("rag", 24, False)
+    lens = chat_http_bench().mixed_lengths("rag", 24, False)
     assert min(lens) == 200 and max(lens) == 3000 and sum(n >= 1500 for n in lens) == 6
 
     def most_together(kv_block: int) -> int:

@@ -121,7 +121,7 @@ def test_the_switch_reaches_the_runner_and_drops_its_graphs():
     assert engine.runner.graphs is marker
 
 
-def test_llm_params_turn_it_on():
+def test_llm_params_leave_it_on_unless_false():
     from agile_rag.actors.llm_actor import LLMActor
 
     class Spec:
